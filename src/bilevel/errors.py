@@ -1,0 +1,56 @@
+"""Errors that name the problem: non-finite quantities, diverging series, bad shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, Jacobian-vector product or hypergradient contains NaN or inf.
+
+    ``quantity`` names what was non-finite (e.g. ``"validation loss"``).
+    """
+
+    def __init__(self, quantity: str, detail: str = "") -> None:
+        self.quantity = quantity
+        msg = f"non-finite {quantity}"
+        super().__init__(msg + (f": {detail}" if detail else ""))
+
+
+class NeumannDivergenceError(FloatingPointError):
+    """The Neumann series sum_j (I - alpha J)^j v is growing instead of shrinking.
+
+    It converges only when every eigenvalue of alpha (J + eps I) lies in (0, 2);
+    the message suggests an alpha from a power-iteration estimate of lambda_max.
+    """
+
+    def __init__(self, message: str, suggested_alpha: float | None = None) -> None:
+        self.suggested_alpha = suggested_alpha
+        super().__init__(message)
+
+
+class NotSymmetricError(ValueError):
+    """Conjugate gradient was asked to invert a Jacobian that is not symmetric."""
+
+
+def check_finite(quantity: str, value: Tensor | Mapping[str, Tensor]) -> None:
+    """Raise :class:`NonFiniteError` naming ``quantity`` (and the offending key) if needed."""
+    items = value.items() if isinstance(value, Mapping) else [("", value)]
+    for key, tensor in items:
+        if not bool(torch.isfinite(tensor).all()):
+            where = f" (entry {key!r})" if key else ""
+            raise NonFiniteError(quantity + where, f"{int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values")
+
+
+def check_like(name: str, got: Mapping[str, Tensor], like: Mapping[str, Tensor], like_name: str) -> None:
+    """Raise ``ValueError`` if ``got`` does not have exactly the keys and shapes of ``like``."""
+    missing = [k for k in like if k not in got]
+    extra = [k for k in got if k not in like]
+    if missing or extra:
+        raise ValueError(f"{name} must have the keys of {like_name}: missing {missing}, unexpected {extra}")
+    for k, v in like.items():
+        if tuple(got[k].shape) != tuple(v.shape):
+            raise ValueError(f"{name}[{k!r}] has shape {tuple(got[k].shape)} but {like_name}[{k!r}] has shape {tuple(v.shape)}")

@@ -1,0 +1,644 @@
+"""Hyperparameter specifications: transforms, granularities, initialisation and clipping.
+
+Gradient-based hyperparameter optimisation (Lorraine et al., 2020, "Optimizing
+Millions of Hyperparameters by Implicit Differentiation"; Clarke et al., 2022,
+"Scalable One-Pass Optimisation of High-Dimensional Weight-Update
+Hyperparameters by Implicit Differentiation") runs an outer optimiser (e.g.
+``torch.optim.Adam``) on an *unconstrained* ("raw" / optimisation-space)
+vector ``phi`` and maps it to *natural* hyperparameter values
+``lambda = T(phi)`` through a differentiable transform ``T``:
+
+==============  =====================  ====================================
+name            natural = T(raw)       raw = T^{-1}(natural)
+==============  =====================  ====================================
+``identity``    ``raw``                ``natural``
+``log10``       ``10 ** raw``          ``log10(natural)``
+``log``         ``exp(raw)``           ``log(natural)``
+``logit``       ``sigmoid(raw)``       ``logit(natural)``
+``softplus``    ``log(1 + exp(raw))``  ``natural + log(-expm1(-natural))``
+==============  =====================  ====================================
+
+Clarke et al. (2022), Appendix B.3, Table 5 optimise the learning rate and weight
+decay in base-10 logarithmic space and momentum in inverse-sigmoid space, and
+initialise by sampling uniformly
+
+* learning rate: ``log10 lr ~ U[-6, -1]`` (natural range 1e-6 .. 0.1),
+* weight decay: ``log10 wd ~ U[-7, -2]`` (natural range 1e-7 .. 0.01),
+* momentum: ``mu ~ U[0, 1]`` in *natural* space (to explore values near 0 and 1),
+
+and (Section 4) clip learning rates to ``[1e-10, 1]`` throughout. These are
+available as :func:`learning_rate`, :func:`weight_decay`, :func:`momentum` and the
+ready-made space :data:`CLARKE_TABLE5`.
+
+Granularity
+-----------
+A hyperparameter is either one scalar for all weights (``"scalar"``), one scalar
+per parameter tensor (``"tensor"``) or one value per weight element
+(``"element"``: Clarke et al.'s high-dimensional learning rates "HDLR", Lorraine
+et al.'s per-weight decay). Raw values live in a *flat* ``dict[str, Tensor]`` so
+that a ``torch.optim`` optimiser can update them directly; keys are
+
+* ``"<hp>"`` for a scalar hyperparameter (shape ``()``),
+* ``"<hp>/<param_name>"`` for tensor / element granularity (shape ``()`` or the
+  parameter's shape respectively).
+
+:meth:`HyperParameterSpace.natural` maps such a dict to natural values grouped
+by hyperparameter: a ``Tensor`` for scalars and ``{param_name: Tensor}`` for the
+other granularities -- the convention consumed by :mod:`bilevel.updates` and
+:mod:`bilevel.regularizers`. It uses pure tensor operations, so it also works
+under :func:`torch.func.vmap` over a leading population dimension.
+
+Clipping
+--------
+``clip=(lo, hi)`` is given in natural units but applied in raw space:
+``natural = T(clamp(raw, T^{-1}(lo), T^{-1}(hi)))``. Because every transform is
+monotone increasing this equals ``clamp(T(raw), lo, hi)`` up to rounding, with
+the same gradient (``T'(raw)`` inside the box, ``0`` outside), but it never
+evaluates ``T`` at extreme raw values: e.g. ``10 ** 400 = inf`` would otherwise
+turn the gradient of a natural-space clamp into ``inf * 0 = nan``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Transform",
+    "IDENTITY",
+    "LOG10",
+    "LOG",
+    "LOGIT",
+    "SOFTPLUS",
+    "TRANSFORMS",
+    "get_transform",
+    "Granularity",
+    "InitSpace",
+    "NATURAL_INIT_EPS",
+    "HyperParameter",
+    "HyperParameterSpace",
+    "NaturalValue",
+    "learning_rate",
+    "weight_decay",
+    "momentum",
+    "per_weight_decay",
+    "CLARKE_TABLE5",
+]
+
+#: Natural-space samples / values for transforms with an open domain (e.g. the
+#: logit's ``(0, 1)``) are clamped this far inside the domain so that the raw
+#: value stays finite (``logit(1 - 1e-6) ~ 13.8``).
+NATURAL_INIT_EPS = 1e-6
+
+InitSpace = Literal["raw", "natural"]
+#: Natural hyperparameter value: one tensor, or one tensor per parameter name.
+NaturalValue = Union[Tensor, dict[str, Tensor]]
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _as_tensor(x: float | Tensor) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A monotone increasing bijection ``forward: R -> domain`` with its inverse.
+
+    ``forward(raw)`` gives the natural value, ``inverse(natural)`` the raw
+    (optimisation-space) value; both are differentiable torch functions.
+    ``domain`` is the (open, where finite) natural interval that ``forward`` maps onto.
+    """
+
+    name: str
+    domain: tuple[float, float]
+
+    def forward(self, raw: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def inverse(self, natural: float | Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __call__(self, raw: Tensor) -> Tensor:
+        return self.forward(raw)
+
+    def inverse_float(self, natural: float) -> float:
+        """``inverse`` of a Python float (computed in float64); may be ``+-inf`` at the domain's ends."""
+        return float(self.inverse(torch.tensor(float(natural), dtype=torch.float64)))
+
+    def clamp_into_domain(self, natural: Tensor, eps: float = NATURAL_INIT_EPS) -> Tensor:
+        """Move values at or beyond a finite end of the (open) domain ``eps`` inside it.
+
+        Values strictly inside the domain are returned unchanged (so e.g. a weight
+        decay of ``1e-9`` is kept, while ``0`` becomes ``eps`` and a momentum of ``1``
+        becomes ``1 - eps``), keeping ``inverse`` finite.
+        """
+        lo, hi = self.domain
+        if math.isfinite(lo):
+            natural = torch.where(natural <= lo, torch.full_like(natural, lo + eps), natural)
+        if math.isfinite(hi):
+            natural = torch.where(natural >= hi, torch.full_like(natural, hi - eps), natural)
+        return natural
+
+
+@dataclass(frozen=True)
+class _Identity(Transform):
+    def forward(self, raw: Tensor) -> Tensor:
+        return raw
+
+    def inverse(self, natural: float | Tensor) -> Tensor:
+        return _as_tensor(natural)
+
+
+@dataclass(frozen=True)
+class _Log10(Transform):
+    """natural = 10 ** raw (Clarke et al. 2022, Table 5, "Logarithmic")."""
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return torch.pow(10.0, raw)
+
+    def inverse(self, natural: float | Tensor) -> Tensor:
+        return torch.log10(_as_tensor(natural))
+
+
+@dataclass(frozen=True)
+class _Log(Transform):
+    """natural = exp(raw)."""
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return torch.exp(raw)
+
+    def inverse(self, natural: float | Tensor) -> Tensor:
+        return torch.log(_as_tensor(natural))
+
+
+@dataclass(frozen=True)
+class _Logit(Transform):
+    """natural = sigmoid(raw) (Clarke et al. 2022, Table 5, "Sigmoidal")."""
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return torch.sigmoid(raw)
+
+    def inverse(self, natural: float | Tensor) -> Tensor:
+        return torch.logit(_as_tensor(natural))
+
+
+@dataclass(frozen=True)
+class _Softplus(Transform):
+    """natural = log(1 + exp(raw)); inverse x + log(-expm1(-x)) (stable for small and large x)."""
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return F.softplus(raw)
+
+    def inverse(self, natural: float | Tensor) -> Tensor:
+        x = _as_tensor(natural)
+        return x + torch.log(-torch.expm1(-x))
+
+
+IDENTITY: Transform = _Identity("identity", (-math.inf, math.inf))
+LOG10: Transform = _Log10("log10", (0.0, math.inf))
+LOG: Transform = _Log("log", (0.0, math.inf))
+LOGIT: Transform = _Logit("logit", (0.0, 1.0))
+SOFTPLUS: Transform = _Softplus("softplus", (0.0, math.inf))
+
+TRANSFORMS: dict[str, Transform] = {t.name: t for t in (IDENTITY, LOG10, LOG, LOGIT, SOFTPLUS)}
+
+
+def get_transform(name: str | Transform) -> Transform:
+    """Look a transform up by name (``"identity"``, ``"log10"``, ``"log"``, ``"logit"``, ``"softplus"``).
+
+    A :class:`Transform` is returned unchanged. Unknown names raise ``ValueError``
+    listing the known ones.
+    """
+    if isinstance(name, Transform):
+        return name
+    key = str(name).lower()
+    if key not in TRANSFORMS:
+        raise ValueError(f"unknown transform {name!r}; known transforms: {sorted(TRANSFORMS)}")
+    return TRANSFORMS[key]
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+class Granularity(str, Enum):
+    """How many values a hyperparameter has.
+
+    * ``SCALAR``: one value shared by all weights;
+    * ``TENSOR``: one scalar per parameter tensor;
+    * ``ELEMENT``: one value per weight element (the parameter's shape) --
+      Clarke et al. (2022) high-dimensional learning rates, Lorraine et al. (2020)
+      per-weight L2 decay.
+    """
+
+    SCALAR = "scalar"
+    TENSOR = "tensor"
+    ELEMENT = "element"
+
+
+def _default_dtype_device(
+    params: Mapping[str, Tensor], dtype: torch.dtype | None, device: torch.device | str | None
+) -> tuple[torch.dtype, torch.device]:
+    first = next((p for p in params.values() if p.is_floating_point()), None)
+    if dtype is None:
+        dtype = first.dtype if first is not None else torch.get_default_dtype()
+    if device is None:
+        device = first.device if first is not None else torch.device("cpu")
+    return dtype, torch.device(device)
+
+
+@dataclass(frozen=True)
+class HyperParameter:
+    """Specification of one (possibly high-dimensional) hyperparameter.
+
+    Attributes
+    ----------
+    name:
+        Unique name, also the raw-dict key prefix; must not contain ``"/"``.
+    transform:
+        :class:`Transform` (or its name) with ``natural = transform.forward(raw)``.
+    init_low, init_high:
+        Initialisation range, uniform sampling, in ``init_space`` units.
+    init_space:
+        ``"raw"``: sample ``raw ~ U[init_low, init_high]`` (e.g. ``log10 lr`` in
+        ``[-6, -1]``); ``"natural"``: sample ``natural ~ U[init_low, init_high]``,
+        move it :data:`NATURAL_INIT_EPS` inside the transform's domain if it lies on its boundary and map it
+        through ``transform.inverse`` (e.g. momentum in ``[0, 1]``). Clarke et al.
+        2022, Table 5.
+    granularity:
+        ``"scalar"``, ``"tensor"`` or ``"element"`` (see :class:`Granularity`).
+    clip:
+        Optional ``(lo, hi)`` in natural units, applied by :meth:`to_natural` as a
+        clamp in raw space ``clamp(raw, T^{-1}(lo), T^{-1}(hi))`` (same values and
+        gradients as clamping the natural value, but overflow-free; the gradient
+        is zero while clipped).
+    params:
+        Parameter names a tensor/element hyperparameter applies to (``None``: all).
+        Must be ``None`` for scalar granularity.
+    """
+
+    name: str
+    transform: Transform
+    init_low: float
+    init_high: float
+    init_space: InitSpace = "raw"
+    granularity: Granularity = Granularity.SCALAR
+    clip: tuple[float, float] | None = None
+    params: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"hyperparameter name must be a non-empty string without '/', got {self.name!r}")
+        set_(self, "transform", get_transform(self.transform))
+        try:
+            set_(self, "granularity", Granularity(self.granularity))
+        except ValueError:
+            raise ValueError(
+                f"hyperparameter {self.name!r}: unknown granularity {self.granularity!r}; "
+                f"expected one of {[g.value for g in Granularity]}"
+            ) from None
+        if self.init_space not in ("raw", "natural"):
+            raise ValueError(f"hyperparameter {self.name!r}: init_space must be 'raw' or 'natural', got {self.init_space!r}")
+        low, high = float(self.init_low), float(self.init_high)
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise ValueError(f"hyperparameter {self.name!r}: need finite init_low <= init_high, got [{low}, {high}]")
+        set_(self, "init_low", low)
+        set_(self, "init_high", high)
+        if self.clip is not None:
+            lo, hi = (float(c) for c in self.clip)
+            dlo, dhi = self.transform.domain
+            if not (lo < hi and lo >= dlo and hi <= dhi):
+                raise ValueError(
+                    f"hyperparameter {self.name!r}: clip must satisfy lo < hi within the "
+                    f"{self.transform.name} domain {self.transform.domain}, got ({lo}, {hi})"
+                )
+            set_(self, "clip", (lo, hi))
+        if self.params is not None:
+            if self.granularity is Granularity.SCALAR:
+                raise ValueError(f"hyperparameter {self.name!r}: params=... needs granularity 'tensor' or 'element'")
+            if isinstance(self.params, str):
+                set_(self, "params", (self.params,))
+            else:
+                set_(self, "params", tuple(self.params))
+
+    # ------------------------------------------------------------------ maps
+
+    @property
+    def raw_clip(self) -> tuple[float | None, float | None]:
+        """Clip bounds in raw space, ``(T^{-1}(lo), T^{-1}(hi))``; ``None`` for no bound."""
+        if self.clip is None:
+            return None, None
+        lo, hi = (self.transform.inverse_float(c) for c in self.clip)
+        return (lo if math.isfinite(lo) else None), (hi if math.isfinite(hi) else None)
+
+    def to_natural(self, raw: Tensor) -> Tensor:
+        """``T(clamp(raw, T^{-1}(lo), T^{-1}(hi)))`` -- differentiable, vmap-safe."""
+        lo, hi = self.raw_clip
+        if lo is not None or hi is not None:
+            raw = torch.clamp(raw, min=lo, max=hi)
+        return self.transform.forward(raw)
+
+    def to_raw(self, natural: float | Tensor) -> Tensor:
+        """``T^{-1}(natural)``; values on/outside a finite domain end are first moved
+        :data:`NATURAL_INIT_EPS` inside it (see :meth:`Transform.clamp_into_domain`)."""
+        return self.transform.inverse(self.transform.clamp_into_domain(_as_tensor(natural)))
+
+    # ------------------------------------------------------------------ layout
+
+    def param_names(self, params: Mapping[str, Tensor]) -> list[str]:
+        """Parameter names this hyperparameter covers (empty for scalar granularity)."""
+        if self.granularity is Granularity.SCALAR:
+            return []
+        if self.params is None:
+            return list(params)
+        unknown = [p for p in self.params if p not in params]
+        if unknown:
+            raise ValueError(f"hyperparameter {self.name!r} refers to unknown parameters {unknown}; known: {list(params)}")
+        return list(self.params)
+
+    def key(self, param_name: str | None = None) -> str:
+        return self.name if param_name is None else f"{self.name}/{param_name}"
+
+    def shapes(self, params: Mapping[str, Tensor]) -> dict[str, torch.Size]:
+        """Raw-dict keys of this hyperparameter and their shapes."""
+        if self.granularity is Granularity.SCALAR:
+            return {self.name: torch.Size()}
+        if self.granularity is Granularity.TENSOR:
+            return {self.key(p): torch.Size() for p in self.param_names(params)}
+        return {self.key(p): params[p].shape for p in self.param_names(params)}
+
+    def sample_raw(
+        self, shape: Sequence[int] = (), generator: torch.Generator | None = None
+    ) -> Tensor:
+        """One float64 draw of the raw initial value (see ``init_space``), on the generator's device."""
+        dev = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64, device=dev)
+        x = self.init_low + (self.init_high - self.init_low) * u
+        return x if self.init_space == "raw" else self.to_raw(x)
+
+    def select(self, raw: Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """This hyperparameter's raw entries: a tensor (scalar) or ``{param_name: tensor}``."""
+        if self.granularity is Granularity.SCALAR:
+            if self.name not in raw:
+                raise ValueError(f"raw hyperparameters lack key {self.name!r}")
+            return raw[self.name]
+        prefix = self.name + "/"
+        out = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        if self.params is not None:
+            missing = [self.key(p) for p in self.params if p not in out]
+            extra = [self.key(p) for p in out if p not in self.params]
+            if missing or extra:
+                raise ValueError(f"raw hyperparameter {self.name!r}: missing keys {missing}, unexpected keys {extra}")
+            out = {p: out[p] for p in self.params}
+        return out
+
+    def natural(self, raw: Mapping[str, Tensor]) -> NaturalValue:
+        """Natural value(s) of this hyperparameter from a flat raw dict."""
+        sel = self.select(raw)
+        if isinstance(sel, Tensor):
+            return self.to_natural(sel)
+        return {p: self.to_natural(v) for p, v in sel.items()}
+
+
+# --------------------------------------------------------------------------- spaces
+
+
+class HyperParameterSpace:
+    """An ordered collection of :class:`HyperParameter` with unique names.
+
+    Converts between a flat raw dict (optimised by ``torch.optim``) and natural
+    values grouped by hyperparameter name; see the module docstring for the key
+    convention.
+    """
+
+    def __init__(self, hparams: Iterable[HyperParameter]) -> None:
+        self._hparams: tuple[HyperParameter, ...] = tuple(hparams)
+        for h in self._hparams:
+            if not isinstance(h, HyperParameter):
+                raise TypeError(f"HyperParameterSpace expects HyperParameter objects, got {type(h).__name__}")
+        names = [h.name for h in self._hparams]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"hyperparameter names must be unique; duplicated: {dups}")
+        self._by_name = {h.name: h for h in self._hparams}
+
+    # container protocol
+    def __iter__(self) -> Iterator[HyperParameter]:
+        return iter(self._hparams)
+
+    def __len__(self) -> int:
+        return len(self._hparams)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, name: str) -> HyperParameter:
+        if name not in self._by_name:
+            raise KeyError(f"no hyperparameter {name!r}; known: {self.names}")
+        return self._by_name[name]
+
+    def __repr__(self) -> str:
+        return f"HyperParameterSpace({list(self._hparams)!r})"
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self._hparams]
+
+    def shapes(self, params: Mapping[str, Tensor]) -> dict[str, torch.Size]:
+        """All raw keys and their shapes, in space order."""
+        out: dict[str, torch.Size] = {}
+        for h in self._hparams:
+            out.update(h.shapes(params))
+        return out
+
+    def keys(self, params: Mapping[str, Tensor]) -> list[str]:
+        return list(self.shapes(params))
+
+    # ------------------------------------------------------------------ construction
+
+    def init(
+        self,
+        params: Mapping[str, Tensor],
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        shared_init: bool = True,
+        requires_grad: bool = False,
+    ) -> dict[str, Tensor]:
+        """Sample raw initial values (Clarke et al. 2022, Table 5 ranges for the predefined specs).
+
+        Draws are made in float64 on the generator's device in space order, so
+        the result is deterministic given ``generator``. With ``shared_init``
+        (default) a tensor/element hyperparameter gets one draw shared by all its
+        keys and elements (Clarke et al. initialise HDLR from one sampled
+        learning rate); otherwise every key/element is drawn independently.
+        ``dtype``/``device`` default to those of the first floating parameter.
+        The returned tensors are fresh (not views), optionally ``requires_grad``.
+        """
+        dtype, device = _default_dtype_device(params, dtype, device)
+        out: dict[str, Tensor] = {}
+        for h in self._hparams:
+            shapes = h.shapes(params)
+            if h.granularity is Granularity.SCALAR or shared_init:
+                v = h.sample_raw((), generator)
+                vals = {k: v.expand(s) for k, s in shapes.items()}
+            else:
+                vals = {k: h.sample_raw(s, generator) for k, s in shapes.items()}
+            for k, v in vals.items():
+                out[k] = v.to(dtype=dtype, device=device).clone().requires_grad_(requires_grad)
+        return out
+
+    def from_natural(
+        self,
+        params: Mapping[str, Tensor],
+        values: Mapping[str, float | Tensor | Mapping[str, float | Tensor]],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        requires_grad: bool = False,
+    ) -> dict[str, Tensor]:
+        """Raw dict for given natural values, one entry per hyperparameter name.
+
+        A value may be a float / 0-d tensor (broadcast to every key and element),
+        a tensor of the parameter's shape (element granularity), or a mapping
+        ``{param_name: value}`` for tensor/element granularity. Values on the
+        boundary of an open domain (e.g. momentum 0 or 1) are moved
+        :data:`NATURAL_INIT_EPS` inside so the raw value is finite.
+        """
+        missing = [n for n in self.names if n not in values]
+        extra = [n for n in values if n not in self._by_name]
+        if missing or extra:
+            raise ValueError(f"from_natural needs one value per hyperparameter: missing {missing}, unexpected {extra}")
+        dtype, device = _default_dtype_device(params, dtype, device)
+        out: dict[str, Tensor] = {}
+        for h in self._hparams:
+            value = values[h.name]
+            for key, shape in h.shapes(params).items():
+                pname = key.split("/", 1)[1] if "/" in key else None
+                v = value
+                if isinstance(value, Mapping):
+                    if pname is None or pname not in value:
+                        raise ValueError(f"from_natural: no value for {key!r} in the mapping given for {h.name!r}")
+                    v = value[pname]
+                t = torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, Tensor) else v.detach().to(torch.float64)
+                if t.dim() and tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"from_natural: value for {key!r} has shape {tuple(t.shape)}, expected () or {tuple(shape)}")
+                out[key] = h.to_raw(t).expand(shape).to(dtype=dtype, device=device).clone().requires_grad_(requires_grad)
+        return out
+
+    # ------------------------------------------------------------------ maps
+
+    def check(self, raw: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> None:
+        """Raise ``ValueError`` naming missing / unexpected raw keys (and, given ``params``, bad shapes)."""
+        missing: list[str] = []
+        extra: list[str] = []
+        for k in raw:
+            hname, sep, _ = k.partition("/")
+            h = self._by_name.get(hname)
+            if h is None or (h.granularity is Granularity.SCALAR) == bool(sep):
+                extra.append(k)
+        if params is not None:
+            expected = self.shapes(params)
+            missing = [k for k in expected if k not in raw]
+            extra += [k for k in raw if k not in expected and k not in extra]
+        else:
+            for h in self._hparams:
+                if h.granularity is Granularity.SCALAR:
+                    if h.name not in raw:
+                        missing.append(h.name)
+                elif h.params is not None:
+                    missing += [h.key(p) for p in h.params if h.key(p) not in raw]
+                    extra += [k for k in raw if k.startswith(h.name + "/") and k[len(h.name) + 1:] not in h.params]
+                elif not any(k.startswith(h.name + "/") for k in raw):
+                    missing.append(h.key("<param>"))
+        if missing or extra:
+            raise ValueError(f"raw hyperparameters do not match the space {self.names}: missing keys {missing}, unexpected keys {extra}")
+        if params is not None:
+            for k, s in expected.items():
+                if tuple(raw[k].shape) != tuple(s):
+                    raise ValueError(f"raw hyperparameter {k!r} has shape {tuple(raw[k].shape)}, expected {tuple(s)}")
+
+    def natural(
+        self, raw: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None
+    ) -> dict[str, NaturalValue]:
+        """Differentiable map raw -> natural (with clipping), grouped by hyperparameter.
+
+        Scalar hyperparameters give a ``Tensor``, tensor/element ones
+        ``{param_name: Tensor}``. Missing or unexpected keys raise ``ValueError``
+        naming them; passing ``params`` additionally checks key coverage and shapes.
+        Pure tensor ops, so usable under :func:`torch.func.vmap`.
+        """
+        self.check(raw, params)
+        return {h.name: h.natural(raw) for h in self._hparams}
+
+    def describe(self, raw: Mapping[str, Tensor]) -> dict[str, float]:
+        """Mean natural value per hyperparameter (over all its keys and elements), for logging."""
+        with torch.no_grad():
+            nat = self.natural(raw)
+        out: dict[str, float] = {}
+        for name, v in nat.items():
+            if isinstance(v, Tensor):
+                out[name] = float(v.detach().to(torch.float64).mean())
+            else:
+                flat = [t.detach().to(torch.float64).reshape(-1) for t in v.values()]
+                out[name] = float(torch.cat(flat).mean()) if flat else float("nan")
+        return out
+
+
+# --------------------------------------------------------------------------- predefined specs
+
+
+def learning_rate(
+    granularity: Granularity | str = "scalar",
+    clip: tuple[float, float] | None = (1e-10, 1.0),
+    params: Sequence[str] | None = None,
+    name: str = "lr",
+) -> HyperParameter:
+    """Learning rate, Clarke et al. (2022) Table 5: optimised as ``log10 lr``, init
+    ``log10 lr ~ U[-6, -1]``; clipped to ``[1e-10, 1]`` (their Section 4).
+    ``granularity="element"`` gives their high-dimensional learning rates (HDLR)."""
+    return HyperParameter(name, LOG10, -6.0, -1.0, "raw", Granularity(granularity), clip,
+                          tuple(params) if params is not None else None)
+
+
+def weight_decay(
+    granularity: Granularity | str = "scalar",
+    clip: tuple[float, float] | None = None,
+    params: Sequence[str] | None = None,
+    name: str = "weight_decay",
+) -> HyperParameter:
+    """Weight decay, Clarke et al. (2022) Table 5: optimised as ``log10 wd``, init
+    ``log10 wd ~ U[-7, -2]``."""
+    return HyperParameter(name, LOG10, -7.0, -2.0, "raw", Granularity(granularity), clip,
+                          tuple(params) if params is not None else None)
+
+
+def momentum(
+    granularity: Granularity | str = "scalar",
+    clip: tuple[float, float] | None = None,
+    params: Sequence[str] | None = None,
+    name: str = "momentum",
+) -> HyperParameter:
+    """Momentum, Clarke et al. (2022) Table 5: optimised as ``logit mu`` (inverse
+    sigmoid), initialised uniformly in *natural* space ``mu ~ U[0, 1]``."""
+    return HyperParameter(name, LOGIT, 0.0, 1.0, "natural", Granularity(granularity), clip,
+                          tuple(params) if params is not None else None)
+
+
+def per_weight_decay(params: Sequence[str] | None = None, name: str = "weight_decay") -> HyperParameter:
+    """One weight-decay value per weight element (Lorraine et al. 2020, Sec. 5.1 per-weight
+    L2; Clarke et al. 2022 Table 5 ranges): ``weight_decay(granularity="element")``."""
+    return weight_decay(granularity="element", params=params, name=name)
+
+
+#: Clarke et al. (2022) Table 5: scalar learning rate (clipped to [1e-10, 1]),
+#: weight decay and momentum.
+CLARKE_TABLE5 = HyperParameterSpace([learning_rate(), weight_decay(), momentum()])

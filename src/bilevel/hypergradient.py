@@ -1,0 +1,188 @@
+"""The implicit-function-theorem hypergradient: the contract every method shares.
+
+At a fixed point r(lambda, w*) = 0 of the inner problem, the implicit function
+theorem gives dw*/dlambda = -J^{-1} dr/dlambda with J = dr/dw, so
+
+    dL_V/dlambda = dL_V/dlambda|_direct - dL_V/dw (J + eps I)^{-1} dr/dlambda
+
+(Lorraine et al. 2020, eq. 2-3; Clarke et al. 2022, eq. 4-7; eps = 0 is the
+plain IFT, eps > 0 Vicol et al. 2021's proximal best response). The residual is
+
+* ``inner=L_T``: r = dL_T/dw, J the training-loss Hessian (Lorraine et al.), or
+* ``update=u``: r = u(lambda, w) with w <- w - u (Clarke et al.), which makes
+  learning rates and momenta tunable.
+
+The vector dL_V/dw (J + eps I)^{-1} is delegated to a solver from
+:mod:`bilevel.solvers`; only vector-Jacobian products of r are ever formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import _tree as T
+from .errors import check_finite, check_like
+from .solvers import Solver, largest_eigenvalue as _power_iteration
+
+Tree = T.Tree
+Loss = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
+Update = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
+Backend = Literal["autograd", "func"]
+
+
+class _AutogradOperator:
+    """Products with J = dr/dw by reverse-over-reverse on one retained graph of r.
+
+    r is built once with ``create_graph=True``; every product is one backward
+    pass through that graph (the "eager double backward", the fastest path we
+    measured, see docs/benchmarks.md) and adds nothing to it.
+    """
+
+    def __init__(self, residual: Tree, params: Tree, hparams: Tree) -> None:
+        self.r, self.params, self.hparams = residual, params, hparams
+
+    def _vjp(self, x: Tree, wrt: Tree, create_graph: bool = False) -> Tree:
+        outs = [self.r[k] for k in self.params]
+        cot = [x[k] for k in self.params]
+        grads = torch.autograd.grad(outs, list(wrt.values()), cot, retain_graph=True,
+                                    allow_unused=True, create_graph=create_graph)
+        return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(wrt.items(), grads)}
+
+    def rmatvec(self, x: Tree) -> Tree:
+        return T.detach(self._vjp(x, self.params))
+
+    def hparam_vjp(self, x: Tree) -> Tree:
+        return T.detach(self._vjp(x, self.hparams))
+
+    def matvec(self, x: Tree) -> Tree:
+        # J x by the double-vjp trick: d/dz <J^T z, x> = J x.
+        z = {k: torch.zeros_like(v, requires_grad=True) for k, v in self.params.items()}
+        jtz = self._vjp(z, self.params, create_graph=True)
+        outs = [jtz[k] for k in self.params]
+        grads = torch.autograd.grad(outs, list(z.values()), [x[k] for k in self.params],
+                                    retain_graph=True, allow_unused=True)
+        return {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(z.items(), grads)}
+
+
+class _FuncOperator:
+    """The same products through ``torch.func.vjp`` (composable with ``vmap``)."""
+
+    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Tree, hparams: Tree) -> None:
+        self.r, self._vjp_fn = torch.func.vjp(residual_fn, dict(params), dict(hparams))
+        self.params = params
+
+    def rmatvec(self, x: Tree) -> Tree:
+        return self._vjp_fn(x)[0]
+
+    def hparam_vjp(self, x: Tree) -> Tree:
+        return self._vjp_fn(x)[1]
+
+    def matvec(self, x: Tree) -> Tree:
+        _, vjp2 = torch.func.vjp(lambda z: self._vjp_fn(z)[0], T.zeros_like(self.params))
+        return vjp2(x)[0]
+
+
+def _residual_fn(inner: Loss | None, update: Update | None) -> Callable[[Tree, Tree], Tree]:
+    if (inner is None) == (update is None):
+        raise ValueError("pass exactly one of inner= (training loss) or update= (weight update map)")
+    if inner is not None:
+        return lambda p, h: torch.func.grad(inner, argnums=0)(p, h)
+    return lambda p, h: dict(update(p, h))  # type: ignore[misc]
+
+
+def _leaves(tree: Mapping[str, Tensor]) -> Tree:
+    return {k: v.detach().requires_grad_(True) for k, v in tree.items()}
+
+
+def _validate(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> None:
+    for name, tree in (("params", params), ("hparams", hparams)):
+        if not isinstance(tree, Mapping) or not tree:
+            raise ValueError(f"{name} must be a non-empty dict of tensors, got {type(tree).__name__}")
+        for k, v in tree.items():
+            if not isinstance(v, Tensor) or not v.is_floating_point():
+                raise ValueError(f"{name}[{k!r}] must be a floating-point tensor, got {type(v).__name__}")
+
+
+def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, inner: Loss | None = None,
+              update: Update | None = None, backend: Backend = "autograd"):
+    """The Jacobian operator of the residual r at (params, hparams), plus leaf copies.
+
+    Returns ``(op, params_leaves, hparams_leaves)``; ``op.rmatvec``, ``op.matvec``
+    and ``op.hparam_vjp`` give x^T J, J x and x^T dr/dlambda.
+    """
+    _validate(params, hparams)
+    fn = _residual_fn(inner, update)
+    if backend == "func":
+        op = _FuncOperator(fn, params, hparams)
+        check_like("update(params, hparams)", op.r, params, "params")
+        return op, dict(params), dict(hparams)
+    if backend != "autograd":
+        raise ValueError(f"unknown backend {backend!r}: use 'autograd' or 'func'")
+    p, h = _leaves(params), _leaves(hparams)
+    with torch.enable_grad():
+        if inner is not None:
+            loss = inner(p, h)
+            check_finite("training loss", loss)
+            grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+            r = dict(zip(p, grads))
+        else:
+            r = dict(update(p, h))  # type: ignore[misc]
+            check_like("update(params, hparams)", r, p, "params")
+    check_finite("residual (training gradient or update)", T.detach(r))
+    return _AutogradOperator(r, p, h), p, h
+
+
+def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
+                  inner: Loss | None = None, update: Update | None = None, solver: Solver,
+                  backend: Backend = "autograd") -> dict[str, Tensor]:
+    """IFT hypergradient dL_V/dlambda at the current weights (Lorraine et al. 2020, eq. 2-3).
+
+    Args:
+        outer: ``outer(params, hparams) -> scalar`` validation loss L_V.
+        params: weights w (e.g. ``dict(model.named_parameters())``).
+        hparams: hyperparameters lambda, a dict of tensors of any shapes.
+        inner: training loss L_T; the fixed point is dL_T/dw = 0.
+        update: weight update u(lambda, w) with w <- w - u (Clarke et al. 2022, eq. 4-7);
+            the fixed point is u = 0. Exactly one of ``inner``/``update``.
+        solver: a :mod:`bilevel.solvers` solver giving v (J + eps I)^{-1}.
+        backend: ``"autograd"`` (default: one retained double-backward graph) or
+            ``"func"`` (``torch.func.vjp``; use it inside ``torch.func.vmap``).
+
+    Returns:
+        dL_V/dlambda - (dL_V/dw) (J + eps I)^{-1} (dr/dlambda), with the keys and
+        shapes of ``hparams``, detached. The direct term dL_V/dlambda is included.
+
+    Raises:
+        NonFiniteError: a non-finite loss, product or result (names which).
+        NeumannDivergenceError: from ``Neumann`` when its terms grow.
+        ValueError: mismatched keys or shapes.
+    """
+    op, p, h = linearise(params, hparams, inner=inner, update=update, backend=backend)
+    if backend == "func":
+        (v, direct), loss = torch.func.grad_and_value(outer, argnums=(0, 1))(p, h)
+    else:
+        with torch.enable_grad():
+            loss = outer(p, h)
+            check_finite("validation loss", loss)
+            g = torch.autograd.grad(loss, list(p.values()) + list(h.values()), allow_unused=True)
+        v = {k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(p.items(), g[: len(p)])}
+        direct = {k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(h.items(), g[len(p):])}
+    check_finite("validation loss", loss.detach())
+    check_finite("validation gradient dL_V/dw", T.detach(v))
+    x = solver(op, T.detach(v))
+    check_finite("inverse-Jacobian-vector product", x)
+    indirect = op.hparam_vjp(x)
+    out = {k: (direct[k] - indirect[k]).detach() for k in h}
+    check_finite("hypergradient", out)
+    return out
+
+
+def largest_eigenvalue(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
+                       inner: Loss | None = None, update: Update | None = None, iters: int = 20) -> float:
+    """Power-iteration estimate of lambda_max(J), so that ``Neumann(alpha <= 1/lambda_max)`` converges."""
+    op, p, _ = linearise(params, hparams, inner=inner, update=update)
+    return _power_iteration(op, T.detach(p), iters=iters)

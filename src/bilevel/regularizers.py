@@ -1,0 +1,110 @@
+"""Loss-form hyperparameters: (per-weight) L2 penalties.
+
+Lorraine et al. (2020, Sec. 5.1) tune one L2 weight-decay coefficient per
+weight by adding the penalty to the training loss and differentiating the
+validation loss through the implicit function theorem. We use the 1/2
+convention
+
+    R(w; lambda) = 1/2 * sum_k sum_i lambda_{k,i} * w_{k,i}^2,
+
+so that ``dR/dw = lambda * w`` -- exactly the term SGD's ``weight_decay``
+adds to the gradient. ``lambda`` follows the natural-value conventions of
+:mod:`bilevel.hparams`: one tensor (a scalar for all weights) or a mapping
+``{param_name: tensor}`` with a 0-d tensor (one per parameter tensor) or a
+tensor of the parameter's shape (one per element).
+
+Do not apply the same weight decay both here and as a weight-update
+hyperparameter in :mod:`bilevel.updates`, or it is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .hparams import HyperParameter, HyperParameterSpace, per_weight_decay
+
+__all__ = ["l2_penalty", "PerWeightL2"]
+
+
+def _check_value(name: str, wd: Tensor, param: Tensor) -> None:
+    if wd.dim() and tuple(wd.shape) != tuple(param.shape):
+        raise ValueError(
+            f"weight decay for parameter {name!r} has shape {tuple(wd.shape)}; "
+            f"expected () or the parameter's shape {tuple(param.shape)}"
+        )
+
+
+def l2_penalty(
+    params: Mapping[str, Tensor],
+    weight_decay: float | Tensor | Mapping[str, float | Tensor],
+    names: Sequence[str] | None = None,
+) -> Tensor:
+    """``0.5 * sum_k sum(wd_k * w_k ** 2)`` over the selected parameters (gradient ``wd * w``).
+
+    ``weight_decay`` is a float / 0-d tensor (same value for every weight), or a
+    mapping ``{param_name: value}`` with 0-d (per-tensor) or parameter-shaped
+    (per-element) values. ``names`` selects the penalised parameters; by
+    default all of ``params`` for a single value, or the mapping's keys for a
+    mapping (so e.g. biases can be left out). Raises ``ValueError`` naming the
+    parameter on unknown names, missing values or shape mismatches.
+    Differentiable in both ``params`` and ``weight_decay``; vmap-safe.
+    """
+    if isinstance(weight_decay, Mapping):
+        unknown = [k for k in weight_decay if k not in params]
+        if unknown:
+            raise ValueError(f"weight decay given for unknown parameters {unknown}; known: {list(params)}")
+        selected = list(weight_decay) if names is None else list(names)
+        lacking = [n for n in selected if n not in weight_decay]
+        if lacking:
+            raise ValueError(f"no weight decay given for parameters {lacking}")
+        values = {n: weight_decay[n] for n in selected}
+    else:
+        selected = list(params) if names is None else list(names)
+        values = {n: weight_decay for n in selected}
+    unknown = [n for n in selected if n not in params]
+    if unknown:
+        raise ValueError(f"cannot penalise unknown parameters {unknown}; known: {list(params)}")
+
+    total: Tensor | None = None
+    for n in selected:
+        w = params[n]
+        wd = values[n]
+        if not isinstance(wd, Tensor):
+            wd = torch.as_tensor(wd, dtype=w.dtype, device=w.device)
+        _check_value(n, wd, w)
+        term = (wd * w.square()).sum()
+        total = term if total is None else total + term
+    if total is None:
+        ref = next(iter(params.values()), None)
+        return torch.zeros((), dtype=ref.dtype if ref is not None else None,
+                           device=ref.device if ref is not None else None)
+    return 0.5 * total
+
+
+@dataclass(frozen=True)
+class PerWeightL2:
+    """An L2 penalty whose coefficients are a raw-space hyperparameter.
+
+    ``penalty(params, raw)`` reads this hyperparameter's entries from the flat
+    raw dict (see :class:`bilevel.hparams.HyperParameterSpace`), maps them to
+    natural values (``10 ** raw`` for :func:`~bilevel.hparams.per_weight_decay`)
+    and returns :func:`l2_penalty`. Default: Lorraine et al. (2020) per-weight decay.
+    """
+
+    hparam: HyperParameter = per_weight_decay()
+
+    @classmethod
+    def from_space(cls, space: HyperParameterSpace, name: str = "weight_decay") -> "PerWeightL2":
+        """Bind the hyperparameter called ``name`` in ``space``."""
+        if name not in space:
+            raise ValueError(f"space has no hyperparameter {name!r}; known: {space.names}")
+        return cls(space[name])
+
+    def penalty(self, params: Mapping[str, Tensor], raw_hparams: Mapping[str, Tensor]) -> Tensor:
+        return l2_penalty(params, self.hparam.natural(raw_hparams))
+
+    __call__ = penalty

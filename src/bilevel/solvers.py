@@ -1,0 +1,262 @@
+"""Linear solvers for the implicit-function-theorem hypergradient.
+
+Every solver answers the same question with the same signature::
+
+    solver(op, v) -> x   with   x^T (J + damping * I) ~= v^T
+
+i.e. ``x = v (J + eps I)^{-1}`` written as a row vector (Lorraine et al. 2020,
+eq. 3: the "vector-inverse-Hessian product"). ``op`` only has to provide
+``rmatvec(x) = x^T J`` (one reverse-mode vector-Jacobian product, a
+Hessian-vector product when J is a Hessian) and, for the normal equations of
+conjugate gradient, ``matvec(x) = J x``. ``damping`` (eps) is a field of every
+solver: it gives Vicol et al. (2021)'s proximal best response (H + eps I)^-1.
+
+Memory: each solver keeps a fixed number of vectors the size of the weights and
+never differentiates through its own iterations, so the memory of a
+hypergradient does not grow with ``steps`` (tested in ``tests/test_memory.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from . import _tree as T
+from .errors import NeumannDivergenceError, NotSymmetricError, check_finite
+
+Tree = T.Tree
+
+
+class LinearOperator(Protocol):
+    """The Jacobian J = dr/dw of the fixed-point residual, seen through products."""
+
+    def rmatvec(self, x: Tree) -> Tree:
+        """x^T J (a vector-Jacobian product)."""
+        ...
+
+    def matvec(self, x: Tree) -> Tree:
+        """J x (a Jacobian-vector product); only CG's normal equations need it."""
+        ...
+
+
+class Solver(Protocol):
+    damping: float
+
+    def __call__(self, op: LinearOperator, v: Tree) -> Tree: ...
+
+
+def _damped(op: LinearOperator, x: Tree, damping: float) -> Tree:
+    """x^T (J + eps I)."""
+    y = op.rmatvec(x)
+    check_finite("Jacobian-vector product", y)
+    return T.add(y, x, damping) if damping else y
+
+
+def largest_eigenvalue(op: LinearOperator, like: Tree, iters: int = 20, seed: int = 0) -> float:
+    """Power-iteration estimate of the eigenvalue of J largest in magnitude.
+
+    Use it to choose the Neumann step: the series converges when
+    ``0 < alpha * lambda < 2`` for every eigenvalue, so ``alpha <= 1 / lambda_max``
+    is safe for a positive semi-definite J (Lorraine et al. 2020, sec. 3).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in like.items()}
+    x = T.scale(x, 1.0 / T.norm(x))
+    lam = torch.zeros(())
+    for _ in range(iters):
+        y = op.rmatvec(x)
+        lam = T.dot(x, y)  # Rayleigh quotient with unit x
+        n = T.norm(y)
+        if not bool(n > 0):
+            return 0.0
+        x = T.scale(y, 1.0 / n)
+    return float(lam)
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Truncated Neumann series, Lorraine et al. 2020, Algorithm 3 / eq. 5.
+
+    x = alpha * sum_{j=0}^{steps} (I - alpha (J + eps I))^j v,
+
+    which tends to v (J + eps I)^{-1} as steps grows when every eigenvalue of
+    alpha (J + eps I) lies in (0, 2). The leading alpha is the scaling of the
+    official code, so the limit is the exact IFT answer, not 1/alpha times it.
+    ``steps`` is Clarke et al.'s look-back distance i: steps + 1 terms are summed.
+    With an update map u (Clarke et al. Alg. 1) alpha = 1 is natural because u
+    already carries the learning rate.
+
+    ``divergence``: what to do when the terms grow (the norm of the last term
+    exceeds twice that of the first and the last three terms increase):
+    ``"raise"`` (:class:`NeumannDivergenceError` with a suggested alpha from
+    power iteration), ``"warn"`` or ``"ignore"``.
+    """
+
+    steps: int
+    alpha: float = 1.0
+    damping: float = 0.0
+    divergence: Literal["raise", "warn", "ignore"] = "raise"
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"Neumann steps must be >= 0, got {self.steps}")
+        if not self.alpha > 0:
+            raise ValueError(f"Neumann alpha must be > 0, got {self.alpha}")
+
+    def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        term, total = v, dict(v)
+        norms = [float(T.norm(v))]
+        for _ in range(self.steps):
+            term = T.add(term, _damped(op, term, self.damping), -self.alpha)
+            total = T.add(total, term)
+            norms.append(float(T.norm(term)))
+        self._check_divergence(op, v, norms)
+        return T.scale(total, self.alpha)
+
+    def _check_divergence(self, op: LinearOperator, v: Tree, norms: list[float]) -> None:
+        if self.divergence == "ignore" or len(norms) < 4:
+            return
+        growing = norms[-1] > 2 * norms[0] and norms[-3] < norms[-2] < norms[-1]
+        if not growing and math.isfinite(norms[-1]):
+            return
+        lam = largest_eigenvalue(op, v, iters=50) + self.damping
+        suggested = 1.0 / lam if lam > 0 else None
+        msg = (
+            f"Neumann series diverges: term norm grew from {norms[0]:.3g} to {norms[-1]:.3g} "
+            f"over {self.steps} steps with alpha={self.alpha}; power iteration estimates "
+            f"lambda_max(J + eps I) ~ {lam:.4g}"
+            + (f", so use alpha <= {suggested:.4g}" if suggested else " (J is not positive definite: add damping)")
+        )
+        if self.divergence == "raise":
+            raise NeumannDivergenceError(msg, suggested)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """J^{-1} ~ I: the T1-T2 approximation (Luketina et al. 2016; Lorraine et al. Table 1).
+
+    Equal to ``Neumann(steps=0, alpha=1)``; with damping, (1 + eps)^{-1} v.
+    """
+
+    damping: float = 0.0
+
+    def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        return T.scale(v, 1.0 / (1.0 + self.damping)) if self.damping else dict(v)
+
+
+@dataclass(frozen=True)
+class ConjugateGradient:
+    """Conjugate gradient on x^T (J + eps I) = v^T (Lorraine et al. 2020, Table 1; Liao et al. 2018).
+
+    CG needs a symmetric positive-definite matrix. A Hessian of a training loss
+    (``inner=``) is symmetric; the Jacobian of an update map with per-weight
+    learning rates or momentum (``update=``) generally is not. Decision: by
+    default CG checks symmetry with two random products (``check_symmetry``) and
+    raises :class:`NotSymmetricError` rather than silently returning a wrong
+    answer; ``normal_equations=True`` instead solves (J + eps I)(J + eps I)^T x
+    = (J + eps I) v, which is symmetric positive definite for any invertible J
+    (at the cost of a forward product per step and a squared condition number).
+    Stops after ``steps`` iterations or when ||residual|| <= tol * ||v||. If a
+    direction of non-positive curvature is met (an indefinite Hessian), it stops
+    there and warns, returning the iterate so far.
+    """
+
+    steps: int
+    tol: float = 1e-10
+    damping: float = 0.0
+    normal_equations: bool = False
+    check_symmetry: bool = True
+
+    def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        eps = self.damping
+        if self.normal_equations:
+            def forward(x: Tree) -> Tree:  # (J + eps I) x
+                y = op.matvec(x)
+                check_finite("Jacobian-vector product", y)
+                return T.add(y, x, eps) if eps else y
+
+            apply = lambda x: forward(_damped(op, x, eps))  # noqa: E731
+            rhs = forward(v)
+        else:
+            if self.check_symmetry:
+                _check_symmetric(op, v)
+            apply = lambda x: _damped(op, x, eps)  # noqa: E731
+            rhs = v
+        return _cg(apply, rhs, self.steps, self.tol)
+
+
+def _cg(apply, b: Tree, steps: int, tol: float) -> Tree:
+    x = T.zeros_like(b)
+    r, p = dict(b), dict(b)
+    rs = T.dot(r, r)
+    # converged at tol, or at round-off level (where curvature estimates are noise)
+    floor = torch.finfo(rs.dtype).eps * T.norm(b)
+    stop = torch.maximum(tol * T.norm(b), floor) ** 2
+    for _ in range(steps):
+        if bool(rs <= stop):
+            break
+        ap = apply(p)
+        curvature = T.dot(p, ap)
+        if not bool(curvature > 0):
+            warnings.warn("conjugate gradient met non-positive curvature (J + eps I is not positive definite); "
+                          "stopping early: add damping", RuntimeWarning, stacklevel=3)
+            break
+        a = rs / curvature
+        x = T.add(x, p, a)
+        r = T.add(r, ap, -a)
+        rs_new = T.dot(r, r)
+        p = T.add(r, p, rs_new / rs)
+        rs = rs_new
+    return x
+
+
+def _check_symmetric(op: LinearOperator, like: Tree) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    a = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in like.items()}
+    b = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in like.items()}
+    s1 = float(T.dot(b, op.rmatvec(a)))  # a^T J b
+    s2 = float(T.dot(a, op.rmatvec(b)))  # b^T J a
+    rtol = 10 * math.sqrt(torch.finfo(next(iter(like.values())).dtype).eps)
+    if abs(s1 - s2) > rtol * (abs(s1) + abs(s2)) + 1e-30:
+        raise NotSymmetricError(
+            f"ConjugateGradient needs a symmetric Jacobian but a^T J b = {s1:.6g} != b^T J a = {s2:.6g} "
+            "(update maps with momentum or per-weight learning rates are not symmetric); "
+            "use ConjugateGradient(..., normal_equations=True) or Neumann"
+        )
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Dense Jacobian and a direct solve: x = (J + eps I)^{-T} v. For small problems and tests.
+
+    Builds J with one product per weight, so it refuses more than ``max_size``
+    weights (default 5000, a 200 MB float64 matrix).
+    """
+
+    damping: float = 0.0
+    max_size: int = 5000
+
+    def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        n = T.numel(v)
+        if n > self.max_size:
+            raise ValueError(f"Exact solver refuses {n} weights (max_size={self.max_size}): "
+                             "use ConjugateGradient or Neumann, or raise max_size")
+        jac = dense_jacobian(op, v)
+        a = jac + self.damping * torch.eye(n, dtype=jac.dtype, device=jac.device)
+        x = torch.linalg.solve(a.T, T.flatten(v))
+        return T.unflatten(x, v)
+
+
+def dense_jacobian(op: LinearOperator, like: Tree) -> Tensor:
+    """J as a dense (n, n) matrix, row i = e_i^T J, from n vector-Jacobian products."""
+    n = T.numel(like)
+    ref = T.flatten(like)
+    eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
+    rows = [T.flatten(op.rmatvec(T.unflatten(eye[i], like))) for i in range(n)]
+    return torch.stack(rows)

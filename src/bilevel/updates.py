@@ -1,0 +1,577 @@
+"""Differentiable weight-update maps ``u(lambda, w)``.
+
+Clarke et al. (2022), "Scalable One-Pass Optimisation of High-Dimensional
+Weight-Update Hyperparameters by Implicit Differentiation" (ICLR 2022), write
+every optimiser step as
+
+.. math::  w_i = w_{i-1} - u(\\lambda, w_{i-1})                       \\quad (4)
+
+for a differentiable *update function* ``u`` of the hyperparameters ``lambda``
+(learning rate, momentum, weight decay, Adam's betas, ...) and the weights.
+The approximate best-response Jacobian (their eq. 6, converging to eq. 7,
+``dw*/dlambda ~ -(du/dw)^{-1} du/dlambda``) then only needs derivatives of
+``u``. This module provides ``u`` for the optimisers of ``torch.optim``:
+
+* :class:`SGD` (momentum, dampening, Nesterov, L2 weight decay),
+* :class:`Adam` (L2 weight decay added to the gradient),
+* :class:`AdamW` (decoupled weight decay),
+* :class:`RMSprop` (momentum, centred variant, L2 weight decay),
+
+each reproducing ``torch.optim`` step by step (to round-off), while keeping the
+update a pure function of ``(params, grads, hparams, state)``:
+
+* the result carries autograd graph to the hyperparameter tensors **and** to
+  ``params`` and ``grads`` (nothing is detached inside), so ``du/dw`` (through
+  the gradient) and ``du/dlambda`` are both available;
+* only out-of-place tensor ops are used, with no ``.item()`` and no Python
+  branch on tensor values, so the rules work under ``torch.func.grad``,
+  ``vjp``, ``jvp`` and ``vmap``;
+* optimiser state (momentum buffers, Adam moments, the step counter) is
+  returned *with* graph, so several steps can be differentiated through
+  (unrolled differentiation). Clarke et al. (Appendix A.4) instead treat the
+  state as a constant: call :func:`detach_state` between steps for that.
+
+Hyperparameter granularity
+--------------------------
+The dataclass fields of a rule are its default hyperparameters. ``hparams``
+given to ``__call__`` override them by name, and each value may be
+
+* a tensor broadcastable to every parameter (typically a 0-d tensor: one value
+  shared by all weights), or
+* a mapping ``{param_name: tensor}`` holding, per parameter tensor, either one
+  scalar (per-tensor hyperparameters, like ``torch.optim`` parameter groups)
+  or a tensor of the parameter's shape (one value per weight: Clarke et al.'s
+  "HDLR" high-dimensional learning rates, Section 4).
+
+Structural options (``nesterov``, ``centered``) are Python booleans, not
+hyperparameters. Whether a momentum buffer is used is also decided
+structurally: it is used when the field ``momentum`` is non-zero *or* when
+``"momentum"`` is passed in ``hparams`` (the tuned value may then be anything,
+including 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, ClassVar, Protocol, Union, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HValue",
+    "State",
+    "UpdateRule",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "resolve",
+    "apply",
+    "detach_state",
+]
+
+State = dict[str, Any]
+"""Optimiser state: ``{"step": 0-d int64 tensor, buffer_name: {param_name: Tensor}, ...}``."""
+
+HValue = Union[Tensor, Mapping[str, Tensor]]
+"""A hyperparameter value: a tensor broadcastable to every parameter, or a per-parameter mapping."""
+
+_Scalar = Union[float, Tensor]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve(
+    value: HValue | float,
+    name: str,
+    like: Tensor | None = None,
+    *,
+    hparam: str = "hyperparameter",
+) -> Tensor:
+    """The value of one hyperparameter for the parameter tensor called ``name``.
+
+    ``value`` is either a tensor (shared by all parameters) or a mapping from
+    parameter name to tensor. A Python number is accepted too and turned into
+    a 0-d tensor (with ``like``'s dtype and device when given, so float64 runs
+    do not lose precision).
+
+    When ``like`` (the parameter tensor) is given, the result is checked to
+    broadcast to ``like.shape`` without enlarging it, i.e. it is a scalar,
+    a per-tensor value or a per-element value (Clarke et al.'s HDLR).
+
+    Raises ``ValueError`` naming the parameter and the hyperparameter
+    (``hparam``) when a mapping lacks ``name`` or the shape does not fit.
+    The returned tensor is the stored one (no copy, graph preserved).
+    """
+    if isinstance(value, Mapping):
+        if name not in value:
+            raise ValueError(
+                f"hyperparameter {hparam!r} is a mapping without an entry for parameter {name!r} "
+                f"(it has keys {sorted(value)})"
+            )
+        value = value[name]
+    if isinstance(value, Tensor):
+        out = value
+    elif isinstance(value, Real):
+        if like is not None:
+            out = torch.as_tensor(float(value), dtype=like.dtype, device=like.device)
+        else:
+            out = torch.as_tensor(float(value), dtype=torch.get_default_dtype())
+    else:
+        raise ValueError(
+            f"hyperparameter {hparam!r} for parameter {name!r} must be a tensor, a number or a "
+            f"mapping of tensors, got {type(value).__name__}"
+        )
+    if like is not None:
+        try:
+            fits = torch.broadcast_shapes(out.shape, like.shape) == like.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"hyperparameter {hparam!r} for parameter {name!r} has shape {tuple(out.shape)}, "
+                f"which does not broadcast to the parameter's shape {tuple(like.shape)}"
+            )
+    return out
+
+
+def apply(params: Mapping[str, Tensor], u: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The new weights ``w - u`` (Clarke et al. 2022, eq. 4), key by key."""
+    return {k: params[k] - u[k] for k in params}
+
+
+def detach_state(state: State) -> State:
+    """A copy of ``state`` with every tensor (also inside nested dicts) detached.
+
+    Clarke et al. (2022, Appendix A.4) treat optimiser buffers as constants:
+    "the only extra care required is to detach these buffers from the
+    computational graph". Call this between steps for that behaviour; keep the
+    state as returned to differentiate through several steps instead.
+    """
+
+    def _detach(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return x.detach()
+        if isinstance(x, Mapping):
+            return {k: _detach(v) for k, v in x.items()}
+        return x
+
+    return _detach(state)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` with a zero (not NaN) derivative at ``x == 0``.
+
+    ``torch.sqrt`` has an infinite derivative at 0, which turns into NaN
+    (``inf * 0``) when a gradient entry is exactly zero (e.g. a dead unit).
+    The forward value equals ``torch.sqrt`` for ``x >= 0``; negative inputs
+    (only possible by round-off in centred RMSprop) give 0 instead of NaN.
+    """
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def _zero_step(params: Mapping[str, Tensor]) -> Tensor:
+    device = next(iter(params.values())).device if params else None
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _zeros(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: torch.zeros_like(v) for k, v in params.items()}
+
+
+def _prev(state: State, buffer: str, name: str, like: Tensor) -> Tensor:
+    """A stored buffer entry, or zeros when the buffer was never allocated."""
+    buf = state.get(buffer)
+    if buf is None:
+        return torch.zeros_like(like)
+    return buf[name]
+
+
+def _is_zero(v: Any) -> bool:
+    """Static check used to skip terms: only Python numbers count, never tensors."""
+    return isinstance(v, Real) and float(v) == 0.0
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class UpdateRule(Protocol):
+    """A differentiable weight-update map ``u(lambda, w)`` (Clarke et al. 2022, eq. 4).
+
+    ``hyperparameters`` lists the names ``__call__`` accepts in ``hparams``.
+    """
+
+    hyperparameters: ClassVar[tuple[str, ...]]
+
+    def init_state(self, params: Mapping[str, Tensor]) -> State:
+        """Fresh optimiser state for ``params`` (step counter 0, zero buffers)."""
+        ...
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue],
+        state: State,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Return ``(u, new_state)``; the new weights are ``w - u``."""
+        ...
+
+
+class _RuleMixin:
+    """Shared argument checking and hyperparameter look-up."""
+
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
+
+    def _check(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> None:
+        cls = type(self).__name__
+        unknown = [h for h in hparams if h not in self.hyperparameters]
+        if unknown:
+            raise ValueError(
+                f"{cls} got unknown hyperparameter(s) {unknown}; it accepts {list(self.hyperparameters)}"
+            )
+        missing = [k for k in params if k not in grads]
+        extra = [k for k in grads if k not in params]
+        if missing or extra:
+            raise ValueError(f"{cls}: grads must have the keys of params: missing {missing}, unexpected {extra}")
+        for k, p in params.items():
+            if tuple(grads[k].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{cls}: grads[{k!r}] has shape {tuple(grads[k].shape)} but params[{k!r}] has shape {tuple(p.shape)}"
+                )
+        for h, v in hparams.items():
+            if isinstance(v, Mapping):
+                extra_keys = [k for k in v if k not in params]
+                if extra_keys:
+                    raise ValueError(f"hyperparameter {h!r} is a mapping with unknown parameter name(s) {extra_keys}")
+            for k, p in params.items():
+                resolve(v, k, p, hparam=h)
+
+    def _h(self, hparams: Mapping[str, Any], h: str, name: str, like: Tensor) -> _Scalar:
+        """Hyperparameter ``h`` for parameter ``name``: the override if given, else the field."""
+        if h in hparams:
+            return resolve(hparams[h], name, like, hparam=h)
+        return float(getattr(self, h))
+
+
+# --------------------------------------------------------------------------- SGD
+
+
+@dataclass(frozen=True)
+class SGD(_RuleMixin):
+    """Stochastic gradient descent as in ``torch.optim.SGD`` (without ``maximize``).
+
+    With learning rate ``eta``, momentum ``mu``, dampening ``tau`` and weight
+    decay ``xi`` (all hyperparameters), per weight:
+
+    .. math::
+        d &= g + \\xi w \\\\
+        b_t &= d \\;\\text{(first step)},\\qquad b_t = \\mu b_{t-1} + (1-\\tau) d \\;\\text{(later)} \\\\
+        u &= \\eta\\, b_t \\;\\text{(heavy ball)}, \\qquad u = \\eta\\,(d + \\mu b_t) \\;\\text{(Nesterov)}
+
+    and ``u = eta * d`` when no momentum buffer is used.
+
+    Clarke et al. (2022, Appendix A.4, eq. 10) write
+    ``v <- mu v + g + xi w``, ``u = eta v`` with ``v`` starting at zero. This
+    equals the rule above whenever ``tau = 0`` (then ``mu * 0 + d = d`` at the
+    first step). ``torch.optim.SGD`` instead *sets* the buffer to ``d`` at
+    the first step, without dampening; we follow torch, selecting the branch
+    with ``torch.where(step == 0, ...)`` (differentiable and vmap-friendly).
+
+    A momentum buffer is used when ``momentum != 0`` or ``"momentum"`` is in
+    ``hparams``. ``nesterov`` is a structural option (not a hyperparameter)
+    and, as in torch, requires zero dampening.
+
+    State: ``{"step": int64 0-d tensor, "momentum_buffer": {name: Tensor}}``
+    (the buffer only when ``momentum != 0`` at construction; it is created as
+    zeros on demand otherwise).
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "momentum", "dampening", "weight_decay")
+
+    def __post_init__(self) -> None:
+        if self.nesterov and self.dampening != 0:
+            raise ValueError("SGD: Nesterov momentum requires zero dampening")
+
+    def init_state(self, params: Mapping[str, Tensor]) -> State:
+        state: State = {"step": _zero_step(params)}
+        if self.momentum != 0:
+            state["momentum_buffer"] = _zeros(params)
+        return state
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue] | None = None,
+        state: State | None = None,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Return ``(u, new_state)`` for one SGD step; new weights are ``w - u``."""
+        hparams = {} if hparams is None else hparams
+        state = self.init_state(params) if state is None else state
+        self._check(params, grads, hparams)
+        if self.nesterov and "dampening" in hparams:
+            raise ValueError("SGD: Nesterov momentum requires zero dampening; do not tune 'dampening'")
+        use_momentum = self.momentum != 0 or "momentum" in hparams
+        use_wd = not _is_zero(self.weight_decay) or "weight_decay" in hparams
+        step = state["step"]
+        first = step == 0
+        u: dict[str, Tensor] = {}
+        bufs: dict[str, Tensor] = {}
+        for k, w in params.items():
+            d = grads[k]
+            if use_wd:
+                d = d + self._h(hparams, "weight_decay", k, w) * w
+            if use_momentum:
+                mu = self._h(hparams, "momentum", k, w)
+                tau = self._h(hparams, "dampening", k, w)
+                prev = _prev(state, "momentum_buffer", k, w)
+                buf = torch.where(first, d, mu * prev + (1 - tau) * d)
+                bufs[k] = buf
+                d = d + mu * buf if self.nesterov else buf
+            u[k] = self._h(hparams, "lr", k, w) * d
+        new_state: State = {**state, "step": step + 1}
+        if use_momentum:
+            new_state["momentum_buffer"] = bufs
+        return u, new_state
+
+
+# --------------------------------------------------------------------------- Adam / AdamW
+
+
+def _adam_direction(
+    rule: _RuleMixin,
+    k: str,
+    w: Tensor,
+    g: Tensor,
+    hparams: Mapping[str, Any],
+    state: State,
+    t: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam moments and the bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``.
+
+    Returns ``(m, v, direction)`` where the direction already includes
+    ``1 / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` exactly as torch orders them.
+    """
+    b1 = rule._h(hparams, "beta1", k, w)
+    b2 = rule._h(hparams, "beta2", k, w)
+    eps = rule._h(hparams, "eps", k, w)
+    m = b1 * state["exp_avg"][k] + (1 - b1) * g
+    v = b2 * state["exp_avg_sq"][k] + (1 - b2) * g * g
+    bc1 = 1 - b1**t
+    bc2_sqrt = torch.sqrt(1 - b2**t)
+    direction = m / (_safe_sqrt(v) / bc2_sqrt + eps) / bc1
+    return m, v, direction
+
+
+@dataclass(frozen=True)
+class Adam(_RuleMixin):
+    """Adam (Kingma & Ba, 2015) as in ``torch.optim.Adam`` (no AMSGrad).
+
+    With ``t = step + 1`` and L2 weight decay ``xi`` added to the gradient:
+
+    .. math::
+        d &= g + \\xi w, \\quad m_t = \\beta_1 m_{t-1} + (1-\\beta_1) d,
+        \\quad v_t = \\beta_2 v_{t-1} + (1-\\beta_2) d^2 \\\\
+        u &= \\frac{\\eta}{1-\\beta_1^t}\\,
+             \\frac{m_t}{\\sqrt{v_t}/\\sqrt{1-\\beta_2^t} + \\epsilon}
+
+    This is Clarke et al. (2022, Appendix A.4, eq. 11) with torch's placement
+    of ``epsilon`` (outside the square root). ``lr, beta1, beta2, eps,
+    weight_decay`` are all differentiable hyperparameters. The square root has
+    a zero (not infinite) derivative where ``v_t == 0``.
+
+    State: ``{"step", "exp_avg": {name: m}, "exp_avg_sq": {name: v}}``; the
+    bias corrections use ``step + 1`` and the returned state has ``step + 1``.
+    """
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+    def init_state(self, params: Mapping[str, Tensor]) -> State:
+        return {"step": _zero_step(params), "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue] | None = None,
+        state: State | None = None,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Return ``(u, new_state)`` for one Adam step; new weights are ``w - u``."""
+        return _adam_call(self, params, grads, hparams, state, decoupled=False)
+
+
+@dataclass(frozen=True)
+class AdamW(_RuleMixin):
+    """AdamW (Loshchilov & Hutter, 2019) as in ``torch.optim.AdamW``.
+
+    Weight decay is decoupled from the gradient: torch first scales
+    ``w <- (1 - eta xi) w`` and then takes an Adam step, so
+
+    .. math::
+        u = \\eta\\,\\xi\\, w + \\frac{\\eta}{1-\\beta_1^t}\\,
+            \\frac{m_t}{\\sqrt{v_t}/\\sqrt{1-\\beta_2^t} + \\epsilon}
+
+    with ``m_t, v_t`` the Adam moments of the raw gradient ``g`` (see
+    :class:`Adam`). Same state and hyperparameters as :class:`Adam`; the
+    default weight decay is ``1e-2``.
+    """
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+    hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+    def init_state(self, params: Mapping[str, Tensor]) -> State:
+        return {"step": _zero_step(params), "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue] | None = None,
+        state: State | None = None,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Return ``(u, new_state)`` for one AdamW step; new weights are ``w - u``."""
+        return _adam_call(self, params, grads, hparams, state, decoupled=True)
+
+
+def _adam_call(
+    rule: Adam | AdamW,
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    hparams: Mapping[str, HValue] | None,
+    state: State | None,
+    *,
+    decoupled: bool,
+) -> tuple[dict[str, Tensor], State]:
+    hparams = {} if hparams is None else hparams
+    state = rule.init_state(params) if state is None else state
+    rule._check(params, grads, hparams)
+    use_wd = not _is_zero(rule.weight_decay) or "weight_decay" in hparams
+    step = state["step"]
+    u: dict[str, Tensor] = {}
+    ms: dict[str, Tensor] = {}
+    vs: dict[str, Tensor] = {}
+    for k, w in params.items():
+        t = (step + 1).to(w.dtype)
+        g = grads[k]
+        lr = rule._h(hparams, "lr", k, w)
+        wd = rule._h(hparams, "weight_decay", k, w) if use_wd else 0.0
+        if use_wd and not decoupled:
+            g = g + wd * w
+        ms[k], vs[k], direction = _adam_direction(rule, k, w, g, hparams, state, t)
+        u[k] = lr * direction
+        if use_wd and decoupled:
+            u[k] = lr * wd * w + u[k]
+    return u, {**state, "step": step + 1, "exp_avg": ms, "exp_avg_sq": vs}
+
+
+# --------------------------------------------------------------------------- RMSprop
+
+
+@dataclass(frozen=True)
+class RMSprop(_RuleMixin):
+    """RMSprop (Tieleman & Hinton, 2012) as in ``torch.optim.RMSprop``.
+
+    With smoothing ``alpha``, L2 weight decay ``xi`` and momentum ``mu``:
+
+    .. math::
+        d &= g + \\xi w, \\quad s_t = \\alpha s_{t-1} + (1-\\alpha) d^2 \\\\
+        a &= \\sqrt{s_t} + \\epsilon \\;\\text{or, centred,}\\;
+             \\sqrt{s_t - \\bar g_t^2} + \\epsilon
+             \\text{ with } \\bar g_t = \\alpha \\bar g_{t-1} + (1-\\alpha) d \\\\
+        u &= \\eta\\, d / a \\;\\text{(no momentum)}, \\qquad
+        u = \\eta\\, b_t,\\; b_t = \\mu b_{t-1} + d / a \\;\\text{(momentum)}
+
+    All buffers start at zero (no first-step special case in torch).
+    ``centered`` is structural; ``lr, alpha, eps, weight_decay, momentum`` are
+    differentiable hyperparameters. A momentum buffer is used when
+    ``momentum != 0`` or ``"momentum"`` is in ``hparams``.
+
+    State: ``{"step", "square_avg", ["grad_avg"], ["momentum_buffer"]}``.
+    """
+
+    lr: float = 1e-2
+    alpha: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    centered: bool = False
+
+    hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "alpha", "eps", "weight_decay", "momentum")
+
+    def init_state(self, params: Mapping[str, Tensor]) -> State:
+        state: State = {"step": _zero_step(params), "square_avg": _zeros(params)}
+        if self.centered:
+            state["grad_avg"] = _zeros(params)
+        if self.momentum != 0:
+            state["momentum_buffer"] = _zeros(params)
+        return state
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue] | None = None,
+        state: State | None = None,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Return ``(u, new_state)`` for one RMSprop step; new weights are ``w - u``."""
+        hparams = {} if hparams is None else hparams
+        state = self.init_state(params) if state is None else state
+        self._check(params, grads, hparams)
+        use_momentum = self.momentum != 0 or "momentum" in hparams
+        use_wd = not _is_zero(self.weight_decay) or "weight_decay" in hparams
+        u: dict[str, Tensor] = {}
+        sq: dict[str, Tensor] = {}
+        gavg: dict[str, Tensor] = {}
+        bufs: dict[str, Tensor] = {}
+        for k, w in params.items():
+            d = grads[k]
+            if use_wd:
+                d = d + self._h(hparams, "weight_decay", k, w) * w
+            alpha = self._h(hparams, "alpha", k, w)
+            eps = self._h(hparams, "eps", k, w)
+            s = alpha * state["square_avg"][k] + (1 - alpha) * d * d
+            sq[k] = s
+            if self.centered:
+                ga = alpha * _prev(state, "grad_avg", k, w) + (1 - alpha) * d
+                gavg[k] = ga
+                avg = _safe_sqrt(s - ga * ga) + eps
+            else:
+                avg = _safe_sqrt(s) + eps
+            lr = self._h(hparams, "lr", k, w)
+            if use_momentum:
+                mu = self._h(hparams, "momentum", k, w)
+                buf = mu * _prev(state, "momentum_buffer", k, w) + d / avg
+                bufs[k] = buf
+                u[k] = lr * buf
+            else:
+                u[k] = lr * (d / avg)
+        new_state: State = {**state, "step": state["step"] + 1, "square_avg": sq}
+        if self.centered:
+            new_state["grad_avg"] = gavg
+        if use_momentum:
+            new_state["momentum_buffer"] = bufs
+        return u, new_state

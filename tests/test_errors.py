@@ -1,0 +1,86 @@
+"""Bad input gets an error that names the problem."""
+
+import math
+
+import pytest
+import torch
+
+import bilevel as B
+from problems import D, ridge
+
+
+def _setup():
+    P = ridge()
+    lam = torch.zeros(P["d"], dtype=D)
+    return P, {"w": P["solve"](lam)}, {"lam": lam}
+
+
+def test_nonfinite_validation_loss_named():
+    P, p, h = _setup()
+    bad = lambda p, h: P["outer"](p, h) * float("nan")  # noqa: E731
+    with pytest.raises(FloatingPointError, match="validation loss"):
+        B.hypergradient(bad, p, h, inner=P["inner"], solver=B.Identity())
+    with pytest.raises(B.NonFiniteError, match="validation loss"):
+        B.unrolled_hypergradient(bad, p, h, inner=P["inner"], lr=0.1, steps=2)
+
+
+def test_nonfinite_training_loss_named():
+    P, p, h = _setup()
+    bad = lambda p, h: P["inner"](p, h) + float("inf")  # noqa: E731
+    with pytest.raises(B.NonFiniteError, match="training loss"):
+        B.hypergradient(P["outer"], p, h, inner=bad, solver=B.Identity())
+
+
+def test_nonfinite_jvp_named():
+    P, p, h = _setup()
+    # the Hessian-vector product overflows while the loss itself is finite
+    inner = lambda p, h: P["inner"](p, h) + 1e300 * (p["w"] ** 4).sum() * 1e10  # noqa: E731
+    with pytest.raises(B.NonFiniteError):
+        B.hypergradient(P["outer"], p, h, inner=inner, solver=B.Neumann(3, alpha=0.1))
+
+
+def test_both_or_neither_inner_update():
+    P, p, h = _setup()
+    with pytest.raises(ValueError, match="exactly one"):
+        B.hypergradient(P["outer"], p, h, solver=B.Identity())
+    with pytest.raises(ValueError, match="exactly one"):
+        B.hypergradient(P["outer"], p, h, inner=P["inner"], update=lambda p, h: p, solver=B.Identity())
+
+
+def test_update_shape_and_key_mismatch_named():
+    P, p, h = _setup()
+    with pytest.raises(ValueError, match=r"missing \['w'\]"):
+        B.hypergradient(P["outer"], p, h, update=lambda p, h: {"v": p["w"]}, solver=B.Identity())
+    with pytest.raises(ValueError, match=r"update\(params, hparams\)\['w'\] has shape \(3,\)"):
+        B.hypergradient(P["outer"], p, h, update=lambda p, h: {"w": p["w"][:3]}, solver=B.Identity())
+
+
+def test_non_tensor_hparams_named():
+    P, p, _ = _setup()
+    with pytest.raises(ValueError, match=r"hparams\['lam'\] must be a floating-point tensor"):
+        B.hypergradient(P["outer"], p, {"lam": 0.3}, inner=P["inner"], solver=B.Identity())
+
+
+def test_neumann_divergence_suggests_alpha():
+    P, p, h = _setup()
+    lam_max = float(torch.linalg.eigvalsh(P["hessian"](h["lam"])).max())
+    est = B.largest_eigenvalue(p, h, inner=P["inner"], iters=100)
+    assert math.isclose(est, lam_max, rel_tol=1e-6)
+    with pytest.raises(B.NeumannDivergenceError, match="alpha <=") as info:
+        B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(30, alpha=3.0 / lam_max))
+    assert math.isclose(info.value.suggested_alpha, 1 / lam_max, rel_tol=0.02)
+    with pytest.warns(RuntimeWarning, match="diverges"):
+        B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(30, alpha=3.0 / lam_max, divergence="warn"))
+
+
+def test_exact_refuses_large():
+    P, p, h = _setup()
+    with pytest.raises(ValueError, match="max_size"):
+        B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Exact(max_size=3))
+
+
+def test_bad_solver_arguments():
+    with pytest.raises(ValueError, match="steps"):
+        B.Neumann(-1)
+    with pytest.raises(ValueError, match="alpha"):
+        B.Neumann(3, alpha=0.0)

@@ -1,0 +1,213 @@
+import math
+
+import pytest
+import torch
+
+from bilevel.hparams import (
+    CLARKE_TABLE5,
+    IDENTITY,
+    LOG,
+    LOG10,
+    LOGIT,
+    SOFTPLUS,
+    Granularity,
+    HyperParameter,
+    HyperParameterSpace,
+    get_transform,
+    learning_rate,
+    momentum,
+    per_weight_decay,
+    weight_decay,
+)
+
+DT = torch.float64
+ALL = [IDENTITY, LOG10, LOG, LOGIT, SOFTPLUS]
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w1": torch.randn(3, 4, generator=g, dtype=DT),
+        "b1": torch.randn(4, generator=g, dtype=DT),
+        "w2": torch.randn(4, 2, generator=g, dtype=DT),
+    }
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_transform_roundtrip_and_gradcheck(t):
+    raw = torch.linspace(-3, 3, 13, dtype=DT)
+    torch.testing.assert_close(t.inverse(t.forward(raw)), raw)
+    lo, hi = t.domain
+    nat = torch.linspace(max(lo, -3.0) + 0.05, min(hi, 3.0) - 0.05, 11, dtype=DT)
+    torch.testing.assert_close(t.forward(t.inverse(nat)), nat)
+    assert torch.autograd.gradcheck(t.forward, (raw.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(t.inverse, (nat.clone().requires_grad_(),))
+
+
+def test_transform_values_and_lookup():
+    x = torch.tensor([-2.0, 0.0, 1.5], dtype=DT)
+    torch.testing.assert_close(LOG10(x), torch.tensor([1e-2, 1.0, 10**1.5], dtype=DT))
+    torch.testing.assert_close(LOGIT(x), torch.sigmoid(x))
+    torch.testing.assert_close(SOFTPLUS.inverse(torch.tensor(1e-8, dtype=DT)), torch.log(torch.expm1(torch.tensor(1e-8, dtype=DT))))
+    assert get_transform("log10") is LOG10 and get_transform(LOGIT) is LOGIT
+    with pytest.raises(ValueError, match="known transforms.*log10"):
+        get_transform("log2")
+
+
+def test_clarke_init_ranges():
+    params = {"w": torch.zeros(2, dtype=DT)}
+    g = torch.Generator().manual_seed(1)
+    draws = [CLARKE_TABLE5.init(params, generator=g) for _ in range(2000)]
+    lr = torch.stack([d["lr"] for d in draws])
+    wd = torch.stack([d["weight_decay"] for d in draws])
+    mu = torch.sigmoid(torch.stack([d["momentum"] for d in draws]))
+    assert lr.dtype == DT and lr.min() >= -6 and lr.max() <= -1
+    assert abs(lr.mean().item() + 3.5) < 0.1 and abs(lr.std().item() - 5 / math.sqrt(12)) < 0.1
+    assert wd.min() >= -7 and wd.max() <= -2 and abs(wd.mean().item() + 4.5) < 0.1
+    # momentum uniform on [0, 1] in natural space
+    assert mu.min() > 0 and mu.max() < 1 and abs(mu.mean().item() - 0.5) < 0.03
+    hist = torch.histc(mu, bins=4, min=0, max=1)
+    assert (hist - 500).abs().max() < 80
+    assert torch.isfinite(torch.stack([d["momentum"] for d in draws])).all()
+
+
+def test_init_deterministic_and_dtype():
+    params = make_params()
+    space = HyperParameterSpace([learning_rate("element"), momentum()])
+    a = space.init(params, generator=torch.Generator().manual_seed(5))
+    b = space.init(params, generator=torch.Generator().manual_seed(5))
+    c = space.init(params, generator=torch.Generator().manual_seed(6))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["momentum"], c["momentum"])
+    f32 = space.init(params, generator=torch.Generator().manual_seed(5), dtype=torch.float32, requires_grad=True)
+    assert all(v.dtype == torch.float32 and v.requires_grad and v.is_leaf for v in f32.values())
+
+
+def test_key_naming_and_shapes():
+    params = make_params()
+    space = HyperParameterSpace(
+        [learning_rate("element"), weight_decay("tensor", params=("w1", "w2")), momentum()]
+    )
+    raw = space.init(params, generator=torch.Generator().manual_seed(0))
+    assert list(raw) == ["lr/w1", "lr/b1", "lr/w2", "weight_decay/w1", "weight_decay/w2", "momentum"]
+    for p in params:
+        assert raw[f"lr/{p}"].shape == params[p].shape
+    assert raw["weight_decay/w1"].shape == () and raw["momentum"].shape == ()
+    # shared init: one draw per hyperparameter
+    lr_vals = torch.cat([raw[f"lr/{p}"].reshape(-1) for p in params])
+    assert torch.all(lr_vals == lr_vals[0])
+    assert raw["weight_decay/w1"] == raw["weight_decay/w2"]
+    nat = space.natural(raw, params)
+    assert set(nat) == {"lr", "weight_decay", "momentum"}
+    assert isinstance(nat["momentum"], torch.Tensor)
+    assert list(nat["lr"]) == ["w1", "b1", "w2"] and nat["lr"]["w1"].shape == (3, 4)
+    assert list(nat["weight_decay"]) == ["w1", "w2"]
+    # independent init
+    raw2 = space.init(params, generator=torch.Generator().manual_seed(0), shared_init=False)
+    assert raw2["lr/w1"].unique().numel() == 12
+    assert raw2["lr/w1"].min() >= -6 and raw2["lr/w1"].max() <= -1
+
+
+def test_granularity_enum_and_validation():
+    assert per_weight_decay().granularity is Granularity.ELEMENT
+    assert learning_rate("tensor").granularity == "tensor"
+    with pytest.raises(ValueError, match="unique.*lr"):
+        HyperParameterSpace([learning_rate(), learning_rate()])
+    with pytest.raises(ValueError, match="granularity"):
+        HyperParameter("x", LOG10, 0, 1, granularity="row")
+    with pytest.raises(ValueError, match="clip"):
+        HyperParameter("x", LOGIT, 0, 1, clip=(0.5, 2.0))
+    with pytest.raises(ValueError, match="'/'"):
+        HyperParameter("a/b", LOG10, 0, 1)
+    space = HyperParameterSpace([weight_decay("tensor", params=("nope",))])
+    with pytest.raises(ValueError, match="nope"):
+        space.init(make_params())
+
+
+def test_natural_key_errors():
+    params = make_params()
+    space = HyperParameterSpace([learning_rate(), per_weight_decay()])
+    raw = space.init(params, generator=torch.Generator().manual_seed(0))
+    bad = dict(raw)
+    del bad["lr"]
+    bad["bogus"] = torch.zeros(())
+    with pytest.raises(ValueError, match=r"missing keys \['lr'\].*unexpected keys \['bogus'\]"):
+        space.natural(bad)
+    partial = {k: v for k, v in raw.items() if k != "weight_decay/b1"}
+    space.natural(partial)  # without params, any subset of parameters is accepted
+    with pytest.raises(ValueError, match="weight_decay/b1"):
+        space.natural(partial, params)
+    wrong = dict(raw, **{"weight_decay/w1": torch.zeros(2, dtype=DT)})
+    with pytest.raises(ValueError, match="weight_decay/w1.*shape"):
+        space.natural(wrong, params)
+
+
+def test_clip_bounds():
+    space = CLARKE_TABLE5
+    raw = {"lr": torch.tensor(5.0, dtype=DT, requires_grad=True), "weight_decay": torch.tensor(-3.0, dtype=DT),
+           "momentum": torch.tensor(0.0, dtype=DT)}
+    nat = space.natural(raw)
+    assert nat["lr"].item() == 1.0
+    nat["lr"].backward()
+    assert raw["lr"].grad.item() == 0.0  # clipped: no gradient, and no inf/nan
+    low = space.natural(dict(raw, lr=torch.tensor(-400.0, dtype=DT)))["lr"]
+    torch.testing.assert_close(low, torch.tensor(1e-10, dtype=DT))
+    huge = torch.tensor(400.0, dtype=DT, requires_grad=True)
+    space.natural(dict(raw, lr=huge))["lr"].backward()
+    assert huge.grad.item() == 0.0
+    # inside the box the gradient is d/dr 10**r = ln(10) 10**r
+    r = torch.tensor(-2.0, dtype=DT, requires_grad=True)
+    space.natural(dict(raw, lr=r))["lr"].backward()
+    torch.testing.assert_close(r.grad, torch.tensor(math.log(10) * 1e-2, dtype=DT))
+    assert nat["weight_decay"].item() == pytest.approx(1e-3)
+    assert nat["momentum"].item() == 0.5
+
+
+def test_from_natural_and_describe():
+    params = make_params()
+    space = HyperParameterSpace([learning_rate("tensor"), per_weight_decay(params=("w1",)), momentum()])
+    wd_w1 = torch.full((3, 4), 1e-4, dtype=DT)
+    raw = space.from_natural(params, {"lr": {"w1": 0.1, "b1": 0.01, "w2": 1e-3}, "weight_decay": wd_w1, "momentum": 0.9})
+    nat = space.natural(raw, params)
+    torch.testing.assert_close(nat["lr"]["b1"], torch.tensor(0.01, dtype=DT))
+    torch.testing.assert_close(nat["weight_decay"]["w1"], wd_w1)
+    torch.testing.assert_close(nat["momentum"], torch.tensor(0.9, dtype=DT))
+    d = space.describe(raw)
+    assert d["lr"] == pytest.approx((0.1 + 0.01 + 1e-3) / 3)
+    assert d["momentum"] == pytest.approx(0.9) and d["weight_decay"] == pytest.approx(1e-4)
+    # boundary values are moved inside the open domain
+    edge = space.from_natural(params, {"lr": 0.1, "weight_decay": 0.0, "momentum": 1.0})
+    assert all(torch.isfinite(v).all() for v in edge.values())
+    with pytest.raises(ValueError, match=r"missing \['momentum'\]"):
+        space.from_natural(params, {"lr": 0.1, "weight_decay": 1e-4})
+
+
+def test_natural_under_vmap_equals_loop():
+    params = make_params()
+    space = HyperParameterSpace([learning_rate("element"), weight_decay("tensor"), momentum()])
+    g = torch.Generator().manual_seed(3)
+    pop = [space.init(params, generator=g, shared_init=False) for _ in range(5)]
+    pop[0]["lr/w1"][0, 0] = 3.0  # exercise the clip
+    batched = {k: torch.stack([p[k] for p in pop]) for k in pop[0]}
+    out = torch.func.vmap(space.natural)(batched)
+    for i, p in enumerate(pop):
+        ref = space.natural(p)
+        torch.testing.assert_close(out["momentum"][i], ref["momentum"])
+        for n in params:
+            torch.testing.assert_close(out["lr"][n][i], ref["lr"][n])
+            torch.testing.assert_close(out["weight_decay"][n][i], ref["weight_decay"][n])
+    assert out["lr"]["w1"][0, 0, 0].item() == 1.0
+
+
+def test_optimiser_updates_raw():
+    params = make_params()
+    space = HyperParameterSpace([learning_rate(), per_weight_decay()])
+    raw = space.init(params, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    opt = torch.optim.SGD(list(raw.values()), lr=0.1)
+    nat = space.natural(raw)
+    loss = nat["lr"] + sum(v.sum() for v in nat["weight_decay"].values())
+    loss.backward()
+    before = {k: v.detach().clone() for k, v in raw.items()}
+    opt.step()
+    assert all(not torch.equal(before[k], raw[k]) for k in raw)
