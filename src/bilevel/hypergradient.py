@@ -42,8 +42,8 @@ class _AutogradOperator:
     measured, see docs/benchmarks.md) and adds nothing to it.
     """
 
-    def __init__(self, residual: Tree, params: Tree, hparams: Tree) -> None:
-        self.r, self.params, self.hparams = residual, params, hparams
+    def __init__(self, residual: Tree, params: Tree, hparams: Tree, check: bool = True) -> None:
+        self.r, self.params, self.hparams, self.check = residual, params, hparams, check
 
     def _vjp(self, x: Tree, wrt: Tree, create_graph: bool = False) -> Tree:
         outs = [self.r[k] for k in self.params]
@@ -53,7 +53,10 @@ class _AutogradOperator:
         return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(wrt.items(), grads)}
 
     def rmatvec(self, x: Tree) -> Tree:
-        return T.detach(self._vjp(x, self.params))
+        y = T.detach(self._vjp(x, self.params))
+        if self.check:
+            check_finite("Jacobian-vector product", y)
+        return y
 
     def hparam_vjp(self, x: Tree) -> Tree:
         return T.detach(self._vjp(x, self.hparams))
@@ -65,7 +68,10 @@ class _AutogradOperator:
         outs = [jtz[k] for k in self.params]
         grads = torch.autograd.grad(outs, list(z.values()), [x[k] for k in self.params],
                                     retain_graph=True, allow_unused=True)
-        return {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(z.items(), grads)}
+        y = {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(z.items(), grads)}
+        if self.check:
+            check_finite("Jacobian-vector product", y)
+        return y
 
 
 class _FuncOperator:
@@ -108,7 +114,7 @@ def _validate(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> No
 
 
 def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, inner: Loss | None = None,
-              update: Update | None = None, backend: Backend = "autograd"):
+              update: Update | None = None, backend: Backend = "autograd", check: bool = True):
     """The Jacobian operator of the residual r at (params, hparams), plus leaf copies.
 
     Returns ``(op, params_leaves, hparams_leaves)``; ``op.rmatvec``, ``op.matvec``
@@ -126,19 +132,21 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
     with torch.enable_grad():
         if inner is not None:
             loss = inner(p, h)
-            check_finite("training loss", loss)
+            if check:
+                check_finite("training loss", loss)
             grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
             r = dict(zip(p, grads))
         else:
             r = dict(update(p, h))  # type: ignore[misc]
             check_like("update(params, hparams)", r, p, "params")
-    check_finite("residual (training gradient or update)", T.detach(r))
-    return _AutogradOperator(r, p, h), p, h
+    if check:
+        check_finite("residual (training gradient or update)", T.detach(r))
+    return _AutogradOperator(r, p, h, check), p, h
 
 
 def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
                   inner: Loss | None = None, update: Update | None = None, solver: Solver,
-                  backend: Backend = "autograd") -> dict[str, Tensor]:
+                  backend: Backend = "autograd", check: bool = True) -> dict[str, Tensor]:
     """IFT hypergradient dL_V/dlambda at the current weights (Lorraine et al. 2020, eq. 2-3).
 
     Args:
@@ -150,7 +158,10 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[st
             the fixed point is u = 0. Exactly one of ``inner``/``update``.
         solver: a :mod:`bilevel.solvers` solver giving v (J + eps I)^{-1}.
         backend: ``"autograd"`` (default: one retained double-backward graph) or
-            ``"func"`` (``torch.func.vjp``; use it inside ``torch.func.vmap``).
+            ``"func"`` (``torch.func.vjp``, composable with other ``torch.func`` transforms).
+        check: raise :class:`NonFiniteError` on non-finite quantities (default). A
+            population of independent problems (block-diagonal J) passes ``False``
+            and marks its non-finite members itself.
 
     Returns:
         dL_V/dlambda - (dL_V/dw) (J + eps I)^{-1} (dr/dlambda), with the keys and
@@ -161,23 +172,27 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[st
         NeumannDivergenceError: from ``Neumann`` when its terms grow.
         ValueError: mismatched keys or shapes.
     """
-    op, p, h = linearise(params, hparams, inner=inner, update=update, backend=backend)
+    op, p, h = linearise(params, hparams, inner=inner, update=update, backend=backend, check=check)
     if backend == "func":
         (v, direct), loss = torch.func.grad_and_value(outer, argnums=(0, 1))(p, h)
     else:
         with torch.enable_grad():
             loss = outer(p, h)
-            check_finite("validation loss", loss)
+            if check:
+                check_finite("validation loss", loss)
             g = torch.autograd.grad(loss, list(p.values()) + list(h.values()), allow_unused=True)
         v = {k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(p.items(), g[: len(p)])}
         direct = {k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(h.items(), g[len(p):])}
-    check_finite("validation loss", loss.detach())
-    check_finite("validation gradient dL_V/dw", T.detach(v))
+    if check:
+        check_finite("validation loss", loss.detach())
+        check_finite("validation gradient dL_V/dw", T.detach(v))
     x = solver(op, T.detach(v))
-    check_finite("inverse-Jacobian-vector product", x)
+    if check:
+        check_finite("inverse-Jacobian-vector product", x)
     indirect = op.hparam_vjp(x)
     out = {k: (direct[k] - indirect[k]).detach() for k in h}
-    check_finite("hypergradient", out)
+    if check:
+        check_finite("hypergradient", out)
     return out
 
 

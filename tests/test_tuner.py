@@ -1,0 +1,180 @@
+"""The online loop (Algorithm 1) on populations: vectorised = alone, hypergradients, divergence, resume."""
+
+import math
+
+import pytest
+import torch
+
+from bilevel import hparams as H
+from bilevel import population as pop
+from bilevel import updates
+from bilevel.tuner import OnlineTuner, TunerConfig
+
+D = torch.float64
+g0 = torch.Generator().manual_seed(0)
+X = torch.randn(64, 4, generator=g0, dtype=D)
+W = torch.randn(4, 1, generator=g0, dtype=D)
+Y = X @ W + 0.1 * torch.randn(64, 1, generator=g0, dtype=D)
+Xv = torch.randn(32, 4, generator=g0, dtype=D)
+Yv = Xv @ W + 0.1 * torch.randn(32, 1, generator=g0, dtype=D)
+
+
+def make_params(g):
+    return {"W1": torch.randn(8, 4, generator=g, dtype=D) / 2, "b1": torch.zeros(8, dtype=D),
+            "W2": torch.randn(1, 8, generator=g, dtype=D) / 8 ** 0.5}
+
+
+def forward(p, x):
+    return torch.tanh(x @ p["W1"].T + p["b1"]) @ p["W2"].T
+
+
+LOSS = pop.vmap_loss(forward, lambda o, y: ((o - y) ** 2).mean())
+SPACE = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5, clip=(1e-10, 1.0)),
+                               H.weight_decay(), H.momentum()])
+
+
+def make_tuner(n, seed, **cfg):
+    params, raw = pop.init_population(make_params, n, seed, lambda p, g: SPACE.init(p, g))
+    return OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, config=TunerConfig(**cfg))
+
+
+def run(tuner, steps):
+    return tuner.run(steps, lambda: (X, Y), lambda: (Xv, Yv), record_batches=((X, Y), (Xv, Yv), None))
+
+
+@pytest.mark.parametrize("mode", ["ift", "unroll", "baydin"])
+def test_population_equals_members_alone(mode):
+    cfg = dict(mode=mode, interval=5, lookback=3, record_every=5)
+    together = run(make_tuner(3, seed=10, **cfg), 40)
+    for i in range(3):
+        alone = run(make_tuner(1, seed=10 + i, **cfg), 40)
+        for key in ("val_loss", "train_loss"):
+            torch.testing.assert_close(torch.tensor(getattr(together, key)[i]),
+                                       torch.tensor(getattr(alone, key)[0]), rtol=1e-9, atol=1e-12)
+        for name in SPACE.names:
+            torch.testing.assert_close(torch.tensor(together.hparams[name][i]),
+                                       torch.tensor(alone.hparams[name][0]), rtol=1e-9, atol=1e-12)
+
+
+def _finite_difference_hypergradient(tuner_factory, steps, key, eps=1e-6):
+    """d L_V(w_steps(raw)) / d raw[key] by re-running the weight steps with a perturbed raw value."""
+    vals = []
+    for s in (eps, -eps):
+        t = tuner_factory()
+        with torch.no_grad():
+            t.raw[key] += s
+        for _ in range(steps):
+            t._weight_step((X, Y))
+        vals.append(LOSS(t.params, Xv, Yv))
+    return (vals[0] - vals[1]) / (2 * eps)
+
+
+def test_diff_through_opt_hypergradient_matches_finite_differences():
+    factory = lambda: make_tuner(2, seed=3, mode="unroll", interval=4, lookback=4)  # noqa: E731
+    t = factory()
+    for _ in range(4):
+        t._weight_step((X, Y))
+        t.t += 1
+    hg = t._hypergradient((X, Y), (Xv, Yv))
+    for key in ("lr", "weight_decay", "momentum"):
+        fd = _finite_difference_hypergradient(factory, 4, key)
+        torch.testing.assert_close(hg[key], fd, rtol=1e-5, atol=1e-10)
+
+
+def test_ift_hypergradient_matches_dense_neumann_formula():
+    """Clarke et al. eq. 6 written densely: direct - v sum_{j=0}^{i} (I - du/dw)^j du/dlambda."""
+    from bilevel import _tree as T
+    t = make_tuner(1, seed=5, mode="ift", lookback=3)
+    run(t, 7)  # some steps, so the momentum buffer is non-zero
+    hg = t._hypergradient((X, Y), (Xv, Yv))
+    keys = t.tuned_keys
+    fixed = {k: v.detach() for k, v in t.raw.items() if k not in keys}
+    w0 = T.flatten(t.params)
+    lam0 = torch.stack([t.raw[k].detach().reshape(()) for k in keys])
+
+    w = w0.clone().requires_grad_(True)
+    lam = lam0.clone().requires_grad_(True)
+    raw = {**fixed, **{k: lam[i].reshape(1) for i, k in enumerate(keys)}}
+    out = T.flatten(t._step_map(T.unflatten(w, t.params), raw, (X, Y), t.state, True)[0])
+    rows = [torch.autograd.grad(out[j], (w, lam), retain_graph=True) for j in range(len(out))]
+    J = torch.stack([r[0] for r in rows])
+    dudl = torch.stack([r[1] for r in rows])
+    v = torch.func.grad(lambda w: LOSS(T.unflatten(w, t.params), Xv, Yv).sum())(w0)
+    M = torch.eye(len(w0), dtype=D) - J
+    acc, term = v.clone(), v.clone()
+    for _ in range(3):
+        term = term @ M
+        acc = acc + term
+    ref = -(acc @ dudl)
+    got = torch.stack([hg[k].reshape(()) for k in keys])
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-12)
+
+
+def test_baydin_hypergradient_is_gradient_dot_product():
+    """Baydin et al. (2018): for plain SGD, dL(w_t)/d lr = -grad L(w_t) . grad L(w_{t-1})."""
+    space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -1.5, -1.5)])
+    params, raw = pop.init_population(make_params, 1, 0, lambda p, g: space.init(p, g))
+    t = OnlineTuner(params, raw, space, updates.SGD(), LOSS, LOSS, config=TunerConfig(mode="baydin", tuned=("lr",)))
+    captured = {}
+    t._apply_hypergradient = lambda hg: captured.update(hg)
+    grad = lambda p: torch.func.grad(lambda q: LOSS(q, X, Y).sum())(p)  # noqa: E731
+    g_prev = grad(t.params)
+    t.run(1, lambda: (X, Y), lambda: (Xv, Yv))
+    g_now = grad(t.params)
+    lr = 10 ** -1.5
+    expected = -sum((g_prev[k] * g_now[k]).sum() for k in g_now) * lr * math.log(10)  # chain rule to log10 lr
+    torch.testing.assert_close(captured["lr"], expected.reshape(1), rtol=1e-8, atol=1e-14)
+
+
+def test_tuning_raises_a_too_small_learning_rate_and_improves_validation():
+    fixed = run(make_tuner(4, seed=0, mode="none"), 200)
+    tuned = run(make_tuner(4, seed=0, mode="ift", tuned=("lr",), hyper_lr=0.1), 200)
+    lr0 = [v[0] for v in fixed.hparams["lr"]]
+    lr1 = [v[-1] for v in tuned.hparams["lr"]]
+    assert all(b > 2 * a for a, b in zip(lr0, lr1)), (lr0, lr1)
+    assert sum(v[-1] for v in tuned.val_loss) < 0.9 * sum(v[-1] for v in fixed.val_loss)
+
+
+def test_diverged_member_recorded_and_others_untouched():
+    params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
+    raw["lr"][1] = 8.0  # lr clipped to 1.0 but then grows: force a huge lr in member 1 via a big multiplier
+    big_space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5),
+                                       H.weight_decay(), H.momentum()])
+    t = OnlineTuner(params, raw, big_space, updates.SGD(), LOSS, LOSS, config=TunerConfig(interval=5))
+    hist = run(t, 30)
+    assert hist.diverged_at[1] is not None and hist.diverged_at[0] is None and hist.diverged_at[2] is None
+    assert all(v is None for v in hist.val_loss[1][-2:])
+    assert all(v is not None and math.isfinite(v) for v in hist.val_loss[0] + hist.val_loss[2])
+    # the healthy members match a population without the diverging one
+    params2 = {k: v[[0, 2]] for k, v in params.items()}
+    raw2 = {k: v[[0, 2]] for k, v in raw.items()}
+    t2 = OnlineTuner(params2, raw2, big_space, updates.SGD(), LOSS, LOSS, config=TunerConfig(interval=5))
+    hist2 = run(t2, 30)
+    torch.testing.assert_close(torch.tensor(hist.val_loss[2]), torch.tensor(hist2.val_loss[1]), rtol=1e-9, atol=1e-12)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    full = run(make_tuner(2, seed=1, interval=5, lr_multiplier=(0.95, 1.01)), 30)
+    t = make_tuner(2, seed=1, interval=5, lr_multiplier=(0.95, 1.01))
+    run(t, 15)
+    torch.save(t.state_dict(), tmp_path / "ckpt.pt")
+    t2 = make_tuner(2, seed=1, interval=5, lr_multiplier=(0.95, 1.01))
+    t2.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    resumed = run(t2, 15)
+    assert resumed.step == full.step
+    torch.testing.assert_close(torch.tensor(resumed.val_loss), torch.tensor(full.val_loss), rtol=0, atol=0)
+
+
+def test_cold_start_retrains_from_initial_weights():
+    t = make_tuner(1, seed=2, warm_start=False, cold_steps=7, interval=5)
+    calls = []
+    orig = t._weight_step
+    t._weight_step = lambda b: (calls.append(1), orig(b))[1]
+    run(t, 5)
+    assert len(calls) == 5 + 7  # 5 ordinary steps, then a cold restart of 7 before the hypergradient
+
+
+def test_unknown_tuned_name():
+    params, raw = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
+    with pytest.raises(ValueError, match="not in the space"):
+        OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, config=TunerConfig(tuned=("dropout",)))
