@@ -13,3 +13,10 @@ DATA = Path(os.environ.get("BILEVEL_DATA", Path(__file__).resolve().parents[2] /
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not (DATA / "uci").is_dir():
+        pytest.skip(f"shared benchmark data not found at {DATA} (set BILEVEL_DATA)")
+    return DATA

@@ -316,6 +316,23 @@ def test_cifar10_fake_batches(tmp_path):
     assert s.sizes == (15, 5, 4) and s.X_train.shape[1:] == (3, 32, 32) and float(s.X_train.max()) <= 1.0
 
 
+def test_cifar10_download_and_extract_file_url(tmp_path, monkeypatch):
+    import tarfile
+
+    from bilevel.data import cifar
+
+    _fake_cifar(tmp_path / "src", n=2)
+    archive = tmp_path / "fake-cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(cifar, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setitem(D.CHECKSUMS, "cifar-10-python.tar.gz", ("md5:" + D.file_digest(archive, "md5"),))
+    root = tmp_path / "data"
+    Xtr, ytr, Xte, yte = D.load_cifar10(data_dir=root, download=True)
+    assert Xtr.shape == (10, 3, 32, 32) and yte.shape == (2,)
+    assert (root / "cifar-10-python.tar.gz").exists() and (root / "cifar-10-batches-py" / "test_batch").exists()
+
+
 def test_cifar10_bad_tarball_rejected(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
     with pytest.raises(ValueError, match="cifar-10-python.tar.gz"):

@@ -16,8 +16,8 @@ ENV_DATA = "BILEVEL_DATA"
 ENV_DOWNLOAD = "BILEVEL_DOWNLOAD"
 DEFAULT_DATA_DIR = Path("~/.cache/bilevel")
 
-# (resolved path, size, mtime_ns) -> True for files whose checksum already matched.
-_VERIFIED: dict[tuple[str, int, int], bool] = {}
+# (resolved path, size, mtime_ns, accepted digests) -> True for files that already matched.
+_VERIFIED: dict[tuple, bool] = {}
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,292 @@
+"""Clarke et al. (2022), section 4: one-pass tuning of SGD's learning rate, weight decay and momentum.
+
+Every method starts from the same random initialisations (weights and Table 5
+hyperparameters drawn from seed + i for initialisation i), trained as one
+vectorised population per method:
+
+=================  ==============================================================
+``random``         no HPO; hyperparameters fixed at their initial values
+``random-xlr``     ``random`` with lr *= U[0.95, 1.01] every T steps
+``random-3batched`` best of every three ``random`` runs by validation loss
+``lorraine``       IFT hypergradient on the weight decay only
+``baydin``         hypergradient descent on the learning rate, every step
+``ours-wd-lr``     IFT on weight decay and learning rate
+``ours-wd-lr-m``   IFT on weight decay, learning rate and momentum
+``ours-wd-hdlr-m`` as above with one learning rate per weight
+``diff-through-opt`` exact hypergradient by unrolling the same i-step window
+=================  ==============================================================
+
+The ``random*`` methods train on train+validation merged, as in the paper. UCI
+sets are full batch and report test MSE in the original target units (as
+Clarke et al.'s Table 1); image sets use batches of 50 and cross-entropy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import data as D
+from .. import hparams as H
+from .. import population as pop
+from ..nets import mlp_forward, mlp_init
+from ..tuner import OnlineTuner, TunerConfig
+from ..updates import SGD
+
+ALL_TUNED = ("lr", "weight_decay", "momentum")
+
+
+@dataclass(frozen=True)
+class Method:
+    mode: str = "ift"
+    tuned: tuple[str, ...] = ALL_TUNED
+    merge_train_val: bool = False
+    lr_multiplier: tuple[float, float] | None = None
+    per_weight_lr: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "random": Method(mode="none", tuned=(), merge_train_val=True),
+    "random-xlr": Method(mode="none", tuned=(), merge_train_val=True, lr_multiplier=(0.95, 1.01)),
+    "random-3batched": Method(mode="none", tuned=(), merge_train_val=True),  # derived from "random"
+    "lorraine": Method(tuned=("weight_decay",)),
+    "baydin": Method(mode="baydin", tuned=("lr",)),
+    "ours-wd-lr": Method(tuned=("lr", "weight_decay")),
+    "ours-wd-lr-m": Method(),
+    "ours-wd-hdlr-m": Method(per_weight_lr=True),
+    "diff-through-opt": Method(mode="unroll"),
+}
+
+
+@dataclass
+class ClarkeConfig:
+    dataset: str = "energy"
+    methods: Sequence[str] = ("random", "ours-wd-lr-m")
+    inits: int = 40
+    steps: int = 4000
+    seed: int = 0
+    interval: int = 10
+    lookback: int = 5
+    hyper_lr: float = 0.05
+    hidden: int = 50
+    batch_size: int | None = None  # None: full batch (UCI); 50 for image sets
+    val_fraction: float | None = None
+    record_every: int | None = None
+    checkpoint_every: int = 500
+    data_dir: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    names = list(METHODS) if spec == "all" or spec == ["all"] else (
+        [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec))
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)} or 'all'")
+    return names
+
+
+def space_for(method: Method) -> H.HyperParameterSpace:
+    lr = H.learning_rate(granularity="element" if method.per_weight_lr else "scalar")
+    return H.HyperParameterSpace([lr, H.weight_decay(), H.momentum()])
+
+
+# ---------------------------------------------------------------------------- data and losses
+
+@dataclass
+class Problem:
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    sizes: list[int]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    test_scale: float  # multiply test/val loss by this to report it (original target units)
+    kind: str
+
+
+def load_problem(cfg: ClarkeConfig) -> Problem:
+    name = D.dataset_name(cfg.dataset)
+    info = D.DATASETS[name]
+    kw: dict[str, Any] = {"data_dir": cfg.data_dir} if name not in ("diabetes", "digits") else {}
+    if cfg.val_fraction is not None and info.kind == "regression" and name in D.UCI_DATASETS:
+        kw["val_fraction"] = cfg.val_fraction
+    d = D.load(name, **kw)
+    dtype = getattr(torch, cfg.dtype)
+    d = d.to(device=cfg.device, dtype=dtype)
+    if info.kind == "regression":
+        scale = float(d.y_std.reshape(-1)[0]) ** 2 if getattr(d, "y_std", None) is not None else 1.0
+        loss = lambda out, y: ((out - y) ** 2).mean()  # noqa: E731
+        out_dim = 1
+    elif info.kind == "classification":
+        scale = 1.0
+        loss = F.cross_entropy
+        out_dim = d.num_classes
+        d.X_train, d.X_val, d.X_test = (x.reshape(len(x), -1) for x in (d.X_train, d.X_val, d.X_test))
+    else:
+        raise ValueError(f"data set {name!r} is a {info.kind} set; the clarke experiment takes regression or "
+                         "classification sets (use 'bilevel run lstm' for Penn Treebank)")
+    sizes = [d.X_train.shape[1], cfg.hidden, out_dim]
+    return Problem((d.X_train, d.y_train), (d.X_val, d.y_val), (d.X_test, d.y_test), sizes, loss, scale, info.kind)
+
+
+class Batches:
+    """Full batch, or seeded shuffled mini-batches shared by the whole population."""
+
+    def __init__(self, data: tuple[torch.Tensor, torch.Tensor], batch_size: int | None, seed: int) -> None:
+        self.X, self.y = data
+        self.bs = batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[torch.Tensor] = []
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bs is None or self.bs >= len(self.X):
+            return self.X, self.y
+        if not self.order:
+            perm = torch.randperm(len(self.X), generator=self.gen).to(self.X.device)
+            self.order = list(perm.split(self.bs))[: len(self.X) // self.bs][::-1]
+        idx = self.order.pop()
+        return self.X[idx], self.y[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "order": self.order}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.gen.set_state(sd["gen"])
+        self.order = list(sd["order"])
+
+
+# ---------------------------------------------------------------------------- one method
+
+def build_tuner(cfg: ClarkeConfig, problem: Problem, method: Method) -> OnlineTuner:
+    space = space_for(method)
+    dtype = getattr(torch, cfg.dtype)
+    params, raw = pop.init_population(
+        lambda g: mlp_init(problem.sizes, g, dtype=dtype), cfg.inits, cfg.seed,
+        lambda p, g: space.init(p, g, dtype=dtype))
+    params = {k: v.to(cfg.device) for k, v in params.items()}
+    raw = {k: v.to(cfg.device) for k, v in raw.items()}
+    train = pop.vmap_loss(mlp_forward, problem.loss)
+    scale = problem.test_scale
+    test = lambda p, x, y: train(p, x, y) * scale  # noqa: E731
+    tcfg = TunerConfig(tuned=method.tuned, interval=cfg.interval, lookback=cfg.lookback,
+                       mode="none" if not method.tuned else method.mode, hyper_lr=cfg.hyper_lr,
+                       lr_multiplier=method.lr_multiplier, record_every=_record_every(cfg), seed=cfg.seed)
+    return OnlineTuner(params, raw, space, SGD(), train, train, config=tcfg, test_loss=test)
+
+
+def _record_every(cfg: ClarkeConfig) -> int:
+    return cfg.record_every or max(1, cfg.steps // 50)
+
+
+def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None = None,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train the population for one method (resuming from ``ckpt`` if it exists); return its results."""
+    method = METHODS[name]
+    tuner = build_tuner(cfg, problem, method)
+    if method.merge_train_val and len(problem.val[0]):
+        train_data = (torch.cat([problem.train[0], problem.val[0]]), torch.cat([problem.train[1], problem.val[1]]))
+    else:
+        train_data = problem.train
+    train_b = Batches(train_data, cfg.batch_size, cfg.seed)
+    val_b = Batches(problem.val, cfg.batch_size, cfg.seed + 1)
+    if ckpt is not None and ckpt.exists():
+        sd = torch.load(ckpt, weights_only=False)
+        tuner.load_state_dict(sd["tuner"])
+        train_b.load_state_dict(sd["train_batches"])
+        val_b.load_state_dict(sd["val_batches"])
+        if progress is not None:
+            progress(tuner.t)
+    record = (problem.train, problem.val, problem.test)
+    while tuner.t < cfg.steps:
+        n = min(cfg.checkpoint_every, cfg.steps - tuner.t)
+        tuner.run(n, train_b, val_b, record_batches=record, progress=progress)
+        if ckpt is not None:
+            torch.save({"tuner": tuner.state_dict(), "train_batches": train_b.state_dict(),
+                        "val_batches": val_b.state_dict()}, ckpt)
+    h = tuner.history
+    if not h.step or h.step[-1] != tuner.t:
+        tuner.record(*record)
+    final = lambda store: [v[-1] if v else None for v in store]  # noqa: E731
+    return {
+        "final_test_loss": final(h.test_loss),
+        "final_val_loss": [None if v is None else v * problem.test_scale for v in final(h.val_loss)],
+        "seconds": [h.seconds / tuner.P] * tuner.P,
+        "wall_seconds": h.seconds,
+        "diverged_at": h.diverged_at,
+        "curves": {"step": h.step, "test_loss": h.test_loss, "val_loss": h.val_loss, "train_loss": h.train_loss},
+        "hparams": {"step": h.step, **h.hparams},
+    }
+
+
+def three_batched(random: dict[str, Any]) -> dict[str, Any]:
+    """Random (3-batched): of every three consecutive random runs keep the one with the best validation loss."""
+    out: dict[str, list[Any]] = {"final_test_loss": [], "final_val_loss": [], "seconds": []}
+    n = len(random["final_test_loss"])
+    for i in range(0, n - n % 3, 3):
+        group = [j for j in range(i, i + 3) if random["final_val_loss"][j] is not None
+                 and random["final_test_loss"][j] is not None]
+        best = min(group, key=lambda j: random["final_val_loss"][j]) if group else None
+        out["final_test_loss"].append(None if best is None else random["final_test_loss"][best])
+        out["final_val_loss"].append(None if best is None else random["final_val_loss"][best])
+        out["seconds"].append(sum(random["seconds"][i:i + 3]))
+    return out
+
+
+# ---------------------------------------------------------------------------- the whole experiment
+
+def run(cfg: ClarkeConfig, out: Path, progress_factory=None) -> dict[str, Any]:
+    """Run every method of ``cfg`` into ``out`` (resumable) and write ``out/results.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    methods = parse_methods(cfg.methods)
+    cfg_dict = asdict(cfg)
+    cfg_dict["methods"] = methods
+    saved = out / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = {k: (old.get(k), v) for k, v in cfg_dict.items() if k not in ("methods", "device", "data_dir")
+                   and old.get(k) != v}
+        if changed:
+            raise ValueError(f"{out} holds a run with a different configuration {changed}; "
+                             "use another --out or delete it")
+    saved.write_text(json.dumps(cfg_dict, indent=1))
+    problem = load_problem(cfg)
+    (out / "methods").mkdir(exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    results: dict[str, Any] = {}
+    needed = [m for m in methods if m != "random-3batched"]
+    if "random-3batched" in methods and "random" not in needed:
+        needed.insert(0, "random")
+    for name in needed:
+        done = out / "methods" / f"{name}.json"
+        if done.exists():
+            results[name] = json.loads(done.read_text())
+            continue
+        progress = progress_factory(name, cfg.steps) if progress_factory else None
+        res = run_method(cfg, problem, name, out / "checkpoints" / f"{name}.pt", progress)
+        done.write_text(json.dumps(res))
+        (out / "checkpoints" / f"{name}.pt").unlink(missing_ok=True)
+        results[name] = res
+    if "random-3batched" in methods:
+        results["random-3batched"] = three_batched(results["random"])
+    ordered = {m: results[m] for m in methods if m in results}
+    doc = {"experiment": "clarke", "dataset": D.dataset_name(cfg.dataset), "config": cfg_dict,
+           "test_loss": "MSE in original target units" if problem.kind == "regression" else "cross-entropy",
+           "methods": ordered}
+    (out / "results.json").write_text(json.dumps(doc, indent=None, allow_nan=False, default=_nan_to_none))
+    return doc
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    raise TypeError(type(x).__name__)

@@ -1,0 +1,100 @@
+"""Clarke et al.'s experiment end to end on small settings: schema, methods, resume, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from bilevel import cli
+from bilevel.experiments import clarke
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def energy_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("clarke")
+    code = cli.main(["run", "clarke", "--dataset", "energy", "--methods", "all", "--inits", "3", "--steps", "20",
+                     "--interval", "5", "--lookback", "2", "--out", str(out), "--data-dir", str(data_dir)])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_schema_and_all_methods(energy_run):
+    out, doc = energy_run
+    assert doc["experiment"] == "clarke" and doc["dataset"] == "energy"
+    assert list(doc["methods"]) == list(clarke.METHODS)
+    for name, m in doc["methods"].items():
+        n = 1 if name == "random-3batched" else 3
+        for key in ("final_test_loss", "final_val_loss", "seconds"):
+            assert len(m[key]) == n, (name, key)
+        assert all(v is None or v > 0 for v in m["final_test_loss"])
+    for f in ("table.md", "cdf.png", "median_curves.png"):
+        assert (out / f).exists()
+
+
+def test_random_3batched_picks_best_validation():
+    random = {"final_test_loss": [5.0, 1.0, 3.0, 2.0, None, 9.0, 7.0],
+              "final_val_loss": [0.5, 0.9, 0.1, None, 0.3, 0.2, 0.0], "seconds": [1.0] * 7}
+    out = clarke.three_batched(random)
+    assert out["final_test_loss"] == [3.0, 9.0]
+    assert out["final_val_loss"] == [0.1, 0.2]
+    assert out["seconds"] == [3.0, 3.0]
+
+
+def test_same_initialisations_across_methods(data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", inits=2, steps=1, data_dir=str(data_dir))
+    problem = clarke.load_problem(cfg)
+    a = clarke.build_tuner(cfg, problem, clarke.METHODS["random"])
+    b = clarke.build_tuner(cfg, problem, clarke.METHODS["ours-wd-hdlr-m"])
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k])
+    da, db = a.describe(), b.describe()
+    for name in ("lr", "weight_decay", "momentum"):
+        torch.testing.assert_close(da[name], db[name])
+    lr = da["lr"]
+    assert bool(((lr >= 1e-6) & (lr <= 0.1)).all())
+
+
+def test_interrupt_and_resume_gives_the_same_results(tmp_path, data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["ours-wd-lr-m"], inits=2, steps=30, interval=5,
+                              lookback=2, checkpoint_every=10, data_dir=str(data_dir))
+    full = clarke.run(cfg, tmp_path / "full")
+
+    count = {"n": 0}
+
+    def interrupting(name, total):
+        def advance(n=1):
+            count["n"] += n
+            if count["n"] == 25:
+                raise KeyboardInterrupt
+        return advance
+
+    with pytest.raises(KeyboardInterrupt):
+        clarke.run(cfg, tmp_path / "cut", progress_factory=interrupting)
+    assert (tmp_path / "cut" / "checkpoints" / "ours-wd-lr-m.pt").exists()
+    resumed = clarke.run(cfg, tmp_path / "cut")
+    assert resumed["methods"]["ours-wd-lr-m"]["final_test_loss"] == full["methods"]["ours-wd-lr-m"]["final_test_loss"]
+
+
+def test_changed_config_in_same_dir_is_refused(tmp_path, data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=1, steps=2, data_dir=str(data_dir))
+    clarke.run(cfg, tmp_path)
+    cfg.steps = 3
+    with pytest.raises(ValueError, match="different configuration"):
+        clarke.run(cfg, tmp_path)
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert cli.main(["run", "clarke", "--dataset", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown data set 'nope'" in capsys.readouterr().out
+    assert cli.main(["run", "clarke", "--methods", "random,magic", "--inits", "1", "--steps", "1",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "unknown method" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_report_rerenders(energy_run, tmp_path):
+    out, _ = energy_run
+    assert cli.main(["report", str(out), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "table.md").read_text().count("|") > 10
