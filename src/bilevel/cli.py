@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from pathlib import Path
 
@@ -24,6 +25,17 @@ def progress_bars():
         yield factory
 
 
+#: ``bilevel run NAME``: each module in bilevel/experiments/ defines HELP, add_arguments(parser) and
+#: main(args, progress_factory, console), and writes results.json, PNG figures and a printed table to --out.
+EXPERIMENTS = ["clarke", "sensitivity"]
+
+
+def _run_experiment(module, a: argparse.Namespace) -> int:
+    with progress_bars() as bars:
+        module.main(a, progress_factory=bars, console=console)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (results.json, figures, checkpoints); "
                    "re-running the same command there resumes an interrupted run")
@@ -33,59 +45,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point precision")
 
 
-def _clarke_args(p: argparse.ArgumentParser, *, dataset: str, inits: int, steps: int, methods: str) -> None:
-    from .experiments.clarke import METHODS
-    p.add_argument("--dataset", default=dataset, help="energy, boston, concrete, kin8nm, naval, power, wine, yacht, "
-                   "fashion-mnist, mnist, diabetes, digits")
-    p.add_argument("--methods", default=methods, help=f"comma-separated from {', '.join(METHODS)}, or 'all'")
-    p.add_argument("--inits", type=int, default=inits, help="random hyperparameter initialisations per method")
-    p.add_argument("--steps", type=int, default=steps, help="weight updates (full-batch epochs for UCI)")
-    p.add_argument("--interval", type=int, default=10, help="T: weight steps between hyperparameter steps")
-    p.add_argument("--lookback", type=int, default=5, help="i: Neumann terms / unrolled steps")
-    p.add_argument("--hyper-lr", type=float, default=0.05, help="Adam learning rate on the hyperparameters")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch; 50 for images)")
-    p.add_argument("--val-fraction", type=float, default=None, help="UCI: validation share of train+validation")
-    p.add_argument("--hidden", type=int, default=50, help="hidden units of the MLP")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-
-
-def _clarke_config(a: argparse.Namespace):
-    from .data import DATASETS, dataset_name
-    from .experiments.clarke import ClarkeConfig
-    name = dataset_name(a.dataset)
-    bs = a.batch_size if a.batch_size is not None else (50 if DATASETS[name].kind == "classification" and
-                                                       name != "digits" else None)
-    return ClarkeConfig(dataset=name, methods=a.methods, inits=a.inits, steps=a.steps, seed=a.seed,
-                        interval=a.interval, lookback=a.lookback, hyper_lr=a.hyper_lr, hidden=a.hidden,
-                        batch_size=bs, val_fraction=a.val_fraction, checkpoint_every=a.checkpoint_every,
-                        data_dir=a.data_dir, device=a.device, dtype=a.dtype)
-
-
-def cmd_clarke(a: argparse.Namespace) -> int:
-    from .experiments import clarke
-    from .report import write_report
-    cfg = _clarke_config(a)
-    with progress_bars() as bars:
-        doc = clarke.run(cfg, a.out, progress_factory=bars)
-    write_report(doc, a.out, console=console)
-    console.print(f"results: {a.out / 'results.json'}")
-    return 0
-
-
 def cmd_demo(a: argparse.Namespace) -> int:
     from .experiments import demo
     with progress_bars() as bars:
         demo.run(a.out, inits=a.inits, steps=a.steps, seed=a.seed, progress_factory=bars, console=console)
-    return 0
-
-
-def cmd_sensitivity(a: argparse.Namespace) -> int:
-    from .experiments import sensitivity
-    cfg = _clarke_config(a)
-    intervals = [int(x) for x in a.intervals.split(",")]
-    lookbacks = [int(x) for x in a.lookbacks.split(",")]
-    with progress_bars() as bars:
-        sensitivity.run(cfg, intervals, lookbacks, a.out, progress_factory=bars, console=console)
     return 0
 
 
@@ -124,18 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run an experiment").add_subparsers(dest="experiment", required=True)
-    p = run.add_parser("clarke", help="Clarke et al. 2022 sec. 4: random vs one-pass tuned SGD hyperparameters")
-    _common(p)
-    _clarke_args(p, dataset="energy", inits=40, steps=4000, methods="random,ours-wd-lr-m")
-    p.set_defaults(func=cmd_clarke)
-
-    p = run.add_parser("sensitivity", help="Clarke et al. Fig. 4: median final test loss over update interval T and "
-                       "look-back i, for random and ours-wd-lr-m")
-    _common(p)
-    _clarke_args(p, dataset="energy", inits=20, steps=400, methods="random,ours-wd-lr-m")
-    p.add_argument("--intervals", default="1,5,10,25,50", help="comma-separated update intervals T")
-    p.add_argument("--lookbacks", default="0,1,5,10,25", help="comma-separated look-back distances i")
-    p.set_defaults(func=cmd_sensitivity)
+    for name in EXPERIMENTS:
+        module = importlib.import_module(f"bilevel.experiments.{name.replace('-', '_')}")
+        p = run.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _common(p)
+        module.add_arguments(p)
+        p.set_defaults(func=lambda a, module=module: _run_experiment(module, a))
 
     p = sub.add_parser("report", help="re-render the table and figures of a results.json")
     p.add_argument("dir", type=Path, help="run directory or results.json")

@@ -23,6 +23,7 @@ Clarke et al.'s Table 1); image sets use batches of 50 and cross-entropy.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -81,6 +82,8 @@ class ClarkeConfig:
     val_fraction: float | None = None
     record_every: int | None = None
     checkpoint_every: int = 500
+    record_rows: int = 5000  # train/val/test losses are recorded on at most this many rows of each set
+    outlier_threshold: float | None = None  # final losses above it count as diverged (Clarke: 1e3 on Fashion-MNIST)
     data_dir: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
@@ -206,7 +209,8 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
         val_b.load_state_dict(sd["val_batches"])
         if progress is not None:
             progress(tuner.t)
-    record = (problem.train, problem.val, problem.test)
+    rows = cfg.record_rows
+    record = tuple((x[:rows], y[:rows]) for x, y in (problem.train, problem.val, problem.test))
     while tuner.t < cfg.steps:
         n = min(cfg.checkpoint_every, cfg.steps - tuner.t)
         tuner.run(n, train_b, val_b, record_batches=record, progress=progress)
@@ -216,10 +220,16 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
     h = tuner.history
     if not h.step or h.step[-1] != tuner.t:
         tuner.record(*record)
-    final = lambda store: [v[-1] if v else None for v in store]  # noqa: E731
+    cap = cfg.outlier_threshold if cfg.outlier_threshold is not None else math.inf
+    ok = [bool(v) and v[-1] is not None and v[-1] <= cap for v in h.test_loss]  # test losses are already scaled
+
+    def final(store):
+        return [v[-1] if good else None for v, good in zip(store, ok)]
+
     return {
         "final_test_loss": final(h.test_loss),
         "final_val_loss": [None if v is None else v * problem.test_scale for v in final(h.val_loss)],
+        "final_train_loss": final(h.train_loss),
         "seconds": [h.seconds / tuner.P] * tuner.P,
         "wall_seconds": h.seconds,
         "diverged_at": h.diverged_at,
@@ -290,3 +300,46 @@ def _nan_to_none(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     raise TypeError(type(x).__name__)
+
+
+# ---------------------------------------------------------------------------- command line
+
+HELP = "Clarke et al. 2022 sec. 4: random vs one-pass tuned SGD hyperparameters over many initialisations"
+
+
+def add_arguments(p: argparse.ArgumentParser, *, dataset: str = "energy", inits: int = 40, steps: int = 4000,
+                  methods: str = "random,ours-wd-lr-m") -> None:
+    p.add_argument("--dataset", default=dataset, help="energy, boston, concrete, kin8nm, naval, power, wine, yacht, "
+                   "fashion-mnist, mnist, diabetes, digits")
+    p.add_argument("--methods", default=methods, help=f"comma-separated from {', '.join(METHODS)}, or 'all'")
+    p.add_argument("--inits", type=int, default=inits, help="random hyperparameter initialisations per method")
+    p.add_argument("--steps", type=int, default=steps, help="weight updates (full-batch epochs for UCI)")
+    p.add_argument("--interval", type=int, default=10, help="T: weight steps between hyperparameter steps")
+    p.add_argument("--lookback", type=int, default=5, help="i: Neumann terms / unrolled steps")
+    p.add_argument("--hyper-lr", type=float, default=0.05, help="Adam learning rate on the hyperparameters")
+    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch; 50 for images)")
+    p.add_argument("--val-fraction", type=float, default=None, help="UCI: validation share of train+validation")
+    p.add_argument("--hidden", type=int, default=50, help="hidden units of the MLP")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--outlier-threshold", type=float, default=None,
+                   help="final test losses above this count as diverged (default: 1e3 for image sets, as Clarke et al.)")
+
+
+def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
+    name = D.dataset_name(a.dataset)
+    bs = a.batch_size if a.batch_size is not None else (50 if D.DATASETS[name].kind == "classification" and
+                                                       name != "digits" else None)
+    return ClarkeConfig(dataset=name, methods=a.methods, inits=a.inits, steps=a.steps, seed=a.seed,
+                        interval=a.interval, lookback=a.lookback, hyper_lr=a.hyper_lr, hidden=a.hidden,
+                        batch_size=bs, val_fraction=a.val_fraction, checkpoint_every=a.checkpoint_every,
+                        data_dir=a.data_dir, device=a.device, dtype=a.dtype,
+                        outlier_threshold=a.outlier_threshold if a.outlier_threshold is not None else (
+                            1e3 if D.DATASETS[name].kind == "classification" else None))
+
+
+
+def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
+    from ..report import write_report
+    doc = run(config_from_args(a), a.out, progress_factory=progress_factory)
+    write_report(doc, a.out, console=console)
+    return doc

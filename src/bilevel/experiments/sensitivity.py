@@ -76,3 +76,18 @@ def _plot(doc: dict, path: Path) -> None:
         fig.colorbar(im, ax=ax, label="log10 median final test loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+HELP = ("Clarke et al. Fig. 4: median final test loss over update interval T and look-back i, "
+        "for random and ours-wd-lr-m")
+
+
+def add_arguments(p) -> None:
+    clarke.add_arguments(p, dataset="energy", inits=20, steps=400, methods="random,ours-wd-lr-m")
+    p.add_argument("--intervals", default="1,5,10,25,50", help="comma-separated update intervals T")
+    p.add_argument("--lookbacks", default="0,1,5,10,25", help="comma-separated look-back distances i")
+
+
+def main(a, progress_factory=None, console=None) -> dict:
+    return run(clarke.config_from_args(a), [int(x) for x in a.intervals.split(",")],
+               [int(x) for x in a.lookbacks.split(",")], a.out, progress_factory=progress_factory, console=console)
