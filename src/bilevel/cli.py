@@ -31,6 +31,9 @@ EXPERIMENTS = ["clarke", "sensitivity"]
 
 
 def _run_experiment(module, a: argparse.Namespace) -> int:
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     with progress_bars() as bars:
         module.main(a, progress_factory=bars, console=console)
     return 0
@@ -43,6 +46,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data directory (default: $BILEVEL_DATA, else ~/.cache/bilevel)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point precision")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from .solvers import Solver, largest_eigenvalue as _power_iteration
 Tree = T.Tree
 Loss = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
 Update = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
-Backend = Literal["autograd", "func"]
+Backend = Literal["autograd", "func", "compile"]
 
 
 class _AutogradOperator:
@@ -92,6 +92,37 @@ class _FuncOperator:
         return vjp2(x)[0]
 
 
+class _CompiledOperator(_FuncOperator):
+    """Products from a ``torch.compile``-d ``vjp`` of the residual, recomputed per product.
+
+    Each product re-runs the forward and backward of r (no graph is kept) as one
+    compiled program; the compiled program is cached per user function
+    (``inner``/``update``), so the tuner compiles once. On this CPU the eager graph
+    reuse of ``"autograd"`` measured faster (docs/benchmarks.md); on a GPU the
+    compiled path is usually the faster one. The first call pays the compilation.
+    """
+
+    _cache: dict[Callable, Callable] = {}
+
+    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Tree, hparams: Tree, key: Callable) -> None:
+        fn = self._cache.get(key)
+        if fn is None:
+            def products(p: Tree, h: Tree, x: Tree) -> tuple[Tree, Tree]:
+                return torch.func.vjp(residual_fn, p, h)[1](x)
+            fn = self._cache[key] = torch.compile(products, dynamic=False)
+        self._products, self.params, self.hparams = fn, dict(params), dict(hparams)
+        self.r = residual_fn(self.params, self.hparams)
+
+    def rmatvec(self, x: Tree) -> Tree:
+        return self._products(self.params, self.hparams, x)[0]
+
+    def hparam_vjp(self, x: Tree) -> Tree:
+        return self._products(self.params, self.hparams, x)[1]
+
+    def matvec(self, x: Tree) -> Tree:
+        raise ValueError("ConjugateGradient(normal_equations=True) needs backend='autograd' or 'func', not 'compile'")
+
+
 def _residual_fn(inner: Loss | None, update: Update | None) -> Callable[[Tree, Tree], Tree]:
     if (inner is None) == (update is None):
         raise ValueError("pass exactly one of inner= (training loss) or update= (weight update map)")
@@ -122,12 +153,13 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
     """
     _validate(params, hparams)
     fn = _residual_fn(inner, update)
-    if backend == "func":
-        op = _FuncOperator(fn, params, hparams)
+    if backend in ("func", "compile"):
+        op = (_FuncOperator(fn, params, hparams) if backend == "func"
+              else _CompiledOperator(fn, params, hparams, key=inner if inner is not None else update))
         check_like("update(params, hparams)", op.r, params, "params")
         return op, dict(params), dict(hparams)
     if backend != "autograd":
-        raise ValueError(f"unknown backend {backend!r}: use 'autograd' or 'func'")
+        raise ValueError(f"unknown backend {backend!r}: use 'autograd', 'func' or 'compile'")
     p, h = _leaves(params), _leaves(hparams)
     with torch.enable_grad():
         if inner is not None:
@@ -157,8 +189,9 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[st
         update: weight update u(lambda, w) with w <- w - u (Clarke et al. 2022, eq. 4-7);
             the fixed point is u = 0. Exactly one of ``inner``/``update``.
         solver: a :mod:`bilevel.solvers` solver giving v (J + eps I)^{-1}.
-        backend: ``"autograd"`` (default: one retained double-backward graph) or
-            ``"func"`` (``torch.func.vjp``, composable with other ``torch.func`` transforms).
+        backend: ``"autograd"`` (default: one retained double-backward graph, the
+            fastest on a CPU), ``"func"`` (``torch.func.vjp``, composable with other
+            ``torch.func`` transforms) or ``"compile"`` (``torch.compile``-d products).
         check: raise :class:`NonFiniteError` on non-finite quantities (default). A
             population of independent problems (block-diagonal J) passes ``False``
             and marks its non-finite members itself.
@@ -173,7 +206,7 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[st
         ValueError: mismatched keys or shapes.
     """
     op, p, h = linearise(params, hparams, inner=inner, update=update, backend=backend, check=check)
-    if backend == "func":
+    if backend in ("func", "compile"):
         (v, direct), loss = torch.func.grad_and_value(outer, argnums=(0, 1))(p, h)
     else:
         with torch.enable_grad():

@@ -202,6 +202,8 @@ def _cg(apply, b: Tree, steps: int, tol: float) -> Tree:
         ap = apply(p)
         curvature = T.dot(p, ap)
         if not bool(curvature > 0):
+            if bool(rs <= math.sqrt(torch.finfo(rs.dtype).eps) * T.dot(b, b)):
+                break  # converged to round-off: p is noise, its curvature estimate too
             warnings.warn("conjugate gradient met non-positive curvature (J + eps I is not positive definite); "
                           "stopping early: add damping", RuntimeWarning, stacklevel=3)
             break

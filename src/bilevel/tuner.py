@@ -60,6 +60,7 @@ class TunerConfig:
     cold_steps: int = 100
     lr_multiplier: tuple[float, float] | None = None  # Random (x LR): lr *= U[a, b] every T steps
     record_every: int = 10
+    grad_clip: float | None = None  # clip each member's training-gradient norm (Clarke et al. on PTB: 0.25)
     seed: int = 0
 
 
@@ -143,6 +144,10 @@ class OnlineTuner:
         if self.penalty is not None:
             total = total + self.penalty(params, nat).sum()
         grads = torch.autograd.grad(total, list(params.values()), create_graph=create_graph)
+        if self.cfg.grad_clip is not None:
+            norms = sum(g.reshape(self.P, -1).pow(2).sum(1) for g in grads).sqrt()
+            factor = (self.cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+            grads = tuple(g * pop.per_member(factor, g) for g in grads)
         u, new_state = self.rule(params, dict(zip(params, grads)), self._rule_hparams(nat, params), state)
         return u, new_state, losses
 

@@ -78,6 +78,9 @@ class ClarkeConfig:
     lookback: int = 5
     hyper_lr: float = 0.05
     hidden: int = 50
+    model: str = "auto"  # mlp (UCI, images), lstm (ptb), resnet18 (cifar10)
+    lm_size: str = "cpu"  # ptb: "paper" (2 x 650 units, bptt 70, batch 40) or "cpu" (see LM_SIZES)
+    grad_clip: float | None = None  # default 0.25 on ptb, as Clarke et al.
     batch_size: int | None = None  # None: full batch (UCI); 50 for image sets
     val_fraction: float | None = None
     record_every: int | None = None
@@ -106,25 +109,53 @@ def space_for(method: Method) -> H.HyperParameterSpace:
 
 # ---------------------------------------------------------------------------- data and losses
 
+#: Penn Treebank LSTM sizes: Clarke et al.'s (sec. 4.2) and a CPU-sized one (10k vocabulary either way).
+LM_SIZES = {"paper": dict(embed=650, hidden=650, layers=2, bptt=70, batch=40),
+            "cpu": dict(embed=64, hidden=128, layers=2, bptt=35, batch=20)}
+
+
 @dataclass
 class Problem:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
-    sizes: list[int]
+    init: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     test_scale: float  # multiply test/val loss by this to report it (original target units)
     kind: str
+    batches: Callable[[tuple[torch.Tensor, torch.Tensor], int], Any] | None = None  # (data, seed) -> sampler
+    seq_len: int | None = None  # language models: examples are columns of bptt tokens
+
+    def merge(self, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+        """Training and validation data as one set (Clarke et al.'s Random methods)."""
+        if self.seq_len is None:
+            return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
+        y = torch.cat([a[1].reshape(self.seq_len, -1), b[1].reshape(self.seq_len, -1)], dim=1)
+        return torch.cat([a[0], b[0]], dim=1), y.reshape(-1)
+
+    def chunks(self, data: tuple[torch.Tensor, torch.Tensor], rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``data`` cut into pieces of at most ``rows`` examples (columns of windows for language models)."""
+        x, y = data
+        if self.seq_len is None:
+            return [(x[i:i + rows], y[i:i + rows]) for i in range(0, len(x), rows)]
+        cols = max(1, rows // self.seq_len)
+        y2 = y.reshape(self.seq_len, -1)
+        return [(x[:, i:i + cols], y2[:, i:i + cols].reshape(-1)) for i in range(0, x.shape[1], cols)]
 
 
 def load_problem(cfg: ClarkeConfig) -> Problem:
     name = D.dataset_name(cfg.dataset)
     info = D.DATASETS[name]
+    dtype = getattr(torch, cfg.dtype)
+    if info.kind == "language-model":
+        return _language_model(cfg, dtype)
     kw: dict[str, Any] = {"data_dir": cfg.data_dir} if name not in ("diabetes", "digits") else {}
     if cfg.val_fraction is not None and info.kind == "regression" and name in D.UCI_DATASETS:
         kw["val_fraction"] = cfg.val_fraction
+    if name == "cifar10":
+        kw["flatten"] = False
     d = D.load(name, **kw)
-    dtype = getattr(torch, cfg.dtype)
     d = d.to(device=cfg.device, dtype=dtype)
     if info.kind == "regression":
         scale = float(d.y_std.reshape(-1)[0]) ** 2 if getattr(d, "y_std", None) is not None else 1.0
@@ -134,12 +165,47 @@ def load_problem(cfg: ClarkeConfig) -> Problem:
         scale = 1.0
         loss = F.cross_entropy
         out_dim = d.num_classes
-        d.X_train, d.X_val, d.X_test = (x.reshape(len(x), -1) for x in (d.X_train, d.X_val, d.X_test))
     else:
-        raise ValueError(f"data set {name!r} is a {info.kind} set; the clarke experiment takes regression or "
-                         "classification sets (use 'bilevel run lstm' for Penn Treebank)")
-    sizes = [d.X_train.shape[1], cfg.hidden, out_dim]
-    return Problem((d.X_train, d.y_train), (d.X_val, d.y_val), (d.X_test, d.y_test), sizes, loss, scale, info.kind)
+        raise ValueError(f"data set {name!r} is a {info.kind} set, not usable by the clarke experiment")
+    model = cfg.model if cfg.model != "auto" else ("resnet18" if name == "cifar10" else "mlp")
+    if model == "resnet18":
+        from ..nets.resnet import resnet18_forward, resnet18_init
+        init = lambda g: resnet18_init(out_dim, g, dtype=dtype)  # noqa: E731
+        forward = resnet18_forward
+    elif model == "mlp":
+        d.X_train, d.X_val, d.X_test = (x.reshape(len(x), -1) for x in (d.X_train, d.X_val, d.X_test))
+        sizes = [d.X_train.shape[1], cfg.hidden, out_dim]
+        init = lambda g: mlp_init(sizes, g, dtype=dtype)  # noqa: E731
+        forward = mlp_forward
+    else:
+        raise ValueError(f"model {model!r} does not fit data set {name!r}: use mlp or resnet18")
+    return Problem((d.X_train, d.y_train), (d.X_val, d.y_val), (d.X_test, d.y_test), init, forward, loss, scale,
+                   info.kind)
+
+
+def _language_model(cfg: ClarkeConfig, dtype: torch.dtype) -> Problem:
+    """Penn Treebank with the LSTM of Clarke et al. sec. 4.2 (``cfg.lm_size``: paper or cpu sizes)."""
+    from ..nets.lstm import lstm_lm_forward, lstm_lm_init
+    if cfg.lm_size not in LM_SIZES:
+        raise ValueError(f"unknown lm_size {cfg.lm_size!r}; known: {list(LM_SIZES)}")
+    size = LM_SIZES[cfg.lm_size]
+    corpus = D.load_ptb(cfg.data_dir)
+    vocab = len(corpus.dictionary)
+    streams = [D.batchify(s, cfg.batch_size or size["batch"]).to(cfg.device)
+               for s in (corpus.train, corpus.valid, corpus.test)]
+    bptt = size["bptt"]
+
+    def windows(stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All full bptt windows of a stream side by side: (bptt, n_windows * batch) inputs, flat targets."""
+        n = (len(stream) - 1) // bptt
+        x = stream[: n * bptt].reshape(n, bptt, -1).permute(1, 0, 2).reshape(bptt, -1)
+        y = stream[1: n * bptt + 1].reshape(n, bptt, -1).permute(1, 0, 2).reshape(-1)
+        return x, y
+
+    init = lambda g: lstm_lm_init(vocab, size["embed"], size["hidden"], size["layers"], g, dtype=dtype)  # noqa: E731
+    return Problem(windows(streams[0]), windows(streams[1]), windows(streams[2]), init, lstm_lm_forward,
+                   F.cross_entropy, 1.0, "language-model",
+                   batches=lambda data, seed: SequenceBatches(data, bptt, streams[0].shape[1]), seq_len=bptt)
 
 
 class Batches:
@@ -168,22 +234,44 @@ class Batches:
         self.order = list(sd["order"])
 
 
+class SequenceBatches:
+    """Consecutive bptt windows in stream order (one window = ``batch`` columns of the window matrix)."""
+
+    def __init__(self, data: tuple[torch.Tensor, torch.Tensor], bptt: int, batch: int) -> None:
+        self.x, self.y = data
+        self.y2 = self.y.reshape(bptt, -1)
+        self.batch, self.width, self.i = batch, self.x.shape[1], 0
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = slice(self.i, self.i + self.batch)
+        self.i = (self.i + self.batch) % self.width
+        return self.x[:, cols], self.y2[:, cols].reshape(-1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"i": self.i}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.i = sd["i"]
+
+
 # ---------------------------------------------------------------------------- one method
 
 def build_tuner(cfg: ClarkeConfig, problem: Problem, method: Method) -> OnlineTuner:
     space = space_for(method)
     dtype = getattr(torch, cfg.dtype)
     params, raw = pop.init_population(
-        lambda g: mlp_init(problem.sizes, g, dtype=dtype), cfg.inits, cfg.seed,
+        problem.init, cfg.inits, cfg.seed,
         lambda p, g: space.init(p, g, dtype=dtype))
     params = {k: v.to(cfg.device) for k, v in params.items()}
     raw = {k: v.to(cfg.device) for k, v in raw.items()}
-    train = pop.vmap_loss(mlp_forward, problem.loss)
+    train = pop.vmap_loss(problem.forward, problem.loss)
     scale = problem.test_scale
     test = lambda p, x, y: train(p, x, y) * scale  # noqa: E731
     tcfg = TunerConfig(tuned=method.tuned, interval=cfg.interval, lookback=cfg.lookback,
                        mode="none" if not method.tuned else method.mode, hyper_lr=cfg.hyper_lr,
-                       lr_multiplier=method.lr_multiplier, record_every=_record_every(cfg), seed=cfg.seed)
+                       lr_multiplier=method.lr_multiplier, record_every=_record_every(cfg), seed=cfg.seed,
+                       grad_clip=cfg.grad_clip if cfg.grad_clip is not None else (
+                           0.25 if problem.kind == "language-model" else None))
     return OnlineTuner(params, raw, space, SGD(), train, train, config=tcfg, test_loss=test)
 
 
@@ -197,11 +285,11 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
     method = METHODS[name]
     tuner = build_tuner(cfg, problem, method)
     if method.merge_train_val and len(problem.val[0]):
-        train_data = (torch.cat([problem.train[0], problem.val[0]]), torch.cat([problem.train[1], problem.val[1]]))
+        train_data = problem.merge(problem.train, problem.val)
     else:
         train_data = problem.train
-    train_b = Batches(train_data, cfg.batch_size, cfg.seed)
-    val_b = Batches(problem.val, cfg.batch_size, cfg.seed + 1)
+    sampler = problem.batches or (lambda data, seed: Batches(data, cfg.batch_size, seed))
+    train_b, val_b = sampler(train_data, cfg.seed), sampler(problem.val, cfg.seed + 1)
     if ckpt is not None and ckpt.exists():
         sd = torch.load(ckpt, weights_only=False)
         tuner.load_state_dict(sd["tuner"])
@@ -209,8 +297,7 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
         val_b.load_state_dict(sd["val_batches"])
         if progress is not None:
             progress(tuner.t)
-    rows = cfg.record_rows
-    record = tuple((x[:rows], y[:rows]) for x, y in (problem.train, problem.val, problem.test))
+    record = tuple(problem.chunks(d, cfg.record_rows)[0] for d in (problem.train, problem.val, problem.test))
     while tuner.t < cfg.steps:
         n = min(cfg.checkpoint_every, cfg.steps - tuner.t)
         tuner.run(n, train_b, val_b, record_batches=record, progress=progress)
@@ -220,22 +307,37 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
     h = tuner.history
     if not h.step or h.step[-1] != tuner.t:
         tuner.record(*record)
+    finals = {name: evaluate(tuner, problem, data, cfg.record_rows) * (problem.test_scale if name != "train" else 1.0)
+              for name, data in (("train", problem.train), ("val", problem.val), ("test", problem.test))}
     cap = cfg.outlier_threshold if cfg.outlier_threshold is not None else math.inf
-    ok = [bool(v) and v[-1] is not None and v[-1] <= cap for v in h.test_loss]  # test losses are already scaled
+    ok = [bool(a) and math.isfinite(t) and t <= cap for a, t in zip(tuner.alive.tolist(), finals["test"].tolist())]
 
-    def final(store):
-        return [v[-1] if good else None for v, good in zip(store, ok)]
+    def final(values: torch.Tensor) -> list[float | None]:
+        return [float(v) if good else None for v, good in zip(values.tolist(), ok)]
 
     return {
-        "final_test_loss": final(h.test_loss),
-        "final_val_loss": [None if v is None else v * problem.test_scale for v in final(h.val_loss)],
-        "final_train_loss": final(h.train_loss),
+        "final_test_loss": final(finals["test"]),
+        "final_val_loss": final(finals["val"]) if len(problem.val[0]) else [None] * tuner.P,
+        "final_train_loss": final(finals["train"]),
         "seconds": [h.seconds / tuner.P] * tuner.P,
         "wall_seconds": h.seconds,
         "diverged_at": h.diverged_at,
         "curves": {"step": h.step, "test_loss": h.test_loss, "val_loss": h.val_loss, "train_loss": h.train_loss},
         "hparams": {"step": h.step, **h.hparams},
     }
+
+
+def evaluate(tuner: OnlineTuner, problem: Problem, data: tuple[torch.Tensor, torch.Tensor], rows: int) -> torch.Tensor:
+    """Per-member mean loss over all of ``data`` (in chunks of ``rows`` examples), shape (P,)."""
+    if len(data[0]) == 0:
+        return torch.full((tuner.P,), math.nan)
+    total, count = torch.zeros(tuner.P, dtype=torch.float64), 0
+    with torch.no_grad():
+        for x, y in problem.chunks(data, rows):
+            n = y.numel()
+            total += tuner.train_loss(tuner.params, x, y).double().cpu() * n
+            count += n
+    return total / count
 
 
 def three_batched(random: dict[str, Any]) -> dict[str, Any]:
