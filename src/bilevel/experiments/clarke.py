@@ -86,6 +86,7 @@ class ClarkeConfig:
     record_every: int | None = None
     checkpoint_every: int = 500
     record_rows: int = 5000  # train/val/test losses are recorded on at most this many rows of each set
+    eval_rows: int | None = None  # final val/test losses on at most this many rows (None: the whole sets)
     outlier_threshold: float | None = None  # final losses above it count as diverged (Clarke: 1e3 on Fashion-MNIST)
     data_dir: str | None = None
     device: str = "cpu"
@@ -307,8 +308,10 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
     h = tuner.history
     if not h.step or h.step[-1] != tuner.t:
         tuner.record(*record)
+    # validation and test losses over the whole sets; the training loss on the recorded subset
     finals = {name: evaluate(tuner, problem, data, cfg.record_rows) * (problem.test_scale if name != "train" else 1.0)
-              for name, data in (("train", problem.train), ("val", problem.val), ("test", problem.test))}
+              for name, data in (("train", record[0]), ("val", _head(problem, problem.val, cfg.eval_rows)),
+                                 ("test", _head(problem, problem.test, cfg.eval_rows)))}
     cap = cfg.outlier_threshold if cfg.outlier_threshold is not None else math.inf
     ok = [bool(a) and math.isfinite(t) and t <= cap for a, t in zip(tuner.alive.tolist(), finals["test"].tolist())]
 
@@ -325,6 +328,10 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
         "curves": {"step": h.step, "test_loss": h.test_loss, "val_loss": h.val_loss, "train_loss": h.train_loss},
         "hparams": {"step": h.step, **h.hparams},
     }
+
+
+def _head(problem: Problem, data: tuple[torch.Tensor, torch.Tensor], rows: int | None):
+    return data if rows is None else problem.chunks(data, rows)[0]
 
 
 def evaluate(tuner: OnlineTuner, problem: Problem, data: tuple[torch.Tensor, torch.Tensor], rows: int) -> torch.Tensor:
