@@ -178,3 +178,26 @@ def test_unknown_tuned_name():
     params, raw = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
     with pytest.raises(ValueError, match="not in the space"):
         OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, config=TunerConfig(tuned=("dropout",)))
+
+
+def test_nn_module_with_buffers_and_any_loss():
+    """An nn.Module (BatchNorm in eval mode, buffers used as they are) tuned with a Huber loss, mini-batches."""
+    import torch.nn.functional as F
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double().eval()
+    model[1].running_mean.normal_()
+    forward = pop.module_forward(model)
+    loss = pop.vmap_loss(forward, F.huber_loss)
+    params = pop.module_population(model, 2)
+    raw = pop.stack([SPACE.init(dict(model.named_parameters()), torch.Generator().manual_seed(i)) for i in range(2)])
+    t = OnlineTuner(params, raw, SPACE, updates.SGD(), loss, loss, config=TunerConfig(interval=3, record_every=3))
+    gen = torch.Generator().manual_seed(1)
+    batches = lambda: (lambda idx: (X[idx], Y[idx]))(torch.randint(0, 64, (16,), generator=gen))  # noqa: E731
+    hist = t.run(9, batches, lambda: (Xv, Yv), record_batches=((X, Y), (Xv, Yv), None))
+    assert len(hist.step) == 3 and all(v is not None for v in hist.val_loss[0])
+    # the recorded validation loss is the Huber loss of the module itself with member 0's weights
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            v.copy_(t.params[k][0])
+        torch.testing.assert_close(torch.tensor(hist.val_loss[0][-1], dtype=D), F.huber_loss(model(Xv), Yv))

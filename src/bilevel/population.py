@@ -48,6 +48,21 @@ def vmap_loss(forward: Callable[..., Tensor], loss: Callable[[Tensor, Tensor], T
     return torch.func.vmap(one, in_dims=(0, None, None))
 
 
+def module_forward(module: torch.nn.Module) -> Callable[[Tree, Tensor], Tensor]:
+    """``forward(params, x)`` for an ``nn.Module`` through ``torch.func.functional_call``.
+
+    ``params`` are the module's parameters (as from ``dict(module.named_parameters())``);
+    the module's buffers are used as they are (e.g. BatchNorm statistics in eval mode).
+    """
+    buffers = dict(module.named_buffers())
+    return lambda p, x: torch.func.functional_call(module, (p, buffers), (x,))
+
+
+def module_population(module: torch.nn.Module, n: int) -> Tree:
+    """n identical copies of a module's parameters, stacked (re-initialise them as you like)."""
+    return stack([{k: v.detach().clone() for k, v in module.named_parameters()} for _ in range(n)])
+
+
 def init_population(make_params: Callable[[torch.Generator], Mapping[str, Tensor]], n: int, seed: int,
                     make_hparams: Callable[[Mapping[str, Tensor], torch.Generator], Mapping[str, Tensor]] | None = None):
     """Initialise members ``seed, seed + 1, ..., seed + n - 1``: member i uses its own generator.

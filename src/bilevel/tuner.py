@@ -112,7 +112,8 @@ class OnlineTuner:
                                                    lr=self.cfg.hyper_lr)
                           if self.tuned_keys and self.cfg.mode != "none" else None)
         self.state = rule.init_state(self.params)
-        self.alive = torch.ones(self.P, dtype=torch.bool)
+        self.device = next(iter(self.params.values())).device
+        self.alive = torch.ones(self.P, dtype=torch.bool, device=self.device)
         self.t = 0
         self.history = History(diverged_at=[None] * self.P)
         self._window: list[tuple[Tree, Any, Batch]] = []  # (w, state, batch) of the last i steps, for unrolling
@@ -292,7 +293,7 @@ class OnlineTuner:
         with torch.no_grad():
             for k in [k for k in self.raw if k.split("/", 1)[0] == "lr"]:
                 r = self.raw[k]
-                f = low + (high - low) * torch.rand(self.P, generator=self._gen, dtype=torch.float64)
+                f = (low + (high - low) * torch.rand(self.P, generator=self._gen, dtype=torch.float64)).to(r.device)
                 nat = h.transform.forward(r.double()) * pop.per_member(f, r)
                 self.raw[k].copy_(h.transform.inverse(nat).to(r.dtype))
 
