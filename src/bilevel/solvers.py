@@ -108,18 +108,26 @@ class Neumann:
             raise ValueError(f"Neumann alpha must be > 0, got {self.alpha}")
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
-        term, total = v, dict(v)
+        keys = list(v)
+        term = [v[k].clone() for k in keys]
+        total = [v[k].clone() for k in keys]
         norms = [float(T.norm(v))]
-        for _ in range(self.steps):
-            term = T.add(term, _damped(op, term, self.damping), -self.alpha)
-            total = T.add(total, term)
-            norms.append(float(T.norm(term)))
+        for j in range(self.steps):
+            jt = op.rmatvec(dict(zip(keys, term)))
+            if self.damping:
+                torch._foreach_mul_(term, 1.0 - self.alpha * self.damping)
+            torch._foreach_add_(term, [jt[k] for k in keys], alpha=-self.alpha)  # (I - a(J + eps I)) term
+            torch._foreach_add_(total, term)
+            if self.divergence != "ignore" and (j == 0 or j >= self.steps - 3):
+                norms.append(float(torch.stack(torch._foreach_norm(term)).norm()))
         self._check_divergence(op, v, norms)
-        return T.scale(total, self.alpha)
+        torch._foreach_mul_(total, self.alpha)
+        return dict(zip(keys, total))
 
     def _check_divergence(self, op: LinearOperator, v: Tree, norms: list[float]) -> None:
         if self.divergence == "ignore" or len(norms) < 4:
             return
+        # norms: the first term, then the terms after the first and the last three steps
         growing = norms[-1] > 2 * norms[0] and norms[-3] < norms[-2] < norms[-1]
         if not growing and math.isfinite(norms[-1]):
             return
