@@ -81,20 +81,31 @@ def test_diff_through_opt_hypergradient_matches_finite_differences():
         torch.testing.assert_close(hg[key], fd, rtol=1e-5, atol=1e-10)
 
 
-def test_ift_hypergradient_matches_dense_neumann_formula():
+def _mixed_tuner():
+    """Update-form lr and momentum with a loss-form per-weight L2 (Lorraine) in the same loop."""
+    from bilevel.regularizers import l2_penalty
+    space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5), H.momentum(),
+                                   H.HyperParameter("l2", H.LOG10, -3.0, -1.0, granularity="element")])
+    params, raw = pop.init_population(make_params, 1, 5, lambda p, g: space.init(p, g, shared_init=False))
+    return OnlineTuner(params, raw, space, updates.SGD(), LOSS, LOSS, penalty=lambda p, nat: l2_penalty(p, nat["l2"]),
+                       config=TunerConfig(tuned=("lr", "momentum", "l2"), lookback=3))
+
+
+@pytest.mark.parametrize("which", ["update-form", "mixed"])
+def test_ift_hypergradient_matches_dense_neumann_formula(which):
     """Clarke et al. eq. 6 written densely: direct - v sum_{j=0}^{i} (I - du/dw)^j du/dlambda."""
     from bilevel import _tree as T
-    t = make_tuner(1, seed=5, mode="ift", lookback=3)
+    t = make_tuner(1, seed=5, mode="ift", lookback=3) if which == "update-form" else _mixed_tuner()
     run(t, 7)  # some steps, so the momentum buffer is non-zero
     hg = t._hypergradient((X, Y), (Xv, Yv))
     keys = t.tuned_keys
     fixed = {k: v.detach() for k, v in t.raw.items() if k not in keys}
     w0 = T.flatten(t.params)
-    lam0 = torch.stack([t.raw[k].detach().reshape(()) for k in keys])
+    lam0 = T.flatten({k: t.raw[k].detach() for k in keys})
 
     w = w0.clone().requires_grad_(True)
     lam = lam0.clone().requires_grad_(True)
-    raw = {**fixed, **{k: lam[i].reshape(1) for i, k in enumerate(keys)}}
+    raw = {**fixed, **T.unflatten(lam, {k: t.raw[k] for k in keys})}
     out = T.flatten(t._step_map(T.unflatten(w, t.params), raw, (X, Y), t.state, True)[0])
     rows = [torch.autograd.grad(out[j], (w, lam), retain_graph=True) for j in range(len(out))]
     J = torch.stack([r[0] for r in rows])
@@ -106,7 +117,8 @@ def test_ift_hypergradient_matches_dense_neumann_formula():
         term = term @ M
         acc = acc + term
     ref = -(acc @ dudl)
-    got = torch.stack([hg[k].reshape(()) for k in keys])
+    got = T.flatten({k: hg[k] for k in keys})
+    assert len(got) == (3 if which == "update-form" else 2 + 48)
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-12)
 
 

@@ -27,7 +27,7 @@ def progress_bars():
 
 #: ``bilevel run NAME``: each module in bilevel/experiments/ defines HELP, add_arguments(parser) and
 #: main(args, progress_factory, console), and writes results.json, PNG figures and a printed table to --out.
-EXPERIMENTS = ["clarke", "sensitivity"]
+EXPERIMENTS = {"clarke": "clarke", "sensitivity": "sensitivity"}
 
 
 def _run_experiment(module, a: argparse.Namespace) -> int:
@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run an experiment").add_subparsers(dest="experiment", required=True)
-    for name in EXPERIMENTS:
-        module = importlib.import_module(f"bilevel.experiments.{name.replace('-', '_')}")
+    for name, module_name in EXPERIMENTS.items():
+        module = importlib.import_module(f"bilevel.experiments.{module_name}")
         p = run.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _common(p)
