@@ -60,6 +60,8 @@ from typing import Any, ClassVar, Protocol, Union, runtime_checkable
 import torch
 from torch import Tensor
 
+from .errors import check_like
+
 __all__ = [
     "HValue",
     "State",
@@ -236,15 +238,7 @@ class _RuleMixin:
             raise ValueError(
                 f"{cls} got unknown hyperparameter(s) {unknown}; it accepts {list(self.hyperparameters)}"
             )
-        missing = [k for k in params if k not in grads]
-        extra = [k for k in grads if k not in params]
-        if missing or extra:
-            raise ValueError(f"{cls}: grads must have the keys of params: missing {missing}, unexpected {extra}")
-        for k, p in params.items():
-            if tuple(grads[k].shape) != tuple(p.shape):
-                raise ValueError(
-                    f"{cls}: grads[{k!r}] has shape {tuple(grads[k].shape)} but params[{k!r}] has shape {tuple(p.shape)}"
-                )
+        check_like(f"{cls}: grads", grads, params, "params")
         for h, v in hparams.items():
             if isinstance(v, Mapping):
                 extra_keys = [k for k in v if k not in params]
@@ -252,6 +246,14 @@ class _RuleMixin:
                     raise ValueError(f"hyperparameter {h!r} is a mapping with unknown parameter name(s) {extra_keys}")
             for k, p in params.items():
                 resolve(v, k, p, hparam=h)
+
+    def _begin(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor],
+               hparams: Mapping[str, HValue] | None, state: State | None) -> tuple[Mapping[str, HValue], State, bool]:
+        """Defaults and checks shared by every rule; returns ``(hparams, state, use_weight_decay)``."""
+        hparams = {} if hparams is None else hparams
+        state = self.init_state(params) if state is None else state  # type: ignore[attr-defined]
+        self._check(params, grads, hparams)
+        return hparams, state, not _is_zero(getattr(self, "weight_decay", 0.0)) or "weight_decay" in hparams
 
     def _h(self, hparams: Mapping[str, Any], h: str, name: str, like: Tensor) -> _Scalar:
         """Hyperparameter ``h`` for parameter ``name``: the override if given, else the field."""
@@ -319,13 +321,10 @@ class SGD(_RuleMixin):
         state: State | None = None,
     ) -> tuple[dict[str, Tensor], State]:
         """Return ``(u, new_state)`` for one SGD step; new weights are ``w - u``."""
-        hparams = {} if hparams is None else hparams
-        state = self.init_state(params) if state is None else state
-        self._check(params, grads, hparams)
+        hparams, state, use_wd = self._begin(params, grads, hparams, state)
         if self.nesterov and "dampening" in hparams:
             raise ValueError("SGD: Nesterov momentum requires zero dampening; do not tune 'dampening'")
         use_momentum = self.momentum != 0 or "momentum" in hparams
-        use_wd = not _is_zero(self.weight_decay) or "weight_decay" in hparams
         step = state["step"]
         first = step == 0
         u: dict[str, Tensor] = {}
@@ -466,10 +465,7 @@ def _adam_call(
     *,
     decoupled: bool,
 ) -> tuple[dict[str, Tensor], State]:
-    hparams = {} if hparams is None else hparams
-    state = rule.init_state(params) if state is None else state
-    rule._check(params, grads, hparams)
-    use_wd = not _is_zero(rule.weight_decay) or "weight_decay" in hparams
+    hparams, state, use_wd = rule._begin(params, grads, hparams, state)
     step = state["step"]
     u: dict[str, Tensor] = {}
     ms: dict[str, Tensor] = {}
@@ -538,11 +534,8 @@ class RMSprop(_RuleMixin):
         state: State | None = None,
     ) -> tuple[dict[str, Tensor], State]:
         """Return ``(u, new_state)`` for one RMSprop step; new weights are ``w - u``."""
-        hparams = {} if hparams is None else hparams
-        state = self.init_state(params) if state is None else state
-        self._check(params, grads, hparams)
+        hparams, state, use_wd = self._begin(params, grads, hparams, state)
         use_momentum = self.momentum != 0 or "momentum" in hparams
-        use_wd = not _is_zero(self.weight_decay) or "weight_decay" in hparams
         u: dict[str, Tensor] = {}
         sq: dict[str, Tensor] = {}
         gavg: dict[str, Tensor] = {}
