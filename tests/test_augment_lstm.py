@@ -1,50 +1,11 @@
-"""Tiny end-to-end runs of `bilevel run augment` and `bilevel run lstm`, and the shared Algorithm-1 helper."""
+"""Tiny end-to-end runs of `bilevel run augment` and `bilevel run lstm` (Algorithm 1 itself: tests/test_online.py)."""
 
 import json
 import math
 
 import pytest
-import torch
 
 from bilevel.cli import main
-from bilevel.experiments.augment import Algorithm1, clip_grad_norm, sgd_step_map
-from bilevel.updates import SGD
-
-D = torch.float64
-
-
-def test_clip_grad_norm_matches_torch():
-    g = [torch.randn(3, 4, dtype=D), torch.randn(5, dtype=D)]
-    ps = [torch.nn.Parameter(x.clone()) for x in g]
-    for p, x in zip(ps, g):
-        p.grad = x.clone()
-    torch.nn.utils.clip_grad_norm_(ps, 0.5)
-    mine = clip_grad_norm(g, 0.5)
-    assert all(torch.allclose(p.grad, m) for p, m in zip(ps, mine))
-
-
-def test_algorithm1_unroll_equals_autograd_through_steps():
-    """Algorithm1's unrolled hypergradient against differentiating three explicit SGD steps by hand."""
-    torch.manual_seed(0)
-    X, y = torch.randn(20, 3, dtype=D), torch.randn(20, dtype=D)
-    Xv, yv = torch.randn(10, 3, dtype=D), torch.randn(10, dtype=D)
-    loss = lambda p, h, ctx: (((X[ctx] @ p["w"] - y[ctx]) ** 2).mean() + (h["lwd"].exp() * p["w"] ** 2).sum())  # noqa: E731
-    outer = lambda p, h: ((Xv @ p["w"] - yv) ** 2).mean()  # noqa: E731
-    rule = SGD(lr=0.1)
-    w0, h0 = {"w": torch.randn(3, dtype=D)}, {"lwd": torch.full((3,), -1.0, dtype=D)}
-    alg = Algorithm1(sgd_step_map(loss, rule), w0, h0, rule, method="unroll", terms=3, hyper_lr=0.1)
-    ctxs = [torch.arange(0, 10), torch.arange(5, 15), torch.arange(10, 20)]
-    for c in ctxs:
-        alg.weight_step(c)
-    hg = alg.hyper_step(outer)
-    h = h0["lwd"].clone().requires_grad_()
-    w = w0["w"].clone().requires_grad_()
-    for c in ctxs:
-        g, = torch.autograd.grad(loss({"w": w}, {"lwd": h}, c), w, create_graph=True)
-        w = w - 0.1 * g
-    ref, = torch.autograd.grad(outer({"w": w}, None), h)
-    assert torch.allclose(hg["lwd"], ref, rtol=1e-10)
-    assert not torch.equal(alg.raw["lwd"].detach(), h0["lwd"])  # Adam moved the hyperparameters
 
 
 def test_augment_cli_smoke(tmp_path, data_dir):
@@ -76,7 +37,7 @@ def test_lstm_cli_smoke(tmp_path, data_dir):
     rc = main(["run", "lstm", "--out", str(tmp_path), "--data-dir", str(data_dir), "--steps", "4",
                "--interval", "2", "--embed", "8", "--hidden", "8", "--bptt", "5", "--batch-size", "4",
                "--eval-windows", "3", "--record-every", "2", "--overfit-steps", "4", "--overfit-interval", "2",
-               "--overfit-record-every", "2", "--overfit-sequences", "3", "--threads", "1"])
+               "--overfit-record-every", "2", "--overfit-sequences", "3", "--overfit-size", "4", "--threads", "1"])
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     res = doc["results"]
@@ -87,5 +48,7 @@ def test_lstm_cli_smoke(tmp_path, data_dir):
         assert 100 < res[s]["val_ppl"] < 20000 and 100 < res[s]["test_ppl"] < 20000
     assert res["none"]["final_hparams"]["dropouti"] == pytest.approx(0.5)
     assert res["scalar"]["final_hparams"]["dropouti"] != pytest.approx(0.5, abs=1e-6)
-    assert len(res["overfit"]["val_loss"]) == 2 and all(math.isfinite(v) for v in res["overfit"]["val_loss"])
+    ov = res["overfit"]
+    assert len(ov["val_loss"]) == 2 and all(math.isfinite(v) for v in ov["val_loss"] + ov["none_val_loss"])
+    assert ov["n_hyperparameters"] == ov["n_weights"]
     assert (tmp_path / "lstm.png").exists()

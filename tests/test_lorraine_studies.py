@@ -49,16 +49,17 @@ def test_solver_matrix_matches_dense_inverse_and_neumann_series():
     torch.testing.assert_close(solver_matrix(B.Identity(), op, p), I)
 
 
-def test_tune_weight_decay_fixed_decay_is_sgd_with_l2():
-    """tune=False must be plain SGD on CE + 1/2 lambda ||w||^2 (reference: torch.optim.SGD weight_decay)."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_tune_weight_decay_fixed_decay_is_sgd_with_l2(optimizer):
+    """tune=False must be plain SGD / Adam on CE + 1/2 lambda ||w||^2 (reference: torch.optim's coupled weight_decay)."""
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
     p0 = {"W": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
     fwd = lambda p, x: x @ p["W"].T + p["b"]  # noqa: E731
     tuner = C.tune_weight_decay(fwd, p0, (X, y), (X, y), per_weight=True, solver=B.Identity(), steps=15,
-                                lr=0.2, init_decay=0.05, tune=False)
+                                lr=0.2, optimizer=optimizer, init_decay=0.05, tune=False)
     ref = {k: v.clone().requires_grad_() for k, v in p0.items()}
-    opt = torch.optim.SGD(ref.values(), lr=0.2, weight_decay=0.05)
+    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(ref.values(), lr=0.2, weight_decay=0.05)
     for _ in range(15):
         opt.zero_grad()
         F.cross_entropy(fwd(ref, X), y).backward()

@@ -213,3 +213,35 @@ def test_nn_module_with_buffers_and_any_loss():
         for k, v in model.named_parameters():
             v.copy_(t.params[k][0])
         torch.testing.assert_close(torch.tensor(hist.val_loss[0][-1], dtype=D), F.huber_loss(model(Xv), Yv))
+
+
+def test_implicit_loss_is_lorraine_ift_with_the_hessian_whatever_the_rule():
+    """implicit='loss': -dL_V/dw H^-1 d2L_T/dw dlambda (Lorraine et al. eq. 2-3), H the Hessian of the penalised
+    training loss, even when Adam steps the weights; checked against a dense solve."""
+    from bilevel import _tree as T
+    from bilevel.regularizers import l2_penalty
+    from bilevel.solvers import Exact
+    space = H.HyperParameterSpace([H.HyperParameter("l2", H.LOG10, -2.0, -1.0, granularity="element")])
+    params, raw = pop.init_population(make_params, 1, 3, lambda p, g: space.init(p, g, shared_init=False))
+    pen = lambda p, nat: l2_penalty(p, nat["l2"])  # noqa: E731
+    t = OnlineTuner(params, raw, space, updates.Adam(lr=0.01), LOSS, LOSS, penalty=pen,
+                    config=TunerConfig(tuned=("l2",), implicit="loss", solver=Exact()))
+    run(t, 5)
+    hg = t._hypergradient((X, Y), (Xv, Yv))
+    w0 = T.flatten(t.params)
+    lam0 = T.flatten({k: t.raw[k].detach() for k in t.tuned_keys})
+
+    def train(w, lam):
+        p = T.unflatten(w, t.params)
+        nat = space.natural(T.unflatten(lam, {k: t.raw[k] for k in t.tuned_keys}))
+        return LOSS(p, X, Y).sum() + pen(p, nat).sum()
+
+    Hm = torch.func.hessian(train, argnums=0)(w0, lam0)
+    mixed = torch.func.jacrev(torch.func.grad(train, argnums=0), argnums=1)(w0, lam0)
+    v = torch.func.grad(lambda w: LOSS(T.unflatten(w, t.params), Xv, Yv).sum())(w0)
+    ref = -torch.linalg.solve(Hm, mixed).T @ v
+    torch.testing.assert_close(T.flatten({k: hg[k] for k in t.tuned_keys}), ref, rtol=1e-7, atol=1e-12)
+    assert ref.abs().max() > 1e-6
+    with pytest.raises(ValueError, match="penalty"):
+        OnlineTuner(params, raw, space, updates.Adam(lr=0.01), LOSS, LOSS,
+                    config=TunerConfig(tuned=("l2",), implicit="loss"))

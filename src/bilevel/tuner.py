@@ -62,6 +62,10 @@ class TunerConfig:
     record_every: int = 10
     grad_clip: float | None = None  # clip each member's training-gradient norm (Clarke et al. on PTB: 0.25)
     seed: int = 0
+    # "update": IFT on the update map u(lambda, w) = 0 (Clarke et al. eq. 4-7, J = du/dw); "loss": IFT on
+    # dL_T/dw = 0 with J the Hessian of training loss + penalty (Lorraine et al. 2020 Alg. 2-3), whatever
+    # rule steps the weights (e.g. Adam); "loss" needs every tuned hyperparameter to be loss-form (penalty)
+    implicit: Literal["update", "loss"] = "update"
 
 
 @dataclass
@@ -120,6 +124,13 @@ class OnlineTuner:
         self._gen = torch.Generator().manual_seed(self.cfg.seed)
         if self.cfg.solver is None:
             self.cfg.solver = Neumann(self.cfg.lookback, alpha=1.0, divergence="ignore")
+        if self.cfg.implicit not in ("update", "loss"):
+            raise ValueError(f"implicit must be 'update' or 'loss', got {self.cfg.implicit!r}")
+        if self.cfg.implicit == "loss":
+            in_rule = [n for n in self.cfg.tuned if n in self.rule.hyperparameters]
+            if in_rule or self.penalty is None:
+                raise ValueError("implicit='loss' differentiates dL_T/dw = 0, so tuned hyperparameters must enter "
+                                 f"through `penalty`; {in_rule or 'no penalty'} would get no implicit term")
 
     # ------------------------------------------------------------------ the update map u(lambda, w)
 
@@ -170,6 +181,12 @@ class OnlineTuner:
         tuned = {k: self.raw[k].detach() for k in self.tuned_keys}
         fixed = {k: v.detach() for k, v in self.raw.items() if k not in tuned}
         outer = lambda p, h: self.val_loss(p, *val_batch).sum()  # noqa: E731
+        if self.cfg.mode == "ift" and self.cfg.implicit == "loss":
+            def inner(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
+                nat = self.space.natural({**fixed, **h})
+                return self.train_loss(p, *train_batch).sum() + self.penalty(p, nat).sum()  # type: ignore[misc]
+
+            return hypergradient(outer, self.params, tuned, inner=inner, solver=self.cfg.solver, check=False)
         if self.cfg.mode == "ift":
             state = self.state
             update = lambda p, h: self._step_map(p, {**fixed, **h}, train_batch, state, True)[0]  # noqa: E731

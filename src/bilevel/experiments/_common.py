@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,14 +122,38 @@ def load_image_set(name: str, data_dir, experiment: str):
 # --------------------------------------------------------------------------- weight-decay tuning
 
 
+DECAY = "l2"
+"""Name of the decay hyperparameter: not an update-rule hyperparameter name (``weight_decay``), so the decay
+enters only as the loss-form penalty :func:`weight_decay_penalty`, whichever rule steps the weights."""
+
+
 def decay_space(per_weight: bool, max_decay: float | None = None) -> HyperParameterSpace:
     """One weight decay per weight (Lorraine et al. Sec. 5.2, 5.6) or one global decay, both in log10 space.
+
+    The hyperparameter is called :data:`DECAY` (raw keys ``"l2/<param>"``).
 
     ``max_decay`` clips the natural value to ``[1e-12, max_decay]`` (raw-space clamp, zero gradient while
     clipped): with SGD at learning rate ``lr`` a decay above ``2/lr`` makes the weight steps diverge.
     """
     clip = None if max_decay is None else (1e-12, float(max_decay))
-    return HyperParameterSpace([weight_decay("element" if per_weight else "scalar", clip=clip)])
+    return HyperParameterSpace([weight_decay("element" if per_weight else "scalar", clip=clip, name=DECAY)])
+
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def weight_decay_penalty(params: Mapping[str, Tensor], nat: Mapping[str, Any]) -> Tensor:
+    """Per-member L2 penalty ``1/2 sum_i lambda_i w_i^2`` of a stacked population, shape (P,).
+
+    ``nat[DECAY]`` is the natural value from :func:`decay_space`: shape (P,) for one global
+    decay, or ``{name: (P, ...)}`` for one decay per weight. Its gradient ``lambda * w`` is what
+    ``torch.optim``'s (coupled) ``weight_decay`` adds to the training gradient.
+    """
+    from ..regularizers import l2_penalty
+
+    wd = nat[DECAY]
+    per = {k: (pop.per_member(wd, p) if isinstance(wd, Tensor) else wd[k]).expand_as(p) for k, p in params.items()}
+    return torch.stack([l2_penalty(pop.member(params, i), pop.member(per, i)) for i in range(pop.size(params))])
 
 
 def tune_weight_decay(
@@ -142,8 +167,12 @@ def tune_weight_decay(
     steps: int,
     interval: int = 10,
     lr: float = 0.1,
+    optimizer: str = "sgd",
+    implicit: str | None = None,
     hyper_lr: float = 0.01,
+    hyper_eps: float = 1e-8,
     init_decay: float = 1e-3,
+    max_decay: float | None = None,
     raw: Mapping[str, Tensor] | None = None,
     batch_size: int | None = None,
     tune: bool = True,
@@ -154,29 +183,47 @@ def tune_weight_decay(
 ):
     """Algorithm 1 of Lorraine et al. (2020) with weight decay as the hyperparameter, via :class:`OnlineTuner`.
 
-    The weights take SGD steps ``w <- w - lr (dL_T/dw + lambda * w)`` (L2 penalty ``1/2 sum lambda w^2``,
-    one ``lambda`` per weight or one in total) on ``train``; every ``interval`` steps the IFT
-    hypergradient of the validation cross-entropy on ``val`` moves ``log10 lambda`` by RMSprop with
-    ``hyper_lr`` (Lorraine et al. App. E: RMSprop for the hyperparameters). Because the update is plain
-    SGD, ``J = lr * H`` and Neumann with ``alpha = 1`` on ``J`` is Lorraine et al.'s Alg. 3 with
-    ``alpha = lr``. ``raw`` (one member's raw decays, e.g. tuned ones) replaces ``init_decay``. ``tune=False`` keeps ``lambda`` fixed (training with given decays, e.g. re-training).
-    Decays are clipped to ``1/lr`` (:func:`decay_space`) so the weight steps stay stable.
-    ``batch_size`` draws seeded minibatches (``None``: full batch). ``on_eval(t, params)`` is called every
-    ``eval_every`` steps with member 0's weights. Returns the tuner (``tuner.raw`` holds the decays,
+    The training objective is ``L_T(w) + 1/2 sum lambda_i w_i^2`` (one ``lambda`` per weight or one in
+    total; :func:`weight_decay_penalty`) on ``train``. The weights step on it with ``optimizer``:
+    ``"sgd"`` (``w <- w - lr (dL_T/dw + lambda * w)``) or ``"adam"`` (``torch.optim.Adam`` with coupled L2
+    ``weight_decay``; Lorraine et al. App. E: "for the NN weights we use Adam with a learning rate of
+    1e-4"). Every ``interval`` steps the IFT hypergradient of the validation cross-entropy on ``val``
+    moves ``log10 lambda`` by RMSprop with ``hyper_lr`` (App. E: RMSprop, 1e-2).
+
+    ``implicit`` picks the fixed point the IFT differentiates (default: ``"update"`` for SGD, ``"loss"``
+    for Adam). ``"loss"`` is Lorraine et al.'s Alg. 2-3: ``J`` is the Hessian ``H`` of the penalised
+    training loss and ``dr/dlambda = d^2 L_T / dw dlambda`` (``= w`` per weight), independent of the
+    optimiser, so a Neumann ``solver`` with ``alpha`` is their Alg. 3 with step ``alpha``. ``"update"``
+    differentiates the optimiser's step ``u(lambda, w) = 0`` (Clarke et al. 2022 eq. 4-7); for SGD
+    ``J = lr * H``, so Neumann with ``alpha = 1`` is Alg. 3 with ``alpha = lr``.
+
+    Decays are clipped to ``[1e-12, max_decay]`` (default ``1/lr`` for SGD, where a decay above ``2/lr``
+    makes the steps diverge; no upper clip for Adam, whose steps are bounded by ``lr``).
+    ``raw`` (one member's raw decays, e.g. tuned ones) replaces ``init_decay``. ``tune=False`` keeps
+    ``lambda`` fixed (training with given decays, e.g. re-training). ``batch_size`` draws seeded
+    minibatches (``None``: full batch). ``on_eval(t, params)`` is called every ``eval_every`` steps with
+    member 0's weights. Returns the tuner (``tuner.raw`` holds the decays,
     ``tuner.history.diverged_at[0]`` the step a non-finite value appeared, else ``None``).
     """
     from ..tuner import OnlineTuner, TunerConfig
-    from ..updates import SGD
+    from ..updates import SGD, Adam
 
-    space = decay_space(per_weight, max_decay=1.0 / lr)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown weight optimiser {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    implicit = implicit or ("update" if optimizer == "sgd" else "loss")
+    if max_decay is None and optimizer == "sgd":
+        max_decay = 1.0 / lr
+    space = decay_space(per_weight, max_decay=max_decay)
     stacked = pop.stack([dict(params)])
     if raw is None:
-        raw = space.from_natural(params, {"weight_decay": init_decay})
+        raw = space.from_natural(params, {DECAY: init_decay})
     raw = pop.stack([{k: v.detach() for k, v in raw.items()}])
     loss = pop.vmap_loss(forward, F.cross_entropy)
-    cfg = TunerConfig(tuned=("weight_decay",), interval=interval, mode="ift" if tune else "none", solver=solver,
-                      hyper_lr=hyper_lr, hyper_optimizer=torch.optim.RMSprop, record_every=10**9, seed=seed)
-    tuner = OnlineTuner(stacked, raw, space, SGD(lr=lr), loss, loss, config=cfg)
+    cfg = TunerConfig(tuned=(DECAY,), interval=interval, mode="ift" if tune else "none", solver=solver,
+                      hyper_lr=hyper_lr, hyper_optimizer=functools.partial(torch.optim.RMSprop, eps=hyper_eps), record_every=10**9, seed=seed,
+                      implicit=implicit)  # type: ignore[arg-type]
+    rule = SGD(lr=lr) if optimizer == "sgd" else Adam(lr=lr)
+    tuner = OnlineTuner(stacked, raw, space, rule, loss, loss, penalty=weight_decay_penalty, config=cfg)
     gen = torch.Generator().manual_seed(seed)
 
     def sampler(X: Tensor, y: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
@@ -210,7 +257,7 @@ def tuned_raw(tuner) -> dict[str, Tensor]:
 
 def decay_summary(tuner) -> dict[str, float]:
     """Median, min and max of the tuned natural weight decays (member 0)."""
-    nat = tuner.space.natural({k: v.detach() for k, v in tuner.raw.items()})["weight_decay"]
+    nat = tuner.space.natural({k: v.detach() for k, v in tuner.raw.items()})[DECAY]
     vals = [nat] if isinstance(nat, Tensor) else list(nat.values())
     flat = torch.cat([v[0].reshape(-1).to(torch.float64) for v in vals])
     return {"median": float(flat.median()), "min": float(flat.min()), "max": float(flat.max()), "count": flat.numel()}

@@ -3,7 +3,7 @@
 A classifier trains on augmented examples ``x~ = f_lambda(x, eps)`` (a residual U-Net
 fed the image and a noise channel, :mod:`bilevel.nets.unet`, the identity at
 initialisation) while every U-Net weight ``lambda`` is tuned on the validation loss
-of the classifier on *un-augmented* validation images, by Algorithm 1: ``--interval``
+of the classifier on *un-augmented* validation images, by Algorithm 1 (:class:`bilevel.online.Algorithm1`): ``--interval``
 SGD steps on the weights, then one Adam step on ``lambda`` along the hypergradient
 
 * ``none``: no hyperparameter optimisation (the augmenter stays the identity),
@@ -23,9 +23,8 @@ paper's ResNet-18 on CIFAR-10 (needs the data and, realistically, a GPU).
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,111 +35,25 @@ from torch import Tensor
 from .. import _tree as T
 from .._io import atomic_write_json
 from ..errors import NonFiniteError
-from ..hypergradient import hypergradient
+from ..online import Algorithm1, loss_step_map
 from ..solvers import Identity, Neumann
-from ..unroll import unrolled_hypergradient
-from ..updates import SGD, detach_state
+from ..updates import SGD
 
 NAME = "augment"
 HELP = "Lorraine et al. Table 3 / Fig. 7: learn a U-Net data-augmentation network by hypergradients"
 METHODS = ("none", "neumann", "unroll", "identity")
 
 Tree = dict[str, Tensor]
-# step(params, raw_hparams, ctx, state, create_graph) -> (u, new_state, training loss)
-StepMap = Callable[[Tree, Tree, Any, Any, bool], tuple[Tree, Any, Tensor]]
 
 
-# --------------------------------------------------------------------------- Algorithm 1 (shared with `lstm`)
-
-
-def clip_grad_norm(grads: Sequence[Tensor], max_norm: float | None) -> list[Tensor]:
-    """Scale ``grads`` so that their joint 2-norm is at most ``max_norm`` (differentiably, as
-    ``torch.nn.utils.clip_grad_norm_`` with its 1e-6)."""
-    if max_norm is None:
-        return list(grads)
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    return [g * factor for g in grads]
-
-
-def sgd_step_map(loss: Callable[[Tree, Tree, Any], Tensor], rule: SGD, clip: float | None = None) -> StepMap:
-    """The weight update ``u(lambda, w) = rule(w, clip(dL_T(w, lambda; ctx)/dw))`` as a step map."""
-    def step(p: Tree, raw: Tree, ctx: Any, state: Any, create_graph: bool) -> tuple[Tree, Any, Tensor]:
-        value = loss(p, raw, ctx)
-        grads = torch.autograd.grad(value, list(p.values()), create_graph=create_graph)
-        u, new_state = rule(p, dict(zip(p, clip_grad_norm(grads, clip))), {}, state)
-        return u, new_state, value
-    return step
-
-
-class Algorithm1:
-    """Lorraine et al. Algorithm 1 on one model: weight steps with a step map, and hypergradients by
-    the IFT (``"neumann"``, ``"identity"``), by unrolling the last ``terms`` steps (``"unroll"``) or none.
-
-    The context ``ctx`` of each step (batch and dropout/augmentation noise) is kept, so the
-    hypergradient linearises exactly the loss the weights were trained on. Optimiser state is
-    detached between steps and constant in the IFT hypergradient (Clarke et al. A.4).
-    """
-
-    def __init__(self, step: StepMap, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], rule: SGD, *,
-                 method: str, terms: int = 3, alpha: float = 1.0, hyper_lr: float = 1e-3,
-                 tuned: Sequence[str] | None = None) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
-        if terms < 1 and method == "unroll":
-            raise ValueError("unrolled differentiation needs terms >= 1")
-        self.step_map, self.method, self.terms = step, method, terms
-        self.solver = Identity() if method == "identity" else Neumann(terms, alpha=alpha, divergence="ignore")
-        self.params = T.detach(params)
-        self.raw = {k: v.detach().clone() for k, v in raw.items()}
-        self.tuned = [k for k in self.raw if tuned is None or k.split("/", 1)[0] in tuned]
-        self.opt = torch.optim.Adam([self.raw[k].requires_grad_() for k in self.tuned], lr=hyper_lr) \
-            if method != "none" and self.tuned else None
-        self.rule = rule
-        self.state = rule.init_state(self.params)
-        self.window: list[tuple[Tree, Any, Any]] = []
-        self.last_ctx: Any = None
-
-    def weight_step(self, ctx: Any) -> float:
-        w = {k: v.detach().requires_grad_() for k, v in self.params.items()}
-        raw = T.detach(self.raw)
-        with torch.enable_grad():
-            u, state, loss = self.step_map(w, raw, ctx, self.state, False)
-        loss = float(loss.detach())
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"training loss is {loss}")
-        if self.method == "unroll":
-            self.window = (self.window + [(self.params, self.state, ctx)])[-self.terms:]
-        self.params = {k: (w[k] - u[k]).detach() for k in w}
-        self.state = detach_state(state)
-        self.last_ctx = ctx
-        return loss
-
-    def hyper_step(self, outer: Callable[[Tree, Tree], Tensor]) -> Tree | None:
-        """One Adam step on the tuned raw hyperparameters along dL_V/dlambda; returns the hypergradient."""
-        if self.opt is None:
-            return None
-        tuned = {k: self.raw[k].detach() for k in self.tuned}
-        fixed = {k: v.detach() for k, v in self.raw.items() if k not in tuned}
-        if self.method == "unroll":
-            w0, state0, _ = self.window[0]
-            ctxs = [c for _, _, c in self.window]
-
-            def update(p, h, s):
-                opt_state, k = s
-                u, new, _ = self.step_map(p, {**fixed, **h}, ctxs[k], opt_state, True)
-                return u, (new, k + 1)
-
-            hg = unrolled_hypergradient(outer, w0, tuned, update=update, state=(state0, 0), steps=len(ctxs))
-        else:
-            ctx, state = self.last_ctx, self.state
-            hg = hypergradient(outer, self.params, tuned, solver=self.solver,
-                               update=lambda p, h: self.step_map(p, {**fixed, **h}, ctx, state, True)[0])
-        for k, g in hg.items():
-            self.raw[k].grad = g
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return hg
+def algorithm1(step, params, raw, rule, method: str, terms: int, hyper_lr: float, **kw) -> Algorithm1:
+    """:class:`bilevel.online.Algorithm1` for a method of Table 3 (``none``, ``neumann``, ``unroll``, ``identity``)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+    mode = {"none": "none", "unroll": "unroll"}.get(method, "ift")
+    solver = Identity() if method == "identity" else (
+        Neumann(terms, alpha=1.0, divergence="ignore") if method == "neumann" else None)
+    return Algorithm1(step, params, raw, rule, mode=mode, solver=solver, lookback=terms, hyper_lr=hyper_lr, **kw)
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -217,8 +130,7 @@ def run_one(a, method: str, seed: int, data, progress=None) -> dict:
         return F.cross_entropy(forward(p, x_aug), y)
 
     rule = SGD(lr=a.lr, momentum=a.momentum)
-    alg = Algorithm1(sgd_step_map(train_loss, rule), params, raw, rule, method=method, terms=a.terms,
-                     alpha=1.0, hyper_lr=a.hyper_lr)
+    alg = algorithm1(loss_step_map(train_loss, rule), params, raw, rule, method, a.terms, a.hyper_lr)
     start, diverged, losses = time.perf_counter(), None, []
     for t in range(a.steps):
         idx = torch.randint(0, len(Xtr), (a.batch_size,), generator=g).to(device)

@@ -7,9 +7,10 @@ Settings (``--settings``):
 * ``scalar``: the same 7 hyperparameters tuned ("Ours");
 * ``many``: one rate per word / unit / hidden-to-hidden weight ("Ours, Many");
 * ``overfit``: Fig. 8, 10 training and 10 validation sequences, one weight decay per
-  weight tuned by :class:`bilevel.tuner.OnlineTuner` until the validation loss is driven down.
+  weight tuned by :class:`bilevel.tuner.OnlineTuner` to drive the validation loss down
+  (:func:`run_overfit`; a smaller LSTM, ``--overfit-size``, and Adam on the weights).
 
-The first three run Algorithm 1 (:class:`bilevel.experiments.augment.Algorithm1`): ``--interval``
+The first three run Algorithm 1 (:class:`bilevel.online.Algorithm1`): ``--interval``
 SGD steps (learning rate ``--lr``, gradient norm clipped to ``--clip``, AWD-LSTM's 30 and 0.25),
 then one Adam step on the raw (logit / log10) hyperparameters along the IFT hypergradient with
 ``--terms`` Neumann terms on the update map. Dropout is concrete dropout
@@ -35,7 +36,7 @@ from .. import population as pop
 from .._io import atomic_write_json
 from ..errors import NonFiniteError
 from ..updates import SGD
-from .augment import Algorithm1, sgd_step_map
+from ..online import Algorithm1, loss_step_map
 
 NAME = "lstm"
 HELP = "Lorraine et al. Table 4 / Fig. 8: tune AWD-LSTM dropout/DropConnect/AR/TAR (scalar or per unit/weight) on PTB"
@@ -78,9 +79,8 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
         return awd_lstm_loss(p, x, y, space.natural(h), noise, a.temperature)
 
     rule = SGD(lr=a.lr)
-    alg = Algorithm1(sgd_step_map(train_loss, rule, a.clip), params, raw, rule,
-                     method="none" if setting == "none" else "neumann", terms=a.terms, alpha=1.0,
-                     hyper_lr=a.hyper_lr)
+    alg = Algorithm1(loss_step_map(train_loss, rule, a.clip), params, raw, rule,
+                     mode="none" if setting == "none" else "ift", lookback=a.terms, hyper_lr=a.hyper_lr)
     start, diverged, curve = time.perf_counter(), None, []
     for t in range(a.steps):
         x, y = train[t % len(train)]
@@ -109,34 +109,52 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
 
 
 def run_overfit(a, corpus, progress=None) -> dict:
-    """Fig. 8: 10 training and 10 validation sequences, a weight decay per weight, tuned online."""
+    """Fig. 8: ``--overfit-sequences`` training and validation sequences, one weight decay per weight.
+
+    Weights: Adam (``--overfit-lr``) on the cross-entropy plus ``1/2 sum lambda_i w_i^2``
+    (coupled L2, as ``torch.optim.Adam``'s weight decay), full batch. Decays: log10 space,
+    initial ``--overfit-wd``, clipped to ``[1e-12, --overfit-max-decay]``, an Adam step
+    (``--overfit-hyper-lr``) along the IFT hypergradient (``--overfit-terms`` Neumann terms on
+    the Adam update map; 0 = identity) every ``--overfit-interval`` weight steps, by
+    :class:`bilevel.tuner.OnlineTuner`. The same training without hyperparameter steps is the
+    baseline (``"none"``), so the drop of the validation loss is attributable to the decays.
+    """
     from ..data.ptb import batchify
-    from ..hparams import HyperParameterSpace, per_weight_decay
+    from ..hparams import HyperParameterSpace, weight_decay
     from ..nets.lstm import lstm_lm_forward, lstm_lm_init
+    from ..solvers import Identity, Neumann
     from ..tuner import OnlineTuner, TunerConfig
+    from ..updates import Adam
 
     dtype, device = getattr(torch, a.dtype), torch.device(a.device)
-    g = torch.Generator().manual_seed(a.seed)
-    n = a.overfit_sequences
-    tr = batchify(corpus.train[: n * (a.bptt + 1)], n, device)  # 10 contiguous sequences of bptt + 1 tokens
+    n, size = a.overfit_sequences, a.overfit_size
+    tr = batchify(corpus.train[: n * (a.bptt + 1)], n, device)  # n contiguous sequences of bptt + 1 tokens
     va = batchify(corpus.valid[: n * (a.bptt + 1)], n, device)
-    train_b = (tr[:-1], tr[1:].reshape(-1))
-    val_b = (va[:-1], va[1:].reshape(-1))
-    p = {k: v.to(device) for k, v in lstm_lm_init(corpus.ntokens, a.embed, a.hidden, a.layers, g, dtype).items()}
-    space = HyperParameterSpace([per_weight_decay()])
+    train_b, val_b = (tr[:-1], tr[1:].reshape(-1)), (va[:-1], va[1:].reshape(-1))
+    p = {k: v.to(device) for k, v in lstm_lm_init(corpus.ntokens, size, size, a.layers,
+                                                   torch.Generator().manual_seed(a.seed), dtype).items()}
+    space = HyperParameterSpace([weight_decay("element", clip=(1e-12, a.overfit_max_decay))])
     raw = space.from_natural(p, {"weight_decay": a.overfit_wd})
     loss = pop.vmap_loss(lstm_lm_forward, F.cross_entropy)
-    cfg = TunerConfig(tuned=("weight_decay",), interval=a.overfit_interval, lookback=a.terms,
-                      hyper_lr=a.overfit_hyper_lr, grad_clip=a.clip, record_every=a.overfit_record_every, seed=a.seed)
-    tuner = OnlineTuner(pop.stack([p]), pop.stack([raw]), space, SGD(lr=a.overfit_lr), loss, loss, config=cfg)
-    hist = tuner.run(a.overfit_steps, lambda: train_b, lambda: val_b, record_batches=(train_b, val_b, None),
-                     progress=progress)
-    return {"setting": "overfit", "seconds": hist.seconds, "diverged_at": hist.diverged_at[0],
-            "n_hyperparameters": sum(v.numel() for v in raw.values()), "step": hist.step,
-            "train_loss": hist.train_loss[0], "val_loss": hist.val_loss[0],
-            "weight_decay_mean": hist.hparams["weight_decay"][0],
-            "final_val_loss": hist.val_loss[0][-1] if hist.val_loss else None,
-            "initial_val_loss": float(loss(pop.stack([p]), *val_b)[0])}
+    solver = Identity() if a.overfit_terms == 0 else Neumann(a.overfit_terms, alpha=1.0, divergence="ignore")
+    out: dict = {"setting": "overfit", "n_hyperparameters": sum(v.numel() for v in raw.values()),
+                 "n_weights": sum(v.numel() for v in p.values()),
+                 "initial_val_loss": float(loss(pop.stack([p]), *val_b)[0])}
+    for mode in ("ift", "none"):
+        cfg = TunerConfig(tuned=("weight_decay",), interval=a.overfit_interval, mode=mode, solver=solver,
+                          hyper_lr=a.overfit_hyper_lr, record_every=a.overfit_record_every, seed=a.seed)
+        tuner = OnlineTuner(pop.stack([p]), pop.stack([raw]), space, Adam(lr=a.overfit_lr), loss, loss, config=cfg)
+        hist = tuner.run(a.overfit_steps, lambda: train_b, lambda: val_b, record_batches=(train_b, val_b, None),
+                         progress=progress)
+        key = "" if mode == "ift" else "none_"
+        out.update({f"{key}seconds": hist.seconds, f"{key}diverged_at": hist.diverged_at[0],
+                    f"{key}train_loss": hist.train_loss[0], f"{key}val_loss": hist.val_loss[0],
+                    f"{key}final_val_loss": hist.val_loss[0][-1] if hist.val_loss else None,
+                    f"{key}final_train_loss": hist.train_loss[0][-1] if hist.train_loss else None})
+        if mode == "ift":
+            out.update({"step": hist.step, "weight_decay_mean": hist.hparams["weight_decay"][0],
+                        "min_val_loss": min((v for v in hist.val_loss[0] if v is not None), default=None)})
+    return out
 
 
 def _plot(doc: dict, out: Path) -> None:
@@ -163,6 +181,8 @@ def _plot(doc: dict, out: Path) -> None:
         ax = fig.add_subplot(1, 3, 3)
         ax.plot(ov["step"], ov["train_loss"], label="train")
         ax.plot(ov["step"], ov["val_loss"], label="validation")
+        ax.plot(ov["step"], ov["none_train_loss"], ls="--", label="train (no HO)")
+        ax.plot(ov["step"], ov["none_val_loss"], ls="--", label="validation (no HO)")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title("Fig. 8: 10 train / 10 val sequences")
@@ -182,8 +202,10 @@ def _print(doc: dict, console=None) -> None:
         t.add_column(c, justify="left" if c in ("setting", "note") else "right")
     for name, r in doc["results"].items():
         if name == "overfit":
-            note = f"val loss {r['initial_val_loss']:.3f} -> {r['final_val_loss']:.3f}" \
-                if r["final_val_loss"] is not None else "diverged"
+            fin = lambda k: "diverged" if r[k] is None else f"{r[k]:.3f}"  # noqa: E731
+            note = (f"val loss {r['initial_val_loss']:.3f} -> {fin('final_val_loss')} (no HO: "
+                    f"{fin('none_final_val_loss')}); train loss {fin('final_train_loss')} "
+                    f"(no HO: {fin('none_final_train_loss')})")
             t.add_row(name, str(r["n_hyperparameters"]), "-", "-", f"{r['seconds']:.0f}", note)
         else:
             ppl = lambda k: "diverged" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
@@ -211,11 +233,15 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N windows only")
     p.add_argument("--record-every", type=int, default=20)
     p.add_argument("--overfit-sequences", type=int, default=10)
-    p.add_argument("--overfit-steps", type=int, default=400)
-    p.add_argument("--overfit-lr", type=float, default=1.0)
+    p.add_argument("--overfit-size", type=int, default=32, help="embedding and hidden size of the Fig. 8 LSTM "
+                   "(paper: 650)")
+    p.add_argument("--overfit-steps", type=int, default=200)
+    p.add_argument("--overfit-lr", type=float, default=0.01, help="Adam learning rate of the weights")
     p.add_argument("--overfit-wd", type=float, default=1e-4, help="initial weight decay (every weight)")
-    p.add_argument("--overfit-hyper-lr", type=float, default=0.1)
-    p.add_argument("--overfit-interval", type=int, default=5)
+    p.add_argument("--overfit-max-decay", type=float, default=10.0, help="decays are clipped to [1e-12, this]")
+    p.add_argument("--overfit-hyper-lr", type=float, default=0.1, help="Adam learning rate of log10 decays")
+    p.add_argument("--overfit-interval", type=int, default=1, help="weight steps between hyperparameter steps")
+    p.add_argument("--overfit-terms", type=int, default=0, help="Neumann terms (0: identity, J^-1 ~ I)")
     p.add_argument("--overfit-record-every", type=int, default=20)
 
 
@@ -232,7 +258,7 @@ def main(a, progress_factory=None, console=None) -> dict:
     results = {}
     start = time.perf_counter()
     for s in settings:
-        total = a.overfit_steps if s == "overfit" else a.steps
+        total = 2 * a.overfit_steps if s == "overfit" else a.steps
         advance = progress_factory(f"lstm {s}", total) if progress_factory else None
         results[s] = run_overfit(a, corpus, advance) if s == "overfit" else run_setting(a, s, corpus, advance)
     doc = {"experiment": NAME, "config": {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))},

@@ -35,8 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=10000, help="test images used (default: the whole test set)")
     p.add_argument("--iterations", type=int, default=2000, help="weight steps (default 2000)")
     p.add_argument("--interval", type=int, default=10, help="weight steps between hyper steps (default 10)")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of the weights (default 0.1)")
-    p.add_argument("--hyper-lr", type=float, default=0.05, help="RMSprop learning rate of log10 decays")
+    p.add_argument("--optimizer", default="sgd", choices=C.OPTIMIZERS,
+                   help="weight optimiser (default sgd; 'adam' is App. E's choice, see docs/lorraine.md for how it fared)")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="learning rate of the weights (default 0.1; App. E uses Adam with 1e-4)")
+    p.add_argument("--implicit", choices=("loss", "update"), default=None,
+                   help="IFT fixed point: 'loss' = Hessian of the training loss (Lorraine et al. Alg. 2-3; default "
+                        "with adam), 'update' = Jacobian of the optimiser step (Clarke et al.; default with sgd)")
+    p.add_argument("--hyper-lr", type=float, default=0.05,
+                   help="RMSprop learning rate of the log10 decays (default 0.05; App. E: 1e-2)")
     p.add_argument("--init-decay", type=float, default=1e-3, help="initial weight decay of every weight")
     p.add_argument("--eval-every", type=int, default=100, help="record accuracies every N weight steps")
 
@@ -109,7 +116,8 @@ def main(args, progress_factory=None, console=None) -> dict:
         tuner = C.tune_weight_decay(
             forward, params, train, val, per_weight=True,
             solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
-            interval=args.interval, lr=args.lr, hyper_lr=args.hyper_lr, init_decay=args.init_decay, seed=args.seed,
+            interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
+            hyper_lr=args.hyper_lr, init_decay=args.init_decay, seed=args.seed,
             eval_every=args.eval_every, on_eval=on_eval, progress=adv)
         diverged = tuner.history.diverged_at[0]
         results[name] = {
