@@ -339,6 +339,32 @@ def test_cifar10_bad_tarball_rejected(tmp_path):
         D.load_cifar10(data_dir=tmp_path)
 
 
+def _fake_cifar100(root: Path, n_train: int = 6, n_test: int = 3) -> None:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, n in (("train", n_train), ("test", n_test)):
+        batch = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 b"fine_labels": [(7 * j) % 100 for j in range(n)], b"coarse_labels": [j % 20 for j in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar100_fake_batches_fine_labels_and_errors(tmp_path):
+    _fake_cifar100(tmp_path)
+    Xtr, ytr, Xte, yte = D.load_cifar100(data_dir=tmp_path)
+    assert Xtr.shape == (6, 3, 32, 32) and Xte.shape == (3, 3, 32, 32) and Xtr.dtype == torch.uint8
+    assert ytr.tolist() == [0, 7, 14, 21, 28, 35] and yte.tolist() == [0, 7, 14]  # fine, not coarse labels
+    with open(tmp_path / "cifar-100-python" / "train", "rb") as f:
+        assert np.array_equal(Xtr[1].numpy().reshape(-1), pickle.load(f)[b"data"][1])
+    assert D.dataset_name("CIFAR-100") == "cifar100"
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        D.load_cifar100(data_dir=tmp_path / "empty", download=False)
+    with pytest.raises(ValueError, match="CIFAR-10 batch"):  # a CIFAR-100 file read as CIFAR-10 names the problem
+        from bilevel.data.cifar import _read_batch
+        _read_batch(tmp_path / "cifar-100-python" / "train")
+
+
 # ---------------------------------------------------------------- scikit-learn toys
 
 def test_sklearn_diabetes_and_digits():

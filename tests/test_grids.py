@@ -39,6 +39,9 @@ def test_save_image_grid_round_trips_pixels(tmp_path):
     np.testing.assert_allclose(back, make_grid(imgs, nrow=3), atol=1 / 255 + 1e-6)
     q = save_image_grid(imgs, tmp_path / "labelled.png", labels=list("abcde"), title="t")
     assert imread(q).shape[0] > 50
+    many = np.random.default_rng(2).uniform(size=(100, 3, 4, 4))
+    r = imread(save_image_grid(many, tmp_path / "titled.png", nrow=10, title="100 images"))
+    assert r.shape[:2] == (10 * 100 + 50, 10 * 100 + 20)  # one tiled axes: (rows + 0.5) x (cols + 0.2) inches at 100 dpi
 
 
 def test_save_heatmaps(tmp_path):

@@ -156,6 +156,28 @@ def test_val_split_cli(tmp_path, data_dir):
     assert doc["results"]["per-weight"][0]["weight_decay"]["count"] == 7850
 
 
+def test_distill_cifar100_has_307200_pixel_hyperparameters(tmp_path, monkeypatch):
+    """Fake CIFAR-100 files (2 images per class): one learned 3x32x32 image per class = 307,200 hyperparameters."""
+    import pickle
+
+    import numpy as np
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 200), ("test", 100)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                         b"fine_labels": [j % 100 for j in range(n)]}, f)
+    doc = _run(tmp_path / "o", "distill", "--dataset", "cifar100", "--data-dir", str(tmp_path), "--hyper-steps", "2",
+               "--interval", "2", "--val-size", "100", "--eval-steps", "5", "--solver", "identity")
+    assert doc["num_hyperparameters"] == 307200 and len(doc["curves"]["val_loss"]) == 2
+    assert all(math.isfinite(v) for v in doc["curves"]["val_loss"])
+    with pytest.raises(SystemExit, match="CIFAR-100 data are not available"):
+        monkeypatch.setenv("BILEVEL_DOWNLOAD", "0")
+        cli.main(["run", "distill", "--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
+                  "--out", str(tmp_path / "o2")])
+
+
 def test_missing_cifar_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("BILEVEL_DOWNLOAD", "0")
     with pytest.raises(SystemExit, match="CIFAR-10 data are not available"):

@@ -171,3 +171,70 @@ def test_cli_rings(tmp_path, monkeypatch):
     (tmp_path / "parts" / "3class-2points.json").unlink()
     with pytest.raises(TypeError):
         cli.main(args)
+
+
+def test_rings_soft_label_hypergradient_matches_finite_differences_and_closed_form():
+    """K = 1 unrolled hypergradient of the Fig. 6 problem (learned points and soft labels softmax(c_j)).
+
+    Reference 1: central finite differences of F(w - lr dL_T/dw (w, h)) in every entry of h.
+    Reference 2 (labels): with L_T = 1/n sum_j CE(f(x_j; w), t_j), dL_T/dw = 1/n sum_j J_j^T (softmax f_j - t_j), so
+    dF/dt_j = lr/n J_j(w) grad F(w_1) and dF/dc_j = (diag(t_j) - t_j t_j^T) dF/dt_j.
+    """
+    from torch.func import jacrev
+    from bilevel.distill import DistilledData
+    from bilevel.nets import mlp_forward
+    g = torch.Generator().manual_seed(3)
+    xv, yv = R.make_rings(3, 5, g, dtype=D)
+    w = R.init_mlp([2, 6, 6, 3], "lecun", 4, D)
+    w = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=D) for k, v in w.items()}  # non-zero biases
+    dd = DistilledData((2,), 3, soft_labels=True, num_points=2)
+    h = dd.init(g, "normal", scale=1.5, dtype=D, requires_grad=False)
+    h[dd.keys()[1]] = torch.randn(2, 3, generator=g, dtype=D)
+    lr = 0.3
+
+    def inner(p, hh):
+        return dd.cross_entropy(mlp_forward(p, dd.inputs(hh)), hh)
+
+    def outer(p, hh):
+        return torch.nn.functional.cross_entropy(mlp_forward(p, xv), yv)
+
+    def after_step(hh):
+        wr = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+        gr = torch.autograd.grad(inner(wr, hh), list(wr.values()))
+        return outer({k: v - lr * gk for (k, v), gk in zip(w.items(), gr)}, hh)
+
+    hg = C.method("unroll", steps=1, lr=lr)(outer, w, h, inner=inner)
+    eps = 1e-6
+    for key, v in h.items():
+        fd = torch.zeros_like(v)
+        for i in range(v.numel()):
+            hp = {k: u.clone() for k, u in h.items()}
+            hm = {k: u.clone() for k, u in h.items()}
+            hp[key].view(-1)[i] += eps
+            hm[key].view(-1)[i] -= eps
+            fd.view(-1)[i] = (after_step(hp) - after_step(hm)) / (2 * eps)
+        assert float(fd.abs().max()) > 1e-6, key  # the reference is not trivially zero
+        torch.testing.assert_close(hg[key], fd, rtol=1e-6, atol=1e-9)
+    # closed form for the label logits
+    x = dd.inputs(h)
+    t = dd.targets(h)
+    wr = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+    gr = torch.autograd.grad(inner(wr, h), list(wr.values()))
+    w1 = {k: (v - lr * gk).detach().requires_grad_(True) for (k, v), gk in zip(w.items(), gr)}
+    gF = torch.autograd.grad(outer(w1, h), list(w1.values()))
+    jac = jacrev(lambda p: mlp_forward(p, x))(w)  # key -> (n, C, *shape)
+    dF_dt = sum((jac[k] * gk).flatten(2).sum(-1) for k, gk in zip(w, gF)) * lr / 2
+    dF_dc = torch.stack([(torch.diag(t[j]) - torch.outer(t[j], t[j])) @ dF_dt[j] for j in range(2)])
+    torch.testing.assert_close(hg[dd.keys()[1]], dF_dc, rtol=1e-8, atol=1e-12)
+
+
+def test_rings_label_summary_and_mlp_init():
+    labels = [[[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]], [[0.2, 0.5, 0.3], [0.1, 0.7, 0.2]],
+              [[0.1, 0.45, 0.45 + 1e-3], [0.2, 0.7, 0.1]]]
+    s = R.label_summary(labels)
+    assert s == {"label_path": [[0, 1, 2], [1]], "classes_covered": [0, 1, 2]}
+    w = R.init_mlp([2, 400, 400], "lecun", 0, D)
+    assert float(w["b0"].abs().max()) == 0.0
+    assert abs(float(w["W1"].var()) - 1 / 400) < 2e-5  # N(0, 1/fan_in), 160000 draws: std of the estimate 9e-6
+    with pytest.raises(ValueError, match="MLP init"):
+        R.init_mlp([2, 3], "xavier", 0, D)

@@ -19,7 +19,7 @@ from typing import Any
 from ._checksums import CHECKSUMS
 from ._files import clear_verification_cache, data_dir, download, fetch, file_digest, verify
 from ._types import ClassificationData, RegressionData, SplitData
-from .cifar import load_cifar10, load_cifar10_splits
+from .cifar import load_cifar10, load_cifar10_splits, load_cifar100, load_cifar100_splits
 from .mnist import image_splits, load_fashion_mnist, load_mnist, load_mnist_splits, parse_idx, read_idx
 from .ptb import Corpus, Dictionary, batchify, get_batch, load_ptb
 from .toy import load_sklearn
@@ -44,6 +44,8 @@ DATASETS["fashion-mnist"] = DatasetInfo("fashion-mnist", "classification", parti
                                         "Fashion-MNIST 70000 28x28 images, seeded 60/20/20 split")
 DATASETS["cifar10"] = DatasetInfo("cifar10", "classification", load_cifar10_splits,
                                   "CIFAR-10 50000+10000 32x32 colour images (load_cifar10_splits)")
+DATASETS["cifar100"] = DatasetInfo("cifar100", "classification", load_cifar100_splits,
+                                   "CIFAR-100 50000+10000 32x32 colour images, 100 fine classes (load_cifar100_splits)")
 DATASETS["ptb"] = DatasetInfo("ptb", "language-model", load_ptb, "Penn Treebank word-level LM corpus (load_ptb)")
 DATASETS["diabetes"] = DatasetInfo("diabetes", "regression", partial(load_sklearn, "diabetes"),
                                    "scikit-learn diabetes, 442 x 10 regression")
@@ -52,7 +54,7 @@ DATASETS["digits"] = DatasetInfo("digits", "classification", partial(load_sklear
 del _n, _folder, _clarke, _rows, _ntv
 
 _ALIASES: dict[str, str] = {**UCI_ALIASES, "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
-                            "fmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar_10": "cifar10",
+                            "fmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar_10": "cifar10", "cifar-100": "cifar100", "cifar_100": "cifar100",
                             "penntreebank": "ptb", "penn-treebank": "ptb", "penn_treebank": "ptb"}
 
 
@@ -76,7 +78,7 @@ __all__ = [
     "load_uci", "load_uci_raw", "uci_name", "UCI_DATASETS",
     "load_mnist", "load_fashion_mnist", "load_mnist_splits", "image_splits", "parse_idx", "read_idx",
     "load_ptb", "Corpus", "Dictionary", "batchify", "get_batch",
-    "load_cifar10", "load_cifar10_splits",
+    "load_cifar10", "load_cifar10_splits", "load_cifar100", "load_cifar100_splits",
     "load_sklearn",
     "data_dir", "fetch", "download", "verify", "file_digest", "clear_verification_cache", "CHECKSUMS",
 ]

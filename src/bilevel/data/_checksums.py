@@ -394,3 +394,4 @@ CHECKSUMS["mnist/train-images-idx3-ubyte.gz"] += ("md5:f68b3c2dcbeaaa9fbdd348bbd
 
 # The CIFAR-10 python tarball (MD5 published on the dataset page / torchvision).
 CHECKSUMS["cifar-10-python.tar.gz"] = ("md5:c58f30108f718f92721af3b95e74349a",)
+CHECKSUMS["cifar-100-python.tar.gz"] = ("md5:eb9058c3a382ffc7106e4002c42a8d85",)

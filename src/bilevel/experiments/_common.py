@@ -102,18 +102,22 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 
 def load_image_set(name: str, data_dir, experiment: str):
-    """Official ``(X_train, y_train, X_test, y_test)`` uint8 images of ``mnist``, ``fashion-mnist`` or ``cifar10``.
+    """Official ``(X_train, y_train, X_test, y_test)`` uint8 images of ``mnist``, ``fashion-mnist``, ``cifar10``
+    or ``cifar100``.
 
-    A missing CIFAR-10 (it is not in the shared data) ends the run with a message saying where to put it.
+    A missing CIFAR set (they are not in the shared data) ends the run with a message saying where to put it.
     """
-    from ..data import load_cifar10, load_mnist
+    from ..data import load_cifar10, load_cifar100, load_mnist
 
-    if name == "cifar10":
+    cifar = {"cifar10": (load_cifar10, "CIFAR-10", "cifar-10-batches-py"),
+             "cifar100": (load_cifar100, "CIFAR-100", "cifar-100-python")}
+    if name in cifar:
+        loader, title, folder = cifar[name]
         try:
-            return load_cifar10(data_dir)
+            return loader(data_dir)
         except FileNotFoundError as exc:
-            raise SystemExit(f"{experiment}: the CIFAR-10 data are not available ({exc}). Put the CIFAR-10 python "
-                             "batches under $BILEVEL_DATA/cifar-10-batches-py or allow the download.") from None
+            raise SystemExit(f"{experiment}: the {title} data are not available ({exc}). Put the {title} python "
+                             f"batches under $BILEVEL_DATA/{folder} or allow the download.") from None
     if name not in ("mnist", "fashion-mnist"):
         raise ValueError(f"{experiment}: unknown image data set {name!r}")
     return load_mnist(data_dir, fashion=name == "fashion-mnist")

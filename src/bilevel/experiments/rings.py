@@ -18,7 +18,11 @@ Paper's result: warm start reaches nearly the reference validation loss although
 it only ever trains on one point per class (the weights remember the points'
 trajectory), while cold-start re-training on the final points fails. Tasks:
 ``2class`` (2 points), ``3class`` (3 points, Fig. 5) and ``3class-2points``
-(3 classes, 2 points with learned soft labels, Fig. 6).
+(3 classes, 2 points with learned soft labels, Fig. 6). For the soft-label task the label
+logits get their own Adam step (``label_lr``, default 0.1; the paper states none): at the
+points' 0.01 the labels settle at the tangent-kernel-weighted class prior and the warm model
+predicts one class (33%); at 0.1 they change class during training (all three covered) and the
+warm model is above chance, but well below the paper's picture (see docs/vicol.md).
 """
 
 from __future__ import annotations
@@ -70,10 +74,46 @@ class Config:
     unroll: int = 1
     reference_lr: float = 0.05
     label_scale: float = 1.0  # initial soft-label logits: label_scale * onehot(class)
+    label_lr: float | None = 0.1  # Adam step on the soft-label logits (None: outer_lr); paper: not stated
+    point_init: str = "real"  # "real": a random real point of the point's class; "normal": point_scale * N(0, I)
+    point_scale: float = 1.0
+    net_init: str = "torch"  # "torch": U(+-1/sqrt(fan_in)) weights and biases; "lecun": N(0, 1/fan_in), zero biases
     record_every: int = 20
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+
+
+def init_mlp(sizes: list[int], kind: str, seed: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Initial MLP weights: ``"torch"`` (:func:`bilevel.nets.mlp_init`, torch.nn.Linear's U(+-1/sqrt(fan_in)))
+    or ``"lecun"``: W ~ N(0, 1/fan_in), b = 0 -- the default of the JAX libraries (Flax ``nn.Dense``
+    lecun_normal, Haiku ``hk.Linear`` truncated normal 1/sqrt(fan_in)) the paper's code used;
+    three times torch's weight variance, so the 4-layer MLP learns much faster at SGD lr 0.001."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "torch":
+        return mlp_init(sizes, g, dtype=dtype)
+    if kind != "lecun":
+        raise ValueError(f"unknown MLP init {kind!r}; expected 'torch' or 'lecun'")
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        params[f"W{i}"] = (torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64) * fan_in ** -0.5).to(dtype)
+        params[f"b{i}"] = torch.zeros(fan_out, dtype=dtype)
+    return params
+
+
+def label_summary(labels: list[list[list[float]]]) -> dict[str, Any]:
+    """From the recorded soft labels ``(T, n, C)``: each point's argmax class over training
+    (``label_path``: the sequence of distinct classes, consecutive repeats merged) and the set of
+    classes some point was labelled with at some time (``classes_covered``; Fig. 6: all three)."""
+    arg = torch.tensor(labels).argmax(-1)  # (T, n)
+    paths = []
+    for j in range(arg.shape[1]):
+        path = [int(arg[0, j])]
+        for c in arg[1:, j].tolist():
+            if c != path[-1]:
+                path.append(int(c))
+        paths.append(path)
+    return {"label_path": paths, "classes_covered": sorted({c for p in paths for c in p})}
 
 
 def _metrics(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
@@ -89,12 +129,13 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
     xv, yv = make_rings(num_classes, cfg.per_class, g, dtype=dtype)
     xv, yv = xv.to(cfg.device), yv.to(cfg.device)
     sizes = [2] + [cfg.hidden] * (cfg.layers - 1) + [num_classes]
-    w0 = {k: v.to(cfg.device) for k, v in mlp_init(sizes, torch.Generator().manual_seed(cfg.seed + 1), dtype=dtype).items()}
+    w0 = {k: v.to(cfg.device) for k, v in init_mlp(sizes, cfg.net_init, cfg.seed + 1, dtype).items()}
     # num_points < num_classes (Fig. 6): classes round-robin, point j starts in class j's one-hot label
     dd = DistilledData((2,), num_classes, soft_labels=soft, num_points=num_points)
-    # every point starts on a random real point of its (initial) class
-    h0 = dd.init(torch.Generator().manual_seed(cfg.seed + 2), "real", real=(xv, yv), label_scale=cfg.label_scale,
-                 dtype=dtype, device=cfg.device, requires_grad=False)
+    # "real": every point starts on a random real point of its (initial) class
+    h0 = dd.init(torch.Generator().manual_seed(cfg.seed + 2), cfg.point_init,
+                 real=(xv, yv) if cfg.point_init == "real" else None, scale=cfg.point_scale,
+                 label_scale=cfg.label_scale, dtype=dtype, device=cfg.device, requires_grad=False)
 
     def inner(p, h):
         return dd.cross_entropy(mlp_forward(p, dd.inputs(h)), h)
@@ -113,14 +154,21 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
     traj: list[list[list[float]]] = []
     labels: list[list[list[float]]] = []
 
+    curve: list[float] = []  # warm validation accuracy at every record
+
     def log(o: C.BilevelOptimizer) -> None:
         traj.append(dd.inputs(o.hparams).detach().cpu().tolist())
+        curve.append(_metrics(o.params, xv, yv)["val_accuracy"])
         if soft:
             labels.append(dd.targets(o.hparams).detach().cpu().tolist())
 
     opt = C.BilevelOptimizer(inner, outer, w0, h0, concept=C.concept("warm-partial", inner_lr=cfg.inner_lr, inner_steps=1),
                              method=C.method("unroll", steps=cfg.unroll, lr=cfg.inner_lr), outer_lr=cfg.outer_lr,
                              outer_optimizer=torch.optim.Adam)
+    if soft and cfg.label_lr is not None:  # a separate Adam step size for the label logits
+        groups = [{"params": [v], "lr": cfg.label_lr if k.endswith("/label_logits") else cfg.outer_lr}
+                  for k, v in opt.hparams.items()]
+        opt.opt = torch.optim.Adam(groups, lr=cfg.outer_lr)
     log(opt)
     status = "ok"
     try:
@@ -129,6 +177,7 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
         status = f"diverged: {e}"
     warm = opt.params
     out["warm"] = {**_metrics(warm, xv, yv), "status": status, "inner_loss": opt.losses()["inner"],
+                   "accuracy_curve": curve, "max_val_accuracy": max(curve),
                    "seconds": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
@@ -140,6 +189,8 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
     out["cold"] = {**_metrics(cold, xv, yv), "inner_loss": cold_inner, "seconds": time.perf_counter() - t0}
     out["points"] = {"trajectory": traj, "soft_labels": labels, "final": dd.inputs(final_h).cpu().tolist(),
                      "final_targets": dd.targets(final_h).cpu().tolist()}
+    if soft:
+        out["points"].update(label_summary(labels))
     out["_models"] = {"reference": ref, "warm": warm, "cold": cold, "data": (xv, yv)}
     return out
 
@@ -156,6 +207,14 @@ def add_arguments(p) -> None:
     p.add_argument("--unroll", type=int, default=c.unroll, help="unrolled steps K of the hypergradient (paper: 1)")
     p.add_argument("--label-scale", type=float, default=c.label_scale,
                    help="initial soft-label logits label_scale * onehot (soft-label task)")
+    p.add_argument("--label-lr", type=float, default=c.label_lr,
+                   help="Adam step on the soft-label logits (soft-label task; paper: not stated; "
+                        "0 or less: use --outer-lr)")
+    p.add_argument("--point-init", choices=("real", "normal"), default=c.point_init,
+                   help="initial points: a random real point of each point's class, or --point-scale * N(0, I)")
+    p.add_argument("--point-scale", type=float, default=c.point_scale, help="std of --point-init normal")
+    p.add_argument("--net-init", choices=("torch", "lecun"), default=c.net_init,
+                   help="MLP init: torch.nn.Linear's, or JAX's lecun_normal weights with zero biases")
 
 
 def main(a, progress_factory=None, console=None) -> dict:
@@ -164,7 +223,9 @@ def main(a, progress_factory=None, console=None) -> dict:
     if unknown:
         raise ValueError(f"unknown rings task(s) {unknown}; known: {', '.join(TASKS)}")
     cfg = Config(tasks=tasks, steps=a.steps, per_class=a.per_class, hidden=a.hidden, inner_lr=a.inner_lr,
-                 outer_lr=a.outer_lr, reference_lr=a.reference_lr, unroll=a.unroll, label_scale=a.label_scale, seed=a.seed, device=a.device,
+                 outer_lr=a.outer_lr, reference_lr=a.reference_lr, unroll=a.unroll, label_scale=a.label_scale,
+                 label_lr=a.label_lr if a.label_lr > 0 else None,
+                 point_init=a.point_init, point_scale=a.point_scale, net_init=a.net_init, seed=a.seed, device=a.device,
                  dtype=a.dtype)
     return run(cfg, Path(a.out), progress_factory, console)
 
@@ -198,12 +259,13 @@ def _print(doc: dict, console) -> None:
     from rich.table import Table
     console = console or Console()
     t = Table(title="rings distillation: validation (original data) loss / accuracy")
-    for c in ("task", "reference", "warm (joint)", "cold (re-trained on final points)"):
+    for c in ("task", "reference", "warm (joint)", "cold (re-trained on final points)", "label classes over training"):
         t.add_column(c, justify="right")
     for task, r in doc["tasks"].items():
         cell = lambda m: f"{m['val_loss']:.3f} / {100 * m['val_accuracy']:.1f}%"  # noqa: E731
+        paths = r["points"].get("label_path")
         t.add_row(task, cell(r["reference"]), cell(r["warm"]) + ("" if r["warm"]["status"] == "ok" else " (diverged)"),
-                  cell(r["cold"]))
+                  cell(r["cold"]), "; ".join("->".join(map(str, q)) for q in paths) if paths else "-")
     console.print(t)
 
 

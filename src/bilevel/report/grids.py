@@ -99,7 +99,8 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, nor
     """Write ``images`` as a PNG grid at ``path``; returns the path.
 
     Without ``labels``/``title`` the PNG holds exactly :func:`make_grid`'s pixels
-    (8-bit); with them, a matplotlib figure with one captioned panel per image.
+    (8-bit); with a ``title`` only, a figure showing that grid under the title; with
+    ``labels``, a matplotlib figure with one captioned panel per image.
     """
     path = _png(path)
     if labels is None and title is None:
@@ -107,12 +108,26 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, nor
 
         imsave(path, make_grid(images, nrow, padding, normalize, shape=shape), format="png")
         return path
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if labels is None:  # one axes holding the tiled grid: fast for hundreds of images (e.g. CIFAR-100 classes)
+        grid = make_grid(images, nrow, padding, normalize, shape=shape)
+        n = _as_images(images, shape).shape[0]
+        cols = int(nrow) if nrow is not None else math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        fig = Figure(figsize=(tile_inches * cols + 0.2, tile_inches * rows + 0.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - 0.4 / (tile_inches * rows + 0.5)))
+        ax.set_axis_off()
+        ax.imshow(grid, interpolation="nearest")
+        fig.suptitle(title, fontsize=10)
+        fig.savefig(path, format="png", dpi=100)
+        return path
     x = _normalise(_as_images(images, shape), normalize)
     n = x.shape[0]
     if labels is not None and len(labels) != n:
         raise ValueError(f"save_image_grid: {len(labels)} labels for {n} images")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     nrow = int(nrow) if nrow is not None else math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
