@@ -293,15 +293,20 @@ def test_batchify_small():
 
 # ---------------------------------------------------------------- CIFAR-10 (fake batches)
 
-def _fake_cifar(root: Path, n: int = 4) -> None:
-    folder = root / "cifar-10-batches-py"
+def _write_batches(folder: Path, sizes: dict, label_key: bytes, label, seed: int = 0) -> None:
+    """Pickled CIFAR-style batches ``{name: n}`` with uint8 ``data`` (n, 3072) and ``label(i, j)`` labels."""
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
+    rng = np.random.default_rng(seed)
+    for i, (name, n) in enumerate(sizes.items()):
         batch = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-                 b"labels": [(i + j) % 10 for j in range(n)], b"batch_label": name.encode()}
+                 label_key: [label(i, j) for j in range(n)], b"batch_label": name.encode()}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
+
+
+def _fake_cifar(root: Path, n: int = 4) -> None:
+    names = [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]
+    _write_batches(root / "cifar-10-batches-py", dict.fromkeys(names, n), b"labels", lambda i, j: (i + j) % 10)
 
 
 def test_cifar10_fake_batches(tmp_path):
@@ -340,14 +345,8 @@ def test_cifar10_bad_tarball_rejected(tmp_path):
 
 
 def _fake_cifar100(root: Path, n_train: int = 6, n_test: int = 3) -> None:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for name, n in (("train", n_train), ("test", n_test)):
-        batch = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-                 b"fine_labels": [(7 * j) % 100 for j in range(n)], b"coarse_labels": [j % 20 for j in range(n)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+    _write_batches(root / "cifar-100-python", {"train": n_train, "test": n_test}, b"fine_labels",
+                   lambda i, j: (7 * j) % 100, seed=1)
 
 
 def test_cifar100_fake_batches_fine_labels_and_errors(tmp_path):
