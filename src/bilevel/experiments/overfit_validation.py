@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with adam), 'update' = Jacobian of the optimiser step (Clarke et al.; default with sgd)")
     p.add_argument("--hyper-lr", type=float, default=0.05,
                    help="RMSprop learning rate of the log10 decays (default 0.05; App. E: 1e-2)")
+    p.add_argument("--hyper-eps", type=float, default=1e-8,
+                   help="RMSprop eps of the decay steps (default 1e-8, torch's); hypergradients of log10 decays are "
+                        "often far below it, so a smaller eps lets every decay move")
     p.add_argument("--init-decay", type=float, default=1e-3, help="initial weight decay of every weight")
     p.add_argument("--eval-every", type=int, default=100, help="record accuracies every N weight steps")
 
@@ -117,7 +120,7 @@ def main(args, progress_factory=None, console=None) -> dict:
             forward, params, train, val, per_weight=True,
             solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
             interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
-            hyper_lr=args.hyper_lr, init_decay=args.init_decay, seed=args.seed,
+            hyper_lr=args.hyper_lr, hyper_eps=args.hyper_eps, init_decay=args.init_decay, seed=args.seed,
             eval_every=args.eval_every, on_eval=on_eval, progress=adv)
         diverged = tuner.history.diverged_at[0]
         results[name] = {
