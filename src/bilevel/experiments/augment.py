@@ -229,7 +229,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=1000, help="classifier SGD steps")
     p.add_argument("--interval", type=int, default=5, help="weight steps between hyperparameter steps (T)")
     p.add_argument("--terms", type=int, default=3, help="Neumann terms / unrolled steps")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="classifier mini-batch size")
     p.add_argument("--lr", type=float, default=0.05, help="classifier SGD learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="classifier SGD momentum")
     p.add_argument("--hyper-lr", type=float, default=1e-3, help="Adam learning rate of the U-Net weights")
@@ -237,8 +237,8 @@ def add_arguments(p) -> None:
     p.add_argument("--val-size", type=int, default=1000, help="validation images (a seeded subset)")
     p.add_argument("--eval-size", type=int, default=2000, help="test images evaluated")
     p.add_argument("--aug-samples", type=int, default=10, help="augmented samples averaged at evaluation (E.3)")
-    p.add_argument("--unet-width", type=int, default=8)
-    p.add_argument("--unet-depth", type=int, default=2)
+    p.add_argument("--unet-width", type=int, default=8, help="channels of the first U-Net level (doubled per level)")
+    p.add_argument("--unet-depth", type=int, default=2, help="U-Net resolutions (levels)")
 
 
 def main(a, progress_factory=None, console=None) -> dict:
