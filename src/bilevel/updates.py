@@ -403,6 +403,7 @@ class Adam(_RuleMixin):
     weight_decay: float = 0.0
 
     hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    decoupled: ClassVar[bool] = False  # AdamW: True
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
         return {"step": _zero_step(params), "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
@@ -414,12 +415,12 @@ class Adam(_RuleMixin):
         hparams: Mapping[str, HValue] | None = None,
         state: State | None = None,
     ) -> tuple[dict[str, Tensor], State]:
-        """Return ``(u, new_state)`` for one Adam step; new weights are ``w - u``."""
-        return _adam_call(self, params, grads, hparams, state, decoupled=False)
+        """Return ``(u, new_state)`` for one Adam (AdamW) step; new weights are ``w - u``."""
+        return _adam_call(self, params, grads, hparams, state, decoupled=self.decoupled)
 
 
 @dataclass(frozen=True)
-class AdamW(_RuleMixin):
+class AdamW(Adam):
     """AdamW (Loshchilov & Hutter, 2019) as in ``torch.optim.AdamW``.
 
     Weight decay is decoupled from the gradient: torch first scales
@@ -434,26 +435,8 @@ class AdamW(_RuleMixin):
     default weight decay is ``1e-2``.
     """
 
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
     weight_decay: float = 1e-2
-
-    hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps", "weight_decay")
-
-    def init_state(self, params: Mapping[str, Tensor]) -> State:
-        return {"step": _zero_step(params), "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
-
-    def __call__(
-        self,
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        hparams: Mapping[str, HValue] | None = None,
-        state: State | None = None,
-    ) -> tuple[dict[str, Tensor], State]:
-        """Return ``(u, new_state)`` for one AdamW step; new weights are ``w - u``."""
-        return _adam_call(self, params, grads, hparams, state, decoupled=True)
+    decoupled: ClassVar[bool] = True
 
 
 def _adam_call(
