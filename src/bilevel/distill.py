@@ -25,6 +25,12 @@ pseudo-parameters ``{"x": (kC, *shape), "label_logits": (kC, C)}``, i.e. raw key
 ``"<name>/x"`` and (with soft labels) ``"<name>/label_logits"``; :attr:`DistilledData.space`
 is that :class:`~bilevel.hparams.HyperParameterSpace`, so a distilled set can be combined
 with other hyperparameters in one flat dict optimised by ``torch.optim``.
+
+Optionally (``point_bound=R``) the inputs are kept inside the box ``(-R, R)^shape`` by the
+coordinate-wise transform ``x = R tanh(z / R)`` (:class:`bilevel.hparams.ScaledTanh`) of the raw value
+``z = "<name>/x"``: slope 1 at the origin (so an optimiser step moves a point near the data as
+much as without the bound) and saturating at ``+-R``. Added to stop learned points drifting far
+outside the data's range (Vicol et al. 2021 rings, 3 classes / 2 points, see docs/vicol.md).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .hparams import IDENTITY, Granularity, HyperParameter, HyperParameterSpace
+from .hparams import IDENTITY, Granularity, HyperParameter, HyperParameterSpace, Transform, scaled_tanh
 
 __all__ = ["DistilledData", "DistillInit"]
 
@@ -73,6 +79,10 @@ class DistilledData:
         Learn the targets as ``softmax(label_logits)`` (one ``C``-vector per point).
     name:
         Hyperparameter name (raw-dict key prefix; no ``"/"``).
+    point_bound:
+        ``None`` (default): the raw ``"<name>/x"`` are the inputs. ``R > 0``: the inputs are
+        ``R tanh(raw / R)`` (:class:`bilevel.hparams.ScaledTanh`), inside ``(-R, R)`` coordinate-wise
+        (:meth:`init` moves initial coordinates outside the box 1e-6 inside it).
     """
 
     def __init__(
@@ -84,6 +94,7 @@ class DistilledData:
         name: str = "distill",
         *,
         num_points: int | None = None,
+        point_bound: float | None = None,
     ) -> None:
         shape = tuple(int(s) for s in shape)
         if any(s < 1 for s in shape):
@@ -106,6 +117,8 @@ class DistilledData:
         # init range unused (init() sets values explicitly); identity transform: raw == natural.
         self.hparam = HyperParameter(name, IDENTITY, 0.0, 0.0, "raw", Granularity.ELEMENT)
         self.space = HyperParameterSpace([self.hparam])
+        #: transform from the raw ``"<name>/x"`` to the inputs (identity, or ScaledTanh with ``point_bound``)
+        self.point_transform: Transform = IDENTITY if point_bound is None else scaled_tanh(point_bound)
 
     # ------------------------------------------------------------------ layout
 
@@ -192,6 +205,7 @@ class DistilledData:
             x = self.sample_real(real[0], real[1], generator).to(torch.float64)
         else:
             raise ValueError(f"DistilledData.init: unknown init {init!r}; expected 'zeros', 'normal' or 'real'")
+        x = self.point_transform.inverse(self.point_transform.clamp_into_domain(x))  # inputs -> raw
         values: dict[str, Tensor] = {"x": x.to(device)}
         if self.soft_labels:
             values["label_logits"] = label_scale * F.one_hot(self.labels, self.num_classes).to(device=device, dtype=torch.float64)
@@ -228,9 +242,13 @@ class DistilledData:
     # ------------------------------------------------------------------ maps
 
     def natural(self, hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``{"x": ..., ["label_logits": ...]}`` read from a flat raw dict (identity transform)."""
+        """``{"x": ..., ["label_logits": ...]}`` read from a flat raw dict (identity transform;
+        ``x`` through :attr:`point_transform`)."""
         self.check(hparams)
-        return self.hparam.natural({k: hparams[k] for k in self.keys()})  # type: ignore[return-value]
+        nat = self.hparam.natural({k: hparams[k] for k in self.keys()})
+        if self.point_transform is not IDENTITY:
+            nat = {**nat, "x": self.point_transform.forward(nat["x"])}
+        return nat  # type: ignore[return-value]
 
     def inputs(self, hparams: Mapping[str, Tensor]) -> Tensor:
         """The distilled inputs, shape ``(k*C, *shape)`` (differentiable in ``hparams``)."""
@@ -255,4 +273,5 @@ class DistilledData:
     def __repr__(self) -> str:
         size = f"per_class={self.per_class}" if self._num_points is None else f"num_points={self._num_points}"
         return (f"DistilledData(shape={self.shape}, num_classes={self.num_classes}, {size}, "
-                f"soft_labels={self.soft_labels}, name={self.name!r})")
+                f"soft_labels={self.soft_labels}, name={self.name!r}"
+                + ("" if self.point_transform is IDENTITY else f", point_bound={self.point_transform.domain[1]:g}") + ")")

@@ -77,6 +77,8 @@ __all__ = [
     "LOG",
     "LOGIT",
     "SOFTPLUS",
+    "ScaledTanh",
+    "scaled_tanh",
     "TRANSFORMS",
     "get_transform",
     "Granularity",
@@ -201,6 +203,31 @@ class _Softplus(Transform):
     def inverse(self, natural: float | Tensor) -> Tensor:
         x = _as_tensor(natural)
         return x + torch.log(-torch.expm1(-x))
+
+
+@dataclass(frozen=True)
+class ScaledTanh(Transform):
+    """natural = bound * tanh(raw / bound): a bijection R -> (-bound, bound) with slope 1 at 0.
+
+    Keeps a value inside a box while steps near the origin are those of the identity
+    (e.g. learned datapoints kept inside the data's range, :class:`bilevel.distill.DistilledData`).
+    """
+
+    bound: float = 1.0
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return self.bound * torch.tanh(raw / self.bound)
+
+    def inverse(self, natural: float | Tensor) -> Tensor:
+        return self.bound * torch.atanh(_as_tensor(natural) / self.bound)
+
+
+def scaled_tanh(bound: float) -> ScaledTanh:
+    """The :class:`ScaledTanh` transform onto ``(-bound, bound)`` (``bound`` finite and > 0)."""
+    bound = float(bound)
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"scaled_tanh: bound must be finite and > 0, got {bound}")
+    return ScaledTanh(f"tanh({bound:g})", (-bound, bound), bound)
 
 
 IDENTITY: Transform = _Identity("identity", (-math.inf, math.inf))

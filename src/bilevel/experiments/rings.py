@@ -78,6 +78,7 @@ class Config:
     point_init: str = "real"  # "real": a random real point of the point's class; "normal": point_scale * N(0, I)
     point_scale: float = 1.0
     net_init: str = "torch"  # "torch": U(+-1/sqrt(fan_in)) weights and biases; "lecun": N(0, 1/fan_in), zero biases
+    point_bound: float | None = None  # learned points x = R tanh(z / R) inside (-R, R)^2 (None: unbounded)
     record_every: int = 20
     seed: int = 0
     device: str = "cpu"
@@ -131,7 +132,7 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
     sizes = [2] + [cfg.hidden] * (cfg.layers - 1) + [num_classes]
     w0 = {k: v.to(cfg.device) for k, v in init_mlp(sizes, cfg.net_init, cfg.seed + 1, dtype).items()}
     # num_points < num_classes (Fig. 6): classes round-robin, point j starts in class j's one-hot label
-    dd = DistilledData((2,), num_classes, soft_labels=soft, num_points=num_points)
+    dd = DistilledData((2,), num_classes, soft_labels=soft, num_points=num_points, point_bound=cfg.point_bound)
     # "real": every point starts on a random real point of its (initial) class
     h0 = dd.init(torch.Generator().manual_seed(cfg.seed + 2), cfg.point_init,
                  real=(xv, yv) if cfg.point_init == "real" else None, scale=cfg.point_scale,
@@ -215,6 +216,8 @@ def add_arguments(p) -> None:
     p.add_argument("--point-scale", type=float, default=c.point_scale, help="std of --point-init normal")
     p.add_argument("--net-init", choices=("torch", "lecun"), default=c.net_init,
                    help="MLP init: torch.nn.Linear's, or JAX's lecun_normal weights with zero biases")
+    p.add_argument("--point-bound", type=float, default=0.0,
+                   help="keep the learned points in (-R, R)^2 by x = R tanh(z / R) (0: unbounded)")
 
 
 def main(a, progress_factory=None, console=None) -> dict:
@@ -225,7 +228,8 @@ def main(a, progress_factory=None, console=None) -> dict:
     cfg = Config(tasks=tasks, steps=a.steps, per_class=a.per_class, hidden=a.hidden, inner_lr=a.inner_lr,
                  outer_lr=a.outer_lr, reference_lr=a.reference_lr, unroll=a.unroll, label_scale=a.label_scale,
                  label_lr=a.label_lr if a.label_lr > 0 else None,
-                 point_init=a.point_init, point_scale=a.point_scale, net_init=a.net_init, seed=a.seed, device=a.device,
+                 point_init=a.point_init, point_scale=a.point_scale, net_init=a.net_init,
+                 point_bound=a.point_bound if a.point_bound > 0 else None, seed=a.seed, device=a.device,
                  dtype=a.dtype)
     return run(cfg, Path(a.out), progress_factory, console)
 
