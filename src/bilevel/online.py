@@ -19,7 +19,7 @@ differentiable optimiser (:mod:`bilevel.updates`) on the training loss with cont
   Lorraine et al.'s Alg. 2/3 with step ``alpha = lr`` for plain SGD, ``Identity()`` is
   Luketina et al.'s (2016) ``J^{-1} ~ I`` (:func:`bilevel.hypergradient`);
 * ``mode="unroll"``: exact differentiation through the last ``lookback`` weight steps,
-  each replayed *with its own stored context* (:func:`bilevel.unrolled_hypergradient`);
+  each replayed *with its own stored context* (:func:`bilevel.unroll.replay_hypergradient`);
 * ``mode="none"``: hyperparameters fixed (the "no HO" baseline).
 
 Why a context. With dropout or augmentation noise the training loss is random; the IFT
@@ -49,7 +49,7 @@ from .errors import NonFiniteError
 from .hparams import HyperParameterSpace
 from .hypergradient import hypergradient
 from .solvers import Neumann, Solver
-from .unroll import unrolled_hypergradient
+from .unroll import replay_hypergradient
 from .updates import UpdateRule, detach_state
 
 Tree = dict[str, Tensor]
@@ -164,15 +164,7 @@ class Algorithm1:
         tuned = {k: self.raw[k].detach() for k in self.tuned}
         fixed = {k: v.detach() for k, v in self.raw.items() if k not in tuned}
         if self.mode == "unroll":
-            w0, state0, _ = self.window[0]
-            ctxs = [c for _, _, c in self.window]
-
-            def update(p, h, s):
-                opt_state, k = s
-                u, new, _ = self.step_map(p, {**fixed, **h}, ctxs[k], opt_state, True)
-                return u, (new, k + 1)
-
-            return unrolled_hypergradient(outer, w0, tuned, update=update, state=(state0, 0), steps=len(ctxs))
+            return replay_hypergradient(outer, self.step_map, self.window, tuned, fixed)
         ctx, state = self.last_ctx, self.state
         return hypergradient(outer, self.params, tuned, solver=self.solver,
                              update=lambda p, h: self.step_map(p, {**fixed, **h}, ctx, state, True)[0])

@@ -37,7 +37,7 @@ from . import population as pop
 from .hparams import HyperParameterSpace
 from .hypergradient import hypergradient
 from .solvers import Neumann, Solver
-from .unroll import unrolled_hypergradient
+from .unroll import replay_hypergradient, unrolled_hypergradient
 from .updates import UpdateRule, detach_state
 
 Tree = dict[str, Tensor]
@@ -192,16 +192,7 @@ class OnlineTuner:
             update = lambda p, h: self._step_map(p, {**fixed, **h}, train_batch, state, True)[0]  # noqa: E731
             return hypergradient(outer, self.params, tuned, update=update, solver=self.cfg.solver, check=False)
         if self.cfg.mode == "unroll":
-            w0, state0, _ = self._window[0]
-            batches = [b for _, _, b in self._window]
-
-            def update(p, h, s):
-                opt_state, k = s
-                u, new, _ = self._step_map(p, {**fixed, **h}, batches[k], opt_state, True)
-                return u, (new, k + 1)
-
-            return unrolled_hypergradient(outer, w0, tuned, update=update, state=(state0, 0),
-                                          steps=len(batches), check=False)
+            return replay_hypergradient(outer, self._step_map, self._window, tuned, fixed, check=False)
         raise AssertionError(self.cfg.mode)
 
     def _baydin_step(self, batch: Batch) -> None:

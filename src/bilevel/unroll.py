@@ -19,7 +19,7 @@ from a fixed point w* give exactly ``Neumann(steps=K-1, alpha)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -95,6 +95,33 @@ def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: M
     if check:
         check_finite("hypergradient", out)
     return out
+
+
+def replay_hypergradient(outer: Loss, step_map: Callable[..., Any], window: Sequence[tuple[Mapping[str, Tensor], Any, Any]],
+                         tuned: Mapping[str, Tensor], fixed: Mapping[str, Tensor] | None = None, *,
+                         check: bool = True) -> dict[str, Tensor]:
+    """Unrolled hypergradient through a recorded window of an online loop's last weight steps.
+
+    ``window`` holds ``(w_k, state_k, ctx_k)`` for each of the last L steps (weights and
+    optimiser state *before* step k, and that step's context: mini-batch, noise). The steps
+    are replayed from ``w_0, state_0`` with their own contexts through
+    ``step_map(params, raw, ctx, state, create_graph) -> (u, new_state, loss)`` and
+    differentiated w.r.t. ``tuned`` (the untuned raw hyperparameters ``fixed`` are
+    constants): Clarke et al.'s Diff-through-Opt over the look-back window, with the
+    optimiser state differentiated through as well.
+    """
+    if not window:
+        raise ValueError("replay_hypergradient needs at least one recorded weight step")
+    fixed = dict(fixed or {})
+    w0, state0, _ = window[0]
+    ctxs = [c for _, _, c in window]
+
+    def update(p: Tree, h: Tree, s: tuple[Any, int]) -> tuple[Any, tuple[Any, int]]:
+        opt_state, k = s
+        u, new, _ = step_map(p, {**fixed, **h}, ctxs[k], opt_state, True)
+        return u, (new, k + 1)
+
+    return unrolled_hypergradient(outer, w0, tuned, update=update, state=(state0, 0), steps=len(ctxs), check=check)
 
 
 def _detach_any(x: Any) -> Any:
