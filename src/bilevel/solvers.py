@@ -252,9 +252,7 @@ class Exact:
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
         n = T.numel(v)
-        if n > self.max_size:
-            raise ValueError(f"Exact solver refuses {n} weights (max_size={self.max_size}): "
-                             "use ConjugateGradient or Neumann, or raise max_size")
+        check_size(self, n)
         jac = dense_jacobian(op, v)
         a = jac + self.damping * torch.eye(n, dtype=jac.dtype, device=jac.device)
         x = torch.linalg.solve(a.T, T.flatten(v))
@@ -268,3 +266,35 @@ def dense_jacobian(op: LinearOperator, like: Tree) -> Tensor:
     eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
     rows = [T.flatten(op.rmatvec(T.unflatten(eye[i], like))) for i in range(n)]
     return torch.stack(rows)
+
+
+SOLVERS = ("neumann", "cg", "identity", "exact")
+
+
+def make_solver(name: str, steps: int, alpha: float | None = 1.0, damping: float = 0.0,
+                divergence: Literal["raise", "warn", "ignore"] = "raise", max_size: int | None = None) -> Solver:
+    """The solver called ``name`` (one of :data:`SOLVERS`) with ``steps`` Neumann steps / CG iterations.
+
+    ``neumann``: Lorraine et al. (2020) Alg. 3 (``steps + 1`` terms, step ``alpha``, default 1);
+    ``cg``: conjugate gradient (their Table 1 comparison); ``identity``: the T1-T2
+    approximation (Luketina et al. 2016); ``exact``: a dense solve (``max_size`` weights at most,
+    default :class:`Exact`'s). ``damping`` is Vicol et al. (2021)'s eps for every one.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    if steps < 0:
+        raise ValueError(f"solver steps must be >= 0, got {steps}")
+    if name == "neumann":
+        return Neumann(steps, alpha=1.0 if alpha is None else alpha, damping=damping, divergence=divergence)
+    if name == "cg":
+        return ConjugateGradient(steps, damping=damping)
+    if name == "identity":
+        return Identity(damping)
+    return Exact(damping) if max_size is None else Exact(damping, max_size=max_size)
+
+
+def check_size(solver: Solver, n_weights: int) -> None:
+    """Raise before any training when ``solver`` cannot handle ``n_weights`` (an :class:`Exact` above its size)."""
+    if isinstance(solver, Exact) and n_weights > solver.max_size:
+        raise ValueError(f"the exact solver refuses {n_weights} weights (max_size={solver.max_size}): "
+                         "use cg or neumann, or a smaller model")

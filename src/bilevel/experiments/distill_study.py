@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .. import _tree as T
 from ..distill import DistilledData
 from ..hypergradient import hypergradient, largest_eigenvalue
+from ..solvers import check_size
 from . import _common as C
 
 NAME = "distill"
@@ -101,7 +102,7 @@ def main(args, progress_factory=None, console=None) -> dict:
     Xv, yv, Xte, yte, shape = load_images(args.dataset, args.data_dir, dev, dt)
     if args.val_size is not None:
         Xv, yv = Xv[: args.val_size], yv[: args.val_size]
-    C_, dim = int(yv.max()) + 1, Xv.shape[1]
+    C_, dim = int(torch.cat([yv, yte]).max()) + 1, Xv.shape[1]
     gen = torch.Generator().manual_seed(args.seed)
     distilled = DistilledData(shape, C_, per_class=args.per_class)
     real = (Xv.reshape(len(Xv), *shape), yv)
@@ -109,6 +110,7 @@ def main(args, progress_factory=None, console=None) -> dict:
     inner = inner_loss(distilled, args.l2)
 
     w = {k: v.requires_grad_() for k, v in _logreg_init(dim, C_, dt, dev).items()}
+    check_size(C.solver_from_args(args, alpha=1.0), T.numel(w))  # an exact solve refused before any training
     opt, hopt = torch.optim.Adam(w.values(), lr=args.lr), torch.optim.Adam(h.values(), lr=args.hyper_lr)
     val_curve, diverged_at = [], None
     adv = progress_factory(f"distill {args.dataset}", args.hyper_steps) if progress_factory else None

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
+from .. import weight_decay as WD
 
 NAME = "overfit-validation"
 HELP = "Lorraine et al. Fig. 5/10: per-weight decay overfits 50 validation images (train/val/test accuracy)"
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=10000, help="test images used (default: the whole test set)")
     p.add_argument("--iterations", type=int, default=2000, help="weight steps (default 2000)")
     p.add_argument("--interval", type=int, default=10, help="weight steps between hyper steps (default 10)")
-    p.add_argument("--optimizer", default="sgd", choices=C.OPTIMIZERS,
+    p.add_argument("--optimizer", default="sgd", choices=WD.OPTIMIZERS,
                    help="weight optimiser (default sgd; 'adam' is App. E's choice, see docs/lorraine.md for how it fared)")
     p.add_argument("--lr", type=float, default=0.1,
                    help="learning rate of the weights (default 0.1; App. E uses Adam with 1e-4)")
@@ -116,7 +117,7 @@ def main(args, progress_factory=None, console=None) -> dict:
                 curves[split].append(C.accuracy(C.batched_logits(forward, p, X, 1000), y))
 
         adv = progress_factory(f"{name}", args.iterations) if progress_factory else None
-        tuner = C.tune_weight_decay(
+        tuner = WD.tune_weight_decay(
             forward, params, train, val, per_weight=True,
             solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
             interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
@@ -126,7 +127,7 @@ def main(args, progress_factory=None, console=None) -> dict:
         results[name] = {
             "num_hyperparameters": sum(v.numel() for v in params.values()),
             "final": {s: (curves[s][-1] if diverged is None else None) for s in ("train", "val", "test")},
-            "curves": curves, "diverged_at": diverged, "weight_decay": C.decay_summary(tuner),
+            "curves": curves, "diverged_at": diverged, "weight_decay": WD.decay_summary(tuner),
             "seconds": tuner.history.seconds,
         }
     doc = {"experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,

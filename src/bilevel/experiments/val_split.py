@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
+from .. import weight_decay as WD
 
 NAME = "val-split"
 HELP = "Lorraine et al. Fig. 9: validation fraction vs test accuracy, global vs per-weight decay, with re-training"
@@ -69,15 +70,15 @@ def main(args, progress_factory=None, console=None) -> dict:
                           seed=args.seed, progress=adv)
             init = mlp_init([X.shape[1], 10], torch.Generator().manual_seed(args.seed), dtype=dt)
             init = {k: v.to(dev) for k, v in init.items()}
-            tuner = C.tune_weight_decay(mlp_forward, init, train, val, init_decay=args.init_decay, **common)
+            tuner = WD.tune_weight_decay(mlp_forward, init, train, val, init_decay=args.init_decay, **common)
             joint = tuner.history.diverged_at[0] is None
             acc_joint = C.accuracy(mlp_forward(_member(tuner), Xt), yt) if joint else None
-            retrainer = C.tune_weight_decay(mlp_forward, init, (X, y), val, raw=C.tuned_raw(tuner),
+            retrainer = WD.tune_weight_decay(mlp_forward, init, (X, y), val, raw=WD.tuned_raw(tuner),
                                             **{**common, "tune": False})
             ok = retrainer.history.diverged_at[0] is None
             acc_re = C.accuracy(mlp_forward(_member(retrainer), Xt), yt) if ok else None
             r = {"val_fraction": f, "n_train": args.pool - n_val, "n_val": n_val, "test_accuracy": acc_joint,
-                 "retrained_test_accuracy": acc_re, "weight_decay": C.decay_summary(tuner)}
+                 "retrained_test_accuracy": acc_re, "weight_decay": WD.decay_summary(tuner)}
             results[regime].append(r)
             rows.append([regime, f, args.pool - n_val, n_val, acc_joint, acc_re, r["weight_decay"]["median"]])
     best = {reg: {kind: max((r for r in rs if r[kind] is not None), key=lambda r: r[kind], default={})
