@@ -84,3 +84,47 @@ def test_bad_solver_arguments():
         B.Neumann(-1)
     with pytest.raises(ValueError, match="alpha"):
         B.Neumann(3, alpha=0.0)
+
+
+def test_func_backend_names_nonfinite_quantities():
+    P, p, h = _setup()
+    bad = lambda p, h: P["inner"](p, h) * float("nan")  # noqa: E731
+    with pytest.raises(B.NonFiniteError, match="residual"):
+        B.hypergradient(P["outer"], p, h, inner=bad, solver=B.Neumann(3, alpha=0.1), backend="func")
+    upd = lambda p, h: {"w": p["w"] * float("inf")}  # noqa: E731
+    with pytest.raises(B.NonFiniteError, match="residual"):
+        B.hypergradient(P["outer"], p, h, update=upd, solver=B.Identity(), backend="func")
+
+
+def test_neumann_nan_term_is_nonfinite_not_divergence():
+    """A NaN Jacobian-vector product inside the series is named as such, not as a divergence."""
+    class NanOp:
+        def rmatvec(self, x):
+            return {k: torch.full_like(v, float("nan")) for k, v in x.items()}
+
+    v = {"w": torch.ones(3, dtype=D)}
+    with pytest.raises(B.NonFiniteError, match="Neumann series term"):
+        B.Neumann(3, alpha=0.1)(NanOp(), v)
+    out = B.Neumann(3, alpha=0.1, divergence="ignore")(NanOp(), v)  # populations handle it themselves
+    assert not bool(torch.isfinite(out["w"]).any())
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_neumann_divergence_detected_with_few_steps(steps):
+    P, p, h = _setup()
+    lam_max = float(torch.linalg.eigvalsh(P["hessian"](h["lam"])).max())
+    with pytest.raises(B.NeumannDivergenceError, match="alpha <="):
+        B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(steps, alpha=5.0 / lam_max))
+    # a convergent alpha passes with the same few steps
+    B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(steps, alpha=1.0 / lam_max))
+
+
+def test_non_scalar_losses_and_integer_hparams_named():
+    P, p, h = _setup()
+    vec = lambda p, h: p["w"] ** 2  # noqa: E731
+    with pytest.raises(ValueError, match=r"validation loss outer.*scalar.*got \(6,\)"):
+        B.hypergradient(vec, p, h, inner=P["inner"], solver=B.Identity())
+    with pytest.raises(ValueError, match="training loss inner.*scalar"):
+        B.hypergradient(P["outer"], p, h, inner=vec, solver=B.Identity())
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        B.hypergradient(P["outer"], p, {"lam": torch.zeros(3, dtype=torch.long)}, inner=P["inner"], solver=B.Identity())

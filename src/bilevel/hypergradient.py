@@ -77,12 +77,19 @@ class _AutogradOperator:
 class _FuncOperator:
     """The same products through ``torch.func.vjp`` (composable with ``vmap``)."""
 
+    check = True
+
     def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Tree, hparams: Tree) -> None:
         self.r, self._vjp_fn = torch.func.vjp(residual_fn, dict(params), dict(hparams))
         self.params = params
 
+    def _checked(self, y: Tree) -> Tree:
+        if self.check:
+            check_finite("Jacobian-vector product", y)
+        return y
+
     def rmatvec(self, x: Tree) -> Tree:
-        return self._vjp_fn(x)[0]
+        return self._checked(self._vjp_fn(x)[0])
 
     def hparam_vjp(self, x: Tree) -> Tree:
         return self._vjp_fn(x)[1]
@@ -114,7 +121,7 @@ class _CompiledOperator(_FuncOperator):
         self.r = residual_fn(self.params, self.hparams)
 
     def rmatvec(self, x: Tree) -> Tree:
-        return self._products(self.params, self.hparams, x)[0]
+        return self._checked(self._products(self.params, self.hparams, x)[0])
 
     def hparam_vjp(self, x: Tree) -> Tree:
         return self._products(self.params, self.hparams, x)[1]
@@ -141,7 +148,14 @@ def _validate(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> No
             raise ValueError(f"{name} must be a non-empty dict of tensors, got {type(tree).__name__}")
         for k, v in tree.items():
             if not isinstance(v, Tensor) or not v.is_floating_point():
-                raise ValueError(f"{name}[{k!r}] must be a floating-point tensor, got {type(v).__name__}")
+                got = f"a tensor of dtype {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"{name}[{k!r}] must be a floating-point tensor, got {got}")
+
+
+def _check_scalar(name: str, value: object) -> None:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"the {name} must return a scalar tensor, got {shape}: reduce it (e.g. .mean() or .sum())")
 
 
 def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, inner: Loss | None = None,
@@ -157,6 +171,9 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
         op = (_FuncOperator(fn, params, hparams) if backend == "func"
               else _CompiledOperator(fn, params, hparams, key=inner if inner is not None else update))
         check_like("update(params, hparams)", op.r, params, "params")
+        op.check = check
+        if check:
+            check_finite("residual (training gradient or update)", T.detach(op.r))
         return op, dict(params), dict(hparams)
     if backend != "autograd":
         raise ValueError(f"unknown backend {backend!r}: use 'autograd', 'func' or 'compile'")
@@ -164,6 +181,7 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
     with torch.enable_grad():
         if inner is not None:
             loss = inner(p, h)
+            _check_scalar("training loss inner(params, hparams)", loss)
             if check:
                 check_finite("training loss", loss)
             grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
@@ -211,6 +229,7 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[st
     else:
         with torch.enable_grad():
             loss = outer(p, h)
+            _check_scalar("validation loss outer(params, hparams)", loss)
             if check:
                 check_finite("validation loss", loss)
             g = torch.autograd.grad(loss, list(p.values()) + list(h.values()), allow_unused=True)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _tree as T
-from .errors import NeumannDivergenceError, NotSymmetricError
+from .errors import NeumannDivergenceError, NonFiniteError, NotSymmetricError
 
 Tree = T.Tree
 
@@ -91,9 +91,12 @@ class Neumann:
     already carries the learning rate.
 
     ``divergence``: what to do when the terms grow (the norm of the last term
-    exceeds twice that of the first and the last three terms increase):
+    exceeds twice that of the first and, with 3 or more steps, the last three
+    terms increase):
     ``"raise"`` (:class:`NeumannDivergenceError` with a suggested alpha from
-    power iteration), ``"warn"`` or ``"ignore"``.
+    power iteration), ``"warn"`` or ``"ignore"``. A non-finite term raises
+    :class:`~bilevel.errors.NonFiniteError` unless ``"ignore"`` (populations mark
+    their non-finite members themselves).
     """
 
     steps: int
@@ -125,11 +128,15 @@ class Neumann:
         return dict(zip(keys, total))
 
     def _check_divergence(self, op: LinearOperator, v: Tree, norms: list[float]) -> None:
-        if self.divergence == "ignore" or len(norms) < 4:
+        """Raise/warn when the terms grow: the last term is over twice the first (v) and, given
+        enough steps, the last three terms increase. Runs for every ``steps >= 1``."""
+        if self.divergence == "ignore" or len(norms) < 2:
             return
-        # norms: the first term, then the terms after the first and the last three steps
-        growing = norms[-1] > 2 * norms[0] and norms[-3] < norms[-2] < norms[-1]
-        if not growing and math.isfinite(norms[-1]):
+        if not all(math.isfinite(n) for n in norms):
+            raise NonFiniteError("Neumann series term", f"term norms {[f'{n:.3g}' for n in norms]} with "
+                                 f"alpha={self.alpha}: a non-finite Jacobian-vector product or an overflowing series")
+        growing = norms[-1] > 2 * norms[0] and (len(norms) < 4 or norms[-3] < norms[-2] < norms[-1])
+        if not growing:
             return
         lam = largest_eigenvalue(op, v, iters=50) + self.damping
         suggested = 1.0 / lam if lam > 0 else None
