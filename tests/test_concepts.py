@@ -63,6 +63,12 @@ def test_proximal_tends_to_the_pseudoinverse_as_eps_shrinks(ls):
     assert errs[2] < 1e-5 * float(pinv.norm())
 
 
+def test_proximal_with_zero_eps_is_exactly_the_pseudoinverse(ls):
+    """eps = 0: the exact IFT with H singular (rank 5 of 8) is the min-norm response Phi^+ (App. E.2)."""
+    J = C.response_jacobian(C.method("proximal", eps=0.0), ls["inner"], {"w": ls["w0"]}, {"y": ls["y"]})
+    torch.testing.assert_close(J, torch.linalg.pinv(ls["Phi"]), rtol=1e-9, atol=1e-10)
+
+
 def test_neumann_response_jacobian_is_the_truncated_series_and_tends_to_the_pseudoinverse(ls):
     Phi, H = ls["Phi"], ls["H"]
     a = 1.0 / ls["lam_max"]
@@ -196,6 +202,6 @@ def test_bad_names_and_settings_are_refused():
     with pytest.raises(ValueError, match="unknown solution concept"):
         C.concept("lukewarm", inner_lr=0.1)
     with pytest.raises(ValueError, match="eps must be > 0"):
-        C.method("proximal", eps=0.0)
+        C.method("proximal", eps=0.0, cg_steps=10)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         C.method("unroll", steps=0)

@@ -185,3 +185,22 @@ def test_unrolled_with_state_differentiates_through_momentum():
     e = 1e-6
     torch.testing.assert_close(hg["lr"], (run(0.1 + e, 0.7) - run(0.1 - e, 0.7)) / (2 * e), rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(hg["mom"], (run(0.1, 0.7 + e) - run(0.1, 0.7 - e)) / (2 * e), rtol=1e-6, atol=1e-10)
+
+
+def test_exact_on_a_singular_hessian_is_the_min_norm_answer():
+    """Least squares with more weights than points: H = Phi^T Phi is singular; Exact gives -v^T H^+ dr/dlambda."""
+    g = torch.Generator().manual_seed(5)
+    Phi = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, generator=g, dtype=torch.float64)
+    a = torch.randn(6, generator=g, dtype=torch.float64)
+    inner = lambda p, h: 0.5 * ((Phi @ p["w"] - h["y"]) ** 2).sum()  # noqa: E731
+    outer = lambda p, h: 0.5 * (a @ p["w"] - 1.0) ** 2  # noqa: E731
+    y = Phi @ w  # w is a solution (not the min-norm one)
+    got = B.hypergradient(outer, {"w": w}, {"y": y}, inner=inner, solver=B.Exact())["y"]
+    v = a * (a @ w - 1.0)
+    ref = v @ torch.linalg.pinv(Phi)  # -v^T H^+ (-Phi^T) = v^T Phi^+
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+    # a nonsingular problem still takes the plain solve and matches it
+    torch.testing.assert_close(B.hypergradient(outer, {"w": w}, {"y": y}, inner=inner, solver=B.Exact(damping=0.5))["y"],
+                               v @ torch.linalg.solve(Phi.T @ Phi + 0.5 * torch.eye(6, dtype=torch.float64), Phi.T),
+                               rtol=1e-10, atol=1e-12)

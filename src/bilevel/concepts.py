@@ -79,9 +79,10 @@ class HypergradientMethod:
         steps: K -- unrolled steps (``unroll``), Neumann terms beyond the first
             (``neumann`` sums k = 0..K), or CG steps (``proximal`` with ``cg_steps``).
         lr: the inner step size of the unrolled steps, and the Neumann ``alpha``.
-        eps: the proximal weight (solver ``damping``); must be > 0 for ``proximal``
-            (eps = 0 on an overparameterised problem is a singular solve -- use
-            ``neumann`` with many terms for the min-norm answer).
+        eps: the proximal weight (solver ``damping``). ``proximal`` with eps = 0 and
+            the dense solve is the exact IFT answer with the pseudoinverse H^+, the
+            min-norm response Jacobian (App. E.2) that cold start and many Neumann
+            terms tend to; with ``cg_steps`` eps must be > 0.
         cg_steps: ``proximal`` only: ``None`` solves (H + eps I) densely
             (:class:`bilevel.Exact`, at most ``max_size`` weights), otherwise conjugate
             gradient with this many steps.
@@ -103,9 +104,9 @@ class HypergradientMethod:
             raise ValueError(f"{self.name}: lr must be > 0, got {self.lr}")
         if self.eps < 0:
             raise ValueError(f"{self.name}: eps must be >= 0, got {self.eps}")
-        if self.name == "proximal" and not self.eps > 0:
-            raise ValueError("proximal: eps must be > 0 ((H + eps I) is singular when the inner problem is "
-                             "overparameterised); use method('neumann', steps=K) for the min-norm limit")
+        if self.name == "proximal" and not self.eps > 0 and self.cg_steps is not None:
+            raise ValueError("proximal with cg_steps: eps must be > 0 (CG on a singular H does not give the "
+                             "min-norm answer); eps = 0 with the dense solve gives the pseudoinverse")
         if self.name == "unroll" and self.eps:
             raise ValueError("unroll: eps is not used; unroll the proximal objective in inner= instead")
 

@@ -251,18 +251,31 @@ class Exact:
     """Dense Jacobian and a direct solve: x = (J + eps I)^{-T} v. For small problems and tests.
 
     Builds J with one product per weight, so it refuses more than ``max_size``
-    weights (default 5000, a 200 MB float64 matrix).
+    weights (default 5000, a 200 MB float64 matrix). When J + eps I is singular
+    (an overparameterised inner problem: H = Phi^T Phi of a least-squares fit with
+    more weights than examples) the answer is the Moore-Penrose pseudoinverse
+    x = (J + eps I)^{+T} v, i.e. the min-norm response Jacobian of Vicol et al.
+    (2021, App. E.2); a singular matrix is detected by LU pivots below
+    ``rcond`` times the largest (default: n times the dtype's machine epsilon).
     """
 
     damping: float = 0.0
     max_size: int = 5000
+    rcond: float | None = None
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
         n = T.numel(v)
         check_size(self, n)
         jac = dense_jacobian(op, v)
-        a = jac + self.damping * torch.eye(n, dtype=jac.dtype, device=jac.device)
-        x = torch.linalg.solve(a.T, T.flatten(v))
+        a = (jac + self.damping * torch.eye(n, dtype=jac.dtype, device=jac.device)).T
+        b = T.flatten(v)
+        lu, piv, info = torch.linalg.lu_factor_ex(a)
+        pivots = lu.diagonal().abs()
+        rcond = self.rcond if self.rcond is not None else n * torch.finfo(a.dtype).eps
+        if int(info) == 0 and bool(pivots.min() > rcond * pivots.max()):
+            x = torch.linalg.lu_solve(lu, piv, b[:, None])[:, 0]
+        else:  # singular: the min-norm (pseudoinverse) solution
+            x = torch.linalg.pinv(a, rtol=rcond) @ b
         return T.unflatten(x, v)
 
 

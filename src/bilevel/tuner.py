@@ -104,6 +104,10 @@ class OnlineTuner:
         if unknown:
             raise ValueError(f"tuned hyperparameters {unknown} are not in the space {space.names}")
         space.check(raw)
+        unused = [n for n in self.cfg.tuned if n not in rule.hyperparameters]
+        if unused and penalty is None:
+            raise ValueError(f"tuned hyperparameters {unused} are neither hyperparameters of {type(rule).__name__} "
+                             f"({list(rule.hyperparameters)}) nor passed to a penalty: they would never change")
         self.space, self.rule, self.penalty = space, rule, penalty
         self.train_loss, self.val_loss = train_loss, val_loss
         self.test_loss = test_loss or val_loss

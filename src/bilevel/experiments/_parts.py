@@ -15,7 +15,7 @@ from typing import Any
 
 from .._io import atomic_write_json
 
-__all__ = ["load_part", "save_part"]
+__all__ = ["RUN_ONLY", "cached_part", "load_part", "save_part", "settings_key"]
 
 
 def _normalise(key: Any) -> Any:
@@ -37,3 +37,31 @@ def save_part(path: Path, key: Any, result: dict[str, Any]) -> None:
     """Store ``result`` (JSON-serialisable) at ``path`` under ``key``, atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {"key": _normalise(key), "result": result}, indent=1)
+
+
+#: command-line fields that never change a result (where it is written, how many threads, where the
+#: checksum-verified data are read from, the argparse dispatch fields)
+RUN_ONLY = ("out", "threads", "data_dir", "command", "experiment", "func")
+
+
+def settings_key(args: Any, drop: tuple[str, ...] = (), keep: tuple[str, ...] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The options of ``args`` (an ``argparse.Namespace``) that determine one part's result, plus ``extra``.
+
+    :data:`RUN_ONLY` fields, callables and the names in ``drop`` (e.g. the list of models, which selects
+    parts but does not change any one of them) are left out; with ``keep``, only those names are used.
+    """
+    items = vars(args).items() if not isinstance(args, dict) else args.items()
+    key = {k: (str(v) if isinstance(v, Path) else v) for k, v in items
+           if k not in RUN_ONLY and k not in drop and not callable(v) and (keep is None or k in keep)}
+    return {**key, **extra}
+
+
+def cached_part(path: Path, key: Any, compute) -> tuple[dict[str, Any], bool]:
+    """``(result, resumed)``: the part stored at ``path`` under ``key``, else ``compute()`` saved there."""
+    res = load_part(path, key)
+    if res is not None:
+        return res, True
+    res = compute()
+    save_part(path, key, res)
+    return res, False
