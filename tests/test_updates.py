@@ -96,7 +96,8 @@ def test_sgd_parity(opts):
     assert_traj_close(run_rule(SGD(**opts), {}), ref)
 
 
-ADAM_CASES = [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)]
+ADAM_CASES = [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
+              dict(lr=0.01, amsgrad=True), dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True)]
 
 
 @pytest.mark.parametrize("opts", ADAM_CASES, ids=str)
@@ -111,6 +112,32 @@ def test_adam_parity(name, opts):
         opts["weight_decay"] = 1e-2  # torch.optim.AdamW default; the rule's default too
     rule = rule_cls(beta1=betas[0], beta2=betas[1], **opts)
     assert_traj_close(run_rule(rule, {}), ref)
+
+
+@pytest.mark.parametrize("opts", ADAM_CASES, ids=str)
+def test_adam_takes_torch_keywords(opts):
+    """The rule accepts torch.optim.Adam's own keywords (betas=, amsgrad=) and matches it step by step."""
+    ref = run_torch(lambda ps: torch.optim.Adam(ps, **opts), lambda leaves: list(leaves.values()))
+    assert_traj_close(run_rule(Adam(**opts), {}), ref)
+
+
+def test_amsgrad_differs_from_adam_and_keeps_the_running_max():
+    """AMSGrad's buffer is the running max of v_t (so the parity above is not Adam's by accident)."""
+    params, x, y = make_problem(0)
+    rule = Adam(lr=0.05, betas=(0.0, 0.5), amsgrad=True)
+    state = rule.init_state(params)
+    big = grads_of(params, x, y)
+    _, state = rule(params, {k: 10 * g for k, g in big.items()}, {}, state)
+    v_after_big = {k: v.clone() for k, v in state["max_exp_avg_sq"].items()}
+    u_ams, state = rule(params, big, {}, state)
+    for k in params:  # v shrank, the max did not
+        assert bool((state["exp_avg_sq"][k] <= v_after_big[k] + 1e-15).all())
+        torch.testing.assert_close(state["max_exp_avg_sq"][k], v_after_big[k])
+    plain = Adam(lr=0.05, betas=(0.0, 0.5))
+    s0 = plain.init_state(params)
+    _, s0 = plain(params, {k: 10 * g for k, g in big.items()}, {}, s0)
+    u_plain, _ = plain(params, big, {}, s0)
+    assert any(not torch.allclose(u_ams[k], u_plain[k]) for k in params)
 
 
 RMS_CASES = [

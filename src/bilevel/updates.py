@@ -358,11 +358,13 @@ def _adam_direction(
     hparams: Mapping[str, Any],
     state: State,
     t: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Adam moments and the bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``.
 
-    Returns ``(m, v, direction)`` where the direction already includes
-    ``1 / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` exactly as torch orders them.
+    Returns ``(m, v, direction, v_max)`` where the direction already includes
+    ``1 / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` exactly as torch orders them;
+    with AMSGrad (a ``max_exp_avg_sq`` buffer in ``state``) the denominator uses
+    ``v_max = max(v_max_prev, v_t)`` and ``v_max`` is returned, else ``None``.
     """
     b1 = rule._h(hparams, "beta1", k, w)
     b2 = rule._h(hparams, "beta2", k, w)
@@ -371,13 +373,14 @@ def _adam_direction(
     v = b2 * state["exp_avg_sq"][k] + (1 - b2) * g * g
     bc1 = 1 - b1**t
     bc2_sqrt = torch.sqrt(1 - b2**t)
-    direction = m / (_safe_sqrt(v) / bc2_sqrt + eps) / bc1
-    return m, v, direction
+    vmax = torch.maximum(state["max_exp_avg_sq"][k], v) if "max_exp_avg_sq" in state else None  # AMSGrad
+    direction = m / (_safe_sqrt(v if vmax is None else vmax) / bc2_sqrt + eps) / bc1
+    return m, v, direction, vmax
 
 
 @dataclass(frozen=True)
 class Adam(_RuleMixin):
-    """Adam (Kingma & Ba, 2015) as in ``torch.optim.Adam`` (no AMSGrad).
+    """Adam (Kingma & Ba, 2015) as in ``torch.optim.Adam``, optionally AMSGrad.
 
     With ``t = step + 1`` and L2 weight decay ``xi`` added to the gradient:
 
@@ -392,8 +395,13 @@ class Adam(_RuleMixin):
     weight_decay`` are all differentiable hyperparameters. The square root has
     a zero (not infinite) derivative where ``v_t == 0``.
 
-    State: ``{"step", "exp_avg": {name: m}, "exp_avg_sq": {name: v}}``; the
-    bias corrections use ``step + 1`` and the returned state has ``step + 1``.
+    ``amsgrad=True`` (Reddi et al. 2018; a structural option, as in torch) uses
+    ``max(v_max, v_t)`` in the denominator, kept in ``"max_exp_avg_sq"``.
+    ``betas=(beta1, beta2)`` is accepted as in ``torch.optim.Adam``.
+
+    State: ``{"step", "exp_avg": {name: m}, "exp_avg_sq": {name: v}}`` (plus
+    ``"max_exp_avg_sq"`` with AMSGrad); the bias corrections use ``step + 1``
+    and the returned state has ``step + 1``.
     """
 
     lr: float = 1e-3
@@ -401,12 +409,24 @@ class Adam(_RuleMixin):
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    amsgrad: bool = False
+    betas: tuple[float, float] | None = None  # torch's spelling; sets beta1, beta2
 
     hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps", "weight_decay")
     decoupled: ClassVar[bool] = False  # AdamW: True
 
+    def __post_init__(self) -> None:
+        if self.betas is not None:
+            b1, b2 = self.betas
+            object.__setattr__(self, "beta1", float(b1))
+            object.__setattr__(self, "beta2", float(b2))
+            object.__setattr__(self, "betas", None)
+
     def init_state(self, params: Mapping[str, Tensor]) -> State:
-        return {"step": _zero_step(params), "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
+        state = {"step": _zero_step(params), "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
+        if self.amsgrad:
+            state["max_exp_avg_sq"] = _zeros(params)
+        return state
 
     def __call__(
         self,
@@ -453,6 +473,9 @@ def _adam_call(
     u: dict[str, Tensor] = {}
     ms: dict[str, Tensor] = {}
     vs: dict[str, Tensor] = {}
+    vmaxs: dict[str, Tensor] = {}
+    if rule.amsgrad and "max_exp_avg_sq" not in state:
+        state = {**state, "max_exp_avg_sq": _zeros(params)}
     for k, w in params.items():
         t = (step + 1).to(w.dtype)
         g = grads[k]
@@ -460,11 +483,16 @@ def _adam_call(
         wd = rule._h(hparams, "weight_decay", k, w) if use_wd else 0.0
         if use_wd and not decoupled:
             g = g + wd * w
-        ms[k], vs[k], direction = _adam_direction(rule, k, w, g, hparams, state, t)
+        ms[k], vs[k], direction, vmax = _adam_direction(rule, k, w, g, hparams, state, t)
+        if vmax is not None:
+            vmaxs[k] = vmax
         u[k] = lr * direction
         if use_wd and decoupled:
             u[k] = lr * wd * w + u[k]
-    return u, {**state, "step": step + 1, "exp_avg": ms, "exp_avg_sq": vs}
+    new_state = {**state, "step": step + 1, "exp_avg": ms, "exp_avg_sq": vs}
+    if vmaxs:
+        new_state["max_exp_avg_sq"] = vmaxs
+    return u, new_state
 
 
 # --------------------------------------------------------------------------- RMSprop

@@ -7,7 +7,7 @@ of the classifier on *un-augmented* validation images, by Algorithm 1 (:class:`b
 SGD steps on the weights, then one Adam step on ``lambda`` along the hypergradient
 
 * ``none``: no hyperparameter optimisation (the augmenter stays the identity),
-* ``neumann``: IFT with ``--terms`` Neumann terms (``Neumann(steps=terms)`` on the
+* ``neumann``: IFT with ``--terms`` K Neumann steps (``Neumann(steps=K)``: K + 1 terms of the series) on the
   update map ``u = lr * dL_T/dw``, Clarke et al. eq. 4-7, i.e. Lorraine's Alg. 3 with alpha = lr),
 * ``unroll``: differentiation through the last ``--terms`` SGD steps,
 * ``identity``: the IFT with ``J^{-1} ~ I`` (Luketina et al. 2016).
@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _tree as T
-from .._io import atomic_write_json
+from .._io import atomic_save, atomic_write_json
 from ..errors import NonFiniteError
 from ..online import Algorithm1, loss_step_map
 from ..solvers import Identity, Neumann
 from ..updates import SGD
+from ._parts import load_part, save_part, settings_key
 
 NAME = "augment"
 HELP = "Lorraine et al. Table 3 / Fig. 7: learn a U-Net data-augmentation network by hypergradients"
@@ -228,7 +229,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per method")
     p.add_argument("--steps", type=int, default=1000, help="classifier SGD steps")
     p.add_argument("--interval", type=int, default=5, help="weight steps between hyperparameter steps (T)")
-    p.add_argument("--terms", type=int, default=3, help="Neumann terms / unrolled steps")
+    p.add_argument("--terms", type=int, default=3,
+                   help="K: Neumann steps (Neumann(steps=K) sums K + 1 terms of the series) / unrolled steps")
     p.add_argument("--batch-size", type=int, default=64, help="classifier mini-batch size")
     p.add_argument("--lr", type=float, default=0.05, help="classifier SGD learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="classifier SGD momentum")
@@ -241,7 +243,29 @@ def add_arguments(p) -> None:
     p.add_argument("--unet-depth", type=int, default=2, help="U-Net resolutions (levels)")
 
 
+def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``metrics.<method>``: mean and sd over seeds of the accuracies (10-augmented-sample versions as the
+    headline ``val_accuracy`` / ``test_accuracy``, Lorraine et al. App. E.3; ``*_plain`` on the plain
+    images) and the number of diverged seeds."""
+    out = {}
+    for m, s in summary.items():
+        row: dict[str, Any] = {}
+        for name, k in (("val_accuracy", "val_acc_aug"), ("test_accuracy", "test_acc_aug"),
+                        ("val_accuracy_plain", "val_acc"), ("test_accuracy_plain", "test_acc")):
+            row[name], row[f"{name}_sd"] = s[k]["mean"], s[k]["std"]
+        out[m] = {**row, "diverged": s["diverged"], "seeds": s["n"]}
+    return out
+
+
+def _part_key(a, method: str, seed: int) -> dict:
+    return settings_key(a, drop=("methods", "seeds"), method=method, run_seed=seed)
+
+
 def main(a, progress_factory=None, console=None) -> dict:
+    """Every (method, seed) run is one part (``out/parts/<method>-seed<seed>.json`` plus the learned augmenter
+    in ``.pt``), keyed by the options that produced it: re-running the same command skips finished runs."""
+    from ..nets.unet import UNet
+
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -252,23 +276,45 @@ def main(a, progress_factory=None, console=None) -> dict:
     data = _load(a.dataset, a.data_dir, a.seed, a.train_size, a.val_size, dtype, device)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     start = time.perf_counter()
-    fig_src = None
+    fig_src, resumed = None, []
     for m in methods:
         advance = progress_factory(f"augment {m}", a.steps * a.seeds) if progress_factory else None
         for s in range(a.seeds):
-            res, aug = run_one(a, m, a.seed + s, data, advance)
+            seed = a.seed + s
+            part, key = out / "parts" / f"{m}-seed{seed}.json", _part_key(a, m, seed)
+            res, aug = load_part(part, key), None
+            if res is not None:
+                resumed.append(f"{m} seed {seed}")
+                if advance:
+                    advance(a.steps)
+                pt = part.with_suffix(".pt")
+                if fig_src is None and m != "none" and res["diverged_at"] is None and pt.exists():
+                    unet = UNet(data[0][0].shape[1], a.unet_width, a.unet_depth).to(dtype=dtype, device=device)
+                    aug = (unet, {k: v.to(dtype=dtype, device=device)
+                                  for k, v in torch.load(pt, weights_only=True).items()})
+            else:
+                res, aug = run_one(a, m, seed, data, advance)
+                if m != "none" and res["diverged_at"] is None:   # the augmenter, for the figure on resume
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_save(T.detach(aug[1]), part.with_suffix(".pt"))
+                save_part(part, key, res)
             runs[m].append(res)
-            if fig_src is None and m != "none" and res["diverged_at"] is None:
+            if fig_src is None and m != "none" and res["diverged_at"] is None and aug is not None:
                 fig_src = aug
     keys = ["val_acc_aug", "test_acc_aug", "val_acc", "test_acc", "test_loss", "seconds", "augmenter_change"]
+    summary = {m: summarise(r, keys) for m, r in runs.items()}
     doc = {"experiment": NAME, "dataset": a.dataset, "config": {k: v for k, v in vars(a).items()
                                                                 if isinstance(v, (int, float, str, bool))},
-           "runs": runs, "summary": {m: summarise(r, keys) for m, r in runs.items()},
+           "metrics": metrics_of(summary), "runs": runs, "summary": summary, "resumed": resumed,
            "seconds": time.perf_counter() - start}
     atomic_write_json(out / "results.json", doc, indent=1)
     if fig_src is not None:
         _figure(*fig_src, data[1][0], out / "augmentations.png")
+    if resumed:
+        from rich.console import Console
+        (console or Console()).print(f"{NAME}: reused finished run(s) {', '.join(resumed)} from {out / 'parts'}")
     _print(doc, [("val_acc_aug", "val acc % (10 aug.)"), ("test_acc_aug", "test acc % (10 aug.)"),
                  ("val_acc", "val acc % (plain)"), ("test_acc", "test acc % (plain)")],
-           f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps)", console, scale=100.0)
+           f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.terms} Neumann "
+           f"steps ({a.terms + 1} terms), unroll = {a.terms} unrolled steps)", console, scale=100.0)
     return doc

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
+from ._parts import cached_part, settings_key
 from .. import weight_decay as WD
 
 NAME = "overfit-validation"
@@ -92,7 +93,37 @@ def build_model(name: str, shape: tuple[int, ...], num_classes: int, gen: torch.
     return module_forward(module), params
 
 
+def run_model(args, name: str, train, val, test, progress=None) -> dict:
+    """Algorithm 1 on one model: its accuracies along the run, final accuracies and decay summary (JSON-ready)."""
+    dev, dt = torch.device(args.device), getattr(torch, args.dtype)
+    num_classes = int(torch.cat([train[1], val[1], test[1]]).max()) + 1
+    gen = torch.Generator().manual_seed(args.seed)
+    forward, params = build_model(name, tuple(train[0].shape[1:]), num_classes, gen, dt, dev)
+    curves: dict[str, list] = {"step": [], "train": [], "val": [], "test": []}
+
+    def on_eval(t, p):
+        curves["step"].append(t)
+        for split, (X, y) in (("train", train), ("val", val), ("test", test)):
+            curves[split].append(C.accuracy(C.batched_logits(forward, p, X, 1000), y))
+
+    tuner = WD.tune_weight_decay(
+        forward, params, train, val, per_weight=True,
+        solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
+        interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
+        hyper_lr=args.hyper_lr, hyper_eps=args.hyper_eps, init_decay=args.init_decay, seed=args.seed,
+        eval_every=args.eval_every, on_eval=on_eval, progress=progress)
+    diverged = tuner.history.diverged_at[0]
+    return {
+        "num_hyperparameters": sum(v.numel() for v in params.values()),
+        "final": {s: (curves[s][-1] if diverged is None else None) for s in ("train", "val", "test")},
+        "curves": curves, "diverged_at": diverged, "weight_decay": WD.decay_summary(tuner),
+        "seconds": tuner.history.seconds,
+    }
+
+
 def main(args, progress_factory=None, console=None) -> dict:
+    """Every model is one part (``out/parts/<model>.json``, keyed by the options that produced it): re-running
+    the same command skips the models already finished; changing an option recomputes them."""
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,44 +134,43 @@ def main(args, progress_factory=None, console=None) -> dict:
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
     train, val, test = load_small(args.dataset, args.n_train, args.n_val, args.test_size, args.seed,
                                   args.data_dir, dev, dt)
-    num_classes = int(torch.cat([train[1], val[1], test[1]]).max()) + 1
-    shape = tuple(train[0].shape[1:])
     results: dict = {}
+    resumed: list[str] = []
     for name in models:
-        gen = torch.Generator().manual_seed(args.seed)
-        forward, params = build_model(name, shape, num_classes, gen, dt, dev)
-        curves: dict[str, list] = {"step": [], "train": [], "val": [], "test": []}
-
-        def on_eval(t, p, forward=forward, curves=curves):
-            curves["step"].append(t)
-            for split, (X, y) in (("train", train), ("val", val), ("test", test)):
-                curves[split].append(C.accuracy(C.batched_logits(forward, p, X, 1000), y))
-
-        adv = progress_factory(f"{name}", args.iterations) if progress_factory else None
-        tuner = WD.tune_weight_decay(
-            forward, params, train, val, per_weight=True,
-            solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
-            interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
-            hyper_lr=args.hyper_lr, hyper_eps=args.hyper_eps, init_decay=args.init_decay, seed=args.seed,
-            eval_every=args.eval_every, on_eval=on_eval, progress=adv)
-        diverged = tuner.history.diverged_at[0]
-        results[name] = {
-            "num_hyperparameters": sum(v.numel() for v in params.values()),
-            "final": {s: (curves[s][-1] if diverged is None else None) for s in ("train", "val", "test")},
-            "curves": curves, "diverged_at": diverged, "weight_decay": WD.decay_summary(tuner),
-            "seconds": tuner.history.seconds,
-        }
+        key = settings_key(args, drop=("models",), model=name)
+        results[name], again = cached_part(
+            out / "parts" / f"{name}.json", key,
+            lambda name=name: run_model(args, name, train, val, test,
+                                        progress_factory(f"{name}", args.iterations) if progress_factory else None))
+        if again:
+            resumed.append(name)
     doc = {"experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
            "config": C.config_of(args),
-           "metrics": {name: r["final"] for name, r in results.items()}, "models": results}
+           "metrics": {name: r["final"] for name, r in results.items()}, "models": results, "resumed": resumed}
     C.write_results(out, doc)
     _plot(results, args.dataset, out / "overfit_validation.png")
+    if resumed:
+        (console or _console()).print(f"{NAME}: reused finished model(s) {', '.join(resumed)} from {out / 'parts'}")
     C.print_table(f"overfitting {args.n_val} validation images of {args.dataset} with per-weight decay "
-                  f"({args.iterations} steps, {args.solver} {args.steps})",
+                  f"({args.iterations} steps, {solver_label(args)})",
                   ["model", "hyperparameters", "train acc", "val acc", "test acc", "median decay"],
                   [[n, r["num_hyperparameters"], r["final"]["train"], r["final"]["val"], r["final"]["test"],
                     r["weight_decay"]["median"]] for n, r in results.items()], console)
     return doc
+
+
+def solver_label(args) -> str:
+    """``--solver``/``--steps`` in words: Neumann k *steps* sum k + 1 terms of the series."""
+    if args.solver == "neumann":
+        return f"neumann, {args.steps} steps ({args.steps + 1} terms)"
+    if args.solver == "cg":
+        return f"cg, {args.steps} iterations"
+    return args.solver
+
+
+def _console():
+    from rich.console import Console
+    return Console()
 
 
 def _plot(results: dict, dataset: str, path: Path) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from . import _common as C
+from ._parts import cached_part, settings_key
+from .overfit_validation import solver_label
 from .. import weight_decay as WD
 
 NAME = "val-split"
@@ -40,7 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args, progress_factory=None, console=None) -> dict:
     from ..data import load_mnist
-    from ..nets.mlp import mlp_forward, mlp_init
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -58,42 +59,64 @@ def main(args, progress_factory=None, console=None) -> dict:
     y = ytr[perm].to(dev)
     Xt = (Xte[: args.test_size].to(dt) / 255.0).reshape(-1, X.shape[1]).to(dev)
     yt = yte[: args.test_size].to(dev)
-    solver = C.solver_from_args(args, alpha=1.0, divergence="ignore")
     rows, results = [], {"global": [], "per-weight": []}
+    metrics: dict = {"global": {}, "per-weight": {}}
+    resumed: list[str] = []
     adv = progress_factory("val-split", 2 * len(fractions) * 2 * args.iterations) if progress_factory else None
     for regime in ("global", "per-weight"):
         for f in fractions:
-            n_val = max(1, int(round(f * args.pool)))
-            train, val = (X[n_val:], y[n_val:]), (X[:n_val], y[:n_val])
-            common = dict(per_weight=regime == "per-weight", solver=solver, steps=args.iterations,
-                          interval=args.interval, lr=args.lr, hyper_lr=args.hyper_lr, batch_size=args.batch_size,
-                          seed=args.seed, progress=adv)
-            init = mlp_init([X.shape[1], 10], torch.Generator().manual_seed(args.seed), dtype=dt)
-            init = {k: v.to(dev) for k, v in init.items()}
-            tuner = WD.tune_weight_decay(mlp_forward, init, train, val, init_decay=args.init_decay, **common)
-            joint = tuner.history.diverged_at[0] is None
-            acc_joint = C.accuracy(mlp_forward(_member(tuner), Xt), yt) if joint else None
-            retrainer = WD.tune_weight_decay(mlp_forward, init, (X, y), val, raw=WD.tuned_raw(tuner),
-                                            **{**common, "tune": False})
-            ok = retrainer.history.diverged_at[0] is None
-            acc_re = C.accuracy(mlp_forward(_member(retrainer), Xt), yt) if ok else None
-            r = {"val_fraction": f, "n_train": args.pool - n_val, "n_val": n_val, "test_accuracy": acc_joint,
-                 "retrained_test_accuracy": acc_re, "weight_decay": WD.decay_summary(tuner)}
+            key = settings_key(args, drop=("fractions",), regime=regime, val_fraction=f)
+            r, again = cached_part(out / "parts" / f"{regime}-{f:g}.json", key,
+                                   lambda regime=regime, f=f: run_split(args, regime, f, X, y, Xt, yt, adv))
+            if again:
+                resumed.append(f"{regime} {f:g}")
+                if adv:
+                    adv(2 * args.iterations)
             results[regime].append(r)
-            rows.append([regime, f, args.pool - n_val, n_val, acc_joint, acc_re, r["weight_decay"]["median"]])
+            metrics[regime][f"{f:g}"] = {k: r[k] for k in ("test_accuracy", "retrained_test_accuracy",
+                                                           "val_accuracy")}
+            rows.append([regime, f, r["n_train"], r["n_val"], r["test_accuracy"], r["retrained_test_accuracy"],
+                         r["weight_decay"]["median"]])
     best = {reg: {kind: max((r for r in rs if r[kind] is not None), key=lambda r: r[kind], default={})
                   .get("val_fraction") for kind in ("test_accuracy", "retrained_test_accuracy")}
             for reg, rs in results.items()}
     doc = {"experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
            "config": C.config_of(args),
-           "metrics": {"best_val_fraction": best}, "results": results}
+           "metrics": {"best_val_fraction": best, **metrics}, "results": results, "resumed": resumed}
     C.write_results(out, doc)
     _plot(results, args.dataset, out / "val_split.png")
+    if resumed:
+        from rich.console import Console
+        (console or Console()).print(f"{NAME}: reused finished part(s) {', '.join(resumed)} from {out / 'parts'}")
     C.print_table(f"test accuracy of logistic regression on {args.dataset} vs validation fraction "
-                  f"(pool {args.pool}, {args.iterations} steps)",
+                  f"(pool {args.pool}, {args.iterations} steps, {solver_label(args)})",
                   ["regime", "val fraction", "n train", "n val", "test acc (joint)", "test acc (re-trained)",
                    "median decay"], rows, console)
     return doc
+
+
+def run_split(args, regime: str, f: float, X, y, Xt, yt, progress=None) -> dict:
+    """One regime (``global`` / ``per-weight``) at one validation fraction: tune, then re-train (JSON-ready)."""
+    from ..nets.mlp import mlp_forward, mlp_init
+
+    dev, dt = X.device, X.dtype
+    n_val = max(1, int(round(f * args.pool)))
+    train, val = (X[n_val:], y[n_val:]), (X[:n_val], y[:n_val])
+    common = dict(per_weight=regime == "per-weight", solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"),
+                  steps=args.iterations, interval=args.interval, lr=args.lr, hyper_lr=args.hyper_lr,
+                  batch_size=args.batch_size, seed=args.seed, progress=progress)
+    init = mlp_init([X.shape[1], 10], torch.Generator().manual_seed(args.seed), dtype=dt)
+    init = {k: v.to(dev) for k, v in init.items()}
+    tuner = WD.tune_weight_decay(mlp_forward, init, train, val, init_decay=args.init_decay, **common)
+    joint = tuner.history.diverged_at[0] is None
+    acc_joint = C.accuracy(mlp_forward(_member(tuner), Xt), yt) if joint else None
+    acc_val = C.accuracy(mlp_forward(_member(tuner), val[0]), val[1]) if joint else None
+    retrainer = WD.tune_weight_decay(mlp_forward, init, (X, y), val, raw=WD.tuned_raw(tuner),
+                                     **{**common, "tune": False})
+    ok = retrainer.history.diverged_at[0] is None
+    acc_re = C.accuracy(mlp_forward(_member(retrainer), Xt), yt) if ok else None
+    return {"val_fraction": f, "n_train": args.pool - n_val, "n_val": n_val, "test_accuracy": acc_joint,
+            "retrained_test_accuracy": acc_re, "val_accuracy": acc_val, "weight_decay": WD.decay_summary(tuner)}
 
 
 def _member(tuner) -> dict:
