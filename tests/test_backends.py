@@ -38,6 +38,55 @@ def test_backends_agree(loss_name, backend):
     torch.testing.assert_close(got["wd"], ref["wd"], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["func", "compile"])
+def test_backends_agree_on_update_maps(backend):
+    """update= (Clarke et al.): SGD with momentum state and per-weight learning rates, non-symmetric J."""
+    from bilevel.updates import SGD
+
+    loss, y, yv = LOSSES["mse"]
+    rule = SGD(momentum=0.9)
+    p = {"W1": W1, "W2": W2}
+    state = rule.init_state(p)
+    state["momentum_buffer"] = {k: 0.1 * torch.ones_like(v) for k, v in p.items()}
+    state["step"] = state["step"] + 3
+
+    def update(q, h):
+        g = torch.func.grad(lambda r: loss(net(r, X), y))(q)
+        lr = {k: 10 ** h["log_lr"] * torch.ones_like(v) for k, v in q.items()}
+        return rule(q, g, {"lr": lr, "momentum": torch.sigmoid(h["m"]), "weight_decay": 10 ** h["log_wd"]}, state)[0]
+
+    def outer(q, h):
+        return loss(net(q, Xv), yv)
+
+    h = {"log_lr": torch.tensor(-1.0, dtype=D), "m": torch.tensor(0.5, dtype=D), "log_wd": torch.tensor(-3.0, dtype=D)}
+    ref = B.hypergradient(outer, p, h, update=update, solver=B.Neumann(5, alpha=1.0))
+    got = B.hypergradient(outer, p, h, update=update, solver=B.Neumann(5, alpha=1.0), backend=backend)
+    for k in h:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_programs_are_cached_per_function_and_bounded(monkeypatch):
+    from bilevel.hypergradient import _CompiledOperator
+
+    monkeypatch.setattr(_CompiledOperator, "cache_size", 2)
+
+    def outer(p, h):
+        return (p["w"] ** 2).sum()
+
+    def inner(p, h):
+        return ((p["w"] - h["c"]) ** 2).sum()
+
+    p, h = {"w": torch.ones(3, dtype=D)}, {"c": torch.zeros(3, dtype=D)}
+    _CompiledOperator._cache.clear()
+    for _ in range(3):  # the same function: compiled once
+        B.hypergradient(outer, p, h, inner=inner, solver=B.Neumann(2, alpha=0.25), backend="compile")
+    assert list(_CompiledOperator._cache) == [inner]
+    for i in range(4):  # fresh closures: the table stays bounded
+        B.hypergradient(outer, p, h, inner=lambda p, h, i=i: inner(p, h) * (1 + i), solver=B.Identity(),
+                        backend="compile")
+    assert len(_CompiledOperator._cache) == 2
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         B.hypergradient(lambda p, h: p["w"].sum(), {"w": torch.ones(2)}, {"l": torch.ones(1)},

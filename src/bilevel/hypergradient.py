@@ -18,6 +18,7 @@ The vector dL_V/dw (J + eps I)^{-1} is delegated to a solver from
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -100,31 +101,43 @@ class _FuncOperator:
 
 
 class _CompiledOperator(_FuncOperator):
-    """Products from a ``torch.compile``-d ``vjp`` of the residual, recomputed per product.
+    """Products from ``torch.compile``-d vector-Jacobian products of the residual, recomputed per product.
 
-    Each product re-runs the forward and backward of r (no graph is kept) as one
-    compiled program; the compiled program is cached per user function
-    (``inner``/``update``), so the tuner compiles once. On this CPU the eager graph
-    reuse of ``"autograd"`` measured faster (docs/benchmarks.md); on a GPU the
-    compiled path is usually the faster one. The first call pays the compilation.
+    Two compiled programs: x -> x^T dr/dw (every solver step) and x -> x^T dr/dlambda
+    (once per hypergradient), each re-running the forward and backward of r (no graph
+    is kept). They are cached per user function (``inner``/``update``; the same
+    object compiles once) in a table of the ``cache_size`` most recently used
+    functions, so a loop that builds a new closure every call does not grow memory. On this CPU the eager graph reuse of
+    ``"autograd"`` measured as fast or faster (docs/benchmarks.md); compiling pays off
+    mostly on a GPU. The first call pays the compilation.
     """
 
-    _cache: dict[Callable, Callable] = {}
+    cache_size = 8
+    _cache: "OrderedDict[Callable, tuple[Callable, Callable]]" = OrderedDict()
 
     def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Tree, hparams: Tree, key: Callable) -> None:
-        fn = self._cache.get(key)
-        if fn is None:
-            def products(p: Tree, h: Tree, x: Tree) -> tuple[Tree, Tree]:
-                return torch.func.vjp(residual_fn, p, h)[1](x)
-            fn = self._cache[key] = torch.compile(products, dynamic=False)
-        self._products, self.params, self.hparams = fn, dict(params), dict(hparams)
+        fns = self._cache.get(key)
+        if fns is None:
+            def wrt_params(p: Tree, h: Tree, x: Tree) -> Tree:
+                return torch.func.vjp(lambda q: residual_fn(q, h), p)[1](x)[0]
+
+            def wrt_hparams(p: Tree, h: Tree, x: Tree) -> Tree:
+                return torch.func.vjp(lambda g: residual_fn(p, g), h)[1](x)[0]
+
+            fns = (torch.compile(wrt_params, dynamic=False), torch.compile(wrt_hparams, dynamic=False))
+            self._cache[key] = fns
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        self._wrt_params, self._wrt_hparams = fns
+        self.params, self.hparams = dict(params), dict(hparams)
         self.r = residual_fn(self.params, self.hparams)
 
     def rmatvec(self, x: Tree) -> Tree:
-        return self._checked(self._products(self.params, self.hparams, x)[0])
+        return self._checked(self._wrt_params(self.params, self.hparams, x))
 
     def hparam_vjp(self, x: Tree) -> Tree:
-        return self._products(self.params, self.hparams, x)[1]
+        return self._wrt_hparams(self.params, self.hparams, x)
 
     def matvec(self, x: Tree) -> Tree:
         raise ValueError("ConjugateGradient(normal_equations=True) needs backend='autograd' or 'func', not 'compile'")

@@ -5,12 +5,16 @@ L2 ``1/2 sum lambda_i w_i^2``, ``log10 lambda`` the raw hyperparameter) is tuned
 (``--interval`` SGD steps, then one hyperparameter step with the ``--solver`` hypergradient).
 Every ``--compare-every`` hyperparameter steps, at the current weights, the hypergradient with the
 exact inverse Hessian (dense solve) is compared with Neumann (Alg. 3, ``alpha = 1/lambda_max(H)``)
-and conjugate gradient for ``0..--max-steps`` terms / iterations: cosine similarity and L2 distance.
+and conjugate gradient for ``0..--max-steps`` steps / iterations (Neumann with k steps sums k + 1 terms,
+``alpha * sum_{j=0..k} (I - alpha H)^j``): cosine similarity and L2 distance.
 
 Part 2 (Fig. 4). A one-hidden-layer tanh network on the same data is trained to a minimum of the
 training loss (plus a fixed L2, ``--net-decay``, so the Hessian is positive definite); its inverse Hessian
-``H^-1``, the identity approximation and Neumann with 1, 5 and 20 terms (rows obtained by applying
-the library's solvers to unit vectors) are drawn as heat maps of ``tanh`` of their entries.
+``H^-1``, the identity approximation and Neumann with 1, 5 and 20 steps (2, 6 and 21 terms; rows obtained
+by applying the library's solvers to unit vectors) are drawn as heat maps of ``tanh`` of their entries.
+A Hessian that is not positive definite (an unconverged ``--train-steps``, or the exact reference of
+part 1) is reported: a warning on the console and ``metrics.hessian_positive_definite`` /
+``metrics.hessian_min_eigenvalue`` (and ``reference_*`` for part 1) in results.json.
 
 Computed in float64 whatever ``--dtype`` says: the study measures approximation error against an
 exact solve.
@@ -51,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--net-decay", type=float, default=0.1,
                    help="fixed L2 of the Fig. 4 network (default 0.1; keeps its Hessian positive definite)")
     p.add_argument("--train-steps", type=int, default=3000, help="Adam steps to train the Fig. 4 network")
-    p.add_argument("--neumann-terms", default="1,5,20", help="Neumann step counts for the Fig. 4 heat maps")
+    p.add_argument("--neumann-terms", default="1,5,20",
+                   help="comma-separated Neumann step counts k of the Fig. 4 heat maps (k steps = k + 1 terms of "
+                        "the series; the option keeps its old name)")
 
 
 def _cos_l2(a: dict, b: dict) -> tuple[float | None, float]:
@@ -62,11 +68,16 @@ def _cos_l2(a: dict, b: dict) -> tuple[float | None, float]:
 
 
 def compare(outer, inner, params, raw, max_steps: int, alpha: float | None = None) -> dict:
-    """Cosine and L2 distance of Neumann/CG hypergradients (0..max_steps) to the exact one at ``params``."""
+    """Cosine and L2 distance of Neumann (0..max_steps steps, k + 1 terms) and CG (0..max_steps iterations)
+    hypergradients to the exact one at ``params``; ``min_eigenvalue`` is that of the Hessian the exact
+    hypergradient inverts."""
     exact = hypergradient(outer, params, raw, inner=inner, solver=Exact())
+    op, _, _ = linearise(params, raw, inner=inner)
+    Hd = dense_jacobian(op, params)
     a = alpha if alpha is not None else 1.0 / largest_eigenvalue(params, raw, inner=inner, iters=100)
     out: dict = {"neumann": {"cosine": [], "l2": []}, "cg": {"cosine": [], "l2": []}, "alpha": a,
-                 "exact_norm": float(T.norm(exact))}
+                 "exact_norm": float(T.norm(exact)),
+                 "min_eigenvalue": float(torch.linalg.eigvalsh(0.5 * (Hd + Hd.T)).min())}
     for k in range(max_steps + 1):
         for name, solver in (("neumann", Neumann(k, alpha=a, divergence="ignore")), ("cg", ConjugateGradient(k))):
             g = hypergradient(outer, params, raw, inner=inner, solver=solver)
@@ -82,6 +93,14 @@ def solver_matrix(solver, op, like: dict) -> torch.Tensor:
     ref = T.flatten(like)
     eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
     return torch.stack([T.flatten(solver(op, T.unflatten(eye[i], like))) for i in range(n)])
+
+
+def approximation_label(name: str) -> str:
+    """``neumann-<k>`` (the results key) in words: k Neumann steps are k + 1 terms of the series."""
+    if name.startswith("neumann-"):
+        k = int(name.split("-", 1)[1])
+        return f"neumann, {k} step{'s' * (k != 1)} ({k + 1} terms)"
+    return name
 
 
 def _mean(vals):
@@ -169,22 +188,41 @@ def main(args, progress_factory=None, console=None) -> dict:
     eig = torch.linalg.eigvalsh(H)
     inv = torch.linalg.inv(H)
     a = 1.0 / float(eig.max())
-    terms = [int(x) for x in args.neumann_terms.split(",") if x.strip()]
+    steps = [int(x) for x in args.neumann_terms.split(",") if x.strip()]
     mats = {"exact": inv, "identity": solver_matrix(Identity(), op, nw)}
-    for k in terms:
+    for k in steps:   # key "neumann-<k steps>" (k + 1 terms), as in earlier results files
         mats[f"neumann-{k}"] = solver_matrix(Neumann(k, alpha=a, divergence="ignore"), op, nw)
     rel = {name: float((m - inv).norm() / inv.norm()) for name, m in mats.items()}
-    save_heatmaps(list(mats.values()), [f"{n}" for n in mats], out / "inverse_hessian.png", transform=np.tanh,
+    save_heatmaps(list(mats.values()), [approximation_label(n) for n in mats], out / "inverse_hessian.png", transform=np.tanh,
                   title=f"tanh of inverse-Hessian approximations, 1-hidden-layer net ({H.shape[0]} weights)")
     _plot_fig3(cosine, l2, checkpoints, out / "hypergradient_approximations.png")
+
+    from rich.console import Console
+    console = console or Console()
+    pd = bool(eig.min() > 0)
+    ref_min = min(c["min_eigenvalue"] for c in checkpoints)
+    ref_pd = ref_min > 0
+    if not pd:
+        console.print(f"[yellow]warning: Hessian not positive definite[/] (Fig. 4 network, {H.shape[0]} weights: "
+                      f"smallest eigenvalue {float(eig.min()):.3g}, {int((eig <= 0).sum())} eigenvalue(s) <= 0). "
+                      f"The network is not at a minimum of its training loss (train it longer, --train-steps "
+                      f"{args.train_steps}, or raise --net-decay {args.net_decay}); the 'exact' heat map is the "
+                      f"inverse of an indefinite matrix and Neumann's alpha = 1/lambda_max does not converge to it.")
+    if not ref_pd:
+        console.print(f"[yellow]warning: Hessian not positive definite[/] (linear model, the exact IFT reference of "
+                      f"part 1: smallest eigenvalue {ref_min:.3g} over {len(checkpoints)} comparison points); the "
+                      f"'exact' hypergradient there inverts an indefinite (or singular) matrix.")
 
     doc = {
         "experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
         "config": C.config_of(args),
         "metrics": {"cosine": cosine, "l2": l2, "inverse_relative_error": rel,
-                    "final_val_loss": val_curve[-1], "initial_val_loss": val_curve[0]},
+                    "final_val_loss": val_curve[-1], "initial_val_loss": val_curve[0],
+                    "hessian_min_eigenvalue": float(eig.min()), "hessian_positive_definite": pd,
+                    "reference_hessian_min_eigenvalue": ref_min, "reference_hessian_positive_definite": ref_pd},
         "curves": {"val_loss": val_curve, "checkpoints": checkpoints},
-        "hessian": {"size": H.shape[0], "eig_min": float(eig.min()), "eig_max": float(eig.max()), "alpha": a},
+        "hessian": {"size": H.shape[0], "eig_min": float(eig.min()), "eig_max": float(eig.max()), "alpha": a,
+                    "positive_definite": pd, "negative_eigenvalues": int((eig < 0).sum())},
     }
     C.write_results(out, doc)
     show = sorted({0, 1, 2, 5, 10, 20, args.max_steps} & set(ks))
@@ -195,8 +233,10 @@ def main(args, progress_factory=None, console=None) -> dict:
                     l2["neumann"][str(k)], l2["cg"][str(k)]]
                    for k in show], console)
     C.print_table(f"inverse Hessian of a 1-hidden-layer net ({H.shape[0]} weights, eigenvalues "
-                  f"{float(eig.min()):.3g}..{float(eig.max()):.3g}): ||M - H^-1||_F / ||H^-1||_F",
-                  ["approximation", "relative error"], [[n, v] for n, v in rel.items()], console)
+                  f"{float(eig.min()):.3g}..{float(eig.max()):.3g}"
+                  f"{'' if pd else ', NOT positive definite'}): ||M - H^-1||_F / ||H^-1||_F",
+                  ["approximation", "relative error"],
+                  [[approximation_label(n), v] for n, v in rel.items()], console)
     return doc
 
 
@@ -211,15 +251,15 @@ def _plot_fig3(cosine: dict, l2: dict, checkpoints: list[dict], path: Path) -> N
         ks = [int(k) for k in cosine[meth]]
         axes[0].plot(ks, [float("nan") if v is None else v for v in cosine[meth].values()], style, label=meth)
         axes[1].plot(ks, list(l2[meth].values()), style, label=meth)
-    axes[0].set(xlabel="Neumann terms / CG iterations", ylabel="cosine similarity to exact", title="direction")
-    axes[1].set(xlabel="Neumann terms / CG iterations", ylabel="L2 distance to exact", yscale="log",
+    axes[0].set(xlabel="Neumann steps / CG iterations", ylabel="cosine similarity to exact", title="direction")
+    axes[1].set(xlabel="Neumann steps / CG iterations", ylabel="L2 distance to exact", yscale="log",
                 title="magnitude")
     for meth, style in (("neumann", "-"), ("cg", "--")):
         for k in (1, 5, 20):
             if k < len(checkpoints[0][meth]["cosine"]):
                 axes[2].plot([c["hyper_step"] for c in checkpoints],
                              [float("nan") if c[meth]["cosine"][k] is None else c[meth]["cosine"][k]
-                              for c in checkpoints], style, label=f"{meth} {k}")
+                              for c in checkpoints], style, label=f"{meth} {k} {'steps' if meth == 'neumann' else 'iterations'}")
     axes[2].set(xlabel="hyperparameter step of Algorithm 1", ylabel="cosine similarity", title="along the run")
     for ax in axes:
         ax.legend(fontsize=7)

@@ -13,7 +13,7 @@ Settings (``--settings``):
 The first three run Algorithm 1 (:class:`bilevel.online.Algorithm1`): ``--interval``
 SGD steps (learning rate ``--lr``, gradient norm clipped to ``--clip``, AWD-LSTM's 30 and 0.25),
 then one Adam step on the raw (logit / log10) hyperparameters along the IFT hypergradient with
-``--terms`` Neumann terms on the update map. Dropout is concrete dropout
+``--terms`` K Neumann steps (K + 1 terms of the series) on the update map. Dropout is concrete dropout
 (:mod:`bilevel.dropout`) with one uniform-noise draw per training step, reused by the
 hypergradient of that step, so the training loss is a deterministic function of (w, lambda).
 The validation loss (for the hypergradient and the reported perplexities) uses no dropout.
@@ -37,6 +37,7 @@ from .._io import atomic_write_json
 from ..errors import NonFiniteError
 from ..updates import SGD
 from ..online import Algorithm1, loss_step_map
+from ._parts import cached_part, settings_key
 
 NAME = "lstm"
 HELP = "Lorraine et al. Table 4 / Fig. 8: tune AWD-LSTM dropout/DropConnect/AR/TAR (scalar or per unit/weight) on PTB"
@@ -114,8 +115,8 @@ def run_overfit(a, corpus, progress=None) -> dict:
     Weights: Adam (``--overfit-lr``) on the cross-entropy plus ``1/2 sum lambda_i w_i^2``
     (coupled L2, as ``torch.optim.Adam``'s weight decay), full batch. Decays: log10 space,
     initial ``--overfit-wd``, clipped to ``[1e-12, --overfit-max-decay]``, an Adam step
-    (``--overfit-hyper-lr``) along the IFT hypergradient (``--overfit-terms`` Neumann terms on
-    the Adam update map; 0 = identity) every ``--overfit-interval`` weight steps, by
+    (``--overfit-hyper-lr``) along the IFT hypergradient (``--overfit-terms`` K Neumann steps, K + 1
+    terms, on the Adam update map; 0 = identity) every ``--overfit-interval`` weight steps, by
     :class:`bilevel.tuner.OnlineTuner`. The same training without hyperparameter steps is the
     baseline (``"none"``), so the drop of the validation loss is attributable to the decays.
     """
@@ -168,7 +169,8 @@ def _plot(doc: dict, out: Path) -> None:
         ax.plot([c["step"] for c in r["curve"]], [c["train_loss"] for c in r["curve"]], label=r["setting"])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (with dropout)")
-    ax.legend()
+    if rows:
+        ax.legend()
     ax = fig.add_subplot(1, 3, 2)
     for r in rows:
         for name in ("dropoute", "dropouti", "dropouth", "dropouto", "wdrop"):
@@ -176,7 +178,8 @@ def _plot(doc: dict, out: Path) -> None:
                     label=f"{r['setting']}:{name}", ls="-" if r["setting"] == "scalar" else "--")
     ax.set_xlabel("step")
     ax.set_ylabel("mean dropout rate")
-    ax.legend(fontsize=6)
+    if rows:
+        ax.legend(fontsize=6)
     if ov is not None:
         ax = fig.add_subplot(1, 3, 3)
         ax.plot(ov["step"], ov["train_loss"], label="train")
@@ -225,7 +228,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (AWD-LSTM)")
     p.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping (AWD-LSTM)")
     p.add_argument("--interval", type=int, default=10, help="weight steps between hyperparameter steps")
-    p.add_argument("--terms", type=int, default=3, help="Neumann terms of the IFT hypergradient")
+    p.add_argument("--terms", type=int, default=3,
+                   help="K: Neumann steps of the IFT hypergradient (Neumann(steps=K) sums K + 1 terms)")
     p.add_argument("--hyper-lr", type=float, default=0.01, help="Adam learning rate of the raw hyperparameters "
                    "(paper: 0.001 over a much longer run)")
     p.add_argument("--init-rate", type=float, default=0.5, help="initial dropout/DropConnect rates (paper: 0.5)")
@@ -241,11 +245,44 @@ def add_arguments(p) -> None:
     p.add_argument("--overfit-max-decay", type=float, default=10.0, help="decays are clipped to [1e-12, this]")
     p.add_argument("--overfit-hyper-lr", type=float, default=0.1, help="Adam learning rate of log10 decays")
     p.add_argument("--overfit-interval", type=int, default=1, help="weight steps between hyperparameter steps")
-    p.add_argument("--overfit-terms", type=int, default=0, help="Neumann terms (0: identity, J^-1 ~ I)")
+    p.add_argument("--overfit-terms", type=int, default=0,
+                   help="K: Neumann steps (K + 1 terms of the series) of the Fig. 8 hypergradient; 0 = the identity "
+                        "approximation J^-1 ~ I")
     p.add_argument("--overfit-record-every", type=int, default=20, help="record Fig. 8 losses every N steps")
 
 
+#: the options the Fig. 8 check depends on (besides the ``--overfit-*`` ones)
+OVERFIT_SHARED = ("bptt", "layers", "seed", "dtype", "device")
+
+
+def part_key(a, setting: str) -> dict:
+    """The options that produced one setting's result: the ``--overfit-*`` options (and :data:`OVERFIT_SHARED`)
+    for ``overfit``, all the others for ``none`` / ``scalar`` / ``many``."""
+    names = [k for k in vars(a) if k.startswith("overfit_")]
+    if setting == "overfit":
+        return settings_key(a, keep=(*names, *OVERFIT_SHARED), setting=setting)
+    return settings_key(a, drop=("settings", *names), setting=setting)
+
+
+def metrics_of(results: dict) -> dict:
+    """``metrics.<setting>``: perplexities (``none`` / ``scalar`` / ``many``) or the Fig. 8 validation losses
+    (``overfit``), seconds and the number of hyperparameters."""
+    out = {}
+    for name, r in results.items():
+        row = {"seconds": r.get("seconds"), "num_hyperparameters": r.get("n_hyperparameters"),
+               "diverged_at": r.get("diverged_at")}
+        if name == "overfit":
+            row.update({k: r.get(k) for k in ("initial_val_loss", "final_val_loss", "min_val_loss",
+                                              "final_train_loss", "none_final_val_loss", "none_final_train_loss")})
+        else:
+            row.update({"val_ppl": r.get("val_ppl"), "test_ppl": r.get("test_ppl")})
+        out[name] = row
+    return out
+
+
 def main(a, progress_factory=None, console=None) -> dict:
+    """Every setting is one part (``out/parts/<setting>.json``, keyed by :func:`part_key`): re-running the same
+    command skips the settings already finished; changing an option they depend on recomputes them."""
     from ..data.ptb import load_ptb
 
     settings = [s.strip() for s in a.settings.split(",") if s.strip()]
@@ -255,15 +292,24 @@ def main(a, progress_factory=None, console=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_ptb(a.data_dir)
-    results = {}
+    results, resumed = {}, []
     start = time.perf_counter()
     for s in settings:
-        total = 2 * a.overfit_steps if s == "overfit" else a.steps
-        advance = progress_factory(f"lstm {s}", total) if progress_factory else None
-        results[s] = run_overfit(a, corpus, advance) if s == "overfit" else run_setting(a, s, corpus, advance)
+        def compute(s=s):
+            total = 2 * a.overfit_steps if s == "overfit" else a.steps
+            advance = progress_factory(f"lstm {s}", total) if progress_factory else None
+            return run_overfit(a, corpus, advance) if s == "overfit" else run_setting(a, s, corpus, advance)
+
+        results[s], again = cached_part(out / "parts" / f"{s}.json", part_key(a, s), compute)
+        if again:
+            resumed.append(s)
     doc = {"experiment": NAME, "config": {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))},
-           "results": results, "seconds": time.perf_counter() - start}
+           "metrics": metrics_of(results), "results": results, "resumed": resumed,
+           "seconds": time.perf_counter() - start}
     atomic_write_json(out / "results.json", doc, indent=1)
     _plot(doc, out)
+    if resumed:
+        from rich.console import Console
+        (console or Console()).print(f"{NAME}: reused finished setting(s) {', '.join(resumed)} from {out / 'parts'}")
     _print(doc, console)
     return doc
