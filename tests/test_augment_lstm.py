@@ -23,6 +23,15 @@ def test_augment_cli_smoke(tmp_path, data_dir):
         # the augmenter moves only with hyperparameter optimisation
         assert (r["augmenter_change"] == 0.0) == (m == "none")
     assert (tmp_path / "augmentations.png").exists()
+    # metrics.<method>: the 10-augmented-sample accuracies as headline numbers, plain ones beside them
+    fields = {"val_accuracy", "test_accuracy", "val_accuracy_sd", "test_accuracy_sd", "val_accuracy_plain",
+              "test_accuracy_plain", "val_accuracy_plain_sd", "test_accuracy_plain_sd", "diverged", "seeds"}
+    assert set(doc["metrics"]) == set(doc["summary"])
+    for m, met in doc["metrics"].items():
+        assert set(met) == fields and met["diverged"] == 0 and met["seeds"] == 1
+        assert met["test_accuracy"] == doc["runs"][m][0]["test_acc_aug"] == doc["summary"][m]["test_acc_aug"]["mean"]
+        assert met["val_accuracy_plain"] == doc["runs"][m][0]["val_acc"]
+        assert met["test_accuracy_sd"] is None          # one seed: no standard deviation
 
 
 def test_augment_missing_cifar_is_a_clear_error(tmp_path):
@@ -52,3 +61,11 @@ def test_lstm_cli_smoke(tmp_path, data_dir):
     assert len(ov["val_loss"]) == 2 and all(math.isfinite(v) for v in ov["val_loss"] + ov["none_val_loss"])
     assert ov["n_hyperparameters"] == ov["n_weights"]
     assert (tmp_path / "lstm.png").exists()
+    met = doc["metrics"]
+    assert set(met) == set(res)
+    for s in ("none", "scalar", "many"):
+        assert {"val_ppl", "test_ppl", "seconds", "num_hyperparameters"} <= set(met[s])
+        assert met[s]["val_ppl"] == res[s]["val_ppl"] and met[s]["num_hyperparameters"] == res[s]["n_hyperparameters"]
+    assert met["overfit"]["final_val_loss"] == ov["val_loss"][-1]
+    assert met["overfit"]["initial_val_loss"] == ov["initial_val_loss"]
+    assert met["overfit"]["num_hyperparameters"] == ov["n_weights"] and met["overfit"]["seconds"] > 0

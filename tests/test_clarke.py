@@ -149,3 +149,28 @@ def test_image_inputs_are_standardised_with_training_statistics():
         assert torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="image_scaling"):
         clarke.load_problem(clarke.ClarkeConfig(dataset="digits", image_scaling="minmax"))
+
+
+def test_cli_model_lm_size_test_fraction_and_batch_defaults(tmp_path, data_dir):
+    """The CLI reaches every configuration: --model, --lm-size, --test-fraction; CIFAR-10 batches of 100."""
+    p = cli.build_parser()
+    a = p.parse_args(["run", "clarke", "--dataset", "ptb", "--lm-size", "paper", "--out", str(tmp_path)])
+    cfg = clarke.config_from_args(a)
+    assert (cfg.lm_size, cfg.model, cfg.batch_size) == ("paper", "auto", None)  # the LM size's own batch (40)
+    assert clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "cifar10", "--out", "x"])).batch_size == 100
+    assert clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "fashion-mnist", "--out", "x"])).batch_size == 50
+    # a UCI test share of 20% instead of Clarke's split files: 768 Energy rows -> 154 test rows
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=1, steps=1, test_fraction=0.2,
+                              data_dir=str(data_dir))
+    prob = clarke.load_problem(cfg)
+    assert len(prob.test[0]) == 154 and len(prob.train[0]) + len(prob.val[0]) == 768 - 154
+    with pytest.raises(ValueError, match="does not fit"):
+        clarke.load_problem(clarke.ClarkeConfig(dataset="energy", model="lstm", data_dir=str(data_dir)))
+    with pytest.raises(ValueError, match="test-fraction applies to the UCI sets"):
+        clarke.load_problem(clarke.ClarkeConfig(dataset="digits", test_fraction=0.2))
+
+
+def test_random_3batched_needs_three_inits(tmp_path, data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random-3batched"], inits=2, steps=1, data_dir=str(data_dir))
+    with pytest.raises(ValueError, match="needs --inits >= 3"):
+        clarke.run(cfg, tmp_path)

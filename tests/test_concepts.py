@@ -196,9 +196,85 @@ def test_warm_partial_alternating_is_algorithm_1(ls):
     torch.testing.assert_close(opt.params["w"], w, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("alias,canonical", [
+    ("cold", "cold"), ("cold-start", "cold"), ("Cold_Start", "cold"), ("cold start", "cold"),
+    ("warm-full", "warm-full"), ("warm-start-full", "warm-full"), ("warm_start_full", "warm-full"),
+    ("warm-partial", "warm-partial"), ("warm-start-partial", "warm-partial"), ("warm_partial", "warm-partial"),
+    ("warm-start", "warm-partial"), ("warm_start", "warm-partial"), ("warm", "warm-partial"), ("online", "warm-partial"),
+])
+def test_concept_aliases_store_the_canonical_name(alias, canonical):
+    assert C.canonical_concept(alias) == canonical
+    c = C.concept(alias, inner_lr=0.1)
+    assert c.name == canonical and c == C.concept(canonical, inner_lr=0.1)
+
+
+@pytest.mark.parametrize("alias,canonical", [
+    ("unroll", "unroll"), ("unrolling", "unroll"), ("Unrolled", "unroll"), ("neumann", "neumann"),
+    ("neumann_series", "neumann"), ("proximal", "proximal"), ("prox", "proximal"),
+    ("implicit", "proximal"), ("IFT", "proximal"), ("exact", "proximal"), ("min_norm", "proximal"),
+])
+def test_method_aliases_store_the_canonical_name(alias, canonical):
+    assert C.canonical_method(alias) == canonical
+    assert C.method(alias).name == canonical
+
+
+def test_implicit_alias_is_the_min_norm_ift(ls):
+    """``implicit`` / ``ift``: proximal, eps = 0, dense solve -- the pseudoinverse Phi^+ on the singular H."""
+    for name in ("implicit", "ift"):
+        m = C.method(name)
+        assert (m.name, m.eps, m.cg_steps) == ("proximal", 0.0, None) and m == C.method("proximal", eps=0.0)
+        J = C.response_jacobian(m, ls["inner"], {"w": ls["w0"]}, {"y": ls["y"]})
+        torch.testing.assert_close(J, torch.linalg.pinv(ls["Phi"]), rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="exact min-norm IFT"):
+        C.method("ift", eps=0.1)
+    with pytest.raises(ValueError, match="exact min-norm IFT"):
+        C.method("implicit", cg_steps=5)
+
+
+def test_each_concepts_table1_response_method_is_the_closed_form(ls):
+    """cold / warm-full: the min-norm IFT, Phi^+; warm-partial (K steps of lr): (H + eps I)^-1 Phi^T with
+    eps = 1/(K lr); prox_eps > 0: that eps."""
+    Phi, H = ls["Phi"], ls["H"]
+    p, h = {"w": ls["w0"]}, {"y": ls["y"]}
+    pinv = torch.linalg.pinv(Phi)
+    eye = torch.eye(8, dtype=D)
+    for name in ("cold", "warm-full", "cold-start", "warm-start-full"):
+        m = C.concept(name, inner_lr=0.1).response_method()
+        assert (m.name, m.eps, m.cg_steps) == ("proximal", 0.0, None), name
+        torch.testing.assert_close(C.response_jacobian(m, ls["inner"], p, h), pinv, rtol=1e-9, atol=1e-10)
+    a, K = 0.02 / ls["lam_max"], 3
+    part = C.concept("warm-start", inner_lr=a, inner_steps=K)
+    m = part.response_method()
+    assert m.name == "proximal" and m.eps == pytest.approx(1 / (K * a), rel=1e-12)
+    J = C.response_jacobian(m, ls["inner"], p, h)
+    torch.testing.assert_close(J, torch.linalg.solve(H + m.eps * eye, Phi.T), rtol=1e-10, atol=1e-12)
+    # it is the Jacobian of the K steps actually taken, to first order in K lr lambda_max (= 0.06 here),
+    # and far from the converged (min-norm) answer
+    J_steps = C.response_jacobian(C.method("unroll", steps=K, lr=a), ls["inner"], p, h)
+    rel = float((J - J_steps).norm() / J_steps.norm())
+    assert rel < K * a * ls["lam_max"], rel
+    assert float((pinv - J_steps).norm()) > 10 * float((J - J_steps).norm())
+    for factor in (0.5, 2.0):  # eps = 1/(K lr) is the right scale: off by 2 is >10x worse
+        J_off = C.response_jacobian(C.method("proximal", eps=factor * m.eps), ls["inner"], p, h)
+        assert float((J_off - J_steps).norm()) > 10 * float((J - J_steps).norm()), factor
+    # the CG solve agrees; prox_eps overrides
+    J_cg = C.response_jacobian(part.response_method(cg_steps=50), ls["inner"], p, h)
+    torch.testing.assert_close(J_cg, J, rtol=1e-8, atol=1e-10)
+    for name in ("warm-full", "warm-partial", "cold"):
+        m = C.concept(name, inner_lr=a, inner_steps=K, prox_eps=0.7).response_method()
+        assert m.eps == 0.7
+        torch.testing.assert_close(C.response_jacobian(m, ls["inner"], p, h),
+                                   torch.linalg.solve(H + 0.7 * eye, Phi.T), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="min-norm"):
+        C.concept("cold", inner_lr=0.1).response_method(cg_steps=10)
+    assert set(C.TABLE1_RESPONSE) == set(C.CONCEPTS)
+
+
 def test_bad_names_and_settings_are_refused():
     with pytest.raises(ValueError, match="unknown hypergradient method"):
-        C.method("implicit")
+        C.method("implicitly")
+    with pytest.raises(ValueError, match="unknown hypergradient method"):
+        C.method("cold")
     with pytest.raises(ValueError, match="unknown solution concept"):
         C.concept("lukewarm", inner_lr=0.1)
     with pytest.raises(ValueError, match="eps must be > 0"):

@@ -79,6 +79,27 @@ def test_inverse_study_cli(tmp_path, data_dir):
     assert cos["cg"]["0"] is None and -1 <= cos["neumann"]["0"] <= 1
     assert doc["metrics"]["inverse_relative_error"]["exact"] == 0.0
     assert (tmp_path / "inverse_hessian.png").exists() and (tmp_path / "hypergradient_approximations.png").exists()
+    # the linear model's Hessian (the exact reference) is positive definite and reported so
+    m = doc["metrics"]
+    assert m["reference_hessian_positive_definite"] is True and m["reference_hessian_min_eigenvalue"] > 0
+
+
+def test_inverse_study_warns_when_the_hessian_is_not_positive_definite(tmp_path, data_dir, capsys):
+    """30 Adam steps leave the Fig. 4 network far from a minimum: its Hessian has a negative eigenvalue, which
+    the study must say (console and results.json) instead of inverting it silently."""
+    doc = _run(tmp_path, "inverse-study", "--data-dir", str(data_dir), "--hyper-steps", "1", "--interval", "2",
+               "--compare-every", "1", "--max-steps", "2", "--train-steps", "30", "--hidden", "3",
+               "--neumann-terms", "1")
+    m = doc["metrics"]
+    assert m["hessian_positive_definite"] is False and m["hessian_min_eigenvalue"] < 0
+    assert m["hessian_min_eigenvalue"] == doc["hessian"]["eig_min"] and doc["hessian"]["negative_eigenvalues"] >= 1
+    out = capsys.readouterr().out
+    assert "warning: Hessian not positive definite" in out
+    # trained to its minimum (the default 3000 steps) the same network's Hessian is positive definite: no warning
+    doc = _run(tmp_path / "ok", "inverse-study", "--data-dir", str(data_dir), "--hyper-steps", "1", "--interval", "2",
+               "--compare-every", "1", "--max-steps", "2", "--hidden", "3", "--neumann-terms", "1")
+    assert doc["metrics"]["hessian_positive_definite"] is True and doc["metrics"]["hessian_min_eigenvalue"] > 0
+    assert "not positive definite" not in capsys.readouterr().out
 
 
 def test_distill_cli(tmp_path, data_dir):
@@ -106,6 +127,15 @@ def test_val_split_cli(tmp_path, data_dir):
         (r,) = doc["results"][regime]
         assert r["n_val"] == 150 and 0 <= r["test_accuracy"] <= 1 and 0 <= r["retrained_test_accuracy"] <= 1
     assert doc["results"]["per-weight"][0]["weight_decay"]["count"] == 7850
+    # metrics.<regime>.<fraction>, beside the older best_val_fraction
+    m = doc["metrics"]
+    assert set(m) == {"best_val_fraction", "global", "per-weight"}
+    for regime in ("global", "per-weight"):
+        (r,) = doc["results"][regime]
+        assert set(m[regime]) == {"0.5"}
+        assert m[regime]["0.5"] == {k: r[k] for k in ("test_accuracy", "retrained_test_accuracy", "val_accuracy")}
+        assert 0 <= m[regime]["0.5"]["val_accuracy"] <= 1
+    assert m["best_val_fraction"]["global"]["test_accuracy"] == 0.5
 
 
 def test_distill_cifar100_has_307200_pixel_hyperparameters(tmp_path, monkeypatch):

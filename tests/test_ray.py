@@ -104,15 +104,72 @@ def test_merge_blocks_concatenates_members():
     assert m["curves"]["step"] == [5, 10] and m["hparams"]["lr"][2] == [3.0, 3.0]
 
 
+def test_unfinished_trials_are_detected_and_reported_as_an_interrupt():
+    """After a SIGINT, Tuner.fit returns with trials still pending/running/paused: that is an interrupt."""
+    done = [("a", "TERMINATED"), ("b", "ERROR")]
+    R.check_finished(done)  # finished or failed: no interrupt (failures raise RuntimeError in fit)
+    left = [("a", "TERMINATED"), ("b", "RUNNING"), ("c", "PENDING"), ("d", "PAUSED")]
+    assert R.unfinished(left) == left[1:]
+    with pytest.raises(KeyboardInterrupt, match=r"3 of 4 trial\(s\) unfinished \(b \(RUNNING\), c \(PENDING\)"):
+        R.check_finished(left, "/x/ray/clarke-random")
+    assert issubclass(R.Interrupted, KeyboardInterrupt)
+
+
+def test_interrupted_ray_run_prints_the_resume_message(tmp_path, data_dir, monkeypatch, capsys):
+    """The CLI turns an unfinished Ray run into its "interrupted ... run the same command again" exit 130."""
+    def stopped(*a, **k):
+        R.check_finished([("t0", "TERMINATED"), ("t1", "RUNNING")], tmp_path / "ray")
+    monkeypatch.setattr(R, "run_clarke", stopped)
+    rc = cli.main(["run", "clarke", "--dataset", "energy", "--methods", "random", "--inits", "2", "--steps", "10",
+                   "--backend", "ray", "--out", str(tmp_path / "o"), "--data-dir", str(data_dir)])
+    assert rc == 130 and "run the same command again to resume" in capsys.readouterr().out
+
+
+def test_pbt_explore_clips_into_the_tuners_domains():
+    b = R.hparam_bounds()
+    assert b["lr"]["clip"] == (1e-10, 1.0) and b["momentum"]["domain"] == (0.0, 1.0)
+    c = R.clip_to_domains({"member": 3, "lr": 0.9 * 1.2, "weight_decay": 1e-8, "momentum": 0.9 * 1.2})
+    assert c == {"member": 3, "lr": 1.0, "weight_decay": 1e-8, "momentum": 1 - NATURAL_INIT_EPS}
+    c = R.clip_to_domains({"lr": 2.0, "weight_decay": 0.0, "momentum": 0.0})
+    assert c == {"lr": 1.0, "weight_decay": NATURAL_INIT_EPS, "momentum": NATURAL_INIT_EPS}
+    assert R.clip_to_domains({"lr": 1e-12, "weight_decay": 1e-3, "momentum": 0.5})["lr"] == 1e-10
+    inside = {"lr": 1e-3 * 0.8, "weight_decay": 1e-5 * 1.2, "momentum": 0.5 * 1.2}
+    assert R.clip_to_domains(dict(inside)) == inside  # values inside the domains are left alone
+
+
+def test_run_config_check_refuses_a_changed_configuration(tmp_path):
+    out = tmp_path / "run"
+    R.check_run_config(out, {"steps": 20, "inits": 3, "methods": ["a"]})
+    R.check_run_config(out, {"steps": 20, "inits": 3, "methods": ["a", "b"]})  # methods may be added
+    with pytest.raises(ValueError, match=r"different configuration \{'steps': \(20, 30\)\}"):
+        R.check_run_config(out, {"steps": 30, "inits": 3, "methods": ["a"]})
+    # a key added since the run started counts as its default
+    R.check_run_config(out, {"steps": 20, "inits": 3, "new": 1}, defaults={"new": 1})
+    with pytest.raises(ValueError, match="'new': \\(1, 2\\)"):
+        R.check_run_config(out, {"steps": 20, "inits": 3, "new": 2}, defaults={"new": 1})
+    # no config.json (an older run): the config in its results.json is checked
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text(json.dumps({"config": {"steps": 20}}))
+    with pytest.raises(ValueError, match="different configuration"):
+        R.check_run_config(old, {"steps": 40})
+
+
 # ---------------------------------------------------------------------------- Ray end to end
 
-def test_ray_backend_equals_local_per_initialisation_and_restores(tmp_path, data_dir, ray_local):
-    args = ["--dataset", "energy", "--methods", "random,ours-wd-lr-m", "--inits", "3", "--steps", "20",
+def test_ray_backend_equals_local_per_initialisation_adds_methods_and_restores(tmp_path, data_dir, ray_local):
+    args = ["--dataset", "energy", "--inits", "3", "--steps", "20",
             "--interval", "5", "--lookback", "2", "--dtype", "float64", "--checkpoint-every", "10",
             "--data-dir", str(data_dir)]
     out = tmp_path / "ray"
-    assert cli.main(["run", "clarke", *args, "--out", str(out), "--backend", "ray", "--block-size", "2"]) == 0
+    ray_args = [*args, "--out", str(out), "--backend", "ray", "--block-size", "2"]
+    # first one method, then a second one added in the same --out (used to fail: KeyError 'random')
+    assert cli.main(["run", "clarke", "--methods", "random", *ray_args]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert cli.main(["run", "clarke", "--methods", "random,ours-wd-lr-m", *ray_args]) == 0
     ray_doc = json.loads((out / "results.json").read_text())
+    assert list(ray_doc["methods"]) == ["random", "ours-wd-lr-m"]
+    assert ray_doc["methods"]["random"] == first["methods"]["random"]  # the first method is unchanged
     cfg = clarke.ClarkeConfig(dataset="energy", methods=["random", "ours-wd-lr-m"], inits=3, steps=20, interval=5,
                               lookback=2, dtype="float64", checkpoint_every=10, data_dir=str(data_dir))
     local = clarke.run(cfg, tmp_path / "local")
@@ -124,15 +181,43 @@ def test_ray_backend_equals_local_per_initialisation_and_restores(tmp_path, data
         for name in ("lr", "weight_decay", "momentum"):
             for ra, rb in zip(a["hparams"][name], b["hparams"][name]):
                 assert rb == pytest.approx(ra, rel=1e-9)
-    # two blocks (2 + 1 members) per method, each a Ray Tune trial
-    trials = [p for p in (out / "ray" / "clarke").iterdir() if p.is_dir()]
-    assert len(trials) == 4
-    # lose everything but the Ray Tune experiment: re-running restores it (Tuner.restore) and gives the same results
+    # one Ray Tune experiment per method, two blocks (2 + 1 members) each, each block a trial
+    for m in ("random", "ours-wd-lr-m"):
+        trials = [p for p in R.clarke_experiment(out, m).iterdir() if p.is_dir()]
+        assert len(trials) == 2, m
+    # lose everything but the Ray Tune experiments: re-running restores each (Tuner.restore), same results
     shutil.rmtree(out / "methods")
     (out / "results.json").unlink()
     again = clarke.run(cfg, out, backend="ray", block_size=2)
-    assert again["methods"]["ours-wd-lr-m"]["final_test_loss"] == ray_doc["methods"]["ours-wd-lr-m"]["final_test_loss"]
+    for m in ("random", "ours-wd-lr-m"):
+        assert again["methods"][m]["final_test_loss"] == ray_doc["methods"][m]["final_test_loss"]
     assert (out / "table.md").exists()
+
+
+def test_ctrl_c_during_a_ray_run_is_an_interrupt_and_the_rerun_resumes(tmp_path, data_dir, ray_local):
+    """A real SIGINT to the driver after the first trial completes: Tune stops with trials left, run_clarke
+    raises Interrupted (a KeyboardInterrupt), and the same call again finishes them with the local results."""
+    import os
+    import signal
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=3, steps=10, dtype="float64",
+                              checkpoint_every=5, data_dir=str(data_dir))
+    sent = []
+
+    def factory(name, total):
+        def advance(n=1):
+            handler = signal.getsignal(signal.SIGINT)
+            # only with Tune's own handler in place (else a SIGINT would stop pytest itself)
+            if not sent and getattr(handler, "__name__", "") == "signal_interrupt_tune_run":
+                sent.append(name)
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: Tune's handler stops the run gracefully
+        return advance
+    out = tmp_path / "int"
+    with pytest.raises(R.Interrupted, match="unfinished"):
+        R.run_clarke(cfg, ["random"], out, block_size=1, progress_factory=factory)
+    assert sent
+    res = R.run_clarke(cfg, ["random"], out, block_size=1)
+    local = clarke.run(cfg, tmp_path / "local")
+    assert res["random"]["final_test_loss"] == pytest.approx(local["methods"]["random"]["final_test_loss"], rel=1e-9)
 
 
 def test_asha_pbt_cli_smoke(tmp_path, data_dir, ray_local):

@@ -241,3 +241,70 @@ def test_write_report_robust_single_init_and_no_curves(tmp_path):
     del res["methods"]["ours-wd-lr"]["curves"]
     written = write_report(res, tmp_path, console=Console(file=open("/dev/null", "w")))
     assert {p.name for p in written} >= {"table.md", "cdf.png", "lr_trajectories.png"}
+
+
+# ----------------------------------------------------------------- other experiments (metrics tables)
+def _quiet():
+    from rich.console import Console
+    import io
+    buf = io.StringIO()
+    return Console(file=buf, width=200), buf
+
+
+def test_write_report_prints_metrics_of_other_experiments(tmp_path, data_dir):
+    """`bilevel report DIR` on results.json of two non-Clarke studies: their metrics as a table, the figures
+    already in the directory named, no AttributeError."""
+    from bilevel import cli
+
+    runs = {"overfit-validation": ["--models", "linear", "--iterations", "4", "--eval-every", "2",
+                                   "--test-size", "50", "--steps", "1"],
+            "val-split": ["--pool", "100", "--fractions", "0.5", "--iterations", "4", "--test-size", "50",
+                          "--steps", "1"]}
+    for exp, argv in runs.items():
+        out = tmp_path / exp
+        assert cli.main(["run", exp, *argv, "--data-dir", str(data_dir), "--out", str(out), "--threads", "1"]) == 0
+        doc = json.loads((out / "results.json").read_text())
+        console, buf = _quiet()
+        written = write_report(out / "results.json", out, console=console)
+        assert [p.name for p in written] == ["table.md"]
+        text, md = buf.getvalue(), (out / "table.md").read_text()
+        figure = {"overfit-validation": "overfit_validation.png", "val-split": "val_split.png"}[exp]
+        assert f"figures already in {out}: {figure}" in text and f"`{figure}`" in md
+        if exp == "overfit-validation":      # wide layout: a row per model, a column per split
+            acc = doc["metrics"]["linear"]["test"]
+            assert "| linear |" in md and f"{acc:.4g}" in md and "| train | val | test |" in md
+        else:
+            acc = doc["metrics"]["per-weight"]["0.5"]["retrained_test_accuracy"]
+            assert "| per-weight / 0.5 |" in md and f"{acc:.4g}" in md and "val_accuracy" in md
+        assert cli.main(["report", str(out)]) == 0          # the command line too
+
+
+def test_write_report_rejects_unknown_or_malformed_files(tmp_path):
+    console, _ = _quiet()
+    bad = {"no experiment": ({"metrics": {"a": 1.0}}, "no 'experiment' field"),
+           "unknown": ({"experiment": "nope", "metrics": {"a": 1.0}}, "unknown experiment 'nope'"),
+           "no metrics": ({"experiment": "val-split", "results": {}}, "has no 'metrics' mapping"),
+           "empty metrics": ({"experiment": "val-split", "metrics": {}}, "'metrics' is empty"),
+           "clarke without methods": ({"experiment": "clarke"}, "needs a 'methods' mapping"),
+           "not an object": ([1, 2], "must hold a JSON object")}
+    for name, (doc, message) in bad.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=message):
+            write_report(path, tmp_path / "out", console=console)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        write_report(tmp_path / "broken.json", tmp_path / "out", console=console)
+
+
+def test_flatten_metrics_layouts():
+    from bilevel.report.generic import flatten_metrics, metrics_table
+
+    m = {"a": {"x": 1.0, "y": None}, "b": {"x": 2.5, "flag": True}, "grid": [[1, 2], [3, 4]]}
+    assert flatten_metrics(m)[:2] == [(("a", "x"), 1.0), (("a", "y"), None)]
+    assert (("grid", "1", "0"), 3) not in flatten_metrics(m) and (("grid", "1"), [3, 4]) in flatten_metrics(m)
+    cols, rows = metrics_table(m)
+    assert cols == ["", "x", "y", "flag", "0", "1"]
+    assert rows == [["a", "1", "-", "", "", ""], ["b", "2.5", "", "yes", "", ""], ["grid", "", "", "", "[1, 2]", "[3, 4]"]]
+    cols, rows = metrics_table({f"k{i}": {f"c{j}": float(j) for j in range(12)} for i in range(2)})
+    assert cols == ["metric", "value"] and rows[0] == ["k0 / c0", "0"] and len(rows) == 24

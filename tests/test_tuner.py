@@ -56,6 +56,38 @@ def test_population_equals_members_alone(mode):
                                        torch.tensor(alone.hparams[name][0]), rtol=1e-9, atol=1e-12)
 
 
+def test_population_equals_members_alone_per_weight_lr_and_minibatches():
+    """ours-wd-hdlr-m's set-up (one learning rate per weight) on seeded mini-batches: together = alone."""
+    space = H.HyperParameterSpace([H.learning_rate("element"), H.weight_decay(), H.momentum()])
+    cfg = dict(mode="ift", interval=3, lookback=2, record_every=4)
+
+    def go(n, seed):
+        params, raw = pop.init_population(make_params, n, seed, lambda p, g: space.init(p, g))
+        t = OnlineTuner(params, raw, space, updates.SGD(), LOSS, LOSS, config=TunerConfig(**cfg))
+        g = torch.Generator().manual_seed(99)  # the same batch sequence for every run
+
+        def batch():
+            idx = torch.randint(0, len(X), (16,), generator=g)
+            return X[idx], Y[idx]
+
+        return t.run(24, batch, lambda: (Xv, Yv), record_batches=((X, Y), (Xv, Yv), None)), t
+
+    together, tt = go(3, 20)
+    assert tt.raw["lr/W1"].shape == (3, 8, 4)
+    for i in range(3):
+        alone, ta = go(1, 20 + i)
+        torch.testing.assert_close(torch.tensor(together.val_loss[i]), torch.tensor(alone.val_loss[0]),
+                                   rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(tt.raw["lr/W1"][i], ta.raw["lr/W1"][0], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(tt.raw["lr/W1"][0], tt.raw["lr/W1"][0].flatten()[0])  # per-weight values moved apart
+
+
+def test_tuned_names_that_nothing_uses_are_refused():
+    params, raw = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
+    with pytest.raises(ValueError, match=r"\['momentum'\] are neither hyperparameters of Adam"):
+        OnlineTuner(params, raw, SPACE, updates.Adam(), LOSS, LOSS, config=TunerConfig(tuned=("lr", "momentum")))
+
+
 def _finite_difference_hypergradient(tuner_factory, steps, key, eps=1e-6):
     """d L_V(w_steps(raw)) / d raw[key] by re-running the weight steps with a perturbed raw value."""
     vals = []

@@ -13,7 +13,7 @@ concept            inner update after the outer step x_t -> x_{t+1}            r
 ``warm-full``      y_{t+1} = argmin_{y in S(x_{t+1})} ||y - y_t||^2             the same, at y_t's projection
                    (re-train from y_t to convergence; App. C, approach 1)
 ``warm-partial``   K gradient steps from y_t on f(x_{t+1}, .) -- approximately  -(d2f/dy2 + eps I)^{-1} d2f/dydx
-                   argmin_y f(x_{t+1}, y) + eps/2 ||y - y_t||^2 (eq. 3, Def. 3.2)  (eq. 4, App. E.1)
+                   argmin_y f(x_{t+1}, y) + eps/2 ||y - y_t||^2 (eq. 3, Def. 3.2)  (eq. 4, App. E.1), eps = 1/(K lr)
 =================  ==========================================================  =========================================
 
 Gradient descent from y_s on an inner problem whose solution set is affine
@@ -28,17 +28,44 @@ response-Jacobian approximations, selected by name (:func:`method`):
 * ``"unroll"`` -- differentiate through K gradient steps y <- y - lr df/dy from
   the current y (App. F, Alg. 1-2), :func:`bilevel.unrolled_hypergradient`;
 * ``"neumann"`` -- (H + eps I)^{-1} ~ lr * sum_{k=0}^{K} (I - lr (H + eps I))^k
-  (Table 1, last row), :class:`bilevel.Neumann` inside :func:`bilevel.hypergradient`;
+  (Table 1, last row; ``steps=K`` is the highest power, K + 1 terms),
+  :class:`bilevel.Neumann` inside :func:`bilevel.hypergradient`;
 * ``"proximal"`` -- the proximal best response (H + eps I)^{-1} solved exactly
   (dense, :class:`bilevel.Exact`) or by ``cg_steps`` of conjugate gradient: the
   solvers' ``damping`` is Vicol et al.'s eps.
 
-On least squares f = 1/2 ||Phi w - y||^2 (targets y outer, weights w inner),
-H = Phi^T Phi and d2f/dwdy = -Phi^T, so the min-norm response Jacobian is the
-Moore-Penrose pseudoinverse Phi^+ (App. E.2): Neumann tends to it as K grows,
-the proximal one tends to it as eps -> 0, and K unrolled steps equal K - 1
-Neumann terms (Lorraine et al. 2020, Thm. 2). :func:`response_jacobian` returns
-the dense dy*/dx of any method, so these statements are tests.
+``Neumann(steps=K)`` sums the K + 1 terms k = 0..K. On least squares
+f = 1/2 ||Phi w - y||^2 (targets y outer, weights w inner), H = Phi^T Phi and
+d2f/dwdy = -Phi^T, so the min-norm response Jacobian is the Moore-Penrose
+pseudoinverse Phi^+ (App. E.2): Neumann tends to it as K grows, the proximal one
+tends to it as eps -> 0 (and is it at eps = 0 with the dense solve), and K
+unrolled steps from a converged y equal ``method("neumann", steps=K - 1)``, i.e.
+the first K terms k = 0..K-1 (Lorraine et al. 2020, Thm. 2 in its appendix form
+dw_{i+1}/dlambda = -sum_{j<=i} (I - H)^j d2L/dwdlambda: i + 1 steps, i + 1
+terms). :func:`response_jacobian` returns the dense dy*/dx of any method, so
+these statements are tests.
+
+**Names.** Concepts and methods are looked up by :func:`canonical_concept` and
+:func:`canonical_method` (case-insensitive, ``_`` or spaces for ``-``); the
+dataclasses store the canonical name:
+
+* concepts: ``cold`` (``cold-start``), ``warm-full`` (``warm-start-full``,
+  ``warm-full-start``), ``warm-partial`` (``warm-start-partial``, ``warm-start``,
+  ``warm``, ``online``: the paper's "online" setting, Fig. 4, which is what
+  "warm start" means in practice);
+* methods: ``unroll`` (``unrolling``, ``unrolled``), ``neumann``
+  (``neumann-series``), ``proximal`` (``prox``), and ``implicit`` / ``ift`` /
+  ``exact`` / ``min-norm``: the exact min-norm IFT, stored as ``proximal`` with
+  eps = 0 and the dense solve (H^+, the pseudoinverse).
+
+**Table 1's response Jacobian per concept** (:meth:`Concept.response_method`,
+:data:`TABLE1_RESPONSE`): ``cold`` and ``warm-full`` converge the inner problem,
+so the IFT applies: the min-norm exact IFT (pseudoinverse). ``warm-partial`` is
+the proximal best response (H + eps I)^{-1} with eps = 1 / (K lr) for its K steps
+of size lr (one step y - lr df/dy is the minimiser of the linearised f plus
+1/(2 lr) ||y - y_t||^2, so eps = 1/lr for K = 1 and K steps have "time" K lr); a
+concept with ``prox_eps > 0`` minimises the proximal objective itself, so its
+eps is ``prox_eps``.
 """
 
 from __future__ import annotations
@@ -63,8 +90,57 @@ ConceptName = Literal["cold", "warm-full", "warm-partial"]
 METHODS: tuple[str, ...] = ("unroll", "neumann", "proximal")
 CONCEPTS: tuple[str, ...] = ("cold", "warm-full", "warm-partial")
 
-__all__ = ["METHODS", "CONCEPTS", "HypergradientMethod", "method", "response_jacobian", "Concept", "concept",
-           "inner_solve", "BilevelOptimizer"]
+#: alias -> canonical concept name (keys normalised: lower case, ``-`` for ``_`` and spaces)
+CONCEPT_ALIASES: dict[str, str] = {
+    "cold": "cold", "cold-start": "cold",
+    "warm-full": "warm-full", "warm-start-full": "warm-full", "warm-full-start": "warm-full",
+    "warm-partial": "warm-partial", "warm-start-partial": "warm-partial", "warm-partial-start": "warm-partial",
+    "warm-start": "warm-partial", "warm": "warm-partial", "online": "warm-partial",
+}
+#: alias -> canonical method name; the :data:`IFT_ALIASES` also fix eps = 0 and the dense solve
+METHOD_ALIASES: dict[str, str] = {
+    "unroll": "unroll", "unrolling": "unroll", "unrolled": "unroll",
+    "neumann": "neumann", "neumann-series": "neumann",
+    "proximal": "proximal", "prox": "proximal",
+    "implicit": "proximal", "ift": "proximal", "exact": "proximal", "min-norm": "proximal",
+}
+IFT_ALIASES: frozenset[str] = frozenset({"implicit", "ift", "exact", "min-norm"})
+
+#: Table 1's response Jacobian of each concept (see :meth:`Concept.response_method`)
+TABLE1_RESPONSE: dict[str, str] = {
+    "cold": "min-norm exact IFT: -(d2f/dy2)^+ d2f/dydx, method('implicit')",
+    "warm-full": "min-norm exact IFT: -(d2f/dy2)^+ d2f/dydx, method('implicit')",
+    "warm-partial": "proximal: -(d2f/dy2 + eps I)^-1 d2f/dydx, eps = 1 / (inner_steps * inner_lr), "
+                    "method('proximal', eps=eps)",
+}
+
+__all__ = ["METHODS", "CONCEPTS", "CONCEPT_ALIASES", "METHOD_ALIASES", "IFT_ALIASES", "TABLE1_RESPONSE",
+           "canonical_concept", "canonical_method", "HypergradientMethod", "method", "response_jacobian", "Concept",
+           "concept", "inner_solve", "BilevelOptimizer"]
+
+
+def _normalise(name: Any) -> str:
+    return "-".join(str(name).strip().lower().replace("_", "-").split())
+
+
+def canonical_method(name: str) -> str:
+    """The canonical method name (``unroll``, ``neumann``, ``proximal``) of ``name`` or one of its aliases
+    (:data:`METHOD_ALIASES`; ``implicit``/``ift`` -> ``proximal``, with eps = 0 fixed by :func:`method`)."""
+    key = _normalise(name)
+    if key not in METHOD_ALIASES:
+        raise ValueError(f"unknown hypergradient method {name!r}; known: {', '.join(METHODS)} "
+                         f"(aliases: {', '.join(k for k in METHOD_ALIASES if k not in METHODS)})")
+    return METHOD_ALIASES[key]
+
+
+def canonical_concept(name: str) -> str:
+    """The canonical concept name (``cold``, ``warm-full``, ``warm-partial``) of ``name`` or an alias
+    (:data:`CONCEPT_ALIASES`; ``warm-start`` is ``warm-partial``, the online setting)."""
+    key = _normalise(name)
+    if key not in CONCEPT_ALIASES:
+        raise ValueError(f"unknown solution concept {name!r}; known: {', '.join(CONCEPTS)} "
+                         f"(aliases: {', '.join(k for k in CONCEPT_ALIASES if k not in CONCEPTS)})")
+    return CONCEPT_ALIASES[key]
 
 
 # ---------------------------------------------------------------------------- hypergradient approximations
@@ -75,9 +151,11 @@ class HypergradientMethod:
     """One of Vicol et al.'s response-Jacobian approximations (Table 1; App. F).
 
     Attributes:
-        name: ``"unroll"``, ``"neumann"`` or ``"proximal"``.
-        steps: K -- unrolled steps (``unroll``), Neumann terms beyond the first
-            (``neumann`` sums k = 0..K), or CG steps (``proximal`` with ``cg_steps``).
+        name: ``"unroll"``, ``"neumann"`` or ``"proximal"`` (an alias is replaced by its canonical
+            name, see :func:`canonical_method`; ``"implicit"``/``"ift"`` store ``proximal``, eps = 0, dense).
+        steps: K -- unrolled steps (``unroll``), or the highest power of the Neumann series
+            (``neumann`` sums k = 0..K, i.e. K + 1 terms; ``unroll`` K = ``neumann`` K - 1).
+            Not used by ``proximal`` (see ``cg_steps``).
         lr: the inner step size of the unrolled steps, and the Neumann ``alpha``.
         eps: the proximal weight (solver ``damping``). ``proximal`` with eps = 0 and
             the dense solve is the exact IFT answer with the pseudoinverse H^+, the
@@ -88,7 +166,7 @@ class HypergradientMethod:
             gradient with this many steps.
     """
 
-    name: MethodName
+    name: str  # MethodName or an alias
     steps: int = 1
     lr: float = 1e-3
     eps: float = 0.0
@@ -96,8 +174,11 @@ class HypergradientMethod:
     max_size: int = 5000
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ValueError(f"unknown hypergradient method {self.name!r}; known: {', '.join(METHODS)}")
+        raw = _normalise(self.name)
+        object.__setattr__(self, "name", canonical_method(self.name))
+        if raw in IFT_ALIASES and (self.eps or self.cg_steps is not None):
+            raise ValueError(f"{raw!r} is the exact min-norm IFT (proximal eps = 0, dense solve); "
+                             "use method('proximal', eps=..., cg_steps=...) for a damped or CG response")
         if self.steps < 0 or (self.name == "unroll" and self.steps < 1):
             raise ValueError(f"{self.name}: steps must be >= {1 if self.name == 'unroll' else 0}, got {self.steps}")
         if not self.lr > 0:
@@ -135,7 +216,8 @@ class HypergradientMethod:
 
 
 def method(name: str, **kwargs: Any) -> HypergradientMethod:
-    """``method("unroll", steps=1, lr=1e-3)``, ``method("neumann", steps=K, lr=a)``, ``method("proximal", eps=e)``."""
+    """``method("unroll", steps=1, lr=1e-3)``, ``method("neumann", steps=K, lr=a)``, ``method("proximal", eps=e)``,
+    ``method("implicit")`` (the exact min-norm IFT); aliases as in :func:`canonical_method`."""
     return HypergradientMethod(name, **kwargs)  # type: ignore[arg-type]
 
 
@@ -198,7 +280,9 @@ class Concept:
 
     Attributes:
         name: ``"cold"`` (re-train from y_0), ``"warm-full"`` (re-train from y_t to
-            convergence), ``"warm-partial"`` (``inner_steps`` steps from y_t).
+            convergence), ``"warm-partial"`` (``inner_steps`` steps from y_t); an alias
+            (``"cold-start"``, ``"warm-start"`` = ``warm-partial``, ...; :func:`canonical_concept`)
+            is replaced by its canonical name.
         inner_lr: gradient-descent step size of the inner updates.
         inner_steps: K for ``warm-partial``; the step budget of a full solve otherwise.
         tol: a full solve stops when ||df/dy|| <= tol (not used by ``warm-partial``).
@@ -209,7 +293,7 @@ class Concept:
             gradient descent would take too long to converge (ill-conditioned features).
     """
 
-    name: ConceptName
+    name: str  # ConceptName or an alias
     inner_lr: float
     inner_steps: int = 1
     tol: float | None = 1e-10
@@ -217,12 +301,41 @@ class Concept:
     closed_form: Callable[[Tree, Tree], Tree] | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in CONCEPTS:
-            raise ValueError(f"unknown solution concept {self.name!r}; known: {', '.join(CONCEPTS)}")
+        object.__setattr__(self, "name", canonical_concept(self.name))
         if self.inner_steps < 0 or not self.inner_lr > 0 or self.prox_eps < 0:
             raise ValueError(f"concept {self.name}: need inner_steps >= 0, inner_lr > 0 and prox_eps >= 0")
         if self.closed_form is not None and self.name == "warm-partial":
             raise ValueError("concept warm-partial takes inner_steps gradient steps; closed_form is for cold/warm-full")
+
+    @property
+    def response_eps(self) -> float:
+        """The eps of this concept's Table 1 response Jacobian: ``prox_eps`` if set, else 0 for
+        ``cold``/``warm-full`` (converged: the IFT) and 1 / (inner_steps * inner_lr) for ``warm-partial``."""
+        if self.prox_eps > 0:
+            return self.prox_eps
+        if self.name != "warm-partial":
+            return 0.0
+        if self.inner_steps < 1:
+            raise ValueError("warm-partial with inner_steps = 0 takes no inner step: no proximal response")
+        return 1.0 / (self.inner_steps * self.inner_lr)
+
+    def response_method(self, *, cg_steps: int | None = None, max_size: int = 5000) -> HypergradientMethod:
+        """Table 1's response-Jacobian method for this concept (:data:`TABLE1_RESPONSE`).
+
+        ``cold`` / ``warm-full``: ``method("implicit")``, the min-norm exact IFT -(H^+) d2f/dydx (App. E.2;
+        the inner problem is converged, and re-training converges to the projection whose Jacobian is the
+        pseudoinverse). ``warm-partial``: ``method("proximal", eps=self.response_eps)``, i.e.
+        -(H + eps I)^{-1} d2f/dydx (eq. 4) with eps = 1 / (K lr). ``prox_eps > 0``: proximal with that eps.
+        ``cg_steps`` solves by conjugate gradient (needs eps > 0); the default is the dense solve
+        (at most ``max_size`` weights).
+        """
+        eps = self.response_eps
+        if eps == 0:
+            if cg_steps is not None:
+                raise ValueError(f"concept {self.name}: its response is the min-norm IFT (eps = 0), which needs "
+                                 "the dense solve; CG on a singular H does not give the min-norm answer")
+            return HypergradientMethod("implicit", max_size=max_size)  # type: ignore[arg-type]
+        return HypergradientMethod("proximal", eps=eps, cg_steps=cg_steps, max_size=max_size)
 
     def respond(self, inner: Loss, current: Mapping[str, Tensor], initial: Mapping[str, Tensor],
                 hparams: Mapping[str, Tensor]) -> tuple[Tree, int]:
@@ -236,7 +349,8 @@ class Concept:
 
 
 def concept(name: str, **kwargs: Any) -> Concept:
-    """``concept("cold", inner_lr=.., inner_steps=5000)``, ``concept("warm-partial", inner_lr=.., inner_steps=1)``."""
+    """``concept("cold", inner_lr=.., inner_steps=5000)``, ``concept("warm-partial", inner_lr=.., inner_steps=1)``;
+    aliases as in :func:`canonical_concept` (``"warm-start"`` is ``warm-partial``)."""
     return Concept(name, **kwargs)  # type: ignore[arg-type]
 
 

@@ -155,7 +155,9 @@ class Neumann:
 class Identity:
     """J^{-1} ~ I: the T1-T2 approximation (Luketina et al. 2016; Lorraine et al. Table 1).
 
-    Equal to ``Neumann(steps=0, alpha=1)``; with damping, (1 + eps)^{-1} v.
+    Equal to ``Neumann(steps=0, alpha=1)`` without damping. With damping it takes
+    J ~ I inside (J + eps I)^{-1}, giving (1 + eps)^{-1} v, whereas
+    ``Neumann(steps=0)`` returns alpha * v whatever eps (its first term).
     """
 
     damping: float = 0.0

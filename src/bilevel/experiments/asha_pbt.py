@@ -10,12 +10,16 @@ the final validation loss ranks trials.
   of ``--inits`` full runs, as the paper's 114 286 = 4000 x 200 / 7). Reported: the trials that
   survive to full training.
 * PBT (``PopulationBasedTraining``, perturbation interval 100 steps, Ray Tune's defaults
-  otherwise): ``--inits`` training paths. For PBT + ours a mutation is applied to the tuner's
-  current hyperparameters as the ratio new / old of the values PBT assigned.
+  otherwise): ``--inits`` training paths. Explored values are clipped into the tuner's domains
+  (learning rate [1e-10, 1], momentum inside (0, 1)). For PBT + ours a mutation is applied to the
+  tuner's current hyperparameters as the ratio new / old of the values PBT assigned; the applied
+  mutations are saved (``mutations`` per final path, ``applied_ratios``, ``exploits``).
 
 Writes ``results.json`` (methods ``asha+random``, ``asha+ours-wd-lr-m``, ``pbt+random``,
 ``pbt+ours-wd-lr-m``; ``bilevel report`` renders it), ``incumbent.png`` (Fig. 19: best test loss
-found against wall time) and the Ray Tune experiments under ``ray/`` (re-running resumes them).
+found against wall time) and the Ray Tune experiments under ``ray/`` (re-running resumes them;
+a re-run in the same ``--out`` must have the same configuration, though schedulers and methods
+may be added).
 """
 
 from __future__ import annotations
@@ -62,12 +66,16 @@ def run(cfg: clarke.ClarkeConfig, out: Path, *, schedulers=SCHEDULERS, asha_tria
         raise ValueError(f"--steps {cfg.steps} must be a multiple of --report-every {report_every}")
     grace = grace_period or report_every
     n_asha = asha_trials or R.asha_trials_for_budget(cfg.inits, cfg.steps, grace, reduction_factor)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "methods").mkdir(exist_ok=True)
     settings = {"schedulers": list(schedulers), "asha_trials": n_asha, "pbt_paths": cfg.inits,
                 "report_every": report_every, "grace_period": grace, "reduction_factor": reduction_factor,
                 "asha_rungs": R.asha_rungs(cfg.steps, grace, reduction_factor),
                 "perturbation_interval": perturbation_interval}
+    # a re-run resumes from methods/*.json and the Ray experiments: only with the same configuration
+    # (methods and schedulers may be added; each search is cached on its own)
+    R.check_run_config(out, {**asdict(cfg), "methods": methods, **settings},
+                       free=("methods", "schedulers", "device", "data_dir"),
+                       defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)))
+    (out / "methods").mkdir(exist_ok=True)
     results: dict[str, Any] = {}
     with R.ray_session(address, ray_cpus):  # one Ray instance for all four searches
         _run_all(cfg, out, schedulers, methods, n_asha, report_every, grace, reduction_factor, perturbation_interval,
@@ -108,7 +116,8 @@ def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
     write_report(doc, a.out, console=console)
     if console is not None:
         for name, m in doc["methods"].items():
+            exploits = f", {m['exploits']} exploits" if name.startswith("pbt") and "exploits" in m else ""
             console.print(f"{name}: {m['trials']} trials, {m['fully_trained']} fully trained, "
-                          f"{m['weight_steps']} weight steps, {m['wall_seconds']:.0f} s wall")
+                          f"{m['weight_steps']} weight steps, {m['wall_seconds']:.0f} s wall{exploits}")
     return doc
 

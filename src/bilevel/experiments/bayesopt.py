@@ -42,15 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(cfg: clarke.ClarkeConfig, out: Path, *, repeats: int, samples: int, startup: int, sampler: str,
         progress_factory=None) -> dict[str, Any]:
     from ..search import bayesopt as B
-    from ..search.ray_tune import plot_incumbent
-    out.mkdir(parents=True, exist_ok=True)
+    from ..search.ray_tune import check_run_config, plot_incumbent
     settings = {"repeats": repeats, "samples": samples, "startup": startup, "sampler": sampler,
                 "library": "optuna"}
     cfg_dict = {**asdict(cfg), **settings}
-    saved, ckpt = out / "config.json", out / "bayesopt_state.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(cfg_dict)):
-        raise ValueError(f"{out} holds a run with a different configuration; use another --out or delete it")
-    saved.write_text(json.dumps(cfg_dict, indent=1))
+    ckpt = out / "bayesopt_state.json"
+    check_run_config(out, cfg_dict, free=("device", "data_dir"),
+                     defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)))
     state = json.loads(ckpt.read_text()) if ckpt.exists() else None
     problem = clarke.load_problem(cfg)
     progress = progress_factory(f"bayesopt x{repeats}", samples) if progress_factory else None

@@ -85,6 +85,7 @@ class ClarkeConfig:
     grad_clip: float | None = None  # default 0.25 on ptb, as Clarke et al.
     batch_size: int | None = None  # None: full batch (UCI); 50 for image sets
     val_fraction: float | None = None
+    test_fraction: float | None = None  # UCI: share of all rows held out for testing (None: Clarke's split files)
     record_every: int | None = None
     checkpoint_every: int = 500
     record_rows: int = 5000  # train/val/test losses are recorded on at most this many rows of each set
@@ -159,6 +160,10 @@ def load_problem(cfg: ClarkeConfig) -> Problem:
     kw: dict[str, Any] = {"data_dir": cfg.data_dir} if name not in ("diabetes", "digits") else {}
     if cfg.val_fraction is not None and info.kind == "regression" and name in D.UCI_DATASETS:
         kw["val_fraction"] = cfg.val_fraction
+    if cfg.test_fraction is not None:
+        if not (info.kind == "regression" and name in D.UCI_DATASETS):
+            raise ValueError(f"--test-fraction applies to the UCI sets, not {name!r} (whose test split is fixed)")
+        kw["test_fraction"] = cfg.test_fraction
     if name == "cifar10":
         kw["flatten"] = False
     d = D.load(name, **kw)
@@ -188,7 +193,7 @@ def load_problem(cfg: ClarkeConfig) -> Problem:
         init = lambda g: mlp_init(sizes, g, dtype=dtype)  # noqa: E731
         forward = mlp_forward
     else:
-        raise ValueError(f"model {model!r} does not fit data set {name!r}: use mlp or resnet18")
+        raise ValueError(f"model {model!r} does not fit data set {name!r}: use mlp or resnet18 (lstm is for ptb)")
     return Problem((d.X_train, d.y_train), (d.X_val, d.y_val), (d.X_test, d.y_test), init, forward, loss, scale,
                    info.kind)
 
@@ -198,6 +203,8 @@ def _language_model(cfg: ClarkeConfig, dtype: torch.dtype) -> Problem:
     from ..nets.lstm import lstm_lm_forward, lstm_lm_init
     if cfg.lm_size not in LM_SIZES:
         raise ValueError(f"unknown lm_size {cfg.lm_size!r}; known: {list(LM_SIZES)}")
+    if cfg.model not in ("auto", "lstm"):
+        raise ValueError(f"model {cfg.model!r} does not fit the language-model set {cfg.dataset!r}: use lstm")
     size = LM_SIZES[cfg.lm_size]
     corpus = D.load_ptb(cfg.data_dir)
     vocab = len(corpus.dictionary)
@@ -412,7 +419,11 @@ def evaluate(tuner: OnlineTuner, problem: Problem, data: tuple[torch.Tensor, tor
 
 
 def three_batched(random: dict[str, Any]) -> dict[str, Any]:
-    """Random (3-batched): of every three consecutive random runs keep the one with the best validation loss."""
+    """Random (3-batched): of every three consecutive random runs keep the one with the best validation loss.
+
+    ``n // 3`` groups; a remainder of one or two runs forms no group. ``seconds`` of a group is the
+    three runs' sum (the compute the paper charges it).
+    """
     out: dict[str, list[Any]] = {"final_test_loss": [], "final_val_loss": [], "seconds": []}
     n = len(random["final_test_loss"])
     for i in range(0, n - n % 3, 3):
@@ -440,6 +451,9 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
         raise ValueError(f"unknown backend {backend!r}: use 'local' or 'ray'")
     out.mkdir(parents=True, exist_ok=True)
     methods = parse_methods(cfg.methods)
+    if "random-3batched" in methods and cfg.inits < 3:
+        raise ValueError(f"random-3batched keeps the best of every three random runs: it needs --inits >= 3, "
+                         f"got {cfg.inits}")
     cfg_dict = asdict(cfg)
     cfg_dict["methods"] = methods
     saved = out / "config.json"
@@ -507,9 +521,16 @@ def add_arguments(p: argparse.ArgumentParser, *, dataset: str = "energy", inits:
     p.add_argument("--interval", type=int, default=10, help="T: weight steps between hyperparameter steps")
     p.add_argument("--lookback", type=int, default=5, help="i: Neumann terms / unrolled steps")
     p.add_argument("--hyper-lr", type=float, default=0.05, help="Adam learning rate on the hyperparameters")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch; 50 for images)")
+    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch for UCI; "
+                   "50 for (Fashion-)MNIST, 100 for CIFAR-10, as the paper; the LM size's batch for ptb)")
     p.add_argument("--val-fraction", type=float, default=None, help="UCI: validation share of train+validation")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="UCI: share of all rows held out for testing (default: Clarke et al.'s split files, ~10%%)")
     p.add_argument("--hidden", type=int, default=50, help="hidden units of the MLP")
+    p.add_argument("--model", default="auto", choices=["auto", "mlp", "resnet18", "lstm"],
+                   help="auto: mlp (UCI, images), resnet18 (cifar10), lstm (ptb)")
+    p.add_argument("--lm-size", default="cpu", choices=sorted(LM_SIZES),
+                   help="ptb LSTM: paper (2 x 650 units, bptt 70, batch 40) or cpu (2 x 128, bptt 35, batch 20)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--image-scaling", choices=["standardise", "unit"], default="standardise",
                    help="image inputs: zero mean and unit variance per pixel (training statistics), or pixels in [0, 1]")
@@ -533,10 +554,13 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
     name = D.dataset_name(a.dataset)
-    bs = a.batch_size if a.batch_size is not None else (50 if D.DATASETS[name].kind == "classification" and
-                                                       name != "digits" else None)
+    kind = D.DATASETS[name].kind
+    default_bs = 100 if name == "cifar10" else (50 if kind == "classification" and name != "digits" else None)
+    bs = a.batch_size if a.batch_size is not None else default_bs
     return ClarkeConfig(dataset=name, methods=a.methods, inits=a.inits, steps=a.steps, seed=a.seed,
                         interval=a.interval, lookback=a.lookback, hyper_lr=a.hyper_lr, hidden=a.hidden,
+                        model=getattr(a, "model", "auto"), lm_size=getattr(a, "lm_size", "cpu"),
+                        test_fraction=getattr(a, "test_fraction", None),
                         batch_size=bs, val_fraction=a.val_fraction, checkpoint_every=a.checkpoint_every,
                         data_dir=a.data_dir, device=a.device, dtype=a.dtype, image_scaling=a.image_scaling,
                         outlier_threshold=a.outlier_threshold if a.outlier_threshold is not None else (

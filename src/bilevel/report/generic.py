@@ -26,12 +26,15 @@ def _is_leaf(v: Any) -> bool:
 
 
 def flatten_metrics(metrics: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    """``[(path, value)]`` for every leaf of a nested mapping (numbers, booleans, strings, ``None``, lists)."""
+    """``[(path, value)]`` for every leaf of a nested mapping (numbers, booleans, strings, ``None``, lists of
+    them); lists of lists or mappings are expanded with their indices as keys."""
     rows: list[tuple[tuple[str, ...], Any]] = []
     for k, v in metrics.items():
         path = (*prefix, str(k))
         if isinstance(v, Mapping):
             rows.extend(flatten_metrics(v, path))
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, (Mapping, list, tuple)) for x in v):
+            rows.extend(flatten_metrics({str(i): x for i, x in enumerate(v)}, path))   # e.g. a grid of rows
         else:
             rows.append((path, v))
     return rows

@@ -3,21 +3,102 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .figures import (initial_hparams, plot_cdf, plot_landscape, plot_lr_trajectories,
                       plot_median_curves)
 from .tables import _title, markdown_table, print_table
 
-__all__ = ["load_results", "write_report"]
+__all__ = ["CLARKE_LAYOUT", "load_results", "write_report"]
+
+#: experiments whose results.json has Clarke et al.'s layout (``methods.<name>.final_test_loss`` per
+#: initialisation, optional ``curves`` / ``hparams``): bootstrap table and figures
+CLARKE_LAYOUT = ("clarke", "bayesopt", "asha-pbt")
+#: experiments whose table is not under ``metrics``
+TABLE_KEY = {"sensitivity": "median_final_test_loss"}
 
 
 def load_results(results_or_path) -> dict:
     """A results dict, or one read from a ``results.json`` path (``NaN`` and ``null`` allowed)."""
     if isinstance(results_or_path, dict):
         return results_or_path
-    with open(results_or_path) as f:
-        return json.load(f)
+    try:
+        with open(results_or_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{results_or_path} is not valid JSON ({e})") from None
+
+
+def _known_experiments() -> set[str]:
+    """The NAME of every ``bilevel run`` experiment module."""
+    import importlib
+    import pkgutil
+
+    from .. import experiments as package
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        name = getattr(importlib.import_module(f"bilevel.experiments.{info.name}"), "NAME", None)
+        if name:
+            names.add(name)
+    return names
+
+
+def _clarke_layout(results: dict) -> bool:
+    methods = results.get("methods")
+    return isinstance(methods, Mapping) and bool(methods) and all(
+        isinstance(m, Mapping) and "final_test_loss" in m for m in methods.values())
+
+
+def _kind(results: Any, where: str) -> str:
+    """``"clarke"`` or ``"metrics"``; a ``ValueError`` naming what is wrong with anything else."""
+    if not isinstance(results, Mapping):
+        raise ValueError(f"{where}: a results file must hold a JSON object, not {type(results).__name__}")
+    exp = results.get("experiment")
+    if exp is None:
+        if _clarke_layout(results):      # older Clarke-style files without the field
+            return "clarke"
+        raise ValueError(f"{where}: no 'experiment' field, so it is not a results.json written by `bilevel run`")
+    if not isinstance(exp, str):
+        raise ValueError(f"{where}: 'experiment' must be a string, got {exp!r}")
+    if exp in CLARKE_LAYOUT:
+        if not isinstance(results.get("methods"), Mapping):
+            raise ValueError(f"{where}: experiment {exp!r} needs a 'methods' mapping (one entry per method with "
+                             f"its 'final_test_loss' list), which this file lacks")
+        return "clarke"
+    known = _known_experiments()
+    if exp not in known:
+        raise ValueError(f"{where}: unknown experiment {exp!r} (known: {', '.join(sorted(known))})")
+    key = TABLE_KEY.get(exp, "metrics")
+    if not isinstance(results.get(key), Mapping):
+        raise ValueError(f"{where}: experiment {exp!r} has no {key!r} mapping to report")
+    return "metrics"
+
+
+def _figures(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def _metrics_report(results: dict, out: Path, source: Path | None, console) -> list[Path]:
+    from rich.console import Console
+
+    from .generic import markdown_metrics, print_metrics
+
+    console = console or Console()
+    exp = results["experiment"]
+    key = TABLE_KEY.get(exp, "metrics")
+    title = f"{exp}" + (f" ({results['dataset']})" if results.get("dataset") else "") + f": {key}"
+    columns, rows = print_metrics(results[key], title, console)
+    folder = source.parent if source is not None else out
+    figures = _figures(folder)
+    if figures:
+        console.print(f"figures already in {folder}: " + ", ".join(p.name for p in figures))
+    else:
+        console.print(f"no figures in {folder}")
+    table = out / "table.md"
+    table.write_text(markdown_metrics(columns, rows, title, figures))
+    return [table]
 
 
 def _landscape_method(methods: dict, baseline: str, preferred: str) -> str | None:
@@ -35,10 +116,19 @@ def write_report(results_or_path, out_dir, console=None, baseline: str = "random
     ``lr_trajectories.png`` and ``landscape.png`` into ``out_dir`` (each figure only when
     the data allow it: ``curves``/``hparams`` may be absent).  Returns the written paths.
     For the landscape, ``method`` falls back to the first other method with lr/weight-decay
-    trajectories."""
+    trajectories.
+
+    That is for Clarke-style results (experiments in :data:`CLARKE_LAYOUT`). For any other experiment
+    its ``metrics`` are printed as a table (:mod:`bilevel.report.generic`), written to ``table.md``
+    together with the names of the figures already beside results.json (the experiment drew them);
+    the returned list is then ``[table.md]``. A file that is neither raises ``ValueError`` saying why."""
+    source = None if isinstance(results_or_path, dict) else Path(results_or_path)
     results = load_results(results_or_path)
+    kind = _kind(results, str(source) if source is not None else "results")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if kind == "metrics":
+        return _metrics_report(results, out, source, console)
     rows = print_table(results, console=console, n_resamples=n_resamples, seed=seed)
     table = out / "table.md"
     table.write_text(markdown_table(rows, _title(results)))

@@ -181,12 +181,88 @@ def fit(trainable: Callable[[dict], None], param_space: dict[str, Any], path: Pa
             run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
                                       callbacks=callbacks,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints)))
-    grid = tuner.fit()
+    with _keep_signal_handlers():
+        grid = tuner.fit()
+    check_finished(trial_statuses(grid, path), path)
     if grid.errors:
         failed = [f"{r.path}: {type(r.error).__name__}: {r.error}" for r in grid if r.error is not None]
         raise RuntimeError(f"{len(failed)} Ray Tune trial(s) failed; run the same command again to resume them:\n"
                            + "\n".join(failed[:5]))
     return grid
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ray Tune run ended with unfinished trials (Ctrl-C / SIGINT stops ``Tuner.fit`` gracefully).
+
+    A ``KeyboardInterrupt``, so the command line prints its "interrupted ... run the same command
+    again to resume" message; the experiment state is saved and the next call restores it.
+    """
+
+
+#: Ray Tune trial states that end a trial (``Trial.TERMINATED``, ``Trial.ERROR``).
+FINISHED_STATES = ("TERMINATED", "ERROR")
+
+
+def trial_statuses(grid, path: Path | str | None = None) -> list[tuple[str, str]]:
+    """``(trial id, status)`` of every trial, as Ray Tune last saved them in the experiment at ``path``.
+
+    After a SIGINT, ``Tuner.fit`` saves the experiment state (unfinished trials PENDING, RUNNING or
+    PAUSED) and only then stops the trials, so the *returned* grid shows every trial TERMINATED;
+    the saved state is the record of what was left. Without ``path`` (or if it cannot be read) the
+    statuses of the grid's trials are used.
+    """
+    import logging
+    if path is not None:
+        log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+        level = log.level
+        log.setLevel(logging.ERROR)  # it warns about trials that never reported (exactly the unfinished ones)
+        try:
+            trials = require("ray.tune").ExperimentAnalysis(str(path)).trials
+            return [(str(t.trial_id), str(t.status)) for t in trials]
+        except Exception:  # pragma: no cover - an unreadable state: fall back to the grid
+            pass
+        finally:
+            log.setLevel(level)
+    analysis = getattr(grid, "_experiment_analysis", None)
+    if analysis is None:  # pragma: no cover
+        return [(str(r.path), "TERMINATED") for r in grid]
+    return [(str(t.trial_id), str(t.status)) for t in analysis.trials]
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Restore the SIGINT/SIGUSR1 handlers after ``Tuner.fit`` (Tune installs its own and leaves them
+    in place after a run that was not interrupted, which would swallow a later Ctrl-C)."""
+    import signal
+    import threading
+    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    main = threading.current_thread() is threading.main_thread()
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
+    try:
+        yield
+    finally:
+        for n, h in saved.items():
+            if h is not None:
+                signal.signal(getattr(signal, n), h)
+
+
+def unfinished(statuses: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The trials that neither terminated nor errored (pending, running or paused when ``fit`` returned)."""
+    return [(t, s) for t, s in statuses if s not in FINISHED_STATES]
+
+
+def check_finished(statuses: Sequence[tuple[str, str]], path: Path | str | None = None) -> None:
+    """Raise :class:`Interrupted` naming the unfinished trials, if any.
+
+    ``Tuner.fit`` returns normally after a SIGINT (it saves the experiment state and stops the
+    trials); reading the results of its unfinished trials would then fail.
+    """
+    left = unfinished(statuses)
+    if left:
+        names = ", ".join(f"{t} ({s})" for t, s in left[:8]) + (" ..." if len(left) > 8 else "")
+        raise Interrupted(f"Ray Tune stopped with {len(left)} of {len(statuses)} trial(s) unfinished ({names}); "
+                          f"the experiment{'' if path is None else ' ' + str(path)} is saved: run the same command "
+                          "again to resume it")
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> None:
@@ -218,7 +294,12 @@ def checkpoint_result(result) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"trial {result.path} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        return json.loads((Path(d) / "result.json").read_text())
+        f = Path(d) / "result.json"
+        if not f.exists():
+            raise RuntimeError(f"trial {result.path} has not finished (its last checkpoint, at step "
+                               f"{(result.metrics or {}).get('step')}, holds no result.json); run the same command "
+                               "again to resume it")
+        return json.loads(f.read_text())
 
 
 _PROBLEMS: dict[str, Any] = {}
@@ -285,29 +366,63 @@ def clarke_trial(config: dict[str, Any]) -> None:
             return
 
 
+def clarke_experiment(out: Path, method: str) -> Path:
+    """The Ray Tune experiment of one method of ``clarke --backend ray``: ``out/ray/clarke-METHOD``.
+
+    One experiment per method, so a re-run with more methods restores the experiments of the
+    methods it shares with the earlier run and starts new ones for the others (``Tuner.restore``
+    brings back only the trials an experiment was created with).
+    """
+    return Path(out) / "ray" / f"clarke-{method}"
+
+
+def member_blocks(jobs: Sequence[Mapping[str, Any]], n: int) -> list[tuple[int, int]]:
+    """The ``(first, count)`` of ``jobs`` in member order, checked to cover members ``0 .. n - 1`` once."""
+    spans = sorted((int(j["first"]), int(j["count"])) for j in jobs)
+    covered = [m for f, c in spans for m in range(f, f + c)]
+    if covered != list(range(n)):
+        raise ValueError(f"the Ray trials' blocks {spans} do not cover the {n} initialisations once each")
+    return spans
+
+
 def run_clarke(cfg, methods: Sequence[str], out: Path, *, address: str | None = None, num_cpus: int | None = None,
                block_size: int | None = None, threads: int = 1,
                progress_factory: Callable[[str, int], Callable[..., None]] | None = None) -> dict[str, dict[str, Any]]:
     """Train ``methods`` of the ``clarke`` experiment as Ray Tune trials; return each method's merged results.
 
-    The Ray experiment lives in ``out/ray/clarke`` (restored on re-run). ``block_size`` members per
-    trial (default: the population split evenly over the cluster's CPUs).
+    Each method is its own Ray experiment, :func:`clarke_experiment` (restored on re-run; only
+    trials of that method are read from it). ``block_size`` members per trial (default: the
+    population split evenly over the cluster's CPUs). Raises :class:`Interrupted` (a
+    ``KeyboardInterrupt``) if Ray Tune stopped with unfinished trials (Ctrl-C).
     """
     if not methods:
         return {}
+    from ..experiments import clarke
+    xlr = [m for m in methods if clarke.METHODS[m].lr_multiplier is not None]
+    if xlr:
+        import warnings
+        warnings.warn(f"{xlr}: the learning-rate multipliers are drawn from one generator per population, so on "
+                      "the Ray backend each block draws its own (equally distributed) multipliers and the members "
+                      "differ from the local run's (docs/ray.md)", stacklevel=2)
+    tune = require("ray.tune")
+    results: dict[str, dict[str, Any]] = {}
     with ray_session(address, num_cpus) as ray:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         size = block_size or max(1, math.ceil(cfg.inits / max(1, cpus // max(1, threads))))
-        jobs = [{"method": m, "first": f, "count": c} for m in methods for f, c in blocks(cfg.inits, size)]
-        tune = require("ray.tune")
-        advance = progress_factory(f"ray: {len(jobs)} trials", len(jobs)) if progress_factory else None
-        grid = fit(clarke_trial, {"job": tune.grid_search(jobs), "cfg": _portable(cfg), "threads": threads},
-                   Path(out) / "ray" / "clarke", cpus_per_trial=threads, keep_checkpoints=1, on_complete=advance)
-        parts: dict[str, list[tuple[int, dict]]] = {m: [] for m in methods}
-        for r in grid:
-            job = r.config["job"]
-            parts[job["method"]].append((job["first"], checkpoint_result(r)))
-    return {m: merge_blocks([res for _, res in sorted(parts[m], key=lambda x: x[0])]) for m in methods}
+        for method in methods:
+            jobs = [{"method": method, "first": f, "count": c} for f, c in blocks(cfg.inits, size)]
+            path = clarke_experiment(out, method)
+            advance = progress_factory(f"ray: {method}", len(jobs)) if progress_factory else None
+            grid = fit(clarke_trial, {"job": tune.grid_search(jobs), "cfg": _portable(cfg), "threads": threads},
+                       path, cpus_per_trial=threads, keep_checkpoints=1, on_complete=advance)
+            mine = [r for r in grid if r.config["job"]["method"] == method]
+            try:
+                member_blocks([r.config["job"] for r in mine], cfg.inits)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}; delete that folder to train {method!r} afresh") from None
+            parts = sorted(((int(r.config["job"]["first"]), checkpoint_result(r)) for r in mine), key=lambda x: x[0])
+            results[method] = merge_blocks([res for _, res in parts])
+    return results
 
 
 # ---------------------------------------------------------------------------- ASHA and PBT
@@ -316,7 +431,12 @@ def scheduled_trial(config: dict[str, Any]) -> None:
     """Ray Tune trainable: one initialisation (weights of seed ``seed + member``, hyperparameters
     from the config) trained by the one-pass tuner, reporting validation/test losses every
     ``report_every`` steps. On a restart from a PBT checkpoint, PBT's mutation is applied to the
-    tuner's current hyperparameters as the ratio new / old (Clarke et al. B.8.2)."""
+    tuner's current hyperparameters as the ratio new / old (Clarke et al. B.8.2), and recorded.
+
+    A checkpoint holds the run, the PBT values it was trained under (``pbt_values``), the trial
+    that wrote it and the mutations applied along this path so far (``mutations``: inherited from
+    the donor on an exploit, one entry appended per applied mutation; see :func:`mutation_record`).
+    """
     from ..experiments import clarke
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = replace(_config(config["cfg"]), inits=1)
@@ -324,11 +444,18 @@ def scheduled_trial(config: dict[str, Any]) -> None:
     method = clarke.Method(**config["method"])
     values = {n: float(config[n]) for n in HPARAM_NAMES}
     run = clarke.start_method(cfg, problem, method, first=int(config["member"]), hparams={n: [v] for n, v in values.items()})
+    trial_id = _trial_id()
     state = restored_state()
     ratios: dict[str, float] = {}
+    mutations: list[dict[str, Any]] = []
     if state is not None:
         run.load_state_dict(state["run"])
+        mutations = list(state.get("mutations", []))
+        before = _natural(run.tuner)
         ratios = apply_pbt_mutation(run.tuner, values, state["pbt_values"])
+        if ratios:
+            mutations.append(mutation_record(run.tuner.t, trial_id, state.get("writer"), state["pbt_values"], values,
+                                             ratios, before, _natural(run.tuner)))
     every, ckpt_every = int(config["report_every"]), int(config["checkpoint_every"])
     t0 = float(config["t0"])
     while run.tuner.t < cfg.steps:
@@ -340,12 +467,78 @@ def scheduled_trial(config: dict[str, Any]) -> None:
             v = float(clarke.evaluate(run.tuner, problem, data, cfg.record_rows)[0]) * problem.test_scale
             losses[name] = v if alive and math.isfinite(v) else DIVERGED
         metrics = {"step": t, **losses, "diverged": not alive, "wall": time.time() - t0,
-                   **{f"now_{k}": float(v[0]) for k, v in run.tuner.describe().items()},
-                   **{f"ratio_{k}": v for k, v in ratios.items()}}
+                   **{f"now_{k}": v for k, v in _natural(run.tuner).items()},
+                   **{f"ratio_{k}": v for k, v in ratios.items()}, "mutations": len(mutations),
+                   "mutated_at": mutations[-1]["step"] if ratios else -1}
+        if t >= cfg.steps:  # the path's mutations with its final losses (a JSON string: Tune keeps it as is)
+            metrics["lineage"] = json.dumps(mutations)
         if t % ckpt_every == 0 or t >= cfg.steps:
-            report(metrics, {"run": run.state_dict(), "pbt_values": values})
+            report(metrics, {"run": run.state_dict(), "pbt_values": values, "writer": trial_id,
+                             "mutations": mutations})
         else:
             report(metrics)
+
+
+def _trial_id() -> str | None:
+    try:
+        return require("ray.tune").get_context().get_trial_id()
+    except Exception:  # pragma: no cover - outside a Tune session
+        return None
+
+
+def _natural(tuner) -> dict[str, float]:
+    """Member 0's natural hyperparameters (first element of a per-weight one) as floats."""
+    return {k: float(torch.as_tensor(v).reshape(-1)[0]) for k, v in tuner.describe().items()}
+
+
+def mutation_record(step: int, trial: str | None, donor: str | None, old: Mapping[str, float],
+                    new: Mapping[str, float], ratios: Mapping[str, float], before: Mapping[str, float],
+                    after: Mapping[str, float]) -> dict[str, Any]:
+    """One applied PBT + ours mutation: at ``step`` trial ``trial`` started from ``donor``'s checkpoint
+    whose PBT values were ``old``; PBT assigned ``new``; the tuner's natural values went from
+    ``before`` (the donor's at its checkpoint) to ``after`` = ``before x ratios`` (then moved into the
+    domain by :meth:`~bilevel.tuner.OnlineTuner.rescale`, e.g. a momentum pushed past 1)."""
+    return {"step": int(step), "trial": trial, "donor": donor, "ratios": dict(ratios),
+            "pbt_old": {n: float(old[n]) for n in HPARAM_NAMES}, "pbt_new": {n: float(new[n]) for n in HPARAM_NAMES},
+            "before": {n: float(before[n]) for n in HPARAM_NAMES}, "after": {n: float(after[n]) for n in HPARAM_NAMES}}
+
+
+def hparam_bounds() -> dict[str, dict[str, Any]]:
+    """Where each PBT-mutated hyperparameter may lie: its transform's open ``domain`` and its ``clip``.
+
+    From the ``clarke`` space (Clarke et al. Table 5): learning rate ``(0, inf)`` clipped to
+    ``[1e-10, 1]``, weight decay ``(0, inf)``, momentum ``(0, 1)``.
+    """
+    from ..experiments import clarke
+    space = clarke.space_for(clarke.METHODS["ours-wd-lr-m"])
+    return {n: {"domain": tuple(float(x) for x in space[n].transform.domain),
+                "clip": None if space[n].clip is None else tuple(float(x) for x in space[n].clip)}
+            for n in HPARAM_NAMES}
+
+
+def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """PBT's ``custom_explore_fn``: the explored values of :data:`HPARAM_NAMES` moved into the tuner's domains.
+
+    A value on or past a finite end of the open domain is moved
+    :data:`~bilevel.hparams.NATURAL_INIT_EPS` inside it (a momentum x 1.2 above 1 becomes
+    ``1 - 1e-6``, as :meth:`~bilevel.tuner.OnlineTuner.rescale` does), then clipped into ``clip``
+    (a learning rate x 1.2 above 1 becomes 1). Values inside are unchanged (so the ratio new / old
+    is PBT's factor unless a value was moved).
+    """
+    from ..hparams import NATURAL_INIT_EPS
+    bounds = bounds or hparam_bounds()
+    for n in HPARAM_NAMES:
+        if n not in config:
+            continue
+        v, (lo, hi), clip = float(config[n]), bounds[n]["domain"], bounds[n]["clip"]
+        if math.isfinite(lo) and v <= lo:
+            v = lo + NATURAL_INIT_EPS
+        if math.isfinite(hi) and v >= hi:
+            v = hi - NATURAL_INIT_EPS
+        if clip is not None:
+            v = min(max(v, clip[0]), clip[1])
+        config[n] = v
+    return config
 
 
 def pbt_mutations() -> dict[str, Any]:
@@ -358,19 +551,23 @@ def pbt_mutations() -> dict[str, Any]:
 def run_scheduled(cfg, method: str, scheduler: str, trials: int, out: Path, *, report_every: int = 10,
                   grace_period: int | None = None, reduction_factor: float = 4, perturbation_interval: int = 100,
                   checkpoint_every: int = 500, address: str | None = None, num_cpus: int | None = None,
-                  threads: int = 1, progress_factory=None) -> dict[str, Any]:
+                  threads: int = 1, progress_factory=None, quantile_fraction: float = 0.25,
+                  resample_probability: float = 0.25, synch: bool = False) -> dict[str, Any]:
     """``trials`` initialisations of ``method`` ("random" or "ours-wd-lr-m") under ASHA or PBT.
 
     ASHA (Ray Tune's ``ASHAScheduler``): ``time_attr="step"``, ``max_t = cfg.steps``, grace period
     ``grace_period`` (default ``report_every``), reduction factor 4, one bracket (Clarke et al.'s
     Ray Tune defaults, with a step counted per report). PBT (``PopulationBasedTraining``):
-    perturbation interval ``perturbation_interval`` steps, Ray Tune's default quantile 0.25,
-    resample probability 0.25 and factors (1.2, 0.8), resampling from Table 5. Both rank trials by
-    the final validation loss. ``random`` trains on the training set only (the validation set
+    perturbation interval ``perturbation_interval`` steps, Ray Tune's default ``quantile_fraction``
+    0.25, ``resample_probability`` 0.25, factors (1.2, 0.8) and asynchronous mode (``synch``),
+    resampling from Table 5; explored values are clipped into the tuner's domains
+    (:func:`clip_to_domains`). Both rank trials by the final validation loss. ``random`` trains on the training set only (the validation set
     ranks trials), as appendix B.8.2.
 
     Returns ``{"final_test_loss", "final_val_loss", "seconds", "trials", "incumbent", ...}`` where
-    the finals are of the trials trained to ``cfg.steps`` (ASHA's survivors; all PBT paths).
+    the finals are of the trials trained to ``cfg.steps`` (ASHA's survivors; all PBT paths);
+    ``mutations`` holds, per final trial, the PBT mutations applied along its path
+    (:func:`mutation_record`), ``exploits`` their total number.
     """
     from ..experiments import clarke
     tune = require("ray.tune")
@@ -389,7 +586,9 @@ def run_scheduled(cfg, method: str, scheduler: str, trials: int, out: Path, *, r
         import random
         random.seed(cfg.seed)  # PBT's explore/exploit draws use Python's random module in the driver
         sched = PopulationBasedTraining(time_attr="step", perturbation_interval=perturbation_interval,
-                                        hyperparam_mutations=pbt_mutations())
+                                        hyperparam_mutations=pbt_mutations(), quantile_fraction=quantile_fraction,
+                                        resample_probability=resample_probability, synch=synch,
+                                        custom_explore_fn=clip_to_domains)
         ckpt_every = perturbation_interval
     else:
         raise ValueError(f"unknown scheduler {scheduler!r}: use 'asha' or 'pbt'")
@@ -405,9 +604,16 @@ def run_scheduled(cfg, method: str, scheduler: str, trials: int, out: Path, *, r
     with ray_session(address, num_cpus):
         advance = progress_factory(f"{scheduler}+{method}", trials) if progress_factory else None
         rows: list[tuple[float, float]] = []  # (wall, test loss) of every report, collected in the driver
+        applied: dict[tuple[str, int], dict[str, float]] = {}  # (trial, step) -> ratios of every applied mutation
+
+        def on_result(res):
+            rows.append((float(res["wall"]), float(res["test_loss"])))
+            if int(res.get("mutated_at", -1)) >= 0:
+                applied[(str(res.get("trial_id")), int(res["mutated_at"]))] = {
+                    n: float(res[f"ratio_{n}"]) for n in HPARAM_NAMES if f"ratio_{n}" in res}
         grid = fit(scheduled_trial, space, Path(out) / "ray" / name, scheduler=sched, metric="val_loss", mode="min",
                    cpus_per_trial=threads, keep_checkpoints=2, on_complete=advance, reuse_actors=True,
-                   on_result=lambda res: rows.append((float(res["wall"]), float(res["test_loss"]))))
+                   on_result=on_result)
         elapsed = time.perf_counter() - start
         finals, steps_done, total_seconds = [], 0, 0.0
         for r in grid:
@@ -422,13 +628,17 @@ def run_scheduled(cfg, method: str, scheduler: str, trials: int, out: Path, *, r
                 finals.append({"test": None if bad else float(last["test_loss"]),
                                "val": None if bad else float(last["val_loss"]),
                                "config": {n: float(r.config[n]) for n in HPARAM_NAMES},
-                               "hparams": {n: float(last[f"now_{n}"]) for n in HPARAM_NAMES}})
+                               "hparams": {n: float(last[f"now_{n}"]) for n in HPARAM_NAMES},
+                               "mutations": json.loads(last.get("lineage") or "[]")})
     times, best = incumbent(rows)
     return {"final_test_loss": [f["test"] for f in finals], "final_val_loss": [f["val"] for f in finals],
             "seconds": [elapsed / max(1, len(finals))] * len(finals), "wall_seconds": elapsed,
             "trial_seconds": total_seconds, "trials": trials, "fully_trained": len(finals),
             "weight_steps": steps_done, "incumbent": {"seconds": times, "test_loss": best},
-            "final_hparams": [f["hparams"] for f in finals], "pbt_config": [f["config"] for f in finals]}
+            "final_hparams": [f["hparams"] for f in finals], "pbt_config": [f["config"] for f in finals],
+            "mutations": [f["mutations"] for f in finals],
+            "exploits": len(applied | {(m["trial"], m["step"]): m["ratios"] for f in finals for m in f["mutations"]}),
+            "applied_ratios": [{"trial": t, "step": k, "ratios": r} for (t, k), r in sorted(applied.items())]}
 
 
 def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
@@ -452,6 +662,36 @@ def asha_trials_for_budget(paths: int, steps: int, grace_period: int, reduction_
     """
     rungs = asha_rungs(steps, grace_period, reduction_factor)
     return max(1, round(paths * steps / (len(rungs) * grace_period)))
+
+
+def check_run_config(out: Path, config: Mapping[str, Any], *, free: Sequence[str] = ("methods", "device", "data_dir"),
+                     defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse to resume ``out`` if it holds a run with a different configuration; then save ``config``.
+
+    The check of the ``clarke`` experiment (``clarke.run``), shared by ``asha-pbt`` and
+    ``bayesopt``: ``out/config.json`` (else the ``config`` of an existing ``out/results.json``)
+    is compared with ``config`` key by key after a JSON round trip; keys in ``free`` may change
+    (e.g. methods may be added: their results are cached one file each), and a key missing from
+    the saved configuration counts as its value in ``defaults`` (added since that run started).
+    Raises ``ValueError`` naming the changed keys as ``{key: (saved, now)}``.
+    """
+    out = Path(out)
+    now = json.loads(json.dumps(dict(config)))
+    saved_file, results = out / "config.json", out / "results.json"
+    old = None
+    if saved_file.exists():
+        old = json.loads(saved_file.read_text())
+    elif results.exists():
+        old = json.loads(results.read_text()).get("config")
+    if old is not None:
+        dflt = json.loads(json.dumps(dict(defaults or {})))
+        changed = {k: (old.get(k, dflt.get(k)), v) for k, v in now.items()
+                   if k not in free and old.get(k, dflt.get(k)) != v}
+        if changed:
+            raise ValueError(f"{out} holds a run with a different configuration {changed}; "
+                             "use another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    saved_file.write_text(json.dumps(now, indent=1))
 
 
 def plot_incumbent(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str) -> Path | None:
