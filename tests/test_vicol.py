@@ -132,11 +132,49 @@ def test_cli_anti_distill(tmp_path, monkeypatch):
         cli.main(args[:-2] + ["--outer-steps", "13", "--threads", "1"])
 
 
-def test_cli_param_space(tmp_path):
+def test_cli_anti_distill_outer_lr_points_and_validation_point(tmp_path):
+    """--outer-lr (plain SGD, the paper's 1e-2), --points and --val-point reach the runs: y moves along the fixed
+    direction d of the closed form for the new problem (so y / ||y|| = y* / ||y*||), more slowly than normalised."""
+    args = ["run", "anti-distill", "--out", str(tmp_path), "--amplitudes", "inv", "--neumann-ks", "3", "--unroll-ks",
+            "", "--eps", "1", "--no-mlp", "--outer-steps", "20", "--points", "7", "--val-point=0.5,1", "--threads", "1"]
+    assert cli.main(args + ["--outer-lr", "0.01"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    c = doc["config"]
+    assert (c["n_points"], c["val_x"], c["val_y"], c["outer_lr"]) == (7, 0.5, 1.0, 0.01)
+    cfg = AD.Config(n_points=7, val_x=0.5, val_y=1.0)
+    prob = AD._problem(cfg, "inv")
+    assert len(doc["metrics"]["inv"]["x"]) == 7
+    plain = doc["metrics"]["inv"]["runs"]
+    assert [r["label"] for r in plain] == ["neumann K=3", "proximal eps=1"]
+    for r in plain:
+        kind, v = r["method"], r["setting"]
+        A = AD.response_matrix(prob["H"], kind, K=int(v), lr=cfg.inner_lr["inv"], eps=float(v))
+        y_star, _ = AD.fixed_point(prob["Phi"], prob["phi_v"], 1.0, A)
+        torch.testing.assert_close(prob["phi_v"] @ prob["pinv"] @ y_star, torch.tensor(1.0, dtype=D))  # fits (0.5, 1)
+        y = torch.tensor(r["targets"], dtype=D)
+        assert r["outer_lr"] == 0.01 and not r["outer_lr_normalised"] and len(y) == 7
+        torch.testing.assert_close(y / y.norm(), y_star / y_star.norm(), rtol=1e-8, atol=1e-10)
+        assert 0 < r["val_loss"] < 0.5 and r["max_abs_diff_y"] > 1e-3  # started at 0.5, not converged at 0.01
+    # the default (normalised) step lands on the fixed point in the same number of steps
+    assert cli.main(args) == 0
+    norm = json.loads((tmp_path / "results.json").read_text())["metrics"]["inv"]["runs"]
+    assert all(r["outer_lr_normalised"] and r["max_abs_diff_y"] < 1e-4 for r in norm)
+    with pytest.raises(ValueError, match="val-point"):
+        AD.main(cli.build_parser().parse_args(args[:-3] + ["--val-point", "1", "--threads", "1"]))
+
+
+def test_cli_param_space(tmp_path, capsys):
     code = cli.main(["run", "param-space", "--out", str(tmp_path), "--outer-steps", "5", "--cycle-rounds", "3",
                      "--threads", "1"])
     assert code == 0
+    printed = " ".join(capsys.readouterr().out.split())
     doc = json.loads((tmp_path / "results.json").read_text())
+    # only the Kaczmarz rounds that ran are reported (3 of them: rounds 1 and 3, not "1, 5")
+    d = doc["kaczmarz"]["dist_to_intersection"]
+    assert len(d) == 3 and "after rounds 1, 3:" in printed and "rounds 1, 5" not in printed
+    assert f"{d[0]:.3g}, {d[2]:.3g}" in printed
+    assert PS.reported_rounds(15) == [1, 5, 15] and PS.reported_rounds(5) == [1, 5]
+    assert PS.reported_rounds(1) == [1] and PS.reported_rounds(0) == []
     assert set(doc["metrics"]) == {"cold", "warm-full", "warm-partial"}
     for name, m in doc["metrics"].items():
         assert m["status"] == "ok" and len(m["w"]) == 6

@@ -1,8 +1,8 @@
 """Vicol et al. (2021) Sec. 4.2, Fig. 3, 7, 8: anti-distillation, an overparameterised outer problem.
 
-Thirteen learned targets y (outer parameters) at fixed, linearly spaced inputs
-x_i in [-3, 3], initialised at 0, train a regressor (inner parameters w) that
-should fit one validation point (0, 2):
+Thirteen (``n_points``) learned targets y (outer parameters) at fixed, linearly
+spaced inputs x_i in [-3, 3], initialised at 0, train a regressor (inner
+parameters w) that should fit one validation point (0, 2) (``val_x, val_y``):
 
     f(w, y) = 1/2 ||Phi w - y||^2,    F(w) = 1/2 (phi(0)^T w - 2)^2,
 
@@ -15,8 +15,12 @@ so the fixed point is (App. D.2; derived in docs/vicol.md)
 
     y* = 2 d / (phi(0)^T Phi^+ d),    w* = Phi^+ y*,
 
-with A = lr sum_{k<=K} (I - lr H)^k (Neumann K), the same with K - 1 (unrolling K
-steps) or (H + eps I)^{-1} (proximal). :func:`response_matrix` and
+with A = lr sum_{k<=K} (I - lr H)^k (Neumann K: K + 1 terms), the same with K - 1
+(unrolling K steps: K terms) or (H + eps I)^{-1} (proximal). Because the fixed
+point does not depend on the outer step, the linear runs by default *normalise*
+the outer SGD step, lr = 0.5 / (phi(0)^T Phi^+ d), which halves the validation
+residual per step; ``outer_lr`` (CLI ``--outer-lr``, paper: 1e-2) instead uses a
+plain fixed SGD step, which reaches the same fixed point much more slowly. :func:`response_matrix` and
 :func:`fixed_point` compute it for any K or eps; the library's bilevel loop
 (:class:`bilevel.concepts.BilevelOptimizer`) is run for a few settings and must
 land on it. Also the 2-layer, 10-unit ReLU MLP version (Fig. 8): Neumann with a
@@ -109,7 +113,10 @@ def fixed_point(Phi: Tensor, phi_v: Tensor, target: float, A: Tensor) -> tuple[T
 @dataclass
 class Config:
     amplitudes: list[str] = field(default_factory=lambda: ["exp", "inv"])
-    n_points: int = 13
+    n_points: int = 13  # learned targets at linspace(-3, 3, n_points) (paper: 13)
+    val_x: float = VAL_X  # the validation point (val_x, val_y) (paper: (0, 2))
+    val_y: float = VAL_Y
+    outer_lr: float | None = None  # linear runs: None = normalised outer SGD step; a number = plain SGD (paper 1e-2)
     n_freq: int = 10
     neumann_ks: list[int] = field(default_factory=lambda: [1, 10, 100])
     unroll_ks: list[int] = field(default_factory=lambda: [1, 10, 100])
@@ -135,14 +142,14 @@ class Config:
 def _problem(cfg: Config, amplitudes: str) -> dict[str, Any]:
     x = torch.linspace(-3.0, 3.0, cfg.n_points, dtype=D, device=cfg.device)
     Phi = fourier_features(x, cfg.n_freq, amplitudes)
-    phi_v = fourier_features(torch.tensor([VAL_X], dtype=D, device=cfg.device), cfg.n_freq, amplitudes)[0]
+    phi_v = fourier_features(torch.tensor([cfg.val_x], dtype=D, device=cfg.device), cfg.n_freq, amplitudes)[0]
     space, pseudo = targets_space(cfg.n_points)
 
     def inner(p, h):
         return 0.5 * ((Phi @ p["w"] - space.natural(h)["targets"]["y"]) ** 2).sum()
 
     def outer(p, h):
-        return 0.5 * (phi_v @ p["w"] - VAL_Y) ** 2
+        return 0.5 * (phi_v @ p["w"] - cfg.val_y) ** 2
 
     return dict(x=x, Phi=Phi, phi_v=phi_v, H=Phi.T @ Phi, pinv=torch.linalg.pinv(Phi), inner=inner, outer=outer,
                 space=space, pseudo=pseudo)
@@ -161,7 +168,7 @@ def closed_form_curves(cfg: Config, prob: dict[str, Any], lr: float) -> dict[str
         rows = []
         for v in grid:
             A = response_matrix(prob["H"], kind, K=int(v), lr=lr, eps=float(v))
-            y, w = fixed_point(prob["Phi"], prob["phi_v"], VAL_Y, A)
+            y, w = fixed_point(prob["Phi"], prob["phi_v"], cfg.val_y, A)
             rows.append({"K" if kind != "proximal" else "eps": v, "w_norm": float(w.norm()), "y_norm": float(y.norm())})
         out[kind] = rows
     return out
@@ -193,7 +200,8 @@ def run_linear(cfg: Config, amplitudes: str, progress=None, parts: Path | None =
     lam_max = float(torch.linalg.eigvalsh(H)[-1])
     for kind, value in settings:
         key = {"basis": amplitudes, "method": kind, "setting": value, "n_points": cfg.n_points, "n_freq": cfg.n_freq,
-               "outer_steps": cfg.outer_steps, "device": cfg.device}
+               "outer_steps": cfg.outer_steps, "device": cfg.device, "val_point": [cfg.val_x, cfg.val_y],
+               "outer_lr": cfg.outer_lr}
         path, done = _cached_run(parts, f"{amplitudes}_{kind}_{value:g}", key)
         if done is not None:
             runs.append({**done, "resumed": True})
@@ -211,15 +219,20 @@ def run_linear(cfg: Config, amplitudes: str, progress=None, parts: Path | None =
             # cold start: the weights re-trained from 0 to convergence are the min-norm Phi^+ y
             concept = C.concept("cold", inner_lr=lr, closed_form=min_norm)
             A = response_matrix(H, kind, K=int(value), lr=lr)
-        y_star, w_star = fixed_point(Phi, prob["phi_v"], VAL_Y, A)
+        y_star, w_star = fixed_point(Phi, prob["phi_v"], cfg.val_y, A)
         # Every hypergradient is r_t d (r_t the validation residual), so SGD keeps y on the line through 0 along d
         # and the fixed point does not depend on the outer step; with a converged inner problem
         # r_{t+1} = r_t (1 - lr_outer phi^T Phi^+ d), so lr_outer = 0.5 / (phi^T Phi^+ d) halves r every step.
+        # cfg.outer_lr: the paper's plain SGD step instead (same fixed point, reached more slowly).
         d = Phi @ (A @ prob["phi_v"])
-        outer_lr = 0.5 / float(prob["phi_v"] @ (pinv @ d))
         steps = cfg.outer_steps
-        if kind == "proximal":  # the weights lag (a step closes a fraction lambda / (lambda + eps) of the gap)
-            outer_lr *= lam_max / (lam_max + value)
+        if cfg.outer_lr is not None:
+            outer_lr = float(cfg.outer_lr)
+        else:
+            outer_lr = 0.5 / float(prob["phi_v"] @ (pinv @ d))
+            if kind == "proximal":  # the weights lag (a step closes a fraction lambda / (lambda + eps) of the gap)
+                outer_lr *= lam_max / (lam_max + value)
+        if kind == "proximal":
             steps *= 3
         start = time.perf_counter()
         opt = C.BilevelOptimizer(prob["inner"], prob["outer"], w0, y0, concept=concept, method=m, outer_lr=outer_lr)
@@ -231,7 +244,7 @@ def run_linear(cfg: Config, amplitudes: str, progress=None, parts: Path | None =
         y = opt.hparams["targets/y"].detach()
         w = opt.params["w"]
         row = {"method": kind, "setting": value, "label": _setting_label(kind, value), "status": status,
-               "outer_lr": outer_lr, "outer_steps": steps, "val_loss": opt.losses()["outer"],
+               "outer_lr": outer_lr, "outer_lr_normalised": cfg.outer_lr is None, "outer_steps": steps, "val_loss": opt.losses()["outer"],
                "w_norm": float(w.norm()), "y_norm": float(y.norm()),
                "closed_form_w_norm": float(w_star.norm()), "closed_form_y_norm": float(y_star.norm()),
                "max_abs_diff_y": float((y - y_star).abs().max()), "targets": y.tolist(), "weights": w.cpu().tolist(),
@@ -272,14 +285,14 @@ def _flat_jacobian(params: dict[str, Tensor], x: Tensor) -> Tensor:
 
 
 def normalised_outer_lr(m: C.HypergradientMethod, inner, outer, params: dict[str, Tensor], hparams: dict[str, Tensor],
-                        x: Tensor, xv: Tensor) -> float:
+                        x: Tensor, xv: Tensor, target: float = VAL_Y) -> float:
     """0.5 / (j_v^T J^+ d): the outer SGD step that halves the linearised validation residual.
 
-    The hypergradient is r d (r = mlp(x_v) - 2); a step y <- y - lr r d moves the re-trained
+    The hypergradient is r d (r = mlp(x_v) - target); a step y <- y - lr r d moves the re-trained
     network's output at x_v by about -lr r j_v^T J^+ d (min-norm re-fit of the targets),
     as in the linear problem, where the same choice halves the residual exactly.
     """
-    r = float(mlp_forward(params, xv)[0, 0]) - VAL_Y
+    r = float(mlp_forward(params, xv)[0, 0]) - target
     if abs(r) < 1e-12:
         return 1.0
     d = m(outer, params, hparams, inner=inner)["targets/y"].detach() / r
@@ -292,7 +305,7 @@ def normalised_outer_lr(m: C.HypergradientMethod, inner, outer, params: dict[str
 def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, Any]:
     """2-layer, 10-unit ReLU MLP: Neumann K with cold start, and alternating updates through K unrolled steps."""
     x = torch.linspace(-3.0, 3.0, cfg.n_points, dtype=D, device=cfg.device)[:, None]
-    xv = torch.tensor([[VAL_X]], dtype=D, device=cfg.device)
+    xv = torch.tensor([[cfg.val_x]], dtype=D, device=cfg.device)
     space, pseudo = targets_space(cfg.n_points)
     w0 = {k: v.to(cfg.device) for k, v in mlp_init([1, 10, 10, 1], torch.Generator().manual_seed(cfg.seed), dtype=D).items()}
     y0 = space.from_natural(pseudo, {"targets": {"y": torch.zeros(cfg.n_points)}}, dtype=D, device=cfg.device)
@@ -301,13 +314,14 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
         return 0.5 * ((mlp_forward(p, x)[:, 0] - space.natural(h)["targets"]["y"]) ** 2).sum()
 
     def outer(p, h):
-        return 0.5 * (mlp_forward(p, xv)[0, 0] - VAL_Y) ** 2
+        return 0.5 * (mlp_forward(p, xv)[0, 0] - cfg.val_y) ** 2
 
     runs = []
     settings = [("neumann", k) for k in cfg.mlp_neumann_ks] + [("unroll", k) for k in cfg.mlp_unroll_ks]
     grid = torch.linspace(-math.pi, math.pi, 200, dtype=D, device=cfg.device)[:, None]
     for kind, K in settings:
-        common = {"n_points": cfg.n_points, "lr": cfg.mlp_lr, "seed": cfg.seed, "device": cfg.device}
+        common = {"n_points": cfg.n_points, "lr": cfg.mlp_lr, "seed": cfg.seed, "device": cfg.device,
+                  "val_point": [cfg.val_x, cfg.val_y]}
         if kind == "neumann":
             key = {**common, "outer_steps": cfg.mlp_outer_steps, "cold_steps": cfg.mlp_cold_steps,
                    "outer_lr": cfg.mlp_outer_lr}
@@ -333,7 +347,7 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
         outer_lr = cfg.mlp_outer_lr or cfg.mlp_lr
         try:
             if kind == "neumann" and cfg.mlp_outer_lr is None:  # at the first cold-start solution
-                outer_lr = normalised_outer_lr(m, inner, outer, opt.params, T.detach(opt.hparams), x, xv)
+                outer_lr = normalised_outer_lr(m, inner, outer, opt.params, T.detach(opt.hparams), x, xv, cfg.val_y)
                 for group in opt.opt.param_groups:
                     group["lr"] = outer_lr
             opt.run(steps, record_every=steps)
@@ -367,13 +381,25 @@ def add_arguments(p) -> None:
                    help="paper-scale grids: Neumann K up to 1000 (linear and MLP), MLP re-trained 5000 steps per outer "
                         "step (App. D.2), 20 outer steps, and the warm-start unrolled MLP runs K=1,5,20 "
                         "(20000 alternating steps); explicit options below still override")
-    p.add_argument("--neumann-ks", type=ints, default=None, help=f"Neumann terms K (cold-start runs; default {c.neumann_ks})")
-    p.add_argument("--unroll-ks", type=ints, default=None, help=f"unrolled steps K (cold-start runs; default {c.unroll_ks})")
+    p.add_argument("--neumann-ks", type=ints, default=None,
+                   help=f"Neumann steps K: the series sum_{{k=0..K}}, i.e. K+1 terms (cold-start runs; default {c.neumann_ks})")
+    p.add_argument("--unroll-ks", type=ints, default=None,
+                   help=f"unrolled steps K, = Neumann K-1 (K terms) (cold-start runs; default {c.unroll_ks})")
     p.add_argument("--eps", type=lambda s: [float(v) for v in s.split(",") if v], default=None,
                    help=f"proximal eps (warm-start, Alg. 3); default per basis {c.eps_default}")
-    p.add_argument("--outer-steps", type=int, default=None, help=f"outer SGD steps per linear run (default {c.outer_steps})")
+    p.add_argument("--outer-steps", type=int, default=None,
+                   help=f"outer SGD steps per linear run, x3 for proximal (default {c.outer_steps})")
+    p.add_argument("--outer-lr", type=float, default=None,
+                   help="plain outer SGD step of the linear runs (paper: 0.01); default: normalised per run, "
+                        "0.5 / (phi_v^T Phi^+ d), which halves the validation residual per step (same fixed point)")
+    p.add_argument("--points", type=int, default=c.n_points,
+                   help=f"number of learned targets, at linspace(-3, 3, N) (paper: {c.n_points})")
+    p.add_argument("--val-point", default=f"{VAL_X:g},{VAL_Y:g}",
+                   help="the validation point X,Y the regressor should fit (paper: 0,2; a negative X as "
+                        "--val-point=-1,2)")
     p.add_argument("--no-mlp", action="store_true", help="skip the MLP version (Fig. 8)")
-    p.add_argument("--mlp-neumann-ks", type=ints, default=None, help=f"MLP Neumann K, cold start (default {c.mlp_neumann_ks})")
+    p.add_argument("--mlp-neumann-ks", type=ints, default=None,
+                   help=f"MLP Neumann steps K (K+1 terms), cold start (default {c.mlp_neumann_ks})")
     p.add_argument("--mlp-unroll-ks", type=ints, default=None,
                    help="MLP warm-start alternating runs through K unrolled steps (default none; --paper: 1,5,20)")
     p.add_argument("--mlp-outer-steps", type=int, default=None,
@@ -396,8 +422,17 @@ def main(a, progress_factory=None, console=None) -> dict:
              "mlp_neumann_ks": a.mlp_neumann_ks, "mlp_unroll_ks": a.mlp_unroll_ks, "mlp_outer_steps": a.mlp_outer_steps,
              "mlp_cold_steps": a.mlp_cold_steps, "mlp_warm_steps": a.mlp_warm_steps}
     opts = {k: (v if v is not None else base[k]) for k, v in given.items()}
+    try:
+        val_x, val_y = (float(v) for v in a.val_point.split(","))
+    except ValueError:
+        raise ValueError(f"--val-point must be X,Y (two numbers), got {a.val_point!r}") from None
+    if a.points < 1:
+        raise ValueError(f"--points must be >= 1, got {a.points}")
+    if a.outer_lr is not None and not a.outer_lr > 0:
+        raise ValueError(f"--outer-lr must be > 0, got {a.outer_lr}")
     cfg = Config(amplitudes=[s for s in a.amplitudes.split(",") if s], eps=a.eps, mlp=not a.no_mlp,
-                 mlp_outer_lr=a.mlp_outer_lr, seed=a.seed, device=a.device, **opts)
+                 mlp_outer_lr=a.mlp_outer_lr, seed=a.seed, device=a.device, n_points=a.points, val_x=val_x,
+                 val_y=val_y, outer_lr=a.outer_lr, **opts)
     for amp in cfg.amplitudes:
         if amp not in ("exp", "inv"):
             raise ValueError(f"unknown amplitudes {amp!r}: use exp or inv")
@@ -428,7 +463,11 @@ def _print(doc: dict, console) -> None:
     console = console or Console()
     for amp, m in doc["metrics"].items():
         mlp = amp == "mlp"
-        t = Table(title=f"anti-distillation, {'MLP' if mlp else f'Fourier {amp}'}")
+        cfg = doc["config"]
+        step = "" if mlp else (f", outer SGD step {cfg['outer_lr']:g}" if cfg.get("outer_lr") is not None
+                               else ", normalised outer SGD step")
+        t = Table(title=f"anti-distillation, {'MLP' if mlp else f'Fourier {amp}'}: {cfg['n_points']} learned targets, "
+                        f"validation point ({cfg['val_x']:g}, {cfg['val_y']:g}){step}")
         for c in ("setting", "val loss", "||w||", "||y||") + (("inner loss",) if mlp else ("closed-form ||y||", "max |y - y*|")) + ("s",):
             t.add_column(c, justify="right")
         for r in m["runs"]:
@@ -480,7 +519,7 @@ def _plot(doc: dict, cfg: Config, out: Path) -> None:
                     fit = fourier_features(dense, cfg.n_freq, amp) @ torch.tensor(r["weights"], dtype=D)
                     line, = ax.plot(dense.tolist(), fit.tolist(), lw=1, label=r["label"])
                 ax.scatter(m["x"], r["targets"], s=14, color=line.get_color())
-            ax.scatter([VAL_X], [VAL_Y], marker="x", s=80, color="green", zorder=5, label="validation point")
+            ax.scatter([cfg.val_x], [cfg.val_y], marker="x", s=80, color="green", zorder=5, label="validation point")
             ax.set_title(f"{kind}: learned targets and fits")
             ax.set_xlabel("x")
             ax.legend(fontsize=7)
@@ -505,7 +544,7 @@ def _plot(doc: dict, cfg: Config, out: Path) -> None:
                 for r in m["runs"]:
                     (ax2 if r["method"] == "proximal" else ax).scatter([r["setting"]], [r[norm]], color="k", s=12, zorder=5)
                 ax.set_xscale("log"); ax2.set_xscale("log"); ax2.invert_xaxis(); ax.set_yscale("log")  # noqa: E702
-                ax.set_xlabel("K (Neumann terms / unrolled steps)"); ax2.set_xlabel("eps (proximal), decreasing")  # noqa: E702
+                ax.set_xlabel("K (Neumann steps: K+1 terms / unrolled steps: K terms)"); ax2.set_xlabel("eps (proximal), decreasing")  # noqa: E702
                 ax.set_ylabel(f"{'||w||' if norm == 'w_norm' else '||y||'}: closed form (lines), library runs (dots)")
                 lines = ax.get_legend_handles_labels()
                 lines2 = ax2.get_legend_handles_labels()

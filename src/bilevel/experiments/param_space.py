@@ -18,8 +18,9 @@ w_c^T a = 1 and w_c^T b = 0. The three solution concepts
   converges to their intersection w_c, shown in the fourth panel);
 * ``warm-partial``: one gradient step from w_t per outer step (Alg. 1, K = 1 unroll).
 
-The cold and warm-full runs use the K-term Neumann hypergradient (the min-norm
-IFT as K grows); the partial run differentiates through its one unrolled step.
+The cold and warm-full runs use the Neumann hypergradient with ``neumann_steps``
+= K (K + 1 terms; the min-norm IFT, their Table 1 response, as K grows); the
+partial run differentiates through its one unrolled step.
 """
 
 from __future__ import annotations
@@ -180,10 +181,19 @@ def _print(doc: dict, console) -> None:
     console.print(t)
     k = doc["kaczmarz"]
     console.print(f"best validation loss on the cold-start curve (grid): {doc['cold_curve_best_val_loss']:.4g}")
-    console.print(f"Kaczmarz (warm-full cycling through S(x) for x in {k['xs']}): distance to the intersection "
-                  f"{k['intersection']} after rounds 1, 5, last: {k['dist_to_intersection'][0]:.3g}, "
-                  f"{k['dist_to_intersection'][min(4, len(k['dist_to_intersection']) - 1)]:.3g}, "
-                  f"{k['dist_to_intersection'][-1]:.3g}")
+    dist = k["dist_to_intersection"]
+    rounds = reported_rounds(len(dist))
+    if rounds:
+        console.print(f"Kaczmarz (warm-full cycling through S(x) for x in {k['xs']}): distance to the intersection "
+                      f"{k['intersection']} after rounds {', '.join(map(str, rounds))}: "
+                      f"{', '.join(f'{dist[r - 1]:.3g}' for r in rounds)}")
+    else:
+        console.print("Kaczmarz: no rounds run (--cycle-rounds 0)")
+
+
+def reported_rounds(n: int) -> list[int]:
+    """The Kaczmarz rounds printed (1-based): 1, 5 and the last, only those of the ``n`` that ran."""
+    return sorted({r for r in (1, 5, n) if 1 <= r <= n})
 
 
 def _plot(doc: dict, cfg: Config, prob: dict[str, Any], path: Path) -> None:
