@@ -82,3 +82,7 @@ def test_bayesopt_cli_smoke(tmp_path, data_dir):
     assert len(m["final_test_loss"]) == 2 and all(v is None or (math.isfinite(v) and v > 0) for v in m["final_test_loss"])
     assert all(len(r) == 4 for r in m["records"])
     assert (out / "incumbent.png").exists() and (out / "table.md").exists()
+    # a re-run in the same --out with another configuration is refused (shared check, ray_tune.check_run_config)
+    assert cli.main(["run", "bayesopt", "--dataset", "energy", "--repeats", "2", "--samples", "4", "--startup", "2",
+                     "--steps", "30", "--out", str(out), "--data-dir", str(data_dir)]) == 2
+    assert json.loads((out / "results.json").read_text()) == doc

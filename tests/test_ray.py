@@ -222,10 +222,13 @@ def test_ctrl_c_during_a_ray_run_is_an_interrupt_and_the_rerun_resumes(tmp_path,
 
 def test_asha_pbt_cli_smoke(tmp_path, data_dir, ray_local):
     out = tmp_path / "ap"
-    assert cli.main(["run", "asha-pbt", "--dataset", "energy", "--methods", "ours-wd-lr-m", "--inits", "3",
-                     "--steps", "20", "--interval", "5", "--lookback", "2", "--report-every", "10",
-                     "--perturbation-interval", "10", "--asha-trials", "4", "--out", str(out),
-                     "--data-dir", str(data_dir)]) == 0
+    args = {"--dataset": "energy", "--methods": "ours-wd-lr-m", "--inits": "3", "--steps": "20", "--interval": "5",
+            "--lookback": "2", "--report-every": "10", "--perturbation-interval": "10", "--asha-trials": "4",
+            "--out": str(out), "--data-dir": str(data_dir)}
+
+    def argv(**change):
+        return ["run", "asha-pbt", *[x for k, v in {**args, **change}.items() for x in (k, v)]]
+    assert cli.main(argv()) == 0
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["methods"]) == ["asha+ours-wd-lr-m", "pbt+ours-wd-lr-m"]
     assert doc["config"]["asha_rungs"] == [10, 20]
@@ -239,3 +242,48 @@ def test_asha_pbt_cli_smoke(tmp_path, data_dir, ray_local):
     a = doc["methods"]["asha+ours-wd-lr-m"]
     assert a["weight_steps"] == 20 * a["fully_trained"] + 10 * (4 - a["fully_trained"])
     assert (out / "incumbent.png").stat().st_size > 1000 and (out / "table.md").exists()
+    p = doc["methods"]["pbt+ours-wd-lr-m"]
+    assert len(p["mutations"]) == 3 and p["exploits"] >= 0 and isinstance(p["applied_ratios"], list)
+    # a re-run in the same --out with another configuration is refused (it used to return the stale results)
+    for change in ({"--steps": "30"}, {"--inits": "4"}, {"--perturbation-interval": "20"}):
+        assert cli.main(argv(**change)) == 2, change
+        assert json.loads((out / "results.json").read_text()) == doc
+    # the same command again resumes: the saved results, unchanged
+    assert cli.main(argv()) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == doc["methods"]
+
+
+def test_pbt_exploit_applies_the_ratio_to_the_donors_tuned_values(tmp_path, data_dir, ray_local):
+    """PBT + ours end to end with a forced exploit: synchronous PBT, 2 paths, quantile 0.5 (at step 10 the
+    worse path surely clones the better; 15 steps, so no perturbation at the end), no resampling (each ratio
+    is a 1.2 / 0.8 factor, or less where the explored value was clipped into the domain). The mutation starts
+    from the donor's *tuned* values after 10 steps (recomputed here) and sets the tuner to those x the ratio."""
+    cfg = clarke.ClarkeConfig(dataset="energy", inits=2, steps=15, interval=5, lookback=2, dtype="float64",
+                              data_dir=str(data_dir))
+    out = tmp_path / "pbt"
+    res = R.run_scheduled(cfg, "ours-wd-lr-m", "pbt", 2, out, report_every=5, perturbation_interval=10,
+                          quantile_fraction=0.5, resample_probability=0.0, synch=True)
+    assert res["fully_trained"] == 2 and res["exploits"] == 1
+    (m,) = {json.dumps(x, sort_keys=True): x for path in res["mutations"] for x in path}.values()
+    assert m["step"] == 10 and m["donor"] != m["trial"] and m["ratios"]
+    assert res["applied_ratios"] == [{"trial": m["trial"], "step": 10, "ratios": m["ratios"]}]
+    # the donor's tuned values after 10 steps, trained here alone from its PBT (Table 5) values
+    problem = clarke.load_problem(cfg)
+    one = clarke.ClarkeConfig(**{**cfg.__dict__, "inits": 1})
+    donor = clarke.start_method(one, problem, clarke.Method(merge_train_val=False), first=m["donor_member"],
+                                hparams={n: [m["pbt_old"][n]] for n in R.HPARAM_NAMES})
+    donor.advance(10)
+    tuned = {n: float(v[0]) for n, v in donor.tuner.describe().items()}
+    bounds = R.hparam_bounds()
+    for n in R.HPARAM_NAMES:
+        assert m["before"][n] == pytest.approx(tuned[n], rel=1e-9) and m["before"][n] != m["pbt_old"][n]
+        r = m["ratios"].get(n, 1.0)
+        assert r == pytest.approx(m["pbt_new"][n] / m["pbt_old"][n], rel=1e-12)
+        assert any(m["pbt_new"][n] == pytest.approx(R.clip_to_domains({n: m["pbt_old"][n] * f}, bounds)[n], rel=1e-12)
+                   for f in (0.8, 1.2))
+        expect = m["before"][n] * r
+        if n == "momentum":
+            expect = min(expect, 1 - NATURAL_INIT_EPS)
+        assert m["after"][n] == pytest.approx(expect, rel=1e-9), n
+    # the exploited path's later reports carry the ratio; the results (as asha-pbt saves them) keep the record
+    assert json.loads(json.dumps(res))["mutations"] == res["mutations"]

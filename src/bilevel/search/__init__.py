@@ -11,6 +11,6 @@ Ray and Optuna are optional (``pip install 'bilevel[ray]'``); nothing here impor
 time, and every entry point that needs one raises an ``ImportError`` naming the extra.
 """
 
-from .ray_tune import blocks, merge_blocks, pbt_ratios, require
+from .ray_tune import Interrupted, blocks, check_run_config, clip_to_domains, merge_blocks, pbt_ratios, require
 
-__all__ = ["blocks", "merge_blocks", "pbt_ratios", "require"]
+__all__ = ["Interrupted", "blocks", "check_run_config", "clip_to_domains", "merge_blocks", "pbt_ratios", "require"]

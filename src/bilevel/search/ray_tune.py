@@ -10,15 +10,21 @@ al. 2020) and Population-Based Training (PBT, Jaderberg et al. 2017). This modul
 * :func:`run_clarke` -- the ``clarke`` experiment with each block of ``block_size`` consecutive
   initialisations one trial (members ``first ... first + count - 1`` use seeds
   ``seed + first + j``, exactly as in the local population, so the per-initialisation results
-  are the same). Trials checkpoint every ``checkpoint_every`` steps through ``tune.report``;
-  re-running the same command restores the experiment with ``tune.Tuner.restore`` and resumes
-  unfinished and errored trials from their last checkpoint.
+  are the same up to floating-point rounding: float64 to rounding, float32 depends on the block
+  layout, see docs/ray.md). Each method is its own Ray experiment (``out/ray/clarke-METHOD``), so a
+  re-run may add methods. Trials checkpoint every ``checkpoint_every`` steps through
+  ``tune.report``; re-running the same command restores the experiment with
+  ``tune.Tuner.restore`` and resumes unfinished and errored trials from their last checkpoint. A
+  run stopped by Ctrl-C raises :class:`Interrupted` (a ``KeyboardInterrupt``) naming the
+  unfinished trials.
 * :func:`run_scheduled` -- one initialisation per trial under ASHA or PBT, reporting the
   validation loss every ``report_every`` steps.
 * PBT + ours (appendix B.8.2): PBT mutates the hyperparameters *it* assigned to a trial, but our
   tuner has since moved them. When a trial starts from a checkpoint whose recorded PBT values
   ``old`` differ from the trial's config ``new``, the tuner's *current* natural values are
   multiplied by ``new / old`` (:func:`pbt_ratios`, :meth:`bilevel.tuner.OnlineTuner.rescale`).
+  PBT's explored values are clipped into the tuner's domains (:func:`clip_to_domains`) and every
+  applied mutation is recorded (:func:`mutation_record`).
 
 Ray is imported lazily (``pip install 'bilevel[ray]'``). By default a local Ray instance with
 ``num_cpus`` CPUs is started (and shut down afterwards); ``address="auto"`` or ``"ray://..."``
@@ -455,7 +461,7 @@ def scheduled_trial(config: dict[str, Any]) -> None:
         ratios = apply_pbt_mutation(run.tuner, values, state["pbt_values"])
         if ratios:
             mutations.append(mutation_record(run.tuner.t, trial_id, state.get("writer"), state["pbt_values"], values,
-                                             ratios, before, _natural(run.tuner)))
+                                             ratios, before, _natural(run.tuner), donor_member=state.get("member")))
     every, ckpt_every = int(config["report_every"]), int(config["checkpoint_every"])
     t0 = float(config["t0"])
     while run.tuner.t < cfg.steps:
@@ -474,7 +480,7 @@ def scheduled_trial(config: dict[str, Any]) -> None:
             metrics["lineage"] = json.dumps(mutations)
         if t % ckpt_every == 0 or t >= cfg.steps:
             report(metrics, {"run": run.state_dict(), "pbt_values": values, "writer": trial_id,
-                             "mutations": mutations})
+                             "member": int(config["member"]), "mutations": mutations})
         else:
             report(metrics)
 
@@ -493,12 +499,13 @@ def _natural(tuner) -> dict[str, float]:
 
 def mutation_record(step: int, trial: str | None, donor: str | None, old: Mapping[str, float],
                     new: Mapping[str, float], ratios: Mapping[str, float], before: Mapping[str, float],
-                    after: Mapping[str, float]) -> dict[str, Any]:
+                    after: Mapping[str, float], donor_member: int | None = None) -> dict[str, Any]:
     """One applied PBT + ours mutation: at ``step`` trial ``trial`` started from ``donor``'s checkpoint
-    whose PBT values were ``old``; PBT assigned ``new``; the tuner's natural values went from
+    (written by the trial of initialisation ``donor_member``) whose PBT values were ``old``; PBT
+    assigned ``new``; the tuner's natural values went from
     ``before`` (the donor's at its checkpoint) to ``after`` = ``before x ratios`` (then moved into the
     domain by :meth:`~bilevel.tuner.OnlineTuner.rescale`, e.g. a momentum pushed past 1)."""
-    return {"step": int(step), "trial": trial, "donor": donor, "ratios": dict(ratios),
+    return {"step": int(step), "trial": trial, "donor": donor, "donor_member": donor_member, "ratios": dict(ratios),
             "pbt_old": {n: float(old[n]) for n in HPARAM_NAMES}, "pbt_new": {n: float(new[n]) for n in HPARAM_NAMES},
             "before": {n: float(before[n]) for n in HPARAM_NAMES}, "after": {n: float(after[n]) for n in HPARAM_NAMES}}
 
