@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(cfg: clarke.ClarkeConfig, out: Path, *, repeats: int, samples: int, startup: int, sampler: str,
         progress_factory=None) -> dict[str, Any]:
     from ..search import bayesopt as B
-    from ..search.ray_tune import check_run_config, plot_incumbent
+    from .._io import check_run_config
+    from ..search.ray_tune import plot_incumbent
     settings = {"repeats": repeats, "samples": samples, "startup": startup, "sampler": sampler,
                 "library": "optuna"}
     cfg_dict = {**asdict(cfg), **settings}

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as D
-from .._io import atomic_save, atomic_write_json
+from .._io import atomic_save, atomic_write_json, check_run_config
 from ..data._split import standardise
 from .. import hparams as H
 from .. import population as pop
@@ -456,16 +456,8 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
                          f"got {cfg.inits}")
     cfg_dict = asdict(cfg)
     cfg_dict["methods"] = methods
-    saved = out / "config.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        defaults = asdict(ClarkeConfig(dataset=cfg.dataset))  # a key added since the run started has its default
-        changed = {k: (old.get(k, defaults.get(k)), v) for k, v in cfg_dict.items()
-                   if k not in ("methods", "device", "data_dir") and old.get(k, defaults.get(k)) != v}
-        if changed:
-            raise ValueError(f"{out} holds a run with a different configuration {changed}; "
-                             "use another --out or delete it")
-    saved.write_text(json.dumps(cfg_dict, indent=1))
+    # a key added since the run started has its default
+    check_run_config(out, cfg_dict, defaults=asdict(ClarkeConfig(dataset=cfg.dataset)))
     problem = load_problem(cfg)
     (out / "methods").mkdir(exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)

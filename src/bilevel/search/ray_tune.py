@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from .._io import check_run_config  # noqa: F401  (re-exported: the shared resume check)
+
 #: Reported as the validation/test loss of a diverged trial so that schedulers rank it last
 #: (a finite number: Ray Tune's schedulers sort metrics and NaN breaks sorting).
 DIVERGED = 1e30
@@ -669,36 +671,6 @@ def asha_trials_for_budget(paths: int, steps: int, grace_period: int, reduction_
     """
     rungs = asha_rungs(steps, grace_period, reduction_factor)
     return max(1, round(paths * steps / (len(rungs) * grace_period)))
-
-
-def check_run_config(out: Path, config: Mapping[str, Any], *, free: Sequence[str] = ("methods", "device", "data_dir"),
-                     defaults: Mapping[str, Any] | None = None) -> None:
-    """Refuse to resume ``out`` if it holds a run with a different configuration; then save ``config``.
-
-    The check of the ``clarke`` experiment (``clarke.run``), shared by ``asha-pbt`` and
-    ``bayesopt``: ``out/config.json`` (else the ``config`` of an existing ``out/results.json``)
-    is compared with ``config`` key by key after a JSON round trip; keys in ``free`` may change
-    (e.g. methods may be added: their results are cached one file each), and a key missing from
-    the saved configuration counts as its value in ``defaults`` (added since that run started).
-    Raises ``ValueError`` naming the changed keys as ``{key: (saved, now)}``.
-    """
-    out = Path(out)
-    now = json.loads(json.dumps(dict(config)))
-    saved_file, results = out / "config.json", out / "results.json"
-    old = None
-    if saved_file.exists():
-        old = json.loads(saved_file.read_text())
-    elif results.exists():
-        old = json.loads(results.read_text()).get("config")
-    if old is not None:
-        dflt = json.loads(json.dumps(dict(defaults or {})))
-        changed = {k: (old.get(k, dflt.get(k)), v) for k, v in now.items()
-                   if k not in free and old.get(k, dflt.get(k)) != v}
-        if changed:
-            raise ValueError(f"{out} holds a run with a different configuration {changed}; "
-                             "use another --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    saved_file.write_text(json.dumps(now, indent=1))
 
 
 def plot_incumbent(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str) -> Path | None:
