@@ -69,3 +69,22 @@ def test_lstm_cli_smoke(tmp_path, data_dir):
     assert met["overfit"]["final_val_loss"] == ov["val_loss"][-1]
     assert met["overfit"]["initial_val_loss"] == ov["initial_val_loss"]
     assert met["overfit"]["num_hyperparameters"] == ov["n_weights"] and met["overfit"]["seconds"] > 0
+
+
+def test_lstm_overfit_signed_decays(tmp_path, data_dir):
+    """--overfit-signed: the Fig. 8 decays live in natural space and may turn negative (log10 decays cannot)."""
+    if not (data_dir / "ptb").is_dir():
+        pytest.skip("PTB not available")
+    docs = {}
+    for signed in (False, True):
+        out = tmp_path / str(signed)
+        rc = main(["run", "lstm", "--out", str(out), "--data-dir", str(data_dir), "--settings", "overfit",
+                   "--bptt", "5", "--overfit-steps", "3", "--overfit-interval", "1", "--overfit-record-every", "1",
+                   "--overfit-sequences", "3", "--overfit-size", "4", "--overfit-hyper-lr", "0.01", "--threads", "1",
+                   *(["--overfit-signed"] if signed else [])])
+        assert rc == 0
+        docs[signed] = json.loads((out / "results.json").read_text())["results"]["overfit"]
+    log10, signed = docs[False]["weight_decay"], docs[True]["weight_decay"]
+    assert log10["min"] > 0 and signed["min"] < 0 < signed["max"] and signed["count"] == log10["count"]
+    assert all(math.isfinite(v) for v in docs[True]["val_loss"])
+    assert docs[True]["none_val_loss"] == docs[False]["none_val_loss"]   # the baseline does not tune

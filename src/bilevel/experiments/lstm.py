@@ -114,14 +114,15 @@ def run_overfit(a, corpus, progress=None) -> dict:
 
     Weights: Adam (``--overfit-lr``) on the cross-entropy plus ``1/2 sum lambda_i w_i^2``
     (coupled L2, as ``torch.optim.Adam``'s weight decay), full batch. Decays: log10 space,
-    initial ``--overfit-wd``, clipped to ``[1e-12, --overfit-max-decay]``, an Adam step
+    initial ``--overfit-wd``, clipped to ``[1e-12, --overfit-max-decay]`` (``--overfit-signed``: natural
+    space, either sign, clipped to ``[-max, max]``), an Adam step
     (``--overfit-hyper-lr``) along the IFT hypergradient (``--overfit-terms`` K Neumann steps, K + 1
     terms, on the Adam update map; 0 = identity) every ``--overfit-interval`` weight steps, by
     :class:`bilevel.tuner.OnlineTuner`. The same training without hyperparameter steps is the
     baseline (``"none"``), so the drop of the validation loss is attributable to the decays.
     """
     from ..data.ptb import batchify
-    from ..hparams import HyperParameterSpace, weight_decay
+    from ..hparams import Granularity, HyperParameter, HyperParameterSpace, weight_decay
     from ..nets.lstm import lstm_lm_forward, lstm_lm_init
     from ..solvers import Identity, Neumann
     from ..tuner import OnlineTuner, TunerConfig
@@ -134,7 +135,12 @@ def run_overfit(a, corpus, progress=None) -> dict:
     train_b, val_b = (tr[:-1], tr[1:].reshape(-1)), (va[:-1], va[1:].reshape(-1))
     p = {k: v.to(device) for k, v in lstm_lm_init(corpus.ntokens, size, size, a.layers,
                                                    torch.Generator().manual_seed(a.seed), dtype).items()}
-    space = HyperParameterSpace([weight_decay("element", clip=(1e-12, a.overfit_max_decay))])
+    if a.overfit_signed:   # natural (linear) space, either sign: a negative decay pushes its weight outwards
+        spec = HyperParameter("weight_decay", "identity", a.overfit_wd, a.overfit_wd, "natural",
+                              Granularity("element"), (-a.overfit_max_decay, a.overfit_max_decay), None)
+    else:
+        spec = weight_decay("element", clip=(1e-12, a.overfit_max_decay))
+    space = HyperParameterSpace([spec])
     raw = space.from_natural(p, {"weight_decay": a.overfit_wd})
     loss = pop.vmap_loss(lstm_lm_forward, F.cross_entropy)
     solver = Identity() if a.overfit_terms == 0 else Neumann(a.overfit_terms, alpha=1.0, divergence="ignore")
@@ -153,7 +159,11 @@ def run_overfit(a, corpus, progress=None) -> dict:
                     f"{key}final_val_loss": hist.val_loss[0][-1] if hist.val_loss else None,
                     f"{key}final_train_loss": hist.train_loss[0][-1] if hist.train_loss else None})
         if mode == "ift":
+            nat = space.natural({k: v.detach() for k, v in tuner.raw.items()})["weight_decay"]
+            flat = torch.cat([v[0].reshape(-1).to(torch.float64) for v in nat.values()])
             out.update({"step": hist.step, "weight_decay_mean": hist.hparams["weight_decay"][0],
+                        "weight_decay": {"median": float(flat.median()), "min": float(flat.min()),
+                                         "max": float(flat.max()), "count": flat.numel()},
                         "min_val_loss": min((v for v in hist.val_loss[0] if v is not None), default=None)})
     return out
 
@@ -248,6 +258,9 @@ def add_arguments(p) -> None:
     p.add_argument("--overfit-terms", type=int, default=0,
                    help="K: Neumann steps (K + 1 terms of the series) of the Fig. 8 hypergradient; 0 = the identity "
                         "approximation J^-1 ~ I")
+    p.add_argument("--overfit-signed", action="store_true",
+                   help="Fig. 8 decays in natural space with either sign, clipped to [-max, max] (default: log10 "
+                        "space, non-negative); see docs/augment_lstm.md")
     p.add_argument("--overfit-record-every", type=int, default=20, help="record Fig. 8 losses every N steps")
 
 

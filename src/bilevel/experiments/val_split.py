@@ -66,14 +66,14 @@ def main(args, progress_factory=None, console=None) -> dict:
     for regime in ("global", "per-weight"):
         for f in fractions:
             key = settings_key(args, drop=("fractions",), regime=regime, val_fraction=f)
-            r, again = cached_part(out / "parts" / f"{regime}-{f:g}.json", key,
+            r, again = cached_part(out / "parts" / f"{regime}-{f!r}.json", key,
                                    lambda regime=regime, f=f: run_split(args, regime, f, X, y, Xt, yt, adv))
             if again:
                 resumed.append(f"{regime} {f:g}")
                 if adv:
                     adv(2 * args.iterations)
             results[regime].append(r)
-            metrics[regime][f"{f:g}"] = {k: r[k] for k in ("test_accuracy", "retrained_test_accuracy",
+            metrics[regime][str(f)] = {k: r[k] for k in ("test_accuracy", "retrained_test_accuracy",
                                                            "val_accuracy")}
             rows.append([regime, f, r["n_train"], r["n_val"], r["test_accuracy"], r["retrained_test_accuracy"],
                          r["weight_decay"]["median"]])
