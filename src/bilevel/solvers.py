@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _tree as T
-from .errors import NeumannDivergenceError, NonFiniteError, NotSymmetricError
+from .errors import NeumannDivergenceError, NonFiniteError, NotSymmetricError, check_finite
 
 Tree = T.Tree
 
@@ -218,6 +218,8 @@ def _cg(apply, b: Tree, steps: int, tol: float) -> Tree:
             break
         ap = apply(p)
         curvature = T.dot(p, ap)
+        if not bool(torch.isfinite(curvature)):
+            raise NonFiniteError("Jacobian-vector product in conjugate gradient", f"p^T (J + eps I) p = {float(curvature)}")
         if not bool(curvature > 0):
             if bool(rs <= math.sqrt(torch.finfo(rs.dtype).eps) * T.dot(b, b)):
                 break  # converged to round-off: p is noise, its curvature estimate too
@@ -269,6 +271,7 @@ class Exact:
         n = T.numel(v)
         check_size(self, n)
         jac = dense_jacobian(op, v)
+        check_finite("Jacobian-vector product (dense Jacobian of the exact solver)", jac)
         a = (jac + self.damping * torch.eye(n, dtype=jac.dtype, device=jac.device)).T
         b = T.flatten(v)
         lu, piv, info = torch.linalg.lu_factor_ex(a)
