@@ -149,7 +149,7 @@ def test_overfit_lowers_validation_loss():
     a = argparse.Namespace(dtype="float64", device="cpu", seed=0, layers=1, bptt=9, overfit_sequences=10,
                            overfit_size=16, overfit_steps=120, overfit_lr=0.02, overfit_wd=1e-4,
                            overfit_max_decay=10.0, overfit_hyper_lr=0.1, overfit_interval=1, overfit_terms=0,
-                           overfit_record_every=20)
+                           overfit_record_every=20, overfit_signed=False)
     r = run_overfit(a, corpus)
     assert r["diverged_at"] is None and r["none_diverged_at"] is None
     assert r["n_hyperparameters"] == r["n_weights"]

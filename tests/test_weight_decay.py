@@ -65,3 +65,26 @@ def test_tune_weight_decay_lowers_validation_loss():
     loss = lambda t: float(F.cross_entropy(fwd({k: v[0] for k, v in t.params.items()}, va[0]), va[1]))  # noqa: E731
     assert WD.decay_summary(tuned)["median"] < 0.5     # the decay of 1 over-regularises: it is lowered
     assert loss(tuned) < loss(fixed) - 0.05
+
+
+def test_signed_decays_are_natural_values_of_either_sign():
+    """signed=True: the raw value is the decay itself, clipped to [-max, max]; a fixed negative decay is
+    plain gradient descent on CE + 1/2 lambda ||w||^2 with lambda < 0 (written out by hand)."""
+    space = WD.decay_space(per_weight=True, max_decay=4.0, signed=True)
+    p = {"W": torch.zeros(2, 3, dtype=torch.float64)}
+    raw = space.from_natural(p, {WD.DECAY: -0.5})
+    torch.testing.assert_close(raw[f"{WD.DECAY}/W"], torch.full((2, 3), -0.5, dtype=torch.float64))
+    nat = space.natural({k: torch.full_like(v, -9.0) for k, v in raw.items()})[WD.DECAY]["W"]
+    assert float(nat.min()) == -4.0  # clipped
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (20,), generator=g)
+    fwd = lambda p, x: x @ p["W"].T  # noqa: E731
+    p0 = {"W": 0.1 * torch.randn(2, 3, generator=g, dtype=torch.float64)}
+    tuner = WD.tune_weight_decay(fwd, p0, (X, y), (X, y), per_weight=True, solver=B.Identity(), steps=10,
+                                lr=0.1, init_decay=-0.05, signed=True, tune=False)
+    w = p0["W"].clone()
+    for _ in range(10):
+        w_ = w.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(F.cross_entropy(fwd({"W": w_}, X), y), w_)
+        w = w - 0.1 * (gw - 0.05 * w)
+    torch.testing.assert_close(tuner.params["W"][0], w)

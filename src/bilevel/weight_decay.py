@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import population as pop
-from .hparams import HyperParameterSpace, weight_decay
+from .hparams import Granularity, HyperParameter, HyperParameterSpace, weight_decay
 from .regularizers import l2_penalty
 from .solvers import Solver, check_size
 from .tuner import OnlineTuner, TunerConfig
@@ -29,16 +29,23 @@ DECAY = "l2"
 enters only as the loss-form penalty :func:`weight_decay_penalty`, whichever rule steps the weights."""
 
 
-def decay_space(per_weight: bool, max_decay: float | None = None) -> HyperParameterSpace:
-    """One weight decay per weight (Lorraine et al. Sec. 5.2, 5.6) or one global decay, both in log10 space.
+def decay_space(per_weight: bool, max_decay: float | None = None, signed: bool = False) -> HyperParameterSpace:
+    """One weight decay per weight (Lorraine et al. Sec. 5.2, 5.6) or one global decay, in log10 space.
 
     The hyperparameter is called :data:`DECAY` (raw keys ``"l2/<param>"``).
 
     ``max_decay`` clips the natural value to ``[1e-12, max_decay]`` (raw-space clamp, zero gradient while
     clipped): with SGD at learning rate ``lr`` a decay above ``2/lr`` makes the weight steps diverge.
+    ``signed=True`` optimises the decay itself (identity transform, either sign, clipped to
+    ``[-max_decay, max_decay]``): a negative decay pushes its weight away from zero, which a log-space
+    decay cannot do.
     """
-    clip = None if max_decay is None else (1e-12, float(max_decay))
-    return HyperParameterSpace([weight_decay("element" if per_weight else "scalar", clip=clip, name=DECAY)])
+    g = "element" if per_weight else "scalar"
+    if not signed:
+        clip = None if max_decay is None else (1e-12, float(max_decay))
+        return HyperParameterSpace([weight_decay(g, clip=clip, name=DECAY)])
+    clip = None if max_decay is None else (-float(max_decay), float(max_decay))
+    return HyperParameterSpace([HyperParameter(DECAY, "identity", 0.0, 0.0, "natural", Granularity(g), clip)])
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -73,6 +80,7 @@ def tune_weight_decay(
     hyper_eps: float = 1e-8,
     init_decay: float = 1e-3,
     max_decay: float | None = None,
+    signed: bool = False,
     raw: Mapping[str, Tensor] | None = None,
     batch_size: int | None = None,
     tune: bool = True,
@@ -99,6 +107,7 @@ def tune_weight_decay(
 
     Decays are clipped to ``[1e-12, max_decay]`` (default ``1/lr`` for SGD, where a decay above ``2/lr``
     makes the steps diverge; no upper clip for Adam, whose steps are bounded by ``lr``).
+    ``signed`` tunes decays of either sign (:func:`decay_space`).
     ``raw`` (one member's raw decays, e.g. tuned ones) replaces ``init_decay``. ``tune=False`` keeps
     ``lambda`` fixed (training with given decays, e.g. re-training). ``batch_size`` draws seeded
     minibatches (``None``: full batch). ``on_eval(t, params)`` is called every ``eval_every`` steps with
@@ -111,7 +120,7 @@ def tune_weight_decay(
     implicit = implicit or ("update" if optimizer == "sgd" else "loss")
     if max_decay is None and optimizer == "sgd":
         max_decay = 1.0 / lr
-    space = decay_space(per_weight, max_decay=max_decay)
+    space = decay_space(per_weight, max_decay=max_decay, signed=signed)
     stacked = pop.stack([dict(params)])
     if raw is None:
         raw = space.from_natural(params, {DECAY: init_decay})

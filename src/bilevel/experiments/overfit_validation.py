@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RMSprop eps of the decay steps (default 1e-8, torch's); hypergradients of log10 decays are "
                         "often far below it, so a smaller eps lets every decay move")
     p.add_argument("--init-decay", type=float, default=1e-3, help="initial weight decay of every weight")
+    p.add_argument("--signed", action="store_true",
+                   help="tune the decays themselves, either sign (identity transform, clipped to [-1/lr, 1/lr] with "
+                   "SGD) instead of log10 decays, which can only shrink weights")
     p.add_argument("--eval-every", type=int, default=100, help="record accuracies every N weight steps")
 
 
@@ -110,7 +113,7 @@ def run_model(args, name: str, train, val, test, progress=None) -> dict:
         forward, params, train, val, per_weight=True,
         solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
         interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
-        hyper_lr=args.hyper_lr, hyper_eps=args.hyper_eps, init_decay=args.init_decay, seed=args.seed,
+        hyper_lr=args.hyper_lr, hyper_eps=args.hyper_eps, init_decay=args.init_decay, signed=args.signed, seed=args.seed,
         eval_every=args.eval_every, on_eval=on_eval, progress=progress)
     diverged = tuner.history.diverged_at[0]
     return {
