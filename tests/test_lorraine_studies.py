@@ -5,11 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bilevel as B
 from bilevel import cli
-from bilevel.experiments import _common as C
 from bilevel.experiments.inverse_study import solver_matrix
 from bilevel.hypergradient import linearise
 from bilevel.nets.convnets import AlexNet, CifarResNet, LeNet, module_init, resnet44

@@ -15,7 +15,7 @@ from typing import Any
 
 from .._io import atomic_write_json
 
-__all__ = ["RUN_ONLY", "cached_part", "load_part", "save_part", "settings_key"]
+__all__ = ["RUN_ONLY", "cached_part", "load_part", "save_part", "say_resumed", "settings_key"]
 
 
 def _normalise(key: Any) -> Any:
@@ -65,3 +65,13 @@ def cached_part(path: Path, key: Any, compute) -> tuple[dict[str, Any], bool]:
     res = compute()
     save_part(path, key, res)
     return res, False
+
+
+def say_resumed(name: str, what: str, resumed: list[str], parts_dir: Path, console=None) -> None:
+    """Print which finished parts a re-run reused (nothing when none was)."""
+    if not resumed:
+        return
+    if console is None:
+        from rich.console import Console
+        console = Console()
+    console.print(f"{name}: reused finished {what} {', '.join(resumed)} from {parts_dir}")

@@ -38,7 +38,7 @@ from ..errors import NonFiniteError
 from ..online import Algorithm1, loss_step_map
 from ..solvers import Identity, Neumann
 from ..updates import SGD
-from ._parts import load_part, save_part, settings_key
+from ._parts import load_part, save_part, say_resumed, settings_key
 
 NAME = "augment"
 HELP = "Lorraine et al. Table 3 / Fig. 7: learn a U-Net data-augmentation network by hypergradients"
@@ -310,9 +310,7 @@ def main(a, progress_factory=None, console=None) -> dict:
     atomic_write_json(out / "results.json", doc, indent=1)
     if fig_src is not None:
         _figure(*fig_src, data[1][0], out / "augmentations.png")
-    if resumed:
-        from rich.console import Console
-        (console or Console()).print(f"{NAME}: reused finished run(s) {', '.join(resumed)} from {out / 'parts'}")
+    say_resumed(NAME, "run(s)", resumed, out / "parts", console)
     _print(doc, [("val_acc_aug", "val acc % (10 aug.)"), ("test_acc_aug", "test acc % (10 aug.)"),
                  ("val_acc", "val acc % (plain)"), ("test_acc", "test acc % (plain)")],
            f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.terms} Neumann "

@@ -37,7 +37,7 @@ from .._io import atomic_write_json
 from ..errors import NonFiniteError
 from ..updates import SGD
 from ..online import Algorithm1, loss_step_map
-from ._parts import cached_part, settings_key
+from ._parts import cached_part, say_resumed, settings_key
 
 NAME = "lstm"
 HELP = "Lorraine et al. Table 4 / Fig. 8: tune AWD-LSTM dropout/DropConnect/AR/TAR (scalar or per unit/weight) on PTB"
@@ -321,8 +321,6 @@ def main(a, progress_factory=None, console=None) -> dict:
            "seconds": time.perf_counter() - start}
     atomic_write_json(out / "results.json", doc, indent=1)
     _plot(doc, out)
-    if resumed:
-        from rich.console import Console
-        (console or Console()).print(f"{NAME}: reused finished setting(s) {', '.join(resumed)} from {out / 'parts'}")
+    say_resumed(NAME, "setting(s)", resumed, out / "parts", console)
     _print(doc, console)
     return doc

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
-from ._parts import cached_part, settings_key
+from ._parts import cached_part, say_resumed, settings_key
 from .. import weight_decay as WD
 
 NAME = "overfit-validation"
@@ -152,8 +152,7 @@ def main(args, progress_factory=None, console=None) -> dict:
            "metrics": {name: r["final"] for name, r in results.items()}, "models": results, "resumed": resumed}
     C.write_results(out, doc)
     _plot(results, args.dataset, out / "overfit_validation.png")
-    if resumed:
-        (console or _console()).print(f"{NAME}: reused finished model(s) {', '.join(resumed)} from {out / 'parts'}")
+    say_resumed(NAME, "model(s)", resumed, out / "parts", console)
     C.print_table(f"overfitting {args.n_val} validation images of {args.dataset} with per-weight decay "
                   f"({args.iterations} steps, {solver_label(args)})",
                   ["model", "hyperparameters", "train acc", "val acc", "test acc", "median decay"],
@@ -169,11 +168,6 @@ def solver_label(args) -> str:
     if args.solver == "cg":
         return f"cg, {args.steps} iterations"
     return args.solver
-
-
-def _console():
-    from rich.console import Console
-    return Console()
 
 
 def _plot(results: dict, dataset: str, path: Path) -> None:

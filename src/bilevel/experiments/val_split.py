@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
-from ._parts import cached_part, settings_key
+from ._parts import cached_part, say_resumed, settings_key
 from .overfit_validation import solver_label
 from .. import weight_decay as WD
 
@@ -85,9 +85,7 @@ def main(args, progress_factory=None, console=None) -> dict:
            "metrics": {"best_val_fraction": best, **metrics}, "results": results, "resumed": resumed}
     C.write_results(out, doc)
     _plot(results, args.dataset, out / "val_split.png")
-    if resumed:
-        from rich.console import Console
-        (console or Console()).print(f"{NAME}: reused finished part(s) {', '.join(resumed)} from {out / 'parts'}")
+    say_resumed(NAME, "part(s)", resumed, out / "parts", console)
     C.print_table(f"test accuracy of logistic regression on {args.dataset} vs validation fraction "
                   f"(pool {args.pool}, {args.iterations} steps, {solver_label(args)})",
                   ["regime", "val fraction", "n train", "n val", "test acc (joint)", "test acc (re-trained)",
