@@ -282,7 +282,7 @@ def test_write_report_prints_metrics_of_other_experiments(tmp_path, data_dir):
 def test_write_report_rejects_unknown_or_malformed_files(tmp_path):
     console, _ = _quiet()
     bad = {"no experiment": ({"metrics": {"a": 1.0}}, "no 'experiment' field"),
-           "unknown": ({"experiment": "nope", "metrics": {"a": 1.0}}, "unknown experiment 'nope'"),
+           "other without metrics": ({"experiment": "my-study", "results": {}}, "'my-study' has no 'metrics'"),
            "no metrics": ({"experiment": "val-split", "results": {}}, "has no 'metrics' mapping"),
            "empty metrics": ({"experiment": "val-split", "metrics": {}}, "'metrics' is empty"),
            "clarke without methods": ({"experiment": "clarke"}, "needs a 'methods' mapping"),
@@ -292,6 +292,10 @@ def test_write_report_rejects_unknown_or_malformed_files(tmp_path):
         path.write_text(json.dumps(doc))
         with pytest.raises(ValueError, match=message):
             write_report(path, tmp_path / "out", console=console)
+    # any experiment (a user's own too) with a metrics mapping is rendered; the library does not list them
+    (tmp_path / "mine.json").write_text(json.dumps({"experiment": "my-study", "metrics": {"a": {"loss": 0.25}}}))
+    assert write_report(tmp_path / "mine.json", tmp_path / "out", console=console) == [tmp_path / "out" / "table.md"]
+    assert "0.25" in (tmp_path / "out" / "table.md").read_text()
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
         write_report(tmp_path / "broken.json", tmp_path / "out", console=console)
