@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bilevel.experiments import clarke
+from bilevel_studies.clarke import clarke
 
 
 def main() -> None:

@@ -204,3 +204,41 @@ def test_exact_on_a_singular_hessian_is_the_min_norm_answer():
     torch.testing.assert_close(B.hypergradient(outer, {"w": w}, {"y": y}, inner=inner, solver=B.Exact(damping=0.5))["y"],
                                v @ torch.linalg.solve(Phi.T @ Phi + 0.5 * torch.eye(6, dtype=torch.float64), Phi.T),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_module_params_equal_dict_params():
+    """``hypergradient`` on an nn.Module (losses written as ``model(x)``) equals the dict-of-tensors call."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import bilevel
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X, y, Xv, yv = (torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64),
+                    torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64))
+    h = {"log_wd": torch.full((), -2.0, dtype=torch.float64)}
+
+    def inner_m(m, h):
+        return F.mse_loss(m(X), y) + h["log_wd"].exp() * sum((p ** 2).sum() for p in m.parameters())
+
+    def outer_m(m, h):
+        return F.mse_loss(m(Xv), yv)
+
+    p = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fwd(p, x):
+        return torch.tanh(x @ p["0.weight"].T + p["0.bias"]) @ p["2.weight"].T + p["2.bias"]
+
+    def inner_d(p, h):
+        return F.mse_loss(fwd(p, X), y) + h["log_wd"].exp() * sum((v ** 2).sum() for v in p.values())
+
+    def outer_d(p, h):
+        return F.mse_loss(fwd(p, Xv), yv)
+
+    solver = bilevel.Exact()
+    got = bilevel.hypergradient(outer_m, model, h, inner=inner_m, solver=solver)
+    ref = bilevel.hypergradient(outer_d, p, h, inner=inner_d, solver=solver)
+    torch.testing.assert_close(got["log_wd"], ref["log_wd"], rtol=1e-10, atol=1e-14)
+    assert abs(float(ref["log_wd"])) > 1e-8
+    assert bilevel.largest_eigenvalue(model, h, inner=inner_m) == pytest.approx(
+        bilevel.largest_eigenvalue(p, h, inner=inner_d), rel=1e-8)

@@ -92,6 +92,7 @@ __all__ = [
     "momentum",
     "per_weight_decay",
     "CLARKE_TABLE5",
+    "for_rule",
 ]
 
 #: Natural-space samples / values for transforms with an open domain (e.g. the
@@ -669,3 +670,23 @@ def per_weight_decay(params: Sequence[str] | None = None, name: str = "weight_de
 #: Clarke et al. (2022) Table 5: scalar learning rate (clipped to [1e-10, 1]),
 #: weight decay and momentum.
 CLARKE_TABLE5 = HyperParameterSpace([learning_rate(), weight_decay(), momentum()])
+
+
+def for_rule(name: str, granularity: Granularity | str = "scalar", params: Sequence[str] | None = None) -> HyperParameter:
+    """The parametrisation of an optimiser hyperparameter called ``name`` (:mod:`bilevel.updates` names).
+
+    ``lr``: :func:`learning_rate` (log10, clipped to [1e-10, 1]); ``weight_decay`` and ``eps``:
+    log10; ``momentum``, ``dampening``, ``beta1``, ``beta2`` and RMSprop's ``alpha``: logit (their
+    domain is (0, 1)). Initial ranges are Clarke et al. (2022) Table 5's where they give one.
+    """
+    if name == "lr":
+        return learning_rate(granularity, params=params)
+    if name == "momentum":
+        return momentum(granularity, params=params)
+    if name in ("weight_decay", "eps"):
+        return weight_decay(granularity, params=params, name=name)
+    if name in ("dampening", "beta1", "beta2", "alpha"):
+        return HyperParameter(name, LOGIT, 0.0, 1.0, "natural", Granularity(granularity), None,
+                              tuple(params) if params is not None else None)
+    raise ValueError(f"no default parametrisation for an optimiser hyperparameter called {name!r}; "
+                     "known: lr, momentum, weight_decay, eps, dampening, beta1, beta2, alpha")

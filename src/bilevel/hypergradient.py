@@ -23,11 +23,14 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _tree as T
+from . import functional as Fn
 from .errors import check_finite, check_like
 from .solvers import Solver, largest_eigenvalue as _power_iteration
+
+__all__ = ["hypergradient", "linearise", "largest_eigenvalue", "Loss", "Update", "Backend"]
 
 Tree = T.Tree
 Loss = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
@@ -198,14 +201,22 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
     return _AutogradOperator(r, p, h), p, h
 
 
-def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
+def _unmodule(params: Mapping[str, Tensor] | nn.Module, *fns: Callable | None) -> tuple[Mapping[str, Tensor], list]:
+    """An ``nn.Module`` as weights: its trainable parameters, and ``fn(model, h)`` -> ``fn(params, h)``."""
+    if not isinstance(params, nn.Module):
+        return params, list(fns)
+    return Fn.parameters(params), [None if f is None else Fn.bind(f, params) for f in fns]
+
+
+def hypergradient(outer: Loss, params: Mapping[str, Tensor] | nn.Module, hparams: Mapping[str, Tensor], *,
                   inner: Loss | None = None, update: Update | None = None, solver: Solver,
                   backend: Backend = "autograd", check: bool = True) -> dict[str, Tensor]:
     """IFT hypergradient dL_V/dlambda at the current weights (Lorraine et al. 2020, eq. 2-3).
 
     Args:
         outer: ``outer(params, hparams) -> scalar`` validation loss L_V.
-        params: weights w (e.g. ``dict(model.named_parameters())``).
+        params: weights w, a dict of tensors, or an ``nn.Module`` (its trainable parameters; ``outer``,
+            ``inner`` and ``update`` then take ``(model, hparams)`` and call ``model(x)`` as usual).
         hparams: hyperparameters lambda, a dict of tensors of any shapes.
         inner: training loss L_T; the fixed point is dL_T/dw = 0.
         update: weight update u(lambda, w) with w <- w - u (Clarke et al. 2022, eq. 4-7);
@@ -227,6 +238,7 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[st
         NeumannDivergenceError: from ``Neumann`` when its terms grow.
         ValueError: mismatched keys or shapes.
     """
+    params, (outer, inner, update) = _unmodule(params, outer, inner, update)
     op, p, h = linearise(params, hparams, inner=inner, update=update, backend=backend, check=check)
     if backend in ("func", "compile"):
         (v, direct), loss = torch.func.grad_and_value(outer, argnums=(0, 1))(p, h)
@@ -252,8 +264,11 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[st
     return out
 
 
-def largest_eigenvalue(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
+def largest_eigenvalue(params: Mapping[str, Tensor] | nn.Module, hparams: Mapping[str, Tensor], *,
                        inner: Loss | None = None, update: Update | None = None, iters: int = 20) -> float:
-    """Power-iteration estimate of lambda_max(J), so that ``Neumann(alpha <= 1/lambda_max)`` converges."""
+    """Power-iteration estimate of lambda_max(J), so that ``Neumann(alpha <= 1/lambda_max)`` converges.
+
+    ``params`` may be an ``nn.Module`` (then ``inner``/``update`` take ``(model, hparams)``)."""
+    params, (inner, update) = _unmodule(params, inner, update)
     op, p, _ = linearise(params, hparams, inner=inner, update=update)
     return _power_iteration(op, T.detach(p), iters=iters)

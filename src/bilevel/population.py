@@ -12,9 +12,13 @@ stack of the members' own (tested against training each member alone).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+__all__ = ["stack", "member", "size", "per_member", "vmap_loss", "module_forward", "module_population",
+           "init_population"]
 
 Tree = dict[str, Tensor]
 
@@ -42,10 +46,15 @@ def per_member(value: Tensor, like: Tensor) -> Tensor:
     return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
 
 
-def vmap_loss(forward: Callable[..., Tensor], loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tree, Tensor, Tensor], Tensor]:
-    """``(stacked_params, x, y) -> (P,)`` per-member losses of ``loss(forward(params, x), y)``."""
+def vmap_loss(forward: Callable[..., Tensor], loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tree, Any, Any], Tensor]:
+    """``(stacked_params, hparams, (x, y)) -> (P,)``: per-member ``loss(forward(params, x), y)``.
+
+    The signature of :class:`bilevel.tuner.OnlineTuner`'s losses (``hparams``, the natural
+    hyperparameters, is not used: the hyperparameters of such a loss are all update-form).
+    """
     one = lambda p, x, y: loss(forward(p, x), y)  # noqa: E731
-    return torch.func.vmap(one, in_dims=(0, None, None))
+    batched = torch.func.vmap(one, in_dims=(0, None, None))
+    return lambda p, h, batch: batched(p, *batch)
 
 
 def module_forward(module: torch.nn.Module) -> Callable[[Tree, Tensor], Tensor]:

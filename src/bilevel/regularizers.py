@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .hparams import HyperParameter, HyperParameterSpace, per_weight_decay
+from .hparams import Granularity, HyperParameter, HyperParameterSpace, per_weight_decay, weight_decay
 
-__all__ = ["l2_penalty", "PerWeightL2"]
+__all__ = ["l2_penalty", "PerWeightL2", "PerWeightDecay"]
 
 
 def _check_value(name: str, wd: Tensor, param: Tensor) -> None:
@@ -108,3 +108,43 @@ class PerWeightL2:
         return l2_penalty(params, self.hparam.natural(raw_hparams))
 
     __call__ = penalty
+
+
+class PerWeightDecay:
+    """A tuned L2 penalty ``1/2 sum_i lambda_i w_i^2`` on a module's weights (Lorraine et al. 2020, sec. 5.2).
+
+    ``PerWeightDecay(model, init=1e-3)`` gives one decay per weight (``granularity="element"``;
+    ``"tensor"``: one per parameter tensor, ``"scalar"``: one for all), optimised in log10 space
+    (so a decay stays positive), starting from ``init`` (> 0). ``params`` restricts it to some
+    parameter names (e.g. weights but not biases). Pass it as ``penalty=`` to :class:`bilevel.Tuner`:
+    the weights may then be stepped by any ``torch.optim`` optimiser, the hypergradient being the IFT
+    on the penalised training loss's stationarity. Called as ``penalty(params, natural_hparams)``.
+    """
+
+    def __init__(self, model: torch.nn.Module | Mapping[str, Tensor], init: float = 1e-3,
+                 granularity: Granularity | str = "element", params: Sequence[str] | None = None,
+                 name: str = "l2") -> None:
+        named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+        names = [k for k, v in named.items() if v.requires_grad or not isinstance(model, torch.nn.Module)]
+        if params is not None:
+            unknown = [p for p in params if p not in named]
+            if unknown:
+                raise ValueError(f"PerWeightDecay: unknown parameters {unknown}; the model has {list(named)}")
+            names = list(params)
+        if not (isinstance(init, (int, float)) and init > 0):
+            raise ValueError(f"PerWeightDecay: init must be a decay > 0 (it is tuned in log10 space), got {init!r}")
+        g = Granularity(granularity)
+        self.name, self.init, self.names = name, float(init), names
+        self.hparam = weight_decay(g, params=None if g is Granularity.SCALAR else names, name=name)
+
+    @property
+    def hyperparameters(self) -> list[HyperParameter]:
+        return [self.hparam]
+
+    def initial(self) -> dict[str, float]:
+        """Natural initial values by hyperparameter name."""
+        return {self.name: self.init}
+
+    def __call__(self, params: Mapping[str, Tensor], nat: Mapping[str, object]) -> Tensor:
+        value = nat[self.name]
+        return l2_penalty(params, value, names=None if isinstance(value, Mapping) else self.names)  # type: ignore[arg-type]

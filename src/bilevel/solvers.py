@@ -151,6 +151,45 @@ class Neumann:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+class AutoNeumann:
+    """:class:`Neumann` whose step ``alpha`` is chosen by power iteration and refreshed when the series grows.
+
+    The first call sets ``alpha = 1 / lambda_max(J + eps I)`` (``iters`` products of
+    :func:`largest_eigenvalue`), capped at ``max_alpha`` (``1.0`` suits an update map ``u``, which
+    already carries the learning rate: Clarke et al.'s ``alpha = 1`` whenever that converges). When
+    the terms start to grow (a :class:`NeumannDivergenceError` or a non-finite term, e.g. because
+    the curvature rose during training) ``alpha`` is re-estimated, halved for safety, and the
+    series is summed again. Its state (``alpha``) is part of a tuner's checkpoint.
+    """
+
+    def __init__(self, steps: int, damping: float = 0.0, max_alpha: float | None = 1.0, iters: int = 20) -> None:
+        Neumann(steps, damping=damping)  # validates steps
+        self.steps, self.damping, self.max_alpha, self.iters = steps, damping, max_alpha, iters
+        self.alpha: float | None = None
+        self.refreshes = 0
+
+    def _estimate(self, op: LinearOperator, v: Tree, safety: float) -> float:
+        lam = largest_eigenvalue(op, v, iters=self.iters) + self.damping
+        alpha = safety / lam if lam > 0 and math.isfinite(lam) else 1.0
+        return min(alpha, self.max_alpha) if self.max_alpha is not None else alpha
+
+    def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        if self.alpha is None:
+            self.alpha = self._estimate(op, v, 1.0)
+        try:
+            return Neumann(self.steps, self.alpha, self.damping, divergence="raise")(op, v)
+        except (NeumannDivergenceError, NonFiniteError):
+            self.alpha = min(self.alpha, self._estimate(op, v, 0.5)) * (0.5 if self.refreshes else 1.0)
+            self.refreshes += 1
+            return Neumann(self.steps, self.alpha, self.damping, divergence="ignore")(op, v)
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"alpha": self.alpha, "refreshes": self.refreshes}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.alpha, self.refreshes = sd["alpha"], sd["refreshes"]
+
+
 @dataclass(frozen=True)
 class Identity:
     """J^{-1} ~ I: the T1-T2 approximation (Luketina et al. 2016; Lorraine et al. Table 1).

@@ -1,31 +1,51 @@
-"""One-pass online hyperparameter tuning: Algorithm 1 of Lorraine et al. (2020) and Clarke et al. (2022).
+"""Algorithm 1, the one online loop: T weight steps, one hyperparameter step, on without restarting.
 
-    repeat:  T times  w <- w - u(lambda, w)          (weight steps with the current lambda)
-             lambda <- HyperOpt(lambda, dL_V/dlambda) (one hypergradient step)
+Lorraine, Vicol & Duvenaud (2020), Algorithm 1, and Clarke, Oldewage & Hernández-Lobato (2022), Alg. 1::
 
-on a population of P independent initialisations at once (see
-:mod:`bilevel.population`). Hyperparameters live in a
-:class:`~bilevel.hparams.HyperParameterSpace` (raw, transformed values, with
-clipping); those named by the rule (learning rate, momentum, weight decay...) are
-*update-form*, the others *loss-form* (passed to ``penalty``, e.g. a per-weight L2).
-Both enter the one residual u(lambda, w) = rule(w, dL_T/dw, lambda, state), so one
-IFT hypergradient (Clarke et al. eq. 4-7) serves both kinds. Optimiser state is
-detached between steps and treated as constant in the hypergradient (Clarke A.4);
-the graph is cut after every hyperparameter update.
+    repeat:  T times  w <- w - u(lambda, w; c_t)           (weight steps, context c_t: batch, noise)
+             lambda <- HyperOpt(lambda, dL_V/dlambda)       (one hypergradient step)
 
-Hypergradient modes: ``"ift"`` (Neumann with look-back i, or any solver),
-``"unroll"`` (Diff-through-Opt: exact differentiation through the last i steps),
-``"baydin"`` (hypergradient descent, Baydin et al. 2018: every step, d L_T(w_t) /
-d lambda through the last step), ``"none"`` (hyperparameters fixed).
-``warm_start=False`` gives Vicol et al.'s cold start: before each hypergradient
-the weights are re-trained from their initial values for ``cold_steps`` steps.
+Every study and the :class:`bilevel.Tuner` front door run this class. It works on one model
+(``stacked=False``) or on a population of P independent initialisations whose tensors carry a
+leading axis of size P (``stacked=True``; losses are ``vmap``-ed over it and return shape (P,),
+see :mod:`bilevel.population`): the members do not interact, so every gradient, solver and
+hypergradient of the summed losses is the stack of the members' own (Jacobians are block
+diagonal).
+
+Hyperparameters live in a :class:`~bilevel.hparams.HyperParameterSpace` (raw values optimised,
+natural values used). Each one is declared *update-form* (``update_form``: passed to the
+differentiable optimiser ``rule``, e.g. a learning rate, momentum or decoupled decay) or else
+*loss-form* (seen by the losses and the ``penalty``: a per-weight L2 decay, dropout rates,
+augmentation weights). Both enter the one residual ``u(lambda, w; c) = rule(w, dL_T/dw, lambda)``.
+
+Hypergradient modes (``TunerConfig.mode``):
+
+* ``"ift"``: the implicit-function-theorem estimate ``dL_V/dlambda - dL_V/dw J^{-1} dr/dlambda``
+  (Lorraine et al. eq. 2-3) with any :mod:`bilevel.solvers` solver, on the update map
+  (``implicit="update"``: r = u, J = du/dw, Clarke et al. eq. 4-7) or on the training loss's
+  stationarity (``implicit="loss"``: r = dL_T/dw, J the Hessian, Lorraine et al. Alg. 2-3; every
+  tuned hyperparameter must then be loss-form, and ``rule`` may be any optimiser, even a
+  ``torch.optim`` one through :class:`bilevel.updates.TorchOptimizer`);
+* ``"unroll"``: Diff-through-Opt, exact differentiation through the last ``lookback`` weight
+  steps, each replayed with its own stored context;
+* ``"baydin"``: hypergradient descent (Baydin et al. 2018), every step, through the last step;
+* ``"none"``: hyperparameters fixed.
+
+Policies of the same loop (Vicol et al. 2021): warm start (default), cold start
+(``warm_start=False``: re-train from the initial weights for ``cold_steps`` before each
+hypergradient) and the proximal best response (a solver with ``damping`` eps:
+``(J + eps I)^{-1}``). Optimiser state is detached between steps and constant in the IFT
+hypergradient (Clarke et al. A.4). Diverged members are recorded and frozen
+(``on_divergence="record"``) or raise :class:`~bilevel.errors.NonFiniteError` (``"raise"``).
+Callbacks (:mod:`bilevel.callbacks`) hook into each weight step, each T-step boundary and each
+record; :meth:`OnlineTuner.state_dict` holds every piece of loop state, callbacks' included.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,38 +54,65 @@ from torch import Tensor
 
 from . import _tree as _T
 from . import population as pop
+from .errors import NonFiniteError
 from .hparams import HyperParameterSpace
 from .hypergradient import hypergradient
 from .solvers import Neumann, Solver
 from .unroll import replay_hypergradient, unrolled_hypergradient
 from .updates import UpdateRule, detach_state
 
-Tree = dict[str, Tensor]
-Batch = tuple[Tensor, Tensor]
-PerMemberLoss = Callable[[Tree, Tensor, Tensor], Tensor]  # (stacked params, x, y) -> (P,)
+__all__ = ["TunerConfig", "History", "OnlineTuner", "clip_grad_norm", "Loss", "Penalty"]
+
+Tree = _T.Tree
+#: ``loss(params, natural_hparams, batch)``: shape (P,) for a stacked population, () for one model
+Loss = Callable[[Tree, dict[str, Any], Any], Tensor]
+#: ``penalty(params, natural_hparams)``: a loss-form term added to the training loss
+Penalty = Callable[[Tree, dict[str, Any]], Tensor]
+MODES = ("ift", "unroll", "baydin", "none")
 
 
 @dataclass
 class TunerConfig:
-    """Meta-hyperparameters of the online loop (defaults: Clarke et al. 2022, sec. 4)."""
+    """Meta-hyperparameters of the online loop (defaults: Clarke et al. 2022, sec. 4: T = 10, i = 5, Adam 0.05)."""
 
     tuned: Sequence[str] = ("lr", "weight_decay", "momentum")
     interval: int = 10          # T: weight steps between hyperparameter steps
-    lookback: int = 5           # i: Neumann terms (IFT) or unrolled steps (Diff-through-Opt)
+    lookback: int = 5           # i: Neumann steps of the default solver (IFT) or unrolled steps (Diff-through-Opt)
     mode: Literal["ift", "unroll", "baydin", "none"] = "ift"
     solver: Solver | None = None  # default Neumann(lookback, alpha=1)
     hyper_lr: float = 0.05
     hyper_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam
     warm_start: bool = True
     cold_steps: int = 100
-    lr_multiplier: tuple[float, float] | None = None  # Random (x LR): lr *= U[a, b] every T steps
     record_every: int = 10
     grad_clip: float | None = None  # clip each member's training-gradient norm (Clarke et al. on PTB: 0.25)
     seed: int = 0
     # "update": IFT on the update map u(lambda, w) = 0 (Clarke et al. eq. 4-7, J = du/dw); "loss": IFT on
     # dL_T/dw = 0 with J the Hessian of training loss + penalty (Lorraine et al. 2020 Alg. 2-3), whatever
-    # rule steps the weights (e.g. Adam); "loss" needs every tuned hyperparameter to be loss-form (penalty)
+    # rule steps the weights (e.g. Adam); "loss" needs every tuned hyperparameter to be loss-form
     implicit: Literal["update", "loss"] = "update"
+    on_divergence: Literal["record", "raise"] = "record"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
+        if self.implicit not in ("update", "loss"):
+            raise ValueError(f"implicit must be 'update' or 'loss', got {self.implicit!r}")
+        if self.on_divergence not in ("record", "raise"):
+            raise ValueError(f"on_divergence must be 'record' or 'raise', got {self.on_divergence!r}")
+        for name in ("interval", "record_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lookback < (1 if self.mode == "unroll" else 0):
+            raise ValueError(f"lookback must be >= {1 if self.mode == 'unroll' else 0} in mode {self.mode!r}, "
+                             f"got {self.lookback}")
+        if self.cold_steps < 0:
+            raise ValueError(f"cold_steps must be >= 0, got {self.cold_steps}")
+        if not (self.hyper_lr > 0 and math.isfinite(self.hyper_lr)):
+            raise ValueError(f"hyper_lr must be a positive finite number, got {self.hyper_lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
 
 
 @dataclass
@@ -81,93 +128,134 @@ class History:
     seconds: float = 0.0
 
 
+def clip_grad_norm(grads: Sequence[Tensor], max_norm: float | None, population: int | None = None) -> list[Tensor]:
+    """Scale gradients so that their joint 2-norm (per member, with a leading ``population`` axis) is <= ``max_norm``.
+
+    ``g * min(1, max_norm / (||g|| + 1e-6))``, differentiably: ``torch.nn.utils.clip_grad_norm_``
+    (AWD-LSTM's clipping, Merity et al. 2018; Clarke et al. on PTB). ``None`` returns them unchanged.
+    """
+    if max_norm is None:
+        return list(grads)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    if population is None:
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        return [g * factor for g in grads]
+    norms = sum(g.reshape(population, -1).pow(2).sum(1) for g in grads).sqrt()
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [g * pop.per_member(factor, g) for g in grads]
+
+
 class OnlineTuner:
-    """Runs Algorithm 1 on a population (leading axis P on every tensor).
+    """Algorithm 1 on one model or a stacked population (see the module docstring for the maths).
 
     Args:
-        params: stacked weights, each of shape (P, ...).
-        raw: stacked raw hyperparameters for ``space`` (shape (P,) for scalars).
+        params: weights, each of shape (P, ...) when ``stacked`` (the default), else one model's.
+        raw: raw hyperparameters for ``space`` (shape (P, ...) when stacked).
         space: the hyperparameter parametrisation.
-        rule: the differentiable weight update (e.g. ``updates.SGD()``).
-        train_loss, val_loss: ``(params, x, y) -> (P,)`` per-member losses
-            (build them with :func:`bilevel.population.vmap_loss`).
-        penalty: optional loss-form term ``(params, natural_hparams) -> (P,)``.
+        rule: the weight update (e.g. ``updates.SGD()``; a ``updates.TorchOptimizer`` for ``torch.optim``).
+        train_loss, val_loss: ``loss(params, natural_hparams, batch)``; per member (shape (P,)) when stacked
+            (build them with :func:`bilevel.population.vmap_loss`), a scalar otherwise.
+        update_form: names of the hyperparameters passed to ``rule`` (all others are loss-form).
+        penalty: optional loss-form term ``(params, natural_hparams) -> (P,) or ()`` added to the training loss.
         config: :class:`TunerConfig`.
+        test_loss: for :meth:`record` (default ``val_loss``).
+        callbacks: objects with any of ``on_weight_step(tuner)``, ``on_interval(tuner)``, ``on_record(tuner)``,
+            ``state_dict()``/``load_state_dict(sd)`` (:mod:`bilevel.callbacks`).
+        stacked: whether tensors carry a leading population axis.
     """
 
     def __init__(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], space: HyperParameterSpace,
-                 rule: UpdateRule, train_loss: PerMemberLoss, val_loss: PerMemberLoss, *,
-                 penalty: Callable[[Tree, dict[str, Any]], Tensor] | None = None,
-                 config: TunerConfig | None = None, test_loss: PerMemberLoss | None = None) -> None:
-        self.cfg = config or TunerConfig()
-        unknown = [n for n in self.cfg.tuned if n not in space]
+                 rule: UpdateRule, train_loss: Loss, val_loss: Loss, *, update_form: Sequence[str] = (),
+                 penalty: Penalty | None = None, config: TunerConfig | None = None, test_loss: Loss | None = None,
+                 callbacks: Iterable[Any] = (), stacked: bool = True) -> None:
+        self.cfg = cfg = config or TunerConfig()
+        cfg.validate()
+        unknown = [n for n in list(cfg.tuned) + list(update_form) if n not in space]
         if unknown:
-            raise ValueError(f"tuned hyperparameters {unknown} are not in the space {space.names}")
+            raise ValueError(f"hyperparameters {unknown} are not in the space {space.names}")
         space.check(raw)
-        unused = [n for n in self.cfg.tuned if n not in rule.hyperparameters]
-        if unused and penalty is None:
-            raise ValueError(f"tuned hyperparameters {unused} are neither hyperparameters of {type(rule).__name__} "
-                             f"({list(rule.hyperparameters)}) nor passed to a penalty: they would never change")
+        self.update_form = tuple(update_form)
+        not_rule = [n for n in self.update_form if n not in rule.hyperparameters]
+        if not_rule:
+            raise ValueError(f"update-form hyperparameters {not_rule} are not hyperparameters of "
+                             f"{type(rule).__name__} ({list(rule.hyperparameters)})")
+        undeclared = [n for n in cfg.tuned if n in rule.hyperparameters and n not in self.update_form]
+        if undeclared and penalty is None:
+            raise ValueError(f"tuned hyperparameters {undeclared} are hyperparameters of {type(rule).__name__} but not "
+                             "declared update-form (update_form=...): the rule would never see them")
+        differentiable = getattr(rule, "differentiable", True)
+        if not differentiable and (cfg.mode in ("unroll", "baydin") or not cfg.warm_start
+                                   or (cfg.mode == "ift" and cfg.implicit == "update")):
+            raise ValueError(f"{type(rule).__name__} steps the weights without a graph: it supports mode='ift' with "
+                             "implicit='loss' (IFT on the training loss) or mode='none', warm start only")
+        if cfg.implicit == "loss" and cfg.mode == "ift":
+            in_rule = [n for n in cfg.tuned if n in self.update_form]
+            if in_rule:
+                raise ValueError("implicit='loss' differentiates dL_T/dw = 0, so tuned hyperparameters must be "
+                                 f"loss-form; {in_rule} are update-form and would get no implicit term")
         self.space, self.rule, self.penalty = space, rule, penalty
         self.train_loss, self.val_loss = train_loss, val_loss
         self.test_loss = test_loss or val_loss
+        self.callbacks = list(callbacks)
+        self.stacked = stacked
         self.params = {k: v.detach().clone() for k, v in params.items()}
         self.initial_params = {k: v.clone() for k, v in self.params.items()}
         self.raw = {k: v.detach().clone() for k, v in raw.items()}
-        self.P = pop.size(self.params)
-        self.tuned_keys = [k for k in self.raw if k.split("/", 1)[0] in self.cfg.tuned]
-        self.hyper_opt = (self.cfg.hyper_optimizer([self.raw[k].requires_grad_() for k in self.tuned_keys],
-                                                   lr=self.cfg.hyper_lr)
-                          if self.tuned_keys and self.cfg.mode != "none" else None)
+        self.P = pop.size(self.params) if stacked else 1
+        self.tuned_keys = [k for k in self.raw if k.split("/", 1)[0] in cfg.tuned]
+        self.hyper_opt = (cfg.hyper_optimizer([self.raw[k].requires_grad_() for k in self.tuned_keys],
+                                              lr=cfg.hyper_lr)
+                          if self.tuned_keys and cfg.mode != "none" else None)
         self.state = rule.init_state(self.params)
         self.device = next(iter(self.params.values())).device
         self.alive = torch.ones(self.P, dtype=torch.bool, device=self.device)
         self.t = 0
         self.history = History(diverged_at=[None] * self.P)
-        self._window: list[tuple[Tree, Any, Batch]] = []  # (w, state, batch) of the last i steps, for unrolling
-        self._gen = torch.Generator().manual_seed(self.cfg.seed)
-        if self.cfg.solver is None:
-            self.cfg.solver = Neumann(self.cfg.lookback, alpha=1.0, divergence="ignore")
-        if self.cfg.implicit not in ("update", "loss"):
-            raise ValueError(f"implicit must be 'update' or 'loss', got {self.cfg.implicit!r}")
-        if self.cfg.implicit == "loss":
-            in_rule = [n for n in self.cfg.tuned if n in self.rule.hyperparameters]
-            if in_rule or self.penalty is None:
-                raise ValueError("implicit='loss' differentiates dL_T/dw = 0, so tuned hyperparameters must enter "
-                                 f"through `penalty`; {in_rule or 'no penalty'} would get no implicit term")
+        self._window: list[tuple[Tree, Any, Any]] = []  # (w, state, batch) of the last i steps, for unrolling
+        self._prev: tuple[Tree, Any] | None = None    # (w, state) before the last step, for Baydin
+        self.solver = cfg.solver if cfg.solver is not None else Neumann(cfg.lookback, alpha=1.0, divergence="ignore")
 
     # ------------------------------------------------------------------ the update map u(lambda, w)
 
+    def _per_member(self, value: Tensor, like: Tensor) -> Tensor:
+        return pop.per_member(value, like) if self.stacked else value.reshape(value.shape[1:] if value.dim() else ())
+
     def _rule_hparams(self, nat: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Any]:
         """Natural update-form values, each viewed to broadcast against the (P, ...) parameters."""
-        out = {}
-        for name in self.rule.hyperparameters:
-            if name not in nat:
-                continue
+        out: dict[str, Any] = {}
+        for name in self.update_form:
             v = nat[name]
-            if isinstance(v, Tensor):
+            if not self.stacked:
+                out[name] = v
+            elif isinstance(v, Tensor):
                 out[name] = {k: pop.per_member(v, p) for k, p in params.items()}
             else:
                 out[name] = {k: pop.per_member(v[k], p) for k, p in params.items() if k in v}
         return out
 
-    def _step_map(self, params: Tree, raw: Mapping[str, Tensor], batch: Batch, state: Any,
-                  create_graph: bool) -> tuple[Tree, Any, Tensor]:
-        """(u, new_state, per-member training losses) at ``params`` with raw hyperparameters ``raw``."""
+    def training_objective(self, params: Tree, raw: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
+        """``(sum of training losses + penalty, per-member training losses)`` at raw hyperparameters ``raw``."""
         nat = self.space.natural(raw)
-        losses = self.train_loss(params, *batch)
+        losses = self.train_loss(params, nat, batch)
         total = losses.sum()
         if self.penalty is not None:
             total = total + self.penalty(params, nat).sum()
+        return total, losses
+
+    def _step_map(self, params: Tree, raw: Mapping[str, Tensor], batch: Any, state: Any,
+                  create_graph: bool) -> tuple[Tree, Any, Tensor]:
+        """(u, new_state, per-member training losses) at ``params`` with raw hyperparameters ``raw``."""
+        total, losses = self.training_objective(params, raw, batch)
         grads = torch.autograd.grad(total, list(params.values()), create_graph=create_graph)
-        if self.cfg.grad_clip is not None:
-            norms = sum(g.reshape(self.P, -1).pow(2).sum(1) for g in grads).sqrt()
-            factor = (self.cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
-            grads = tuple(g * pop.per_member(factor, g) for g in grads)
+        grads = clip_grad_norm(grads, self.cfg.grad_clip, self.P if self.stacked else None)
+        nat = self.space.natural(raw) if self.update_form else {}
         u, new_state = self.rule(params, dict(zip(params, grads)), self._rule_hparams(nat, params), state)
         return u, new_state, losses
 
-    def _weight_step(self, batch: Batch) -> Tensor:
+    def weight_step(self, batch: Any) -> Tensor:
+        """One step ``w <- w - u(lambda, w; batch)`` with the current hyperparameters; returns the training losses."""
         w = {k: v.detach().requires_grad_() for k, v in self.params.items()}
         raw = {k: v.detach() for k, v in self.raw.items()}
         with torch.enable_grad():
@@ -181,47 +269,68 @@ class OnlineTuner:
 
     # ------------------------------------------------------------------ hypergradients
 
-    def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> Tree:
+    def _split(self) -> tuple[Tree, Tree]:
         tuned = {k: self.raw[k].detach() for k in self.tuned_keys}
-        fixed = {k: v.detach() for k, v in self.raw.items() if k not in tuned}
-        outer = lambda p, h: self.val_loss(p, *val_batch).sum()  # noqa: E731
-        if self.cfg.mode == "ift" and self.cfg.implicit == "loss":
-            def inner(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
-                nat = self.space.natural({**fixed, **h})
-                return self.train_loss(p, *train_batch).sum() + self.penalty(p, nat).sum()  # type: ignore[misc]
+        return tuned, {k: v.detach() for k, v in self.raw.items() if k not in tuned}
 
-            return hypergradient(outer, self.params, tuned, inner=inner, solver=self.cfg.solver, check=False)
-        if self.cfg.mode == "ift":
-            state = self.state
-            update = lambda p, h: self._step_map(p, {**fixed, **h}, train_batch, state, True)[0]  # noqa: E731
-            return hypergradient(outer, self.params, tuned, update=update, solver=self.cfg.solver, check=False)
+    def hypergradient(self, train_batch: Any, val_batch: Any) -> Tree:
+        """dL_V/dlambda of the tuned raw hyperparameters at the current weights (mode ``ift`` or ``unroll``)."""
+        if self.t == 0:
+            raise ValueError("take at least one weight step before a hypergradient")
+        tuned, fixed = self._split()
+        check = self.cfg.on_divergence == "raise"
+
+        def outer(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
+            return self.val_loss(p, self.space.natural({**fixed, **h}), val_batch).sum()
+
         if self.cfg.mode == "unroll":
-            return replay_hypergradient(outer, self._step_map, self._window, tuned, fixed, check=False)
-        raise AssertionError(self.cfg.mode)
+            return replay_hypergradient(outer, self._step_map, self._window, tuned, fixed, check=check)
+        if self.cfg.mode != "ift":
+            raise ValueError(f"no IFT/unrolled hypergradient in mode {self.cfg.mode!r}")
+        if self.cfg.implicit == "loss":
+            def inner(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
+                return self.training_objective(p, {**fixed, **h}, train_batch)[0]
 
-    def _baydin_step(self, batch: Batch) -> None:
+            return hypergradient(outer, self.params, tuned, inner=inner, solver=self.solver, check=check)
+        state = self.state
+        update = lambda p, h: self._step_map(p, {**fixed, **h}, train_batch, state, True)[0]  # noqa: E731
+        return hypergradient(outer, self.params, tuned, update=update, solver=self.solver, check=check)
+
+    def hyper_step(self, train_batch: Any, val_batch: Any) -> Tree | None:
+        """One hyperparameter step along :meth:`hypergradient` (``None`` when nothing is tuned)."""
+        if self.hyper_opt is None:
+            return None
+        hg = self.hypergradient(train_batch, val_batch)
+        self.apply_hypergradient(hg)
+        return hg
+
+    def _baydin_step(self, batch: Any) -> None:
         """Baydin et al. (2018): d L_T(w_{t+1}) / d lambda through the step just taken, every step."""
-        tuned = {k: self.raw[k].detach() for k in self.tuned_keys}
-        fixed = {k: v.detach() for k, v in self.raw.items() if k not in tuned}
-        w_prev, state = self._prev
-        outer = lambda p, h: self.train_loss(p, *batch).sum()  # noqa: E731
-        update = lambda p, h: self._step_map(p, {**fixed, **h}, batch, state, True)[0]  # noqa: E731
-        hg = unrolled_hypergradient(outer, w_prev, tuned, update=update, steps=1, check=False)
-        self._apply_hypergradient(hg)
+        tuned, fixed = self._split()
+        w_prev, state = self._prev  # type: ignore[misc]
 
-    def _apply_hypergradient(self, hg: Mapping[str, Tensor]) -> None:
+        def outer(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
+            return self.train_loss(p, self.space.natural({**fixed, **h}), batch).sum()
+
+        update = lambda p, h: self._step_map(p, {**fixed, **h}, batch, state, True)[0]  # noqa: E731
+        hg = unrolled_hypergradient(outer, w_prev, tuned, update=update, steps=1,
+                                    check=self.cfg.on_divergence == "raise")
+        self.apply_hypergradient(hg)
+
+    def apply_hypergradient(self, hg: Mapping[str, Tensor]) -> None:
+        """One step of the hyperparameter optimiser along ``hg`` (non-finite members are marked diverged)."""
         for k, g in hg.items():
             bad = ~torch.isfinite(g).reshape(self.P, -1).all(dim=1)
             self._mark(bad, "hypergradient")
-            self.raw[k].grad = torch.where(pop.per_member(self.alive, g), g, torch.zeros_like(g))
+            self.raw[k].grad = torch.where(self._per_member(self.alive, g), g, torch.zeros_like(g))
         self.hyper_opt.step()  # type: ignore[union-attr]
         self.hyper_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _mark_diverged(self, losses: Tensor, what: str) -> None:
-        bad = ~torch.isfinite(losses)
-        for k, v in self.params.items():
+        bad = ~torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
+        for v in self.params.values():
             bad |= ~torch.isfinite(v).reshape(self.P, -1).all(dim=1)
         self._mark(bad, what)
 
@@ -229,34 +338,51 @@ class OnlineTuner:
         new = bad & self.alive
         if not bool(new.any()):
             return
+        if self.cfg.on_divergence == "raise":
+            raise NonFiniteError(f"{what} at step {self.t}",
+                                 "the weights or hyperparameters diverged: try a smaller learning rate or hyper_lr")
         for i in torch.nonzero(new).flatten().tolist():
             self.history.diverged_at[i] = self.t
         self.alive &= ~new
         # freeze diverged members at finite values so they cannot disturb anything downstream
         with torch.no_grad():
-            self.params = {k: torch.where(pop.per_member(self.alive, v), v, self.initial_params[k])
+            self.params = {k: torch.where(self._per_member(self.alive, v), v, self.initial_params[k])
                            for k, v in self.params.items()}
-            self.state = _zero_dead(self.state, self.alive)
+            self.state = self._zero_dead(self.state)
 
-    def _cold_restart(self, batches: Callable[[], Batch]) -> None:
+    def _zero_dead(self, state: Any) -> Any:
+        if isinstance(state, Tensor):
+            if not self.stacked:
+                return torch.where(self.alive.reshape(()), state, torch.zeros_like(state)) if state.dim() else state
+            if state.dim() == 0 or state.shape[0] != self.P:
+                return state
+            return torch.where(pop.per_member(self.alive, state), state, torch.zeros_like(state))
+        if isinstance(state, Mapping):
+            return {k: self._zero_dead(v) for k, v in state.items()}
+        return state
+
+    def _cold_restart(self, batches: Callable[[], Any]) -> None:
         self.params = {k: v.clone() for k, v in self.initial_params.items()}
         self.state = self.rule.init_state(self.params)
         for _ in range(self.cfg.cold_steps):
-            self._weight_step(batches())
+            self.weight_step(batches())
 
-    def record(self, train: Batch, val: Batch, test: Batch | None) -> None:
+    def _per_member_values(self, values: Tensor) -> Tensor:
+        return values.reshape(self.P)
+
+    def record(self, train: Any, val: Any, test: Any | None) -> None:
+        """Append the losses at the given batches and the hyperparameters' mean natural values to the history."""
         h = self.history
         h.step.append(self.t)
         with torch.no_grad():
-            for name, batch, store in (("train", train, h.train_loss), ("val", val, h.val_loss),
-                                       ("test", test, h.test_loss)):
-                if batch is None:
-                    continue
-                fn = self.test_loss if name == "test" else (self.train_loss if name == "train" else self.val_loss)
-                vals = fn(self.params, *batch)
-                _append(store, vals, self.alive)
+            nat = self.space.natural({k: v.detach() for k, v in self.raw.items()})
+            for fn, batch, store in ((self.train_loss, train, h.train_loss), (self.val_loss, val, h.val_loss),
+                                     (self.test_loss, test, h.test_loss)):
+                if batch is not None:
+                    _append(store, self._per_member_values(fn(self.params, nat, batch)), self.alive)
             for name, v in self.describe().items():
                 _append(h.hparams.setdefault(name, []), v, self.alive)
+        self._call("on_record")
 
     def describe(self) -> dict[str, Tensor]:
         """Per-member mean natural value of every hyperparameter, shape (P,)."""
@@ -269,29 +395,47 @@ class OnlineTuner:
             out[name] = flat.mean(dim=1)
         return out
 
+    def _call(self, event: str) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self)
+
     # ------------------------------------------------------------------ the loop
 
-    def run(self, steps: int, train_batches: Callable[[], Batch], val_batches: Callable[[], Batch], *,
-            record_batches: tuple[Batch, Batch, Batch | None] | None = None,
+    def step(self, batch: Any) -> Tensor:
+        """One counted weight step (``t += 1``, callbacks' ``on_weight_step``); returns the training losses.
+
+        With :meth:`hyper_step` this lets a study write its own schedule around the same loop."""
+        if self.cfg.mode == "baydin":
+            self._prev = (_T.detach(self.params), self.state)
+        losses = self.weight_step(batch)
+        self.t += 1
+        self._call("on_weight_step")
+        return losses
+
+    def run(self, steps: int, train_batches: Callable[[], Any], val_batches: Callable[[], Any], *,
+            record_batches: tuple[Any, Any, Any | None] | None = None,
             progress: Callable[[int], None] | None = None) -> History:
-        """Take ``steps`` weight steps from the current step, with hyperparameter steps every T."""
+        """Take ``steps`` weight steps from the current step, with a hyperparameter step every T.
+
+        ``train_batches()`` / ``val_batches()`` return the next context (a batch, or a batch with noise).
+        """
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
         start = time.perf_counter()
         cfg = self.cfg
         for _ in range(steps):
             batch = train_batches()
-            if cfg.mode == "baydin":
-                self._prev = (_T.detach(self.params), self.state)
-            self._weight_step(batch)
-            self.t += 1
+            self.step(batch)
             if cfg.mode == "baydin" and self.hyper_opt is not None:
                 self._baydin_step(batch)
             elif self.t % cfg.interval == 0:
-                if cfg.lr_multiplier is not None:
-                    self._multiply_lr(*cfg.lr_multiplier)
+                self._call("on_interval")
                 if self.hyper_opt is not None and cfg.mode in ("ift", "unroll"):
                     if not cfg.warm_start:
                         self._cold_restart(train_batches)
-                    self._apply_hypergradient(self._hypergradient(batch, val_batches()))
+                    self.hyper_step(batch, val_batches())
             if record_batches is not None and self.t % cfg.record_every == 0:
                 self.record(*record_batches)
             if progress is not None:
@@ -299,19 +443,15 @@ class OnlineTuner:
         self.history.seconds += time.perf_counter() - start
         return self.history
 
-    def _multiply_lr(self, low: float, high: float) -> None:
-        """Random (x LR): lr <- lr * U[low, high] per member (Clarke et al. sec. 4)."""
-        f = low + (high - low) * torch.rand(self.P, generator=self._gen, dtype=torch.float64)
-        self.rescale("lr", f)
-
     def rescale(self, name: str, factor: float | Tensor) -> None:
         """Multiply the *natural* value of hyperparameter ``name`` by ``factor`` (a float or shape (P,)).
 
         ``lambda <- T^{-1}(clamp_into_domain(T(raw) * factor))`` for every raw key of ``name`` (all
-        elements of a per-weight one), in float64. Used by Random (x LR) and by PBT + ours (Clarke et
-        al. 2022, appendix B.8.2: a PBT mutation old -> new is applied to the tuner's *current* value
-        as the ratio new / old). A result on or past a finite end of the domain (a momentum pushed to
-        1 or beyond) is moved just inside it, so the raw value stays finite. The hyperparameter
+        elements of a per-weight one), in float64. Used by Random (x LR)
+        (:class:`bilevel.callbacks.RandomLRMultiplier`) and by PBT + ours (Clarke et al. 2022,
+        appendix B.8.2: a PBT mutation old -> new is applied to the tuner's *current* value as the
+        ratio new / old). A result on or past a finite end of the domain (a momentum pushed to 1 or
+        beyond) is moved just inside it, so the raw value stays finite. The hyperparameter
         optimiser's state is kept.
         """
         if name not in self.space:
@@ -325,16 +465,21 @@ class OnlineTuner:
         with torch.no_grad():
             for k in [k for k in self.raw if k.split("/", 1)[0] == name]:
                 r = self.raw[k]
-                nat = h.transform.forward(r.double()) * pop.per_member(f.to(r.device), r)
+                nat = h.transform.forward(r.double()) * self._per_member(f.to(r.device), r)
                 self.raw[k].copy_(h.to_raw(nat).to(r.dtype))
 
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
+        """Every piece of loop state: weights, hyperparameters, optimiser states, unrolling window, Baydin's
+        previous step, divergence, history, solver and callback states."""
         return {"params": self.params, "initial_params": self.initial_params,
                 "raw": {k: v.detach() for k, v in self.raw.items()}, "state": self.state, "alive": self.alive,
-                "t": self.t, "history": self.history, "gen": self._gen.get_state(),
-                "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt else None}
+                "t": self.t, "history": self.history, "window": self._window, "prev": self._prev,
+                "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt else None,
+                "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
+                "solver": self.solver.state_dict() if hasattr(self.solver, "state_dict") else None,
+                "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.params, self.initial_params, self.state = dict(sd["params"]), dict(sd["initial_params"]), sd["state"]
@@ -342,19 +487,16 @@ class OnlineTuner:
             for k, v in sd["raw"].items():
                 self.raw[k].copy_(v)
         self.alive, self.t, self.history = sd["alive"], sd["t"], sd["history"]
-        self._gen.set_state(sd["gen"])
+        self._window, self._prev = list(sd.get("window", [])), sd.get("prev")
         if self.hyper_opt is not None:
             self.hyper_opt.load_state_dict(sd["hyper_opt"])
-
-
-def _zero_dead(state: Any, alive: Tensor) -> Any:
-    if isinstance(state, Tensor):
-        if state.dim() == 0 or state.shape[0] != alive.shape[0]:
-            return state
-        return torch.where(pop.per_member(alive, state), state, torch.zeros_like(state))
-    if isinstance(state, Mapping):
-        return {k: _zero_dead(v, alive) for k, v in state.items()}
-    return state
+        if sd.get("rule") is not None:
+            self.rule.load_state_dict(sd["rule"])  # type: ignore[attr-defined]
+        if sd.get("solver") is not None:
+            self.solver.load_state_dict(sd["solver"])  # type: ignore[union-attr]
+        for cb, s in zip(self.callbacks, sd.get("callbacks", [])):
+            if s is not None:
+                cb.load_state_dict(s)
 
 
 def _append(store: list[list[float | None]], values: Tensor, alive: Tensor) -> None:

@@ -73,6 +73,8 @@ __all__ = [
     "resolve",
     "apply",
     "detach_state",
+    "TorchOptimizer",
+    "from_torch",
 ]
 
 State = dict[str, Any]
@@ -579,3 +581,80 @@ class RMSprop(_RuleMixin):
         if use_momentum:
             new_state["momentum_buffer"] = bufs
         return u, new_state
+
+
+# --------------------------------------------------------------------------- torch.optim
+
+
+class TorchOptimizer:
+    """A ``torch.optim`` optimiser as a (non-differentiable) weight update ``u = w - step(w)``.
+
+    Lets any ``torch.optim`` optimiser step the weights of an online loop whose hypergradient does
+    not differentiate the update: the IFT on the training loss's stationarity (Lorraine et al.
+    2020, Alg. 2-3: ``implicit="loss"``), which holds whatever optimiser found the weights.
+    ``named`` maps the loop's parameter names to the tensors the optimiser was built on; each call
+    copies the weights in, sets ``.grad``, calls ``optimizer.step()`` and returns the change. The
+    optimiser's own state (momenta, moments) is the state of this rule (:meth:`state_dict`).
+    """
+
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
+    differentiable: ClassVar[bool] = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named: Mapping[str, Tensor]) -> None:
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [k for k, p in named.items() if id(p) not in held]
+        if missing:
+            raise ValueError(f"the {type(optimizer).__name__} optimiser does not hold the parameters {missing}; "
+                             "build it on model.parameters()")
+        self.optimizer, self.named = optimizer, dict(named)
+
+    def init_state(self, params: Mapping[str, Tensor]) -> State:
+        return {}
+
+    def __call__(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor],
+                 hparams: Mapping[str, HValue] | None = None, state: State | None = None) -> tuple[dict[str, Tensor], State]:
+        if hparams:
+            raise ValueError(f"a torch.optim optimiser takes no tuned hyperparameters, got {list(hparams)}")
+        with torch.no_grad():
+            for k, p in self.named.items():
+                p.copy_(params[k])
+                p.grad = grads[k].detach().clone()
+        self.optimizer.step()
+        with torch.no_grad():
+            u = {k: params[k].detach() - p.detach() for k, p in self.named.items()}
+        for p in self.named.values():
+            p.grad = None
+        return u, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(sd)
+
+
+def from_torch(optimizer: torch.optim.Optimizer) -> SGD | Adam | AdamW | RMSprop:
+    """The differentiable twin of a ``torch.optim`` SGD / Adam / AdamW / RMSprop, with its hyperparameters.
+
+    Raises ``ValueError`` for other optimisers, for options the twin lacks (``maximize``) and for
+    parameter groups with different hyperparameters.
+    """
+    kinds: dict[type, tuple[type, tuple[str, ...]]] = {
+        torch.optim.SGD: (SGD, ("lr", "momentum", "dampening", "weight_decay", "nesterov")),
+        torch.optim.AdamW: (AdamW, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
+        torch.optim.Adam: (Adam, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
+        torch.optim.RMSprop: (RMSprop, ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")),
+    }
+    if type(optimizer) not in kinds:
+        raise ValueError(f"cannot tune the hyperparameters of torch.optim.{type(optimizer).__name__}: its "
+                         "differentiable twin exists for SGD, Adam, AdamW and RMSprop (or pass bilevel.optim.SGD(...))")
+    cls, fields = kinds[type(optimizer)]
+    groups = optimizer.param_groups
+    values = {f: groups[0][f] for f in fields}
+    differ = [f for f in fields if any(g[f] != values[f] for g in groups[1:])]
+    if differ:
+        raise ValueError(f"the optimiser's parameter groups differ in {differ}; tuning needs one value to start from")
+    if groups[0].get("maximize"):
+        raise ValueError("maximize=True is not supported; minimise the negated objective")
+    values = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in values.items()}
+    return cls(**values)

@@ -25,8 +25,8 @@ from .tuner import OnlineTuner, TunerConfig
 from .updates import SGD, Adam
 
 DECAY = "l2"
-"""Name of the decay hyperparameter: not an update-rule hyperparameter name (``weight_decay``), so the decay
-enters only as the loss-form penalty :func:`weight_decay_penalty`, whichever rule steps the weights."""
+"""Name of the decay hyperparameter (raw keys ``"l2/<param>"``): a loss-form hyperparameter, entering only
+through the penalty :func:`weight_decay_penalty` whichever rule steps the weights."""
 
 
 def decay_space(per_weight: bool, max_decay: float | None = None, signed: bool = False) -> HyperParameterSpace:

@@ -1,16 +1,21 @@
-"""Population search on top of the one-pass tuner: Ray Tune trials, ASHA, PBT and Bayesian optimisation.
+"""Population search over any trainable run: Ray Tune trials, ASHA, PBT and Bayesian optimisation.
 
-* :mod:`bilevel.search.ray_tune` -- a population of initialisations as Ray Tune trials (the
-  ``clarke`` experiment's ``--backend ray``), ASHA and PBT schedulers over single initialisations
-  trained with fixed (``random``) or online-tuned (``ours-wd-lr-m``) hyperparameters, and the PBT
-  "ratio" mutation of Clarke et al. (2022), appendix B.8.2.
-* :mod:`bilevel.search.bayesopt` -- the Bayesian-optimisation baseline of Clarke et al. (2022),
-  appendix B.5 (Optuna's Gaussian-process sampler).
+* :mod:`bilevel.search.ray_tune` -- a population split into blocks of members, each block a Ray
+  Tune trial (:func:`~bilevel.search.ray_tune.run_population`), and ASHA and PBT over single
+  members (:func:`~bilevel.search.ray_tune.run_scheduled`), with the PBT "ratio" mutation of
+  Clarke et al. (2022), appendix B.8.2, for runs that tune their own hyperparameters online. The
+  runs are built in the trials by a user-supplied factory.
+* :mod:`bilevel.search.bayesopt` -- repeated Bayesian optimisation (Optuna's Gaussian-process
+  sampler) of a user-supplied evaluation, the repeats evaluated together.
 
-Ray and Optuna are optional (``pip install 'bilevel[ray]'``); nothing here imports them at import
-time, and every entry point that needs one raises an ``ImportError`` naming the extra.
+What is searched is the caller's: the Clarke et al. (2022) studies plug their problem in from
+``bilevel_studies.clarke.search``. Ray and Optuna are optional (``pip install 'bilevel[ray]'``);
+nothing here imports them at import time, and every entry point that needs one raises an
+``ImportError`` naming the extra.
 """
 
-from .ray_tune import Interrupted, blocks, check_run_config, clip_to_domains, merge_blocks, pbt_ratios, require
+from .ray_tune import (Interrupted, blocks, check_run_config, clip_to_domains, merge_blocks, pbt_ratios, require,
+                       run_population, run_scheduled)
 
-__all__ = ["Interrupted", "blocks", "check_run_config", "clip_to_domains", "merge_blocks", "pbt_ratios", "require"]
+__all__ = ["Interrupted", "blocks", "check_run_config", "clip_to_domains", "merge_blocks", "pbt_ratios", "require",
+           "run_population", "run_scheduled"]

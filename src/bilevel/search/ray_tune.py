@@ -1,39 +1,41 @@
-"""Populations of initialisations as Ray Tune trials; ASHA and PBT over the one-pass tuner.
+"""Population search on Ray Tune over any trainable run: blocks of a population as trials, ASHA and PBT.
 
-Clarke et al. (2022) train 100-200 random initialisations per method and, in appendix B.8.2,
-hand single initialisations -- trained with fixed hyperparameters (``random``) or tuned online
-by IFT hypergradients (``ours-wd-lr-m``) -- to Ray Tune's Asynchronous Hyperband (ASHA, Li et
-al. 2020) and Population-Based Training (PBT, Jaderberg et al. 2017). This module reuses the
-``clarke`` experiment's pieces (:func:`bilevel.experiments.clarke.start_method`,
-:func:`~bilevel.experiments.clarke.method_results`) inside Ray Tune function trainables:
+Nothing here knows what is trained. A *run* is built inside a Ray Tune function trainable by a
+user-supplied factory ``factory(config) -> run`` (``config``: the trial's Ray Tune config) and
+driven through a small protocol:
 
-* :func:`run_clarke` -- the ``clarke`` experiment with each block of ``block_size`` consecutive
-  initialisations one trial (members ``first ... first + count - 1`` use seeds
-  ``seed + first + j``, exactly as in the local population, so the per-initialisation results
-  are the same up to floating-point rounding: float64 to rounding, float32 depends on the block
-  layout, see docs/ray.md). Each method is its own Ray experiment (``out/ray/clarke-METHOD``), so a
-  re-run may add methods. Trials checkpoint every ``checkpoint_every`` steps through
-  ``tune.report``; re-running the same command restores the experiment with
-  ``tune.Tuner.restore`` and resumes unfinished and errored trials from their last checkpoint. A
-  run stopped by Ctrl-C raises :class:`Interrupted` (a ``KeyboardInterrupt``) naming the
-  unfinished trials.
-* :func:`run_scheduled` -- one initialisation per trial under ASHA or PBT, reporting the
-  validation loss every ``report_every`` steps.
-* PBT + ours (appendix B.8.2): PBT mutates the hyperparameters *it* assigned to a trial, but our
-  tuner has since moved them. When a trial starts from a checkpoint whose recorded PBT values
-  ``old`` differ from the trial's config ``new``, the tuner's *current* natural values are
-  multiplied by ``new / old`` (:func:`pbt_ratios`, :meth:`bilevel.tuner.OnlineTuner.rescale`).
-  PBT's explored values are clipped into the tuner's domains (:func:`clip_to_domains`) and every
-  applied mutation is recorded (:func:`mutation_record`).
+* :func:`run_population` -- a population of ``n`` members split into blocks of ``block_size``
+  consecutive members, each block one trial; the factory builds the block's run
+  (:class:`BlockRun`: ``step``, ``advance(steps)``, ``state_dict()``/``load_state_dict()``,
+  ``result()``), which is checkpointed every ``checkpoint_every`` steps through ``tune.report``
+  and trained to ``steps``. Returns the blocks' results in member order (:func:`merge_blocks`
+  joins them). Re-running the same call restores the experiment with ``tune.Tuner.restore`` and
+  resumes unfinished and errored trials from their last checkpoint; a run stopped by Ctrl-C raises
+  :class:`Interrupted` (a ``KeyboardInterrupt``) naming the unfinished trials.
+* :func:`run_scheduled` -- one member per trial under ASHA (``ASHAScheduler``) or PBT
+  (``PopulationBasedTraining``), each trial's run (:class:`ScheduledRun`: also ``alive``,
+  ``losses()``, ``hparams()`` and ``rescale(name, factor)``) reporting its losses every
+  ``report_every`` steps; trials are ranked by ``metric`` (minimised).
+* PBT with the ratio mutation (Clarke et al. 2022, appendix B.8.2): PBT mutates the
+  hyperparameters *it* assigned to a trial, but a run that tunes its own hyperparameters online
+  has since moved them. When a trial starts from a checkpoint whose recorded PBT values ``old``
+  differ from the trial's config ``new``, the run's *current* values are multiplied by
+  ``new / old`` (:func:`pbt_ratios`, :func:`apply_pbt_mutation`, ``run.rescale``). PBT's explored
+  values are clipped into the hyperparameters' domains (:func:`clip_to_domains`) and every applied
+  mutation is recorded (:func:`mutation_record`).
 
-Ray is imported lazily (``pip install 'bilevel[ray]'``). By default a local Ray instance with
-``num_cpus`` CPUs is started (and shut down afterwards); ``address="auto"`` or ``"ray://..."``
-joins an existing cluster, whose workers must be able to import ``bilevel`` and read the data.
+The factories are pickled to the workers by reference, so they must be importable there
+(module-level functions); a worker-process cache (:func:`worker_cached`) lets them load data once
+per worker. Ray is imported lazily (``pip install 'bilevel[ray]'``). By default a local Ray
+instance with ``num_cpus`` CPUs is started (and shut down afterwards); ``address="auto"`` or
+``"ray://..."`` joins an existing cluster, whose workers must be able to import the factories'
+modules and read the data.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -41,20 +43,16 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .._io import check_run_config  # noqa: F401  (re-exported: the shared resume check)
 
-#: Reported as the validation/test loss of a diverged trial so that schedulers rank it last
+#: Reported as the loss of a diverged trial so that schedulers rank it last
 #: (a finite number: Ray Tune's schedulers sort metrics and NaN breaks sorting).
 DIVERGED = 1e30
-
-#: Clarke et al. (2022) Table 5 initialisation distributions, in the form PBT resamples from.
-HPARAM_NAMES = ("lr", "weight_decay", "momentum")
 
 
 def require(module: str = "ray.tune") -> Any:
@@ -66,6 +64,63 @@ def require(module: str = "ray.tune") -> Any:
                           f"pip install 'bilevel[ray]'  ({e})") from e
 
 
+# ---------------------------------------------------------------------------- what the factories build
+
+class BlockRun(Protocol):
+    """A block of population members in training, as :func:`run_population` drives it."""
+
+    @property
+    def step(self) -> int:
+        """Training steps done."""
+
+    def advance(self, steps: int) -> None:
+        """Train ``steps`` more steps."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume (saved with ``torch.save``)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def result(self) -> dict[str, Any]:
+        """The block's results once trained (JSON-serialisable; per-member lists, see :func:`merge_blocks`)."""
+
+
+class ScheduledRun(Protocol):
+    """One trial's run under ASHA or PBT, as :func:`run_scheduled` drives it."""
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the run diverged (its losses are then reported as :data:`DIVERGED`)."""
+
+    def advance(self, steps: int) -> None: ...
+
+    def losses(self) -> dict[str, float]:
+        """The losses to report, by metric name (e.g. ``val_loss`` and ``test_loss``)."""
+
+    def hparams(self) -> dict[str, float]:
+        """The run's current (natural) hyperparameter values, by name."""
+
+    def rescale(self, name: str, factor: float) -> None:
+        """Multiply the current value of hyperparameter ``name`` by ``factor`` (PBT's ratio mutation)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+def worker_cached(key: str, make: Callable[[], Any]) -> Any:
+    """``make()`` once per process for each ``key`` (Ray Tune reuses worker processes across trials)."""
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = make()
+    return _WORKER_CACHE[key]
+
+
 # ---------------------------------------------------------------------------- pure helpers
 
 def blocks(n: int, size: int) -> list[tuple[int, int]]:
@@ -75,36 +130,52 @@ def blocks(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(size, n - i)) for i in range(0, n, size)]
 
 
-def merge_blocks(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One method's results from its blocks' results (in member order), as one population would give.
+def member_blocks(jobs: Sequence[Mapping[str, Any]], n: int) -> list[tuple[int, int]]:
+    """The ``(first, count)`` of ``jobs`` in member order, checked to cover members ``0 .. n - 1`` once."""
+    spans = sorted((int(j["first"]), int(j["count"])) for j in jobs)
+    covered = [m for f, c in spans for m in range(f, f + c)]
+    if covered != list(range(n)):
+        raise ValueError(f"the Ray trials' blocks {spans} do not cover the {n} initialisations once each")
+    return spans
 
-    Per-member lists are concatenated; the shared step axes are taken from the first block;
-    ``wall_seconds`` is the sum of the blocks' training times (compute, not elapsed time).
+
+def merge_blocks(parts: Sequence[Mapping[str, Any]], axis: str = "step") -> dict[str, Any]:
+    """One population's results from its blocks' results (in member order), as one population would give.
+
+    Per key of the first block: lists (one entry per member) are concatenated; numbers (e.g.
+    ``wall_seconds``, the training time) are summed (compute, not elapsed time); mappings are
+    tables whose ``axis`` entry (e.g. the recorded steps) is shared -- taken from the first block --
+    and whose other entries (one row per member) are concatenated; anything else must be the same
+    in every block.
     """
     if not parts:
         raise ValueError("no block results to merge")
     out: dict[str, Any] = {}
-    for key in ("final_test_loss", "final_val_loss", "final_train_loss", "seconds", "diverged_at"):
-        out[key] = [v for p in parts for v in p[key]]
-    out["wall_seconds"] = sum(p["wall_seconds"] for p in parts)
-    out["curves"] = {"step": parts[0]["curves"]["step"],
-                     **{k: [row for p in parts for row in p["curves"][k]]
-                        for k in parts[0]["curves"] if k != "step"}}
-    out["hparams"] = {"step": parts[0]["hparams"]["step"],
-                      **{k: [row for p in parts for row in p["hparams"][k]]
-                         for k in parts[0]["hparams"] if k != "step"}}
+    for key, first in parts[0].items():
+        if isinstance(first, Mapping):
+            out[key] = {**({axis: first[axis]} if axis in first else {}),
+                        **{k: [row for p in parts for row in p[key][k]] for k in first if k != axis}}
+        elif isinstance(first, (list, tuple)):
+            out[key] = [v for p in parts for v in p[key]]
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            out[key] = sum(p[key] for p in parts)
+        elif all(p[key] == first for p in parts):
+            out[key] = first
+        else:
+            raise ValueError(f"cannot merge {key!r}: the blocks disagree ({[p[key] for p in parts]})")
     return out
 
 
-def pbt_ratios(new: Mapping[str, float], old: Mapping[str, float], names: Sequence[str] = HPARAM_NAMES,
+def pbt_ratios(new: Mapping[str, float], old: Mapping[str, float], names: Sequence[str] | None = None,
                rtol: float = 1e-12) -> dict[str, float]:
-    """The PBT mutation ``new / old`` of each hyperparameter that PBT changed (Clarke et al. B.8.2).
+    """The PBT mutation ``new / old`` of each hyperparameter (of ``names``, default all of ``new``) that
+    PBT changed (the ratio mutation of Clarke et al. 2022, B.8.2).
 
     ``old`` are the values PBT associated with the checkpoint, ``new`` those it now assigns the
     trial; names whose values agree (within ``rtol``) are left out.
     """
     out = {}
-    for n in names:
+    for n in (new if names is None else names):
         a, b = float(new[n]), float(old[n])
         if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
             raise ValueError(f"PBT values of {n!r} must be positive and finite, got new={a}, old={b}")
@@ -113,12 +184,13 @@ def pbt_ratios(new: Mapping[str, float], old: Mapping[str, float], names: Sequen
     return out
 
 
-def apply_pbt_mutation(tuner, new: Mapping[str, float], old: Mapping[str, float],
-                       names: Sequence[str] = HPARAM_NAMES) -> dict[str, float]:
-    """Multiply the tuner's current natural hyperparameters by PBT's ``new / old``; return the ratios."""
+def apply_pbt_mutation(run, new: Mapping[str, float], old: Mapping[str, float],
+                       names: Sequence[str] | None = None) -> dict[str, float]:
+    """Multiply ``run``'s current hyperparameters by PBT's ``new / old`` (``run.rescale(name, ratio)``,
+    e.g. a :class:`ScheduledRun` or a :class:`bilevel.tuner.OnlineTuner`); return the ratios."""
     ratios = pbt_ratios(new, old, names)
     for n, r in ratios.items():
-        tuner.rescale(n, r)
+        run.rescale(n, r)
     return ratios
 
 
@@ -131,6 +203,46 @@ def incumbent(rows: Sequence[tuple[float, float | None]]) -> tuple[list[float], 
             times.append(float(t))
             best.append(float(v))
     return times, best
+
+
+def mutation_record(step: int, trial: str | None, donor: str | None, old: Mapping[str, float],
+                    new: Mapping[str, float], ratios: Mapping[str, float], before: Mapping[str, float],
+                    after: Mapping[str, float], donor_member: int | None = None,
+                    names: Sequence[str] | None = None) -> dict[str, Any]:
+    """One applied PBT ratio mutation: at ``step`` trial ``trial`` started from ``donor``'s checkpoint
+    (written by the trial of member ``donor_member``) whose PBT values were ``old``; PBT assigned
+    ``new``; the run's current values of ``names`` (default: those of ``new``) went from ``before``
+    (the donor's at its checkpoint) to ``after`` = ``before x ratios`` (then moved into the domain
+    by the run's ``rescale``, e.g. a momentum pushed past 1)."""
+    names = tuple(new) if names is None else tuple(names)
+    return {"step": int(step), "trial": trial, "donor": donor, "donor_member": donor_member, "ratios": dict(ratios),
+            "pbt_old": {n: float(old[n]) for n in names}, "pbt_new": {n: float(new[n]) for n in names},
+            "before": {n: float(before[n]) for n in names}, "after": {n: float(after[n]) for n in names}}
+
+
+def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """PBT's ``custom_explore_fn`` (with ``bounds`` bound): explored values moved into their domains.
+
+    ``bounds[name]`` holds the open ``domain`` ``(low, high)`` of the hyperparameter and its
+    ``clip`` (``(low, high)`` or ``None``). A value on or past a finite end of the open domain is
+    moved :data:`~bilevel.hparams.NATURAL_INIT_EPS` inside it (a momentum x 1.2 above 1 becomes
+    ``1 - 1e-6``, as :meth:`~bilevel.tuner.OnlineTuner.rescale` does), then clipped into ``clip``
+    (a learning rate x 1.2 above 1 becomes 1). Values inside are unchanged (so the ratio new / old
+    is PBT's factor unless a value was moved); names not in ``config`` are skipped.
+    """
+    from ..hparams import NATURAL_INIT_EPS
+    for n in bounds:
+        if n not in config:
+            continue
+        v, (lo, hi), clip = float(config[n]), bounds[n]["domain"], bounds[n]["clip"]
+        if math.isfinite(lo) and v <= lo:
+            v = lo + NATURAL_INIT_EPS
+        if math.isfinite(hi) and v >= hi:
+            v = hi - NATURAL_INIT_EPS
+        if clip is not None:
+            v = min(max(v, clip[0]), clip[1])
+        config[n] = v
+    return config
 
 
 # ---------------------------------------------------------------------------- Ray plumbing
@@ -310,7 +422,6 @@ def checkpoint_result(result) -> dict[str, Any]:
         return json.loads(f.read_text())
 
 
-_PROBLEMS: dict[str, Any] = {}
 _CALLBACKS: dict[int, Callable[..., None]] = {}
 
 
@@ -328,163 +439,123 @@ def _notify(key: int | None, *args: Any) -> None:
         f(*args)
 
 
-def _problem(cfg):
-    """Load the data once per worker process (workers are reused across trials)."""
-    from ..experiments import clarke
-    key = json.dumps([cfg.dataset, cfg.data_dir, cfg.dtype, cfg.device, cfg.hidden, cfg.val_fraction, cfg.model,
-                      cfg.lm_size, cfg.batch_size])
-    if key not in _PROBLEMS:
-        _PROBLEMS[key] = clarke.load_problem(cfg)
-    return _PROBLEMS[key]
+def _named(f: Callable, factory: Callable, default: str) -> Callable:
+    """Name the trainable after its factory (Ray Tune's ``Tuner.restore`` checks the trainable's name)."""
+    f.__name__ = f.__qualname__ = getattr(factory, "__name__", default)
+    return f
 
 
-def _config(d: Mapping[str, Any]):
-    from ..experiments.clarke import ClarkeConfig
-    return ClarkeConfig(**d)
+# ---------------------------------------------------------------------------- a population as trials
+
+def population_trainable(factory: Callable[[dict[str, Any]], BlockRun], steps: int,
+                         checkpoint_every: int) -> Callable[[dict[str, Any]], None]:
+    """Ray Tune trainable: the block run ``factory(config)`` trained to ``steps``, checkpointed every
+    ``checkpoint_every`` steps; its last checkpoint holds ``run.result()`` (:func:`checkpoint_result`)."""
+    def population_trial(config: dict[str, Any]) -> None:
+        torch.set_num_threads(int(config.get("threads", 1)))
+        run = factory(config)
+        state = restored_state()
+        if state is not None:
+            run.load_state_dict(state)
+        while True:
+            run.advance(min(checkpoint_every, steps - run.step))
+            done = run.step >= steps
+            result = run.result() if done else None
+            report({"step": run.step, "done": done}, run.state_dict(), result)
+            if done:
+                return
+    return _named(population_trial, factory, "population_trial")
 
 
-def _portable(cfg) -> dict[str, Any]:
-    """The config as a dict for the trials: data directory absolute (trials run in their own folder)."""
-    d = asdict(cfg)
-    d["methods"] = list(d["methods"]) if not isinstance(d["methods"], str) else d["methods"]
-    data_dir = d.get("data_dir") or os.environ.get("BILEVEL_DATA")
-    d["data_dir"] = str(Path(data_dir).resolve()) if data_dir else None
-    return d
+def run_population(factory: Callable[[dict[str, Any]], BlockRun], n: int, path: Path, *, steps: int,
+                   checkpoint_every: int, config: Mapping[str, Any] | None = None,
+                   tag: Mapping[str, Any] | None = None, block_size: int | None = None, threads: int = 1,
+                   address: str | None = None, num_cpus: int | None = None,
+                   progress_factory: Callable[[str, int], Callable[..., None]] | None = None,
+                   label: str = "ray") -> list[dict[str, Any]]:
+    """Train a population of ``n`` members as Ray Tune trials, one per block; return the blocks' results.
 
-
-# ---------------------------------------------------------------------------- clarke --backend ray
-
-def clarke_trial(config: dict[str, Any]) -> None:
-    """Ray Tune trainable: one block of initialisations of one method of the ``clarke`` experiment."""
-    from ..experiments import clarke
-    torch.set_num_threads(int(config.get("threads", 1)))
-    job = config["job"]
-    cfg = replace(_config(config["cfg"]), inits=int(job["count"]))
-    problem = _problem(cfg)
-    run = clarke.start_method(cfg, problem, job["method"], first=int(job["first"]))
-    state = restored_state()
-    if state is not None:
-        run.load_state_dict(state)
-    while True:
-        run.advance(min(cfg.checkpoint_every, cfg.steps - run.tuner.t))
-        done = run.tuner.t >= cfg.steps
-        result = clarke.method_results(cfg, problem, run) if done else None
-        report({"step": run.tuner.t, "done": done}, run.state_dict(), result)
-        if done:
-            return
-
-
-def clarke_experiment(out: Path, method: str) -> Path:
-    """The Ray Tune experiment of one method of ``clarke --backend ray``: ``out/ray/clarke-METHOD``.
-
-    One experiment per method, so a re-run with more methods restores the experiments of the
-    methods it shares with the earlier run and starts new ones for the others (``Tuner.restore``
-    brings back only the trials an experiment was created with).
+    Each trial's config is ``{"job": {**tag, "first": f, "count": c}, **config, "threads": threads}``
+    (members ``f .. f + c - 1``); ``factory(config)`` builds its :class:`BlockRun`, which must give
+    those members exactly what they would get in one population (e.g. seeds by member index). The
+    results (``run.result()`` of each block) come back in member order, ready for
+    :func:`merge_blocks`. ``block_size`` members per trial (default: the population split evenly
+    over the cluster's CPUs, ``threads`` per trial). The experiment lives at ``path`` and is
+    restored on re-run (only trials whose job matches ``tag`` are read from it). Raises
+    :class:`Interrupted` (a ``KeyboardInterrupt``) if Ray Tune stopped with unfinished trials
+    (Ctrl-C).
     """
-    return Path(out) / "ray" / f"clarke-{method}"
-
-
-def member_blocks(jobs: Sequence[Mapping[str, Any]], n: int) -> list[tuple[int, int]]:
-    """The ``(first, count)`` of ``jobs`` in member order, checked to cover members ``0 .. n - 1`` once."""
-    spans = sorted((int(j["first"]), int(j["count"])) for j in jobs)
-    covered = [m for f, c in spans for m in range(f, f + c)]
-    if covered != list(range(n)):
-        raise ValueError(f"the Ray trials' blocks {spans} do not cover the {n} initialisations once each")
-    return spans
-
-
-def run_clarke(cfg, methods: Sequence[str], out: Path, *, address: str | None = None, num_cpus: int | None = None,
-               block_size: int | None = None, threads: int = 1,
-               progress_factory: Callable[[str, int], Callable[..., None]] | None = None) -> dict[str, dict[str, Any]]:
-    """Train ``methods`` of the ``clarke`` experiment as Ray Tune trials; return each method's merged results.
-
-    Each method is its own Ray experiment, :func:`clarke_experiment` (restored on re-run; only
-    trials of that method are read from it). ``block_size`` members per trial (default: the
-    population split evenly over the cluster's CPUs). Raises :class:`Interrupted` (a
-    ``KeyboardInterrupt``) if Ray Tune stopped with unfinished trials (Ctrl-C).
-    """
-    if not methods:
-        return {}
-    from ..experiments import clarke
-    xlr = [m for m in methods if clarke.METHODS[m].lr_multiplier is not None]
-    if xlr:
-        import warnings
-        warnings.warn(f"{xlr}: the learning-rate multipliers are drawn from one generator per population, so on "
-                      "the Ray backend each block draws its own (equally distributed) multipliers and the members "
-                      "differ from the local run's (docs/ray.md)", stacklevel=2)
     tune = require("ray.tune")
-    results: dict[str, dict[str, Any]] = {}
+    tag = dict(tag or {})
     with ray_session(address, num_cpus) as ray:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        size = block_size or max(1, math.ceil(cfg.inits / max(1, cpus // max(1, threads))))
-        for method in methods:
-            jobs = [{"method": method, "first": f, "count": c} for f, c in blocks(cfg.inits, size)]
-            path = clarke_experiment(out, method)
-            advance = progress_factory(f"ray: {method}", len(jobs)) if progress_factory else None
-            grid = fit(clarke_trial, {"job": tune.grid_search(jobs), "cfg": _portable(cfg), "threads": threads},
-                       path, cpus_per_trial=threads, keep_checkpoints=1, on_complete=advance)
-            mine = [r for r in grid if r.config["job"]["method"] == method]
-            try:
-                member_blocks([r.config["job"] for r in mine], cfg.inits)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}; delete that folder to train {method!r} afresh") from None
-            parts = sorted(((int(r.config["job"]["first"]), checkpoint_result(r)) for r in mine), key=lambda x: x[0])
-            results[method] = merge_blocks([res for _, res in parts])
-    return results
+        size = block_size or max(1, math.ceil(n / max(1, cpus // max(1, threads))))
+        jobs = [{**tag, "first": f, "count": c} for f, c in blocks(n, size)]
+        advance = progress_factory(label, len(jobs)) if progress_factory else None
+        grid = fit(population_trainable(factory, steps, checkpoint_every),
+                   {"job": tune.grid_search(jobs), **(config or {}), "threads": threads},
+                   path, cpus_per_trial=threads, keep_checkpoints=1, on_complete=advance)
+        mine = [r for r in grid if all(r.config["job"].get(k) == v for k, v in tag.items())]
+        try:
+            member_blocks([r.config["job"] for r in mine], n)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}; delete that folder to train it afresh") from None
+        parts = sorted(((int(r.config["job"]["first"]), checkpoint_result(r)) for r in mine), key=lambda x: x[0])
+    return [res for _, res in parts]
 
 
 # ---------------------------------------------------------------------------- ASHA and PBT
 
-def scheduled_trial(config: dict[str, Any]) -> None:
-    """Ray Tune trainable: one initialisation (weights of seed ``seed + member``, hyperparameters
-    from the config) trained by the one-pass tuner, reporting validation/test losses every
-    ``report_every`` steps. On a restart from a PBT checkpoint, PBT's mutation is applied to the
-    tuner's current hyperparameters as the ratio new / old (Clarke et al. B.8.2), and recorded.
+def scheduled_trainable(factory: Callable[[dict[str, Any]], ScheduledRun], names: Sequence[str],
+                        steps: int) -> Callable[[dict[str, Any]], None]:
+    """Ray Tune trainable: the run ``factory(config)`` (one member; its hyperparameters ``names`` at the
+    values ``config[name]``) trained to ``steps``, reporting ``run.losses()`` (a diverged run's, or a
+    non-finite one, as :data:`DIVERGED`) every ``config["report_every"]`` steps. On a restart from a
+    PBT checkpoint, PBT's mutation is applied to the run's current hyperparameters as the ratio
+    new / old (:func:`apply_pbt_mutation`), and recorded.
 
     A checkpoint holds the run, the PBT values it was trained under (``pbt_values``), the trial
     that wrote it and the mutations applied along this path so far (``mutations``: inherited from
     the donor on an exploit, one entry appended per applied mutation; see :func:`mutation_record`).
     """
-    from ..experiments import clarke
-    torch.set_num_threads(int(config.get("threads", 1)))
-    cfg = replace(_config(config["cfg"]), inits=1)
-    problem = _problem(cfg)
-    method = clarke.Method(**config["method"])
-    values = {n: float(config[n]) for n in HPARAM_NAMES}
-    run = clarke.start_method(cfg, problem, method, first=int(config["member"]), hparams={n: [v] for n, v in values.items()})
-    trial_id = _trial_id()
-    state = restored_state()
-    ratios: dict[str, float] = {}
-    mutations: list[dict[str, Any]] = []
-    if state is not None:
-        run.load_state_dict(state["run"])
-        mutations = list(state.get("mutations", []))
-        before = _natural(run.tuner)
-        ratios = apply_pbt_mutation(run.tuner, values, state["pbt_values"])
-        if ratios:
-            mutations.append(mutation_record(run.tuner.t, trial_id, state.get("writer"), state["pbt_values"], values,
-                                             ratios, before, _natural(run.tuner), donor_member=state.get("member")))
-    every, ckpt_every = int(config["report_every"]), int(config["checkpoint_every"])
-    t0 = float(config["t0"])
-    while run.tuner.t < cfg.steps:
-        run.advance(min(every, cfg.steps - run.tuner.t))
-        t = run.tuner.t
-        alive = bool(run.tuner.alive[0])
-        losses = {}
-        for name, data in (("val_loss", problem.val), ("test_loss", problem.test)):
-            v = float(clarke.evaluate(run.tuner, problem, data, cfg.record_rows)[0]) * problem.test_scale
-            losses[name] = v if alive and math.isfinite(v) else DIVERGED
-        metrics = {"step": t, **losses, "diverged": not alive, "wall": time.time() - t0,
-                   **{f"now_{k}": v for k, v in _natural(run.tuner).items()},
-                   **{f"ratio_{k}": v for k, v in ratios.items()}, "mutations": len(mutations),
-                   "mutated_at": mutations[-1]["step"] if ratios else -1}
-        if t >= cfg.steps:  # the path's mutations with its final losses (a JSON string: Tune keeps it as is)
-            metrics["lineage"] = json.dumps(mutations)
-        if t % ckpt_every == 0 or t >= cfg.steps:
-            report(metrics, {"run": run.state_dict(), "pbt_values": values, "writer": trial_id,
-                             "member": int(config["member"]), "mutations": mutations})
-        else:
-            report(metrics)
+    names = tuple(names)
+
+    def scheduled_trial(config: dict[str, Any]) -> None:
+        torch.set_num_threads(int(config.get("threads", 1)))
+        values = {n: float(config[n]) for n in names}
+        run = factory(config)
+        trial_id = _trial_id()
+        state = restored_state()
+        ratios: dict[str, float] = {}
+        mutations: list[dict[str, Any]] = []
+        if state is not None:
+            run.load_state_dict(state["run"])
+            mutations = list(state.get("mutations", []))
+            before = run.hparams()
+            ratios = apply_pbt_mutation(run, values, state["pbt_values"], names)
+            if ratios:
+                mutations.append(mutation_record(run.step, trial_id, state.get("writer"), state["pbt_values"], values,
+                                                 ratios, before, run.hparams(), donor_member=state.get("member"),
+                                                 names=names))
+        every, ckpt_every = int(config["report_every"]), int(config["checkpoint_every"])
+        t0 = float(config["t0"])
+        while run.step < steps:
+            run.advance(min(every, steps - run.step))
+            t = run.step
+            alive = bool(run.alive)
+            losses = {k: v if alive and math.isfinite(v) else DIVERGED for k, v in run.losses().items()}
+            metrics = {"step": t, **losses, "diverged": not alive, "wall": time.time() - t0,
+                       **{f"now_{k}": v for k, v in run.hparams().items()},
+                       **{f"ratio_{k}": v for k, v in ratios.items()}, "mutations": len(mutations),
+                       "mutated_at": mutations[-1]["step"] if ratios else -1}
+            if t >= steps:  # the path's mutations with its final losses (a JSON string: Tune keeps it as is)
+                metrics["lineage"] = json.dumps(mutations)
+            if t % ckpt_every == 0 or t >= steps:
+                report(metrics, {"run": run.state_dict(), "pbt_values": values, "writer": trial_id,
+                                 "member": int(config["member"]), "mutations": mutations})
+            else:
+                report(metrics)
+    return _named(scheduled_trial, factory, "scheduled_trial")
 
 
 def _trial_id() -> str | None:
@@ -494,134 +565,79 @@ def _trial_id() -> str | None:
         return None
 
 
-def _natural(tuner) -> dict[str, float]:
-    """Member 0's natural hyperparameters (first element of a per-weight one) as floats."""
-    return {k: float(torch.as_tensor(v).reshape(-1)[0]) for k, v in tuner.describe().items()}
-
-
-def mutation_record(step: int, trial: str | None, donor: str | None, old: Mapping[str, float],
-                    new: Mapping[str, float], ratios: Mapping[str, float], before: Mapping[str, float],
-                    after: Mapping[str, float], donor_member: int | None = None) -> dict[str, Any]:
-    """One applied PBT + ours mutation: at ``step`` trial ``trial`` started from ``donor``'s checkpoint
-    (written by the trial of initialisation ``donor_member``) whose PBT values were ``old``; PBT
-    assigned ``new``; the tuner's natural values went from
-    ``before`` (the donor's at its checkpoint) to ``after`` = ``before x ratios`` (then moved into the
-    domain by :meth:`~bilevel.tuner.OnlineTuner.rescale`, e.g. a momentum pushed past 1)."""
-    return {"step": int(step), "trial": trial, "donor": donor, "donor_member": donor_member, "ratios": dict(ratios),
-            "pbt_old": {n: float(old[n]) for n in HPARAM_NAMES}, "pbt_new": {n: float(new[n]) for n in HPARAM_NAMES},
-            "before": {n: float(before[n]) for n in HPARAM_NAMES}, "after": {n: float(after[n]) for n in HPARAM_NAMES}}
-
-
-def hparam_bounds() -> dict[str, dict[str, Any]]:
-    """Where each PBT-mutated hyperparameter may lie: its transform's open ``domain`` and its ``clip``.
-
-    From the ``clarke`` space (Clarke et al. Table 5): learning rate ``(0, inf)`` clipped to
-    ``[1e-10, 1]``, weight decay ``(0, inf)``, momentum ``(0, 1)``.
-    """
-    from ..experiments import clarke
-    space = clarke.space_for(clarke.METHODS["ours-wd-lr-m"])
-    return {n: {"domain": tuple(float(x) for x in space[n].transform.domain),
-                "clip": None if space[n].clip is None else tuple(float(x) for x in space[n].clip)}
-            for n in HPARAM_NAMES}
-
-
-def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """PBT's ``custom_explore_fn``: the explored values of :data:`HPARAM_NAMES` moved into the tuner's domains.
-
-    A value on or past a finite end of the open domain is moved
-    :data:`~bilevel.hparams.NATURAL_INIT_EPS` inside it (a momentum x 1.2 above 1 becomes
-    ``1 - 1e-6``, as :meth:`~bilevel.tuner.OnlineTuner.rescale` does), then clipped into ``clip``
-    (a learning rate x 1.2 above 1 becomes 1). Values inside are unchanged (so the ratio new / old
-    is PBT's factor unless a value was moved).
-    """
-    from ..hparams import NATURAL_INIT_EPS
-    bounds = bounds or hparam_bounds()
-    for n in HPARAM_NAMES:
-        if n not in config:
-            continue
-        v, (lo, hi), clip = float(config[n]), bounds[n]["domain"], bounds[n]["clip"]
-        if math.isfinite(lo) and v <= lo:
-            v = lo + NATURAL_INIT_EPS
-        if math.isfinite(hi) and v >= hi:
-            v = hi - NATURAL_INIT_EPS
-        if clip is not None:
-            v = min(max(v, clip[0]), clip[1])
-        config[n] = v
-    return config
-
-
-def pbt_mutations() -> dict[str, Any]:
-    """PBT's resampling distributions: Clarke et al. (2022) Table 5 initialisation ranges."""
-    tune = require("ray.tune")
-    return {"lr": tune.loguniform(1e-6, 1e-1), "weight_decay": tune.loguniform(1e-7, 1e-2),
-            "momentum": tune.uniform(0.0, 1.0)}
-
-
-def run_scheduled(cfg, method: str, scheduler: str, trials: int, out: Path, *, report_every: int = 10,
+def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Mapping[str, Sequence[float]],
+                  path: Path, *, steps: int, scheduler: str, config: Mapping[str, Any] | None = None,
+                  metric: str = "val_loss", score: str = "test_loss", report_every: int = 10,
                   grace_period: int | None = None, reduction_factor: float = 4, perturbation_interval: int = 100,
-                  checkpoint_every: int = 500, address: str | None = None, num_cpus: int | None = None,
-                  threads: int = 1, progress_factory=None, quantile_fraction: float = 0.25,
-                  resample_probability: float = 0.25, synch: bool = False) -> dict[str, Any]:
-    """``trials`` initialisations of ``method`` ("random" or "ours-wd-lr-m") under ASHA or PBT.
+                  checkpoint_every: int = 500, mutations: Mapping[str, Any] | None = None,
+                  bounds: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
+                  quantile_fraction: float = 0.25, resample_probability: float = 0.25, synch: bool = False,
+                  address: str | None = None, num_cpus: int | None = None, threads: int = 1,
+                  progress_factory: Callable[[str, int], Callable[..., None]] | None = None,
+                  label: str = "scheduled") -> dict[str, Any]:
+    """One member per trial, trained to ``steps`` under ASHA or PBT, ranked by the final ``metric`` (minimised).
 
-    ASHA (Ray Tune's ``ASHAScheduler``): ``time_attr="step"``, ``max_t = cfg.steps``, grace period
-    ``grace_period`` (default ``report_every``), reduction factor 4, one bracket (Clarke et al.'s
-    Ray Tune defaults, with a step counted per report). PBT (``PopulationBasedTraining``):
-    perturbation interval ``perturbation_interval`` steps, Ray Tune's default ``quantile_fraction``
-    0.25, ``resample_probability`` 0.25, factors (1.2, 0.8) and asynchronous mode (``synch``),
-    resampling from Table 5; explored values are clipped into the tuner's domains
-    (:func:`clip_to_domains`). Both rank trials by the final validation loss. ``random`` trains on the training set only (the validation set
-    ranks trials), as appendix B.8.2.
+    ``initial[name][i]`` is member i's initial value of hyperparameter ``name`` (so there are
+    ``len(initial[name])`` trials); trial i's config is ``{"member": i, name: value, ..., **config,
+    "report_every", "checkpoint_every", "threads", "t0"}`` and ``factory(config)`` builds its
+    :class:`ScheduledRun` (:func:`scheduled_trainable`).
 
-    Returns ``{"final_test_loss", "final_val_loss", "seconds", "trials", "incumbent", ...}`` where
-    the finals are of the trials trained to ``cfg.steps`` (ASHA's survivors; all PBT paths);
+    ASHA (Ray Tune's ``ASHAScheduler``): ``time_attr="step"``, ``max_t = steps``, grace period
+    ``grace_period`` (default ``report_every``), ``reduction_factor``, one bracket (a step counted
+    per report). PBT (``PopulationBasedTraining``): perturbation interval ``perturbation_interval``
+    steps, ``quantile_fraction``, ``resample_probability``, factors (1.2, 0.8) and asynchronous mode
+    (``synch``), resampling from ``mutations`` (Ray Tune domains by name); explored values are
+    clipped into ``bounds`` (:func:`clip_to_domains`); Python's ``random`` (PBT's explore/exploit
+    draws in the driver) is seeded with ``seed``.
+
+    Returns ``{"final_<score>", "final_<metric>", "seconds", "trials", "incumbent", ...}`` where
+    the finals are of the trials trained to ``steps`` (ASHA's survivors; all PBT paths; ``None``
+    for a diverged one); ``incumbent`` is the best ``score`` reported so far against wall time;
     ``mutations`` holds, per final trial, the PBT mutations applied along its path
     (:func:`mutation_record`), ``exploits`` their total number.
     """
-    from ..experiments import clarke
     tune = require("ray.tune")
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
-    if method not in ("random", "ours-wd-lr-m"):
-        raise ValueError(f"ASHA/PBT run 'random' or 'ours-wd-lr-m', got {method!r}")
-    m = clarke.METHODS[method]
-    m = replace(m, merge_train_val=False)  # B.8.2: the validation set ranks the trials
+    names = tuple(initial)
+    trials = len(initial[names[0]]) if names else 0
+    if trials < 1 or any(len(v) != trials for v in initial.values()):
+        raise ValueError(f"need the same number (>= 1) of initial values per hyperparameter, got "
+                         f"{ {n: len(v) for n, v in initial.items()} }")
     if scheduler == "asha":
-        sched = ASHAScheduler(time_attr="step", max_t=cfg.steps, grace_period=grace_period or report_every,
+        sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace_period or report_every,
                               reduction_factor=reduction_factor, brackets=1)
         ckpt_every = checkpoint_every
     elif scheduler == "pbt":
         if perturbation_interval % report_every:
             raise ValueError(f"perturbation interval {perturbation_interval} must be a multiple of report_every {report_every}")
         import random
-        random.seed(cfg.seed)  # PBT's explore/exploit draws use Python's random module in the driver
+        random.seed(seed)  # PBT's explore/exploit draws use Python's random module in the driver
         sched = PopulationBasedTraining(time_attr="step", perturbation_interval=perturbation_interval,
-                                        hyperparam_mutations=pbt_mutations(), quantile_fraction=quantile_fraction,
+                                        hyperparam_mutations=dict(mutations or {}), quantile_fraction=quantile_fraction,
                                         resample_probability=resample_probability, synch=synch,
-                                        custom_explore_fn=clip_to_domains)
+                                        custom_explore_fn=None if bounds is None else
+                                        functools.partial(clip_to_domains, bounds=bounds))
         ckpt_every = perturbation_interval
     else:
         raise ValueError(f"unknown scheduler {scheduler!r}: use 'asha' or 'pbt'")
-    problem = _problem(cfg)
-    init = clarke.build_tuner(replace(cfg, inits=trials), problem, clarke.METHODS["random"]).describe()
-    table5 = {n: [float(x) for x in init[n]] for n in HPARAM_NAMES}
+    table = {n: [float(x) for x in initial[n]] for n in names}
     space = {"member": tune.grid_search(list(range(trials))),
-             **{n: tune.sample_from(lambda config, n=n: table5[n][config["member"]]) for n in HPARAM_NAMES},
-             "cfg": _portable(cfg), "method": {"mode": m.mode, "tuned": list(m.tuned), "merge_train_val": False},
-             "report_every": report_every, "checkpoint_every": ckpt_every, "threads": threads, "t0": time.time()}
-    name = f"{scheduler}-{method}"
+             **{n: tune.sample_from(lambda config, n=n: table[n][config["member"]]) for n in names},
+             **(config or {}), "report_every": report_every, "checkpoint_every": ckpt_every, "threads": threads,
+             "t0": time.time()}
     start = time.perf_counter()
     with ray_session(address, num_cpus):
-        advance = progress_factory(f"{scheduler}+{method}", trials) if progress_factory else None
-        rows: list[tuple[float, float]] = []  # (wall, test loss) of every report, collected in the driver
+        advance = progress_factory(label, trials) if progress_factory else None
+        rows: list[tuple[float, float]] = []  # (wall, score) of every report, collected in the driver
         applied: dict[tuple[str, int], dict[str, float]] = {}  # (trial, step) -> ratios of every applied mutation
 
         def on_result(res):
-            rows.append((float(res["wall"]), float(res["test_loss"])))
+            rows.append((float(res["wall"]), float(res[score])))
             if int(res.get("mutated_at", -1)) >= 0:
                 applied[(str(res.get("trial_id")), int(res["mutated_at"]))] = {
-                    n: float(res[f"ratio_{n}"]) for n in HPARAM_NAMES if f"ratio_{n}" in res}
-        grid = fit(scheduled_trial, space, Path(out) / "ray" / name, scheduler=sched, metric="val_loss", mode="min",
-                   cpus_per_trial=threads, keep_checkpoints=2, on_complete=advance, reuse_actors=True,
+                    n: float(res[f"ratio_{n}"]) for n in names if f"ratio_{n}" in res}
+        grid = fit(scheduled_trainable(factory, names, steps), space, Path(path), scheduler=sched, metric=metric,
+                   mode="min", cpus_per_trial=threads, keep_checkpoints=2, on_complete=advance, reuse_actors=True,
                    on_result=on_result)
         elapsed = time.perf_counter() - start
         finals, steps_done, total_seconds = [], 0, 0.0
@@ -629,26 +645,28 @@ def run_scheduled(cfg, method: str, scheduler: str, trials: int, out: Path, *, r
             last = r.metrics
             if not last or "step" not in last:
                 continue
-            # ASHA: a trial trains until stopped; PBT: every path trains to cfg.steps (clones continue the donor's count)
-            steps_done += int(last["step"]) if scheduler == "asha" else cfg.steps
+            # ASHA: a trial trains until stopped; PBT: every path trains to steps (clones continue the donor's count)
+            steps_done += int(last["step"]) if scheduler == "asha" else steps
             total_seconds += float(last.get("time_total_s", 0.0))
-            if int(last["step"]) >= cfg.steps:
+            if int(last["step"]) >= steps:
                 bad = bool(last["diverged"])
-                finals.append({"test": None if bad else float(last["test_loss"]),
-                               "val": None if bad else float(last["val_loss"]),
-                               "config": {n: float(r.config[n]) for n in HPARAM_NAMES},
-                               "hparams": {n: float(last[f"now_{n}"]) for n in HPARAM_NAMES},
+                finals.append({"score": None if bad else float(last[score]),
+                               "metric": None if bad else float(last[metric]),
+                               "config": {n: float(r.config[n]) for n in names},
+                               "hparams": {n: float(last[f"now_{n}"]) for n in names},
                                "mutations": json.loads(last.get("lineage") or "[]")})
     times, best = incumbent(rows)
-    return {"final_test_loss": [f["test"] for f in finals], "final_val_loss": [f["val"] for f in finals],
+    return {f"final_{score}": [f["score"] for f in finals], f"final_{metric}": [f["metric"] for f in finals],
             "seconds": [elapsed / max(1, len(finals))] * len(finals), "wall_seconds": elapsed,
             "trial_seconds": total_seconds, "trials": trials, "fully_trained": len(finals),
-            "weight_steps": steps_done, "incumbent": {"seconds": times, "test_loss": best},
+            "weight_steps": steps_done, "incumbent": {"seconds": times, score: best},
             "final_hparams": [f["hparams"] for f in finals], "pbt_config": [f["config"] for f in finals],
             "mutations": [f["mutations"] for f in finals],
             "exploits": len(applied | {(m["trial"], m["step"]): m["ratios"] for f in finals for m in f["mutations"]}),
             "applied_ratios": [{"trial": t, "step": k, "ratios": r} for (t, k), r in sorted(applied.items())]}
 
+
+# ---------------------------------------------------------------------------- budgets and figures
 
 def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
     """ASHA's milestones ``grace * rf^k < max_t`` and ``max_t`` (one bracket)."""
@@ -663,7 +681,7 @@ def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[i
 
 
 def asha_trials_for_budget(paths: int, steps: int, grace_period: int, reduction_factor: float) -> int:
-    """Trials that give ASHA the weight-step budget of ``paths`` full runs (Clarke et al. B.8.2).
+    """Trials that give ASHA the step budget of ``paths`` full runs (as Clarke et al. 2022, B.8.2).
 
     Non-parallel Hyperband spends the same effort on every rung, so ``n * grace`` steps per rung
     over ``len(rungs)`` rungs: ``n = paths * steps / (len(rungs) * grace)`` (their 4000 x 200 /
@@ -673,8 +691,10 @@ def asha_trials_for_budget(paths: int, steps: int, grace_period: int, reduction_
     return max(1, round(paths * steps / (len(rungs) * grace_period)))
 
 
-def plot_incumbent(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str) -> Path | None:
-    """Best loss found so far against wall time (log axes), one step curve per method (Figs. 11, 19)."""
+def plot_incumbent(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
+                   ylabel: str = "incumbent best test loss") -> Path | None:
+    """Best loss found so far against wall time (log axes), one step curve per search (e.g. Clarke et al. 2022,
+    Figs. 11 and 19)."""
     series = {k: v for k, v in series.items() if len(v[0])}
     if not series:
         return None
@@ -687,7 +707,7 @@ def plot_incumbent(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("incumbent best test loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,1 +1,0 @@
-"""Thin experiment scripts on top of the library, one file per study (the library never imports them)."""

@@ -1,0 +1,65 @@
+"""``nn.Module`` <-> dicts of tensors: run any code that uses a module at weights given as a dict.
+
+The functional core works on ``dict[str, Tensor]`` weights (``torch.func``); users write code that
+calls their module (``model(x)``, or any function of the module and a batch). :func:`call`
+evaluates such code with the module's parameters (and buffers) replaced by the given tensors,
+through ``torch.func.functional_call`` on a thin wrapper, so ``torch.func.grad``, ``vjp`` and
+``vmap`` compose with it and the module itself is left untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["parameters", "buffers", "call", "bind"]
+
+R = TypeVar("R")
+
+
+class _Bound(nn.Module):
+    """``forward(fn, *args) = fn(module, *args)``, so functional_call can swap the module's tensors."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.m = module
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.m, *args)
+
+
+_BOUND: dict[int, _Bound] = {}
+
+
+def parameters(module: nn.Module) -> dict[str, Tensor]:
+    """The module's trainable parameters by name, detached (``requires_grad`` parameters only)."""
+    return {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The module's buffers by name (e.g. BatchNorm running statistics)."""
+    return dict(module.named_buffers())
+
+
+def call(module: nn.Module, params: Mapping[str, Tensor], fn: Callable[..., R], *args: Any,
+         buffers: Mapping[str, Tensor] | None = None) -> R:
+    """``fn(module, *args)`` with the module's parameters (and ``buffers``) replaced by the given tensors.
+
+    Parameters not in ``params`` (frozen ones) keep their values. In-place buffer updates (BatchNorm
+    in train mode) land in the ``buffers`` tensors passed, never in the module's own.
+    """
+    bound = _BOUND.get(id(module))
+    if bound is None or bound.m is not module:
+        bound = _BOUND[id(module)] = _Bound(module)
+    tensors = {f"m.{k}": v for k, v in params.items()}
+    if buffers:
+        tensors.update({f"m.{k}": v for k, v in buffers.items()})
+    return torch.func.functional_call(bound, tensors, (fn, *args), strict=False)
+
+
+def bind(fn: Callable[..., R], module: nn.Module) -> Callable[..., R]:
+    """``fn(module, hparams)`` -> ``f(params, hparams)``: a loss written on the module, as a function of weights."""
+    return lambda p, h: call(module, p, fn, h)

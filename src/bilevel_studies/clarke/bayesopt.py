@@ -1,0 +1,89 @@
+"""Clarke et al. (2022) appendix B.5: the Bayesian-optimisation baseline (Tables 6 and 7, Fig. 11).
+
+``--repeats`` independent 30-sample Bayesian optimisations (Optuna's GP sampler, first five
+samples random; see :mod:`bilevel.search.bayesopt` for why Optuna; the problem plugs in from
+:func:`bilevel_studies.clarke.search.run_bayesopt`) over the Table 5 space of SGD's
+learning rate, weight decay and momentum. Each sample is a ``random``-style training run
+(hyperparameters fixed) on the training set, compared on a separate validation set; a repeat's
+result is the test loss of its best-validation sample. The repeats train side by side as one
+vectorised population. Writes ``results.json`` (method ``bayesopt``, one final test loss per
+repeat; ``bilevel report`` renders it) and ``incumbent.png`` (Fig. 11: the incumbent's test loss
+against training time, median over repeats). Resumable after every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bilevel import data as D
+from bilevel._io import atomic_write_json
+from . import clarke
+
+NAME = "bayesopt"
+HELP = "Clarke et al. 2022 B.5: repeated 30-sample Bayesian optimisation (Optuna GP) of SGD's lr, wd, momentum"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="energy", help="a UCI set, kin8nm, fashion-mnist, mnist, diabetes, digits")
+    p.add_argument("--repeats", type=int, default=8, help="independent Bayesian optimisations (the paper: 32)")
+    p.add_argument("--samples", type=int, default=30, help="trainings per optimisation")
+    p.add_argument("--startup", type=int, default=5, help="initial random samples")
+    p.add_argument("--sampler", default="gp", choices=["gp", "tpe"], help="Optuna sampler")
+    p.add_argument("--steps", type=int, default=1000, help="weight updates per training (the paper: 4000)")
+    p.add_argument("--hidden", type=int, default=50, help="hidden units of the MLP")
+    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch; 50 for images)")
+    p.add_argument("--val-fraction", type=float, default=None, help="UCI: validation share of train+validation")
+
+
+def run(cfg: clarke.ClarkeConfig, out: Path, *, repeats: int, samples: int, startup: int, sampler: str,
+        progress_factory=None) -> dict[str, Any]:
+    from . import search as S
+    from bilevel._io import check_run_config
+    from bilevel.search.ray_tune import plot_incumbent
+    settings = {"repeats": repeats, "samples": samples, "startup": startup, "sampler": sampler,
+                "library": "optuna"}
+    cfg_dict = {**asdict(cfg), **settings}
+    ckpt = out / "bayesopt_state.json"
+    check_run_config(out, cfg_dict, free=("device", "data_dir"),
+                     defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)))
+    state = json.loads(ckpt.read_text()) if ckpt.exists() else None
+    problem = clarke.load_problem(cfg)
+    progress = progress_factory(f"bayesopt x{repeats}", samples) if progress_factory else None
+    res = S.run_bayesopt(cfg, problem, repeats=repeats, samples=samples, startup=startup, sampler=sampler,
+                         state=state, save=lambda s: atomic_write_json(ckpt, s), progress=progress)
+    doc = {"experiment": NAME, "dataset": D.dataset_name(cfg.dataset), "config": cfg_dict,
+           "test_loss": "MSE in original target units" if problem.kind == "regression" else "cross-entropy",
+           "methods": {"bayesopt": res}}
+    atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=clarke._nan_to_none)
+    times = res["incumbent"]["seconds"]
+    med_t = [statistics.median(ts[k] for ts in times) for k in range(samples)]
+    med_v = [statistics.median(v) if (v := [c[k] for c in res["incumbent"]["test_loss"] if c[k] is not None])
+             else None for k in range(samples)]
+    pts = [(t, v) for t, v in zip(med_t, med_v) if v is not None]
+    plot_incumbent({"Bayesian optimisation (median)": ([t for t, _ in pts], [v for _, v in pts])},
+                   out / "incumbent.png", f"{doc['dataset']}: incumbent of {samples}-sample BO (Clarke et al. Fig. 11)")
+    return doc
+
+
+def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
+    from bilevel.report import write_report
+    name = D.dataset_name(a.dataset)
+    bs = a.batch_size if a.batch_size is not None else (
+        50 if D.DATASETS[name].kind == "classification" and name != "digits" else None)
+    cfg = clarke.ClarkeConfig(dataset=name, methods=["random"], inits=a.repeats, steps=a.steps, seed=a.seed,
+                              hidden=a.hidden, batch_size=bs, val_fraction=a.val_fraction, data_dir=a.data_dir,
+                              device=a.device, dtype=a.dtype,
+                              outlier_threshold=1e3 if D.DATASETS[name].kind == "classification" else None)
+    doc = run(cfg, a.out, repeats=a.repeats, samples=a.samples, startup=a.startup, sampler=a.sampler,
+              progress_factory=progress_factory)
+    write_report(doc, a.out, console=console)
+    if console is not None:
+        m = doc["methods"]["bayesopt"]
+        console.print(f"bayesopt: {a.repeats} x {a.samples} trainings of {a.steps} steps, "
+                      f"{m['wall_seconds']:.0f} s of training, {m['diverged_samples']} diverged samples")
+    return doc

@@ -1,0 +1,320 @@
+"""Lorraine et al. (2020) sec. 5.4, Table 3 and Fig. 7: a learned data-augmentation network.
+
+A classifier trains on augmented examples ``x~ = f_lambda(x, eps)`` (a residual U-Net
+fed the image and a noise channel, :mod:`bilevel.nets.unet`, the identity at
+initialisation) while every U-Net weight ``lambda`` is tuned on the validation loss
+of the classifier on *un-augmented* validation images, by Algorithm 1 (:class:`bilevel.tuner.OnlineTuner`): ``--interval``
+SGD steps on the weights, then one Adam step on ``lambda`` along the hypergradient
+
+* ``none``: no hyperparameter optimisation (the augmenter stays the identity),
+* ``neumann``: IFT with ``--terms`` K Neumann steps (``Neumann(steps=K)``: K + 1 terms of the series) on the
+  update map ``u = lr * dL_T/dw``, Clarke et al. eq. 4-7, i.e. Lorraine's Alg. 3 with alpha = lr),
+* ``unroll``: differentiation through the last ``--terms`` SGD steps,
+* ``identity``: the IFT with ``J^{-1} ~ I`` (Luketina et al. 2016).
+
+The noise ``eps`` of a training step is drawn once and reused by the hypergradient, so
+the training loss is a deterministic function of (w, lambda). Accuracies are
+averaged over ``--aug-samples`` (10, appendix E.3) augmented copies of each image
+(mean of the softmax), and also reported on the plain images.
+
+Default: LeNet on a Fashion-MNIST subset (CPU-sized). ``--dataset cifar10`` runs the
+paper's ResNet-18 on CIFAR-10 (needs the data and, realistically, a GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bilevel import _tree as T
+from bilevel._io import atomic_save, atomic_write_json
+from bilevel.errors import NonFiniteError
+from bilevel.tuner import OnlineTuner, TunerConfig
+from bilevel.solvers import Identity, Neumann
+from bilevel.updates import SGD
+from .._parts import load_part, save_part, say_resumed, settings_key
+
+NAME = "augment"
+HELP = "Lorraine et al. Table 3 / Fig. 7: learn a U-Net data-augmentation network by hypergradients"
+METHODS = ("none", "neumann", "unroll", "identity")
+
+Tree = dict[str, Tensor]
+
+
+def algorithm1(params, raw, space, rule, loss, method: str, terms: int, hyper_lr: float, interval: int) -> OnlineTuner:
+    """Algorithm 1 (:class:`bilevel.tuner.OnlineTuner` on one model) for a method of Table 3
+    (``none``, ``neumann``, ``unroll``, ``identity``)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+    mode = {"none": "none", "unroll": "unroll"}.get(method, "ift")
+    solver = Identity() if method == "identity" else (
+        Neumann(terms, alpha=1.0, divergence="ignore") if method == "neumann" else None)
+    cfg = TunerConfig(tuned=space.names, mode=mode, solver=solver, lookback=terms, hyper_lr=hyper_lr,  # type: ignore[arg-type]
+                      interval=interval, on_divergence="raise")
+    return OnlineTuner(params, raw, space, rule, loss, loss, config=cfg, stacked=False)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def _load(dataset: str, data_dir, seed: int, train_size: int, val_size: int, dtype: torch.dtype, device):
+    from bilevel.data.cifar import load_cifar10_splits
+    from bilevel.data.mnist import load_mnist_splits
+
+    if dataset in ("fashion-mnist", "mnist"):
+        data = load_mnist_splits(data_dir, fashion=dataset == "fashion-mnist", flatten=False, seed=0, dtype=dtype)
+    elif dataset == "cifar10":
+        try:
+            data = load_cifar10_splits(data_dir, flatten=False, seed=0, dtype=dtype)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"--dataset cifar10 needs the CIFAR-10 python batches: {exc}") from None
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}: use fashion-mnist, mnist or cifar10")
+    g = torch.Generator().manual_seed(1000 + seed)
+    tr = torch.randperm(len(data.X_train), generator=g)[:train_size]
+    va = torch.randperm(len(data.X_val), generator=g)[:val_size]
+    return ((data.X_train[tr].to(device), data.y_train[tr].to(device)),
+            (data.X_val[va].to(device), data.y_val[va].to(device)),
+            (data.X_test.to(device), data.y_test.to(device)))
+
+
+def _classifier(dataset: str, shape, generator):
+    from bilevel.nets.convnets import LeNet, module_init
+    from bilevel.population import module_forward
+
+    if dataset == "cifar10":
+        from bilevel.nets.resnet import resnet18_forward, resnet18_init
+        return resnet18_init(10, generator), resnet18_forward
+    net = LeNet(shape[0], 10, shape[1])
+    return module_init(net, generator), module_forward(net)
+
+
+@torch.no_grad()
+def evaluate(forward, params, unet, aug_params, X: Tensor, Y: Tensor, samples: int, generator,
+             batch: int = 1000) -> dict[str, float]:
+    """Accuracy of the mean softmax over ``samples`` augmented copies, plain accuracy and plain loss."""
+    from bilevel.nets.unet import augment
+
+    correct_aug = correct = 0
+    loss = 0.0
+    for i in range(0, len(X), batch):
+        x, y = X[i:i + batch], Y[i:i + batch]
+        logits = forward(params, x)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        probs = torch.zeros_like(logits)
+        for _ in range(samples):
+            eps = torch.randn((len(x), 1, *x.shape[2:]), generator=generator, dtype=torch.float64).to(x)
+            probs += F.softmax(forward(params, augment(unet, aug_params, x, eps)), dim=1)
+        correct_aug += int((probs.argmax(1) == y).sum())
+    n = len(X)
+    return {"acc_aug": correct_aug / n, "acc": correct / n, "loss": loss / n}
+
+
+def run_one(a, method: str, seed: int, data, progress=None) -> dict:
+    from bilevel.nets.unet import UNet, augment, augmenter_space, unet_init
+
+    dtype, device = getattr(torch, a.dtype), torch.device(a.device)
+    (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = data
+    g = torch.Generator().manual_seed(seed)
+    params, forward = _classifier(a.dataset, Xtr.shape[1:], g)
+    params = {k: v.to(dtype=dtype, device=device) for k, v in params.items()}
+    unet = UNet(Xtr.shape[1], a.unet_width, a.unet_depth).to(dtype=dtype, device=device)
+    space, raw = augmenter_space({k: v.to(dtype=dtype, device=device) for k, v in unet_init(unet, g).items()})
+
+    def loss(p, nat, ctx):
+        x, y, eps = ctx  # eps None: the un-augmented validation loss
+        return F.cross_entropy(forward(p, x if eps is None else augment(unet, nat["augment"], x, eps)), y)
+
+    rule = SGD(lr=a.lr, momentum=a.momentum)
+    alg = algorithm1(params, raw, space, rule, loss, method, a.terms, a.hyper_lr, a.interval)
+    start, diverged, losses = time.perf_counter(), None, []
+    for t in range(a.steps):
+        idx = torch.randint(0, len(Xtr), (a.batch_size,), generator=g).to(device)
+        x = Xtr[idx]
+        eps = torch.randn((len(x), 1, *x.shape[2:]), generator=g, dtype=torch.float64).to(x)
+        try:
+            ctx = (x, Ytr[idx], eps)
+            losses.append(float(alg.step(ctx)))
+            if (t + 1) % a.interval == 0:
+                vi = torch.randint(0, len(Xva), (a.batch_size,), generator=g).to(device)
+                alg.hyper_step(ctx, (Xva[vi], Yva[vi], None))
+        except NonFiniteError:
+            diverged = t
+            break
+        if progress is not None:
+            progress(1)
+    seconds = time.perf_counter() - start
+    aug_params = space.natural(T.detach(alg.raw))["augment"]
+    eg = torch.Generator().manual_seed(10_000 + seed)
+    n_eval = a.eval_size
+    res = {"seed": seed, "method": method, "seconds": seconds, "diverged_at": diverged,
+           "final_train_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))) if losses else None}
+    if diverged is None:
+        for name, (X, Y) in (("val", (Xva, Yva)), ("test", (Xte[:n_eval], Yte[:n_eval]))):
+            ev = evaluate(forward, alg.params, unet, aug_params, X, Y, a.aug_samples, eg)
+            res.update({f"{name}_acc_aug": ev["acc_aug"], f"{name}_acc": ev["acc"], f"{name}_loss": ev["loss"]})
+        res["augmenter_change"] = float(T.norm(T.add(aug_params, space.natural(raw)["augment"], -1.0)))
+    return res, (unet, aug_params)
+
+
+def _figure(unet, aug_params, X: Tensor, path: Path, n: int = 6, samples: int = 32, seed: int = 0) -> None:
+    from matplotlib.figure import Figure
+
+    from bilevel.nets.unet import augment
+
+    g = torch.Generator().manual_seed(seed)
+    x = X[:n]
+    with torch.no_grad():
+        outs = torch.stack([augment(unet, aug_params, x, torch.randn((n, 1, *x.shape[2:]), generator=g,
+                                                                      dtype=torch.float64).to(x))
+                            for _ in range(samples)])
+    std = outs.std(0)
+    fig = Figure(figsize=(6, 1.5 * n))
+    cols = [("Original", x), ("Sample 1", outs[0]), ("Sample 2", outs[1]), ("Pixel std.", std)]
+    for r in range(n):
+        for c, (title, imgs) in enumerate(cols):
+            ax = fig.add_subplot(n, 4, r * 4 + c + 1)
+            img = imgs[r].detach().float().cpu()
+            img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0).clamp(0, 1)
+            ax.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def summarise(runs: list[dict], keys: Sequence[str]) -> dict[str, Any]:
+    """Mean and standard deviation over the non-diverged runs, and the number diverged."""
+    import numpy as np
+
+    ok = [r for r in runs if r.get("diverged_at") is None]
+    out: dict[str, Any] = {"n": len(runs), "diverged": len(runs) - len(ok)}
+    for k in keys:
+        v = np.array([r[k] for r in ok if r.get(k) is not None], dtype=float)
+        out[k] = {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else None}
+    return out
+
+
+def _print(doc: dict, keys: Sequence[tuple[str, str]], title: str, console=None, scale: float = 1.0) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=title)
+    t.add_column("method")
+    for _, label in keys:
+        t.add_column(label, justify="right")
+    t.add_column("diverged", justify="right")
+    for m, s in doc["summary"].items():
+        cells = []
+        for k, _ in keys:
+            v = s[k]
+            cells.append("-" if v["mean"] is None else (f"{scale * v['mean']:.2f}" + (
+                f" ± {scale * v['std']:.2f}" if v["std"] is not None else "")))
+        t.add_row(m, *cells, f"{s['diverged']}/{s['n']}")
+    console.print(t)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist", "cifar10"],
+                   help="cifar10 uses ResNet-18 (the paper's set-up; needs the data and a GPU)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    p.add_argument("--steps", type=int, default=1000, help="classifier SGD steps")
+    p.add_argument("--interval", type=int, default=5, help="weight steps between hyperparameter steps (T)")
+    p.add_argument("--terms", type=int, default=3,
+                   help="K: Neumann steps (Neumann(steps=K) sums K + 1 terms of the series) / unrolled steps")
+    p.add_argument("--batch-size", type=int, default=64, help="classifier mini-batch size")
+    p.add_argument("--lr", type=float, default=0.05, help="classifier SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="classifier SGD momentum")
+    p.add_argument("--hyper-lr", type=float, default=1e-3, help="Adam learning rate of the U-Net weights")
+    p.add_argument("--train-size", type=int, default=2000, help="training images (a seeded subset)")
+    p.add_argument("--val-size", type=int, default=1000, help="validation images (a seeded subset)")
+    p.add_argument("--eval-size", type=int, default=2000, help="test images evaluated")
+    p.add_argument("--aug-samples", type=int, default=10, help="augmented samples averaged at evaluation (E.3)")
+    p.add_argument("--unet-width", type=int, default=8, help="channels of the first U-Net level (doubled per level)")
+    p.add_argument("--unet-depth", type=int, default=2, help="U-Net resolutions (levels)")
+
+
+def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``metrics.<method>``: mean and sd over seeds of the accuracies (10-augmented-sample versions as the
+    headline ``val_accuracy`` / ``test_accuracy``, Lorraine et al. App. E.3; ``*_plain`` on the plain
+    images) and the number of diverged seeds."""
+    out = {}
+    for m, s in summary.items():
+        row: dict[str, Any] = {}
+        for name, k in (("val_accuracy", "val_acc_aug"), ("test_accuracy", "test_acc_aug"),
+                        ("val_accuracy_plain", "val_acc"), ("test_accuracy_plain", "test_acc")):
+            row[name], row[f"{name}_sd"] = s[k]["mean"], s[k]["std"]
+        out[m] = {**row, "diverged": s["diverged"], "seeds": s["n"]}
+    return out
+
+
+def _part_key(a, method: str, seed: int) -> dict:
+    return settings_key(a, drop=("methods", "seeds"), method=method, run_seed=seed)
+
+
+def main(a, progress_factory=None, console=None) -> dict:
+    """Every (method, seed) run is one part (``out/parts/<method>-seed<seed>.json`` plus the learned augmenter
+    in ``.pt``), keyed by the options that produced it: re-running the same command skips finished runs."""
+    from bilevel.nets.unet import UNet
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; known: {list(METHODS)}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype, device = getattr(torch, a.dtype), torch.device(a.device)
+    data = _load(a.dataset, a.data_dir, a.seed, a.train_size, a.val_size, dtype, device)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    start = time.perf_counter()
+    fig_src, resumed = None, []
+    for m in methods:
+        advance = progress_factory(f"augment {m}", a.steps * a.seeds) if progress_factory else None
+        for s in range(a.seeds):
+            seed = a.seed + s
+            part, key = out / "parts" / f"{m}-seed{seed}.json", _part_key(a, m, seed)
+            res, aug = load_part(part, key), None
+            if res is not None:
+                resumed.append(f"{m} seed {seed}")
+                if advance:
+                    advance(a.steps)
+                pt = part.with_suffix(".pt")
+                if fig_src is None and m != "none" and res["diverged_at"] is None and pt.exists():
+                    unet = UNet(data[0][0].shape[1], a.unet_width, a.unet_depth).to(dtype=dtype, device=device)
+                    aug = (unet, {k: v.to(dtype=dtype, device=device)
+                                  for k, v in torch.load(pt, weights_only=True).items()})
+            else:
+                res, aug = run_one(a, m, seed, data, advance)
+                if m != "none" and res["diverged_at"] is None:   # the augmenter, for the figure on resume
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_save(T.detach(aug[1]), part.with_suffix(".pt"))
+                save_part(part, key, res)
+            runs[m].append(res)
+            if fig_src is None and m != "none" and res["diverged_at"] is None and aug is not None:
+                fig_src = aug
+    keys = ["val_acc_aug", "test_acc_aug", "val_acc", "test_acc", "test_loss", "seconds", "augmenter_change"]
+    summary = {m: summarise(r, keys) for m, r in runs.items()}
+    doc = {"experiment": NAME, "dataset": a.dataset, "config": {k: v for k, v in vars(a).items()
+                                                                if isinstance(v, (int, float, str, bool))},
+           "metrics": metrics_of(summary), "runs": runs, "summary": summary, "resumed": resumed,
+           "seconds": time.perf_counter() - start}
+    atomic_write_json(out / "results.json", doc, indent=1)
+    if fig_src is not None:
+        _figure(*fig_src, data[1][0], out / "augmentations.png")
+    say_resumed(NAME, "run(s)", resumed, out / "parts", console)
+    _print(doc, [("val_acc_aug", "val acc % (10 aug.)"), ("test_acc_aug", "test acc % (10 aug.)"),
+                 ("val_acc", "val acc % (plain)"), ("test_acc", "test acc % (plain)")],
+           f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.terms} Neumann "
+           f"steps ({a.terms + 1} terms), unroll = {a.terms} unrolled steps)", console, scale=100.0)
+    return doc

@@ -1,0 +1,266 @@
+"""Lorraine et al. (2020) Sec. 5.1, Fig. 3 and Fig. 4: how good are the inverse-Hessian approximations?
+
+Part 1 (Fig. 3). A linear model on Boston housing with one weight decay per weight (loss-form
+L2 ``1/2 sum lambda_i w_i^2``, ``log10 lambda`` the raw hyperparameter) is tuned by Algorithm 1
+(``--interval`` SGD steps, then one hyperparameter step with the ``--solver`` hypergradient).
+Every ``--compare-every`` hyperparameter steps, at the current weights, the hypergradient with the
+exact inverse Hessian (dense solve) is compared with Neumann (Alg. 3, ``alpha = 1/lambda_max(H)``)
+and conjugate gradient for ``0..--max-steps`` steps / iterations (Neumann with k steps sums k + 1 terms,
+``alpha * sum_{j=0..k} (I - alpha H)^j``): cosine similarity and L2 distance.
+
+Part 2 (Fig. 4). A one-hidden-layer tanh network on the same data is trained to a minimum of the
+training loss (plus a fixed L2, ``--net-decay``, so the Hessian is positive definite); its inverse Hessian
+``H^-1``, the identity approximation and Neumann with 1, 5 and 20 steps (2, 6 and 21 terms; rows obtained
+by applying the library's solvers to unit vectors) are drawn as heat maps of ``tanh`` of their entries.
+A Hessian that is not positive definite (an unconverged ``--train-steps``, or the exact reference of
+part 1) is reported: a warning on the console and ``metrics.hessian_positive_definite`` /
+``metrics.hessian_min_eigenvalue`` (and ``reference_*`` for part 1) in results.json.
+
+Computed in float64 whatever ``--dtype`` says: the study measures approximation error against an
+exact solve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bilevel import _tree as T
+from bilevel.hparams import HyperParameterSpace, per_weight_decay
+from bilevel.hypergradient import hypergradient, largest_eigenvalue, linearise
+from bilevel.regularizers import PerWeightL2, l2_penalty
+from bilevel.solvers import ConjugateGradient, Exact, Identity, Neumann, dense_jacobian
+from .. import _common as C
+
+NAME = "inverse-study"
+HELP = "Lorraine et al. Fig. 3/4: Neumann and CG hypergradients vs the exact IFT; inverse-Hessian heat maps"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_solver_arguments(p, "neumann", 20)
+    p.add_argument("--dataset", default="boston", help="UCI regression set (default boston)")
+    p.add_argument("--hyper-steps", type=int, default=40, help="hyperparameter steps of Algorithm 1 (default 40)")
+    p.add_argument("--interval", type=int, default=20, help="SGD steps between hyperparameter steps (default 20)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
+    p.add_argument("--hyper-lr", type=float, default=0.05, help="Adam learning rate on log10 decays (default 0.05)")
+    p.add_argument("--init-decay", type=float, default=1e-2, help="initial weight decay of every weight")
+    p.add_argument("--compare-every", type=int, default=5, help="compare approximations every N hyper steps")
+    p.add_argument("--max-steps", type=int, default=30, help="largest Neumann/CG step count compared (0..N)")
+    p.add_argument("--hidden", type=int, default=8, help="hidden units of the Fig. 4 network (default 8)")
+    p.add_argument("--net-decay", type=float, default=0.1,
+                   help="fixed L2 of the Fig. 4 network (default 0.1; keeps its Hessian positive definite)")
+    p.add_argument("--train-steps", type=int, default=3000, help="Adam steps to train the Fig. 4 network")
+    p.add_argument("--neumann-terms", default="1,5,20",
+                   help="comma-separated Neumann step counts k of the Fig. 4 heat maps (k steps = k + 1 terms of "
+                        "the series; the option keeps its old name)")
+
+
+def _cos_l2(a: dict, b: dict) -> tuple[float | None, float]:
+    fa, fb = T.flatten(a), T.flatten(b)
+    na, nb = float(fa.norm()), float(fb.norm())
+    cos = float(fa @ fb) / (na * nb) if na > 0 and nb > 0 else None
+    return cos, float((fa - fb).norm())
+
+
+def compare(outer, inner, params, raw, max_steps: int, alpha: float | None = None) -> dict:
+    """Cosine and L2 distance of Neumann (0..max_steps steps, k + 1 terms) and CG (0..max_steps iterations)
+    hypergradients to the exact one at ``params``; ``min_eigenvalue`` is that of the Hessian the exact
+    hypergradient inverts."""
+    exact = hypergradient(outer, params, raw, inner=inner, solver=Exact())
+    op, _, _ = linearise(params, raw, inner=inner)
+    Hd = dense_jacobian(op, params)
+    a = alpha if alpha is not None else 1.0 / largest_eigenvalue(params, raw, inner=inner, iters=100)
+    out: dict = {"neumann": {"cosine": [], "l2": []}, "cg": {"cosine": [], "l2": []}, "alpha": a,
+                 "exact_norm": float(T.norm(exact)),
+                 "min_eigenvalue": float(torch.linalg.eigvalsh(0.5 * (Hd + Hd.T)).min())}
+    for k in range(max_steps + 1):
+        for name, solver in (("neumann", Neumann(k, alpha=a, divergence="ignore")), ("cg", ConjugateGradient(k))):
+            g = hypergradient(outer, params, raw, inner=inner, solver=solver)
+            cos, l2 = _cos_l2(g, exact)
+            out[name]["cosine"].append(cos)
+            out[name]["l2"].append(l2)
+    return out
+
+
+def solver_matrix(solver, op, like: dict) -> torch.Tensor:
+    """The dense matrix M with rows ``solver(op, e_i)``: the solver's approximation of ``J^-1`` (J symmetric)."""
+    n = T.numel(like)
+    ref = T.flatten(like)
+    eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
+    return torch.stack([T.flatten(solver(op, T.unflatten(eye[i], like))) for i in range(n)])
+
+
+def approximation_label(name: str) -> str:
+    """``neumann-<k>`` (the results key) in words: k Neumann steps are k + 1 terms of the series."""
+    if name.startswith("neumann-"):
+        k = int(name.split("-", 1)[1])
+        return f"neumann, {k} step{'s' * (k != 1)} ({k + 1} terms)"
+    return name
+
+
+def _mean(vals):
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else None
+
+
+def main(args, progress_factory=None, console=None) -> dict:
+    from bilevel.data import load_uci
+    from bilevel.nets.mlp import mlp_init
+    from bilevel.report.grids import save_heatmaps
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev, dt = torch.device(args.device), torch.float64
+    data = load_uci(args.dataset, data_dir=args.data_dir, dtype=dt).to(dev)
+    Xtr, ytr, Xva, yva = data.X_train, data.y_train[:, 0], data.X_val, data.y_val[:, 0]
+    d = Xtr.shape[1]
+
+    # ---------------------------------------------------------------- Part 1: Fig. 3
+    space = HyperParameterSpace([per_weight_decay(params=("w",))])
+    reg = PerWeightL2.from_space(space)
+    params = {"w": torch.zeros(d, dtype=dt, device=dev), "b": torch.zeros((), dtype=dt, device=dev)}
+    raw = space.from_natural(params, {"weight_decay": args.init_decay})
+
+    def inner(p, h):
+        return ((Xtr @ p["w"] + p["b"] - ytr) ** 2).mean() + reg(p, h)
+
+    def outer(p, h):
+        return ((Xva @ p["w"] + p["b"] - yva) ** 2).mean()
+
+    w = {k: v.clone().requires_grad_() for k, v in params.items()}
+    h = {k: v.clone().requires_grad_() for k, v in raw.items()}
+    opt, hopt = torch.optim.SGD(w.values(), lr=args.lr), torch.optim.Adam(h.values(), lr=args.hyper_lr)
+    checkpoints: list[dict] = []
+    val_curve: list[float] = []
+    adv = progress_factory("inverse-study: Algorithm 1 + comparisons", args.hyper_steps) if progress_factory else None
+    for s in range(args.hyper_steps + 1):
+        for _ in range(args.interval):
+            opt.zero_grad()
+            inner(w, {k: v.detach() for k, v in h.items()}).backward()
+            opt.step()
+        wd, hd = T.detach(w), T.detach(h)
+        val_curve.append(float(outer(wd, hd)))
+        if s % args.compare_every == 0 or s == args.hyper_steps:
+            c = compare(outer, inner, wd, hd, args.max_steps, args.alpha)
+            c["hyper_step"] = s
+            checkpoints.append(c)
+        if s == args.hyper_steps:
+            break
+        a = args.alpha if args.alpha is not None else 1.0 / largest_eigenvalue(wd, hd, inner=inner, iters=50)
+        g = hypergradient(outer, wd, hd, inner=inner, solver=C.solver_from_args(args, alpha=a))
+        for k in h:
+            h[k].grad = g[k]
+        hopt.step()
+        if adv:
+            adv(1)
+    ks = list(range(args.max_steps + 1))
+    cosine = {meth: {str(k): _mean([c[meth]["cosine"][k] for c in checkpoints]) for k in ks} for meth in ("neumann", "cg")}
+    l2 = {meth: {str(k): _mean([c[meth]["l2"][k] for c in checkpoints]) for k in ks} for meth in ("neumann", "cg")}
+
+    # ---------------------------------------------------------------- Part 2: Fig. 4
+    gen = torch.Generator().manual_seed(args.seed)
+    net = {k: v.to(dev) for k, v in mlp_init([d, args.hidden, 1], gen, dtype=dt).items()}
+    fixed_wd = args.net_decay
+
+    def tanh_forward(p, x):
+        return torch.tanh(x @ p["W0"].T + p["b0"]) @ p["W1"].T + p["b1"]
+
+    def net_inner(p, _h):
+        return ((tanh_forward(p, Xtr)[:, 0] - ytr) ** 2).mean() + l2_penalty(p, fixed_wd)
+
+    nw = {k: v.clone().requires_grad_() for k, v in net.items()}
+    nopt = torch.optim.Adam(nw.values(), lr=0.01)
+    for _ in range(args.train_steps):
+        nopt.zero_grad()
+        net_inner(nw, None).backward()
+        nopt.step()
+    nw = T.detach(nw)
+    dummy = {"none": torch.zeros((), dtype=dt, device=dev)}
+    op, _, _ = linearise(nw, dummy, inner=net_inner)
+    H = dense_jacobian(op, nw)
+    H = 0.5 * (H + H.T)
+    eig = torch.linalg.eigvalsh(H)
+    inv = torch.linalg.inv(H)
+    a = 1.0 / float(eig.max())
+    steps = [int(x) for x in args.neumann_terms.split(",") if x.strip()]
+    mats = {"exact": inv, "identity": solver_matrix(Identity(), op, nw)}
+    for k in steps:   # key "neumann-<k steps>" (k + 1 terms), as in earlier results files
+        mats[f"neumann-{k}"] = solver_matrix(Neumann(k, alpha=a, divergence="ignore"), op, nw)
+    rel = {name: float((m - inv).norm() / inv.norm()) for name, m in mats.items()}
+    save_heatmaps(list(mats.values()), [approximation_label(n) for n in mats], out / "inverse_hessian.png", transform=np.tanh,
+                  title=f"tanh of inverse-Hessian approximations, 1-hidden-layer net ({H.shape[0]} weights)")
+    _plot_fig3(cosine, l2, checkpoints, out / "hypergradient_approximations.png")
+
+    from rich.console import Console
+    console = console or Console()
+    pd = bool(eig.min() > 0)
+    ref_min = min(c["min_eigenvalue"] for c in checkpoints)
+    ref_pd = ref_min > 0
+    if not pd:
+        console.print(f"[yellow]warning: Hessian not positive definite[/] (Fig. 4 network, {H.shape[0]} weights: "
+                      f"smallest eigenvalue {float(eig.min()):.3g}, {int((eig <= 0).sum())} eigenvalue(s) <= 0). "
+                      f"The network is not at a minimum of its training loss (train it longer, --train-steps "
+                      f"{args.train_steps}, or raise --net-decay {args.net_decay}); the 'exact' heat map is the "
+                      f"inverse of an indefinite matrix and Neumann's alpha = 1/lambda_max does not converge to it.")
+    if not ref_pd:
+        console.print(f"[yellow]warning: Hessian not positive definite[/] (linear model, the exact IFT reference of "
+                      f"part 1: smallest eigenvalue {ref_min:.3g} over {len(checkpoints)} comparison points); the "
+                      f"'exact' hypergradient there inverts an indefinite (or singular) matrix.")
+
+    doc = {
+        "experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
+        "config": C.config_of(args),
+        "metrics": {"cosine": cosine, "l2": l2, "inverse_relative_error": rel,
+                    "final_val_loss": val_curve[-1], "initial_val_loss": val_curve[0],
+                    "hessian_min_eigenvalue": float(eig.min()), "hessian_positive_definite": pd,
+                    "reference_hessian_min_eigenvalue": ref_min, "reference_hessian_positive_definite": ref_pd},
+        "curves": {"val_loss": val_curve, "checkpoints": checkpoints},
+        "hessian": {"size": H.shape[0], "eig_min": float(eig.min()), "eig_max": float(eig.max()), "alpha": a,
+                    "positive_definite": pd, "negative_eigenvalues": int((eig < 0).sum())},
+    }
+    C.write_results(out, doc)
+    show = sorted({0, 1, 2, 5, 10, 20, args.max_steps} & set(ks))
+    C.print_table(f"IFT hypergradient approximations vs exact, linear model on {args.dataset} "
+                  f"(mean over {len(checkpoints)} points of Algorithm 1)",
+                  ["steps", "Neumann cosine", "CG cosine", "Neumann L2", "CG L2"],
+                  [[k, *(("n/a" if v is None else v) for v in (cosine["neumann"][str(k)], cosine["cg"][str(k)])),
+                    l2["neumann"][str(k)], l2["cg"][str(k)]]
+                   for k in show], console)
+    C.print_table(f"inverse Hessian of a 1-hidden-layer net ({H.shape[0]} weights, eigenvalues "
+                  f"{float(eig.min()):.3g}..{float(eig.max()):.3g}"
+                  f"{'' if pd else ', NOT positive definite'}): ||M - H^-1||_F / ||H^-1||_F",
+                  ["approximation", "relative error"],
+                  [[approximation_label(n), v] for n, v in rel.items()], console)
+    return doc
+
+
+def _plot_fig3(cosine: dict, l2: dict, checkpoints: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for meth, style in (("neumann", "-"), ("cg", "--")):
+        ks = [int(k) for k in cosine[meth]]
+        axes[0].plot(ks, [float("nan") if v is None else v for v in cosine[meth].values()], style, label=meth)
+        axes[1].plot(ks, list(l2[meth].values()), style, label=meth)
+    axes[0].set(xlabel="Neumann steps / CG iterations", ylabel="cosine similarity to exact", title="direction")
+    axes[1].set(xlabel="Neumann steps / CG iterations", ylabel="L2 distance to exact", yscale="log",
+                title="magnitude")
+    for meth, style in (("neumann", "-"), ("cg", "--")):
+        for k in (1, 5, 20):
+            if k < len(checkpoints[0][meth]["cosine"]):
+                axes[2].plot([c["hyper_step"] for c in checkpoints],
+                             [float("nan") if c[meth]["cosine"][k] is None else c[meth]["cosine"][k]
+                              for c in checkpoints], style, label=f"{meth} {k} {'steps' if meth == 'neumann' else 'iterations'}")
+    axes[2].set(xlabel="hyperparameter step of Algorithm 1", ylabel="cosine similarity", title="along the run")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.savefig(path, format="png", dpi=110)

@@ -1,0 +1,327 @@
+"""Lorraine et al. (2020) sec. 5.5, Table 4 and Fig. 8: AWD-LSTM regularisers tuned by hypergradients on PTB.
+
+Settings (``--settings``):
+
+* ``none``: the 7 AWD-LSTM hyperparameters fixed at their initial values (all rates 0.5,
+  as the paper's initialisation; AR alpha = 2, TAR beta = 1);
+* ``scalar``: the same 7 hyperparameters tuned ("Ours");
+* ``many``: one rate per word / unit / hidden-to-hidden weight ("Ours, Many");
+* ``overfit``: Fig. 8, 10 training and 10 validation sequences, one weight decay per
+  weight tuned by :class:`bilevel.tuner.OnlineTuner` to drive the validation loss down
+  (:func:`run_overfit`; a smaller LSTM, ``--overfit-size``, and Adam on the weights).
+
+The first three run Algorithm 1 (:class:`bilevel.tuner.OnlineTuner` on one model): ``--interval``
+SGD steps (learning rate ``--lr``, gradient norm clipped to ``--clip``, AWD-LSTM's 30 and 0.25),
+then one Adam step on the raw (logit / log10) hyperparameters along the IFT hypergradient with
+``--terms`` K Neumann steps (K + 1 terms of the series) on the update map. Dropout is concrete dropout
+(:mod:`bilevel.dropout`) with one uniform-noise draw per training step, reused by the
+hypergradient of that step, so the training loss is a deterministic function of (w, lambda).
+The validation loss (for the hypergradient and the reported perplexities) uses no dropout.
+
+The paper's model is 2 x 650 units (``--hidden 650 --embed 650``); the default is a
+CPU-sized 2 x 128 network trained for ``--steps`` mini-batches (see docs/augment_lstm.md).
+Every window of ``--bptt`` tokens starts from a zero state (:mod:`bilevel.nets.lstm`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bilevel import population as pop
+from bilevel._io import atomic_write_json
+from bilevel.errors import NonFiniteError
+from bilevel.updates import SGD
+from bilevel.tuner import OnlineTuner, TunerConfig
+from .._parts import cached_part, say_resumed, settings_key
+
+NAME = "lstm"
+HELP = "Lorraine et al. Table 4 / Fig. 8: tune AWD-LSTM dropout/DropConnect/AR/TAR (scalar or per unit/weight) on PTB"
+SETTINGS = ("none", "scalar", "many", "overfit")
+
+
+def _windows(source: torch.Tensor, bptt: int):
+    from bilevel.data.ptb import get_batch
+    return [get_batch(source, i, bptt) for i in range(0, len(source) - 1, bptt)]
+
+
+@torch.no_grad()
+def perplexity(params, windows, max_windows: int | None = None) -> float:
+    """exp(mean token cross-entropy) without dropout over the windows (each from a zero state)."""
+    from bilevel.nets.awd_lstm import awd_lstm_loss
+
+    total = n = 0.0
+    for x, y in windows[:max_windows]:
+        total += float(awd_lstm_loss(params, x, y)) * y.numel()
+        n += y.numel()
+    return math.exp(total / n)
+
+
+def run_setting(a, setting: str, corpus, progress=None) -> dict:
+    from bilevel.data.ptb import batchify
+    from bilevel.nets.awd_lstm import awd_lstm_loss, awd_noise, awd_sites, awd_space
+    from bilevel.nets.lstm import lstm_lm_init
+
+    dtype, device = getattr(torch, a.dtype), torch.device(a.device)
+    g = torch.Generator().manual_seed(a.seed)
+    params = {k: v.to(device) for k, v in lstm_lm_init(corpus.ntokens, a.embed, a.hidden, a.layers, g, dtype).items()}
+    space, raw = awd_space(params, "element" if setting == "many" else "scalar", rate=a.init_rate)
+    raw = {k: v.to(device) for k, v in raw.items()}
+    train = _windows(batchify(corpus.train, a.batch_size, device), a.bptt)
+    val = _windows(batchify(corpus.valid, a.eval_batch_size, device), a.bptt)
+    test = _windows(batchify(corpus.test, a.eval_batch_size, device), a.bptt)
+
+    def loss(p, nat, ctx):
+        x, y, noise = ctx
+        return awd_lstm_loss(p, x, y, nat, noise, a.temperature) if noise is not None else awd_lstm_loss(p, x, y)
+
+    cfg = TunerConfig(tuned=space.names, mode="none" if setting == "none" else "ift", lookback=a.terms,
+                      hyper_lr=a.hyper_lr, grad_clip=a.clip, interval=a.interval, on_divergence="raise")
+    alg = OnlineTuner(params, raw, space, SGD(lr=a.lr), loss, loss, config=cfg, stacked=False)
+    start, diverged, curve = time.perf_counter(), None, []
+    for t in range(a.steps):
+        x, y = train[t % len(train)]
+        noise = awd_noise(alg.params, x.shape[1], g)
+        try:
+            ctx = (x, y, noise)
+            loss_t = float(alg.step(ctx))
+            if (t + 1) % a.interval == 0:
+                xv, yv = val[int(torch.randint(0, len(val), (), generator=g))]
+                alg.hyper_step(ctx, (xv, yv, None))
+        except NonFiniteError:
+            diverged = t
+            break
+        if (t + 1) % a.record_every == 0:
+            curve.append({"step": t + 1, "train_loss": loss_t, **space.describe(alg.raw)})
+        if progress is not None:
+            progress(1)
+    seconds = time.perf_counter() - start
+    n_h = sum(v.numel() for v in raw.values())
+    res = {"setting": setting, "seconds": seconds, "diverged_at": diverged, "n_hyperparameters": n_h,
+           "n_weights": sum(v.numel() for v in params.values()), "curve": curve,
+           "final_hparams": space.describe(alg.raw), "sites": {k: list(v.shape) for k, v in awd_sites(params).items()}}
+    if diverged is None:
+        res["val_ppl"] = perplexity(alg.params, val, a.eval_windows)
+        res["test_ppl"] = perplexity(alg.params, test, a.eval_windows)
+    return res
+
+
+def run_overfit(a, corpus, progress=None) -> dict:
+    """Fig. 8: ``--overfit-sequences`` training and validation sequences, one weight decay per weight.
+
+    Weights: Adam (``--overfit-lr``) on the cross-entropy plus ``1/2 sum lambda_i w_i^2``
+    (coupled L2, as ``torch.optim.Adam``'s weight decay), full batch. Decays: log10 space,
+    initial ``--overfit-wd``, clipped to ``[1e-12, --overfit-max-decay]`` (``--overfit-signed``: natural
+    space, either sign, clipped to ``[-max, max]``), an Adam step
+    (``--overfit-hyper-lr``) along the IFT hypergradient (``--overfit-terms`` K Neumann steps, K + 1
+    terms, on the Adam update map; 0 = identity) every ``--overfit-interval`` weight steps, by
+    :class:`bilevel.tuner.OnlineTuner`. The same training without hyperparameter steps is the
+    baseline (``"none"``), so the drop of the validation loss is attributable to the decays.
+    """
+    from bilevel.data.ptb import batchify
+    from bilevel.hparams import Granularity, HyperParameter, HyperParameterSpace, weight_decay
+    from bilevel.nets.lstm import lstm_lm_forward, lstm_lm_init
+    from bilevel.solvers import Identity, Neumann
+    from bilevel.updates import Adam
+
+    dtype, device = getattr(torch, a.dtype), torch.device(a.device)
+    n, size = a.overfit_sequences, a.overfit_size
+    tr = batchify(corpus.train[: n * (a.bptt + 1)], n, device)  # n contiguous sequences of bptt + 1 tokens
+    va = batchify(corpus.valid[: n * (a.bptt + 1)], n, device)
+    train_b, val_b = (tr[:-1], tr[1:].reshape(-1)), (va[:-1], va[1:].reshape(-1))
+    p = {k: v.to(device) for k, v in lstm_lm_init(corpus.ntokens, size, size, a.layers,
+                                                   torch.Generator().manual_seed(a.seed), dtype).items()}
+    if a.overfit_signed:   # natural (linear) space, either sign: a negative decay pushes its weight outwards
+        spec = HyperParameter("weight_decay", "identity", a.overfit_wd, a.overfit_wd, "natural",
+                              Granularity("element"), (-a.overfit_max_decay, a.overfit_max_decay), None)
+    else:
+        spec = weight_decay("element", clip=(1e-12, a.overfit_max_decay))
+    space = HyperParameterSpace([spec])
+    raw = space.from_natural(p, {"weight_decay": a.overfit_wd})
+    loss = pop.vmap_loss(lstm_lm_forward, F.cross_entropy)
+    solver = Identity() if a.overfit_terms == 0 else Neumann(a.overfit_terms, alpha=1.0, divergence="ignore")
+    out: dict = {"setting": "overfit", "n_hyperparameters": sum(v.numel() for v in raw.values()),
+                 "n_weights": sum(v.numel() for v in p.values()),
+                 "initial_val_loss": float(loss(pop.stack([p]), None, val_b)[0])}
+    for mode in ("ift", "none"):
+        cfg = TunerConfig(tuned=("weight_decay",), interval=a.overfit_interval, mode=mode, solver=solver,
+                          hyper_lr=a.overfit_hyper_lr, record_every=a.overfit_record_every, seed=a.seed)
+        tuner = OnlineTuner(pop.stack([p]), pop.stack([raw]), space, Adam(lr=a.overfit_lr), loss, loss,
+                            update_form=("weight_decay",), config=cfg)
+        hist = tuner.run(a.overfit_steps, lambda: train_b, lambda: val_b, record_batches=(train_b, val_b, None),
+                         progress=progress)
+        key = "" if mode == "ift" else "none_"
+        out.update({f"{key}seconds": hist.seconds, f"{key}diverged_at": hist.diverged_at[0],
+                    f"{key}train_loss": hist.train_loss[0], f"{key}val_loss": hist.val_loss[0],
+                    f"{key}final_val_loss": hist.val_loss[0][-1] if hist.val_loss else None,
+                    f"{key}final_train_loss": hist.train_loss[0][-1] if hist.train_loss else None})
+        if mode == "ift":
+            nat = space.natural({k: v.detach() for k, v in tuner.raw.items()})["weight_decay"]
+            flat = torch.cat([v[0].reshape(-1).to(torch.float64) for v in nat.values()])
+            out.update({"step": hist.step, "weight_decay_mean": hist.hparams["weight_decay"][0],
+                        "weight_decay": {"median": float(flat.median()), "min": float(flat.min()),
+                                         "max": float(flat.max()), "count": flat.numel()},
+                        "min_val_loss": min((v for v in hist.val_loss[0] if v is not None), default=None)})
+    return out
+
+
+def _plot(doc: dict, out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    rows = [r for r in doc["results"].values() if r.get("curve")]
+    ov = doc["results"].get("overfit")
+    fig = Figure(figsize=(10, 3.6))
+    ax = fig.add_subplot(1, 3, 1)
+    for r in rows:
+        ax.plot([c["step"] for c in r["curve"]], [c["train_loss"] for c in r["curve"]], label=r["setting"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (with dropout)")
+    if rows:
+        ax.legend()
+    ax = fig.add_subplot(1, 3, 2)
+    for r in rows:
+        for name in ("dropoute", "dropouti", "dropouth", "dropouto", "wdrop"):
+            ax.plot([c["step"] for c in r["curve"]], [c[name] for c in r["curve"]],
+                    label=f"{r['setting']}:{name}", ls="-" if r["setting"] == "scalar" else "--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean dropout rate")
+    if rows:
+        ax.legend(fontsize=6)
+    if ov is not None:
+        ax = fig.add_subplot(1, 3, 3)
+        ax.plot(ov["step"], ov["train_loss"], label="train")
+        ax.plot(ov["step"], ov["val_loss"], label="validation")
+        ax.plot(ov["step"], ov["none_train_loss"], ls="--", label="train (no HO)")
+        ax.plot(ov["step"], ov["none_val_loss"], ls="--", label="validation (no HO)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("Fig. 8: 10 train / 10 val sequences")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "lstm.png", dpi=110)
+
+
+def _print(doc: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"AWD-LSTM regularisers on PTB ({doc['config']['layers']}x{doc['config']['hidden']}, "
+                    f"{doc['config']['steps']} steps)")
+    for c in ("setting", "hyperparameters", "val ppl", "test ppl", "time (s)", "note"):
+        t.add_column(c, justify="left" if c in ("setting", "note") else "right")
+    for name, r in doc["results"].items():
+        if name == "overfit":
+            fin = lambda k: "diverged" if r[k] is None else f"{r[k]:.3f}"  # noqa: E731
+            note = (f"val loss {r['initial_val_loss']:.3f} -> {fin('final_val_loss')} (no HO: "
+                    f"{fin('none_final_val_loss')}); train loss {fin('final_train_loss')} "
+                    f"(no HO: {fin('none_final_train_loss')})")
+            t.add_row(name, str(r["n_hyperparameters"]), "-", "-", f"{r['seconds']:.0f}", note)
+        else:
+            ppl = lambda k: "diverged" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+            t.add_row(name, str(r["n_hyperparameters"]), ppl("val_ppl"), ppl("test_ppl"), f"{r['seconds']:.0f}", "")
+    console.print(t)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
+    p.add_argument("--embed", type=int, default=128, help="embedding size (paper: 650)")
+    p.add_argument("--hidden", type=int, default=128, help="LSTM units per layer (paper: 650)")
+    p.add_argument("--layers", type=int, default=2, help="LSTM layers (paper: 2)")
+    p.add_argument("--steps", type=int, default=600, help="training mini-batches per setting")
+    p.add_argument("--batch-size", type=int, default=20, help="paper: 40")
+    p.add_argument("--eval-batch-size", type=int, default=10, help="streams of the validation/test evaluation")
+    p.add_argument("--bptt", type=int, default=35, help="window length (paper: 70)")
+    p.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (AWD-LSTM)")
+    p.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping (AWD-LSTM)")
+    p.add_argument("--interval", type=int, default=10, help="weight steps between hyperparameter steps")
+    p.add_argument("--terms", type=int, default=3,
+                   help="K: Neumann steps of the IFT hypergradient (Neumann(steps=K) sums K + 1 terms)")
+    p.add_argument("--hyper-lr", type=float, default=0.01, help="Adam learning rate of the raw hyperparameters "
+                   "(paper: 0.001 over a much longer run)")
+    p.add_argument("--init-rate", type=float, default=0.5, help="initial dropout/DropConnect rates (paper: 0.5)")
+    p.add_argument("--temperature", type=float, default=0.1, help="concrete-dropout temperature")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N windows only")
+    p.add_argument("--record-every", type=int, default=20, help="record the training curve every N steps")
+    p.add_argument("--overfit-sequences", type=int, default=10, help="training and validation sequences of the Fig. 8 check (paper: 10)")
+    p.add_argument("--overfit-size", type=int, default=32, help="embedding and hidden size of the Fig. 8 LSTM "
+                   "(paper: 650)")
+    p.add_argument("--overfit-steps", type=int, default=200, help="weight steps of the Fig. 8 check (run twice: tuned and fixed decays)")
+    p.add_argument("--overfit-lr", type=float, default=0.01, help="Adam learning rate of the weights")
+    p.add_argument("--overfit-wd", type=float, default=1e-4, help="initial weight decay (every weight)")
+    p.add_argument("--overfit-max-decay", type=float, default=10.0, help="decays are clipped to [1e-12, this]")
+    p.add_argument("--overfit-hyper-lr", type=float, default=0.1, help="Adam learning rate of log10 decays")
+    p.add_argument("--overfit-interval", type=int, default=1, help="weight steps between hyperparameter steps")
+    p.add_argument("--overfit-terms", type=int, default=0,
+                   help="K: Neumann steps (K + 1 terms of the series) of the Fig. 8 hypergradient; 0 = the identity "
+                        "approximation J^-1 ~ I")
+    p.add_argument("--overfit-signed", action="store_true",
+                   help="Fig. 8 decays in natural space with either sign, clipped to [-max, max] (default: log10 "
+                        "space, non-negative); see docs/augment_lstm.md")
+    p.add_argument("--overfit-record-every", type=int, default=20, help="record Fig. 8 losses every N steps")
+
+
+#: the options the Fig. 8 check depends on (besides the ``--overfit-*`` ones)
+OVERFIT_SHARED = ("bptt", "layers", "seed", "dtype", "device")
+
+
+def part_key(a, setting: str) -> dict:
+    """The options that produced one setting's result: the ``--overfit-*`` options (and :data:`OVERFIT_SHARED`)
+    for ``overfit``, all the others for ``none`` / ``scalar`` / ``many``."""
+    names = [k for k in vars(a) if k.startswith("overfit_")]
+    if setting == "overfit":
+        return settings_key(a, keep=(*names, *OVERFIT_SHARED), setting=setting)
+    return settings_key(a, drop=("settings", *names), setting=setting)
+
+
+def metrics_of(results: dict) -> dict:
+    """``metrics.<setting>``: perplexities (``none`` / ``scalar`` / ``many``) or the Fig. 8 validation losses
+    (``overfit``), seconds and the number of hyperparameters."""
+    out = {}
+    for name, r in results.items():
+        row = {"seconds": r.get("seconds"), "num_hyperparameters": r.get("n_hyperparameters"),
+               "diverged_at": r.get("diverged_at")}
+        if name == "overfit":
+            row.update({k: r.get(k) for k in ("initial_val_loss", "final_val_loss", "min_val_loss",
+                                              "final_train_loss", "none_final_val_loss", "none_final_train_loss")})
+        else:
+            row.update({"val_ppl": r.get("val_ppl"), "test_ppl": r.get("test_ppl")})
+        out[name] = row
+    return out
+
+
+def main(a, progress_factory=None, console=None) -> dict:
+    """Every setting is one part (``out/parts/<setting>.json``, keyed by :func:`part_key`): re-running the same
+    command skips the settings already finished; changing an option they depend on recomputes them."""
+    from bilevel.data.ptb import load_ptb
+
+    settings = [s.strip() for s in a.settings.split(",") if s.strip()]
+    bad = [s for s in settings if s not in SETTINGS]
+    if bad:
+        raise ValueError(f"unknown settings {bad}; known: {list(SETTINGS)}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = load_ptb(a.data_dir)
+    results, resumed = {}, []
+    start = time.perf_counter()
+    for s in settings:
+        def compute(s=s):
+            total = 2 * a.overfit_steps if s == "overfit" else a.steps
+            advance = progress_factory(f"lstm {s}", total) if progress_factory else None
+            return run_overfit(a, corpus, advance) if s == "overfit" else run_setting(a, s, corpus, advance)
+
+        results[s], again = cached_part(out / "parts" / f"{s}.json", part_key(a, s), compute)
+        if again:
+            resumed.append(s)
+    doc = {"experiment": NAME, "config": {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))},
+           "metrics": metrics_of(results), "results": results, "resumed": resumed,
+           "seconds": time.perf_counter() - start}
+    atomic_write_json(out / "results.json", doc, indent=1)
+    _plot(doc, out)
+    say_resumed(NAME, "setting(s)", resumed, out / "parts", console)
+    _print(doc, console)
+    return doc

@@ -1,0 +1,185 @@
+"""Lorraine et al. (2020) Sec. 5.2, Fig. 5 and App. E.1 Fig. 10: overfitting a small validation set.
+
+50 training and 50 validation images (seeded draw from the official training set; the official test
+set for testing), one weight-decay hyperparameter per weight (:func:`bilevel.hparams.per_weight_decay`,
+``log10`` space), tuned by Algorithm 1 (:class:`bilevel.tuner.OnlineTuner`: ``--interval`` full-batch
+SGD steps on the weights, then one IFT hypergradient step with ``--solver`` on the decays, RMSprop as
+in App. E). Models: logistic regression (``linear``), a one-hidden-layer ReLU MLP as wide as the input
+(``mlp``), ``lenet``, and the options ``alexnet`` and ``resnet44`` (slow on a CPU). The claim: 100%
+training and validation accuracy, with much lower test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .. import _common as C
+from .._parts import cached_part, say_resumed, settings_key
+from bilevel import weight_decay as WD
+
+NAME = "overfit-validation"
+HELP = "Lorraine et al. Fig. 5/10: per-weight decay overfits 50 validation images (train/val/test accuracy)"
+
+MODELS = ("linear", "mlp", "lenet", "alexnet", "resnet44")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_solver_arguments(p, "neumann", 20, alpha=1.0)
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist", "cifar10"),
+                   help="image data set (default mnist; cifar10 when its files are present)")
+    p.add_argument("--models", default="linear,mlp,lenet", help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--n-train", type=int, default=50, help="training images (default 50)")
+    p.add_argument("--n-val", type=int, default=50, help="validation images (default 50)")
+    p.add_argument("--test-size", type=int, default=10000, help="test images used (default: the whole test set)")
+    p.add_argument("--iterations", type=int, default=2000, help="weight steps (default 2000)")
+    p.add_argument("--interval", type=int, default=10, help="weight steps between hyper steps (default 10)")
+    p.add_argument("--optimizer", default="sgd", choices=WD.OPTIMIZERS,
+                   help="weight optimiser (default sgd; 'adam' is App. E's choice, see docs/lorraine.md for how it fared)")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="learning rate of the weights (default 0.1; App. E uses Adam with 1e-4)")
+    p.add_argument("--implicit", choices=("loss", "update"), default=None,
+                   help="IFT fixed point: 'loss' = Hessian of the training loss (Lorraine et al. Alg. 2-3; default "
+                        "with adam), 'update' = Jacobian of the optimiser step (Clarke et al.; default with sgd)")
+    p.add_argument("--hyper-lr", type=float, default=0.05,
+                   help="RMSprop learning rate of the log10 decays (default 0.05; App. E: 1e-2)")
+    p.add_argument("--hyper-eps", type=float, default=1e-8,
+                   help="RMSprop eps of the decay steps (default 1e-8, torch's); hypergradients of log10 decays are "
+                        "often far below it, so a smaller eps lets every decay move")
+    p.add_argument("--init-decay", type=float, default=1e-3, help="initial weight decay of every weight")
+    p.add_argument("--signed", action="store_true",
+                   help="tune the decays themselves, either sign (identity transform, clipped to [-1/lr, 1/lr] with "
+                   "SGD) instead of log10 decays, which can only shrink weights")
+    p.add_argument("--eval-every", type=int, default=100, help="record accuracies every N weight steps")
+
+
+def load_small(name: str, n_train: int, n_val: int, test_size: int, seed: int, data_dir, device, dtype):
+    """(train, val, test) pairs of (N, C, H, W) images in [0, 1]: seeded draws from the official train set."""
+    Xtr, ytr, Xte, yte = C.load_image_set(name, data_dir, NAME)
+    if n_train + n_val > len(Xtr):
+        raise ValueError(f"{NAME}: {n_train} + {n_val} images requested but {name} has {len(Xtr)} training images")
+    perm = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(seed))
+
+    def prep(X, y):
+        X = X.to(dtype) / 255.0
+        return (X.unsqueeze(1) if X.dim() == 3 else X).to(device), y.to(device)
+
+    tr, va = perm[:n_train], perm[n_train:n_train + n_val]
+    return prep(Xtr[tr], ytr[tr]), prep(Xtr[va], ytr[va]), prep(Xte[:test_size], yte[:test_size])
+
+
+def build_model(name: str, shape: tuple[int, ...], num_classes: int, gen: torch.Generator, dtype, device):
+    """(forward(params, x), params) for one of :data:`MODELS`; ``x`` is (N, C, H, W)."""
+    from bilevel.nets import convnets
+    from bilevel.nets.mlp import mlp_forward, mlp_init
+    from bilevel.population import module_forward
+
+    c, hgt, _ = shape
+    d = c * hgt * hgt
+    if name in ("linear", "mlp"):
+        sizes = [d, num_classes] if name == "linear" else [d, d, num_classes]
+        params = {k: v.to(device) for k, v in mlp_init(sizes, gen, dtype=dtype).items()}
+        return (lambda p, x: mlp_forward(p, x.reshape(x.shape[0], -1))), params
+    if name == "lenet":
+        module = convnets.LeNet(c, num_classes, hgt)
+    elif name == "alexnet":
+        module = convnets.AlexNet(c, num_classes, hgt)
+    elif name == "resnet44":
+        module = convnets.resnet44(c, num_classes)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    module = module.to(device=device, dtype=dtype)
+    params = convnets.module_init(module, gen)
+    return module_forward(module), params
+
+
+def run_model(args, name: str, train, val, test, progress=None) -> dict:
+    """Algorithm 1 on one model: its accuracies along the run, final accuracies and decay summary (JSON-ready)."""
+    dev, dt = torch.device(args.device), getattr(torch, args.dtype)
+    num_classes = int(torch.cat([train[1], val[1], test[1]]).max()) + 1
+    gen = torch.Generator().manual_seed(args.seed)
+    forward, params = build_model(name, tuple(train[0].shape[1:]), num_classes, gen, dt, dev)
+    curves: dict[str, list] = {"step": [], "train": [], "val": [], "test": []}
+
+    def on_eval(t, p):
+        curves["step"].append(t)
+        for split, (X, y) in (("train", train), ("val", val), ("test", test)):
+            curves[split].append(C.accuracy(C.batched_logits(forward, p, X, 1000), y))
+
+    tuner = WD.tune_weight_decay(
+        forward, params, train, val, per_weight=True,
+        solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
+        interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
+        hyper_lr=args.hyper_lr, hyper_eps=args.hyper_eps, init_decay=args.init_decay, signed=args.signed, seed=args.seed,
+        eval_every=args.eval_every, on_eval=on_eval, progress=progress)
+    diverged = tuner.history.diverged_at[0]
+    return {
+        "num_hyperparameters": sum(v.numel() for v in params.values()),
+        "final": {s: (curves[s][-1] if diverged is None else None) for s in ("train", "val", "test")},
+        "curves": curves, "diverged_at": diverged, "weight_decay": WD.decay_summary(tuner),
+        "seconds": tuner.history.seconds,
+    }
+
+
+def main(args, progress_factory=None, console=None) -> dict:
+    """Every model is one part (``out/parts/<model>.json``, keyed by the options that produced it): re-running
+    the same command skips the models already finished; changing an option recomputes them."""
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"{NAME}: unknown models {unknown}; choose from {', '.join(MODELS)}")
+    dev, dt = torch.device(args.device), getattr(torch, args.dtype)
+    train, val, test = load_small(args.dataset, args.n_train, args.n_val, args.test_size, args.seed,
+                                  args.data_dir, dev, dt)
+    results: dict = {}
+    resumed: list[str] = []
+    for name in models:
+        key = settings_key(args, drop=("models",), model=name)
+        results[name], again = cached_part(
+            out / "parts" / f"{name}.json", key,
+            lambda name=name: run_model(args, name, train, val, test,
+                                        progress_factory(f"{name}", args.iterations) if progress_factory else None))
+        if again:
+            resumed.append(name)
+    doc = {"experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
+           "config": C.config_of(args),
+           "metrics": {name: r["final"] for name, r in results.items()}, "models": results, "resumed": resumed}
+    C.write_results(out, doc)
+    _plot(results, args.dataset, out / "overfit_validation.png")
+    say_resumed(NAME, "model(s)", resumed, out / "parts", console)
+    C.print_table(f"overfitting {args.n_val} validation images of {args.dataset} with per-weight decay "
+                  f"({args.iterations} steps, {solver_label(args)})",
+                  ["model", "hyperparameters", "train acc", "val acc", "test acc", "median decay"],
+                  [[n, r["num_hyperparameters"], r["final"]["train"], r["final"]["val"], r["final"]["test"],
+                    r["weight_decay"]["median"]] for n, r in results.items()], console)
+    return doc
+
+
+def solver_label(args) -> str:
+    """``--solver``/``--steps`` in words: Neumann k *steps* sum k + 1 terms of the series."""
+    if args.solver == "neumann":
+        return f"neumann, {args.steps} steps ({args.steps + 1} terms)"
+    if args.solver == "cg":
+        return f"cg, {args.steps} iterations"
+    return args.solver
+
+
+def _plot(results: dict, dataset: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(results), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    for ax, (name, r) in zip(axes, results.items()):
+        for split in ("train", "val", "test"):
+            ax.plot(r["curves"]["step"], r["curves"][split], label=split)
+        ax.set(title=f"{name} ({dataset})", xlabel="weight step", ylabel="accuracy", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    fig.savefig(path, format="png", dpi=110)

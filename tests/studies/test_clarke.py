@@ -1,0 +1,176 @@
+"""Clarke et al.'s experiment end to end on small settings: schema, methods, resume, CLI."""
+
+import json
+
+import numpy as np
+
+import pytest
+import torch
+
+from bilevel_studies import cli
+from bilevel_studies.clarke import clarke
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def energy_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("clarke")
+    code = cli.main(["run", "clarke", "--dataset", "energy", "--methods", "all", "--inits", "3", "--steps", "20",
+                     "--interval", "5", "--lookback", "2", "--out", str(out), "--data-dir", str(data_dir)])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_schema_and_all_methods(energy_run):
+    out, doc = energy_run
+    assert doc["experiment"] == "clarke" and doc["dataset"] == "energy"
+    assert list(doc["methods"]) == list(clarke.METHODS)
+    for name, m in doc["methods"].items():
+        n = 1 if name == "random-3batched" else 3
+        for key in ("final_test_loss", "final_val_loss", "seconds"):
+            assert len(m[key]) == n, (name, key)
+        assert all(v is None or v > 0 for v in m["final_test_loss"])
+    for f in ("table.md", "cdf.png", "median_curves.png"):
+        assert (out / f).exists()
+
+
+def test_random_3batched_picks_best_validation():
+    random = {"final_test_loss": [5.0, 1.0, 3.0, 2.0, None, 9.0, 7.0],
+              "final_val_loss": [0.5, 0.9, 0.1, None, 0.3, 0.2, 0.0], "seconds": [1.0] * 7}
+    out = clarke.three_batched(random)
+    assert out["final_test_loss"] == [3.0, 9.0]
+    assert out["final_val_loss"] == [0.1, 0.2]
+    assert out["seconds"] == [3.0, 3.0]
+
+
+def test_same_initialisations_across_methods(data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", inits=2, steps=1, data_dir=str(data_dir))
+    problem = clarke.load_problem(cfg)
+    a = clarke.build_tuner(cfg, problem, clarke.METHODS["random"])
+    b = clarke.build_tuner(cfg, problem, clarke.METHODS["ours-wd-hdlr-m"])
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k])
+    da, db = a.describe(), b.describe()
+    for name in ("lr", "weight_decay", "momentum"):
+        torch.testing.assert_close(da[name], db[name])
+    lr = da["lr"]
+    assert bool(((lr >= 1e-6) & (lr <= 0.1)).all())
+
+
+def test_interrupt_and_resume_gives_the_same_results(tmp_path, data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["ours-wd-lr-m"], inits=2, steps=30, interval=5,
+                              lookback=2, checkpoint_every=10, data_dir=str(data_dir))
+    full = clarke.run(cfg, tmp_path / "full")
+
+    count = {"n": 0}
+
+    def interrupting(name, total):
+        def advance(n=1):
+            count["n"] += n
+            if count["n"] == 25:
+                raise KeyboardInterrupt
+        return advance
+
+    with pytest.raises(KeyboardInterrupt):
+        clarke.run(cfg, tmp_path / "cut", progress_factory=interrupting)
+    assert (tmp_path / "cut" / "checkpoints" / "ours-wd-lr-m.pt").exists()
+    resumed = clarke.run(cfg, tmp_path / "cut")
+    assert resumed["methods"]["ours-wd-lr-m"]["final_test_loss"] == full["methods"]["ours-wd-lr-m"]["final_test_loss"]
+
+
+def test_changed_config_in_same_dir_is_refused(tmp_path, data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=1, steps=2, data_dir=str(data_dir))
+    clarke.run(cfg, tmp_path)
+    cfg.steps = 3
+    with pytest.raises(ValueError, match="different configuration"):
+        clarke.run(cfg, tmp_path)
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert cli.main(["run", "clarke", "--dataset", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown data set 'nope'" in capsys.readouterr().out
+    assert cli.main(["run", "clarke", "--methods", "random,magic", "--inits", "1", "--steps", "1",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "unknown method" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_report_rerenders(energy_run, tmp_path):
+    out, _ = energy_run
+    assert cli.main(["report", str(out), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "table.md").read_text().count("|") > 10
+
+
+def test_sensitivity_grid(tmp_path, data_dir):
+    from bilevel_studies.clarke import sensitivity
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["ours-wd-lr-m"], inits=2, steps=6, data_dir=str(data_dir))
+    doc = sensitivity.run(cfg, [2, 3], [0, 1], tmp_path)
+    grid = doc["median_final_test_loss"]["ours-wd-lr-m"]
+    assert len(grid) == 2 and all(len(r) == 2 for r in grid)
+    # each cell is the median over the members of that cell's own run
+    cell = json.loads((tmp_path / "ours-wd-lr-m" / "T3_i1" / "results.json").read_text())
+    vals = sorted(v for v in cell["methods"]["ours-wd-lr-m"]["final_test_loss"] if v is not None)
+    assert grid[1][1] == pytest.approx(sum(vals) / 2)
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+
+
+def test_sensitivity_updates_scale_steps_and_random_is_shared(tmp_path, data_dir):
+    from bilevel_studies.clarke import sensitivity
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=2, steps=999, data_dir=str(data_dir))
+    doc = sensitivity.run(cfg, [2, 3], [0, 4], tmp_path, updates=2)
+    assert sorted(p.name for p in (tmp_path / "random").iterdir()) == ["T2", "T3"]  # one run per T, not per i
+    for T in (2, 3):
+        cell = json.loads((tmp_path / "random" / f"T{T}" / "results.json").read_text())
+        assert cell["config"]["steps"] == 2 * T
+    row = doc["median_final_test_loss"]["random"][1]
+    assert row[0] == row[1] is not None
+
+
+def test_language_model_config_runs(tmp_path, data_dir):
+    if not (data_dir / "ptb").is_dir():
+        pytest.skip("no Penn Treebank data")
+    cfg = clarke.ClarkeConfig(dataset="ptb", methods=["ours-wd-lr-m"], inits=2, steps=2, interval=2, lookback=1,
+                              data_dir=str(data_dir), record_rows=700, eval_rows=1400)
+    doc = clarke.run(cfg, tmp_path)
+    losses = doc["methods"]["ours-wd-lr-m"]["final_test_loss"]
+    # an untrained LM predicts nearly uniformly over the 10,000 words: cross-entropy ~ log(10000)
+    assert all(abs(v - 9.2103) < 0.05 for v in losses)
+
+
+def test_image_inputs_are_standardised_with_training_statistics():
+    raw = clarke.load_problem(clarke.ClarkeConfig(dataset="digits", image_scaling="unit", dtype="float64"))
+    std = clarke.load_problem(clarke.ClarkeConfig(dataset="digits", dtype="float64"))
+    Xtr = raw.train[0].numpy()
+    mu, sd = Xtr.mean(0), Xtr.std(0, ddof=1)
+    sd = np.where(sd > 1e-10, sd, 1.0)
+    for a, b in ((raw.train, std.train), (raw.val, std.val), (raw.test, std.test)):
+        np.testing.assert_allclose(b[0].numpy(), (a[0].numpy() - mu) / sd, atol=1e-12)
+        assert torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="image_scaling"):
+        clarke.load_problem(clarke.ClarkeConfig(dataset="digits", image_scaling="minmax"))
+
+
+def test_cli_model_lm_size_test_fraction_and_batch_defaults(tmp_path, data_dir):
+    """The CLI reaches every configuration: --model, --lm-size, --test-fraction; CIFAR-10 batches of 100."""
+    p = cli.build_parser()
+    a = p.parse_args(["run", "clarke", "--dataset", "ptb", "--lm-size", "paper", "--out", str(tmp_path)])
+    cfg = clarke.config_from_args(a)
+    assert (cfg.lm_size, cfg.model, cfg.batch_size) == ("paper", "auto", None)  # the LM size's own batch (40)
+    assert clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "cifar10", "--out", "x"])).batch_size == 100
+    assert clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "fashion-mnist", "--out", "x"])).batch_size == 50
+    # a UCI test share of 20% instead of Clarke's split files: 768 Energy rows -> 154 test rows
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=1, steps=1, test_fraction=0.2,
+                              data_dir=str(data_dir))
+    prob = clarke.load_problem(cfg)
+    assert len(prob.test[0]) == 154 and len(prob.train[0]) + len(prob.val[0]) == 768 - 154
+    with pytest.raises(ValueError, match="does not fit"):
+        clarke.load_problem(clarke.ClarkeConfig(dataset="energy", model="lstm", data_dir=str(data_dir)))
+    with pytest.raises(ValueError, match="test-fraction applies to the UCI sets"):
+        clarke.load_problem(clarke.ClarkeConfig(dataset="digits", test_fraction=0.2))
+
+
+def test_random_3batched_needs_three_inits(tmp_path, data_dir):
+    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random-3batched"], inits=2, steps=1, data_dir=str(data_dir))
+    with pytest.raises(ValueError, match="needs --inits >= 3"):
+        clarke.run(cfg, tmp_path)
