@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["atomic_save", "atomic_write_text", "atomic_write_json", "check_run_config"]
+
 
 def _replace(path: Path, write) -> None:
     path = Path(path)

@@ -83,7 +83,7 @@ from .hypergradient import Loss, _validate, hypergradient
 from .solvers import ConjugateGradient, Exact, Neumann
 from .unroll import unrolled_hypergradient
 
-Tree = dict[str, Tensor]
+Tree = T.Tree
 MethodName = Literal["unroll", "neumann", "proximal"]
 ConceptName = Literal["cold", "warm-full", "warm-partial"]
 

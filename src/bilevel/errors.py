@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+__all__ = ["NonFiniteError", "NeumannDivergenceError", "NotSymmetricError", "check_finite", "check_like"]
+
 
 class NonFiniteError(FloatingPointError):
     """A loss, Jacobian-vector product or hypergradient contains NaN or inf.

@@ -106,7 +106,8 @@ class Tuner:
             ``torch.optim`` optimiser built on ``model.parameters()``.
         tune: names of the hyperparameters to tune, or ``{name: granularity}`` with granularity
             ``"scalar"``, ``"tensor"`` or ``"element"``. Default: the penalty's hyperparameters if a
-            penalty is given, else those of lr, momentum and weight_decay the optimiser has.
+            penalty is given, else the optimiser's lr and those of its momentum and weight_decay that are
+            non-zero (a value of 0 lies on the edge of its domain: name it in ``tune`` to tune it from just inside).
         penalty: a loss-form penalty such as :class:`bilevel.PerWeightDecay`.
         interval, lookback: T weight steps per hyperparameter step; Neumann steps / unrolled steps (i).
         mode: ``"ift"``, ``"unroll"`` (Diff-through-Opt), ``"baydin"`` or ``"none"``.
@@ -206,6 +207,7 @@ class Tuner:
             raw = pop.stack(raws)
             self._buffers = {k: torch.stack([v] * population) for k, v in buffers0.items()}
         self._pending: dict[str, Tensor] | None = None
+        self._val_taken = 0  # validation batches taken by hyperparameter steps (the cycle continues across fits)
 
         cfg = TunerConfig(tuned=tuple(granularity), interval=interval, lookback=lookback, mode=mode,  # type: ignore[arg-type]
                           solver=solver or AutoNeumann(lookback, max_alpha=1.0 if implicit == "update" else None),
@@ -234,7 +236,8 @@ class Tuner:
     @staticmethod
     def _parse_tune(tune: Any, rule: Any, penalty_h: Mapping[str, HyperParameter]) -> dict[str, str]:
         if tune is None:
-            names = list(penalty_h) or [n for n in DEFAULT_TUNED if n in rule.hyperparameters]
+            names = list(penalty_h) or [n for n in DEFAULT_TUNED if n in rule.hyperparameters
+                                        and (n == "lr" or float(getattr(rule, n, 0.0)) != 0.0)]
             if not names:
                 raise ValueError("nothing to tune: pass tune=(...) or a penalty")
             return {n: penalty_h[n].granularity.value if n in penalty_h else "scalar" for n in names}
@@ -298,20 +301,27 @@ class Tuner:
 
     # ------------------------------------------------------------------ fitting
 
-    def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+    def _batches(self, loader: Iterable[Any], name: str, skip: int = 0, count: bool = False) -> Iterator[Any]:
         while True:
             empty = True
             for batch in loader:
                 empty = False
+                if skip:
+                    skip -= 1
+                    continue
+                if count:
+                    self._val_taken += 1
                 yield _to(batch, self.device)
             if empty:
-                raise ValueError("a data loader yielded no batches")
+                raise ValueError(f"{name} yielded no batches")
 
     def fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any], epochs: int = 1,
             steps: int | None = None) -> "Tuner":
         """Train for ``epochs`` passes over ``train_loader`` (or ``steps`` weight steps), tuning online.
 
-        ``val_loader`` (any iterable of batches) cycles: each hyperparameter step takes its next batch.
+        ``val_loader`` (any iterable of batches) cycles: each hyperparameter step takes its next batch,
+        continuing the cycle where the previous :meth:`fit` (or the loaded :meth:`state_dict`) left it
+        (for a loader with ``len()``), so ``fit(epochs=2)`` equals two ``fit(epochs=1)`` calls.
         After every epoch the validation loss over the whole ``val_loader`` is recorded in
         :attr:`history`. At the end the model holds the trained weights (and BatchNorm statistics).
         """
@@ -329,7 +339,15 @@ class Tuner:
             if not (isinstance(steps, int) and steps >= 1):
                 raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
             chunks = [steps]
-        train_it, val_it = self._batches(train_loader), self._batches(val_loader)
+        try:
+            n_val = len(val_loader)  # type: ignore[arg-type]
+        except TypeError:
+            n_val = None
+        if n_val == 0:
+            raise ValueError("val_loader is empty")
+        skip = self._val_taken % n_val if n_val else 0
+        train_it = self._batches(train_loader, "train_loader")
+        val_it = self._batches(val_loader, "val_loader", skip=skip, count=True)
         was_training = self.model.training
         bar = self._progress(sum(chunks))
         try:
@@ -429,9 +447,11 @@ class Tuner:
                             g[name] = v
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: the loop's state, the module's buffers and the history."""
-        return {"loop": self.loop.state_dict(), "buffers": self._buffers, "history": self.history}
+        """Everything needed to continue: the loop's state, the module's buffers, the history and the validation cycle's position."""
+        return {"loop": self.loop.state_dict(), "buffers": self._buffers, "history": self.history,
+                "val_taken": self._val_taken}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.loop.load_state_dict(sd["loop"])
         self._buffers, self.history = dict(sd["buffers"]), list(sd["history"])
+        self._val_taken = int(sd.get("val_taken", 0))

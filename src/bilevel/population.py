@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._tree import Tree
+
 __all__ = ["stack", "member", "size", "per_member", "vmap_loss", "module_forward", "module_population",
            "init_population"]
 
-Tree = dict[str, Tensor]
 
 
 def stack(trees: Sequence[Mapping[str, Tensor]]) -> Tree:

@@ -29,6 +29,10 @@ from torch import Tensor
 from . import _tree as T
 from .errors import NeumannDivergenceError, NonFiniteError, NotSymmetricError, check_finite
 
+__all__ = ["Tree", "LinearOperator", "Solver", "Damped", "damped", "largest_eigenvalue", "Neumann",
+           "AutoNeumann", "Identity", "ConjugateGradient", "Exact", "dense_jacobian", "SOLVERS",
+           "make_solver", "check_size"]
+
 Tree = T.Tree
 
 
@@ -50,10 +54,28 @@ class Solver(Protocol):
     def __call__(self, op: LinearOperator, v: Tree) -> Tree: ...
 
 
-def _damped(op: LinearOperator, x: Tree, damping: float) -> Tree:
-    """x^T (J + eps I)."""
-    y = op.rmatvec(x)
-    return T.add(y, x, damping) if damping else y
+class Damped:
+    """The operator J + eps I (``rmatvec(x) = x^T J + eps x``): Vicol et al. (2021)'s proximal best response.
+
+    The one place damping happens: every solver with a ``damping`` field solves with
+    ``damped(op, damping)`` (Jacobian products, the dense Jacobian and power iteration alike).
+    """
+
+    def __init__(self, op: LinearOperator, eps: float) -> None:
+        self.op, self.eps = op, eps
+
+    def rmatvec(self, x: Tree) -> Tree:
+        return T.add(self.op.rmatvec(x), x, self.eps)
+
+    def matvec(self, x: Tree) -> Tree:
+        return T.add(self.op.matvec(x), x, self.eps)
+
+
+def damped(op: LinearOperator, eps: float) -> LinearOperator:
+    """``op`` itself for ``eps == 0``, else :class:`Damped` (J + eps I)."""
+    if eps < 0:
+        raise ValueError(f"damping must be >= 0, got {eps}")
+    return Damped(op, eps) if eps else op
 
 
 def largest_eigenvalue(op: LinearOperator, like: Tree, iters: int = 20, seed: int = 0) -> float:
@@ -111,14 +133,13 @@ class Neumann:
             raise ValueError(f"Neumann alpha must be > 0, got {self.alpha}")
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        op = damped(op, self.damping)
         keys = list(v)
         term = [v[k].clone() for k in keys]
         total = [v[k].clone() for k in keys]
         norms = [float(T.norm(v))]
         for j in range(self.steps):
             jt = op.rmatvec(dict(zip(keys, term)))
-            if self.damping:
-                torch._foreach_mul_(term, 1.0 - self.alpha * self.damping)
             torch._foreach_add_(term, [jt[k] for k in keys], alpha=-self.alpha)  # (I - a(J + eps I)) term
             torch._foreach_add_(total, term)
             if self.divergence != "ignore" and (j == 0 or j >= self.steps - 3):
@@ -138,7 +159,7 @@ class Neumann:
         growing = norms[-1] > 2 * norms[0] and (len(norms) < 4 or norms[-3] < norms[-2] < norms[-1])
         if not growing:
             return
-        lam = largest_eigenvalue(op, v, iters=50) + self.damping
+        lam = largest_eigenvalue(op, v, iters=50)  # op is already damped
         suggested = 1.0 / lam if lam > 0 else None
         msg = (
             f"Neumann series diverges: term norm grew from {norms[0]:.3g} to {norms[-1]:.3g} "
@@ -169,7 +190,7 @@ class AutoNeumann:
         self.refreshes = 0
 
     def _estimate(self, op: LinearOperator, v: Tree, safety: float) -> float:
-        lam = largest_eigenvalue(op, v, iters=self.iters) + self.damping
+        lam = largest_eigenvalue(damped(op, self.damping), v, iters=self.iters)
         alpha = safety / lam if lam > 0 and math.isfinite(lam) else 1.0
         return min(alpha, self.max_alpha) if self.max_alpha is not None else alpha
 
@@ -229,18 +250,14 @@ class ConjugateGradient:
     check_symmetry: bool = True
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
-        eps = self.damping
+        op = damped(op, self.damping)
         if self.normal_equations:
-            def forward(x: Tree) -> Tree:  # (J + eps I) x
-                y = op.matvec(x)
-                return T.add(y, x, eps) if eps else y
-
-            apply = lambda x: forward(_damped(op, x, eps))  # noqa: E731
-            rhs = forward(v)
+            apply = lambda x: op.matvec(op.rmatvec(x))  # noqa: E731  (J + eps I)(J + eps I)^T x
+            rhs = op.matvec(v)
         else:
             if self.check_symmetry:
                 _check_symmetric(op, v)
-            apply = lambda x: _damped(op, x, eps)  # noqa: E731
+            apply = op.rmatvec
             rhs = v
         return _cg(apply, rhs, self.steps, self.tol)
 
@@ -309,9 +326,9 @@ class Exact:
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
         n = T.numel(v)
         check_size(self, n)
-        jac = dense_jacobian(op, v)
+        jac = dense_jacobian(damped(op, self.damping), v)  # J + eps I
         check_finite("Jacobian-vector product (dense Jacobian of the exact solver)", jac)
-        a = (jac + self.damping * torch.eye(n, dtype=jac.dtype, device=jac.device)).T
+        a = jac.T
         b = T.flatten(v)
         lu, piv, info = torch.linalg.lu_factor_ex(a)
         pivots = lu.diagonal().abs()

@@ -262,7 +262,8 @@ class OnlineTuner:
             u, state, losses = self._step_map(w, raw, batch, self.state, create_graph=False)
         if self.cfg.mode == "unroll":
             self._window = (self._window + [(_T.detach(self.params), self.state, batch)])[-self.cfg.lookback:]
-        self.params = {k: (w[k] - u[k]).detach() for k in w}
+        stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
+        self.params = dict(stepped) if stepped is not None else {k: (w[k] - u[k]).detach() for k in w}
         self.state = detach_state(state)
         self._mark_diverged(losses.detach(), "training loss")
         return losses.detach()

@@ -29,6 +29,8 @@ from . import _tree as T
 from .errors import check_finite
 from .hypergradient import Loss, _validate
 
+__all__ = ["Tree", "StatefulUpdate", "unrolled_hypergradient", "replay_hypergradient"]
+
 Tree = T.Tree
 StatefulUpdate = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Any], tuple[Mapping[str, Tensor], Any]]
 

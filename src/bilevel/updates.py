@@ -594,7 +594,8 @@ class TorchOptimizer:
     2020, Alg. 2-3: ``implicit="loss"``), which holds whatever optimiser found the weights.
     ``named`` maps the loop's parameter names to the tensors the optimiser was built on; each call
     copies the weights in, sets ``.grad``, calls ``optimizer.step()`` and returns the change. The
-    optimiser's own state (momenta, moments) is the state of this rule (:meth:`state_dict`).
+    optimiser's own state (momenta, moments) is the state of this rule (:meth:`state_dict`). The
+    weights it stepped to are kept as ``stepped``, so a loop takes them exactly (not ``w - u``).
     """
 
     hyperparameters: ClassVar[tuple[str, ...]] = ()
@@ -621,7 +622,8 @@ class TorchOptimizer:
                 p.grad = grads[k].detach().clone()
         self.optimizer.step()
         with torch.no_grad():
-            u = {k: params[k].detach() - p.detach() for k, p in self.named.items()}
+            self.stepped = {k: p.detach().clone() for k, p in self.named.items()}
+            u = {k: params[k].detach() - self.stepped[k] for k in self.named}
         for p in self.named.values():
             p.grad = None
         return u, {}

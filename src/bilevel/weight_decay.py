@@ -24,6 +24,9 @@ from .solvers import Solver, check_size
 from .tuner import OnlineTuner, TunerConfig
 from .updates import SGD, Adam
 
+__all__ = ["DECAY", "decay_space", "OPTIMIZERS", "weight_decay_penalty", "tune_weight_decay", "tuned_raw",
+           "decay_summary"]
+
 DECAY = "l2"
 """Name of the decay hyperparameter (raw keys ``"l2/<param>"``): a loss-form hyperparameter, entering only
 through the penalty :func:`weight_decay_penalty` whichever rule steps the weights."""

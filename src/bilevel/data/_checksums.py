@@ -7,6 +7,8 @@ matches.  Files not listed here (e.g. CIFAR-10 batches a user provides) are not 
 
 from __future__ import annotations
 
+__all__ = ["CHECKSUMS"]
+
 _SHA256SUMS = """
 346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073  fashion-mnist/t10k-images-idx3-ubyte.gz
 67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5  fashion-mnist/t10k-labels-idx1-ubyte.gz

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from ._checksums import CHECKSUMS
 
+__all__ = ["ENV_DATA", "ENV_DOWNLOAD", "DEFAULT_DATA_DIR", "data_dir", "file_digest", "verify",
+           "clear_verification_cache", "download", "fetch"]
+
 ENV_DATA = "BILEVEL_DATA"
 ENV_DOWNLOAD = "BILEVEL_DOWNLOAD"
 DEFAULT_DATA_DIR = Path("~/.cache/bilevel")

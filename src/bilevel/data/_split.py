@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["standardise", "n_split", "seeded_permutation", "fractions_to_sizes"]
+
 
 def standardise(train: Tensor, *others: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Mean/std of ``train`` columns (unbiased std; (near-)zero std replaced by 1) and the standardised arrays.

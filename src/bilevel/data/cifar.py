@@ -23,6 +23,9 @@ from torch import Tensor
 
 from ._files import data_dir as _data_dir, fetch
 
+__all__ = ["CIFAR10_URL", "CIFAR100_URL", "FOLDER", "TRAIN_BATCHES", "TEST_BATCH", "CLASSES", "load_cifar10",
+           "load_cifar100", "load_cifar10_splits", "load_cifar100_splits"]
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 FOLDER = "cifar-10-batches-py"

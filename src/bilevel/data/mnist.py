@@ -19,6 +19,9 @@ from ._files import fetch
 from ._split import fractions_to_sizes, n_split, seeded_permutation
 from ._types import ClassificationData
 
+__all__ = ["MNIST_URLS", "FASHION_URLS", "FILES", "parse_idx", "read_idx", "load_mnist",
+           "load_fashion_mnist", "image_splits", "load_mnist_splits"]
+
 MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/{file}",
               "http://yann.lecun.com/exdb/mnist/{file}")
 FASHION_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{file}",

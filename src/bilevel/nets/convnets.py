@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+__all__ = ["LeNet", "module_init", "AlexNet", "CifarResNet", "resnet44"]
+
 
 class LeNet(nn.Module):
     """LeNet-5 style: conv(6, 5x5) -> pool -> conv(16, 5x5) -> pool -> fc 120 -> fc 84 -> fc classes (ReLU)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+__all__ = ["lstm_lm_init", "lstm_lm_forward", "lstm_layer"]
+
 
 def lstm_lm_init(vocab: int, embed: int, hidden: int, layers: int, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32, init_range: float = 0.1) -> dict[str, Tensor]:

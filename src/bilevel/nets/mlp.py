@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["mlp_init", "mlp_forward"]
+
 
 def mlp_init(sizes: Sequence[int], generator: torch.Generator | None = None,
              dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:

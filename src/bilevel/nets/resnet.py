@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+__all__ = ["ResNet18", "resnet18_init", "resnet18_forward"]
+
 
 class _Block(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:

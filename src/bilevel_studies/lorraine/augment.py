@@ -44,7 +44,7 @@ NAME = "augment"
 HELP = "Lorraine et al. Table 3 / Fig. 7: learn a U-Net data-augmentation network by hypergradients"
 METHODS = ("none", "neumann", "unroll", "identity")
 
-Tree = dict[str, Tensor]
+Tree = T.Tree
 
 
 def algorithm1(params, raw, space, rule, loss, method: str, terms: int, hyper_lr: float, interval: int) -> OnlineTuner:

@@ -28,8 +28,11 @@ import torch.nn.functional as F
 
 from bilevel import _tree as T
 from bilevel.distill import DistilledData
-from bilevel.hypergradient import hypergradient, largest_eigenvalue
+from bilevel.hypergradient import largest_eigenvalue
+from bilevel.errors import NonFiniteError
 from bilevel.solvers import check_size
+from bilevel.tuner import OnlineTuner, TunerConfig
+from bilevel.updates import TorchOptimizer
 from .. import _common as C
 
 NAME = "distill"
@@ -111,41 +114,41 @@ def main(args, progress_factory=None, console=None) -> dict:
 
     w = {k: v.requires_grad_() for k, v in _logreg_init(dim, C_, dt, dev).items()}
     check_size(C.solver_from_args(args, alpha=1.0), T.numel(w))  # an exact solve refused before any training
-    opt, hopt = torch.optim.Adam(w.values(), lr=args.lr), torch.optim.Adam(h.values(), lr=args.hyper_lr)
+    # Algorithm 1 (bilevel.tuner.OnlineTuner on one model): torch.optim.Adam steps the weights, Adam the pixels
+    def as_raw(nat):  # the distilled points' hyperparameter has the identity transform: natural = raw
+        return {f"{distilled.name}/{k}": v for k, v in nat[distilled.name].items()}
+
+    def train_loss(p, nat, batch):
+        return inner(p, as_raw(nat))
+
+    def val_loss(p, nat, batch):
+        return F.cross_entropy(_forward(p, batch[0]), batch[1])
+
+    loop = OnlineTuner(T.detach(w), h, distilled.space, TorchOptimizer(torch.optim.Adam(w.values(), lr=args.lr), w),
+                       train_loss, val_loss, stacked=False,
+                       config=TunerConfig(tuned=distilled.space.names, implicit="loss", hyper_lr=args.hyper_lr,
+                                          interval=args.interval, on_divergence="raise"))
     val_curve, diverged_at = [], None
     adv = progress_factory(f"distill {args.dataset}", args.hyper_steps) if progress_factory else None
     for s in range(args.hyper_steps):
-        hd = T.detach(h)
         for _ in range(args.interval):
-            opt.zero_grad()
-            inner(w, hd).backward()
-            opt.step()
+            loop.step(None)
         idx = torch.randint(0, len(Xv), (min(args.val_batch, len(Xv)),), generator=gen).to(dev)
         xb, yb = Xv[idx], yv[idx]
-
-        def outer(p, _h, xb=xb, yb=yb):
-            return F.cross_entropy(_forward(p, xb), yb)
-
-        wd = T.detach(w)
+        wd, hd = T.detach(loop.params), T.detach(loop.raw)
         alpha = args.alpha
         if args.solver == "neumann" and alpha is None:
             alpha = 1.0 / max(largest_eigenvalue(wd, hd, inner=inner, iters=20), 1e-12)
+        loop.solver = C.solver_from_args(args, alpha=alpha, divergence="warn")
         try:
-            g = hypergradient(outer, wd, hd, inner=inner,
-                              solver=C.solver_from_args(args, alpha=alpha, divergence="warn"))
-        except Exception as exc:  # a non-finite hypergradient: record the run as diverged, keep the last pixels
-            from bilevel.errors import NonFiniteError
-
-            if not isinstance(exc, NonFiniteError):
-                raise
+            loop.hyper_step(None, (xb, yb))
+        except NonFiniteError:  # a non-finite hypergradient: record the run as diverged, keep the last pixels
             diverged_at = s
             break
-        for k in h:
-            h[k].grad = g[k]
-        hopt.step()
-        val_curve.append(float(outer(wd, hd)))
+        val_curve.append(float(val_loss(wd, None, (xb, yb))))
         if adv:
             adv(1)
+    h = T.detach(loop.raw)
 
     # evaluation: from scratch on the distilled images alone, and on random real images (baseline)
     def test_acc(hh):

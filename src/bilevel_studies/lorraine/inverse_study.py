@@ -34,6 +34,8 @@ from bilevel import _tree as T
 from bilevel.hparams import HyperParameterSpace, per_weight_decay
 from bilevel.hypergradient import hypergradient, largest_eigenvalue, linearise
 from bilevel.regularizers import PerWeightL2, l2_penalty
+from bilevel.tuner import OnlineTuner, TunerConfig
+from bilevel.updates import TorchOptimizer
 from bilevel.solvers import ConjugateGradient, Exact, Identity, Neumann, dense_jacobian
 from .. import _common as C
 
@@ -133,18 +135,21 @@ def main(args, progress_factory=None, console=None) -> dict:
     def outer(p, h):
         return ((Xva @ p["w"] + p["b"] - yva) ** 2).mean()
 
+    # Algorithm 1 (bilevel.tuner.OnlineTuner on one model): torch.optim.SGD steps the weights, Adam the decays
     w = {k: v.clone().requires_grad_() for k, v in params.items()}
-    h = {k: v.clone().requires_grad_() for k, v in raw.items()}
-    opt, hopt = torch.optim.SGD(w.values(), lr=args.lr), torch.optim.Adam(h.values(), lr=args.hyper_lr)
+    mse = lambda p, nat, batch: ((Xtr @ p["w"] + p["b"] - ytr) ** 2).mean()  # noqa: E731
+    val = lambda p, nat, batch: ((Xva @ p["w"] + p["b"] - yva) ** 2).mean()  # noqa: E731
+    loop = OnlineTuner(params, raw, space, TorchOptimizer(torch.optim.SGD(w.values(), lr=args.lr), w), mse, val,
+                       penalty=lambda p, nat: l2_penalty(p, nat["weight_decay"]),
+                       config=TunerConfig(tuned=("weight_decay",), implicit="loss", hyper_lr=args.hyper_lr,
+                                          interval=args.interval, on_divergence="raise"), stacked=False)
     checkpoints: list[dict] = []
     val_curve: list[float] = []
     adv = progress_factory("inverse-study: Algorithm 1 + comparisons", args.hyper_steps) if progress_factory else None
     for s in range(args.hyper_steps + 1):
         for _ in range(args.interval):
-            opt.zero_grad()
-            inner(w, {k: v.detach() for k, v in h.items()}).backward()
-            opt.step()
-        wd, hd = T.detach(w), T.detach(h)
+            loop.step(None)
+        wd, hd = T.detach(loop.params), T.detach(loop.raw)
         val_curve.append(float(outer(wd, hd)))
         if s % args.compare_every == 0 or s == args.hyper_steps:
             c = compare(outer, inner, wd, hd, args.max_steps, args.alpha)
@@ -153,10 +158,8 @@ def main(args, progress_factory=None, console=None) -> dict:
         if s == args.hyper_steps:
             break
         a = args.alpha if args.alpha is not None else 1.0 / largest_eigenvalue(wd, hd, inner=inner, iters=50)
-        g = hypergradient(outer, wd, hd, inner=inner, solver=C.solver_from_args(args, alpha=a))
-        for k in h:
-            h[k].grad = g[k]
-        hopt.step()
+        loop.solver = C.solver_from_args(args, alpha=a)
+        loop.hyper_step(None, None)
         if adv:
             adv(1)
     ks = list(range(args.max_steps + 1))

@@ -1,0 +1,1 @@
+"""Tests of the papers' studies (bilevel_studies): one file per study group; the library's own tests are in tests/."""

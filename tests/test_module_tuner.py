@@ -1,0 +1,449 @@
+"""bilevel.Tuner, the front door, against independent references: plain torch.optim loops, finite differences."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bilevel
+
+D = torch.float64
+_g = torch.Generator().manual_seed(0)
+X, Y = torch.randn(48, 3, generator=_g, dtype=D), torch.randn(48, 1, generator=_g, dtype=D)
+XV, YV = torch.randn(24, 3, generator=_g, dtype=D), torch.randn(24, 1, generator=_g, dtype=D)
+XC = torch.randn(48, 3, generator=_g, dtype=D)
+YC = (XC[:, 0] > 0).long() + (XC[:, 1] > 0).long()  # 3 classes
+XCV = torch.randn(24, 3, generator=_g, dtype=D)
+YCV = (XCV[:, 0] > 0).long() + (XCV[:, 1] > 0).long()
+
+
+def mlp(out=1, seed=1, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(3, 5)] + ([nn.BatchNorm1d(5)] if bn else []) + [nn.Tanh(), nn.Linear(5, out)]
+    return nn.Sequential(*layers).double()
+
+
+def loaders(x=X, y=Y, xv=XV, yv=YV, batch=8, val_batch=8):
+    return (DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False),
+            DataLoader(TensorDataset(xv, yv), batch_size=val_batch, shuffle=False))
+
+
+def torch_loop(model, opt, loader, epochs, loss=F.mse_loss, extra=None):
+    """The reference: a plain torch training loop over the same batches."""
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            value = loss(model(x), y)
+            if extra is not None:
+                value = value + extra(model)
+            value.backward()
+            opt.step()
+    return model
+
+
+def assert_same_weights(a, b, **tol):
+    tol = tol or dict(rtol=1e-12, atol=1e-14)
+    for (k, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------- (a) mode="none" is a plain torch loop
+
+
+@pytest.mark.parametrize("rule, torch_opt", [
+    (bilevel.optim.SGD(lr=0.05, momentum=0.5, weight_decay=1e-3),
+     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, weight_decay=1e-3)),
+    (bilevel.optim.Adam(lr=0.01, weight_decay=1e-3),
+     lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3)),
+])
+def test_mode_none_equals_torch_loop(rule, torch_opt):
+    train, val = loaders()
+    model = mlp()
+    tuner = bilevel.Tuner(model, F.mse_loss, rule, mode="none", progress=False).fit(train, val, epochs=2)
+    ref = mlp()
+    torch_loop(ref, torch_opt(ref.parameters()), train, epochs=2)
+    # equal to round-off: the tuner holds lr as 10 ** log10(lr) and steps w - u instead of w.add_(-lr * buf)
+    assert_same_weights(model, ref)
+    assert tuner.loop.t == 2 * len(train)
+    assert [h["step"] for h in tuner.history] == [6, 12]
+    with torch.no_grad():
+        ref_val = F.mse_loss(ref(XV), YV).item()
+    assert tuner.history[-1]["val_loss"] == pytest.approx(ref_val, rel=1e-10)
+    assert tuner.hparams["lr"] == pytest.approx(rule.lr, rel=1e-12)  # mode="none": nothing moves
+
+
+def test_torch_optimizer_is_converted_to_its_twin():
+    """A torch.optim.SGD given as optimizer= tunes its differentiable twin; mode="none" steps as torch does."""
+    train, val = loaders()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    tuner = bilevel.Tuner(model, F.mse_loss, opt, tune=("lr", "momentum"), mode="none", progress=False)
+    assert isinstance(tuner.rule, bilevel.optim.SGD) and tuner.rule.nesterov
+    tuner.fit(train, val, epochs=1)
+    ref = mlp()
+    torch_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, nesterov=True), train, epochs=1)
+    assert_same_weights(model, ref)
+
+
+# ---------------------------------------------------------------- (b) per-weight learning rates
+
+
+def test_per_element_learning_rates_have_each_parameters_shape_and_move_apart():
+    train, val = loaders()
+    model = mlp()
+    tuner = bilevel.Tuner(model, F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5),
+                          tune={"lr": "element", "momentum": "scalar"}, interval=3, progress=False)
+    lr = tuner.hparams["lr"]
+    assert set(lr) == {k for k, _ in model.named_parameters()}
+    for k, p in model.named_parameters():
+        assert lr[k].shape == p.shape
+        torch.testing.assert_close(lr[k], torch.full_like(p, 0.05))
+    tuner.fit(train, val, epochs=2)
+    lr = tuner.hparams["lr"]
+    for k, p in model.named_parameters():
+        assert lr[k].shape == p.shape and bool((lr[k] > 0).all())
+    flat = torch.cat([v.flatten() for v in lr.values()])
+    assert float(flat.std()) > 1e-4  # one value per weight, tuned apart
+    assert isinstance(tuner.hparams["momentum"], float)
+
+
+def test_per_tensor_learning_rates_are_zero_dim():
+    train, val = loaders()
+    tuner = bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05), tune={"lr": "tensor"}, interval=3,
+                          progress=False).fit(train, val, epochs=1)
+    assert all(v.dim() == 0 for v in tuner.hparams["lr"].values())
+    assert len({round(float(v), 12) for v in tuner.hparams["lr"].values()}) > 1
+
+
+# ---------------------------------------------------------------- (c) the hypergradient of lr vs finite differences
+
+
+def _regression(regime):
+    g = torch.Generator().manual_seed(3)
+    x, w_true = torch.randn(32, 4, generator=g, dtype=D), torch.randn(4, 1, generator=g, dtype=D)
+    xv = torch.randn(16, 4, generator=g, dtype=D)
+    # "under": validation agrees with training, w starts at 0 (more training helps, a larger lr lowers L_V);
+    # "over": validation optimum is the start, training pulls away from it (a larger lr raises L_V)
+    w_val = w_true if regime == "under" else torch.zeros(4, 1, dtype=D)
+    w0 = torch.zeros(1, 4, dtype=D) if regime == "under" else w_val.T.clone()
+    return x, x @ w_true, xv, xv @ w_val, w0
+
+
+def _linear(w0):
+    m = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        m.weight.copy_(w0)
+    return m
+
+
+@pytest.mark.parametrize("regime, sign", [("under", -1.0), ("over", 1.0)])
+def test_first_lr_hypergradient_matches_finite_differences(regime, sign):
+    """First hyperparameter step, hyper-optimiser plain SGD(h): Delta log10(lr) = -h dL_V/dlog10(lr).
+
+    Reference: central finite difference of the validation loss after T full-batch steps of a plain
+    torch.optim.SGD loop at lr * 10^(+-eps). Diff-through-Opt over the whole window (lookback = T) is the
+    exact derivative of that function; the IFT estimate (Neumann, 5 steps) has to agree in sign."""
+    x, y, xv, yv, w0 = _regression(regime)
+    T, lr, eps, h = 10, 0.02, 1e-4, 1e-3
+    train, val = loaders(x, y, xv, yv, batch=32, val_batch=16)
+
+    def val_after(lr_):
+        m = _linear(w0)
+        opt = torch.optim.SGD(m.parameters(), lr=lr_)
+        for _ in range(T):
+            opt.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            return F.mse_loss(m(xv), yv).item()
+
+    fd = (val_after(lr * 10 ** eps) - val_after(lr * 10 ** -eps)) / (2 * eps)
+    assert math.copysign(1.0, fd) == sign and abs(fd) > 1e-2  # the regimes are what they claim
+
+    measured = {}
+    for mode in ("unroll", "ift"):
+        tuner = bilevel.Tuner(_linear(w0), F.mse_loss, bilevel.optim.SGD(lr=lr), tune="lr", mode=mode, interval=T,
+                              lookback=T if mode == "unroll" else 5, hyper_optimizer=torch.optim.SGD, hyper_lr=h,
+                              progress=False)
+        tuner.fit(train, val, steps=T)
+        measured[mode] = (math.log10(lr) - math.log10(tuner.hparams["lr"])) / h
+    assert measured["unroll"] == pytest.approx(fd, rel=1e-6)
+    assert math.copysign(1.0, measured["ift"]) == sign
+    assert 0.2 * abs(fd) < abs(measured["ift"]) < 2 * abs(fd)
+
+
+def test_default_hyper_optimizer_moves_lr_the_right_way():
+    """Clarke et al.'s default Adam(0.05): the first step moves log10(lr) by 0.05 against the hypergradient's sign."""
+    for regime, direction in (("under", 1.0), ("over", -1.0)):
+        x, y, xv, yv, w0 = _regression(regime)
+        train, val = loaders(x, y, xv, yv, batch=32, val_batch=16)
+        tuner = bilevel.Tuner(_linear(w0), F.mse_loss, bilevel.optim.SGD(lr=0.02), tune="lr", progress=False)
+        tuner.fit(train, val, steps=10)
+        moved = math.log10(tuner.hparams["lr"]) - math.log10(0.02)
+        assert moved == pytest.approx(direction * 0.05, rel=1e-4)
+
+
+# ---------------------------------------------------------------- (d) PerWeightDecay with torch.optim.Adam
+
+
+def test_per_weight_decay_with_torch_adam():
+    train, val = loaders()
+    model = mlp()
+    penalty = bilevel.PerWeightDecay(model, init=1e-3)
+    tuner = bilevel.Tuner(model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=0.01), penalty=penalty,
+                          mode="none", progress=False).fit(train, val, epochs=2)
+    assert tuner.loop.cfg.implicit == "loss"
+    ref = mlp()
+    l2 = lambda m: 0.5 * sum((1e-3 * p ** 2).sum() for p in m.parameters())  # noqa: E731
+    torch_loop(ref, torch.optim.Adam(ref.parameters(), lr=0.01), train, epochs=2, extra=l2)
+    assert_same_weights(model, ref)
+    for k, v in tuner.hparams["l2"].items():
+        torch.testing.assert_close(v, torch.full_like(v, 1e-3))
+
+    # mode="ift": the decays move, one per weight, and stay positive
+    model = mlp()
+    tuner = bilevel.Tuner(model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=0.01),
+                          penalty=bilevel.PerWeightDecay(model, init=1e-3), interval=3, hyper_lr=0.2,
+                          progress=False).fit(train, val, epochs=2)
+    decays = torch.cat([v.flatten() for v in tuner.hparams["l2"].values()])
+    assert decays.numel() == sum(p.numel() for p in model.parameters())
+    assert bool((decays > 0).all())
+    assert float((decays.log10() + 3).abs().max()) > 0.1  # moved by more than 0.1 decade
+    assert float(decays.log10().std()) > 0.01              # and differently per weight
+
+
+def test_per_weight_decay_on_selected_parameters_only():
+    model = mlp()
+    penalty = bilevel.PerWeightDecay(model, init=1e-2, granularity="tensor", params=["0.weight", "2.weight"])
+    train, val = loaders()
+    tuner = bilevel.Tuner(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), penalty=penalty,
+                          mode="none", progress=False).fit(train, val, epochs=1)
+    assert set(tuner.hparams["l2"]) == {"0.weight", "2.weight"}
+    ref = mlp()
+    l2 = lambda m: 0.5 * 1e-2 * ((m[0].weight ** 2).sum() + (m[2].weight ** 2).sum())  # noqa: E731
+    torch_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05), train, epochs=1, extra=l2)
+    assert_same_weights(model, ref)
+
+
+# ---------------------------------------------------------------- (e) BatchNorm statistics
+
+
+class _WeightsSeen:
+    """Records the weights after every weight step (so the weights each step started from are known)."""
+
+    def __init__(self, params):
+        self.seen = [{k: v.detach().clone() for k, v in params.items()}]
+
+    def on_weight_step(self, loop):
+        self.seen.append({k: v.clone() for k, v in loop.params.items()})
+
+
+@pytest.mark.parametrize("mode", ["none", "ift", "unroll"])
+def test_batchnorm_statistics_updated_once_per_weight_step(mode):
+    train, val = loaders()
+    model = mlp(bn=True)
+    seen = _WeightsSeen(dict(model.named_parameters()))
+    tuner = bilevel.Tuner(model, F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5), tune=("lr", "momentum"),
+                          mode=mode, interval=3, lookback=2, callbacks=[seen], progress=False).fit(train, val, epochs=2)
+    bn = model[1]
+    assert int(bn.num_batches_tracked) == 2 * len(train)  # hypergradient evaluations did not count
+    assert model.training  # left as found
+    # reference: a fresh module in train mode, run once per weight step on that step's batch at the weights
+    # the step started from -- BatchNorm's own running-average update, nothing else
+    ref = mlp(bn=True)
+    batches = [x for _ in range(2) for x, _ in train]
+    assert len(seen.seen) == len(batches) + 1
+    with torch.no_grad():
+        for w, x in zip(seen.seen, batches):
+            for k, p in ref.named_parameters():
+                p.copy_(w[k])
+            ref(x)
+    torch.testing.assert_close(bn.running_mean, ref[1].running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, ref[1].running_var, rtol=1e-12, atol=1e-14)
+    if mode == "none":  # and the weights are those of a plain torch loop
+        ref = mlp(bn=True)
+        torch_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.5), train, epochs=2)
+        assert_same_weights(model, ref)
+        torch.testing.assert_close(bn.running_mean, ref[1].running_mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(bn.running_var, ref[1].running_var, rtol=1e-12, atol=1e-14)
+        # the validation loss is evaluated in eval mode, with the running statistics
+        ref.eval()
+        with torch.no_grad():
+            assert tuner.history[-1]["val_loss"] == pytest.approx(F.mse_loss(ref(XV), YV).item(), rel=1e-10)
+    else:
+        assert tuner.hparams["lr"] != pytest.approx(0.05, rel=1e-3)
+
+
+# ---------------------------------------------------------------- (f) custom losses
+
+
+def test_custom_train_and_val_losses_on_dict_batches():
+    data = [{"x": X[i:i + 8], "y": Y[i:i + 8]} for i in range(0, 48, 8)]
+    vdata = [{"x": XV[i:i + 12], "y": YV[i:i + 12]} for i in range(0, 24, 12)]
+    calls = {"train": 0, "val": 0}
+
+    def train_loss(model, batch):
+        calls["train"] += 1
+        return F.smooth_l1_loss(model(batch["x"]), batch["y"])
+
+    def val_loss(model, batch):
+        calls["val"] += 1
+        return (model(batch["x"]) - batch["y"]).abs().mean()
+
+    model = mlp()
+    tuner = bilevel.Tuner(model, optimizer=bilevel.optim.SGD(lr=0.1, momentum=0.5), train_loss=train_loss,
+                          val_loss=val_loss, mode="none", progress=False).fit(data, vdata, epochs=2)
+    ref = mlp()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
+    for _ in range(2):
+        for b in data:
+            opt.zero_grad()
+            F.smooth_l1_loss(ref(b["x"]), b["y"]).backward()
+            opt.step()
+    assert_same_weights(model, ref)
+    with torch.no_grad():
+        ref_val = sum((ref(b["x"]) - b["y"]).abs().mean().item() * 12 for b in vdata) / 24
+    assert tuner.history[-1]["val_loss"] == pytest.approx(ref_val, rel=1e-10)
+    assert calls["train"] == 12 and calls["val"] == 2 * len(vdata)
+
+    # tuned: the hypergradient uses val_loss on the validation batches (it moves lr)
+    tuner = bilevel.Tuner(mlp(), optimizer=bilevel.optim.SGD(lr=0.1, momentum=0.5), train_loss=train_loss,
+                          val_loss=val_loss, interval=3, progress=False).fit(data, vdata, epochs=1)
+    assert tuner.hparams["lr"] != pytest.approx(0.1, rel=1e-3)
+
+
+def test_loss_fn_needs_input_target_batches():
+    model = mlp()
+    tuner = bilevel.Tuner(model, F.mse_loss, bilevel.optim.SGD(lr=0.1), mode="none", progress=False)
+    with pytest.raises(ValueError, match="inputs, target"):
+        tuner.fit([X[:8]], [XV], epochs=1)
+
+
+# ---------------------------------------------------------------- (g) population
+
+
+def test_population_best_and_member_zero():
+    train, val = loaders(XC, YC, XCV, YCV)
+    rule = bilevel.optim.SGD(lr=0.1, momentum=0.5)
+    model = mlp(out=3)
+    tuner = bilevel.Tuner(model, F.cross_entropy, rule, tune=("lr", "momentum"), population=3, interval=3,
+                          progress=False).fit(train, val, epochs=2)
+    val_losses = tuner.evaluate(val)
+    assert val_losses.shape == (3,) and bool(torch.isfinite(val_losses).all())
+    assert len(set(val_losses.tolist())) == 3  # three different members
+    assert tuner.best == int(torch.argmin(val_losses))
+    assert tuner.history[-1]["val_loss"] == pytest.approx(float(val_losses.min()), rel=1e-12)
+    for k, p in model.named_parameters():  # the model holds the best member
+        torch.testing.assert_close(p.detach(), tuner.loop.params[k][tuner.best], rtol=0, atol=0)
+    with torch.no_grad():
+        direct = F.cross_entropy(model(XCV), YCV).item()
+    assert direct == pytest.approx(float(val_losses.min()), rel=1e-10)
+
+    # member 0 starts from the model's weights: in mode="none" it is the population-of-one run
+    many = bilevel.Tuner(mlp(out=3), F.cross_entropy, rule, population=3, mode="none",
+                         progress=False).fit(train, val, epochs=2)
+    one_model = mlp(out=3)
+    bilevel.Tuner(one_model, F.cross_entropy, rule, mode="none", progress=False).fit(train, val, epochs=2)
+    for k, p in one_model.named_parameters():
+        torch.testing.assert_close(many.loop.params[k][0], p.detach(), rtol=1e-12, atol=1e-14)
+    # and the other members are different initialisations
+    assert not torch.allclose(many.loop.params["0.weight"][1], many.loop.params["0.weight"][0])
+
+
+# ---------------------------------------------------------------- (h) edges and bad inputs
+
+
+def test_momentum_zero_warns_and_moves():
+    train, val = loaders()
+    with pytest.warns(UserWarning, match=r"momentum=0\.0 lies on the edge"):
+        tuner = bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.0),
+                              tune=("lr", "momentum"), interval=3, progress=False)
+    assert tuner.hparams["momentum"] == pytest.approx(0.01, rel=1e-9)
+    tuner.fit(train, val, epochs=1)
+    assert tuner.hparams["momentum"] != pytest.approx(0.01, rel=1e-3)
+    assert 0 < tuner.hparams["momentum"] < 1
+
+
+def test_no_warning_for_interior_values():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5), progress=False)
+
+
+def test_lr_zero_is_refused():
+    with pytest.raises(ValueError, match="lr=0.0.*must be > 0"):
+        bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.0, momentum=0.5), tune="lr", progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tune="betas"), r"cannot tune \['betas'\]"),
+    (dict(tune={"lr": "per-weight"}), r"unknown granularity 'per-weight'"),
+    (dict(tune=()), "tune is empty"),
+    (dict(population=0), "population must be an integer >= 1"),
+    (dict(mode="hyper"), "unknown mode 'hyper'"),
+])
+def test_bad_construction_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5), progress=False, **kwargs)
+
+
+def test_bad_fit_inputs_raise():
+    train, val = loaders()
+    empty = DataLoader(TensorDataset(X[:0], Y[:0]), batch_size=8)
+    tuner = bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05), interval=3, progress=False)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
+        tuner.fit(train, val, epochs=0)
+    with pytest.raises(ValueError, match="train_loader is empty"):
+        tuner.fit(empty, val)
+    with pytest.raises(ValueError, match="val_loader is empty"):
+        tuner.fit(train, empty)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        tuner.fit(train, val, steps=0)
+    with pytest.raises(ValueError, match="no len"):
+        tuner.fit((b for b in train), val)
+    assert tuner.loop.t == 0  # every check above came before any weight step
+    with pytest.raises(ValueError, match="val_loader yielded no batches"):  # no len(): found when first used
+        tuner.fit(train, (b for b in empty))
+    with pytest.raises(TypeError, match="nn.Module"):
+        bilevel.Tuner(lambda x: x, F.mse_loss, bilevel.optim.SGD())
+    with pytest.raises(ValueError, match="optimizer"):
+        bilevel.Tuner(mlp(), F.mse_loss)
+    with pytest.raises(ValueError, match="loss_fn"):
+        bilevel.Tuner(mlp(), optimizer=bilevel.optim.SGD())
+    with pytest.raises(ValueError, match="population > 1"):
+        m = mlp()
+        bilevel.Tuner(m, F.mse_loss, torch.optim.Adam(m.parameters()), penalty=bilevel.PerWeightDecay(m), population=2)
+
+
+# ---------------------------------------------------------------- (i) resume
+
+
+@pytest.mark.parametrize("mode", ["ift", "unroll"])
+def test_state_dict_resume_is_bit_for_bit(mode):
+    # 6 weight steps per epoch, a hyperparameter step every 4 (it straddles the epoch boundary),
+    # 3 validation batches (the validation cycle does not restart with the epoch)
+    train, val = loaders(batch=8, val_batch=8)
+    kw = dict(optimizer=bilevel.optim.SGD(lr=0.05, momentum=0.5, weight_decay=1e-3),
+              tune=("lr", "momentum", "weight_decay"), interval=4, lookback=3, mode=mode, progress=False)
+    whole = mlp(bn=True)
+    t_whole = bilevel.Tuner(whole, F.mse_loss, **kw).fit(train, val, epochs=2)
+
+    first = mlp(bn=True)
+    t_first = bilevel.Tuner(first, F.mse_loss, **kw).fit(train, val, epochs=1)
+    sd = copy.deepcopy(t_first.state_dict())
+    resumed = mlp(bn=True)
+    t_resumed = bilevel.Tuner(resumed, F.mse_loss, **kw)
+    t_resumed.load_state_dict(sd)
+    t_resumed.fit(train, val, epochs=1)
+
+    for (k, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), k
+    assert t_whole.hparams == t_resumed.hparams
+    assert t_whole.history == t_resumed.history
+    assert t_whole.hparams["lr"] != 0.05  # something was tuned
