@@ -16,22 +16,27 @@ and of the current tree (the installed console script), then compare::
     python benchmarks/studies_before_after.py run --cli /work/main/.venv/bin/bilevel --out /tmp/after_runs
     python benchmarks/studies_before_after.py compare /tmp/before_runs /tmp/after_runs [--markdown table.md]
 
-``--cli`` takes any command prefix (split like a shell would), e.g. the equivalent of ``--src`` by hand::
+``--cli`` (alias ``--python-cmd``) takes any command prefix, split like a shell would; ``--src DIR`` is short for
+``--cli "env PYTHONPATH=DIR PYTHON -c 'import sys; from bilevel.cli import main; sys.exit(main())'" --cwd DIR/..``
+and also checks that ``bilevel`` then resolves under DIR (an editable install of another tree must not win).
+Ray Tune's workers (asha-pbt) inherit PYTHONPATH, so they import the same tree.
 
-    --cli "env PYTHONPATH=/tmp/before/src .venv/bin/python -c 'import sys; from bilevel.cli import main; sys.exit(main())'"
-
-Other options: ``--only clarke,demo`` (a subset), ``--overwrite`` (replace existing study directories), ``--timeout``
-(seconds per study, default 600), ``--cwd`` (working directory of the commands; with ``--src`` its parent).
+``compare --deep`` compares every JSON file under each study's directory (parts/, methods/, sensitivity's
+per-cell runs; Ray Tune's own ray/ excluded), keyed by relative file path: finer, but files that the redesign
+renames show up as missing/added keys. Other ``run`` options: ``--only clarke,demo`` (a subset), ``--overwrite``
+(replace existing study directories), ``--timeout`` (seconds per study, default 600), ``--cwd`` (working directory
+of the commands; with ``--src`` its parent).
 ``list`` prints the commands. Every command gets ``--seed 0`` and ``--threads 1`` (``demo`` has no --threads
 option), and every run gets ``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``, ``MPLBACKEND=Agg`` and ``BILEVEL_DATA``
-(default /work/shared/data, or the environment's). Each configuration runs in well under a minute on one CPU thread
-of an idle machine.
+(default /work/shared/data, or the environment's). Each configuration runs in 5-55 s on one CPU thread of a
+2-core Xeon (about 7 minutes for all 14 on a loaded machine, under 5 on an idle one).
 
 ``compare`` skips timing leaves (a dict key on the path containing ``seconds``, ``time``, ``elapsed`` or ``wall``,
 case-insensitive); numbers are ints, floats, bools and nulls (NaN equals NaN; a null against a number differs).
 Keys missing/added are numeric leaves present only in BEFORE / only in AFTER; a leaf that is numeric on one side
 and not on the other counts as compared and differing. Non-numeric leaves (strings) that differ are listed below
-the table but do not count. Exit status 0 only when every study ran on both sides, every compared number is
+the table but do not count (Ray Tune's trial ids in asha-pbt's PBT mutations, e.g. ``d49ba_00003``, are random
+per run). Exit status 0 only when every study ran on both sides, every compared number is
 identical and no numeric key is missing from AFTER (added keys are reported but allowed).
 """
 
@@ -121,9 +126,14 @@ def which_bilevel(prefix: list[str], env: dict[str, str], cwd: Path) -> dict:
     py = _interpreter(cmd)
     if py is None:
         return {"error": f"cannot tell the interpreter of {prefix!r}"}
-    code = ("import json, bilevel, bilevel.cli as c; "
-            "print(json.dumps({'bilevel': bilevel.__file__, 'cli': c.__file__, "
-            "'version': getattr(bilevel, '__version__', None)}))")
+    code = ("import importlib, json, bilevel\n"
+            "found = {'bilevel': bilevel.__file__, 'version': getattr(bilevel, '__version__', None)}\n"
+            "for m in ('bilevel.cli', 'bilevel_studies.cli', 'bilevel_studies'):\n"
+            "    try:\n"
+            "        found[m] = importlib.import_module(m).__file__\n"
+            "    except ImportError:\n"
+            "        pass\n"
+            "print(json.dumps(found))")
     p = subprocess.run([py, "-c", code], env={**env, **extra}, cwd=cwd, capture_output=True, text=True)
     if p.returncode:
         return {"python": py, "error": p.stderr.strip()[-2000:]}
@@ -307,7 +317,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         ran = [m["studies"].get(name) for m in manifests]
         argvs = [(i or {}).get("argv") for i in ran]
         shown = [[*v[:-2], "--out", f"ROOT/{name}"] if v and v[-2] == "--out" else v for v in argvs]
-        known = [v for v in shown if v] or ([[*study_argv(name), "--out", f"ROOT/{name}"]] if name in STUDIES else [[name]])
+        default = [*study_argv(name), "--out", f"ROOT/{name}"] if name in STUDIES else [name]
+        known = [v for v in shown if v] or [default]
         cmd = ("bilevel " + shlex.join(known[0])).replace("|", "\\|")
         problems = []
         if len(known) == 2 and known[0] != known[1]:
@@ -320,7 +331,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
                 problems.append(f"{side}: {status if status != 'ok' else 'no results.json'}")
                 docs.append(None)
             else:
-                docs.append(_relocate(json.loads(path.read_text()), str(r.resolve() / name), f"ROOT/{name}"))
+                doc = json.loads(path.read_text()) if not a.deep else {
+                    str(f.relative_to(r / name)): json.loads(f.read_text())
+                    for f in sorted((r / name).rglob("*.json")) if "ray" not in f.relative_to(r / name).parts}
+                docs.append(_relocate(doc, str(r.resolve() / name), f"ROOT/{name}"))
         walls = " / ".join(f"{(i or {}).get('wall_seconds', '-')}" for i in ran)
         if problems:
             ok = False
@@ -348,7 +362,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     heads = []
     for side, m in zip(("before", "after"), manifests):
         imp, git = m.get("imports", {}), m.get("git", {})
-        heads.append(f"* {side}: bilevel from `{imp.get('bilevel', '?')}` (cli `{imp.get('cli', '?')}`), "
+        cli = imp.get("bilevel.cli") or imp.get("bilevel_studies.cli") or imp.get("cli", "?")
+        heads.append(f"* {side}: bilevel from `{imp.get('bilevel', '?')}` (cli `{cli}`), "
                      f"commit {git.get('commit', '?')}, {git.get('dirty_files', '?')} uncommitted files")
     text = "\n".join([*heads, "", *lines, "", *details])
     print(text)
@@ -383,6 +398,8 @@ def main() -> int:
     p.add_argument("after")
     p.add_argument("--markdown", default=None, help="also write the report to this file")
     p.add_argument("--show", type=int, default=10, help="differing keys listed per study")
+    p.add_argument("--deep", action="store_true", help="compare every *.json under each study's directory (parts/, "
+                   "methods/, sensitivity's cells; not Ray Tune's ray/), keyed by file, instead of results.json only")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("list", help="print the commands")
     p.set_defaults(func=cmd_list)

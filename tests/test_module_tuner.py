@@ -33,17 +33,22 @@ def loaders(x=X, y=Y, xv=XV, yv=YV, batch=8, val_batch=8):
             DataLoader(TensorDataset(xv, yv), batch_size=val_batch, shuffle=False))
 
 
-def torch_loop(model, opt, loader, epochs, loss=F.mse_loss, extra=None):
-    """The reference: a plain torch training loop over the same batches."""
+def torch_loop(model, opt, loader, epochs, loss=F.mse_loss, extra=None, epoch_means=None):
+    """The reference: a plain torch training loop over the same batches (``epoch_means``: gets each epoch's
+    mean training loss, without ``extra``)."""
     model.train()
     for _ in range(epochs):
+        seen = []
         for x, y in loader:
             opt.zero_grad()
             value = loss(model(x), y)
+            seen.append(value.item())
             if extra is not None:
                 value = value + extra(model)
             value.backward()
             opt.step()
+        if epoch_means is not None:
+            epoch_means.append(sum(seen) / len(seen))
     return model
 
 
@@ -66,8 +71,8 @@ def test_mode_none_equals_torch_loop(rule, torch_opt):
     train, val = loaders()
     model = mlp()
     tuner = bilevel.Tuner(model, F.mse_loss, rule, mode="none", progress=False).fit(train, val, epochs=2)
-    ref = mlp()
-    torch_loop(ref, torch_opt(ref.parameters()), train, epochs=2)
+    ref, means = mlp(), []
+    torch_loop(ref, torch_opt(ref.parameters()), train, epochs=2, epoch_means=means)
     # equal to round-off: the tuner holds lr as 10 ** log10(lr) and steps w - u instead of w.add_(-lr * buf)
     assert_same_weights(model, ref)
     assert tuner.loop.t == 2 * len(train)
@@ -75,6 +80,7 @@ def test_mode_none_equals_torch_loop(rule, torch_opt):
     with torch.no_grad():
         ref_val = F.mse_loss(ref(XV), YV).item()
     assert tuner.history[-1]["val_loss"] == pytest.approx(ref_val, rel=1e-10)
+    assert [h["train_loss"] for h in tuner.history] == pytest.approx(means, rel=1e-10)
     assert tuner.hparams["lr"] == pytest.approx(rule.lr, rel=1e-12)  # mode="none": nothing moves
 
 
@@ -201,8 +207,10 @@ def test_per_weight_decay_with_torch_adam():
     assert tuner.loop.cfg.implicit == "loss"
     ref = mlp()
     l2 = lambda m: 0.5 * sum((1e-3 * p ** 2).sum() for p in m.parameters())  # noqa: E731
-    torch_loop(ref, torch.optim.Adam(ref.parameters(), lr=0.01), train, epochs=2, extra=l2)
+    means = []
+    torch_loop(ref, torch.optim.Adam(ref.parameters(), lr=0.01), train, epochs=2, extra=l2, epoch_means=means)
     assert_same_weights(model, ref)
+    assert [h["train_loss"] for h in tuner.history] == pytest.approx(means, rel=1e-10)  # the penalty is not in it
     for k, v in tuner.hparams["l2"].items():
         torch.testing.assert_close(v, torch.full_like(v, 1e-3))
 
@@ -345,13 +353,18 @@ def test_population_best_and_member_zero():
         direct = F.cross_entropy(model(XCV), YCV).item()
     assert direct == pytest.approx(float(val_losses.min()), rel=1e-10)
 
-    # member 0 starts from the model's weights: in mode="none" it is the population-of-one run
-    many = bilevel.Tuner(mlp(out=3), F.cross_entropy, rule, population=3, mode="none",
+    # member 0 starts from the model's weights: in mode="none" it is the population-of-one run (BatchNorm
+    # statistics included: each member keeps its own)
+    many = bilevel.Tuner(mlp(out=3, bn=True), F.cross_entropy, rule, population=3, mode="none",
                          progress=False).fit(train, val, epochs=2)
-    one_model = mlp(out=3)
-    bilevel.Tuner(one_model, F.cross_entropy, rule, mode="none", progress=False).fit(train, val, epochs=2)
+    one_model = mlp(out=3, bn=True)
+    one = bilevel.Tuner(one_model, F.cross_entropy, rule, mode="none", progress=False).fit(train, val, epochs=2)
     for k, p in one_model.named_parameters():
         torch.testing.assert_close(many.loop.params[k][0], p.detach(), rtol=1e-12, atol=1e-14)
+    for k, b in one_model.named_buffers():
+        torch.testing.assert_close(many._buffers[k][0], b, rtol=1e-12, atol=1e-14)
+    assert int(one_model[1].num_batches_tracked) == 12 and many._buffers["1.num_batches_tracked"].tolist() == [12] * 3
+    assert float(many.evaluate(val)[0]) == pytest.approx(one.history[-1]["val_loss"], rel=1e-10)
     # and the other members are different initialisations
     assert not torch.allclose(many.loop.params["0.weight"][1], many.loop.params["0.weight"][0])
 
@@ -374,6 +387,31 @@ def test_no_warning_for_interior_values():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5), progress=False)
+
+
+@pytest.mark.parametrize("rule, tuned", [
+    (bilevel.optim.SGD(lr=0.05), ["lr"]),
+    (bilevel.optim.SGD(lr=0.05, momentum=0.9), ["lr", "momentum"]),
+    (bilevel.optim.SGD(lr=0.05, weight_decay=1e-4), ["lr", "weight_decay"]),
+    (bilevel.optim.Adam(lr=0.01), ["lr"]),
+    (bilevel.optim.AdamW(lr=0.01), ["lr", "weight_decay"]),
+])
+def test_default_tune_is_what_the_optimiser_uses(rule, tuned):
+    """By default lr and the non-zero momentum / weight decay are tuned: nothing is moved off a 0 silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuner = bilevel.Tuner(mlp(), F.mse_loss, rule, progress=False)
+    assert list(tuner.hparams) == tuned
+
+
+def test_mode_none_with_defaults_is_the_users_optimiser():
+    """SGD without momentum or decay, defaults otherwise: the fixed baseline is exactly that optimiser."""
+    train, val = loaders()
+    model = mlp()
+    bilevel.Tuner(model, F.mse_loss, bilevel.optim.SGD(lr=0.05), mode="none", progress=False).fit(train, val, epochs=1)
+    ref = mlp()
+    torch_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05), train, epochs=1)
+    assert_same_weights(model, ref)
 
 
 def test_lr_zero_is_refused():

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RandomLRMultiplier", "EveryStep"]
+__all__ = ["RandomLRMultiplier", "EveryStep", "TensorBoardLogger"]
 
 
 class RandomLRMultiplier:
@@ -49,3 +49,56 @@ class EveryStep:
 
     def on_weight_step(self, tuner: Any) -> None:
         self.fn(tuner)
+
+
+class TensorBoardLogger:
+    """Live curves in TensorBoard: losses and every hyperparameter of the loop, written as event files.
+
+    Every ``every`` weight steps it writes the training loss of the step just taken, and at every
+    record of the loop (:meth:`bilevel.tuner.OnlineTuner.record`) its training / validation / test
+    losses, plus each hyperparameter's mean natural value. For a population (P > 1) each quantity is
+    written as its median and its 25 % / 75 % quantiles over the members that have not diverged,
+    plus the values of the first ``members`` members. Needs the optional ``tensorboard`` package
+    (``pip install "bilevel[tensorboard]"``); view with ``tensorboard --logdir LOG_DIR``.
+    """
+
+    def __init__(self, log_dir: str, every: int = 10, members: int = 3) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
+        if every < 1 or members < 0:
+            raise ValueError(f"TensorBoardLogger needs every >= 1 and members >= 0, got every={every}, members={members}")
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.every, self.members = every, members
+
+    def _scalars(self, tag: str, values: Any, alive: Any, step: int) -> None:
+        vals = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+        ok = vals[torch.as_tensor(alive).reshape(-1).cpu() & torch.isfinite(vals)]
+        if vals.numel() == 1:
+            if ok.numel():
+                self.writer.add_scalar(tag, float(ok[0]), step)
+            return
+        if ok.numel():
+            q = torch.quantile(ok, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+            self.writer.add_scalars(tag, {"q25": float(q[0]), "median": float(q[1]), "q75": float(q[2])}, step)
+        for i in range(min(self.members, vals.numel())):
+            if torch.isfinite(vals[i]):
+                self.writer.add_scalar(f"{tag}/member_{i}", float(vals[i]), step)
+
+    def on_weight_step(self, tuner: Any) -> None:
+        if tuner.t % self.every == 0 and getattr(tuner, "last_losses", None) is not None:
+            self._scalars("loss/train_step", tuner.last_losses.detach().cpu(), tuner.alive.cpu(), tuner.t)
+
+    def on_record(self, tuner: Any) -> None:
+        h = tuner.history
+        for name, store in (("train", h.train_loss), ("val", h.val_loss), ("test", h.test_loss)):
+            if store and store[0] and len(h.step) == len(store[0]):
+                vals = [m[-1] if m[-1] is not None else float("nan") for m in store]
+                self._scalars(f"loss/{name}", vals, tuner.alive.cpu(), tuner.t)
+        for name, v in tuner.describe().items():
+            self._scalars(f"hparam/{name}", v.cpu(), tuner.alive.cpu(), tuner.t)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

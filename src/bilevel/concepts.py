@@ -12,8 +12,9 @@ concept            inner update after the outer step x_t -> x_{t+1}            r
                    (re-train from y_0 to convergence; Def. 3.1)
 ``warm-full``      y_{t+1} = argmin_{y in S(x_{t+1})} ||y - y_t||^2             the same, at y_t's projection
                    (re-train from y_t to convergence; App. C, approach 1)
-``warm-partial``   K gradient steps from y_t on f(x_{t+1}, .) -- approximately  -(d2f/dy2 + eps I)^{-1} d2f/dydx
-                   argmin_y f(x_{t+1}, y) + eps/2 ||y - y_t||^2 (eq. 3, Def. 3.2)  (eq. 4, App. E.1), eps = 1/(K lr)
+``warm-partial``   K gradient steps from y_t on f(x_{t+1}, .) --                -(d2f/dy2 + eps I)^{-1} d2f/dydx
+                   approximately argmin_y f(x_{t+1}, y) + eps/2 ||y - y_t||^2   (eq. 4, App. E.1), eps = 1/(K lr)
+                   (eq. 3, Def. 3.2)
 =================  ==========================================================  =========================================
 
 Gradient descent from y_s on an inner problem whose solution set is affine
@@ -81,7 +82,9 @@ from . import _tree as T
 from .errors import check_finite
 from .hypergradient import Loss, _validate, hypergradient
 from .solvers import ConjugateGradient, Exact, Neumann
+from .tuner import OnlineTuner, TunerConfig
 from .unroll import unrolled_hypergradient
+from .updates import SGD
 
 Tree = T.Tree
 MethodName = Literal["unroll", "neumann", "proximal"]
@@ -357,45 +360,70 @@ def concept(name: str, **kwargs: Any) -> Concept:
 # ---------------------------------------------------------------------------- the joint loop
 
 
-@dataclass
 class BilevelOptimizer:
-    """Alternating outer and inner updates under a solution concept (Table 1; App. F Alg. 1 and 3).
+    """Vicol et al.'s alternating updates (Table 1; App. F Alg. 1 and 3) on the one online loop.
 
     Each :meth:`step`::
 
         x_{t+1} = OuterOpt(x_t, dF/dx(x_t, y_t))     (the hypergradient of ``method`` at y_t)
-        y_{t+1} = concept.respond(y_t or y_0, x_{t+1})
+        y_{t+1} = the concept's response from y_t or y_0 to x_{t+1}
 
-    ``cold`` and ``warm-full`` first solve the inner problem for x_0 (so every
-    hypergradient is taken at a best response); ``warm-partial`` starts from y_0
-    as given (Alg. 1). ``outer`` is F(y, x), ``inner`` f(y, x), both
-    ``(params, hparams) -> scalar``. ``hparams`` are the raw outer parameters (a
-    :class:`bilevel.hparams.HyperParameterSpace`'s raw dict, e.g. a
-    :class:`bilevel.distill.DistilledData`), updated in place by
-    ``outer_optimizer(list(hparams.values()), lr=outer_lr)``.
+    The weights, hyperparameters, outer optimiser and the application of each hypergradient are
+    those of a :class:`bilevel.tuner.OnlineTuner` on one model (:attr:`loop`, gradient descent
+    with ``concept.inner_lr``). ``warm-partial`` (without ``prox_eps`` or ``closed_form``) responds
+    with ``inner_steps`` of the loop's own weight steps, i.e. Algorithm 1 with the hyperparameter
+    step first; ``cold`` and ``warm-full`` re-solve the inner problem to convergence
+    (:meth:`Concept.respond`), first for x_0, so every hypergradient is taken at a best response.
+    ``outer`` is F(y, x), ``inner`` f(y, x), both ``(params, hparams) -> scalar``; ``hparams``
+    are the raw outer parameters (any keys, e.g. a :class:`bilevel.distill.DistilledData`'s raw
+    dict), updated by ``outer_optimizer(list(hparams.values()), lr=outer_lr)``.
     """
 
-    inner: Loss
-    outer: Loss
-    params: Tree
-    hparams: Tree
-    concept: Concept
-    method: HypergradientMethod
-    outer_lr: float = 1e-2
-    outer_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD
-    initial: Tree = field(init=False)
-    t: int = field(init=False, default=0)
-    inner_steps_taken: int = field(init=False, default=0)
+    def __init__(self, inner: Loss, outer: Loss, params: Tree, hparams: Tree, concept: Concept,
+                 method: HypergradientMethod, outer_lr: float = 1e-2,
+                 outer_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD) -> None:
+        _validate(params, hparams)
+        self.inner, self.outer, self.concept, self.method = inner, outer, concept, method
+        self.outer_lr, self.outer_optimizer = outer_lr, outer_optimizer
+        cfg = TunerConfig(tuned=tuple(hparams), hyper_lr=outer_lr, hyper_optimizer=outer_optimizer,
+                          on_divergence="raise", interval=max(1, concept.inner_steps))
+        self.loop = OnlineTuner(params, hparams, None, SGD(lr=concept.inner_lr), lambda p, h, ctx: inner(p, h),
+                                lambda p, h, ctx: outer(p, h), config=cfg, stacked=False)
+        self.t = 0
+        self.inner_steps_taken = 0
+        if concept.name != "warm-partial":
+            self._respond()
 
-    def __post_init__(self) -> None:
-        _validate(self.params, self.hparams)
-        self.params = {k: v.detach().clone() for k, v in self.params.items()}
-        self.initial = {k: v.clone() for k, v in self.params.items()}
-        self.hparams = {k: v.detach().clone().requires_grad_(True) for k, v in self.hparams.items()}
-        self.opt = self.outer_optimizer(list(self.hparams.values()), lr=self.outer_lr)
-        if self.concept.name != "warm-partial":
-            self.params, n = self.concept.respond(self.inner, self.params, self.initial, self.hparams)
-            self.inner_steps_taken += n
+    @property
+    def params(self) -> Tree:
+        return self.loop.params
+
+    @property
+    def hparams(self) -> Tree:
+        return self.loop.raw
+
+    @property
+    def initial(self) -> Tree:
+        return self.loop.initial_params
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        """The outer optimiser (replace it to use parameter groups)."""
+        return self.loop.hyper_opt  # type: ignore[return-value]
+
+    @opt.setter
+    def opt(self, value: torch.optim.Optimizer) -> None:
+        self.loop.hyper_opt = value
+
+    def _respond(self) -> None:
+        c = self.concept
+        if c.name == "warm-partial" and not c.prox_eps and c.closed_form is None:
+            for _ in range(c.inner_steps):
+                self.loop.step(None)
+            self.inner_steps_taken += c.inner_steps
+            return
+        self.loop.params, n = c.respond(self.inner, self.loop.params, self.loop.initial_params, self.loop.raw)
+        self.inner_steps_taken += n
 
     def losses(self) -> dict[str, float]:
         """Current outer F(y_t, x_t) and inner f(y_t, x_t)."""
@@ -406,12 +434,8 @@ class BilevelOptimizer:
     def step(self) -> Tree:
         """One outer step then the concept's inner response; returns the hypergradient used."""
         g = self.method(self.outer, self.params, T.detach(self.hparams), inner=self.inner)
-        for k, v in self.hparams.items():
-            v.grad = g[k].to(v.dtype)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.params, n = self.concept.respond(self.inner, self.params, self.initial, self.hparams)
-        self.inner_steps_taken += n
+        self.loop.apply_hypergradient(g)
+        self._respond()
         self.t += 1
         return g
 

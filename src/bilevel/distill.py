@@ -64,25 +64,24 @@ class DistilledData:
     ``soft_labels=True`` (the labels can then move to the missing classes) but is allowed
     either way.
 
-    Parameters
-    ----------
-    shape:
-        Shape of one input, e.g. ``(28, 28)``, ``(3, 32, 32)`` or ``(2,)``.
-    num_classes:
-        Number of classes ``C`` (>= 1).
-    per_class:
-        Learned points per class ``k`` (>= 1).
-    num_points:
-        Total number of points ``n`` (>= 1), labels round-robin; replaces ``per_class``
-        (which must then be left at 1). ``None``: ``k * C`` points, ``k`` per class.
-    soft_labels:
-        Learn the targets as ``softmax(label_logits)`` (one ``C``-vector per point).
-    name:
-        Hyperparameter name (raw-dict key prefix; no ``"/"``).
-    point_bound:
-        ``None`` (default): the raw ``"<name>/x"`` are the inputs. ``R > 0``: the inputs are
-        ``R tanh(raw / R)`` (:class:`bilevel.hparams.ScaledTanh`), inside ``(-R, R)`` coordinate-wise
-        (:meth:`init` moves initial coordinates outside the box 1e-6 inside it).
+    Args:
+        shape:
+            Shape of one input, e.g. ``(28, 28)``, ``(3, 32, 32)`` or ``(2,)``.
+        num_classes:
+            Number of classes ``C`` (>= 1).
+        per_class:
+            Learned points per class ``k`` (>= 1).
+        num_points:
+            Total number of points ``n`` (>= 1), labels round-robin; replaces ``per_class``
+            (which must then be left at 1). ``None``: ``k * C`` points, ``k`` per class.
+        soft_labels:
+            Learn the targets as ``softmax(label_logits)`` (one ``C``-vector per point).
+        name:
+            Hyperparameter name (raw-dict key prefix; no ``"/"``).
+        point_bound:
+            ``None`` (default): the raw ``"<name>/x"`` are the inputs. ``R > 0``: the inputs are
+            ``R tanh(raw / R)`` (:class:`bilevel.hparams.ScaledTanh`), inside ``(-R, R)`` coordinate-wise
+            (:meth:`init` moves initial coordinates outside the box 1e-6 inside it).
     """
 
     def __init__(
@@ -246,9 +245,10 @@ class DistilledData:
         ``x`` through :attr:`point_transform`)."""
         self.check(hparams)
         nat = self.hparam.natural({k: hparams[k] for k in self.keys()})
+        assert isinstance(nat, dict)  # element granularity: one tensor per key
         if self.point_transform is not IDENTITY:
             nat = {**nat, "x": self.point_transform.forward(nat["x"])}
-        return nat  # type: ignore[return-value]
+        return nat
 
     def inputs(self, hparams: Mapping[str, Tensor]) -> Tensor:
         """The distilled inputs, shape ``(k*C, *shape)`` (differentiable in ``hparams``)."""

@@ -287,30 +287,29 @@ def _default_dtype_device(
 class HyperParameter:
     """Specification of one (possibly high-dimensional) hyperparameter.
 
-    Attributes
-    ----------
-    name:
-        Unique name, also the raw-dict key prefix; must not contain ``"/"``.
-    transform:
-        :class:`Transform` (or its name) with ``natural = transform.forward(raw)``.
-    init_low, init_high:
-        Initialisation range, uniform sampling, in ``init_space`` units.
-    init_space:
-        ``"raw"``: sample ``raw ~ U[init_low, init_high]`` (e.g. ``log10 lr`` in
-        ``[-6, -1]``); ``"natural"``: sample ``natural ~ U[init_low, init_high]``,
-        move it :data:`NATURAL_INIT_EPS` inside the transform's domain if it lies on its boundary and map it
-        through ``transform.inverse`` (e.g. momentum in ``[0, 1]``). Clarke et al.
-        2022, Table 5.
-    granularity:
-        ``"scalar"``, ``"tensor"`` or ``"element"`` (see :class:`Granularity`).
-    clip:
-        Optional ``(lo, hi)`` in natural units, applied by :meth:`to_natural` as a
-        clamp in raw space ``clamp(raw, T^{-1}(lo), T^{-1}(hi))`` (same values and
-        gradients as clamping the natural value, but overflow-free; the gradient
-        is zero while clipped).
-    params:
-        Parameter names a tensor/element hyperparameter applies to (``None``: all).
-        Must be ``None`` for scalar granularity.
+    Attributes:
+        name:
+            Unique name, also the raw-dict key prefix; must not contain ``"/"``.
+        transform:
+            :class:`Transform` (or its name) with ``natural = transform.forward(raw)``.
+        init_low, init_high:
+            Initialisation range, uniform sampling, in ``init_space`` units.
+        init_space:
+            ``"raw"``: sample ``raw ~ U[init_low, init_high]`` (e.g. ``log10 lr`` in
+            ``[-6, -1]``); ``"natural"``: sample ``natural ~ U[init_low, init_high]``,
+            move it :data:`NATURAL_INIT_EPS` inside the transform's domain if it lies on its boundary and map it
+            through ``transform.inverse`` (e.g. momentum in ``[0, 1]``). Clarke et al.
+            2022, Table 5.
+        granularity:
+            ``"scalar"``, ``"tensor"`` or ``"element"`` (see :class:`Granularity`).
+        clip:
+            Optional ``(lo, hi)`` in natural units, applied by :meth:`to_natural` as a
+            clamp in raw space ``clamp(raw, T^{-1}(lo), T^{-1}(hi))`` (same values and
+            gradients as clamping the natural value, but overflow-free; the gradient
+            is zero while clipped).
+        params:
+            Parameter names a tensor/element hyperparameter applies to (``None``: all).
+            Must be ``None`` for scalar granularity.
     """
 
     name: str

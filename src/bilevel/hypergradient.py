@@ -19,8 +19,8 @@ The vector dL_V/dw (J + eps I)^{-1} is delegated to a solver from
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Literal
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import _tree as T
 from . import functional as Fn
 from .errors import check_finite, check_like
-from .solvers import Solver, largest_eigenvalue as _power_iteration
+from .solvers import LinearOperator, Solver, largest_eigenvalue as _power_iteration
 
 __all__ = ["hypergradient", "linearise", "largest_eigenvalue", "Loss", "Update", "Backend"]
 
@@ -36,6 +36,14 @@ Tree = T.Tree
 Loss = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
 Update = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
 Backend = Literal["autograd", "func", "compile"]
+
+
+class JacobianOperator(LinearOperator, Protocol):
+    """What :func:`linearise` returns: products with J = dr/dw, and with dr/dlambda."""
+
+    def hparam_vjp(self, x: Tree) -> Tree:
+        """x^T dr/dlambda (a vector-Jacobian product with respect to the hyperparameters)."""
+        ...
 
 
 class _AutogradOperator:
@@ -80,8 +88,11 @@ class _AutogradOperator:
 class _FuncOperator:
     """The same products through ``torch.func.vjp`` (composable with ``vmap``)."""
 
-    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Tree, hparams: Tree) -> None:
-        self.r, self._vjp_fn = torch.func.vjp(residual_fn, dict(params), dict(hparams))
+    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Mapping[str, Tensor],
+                 hparams: Mapping[str, Tensor]) -> None:
+        out = torch.func.vjp(residual_fn, dict(params), dict(hparams))  # (r, vjp_fn) without has_aux
+        self.r: Tree = out[0]
+        self._vjp_fn: Callable[[Tree], tuple[Tree, Tree]] = out[1]
         self.params = params
 
     def rmatvec(self, x: Tree) -> Tree:
@@ -91,7 +102,7 @@ class _FuncOperator:
         return self._vjp_fn(x)[1]
 
     def matvec(self, x: Tree) -> Tree:
-        _, vjp2 = torch.func.vjp(lambda z: self._vjp_fn(z)[0], T.zeros_like(self.params))
+        vjp2 = torch.func.vjp(lambda z: self._vjp_fn(z)[0], T.zeros_like(self.params))[1]
         return vjp2(x)[0]
 
 
@@ -108,9 +119,13 @@ class _CompiledOperator(_FuncOperator):
     """
 
     cache_size = 8
-    _cache: "OrderedDict[Callable, tuple[Callable, Callable]]" = OrderedDict()
+    params: Tree  # plain dicts here (the compiled programs take them)
+    hparams: Tree
+    _cache: OrderedDict[Hashable, tuple[Callable[[Tree, Tree, Tree], Tree], Callable[[Tree, Tree, Tree], Tree]]] = (
+        OrderedDict())
 
-    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Tree, hparams: Tree, key: Callable) -> None:
+    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Mapping[str, Tensor],
+                 hparams: Mapping[str, Tensor], key: Hashable) -> None:
         fns = self._cache.get(key)
         if fns is None:
             def wrt_params(p: Tree, h: Tree, x: Tree) -> Tree:
@@ -143,7 +158,8 @@ def _residual_fn(inner: Loss | None, update: Update | None) -> Callable[[Tree, T
         raise ValueError("pass exactly one of inner= (training loss) or update= (weight update map)")
     if inner is not None:
         return lambda p, h: torch.func.grad(inner, argnums=0)(p, h)
-    return lambda p, h: dict(update(p, h))  # type: ignore[misc]
+    assert update is not None  # exactly one of inner/update, checked above
+    return lambda p, h: dict(update(p, h))
 
 
 def _leaves(tree: Mapping[str, Tensor]) -> Tree:
@@ -167,7 +183,8 @@ def _check_scalar(name: str, value: object) -> None:
 
 
 def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, inner: Loss | None = None,
-              update: Update | None = None, backend: Backend = "autograd", check: bool = True):
+              update: Update | None = None, backend: Backend = "autograd",
+              check: bool = True) -> tuple[JacobianOperator, Tree, Tree]:
     """The Jacobian operator of the residual r at (params, hparams), plus leaf copies.
 
     Returns ``(op, params_leaves, hparams_leaves)``; ``op.rmatvec``, ``op.matvec``
@@ -176,8 +193,8 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
     _validate(params, hparams)
     fn = _residual_fn(inner, update)
     if backend in ("func", "compile"):
-        op = (_FuncOperator(fn, params, hparams) if backend == "func"
-              else _CompiledOperator(fn, params, hparams, key=inner if inner is not None else update))
+        op: _FuncOperator = (_FuncOperator(fn, params, hparams) if backend == "func"
+                             else _CompiledOperator(fn, params, hparams, key=inner if inner is not None else update))
         check_like("update(params, hparams)", op.r, params, "params")
         if check:
             check_finite("residual (training gradient or update)", T.detach(op.r))
@@ -194,7 +211,8 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
             grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
             r = dict(zip(p, grads))
         else:
-            r = dict(update(p, h))  # type: ignore[misc]
+            assert update is not None  # _residual_fn checked: exactly one of inner/update
+            r = dict(update(p, h))
             check_like("update(params, hparams)", r, p, "params")
     if check:
         check_finite("residual (training gradient or update)", T.detach(r))

@@ -207,6 +207,7 @@ class Tuner:
             raw = pop.stack(raws)
             self._buffers = {k: torch.stack([v] * population) for k, v in buffers0.items()}
         self._pending: dict[str, Tensor] | None = None
+        self._pending_loss: Tensor | None = None
         self._val_taken = 0  # validation batches taken by hyperparameter steps (the cycle continues across fits)
 
         cfg = TunerConfig(tuned=tuple(granularity), interval=interval, lookback=lookback, mode=mode,  # type: ignore[arg-type]
@@ -221,7 +222,9 @@ class Tuner:
                                 update_form=update_form, penalty=self._penalty if penalty is not None else None,
                                 config=cfg, stacked=population > 1,
                                 callbacks=[EveryStep(self._after_weight_step), *callbacks])
-        #: one record per epoch: ``{"epoch", "step", "train_loss", "val_loss", "hparams"}`` (best member's)
+        #: one record per epoch: ``{"epoch", "step", "train_loss", "val_loss", "hparams"}`` (best member's):
+        #: ``train_loss`` is the mean of the training loss (without penalty) over the epoch's weight steps, each
+        #: at the weights before its step; ``val_loss`` is :meth:`evaluate` on the whole ``val_loader`` after it
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ construction helpers
@@ -284,7 +287,7 @@ class Tuner:
     def _train_loss(self, params: Mapping[str, Tensor], nat: Any, batch: Any) -> Tensor:
         buffers = {k: v.clone() for k, v in self._buffers.items()}
         value = self._evaluate(self._train, params, batch, buffers, train=True)
-        self._pending = buffers
+        self._pending, self._pending_loss = buffers, value.detach()
         return value
 
     def _val_loss(self, params: Mapping[str, Tensor], nat: Any, batch: Any) -> Tensor:
@@ -298,6 +301,9 @@ class Tuner:
     def _after_weight_step(self, loop: OnlineTuner) -> None:
         if self._pending is not None:  # the weight step's BatchNorm statistics become the model's
             self._buffers, self._pending = self._pending, None
+        if self._pending_loss is not None:  # and its training loss counts towards the epoch's mean
+            self._epoch_losses.append(self._pending_loss)
+            self._pending_loss = None
 
     # ------------------------------------------------------------------ fitting
 
@@ -397,8 +403,8 @@ class Tuner:
         val = torch.where(self.loop.alive, val, torch.full_like(val, math.inf))
         self._val_last = val
         best = self.best
-        train = self.loop.history  # noqa: F841  (per-step values are in the loop's history when recorded)
-        self.history.append({"epoch": len(self.history) + 1, "step": self.loop.t,
+        train = torch.stack(self._epoch_losses).double().mean(0).reshape(self.P)
+        self.history.append({"epoch": len(self.history) + 1, "step": self.loop.t, "train_loss": float(train[best]),
                              "val_loss": float(val[best]), "hparams": self._means(best)})
 
     # ------------------------------------------------------------------ results

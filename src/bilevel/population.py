@@ -20,7 +20,23 @@ from torch import Tensor
 from ._tree import Tree
 
 __all__ = ["stack", "member", "size", "per_member", "vmap_loss", "module_forward", "module_population",
-           "init_population"]
+           "init_population", "SEED_STRIDE", "derived_seed"]
+
+#: Seeds of different base seeds are this far apart (a prime): :func:`derived_seed`.
+SEED_STRIDE = 1_000_003
+
+
+def derived_seed(seed: int, i: int = 0) -> int:
+    """The seed of initialisation (or stream) ``i`` of a run with base seed ``seed``: ``seed * SEED_STRIDE + i``.
+
+    Base seed 0 gives ``i`` itself; different base seeds give disjoint seeds as long as
+    ``0 <= i < SEED_STRIDE`` (whereas ``seed + i`` would make base seed 1 repeat all but the first
+    initialisation of base seed 0). Pass ``derived_seed(seed, first)`` to :func:`init_population` for
+    members ``first, first + 1, ...``.
+    """
+    if seed < 0 or not 0 <= i < SEED_STRIDE:
+        raise ValueError(f"derived_seed needs seed >= 0 and 0 <= i < {SEED_STRIDE}, got seed={seed}, i={i}")
+    return seed * SEED_STRIDE + i
 
 
 
@@ -74,11 +90,13 @@ def module_population(module: torch.nn.Module, n: int) -> Tree:
 
 
 def init_population(make_params: Callable[[torch.Generator], Mapping[str, Tensor]], n: int, seed: int,
-                    make_hparams: Callable[[Mapping[str, Tensor], torch.Generator], Mapping[str, Tensor]] | None = None):
+                    make_hparams: Callable[[Mapping[str, Tensor], torch.Generator], Mapping[str, Tensor]] | None = None
+                    ) -> tuple[Tree, Tree]:
     """Initialise members ``seed, seed + 1, ..., seed + n - 1``: member i uses its own generator.
 
     So member i of a population equals a population of one started with
-    ``seed + i`` -- the basis of the vectorised-vs-alone equivalence.
+    ``seed + i`` -- the basis of the vectorised-vs-alone equivalence. To give runs with different base
+    seeds disjoint members, pass ``seed=derived_seed(base, first)`` (:func:`derived_seed`).
     Returns ``(params, raw_hparams)`` stacked (``raw_hparams`` is ``{}`` without ``make_hparams``).
     """
     ps, hs = [], []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -49,7 +50,8 @@ class LinearOperator(Protocol):
 
 
 class Solver(Protocol):
-    damping: float
+    @property
+    def damping(self) -> float: ...  # read-only: the solvers are frozen dataclasses
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree: ...
 
@@ -262,7 +264,7 @@ class ConjugateGradient:
         return _cg(apply, rhs, self.steps, self.tol)
 
 
-def _cg(apply, b: Tree, steps: int, tol: float) -> Tree:
+def _cg(apply: Callable[[Tree], Tree], b: Tree, steps: int, tol: float) -> Tree:
     x = T.zeros_like(b)
     r, p = dict(b), dict(b)
     rs = T.dot(r, r)

@@ -153,7 +153,7 @@ class OnlineTuner:
     Args:
         params: weights, each of shape (P, ...) when ``stacked`` (the default), else one model's.
         raw: raw hyperparameters for ``space`` (shape (P, ...) when stacked).
-        space: the hyperparameter parametrisation.
+        space: the hyperparameter parametrisation (``None``: the raw tensors are the hyperparameters, any keys).
         rule: the weight update (e.g. ``updates.SGD()``; a ``updates.TorchOptimizer`` for ``torch.optim``).
         train_loss, val_loss: ``loss(params, natural_hparams, batch)``; per member (shape (P,)) when stacked
             (build them with :func:`bilevel.population.vmap_loss`), a scalar otherwise.
@@ -166,16 +166,18 @@ class OnlineTuner:
         stacked: whether tensors carry a leading population axis.
     """
 
-    def __init__(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], space: HyperParameterSpace,
+    def __init__(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], space: HyperParameterSpace | None,
                  rule: UpdateRule, train_loss: Loss, val_loss: Loss, *, update_form: Sequence[str] = (),
                  penalty: Penalty | None = None, config: TunerConfig | None = None, test_loss: Loss | None = None,
                  callbacks: Iterable[Any] = (), stacked: bool = True) -> None:
         self.cfg = cfg = config or TunerConfig()
         cfg.validate()
-        unknown = [n for n in list(cfg.tuned) + list(update_form) if n not in space]
+        names = space.names if space is not None else list(raw)
+        unknown = [n for n in list(cfg.tuned) + list(update_form) if n not in names]
         if unknown:
-            raise ValueError(f"hyperparameters {unknown} are not in the space {space.names}")
-        space.check(raw)
+            raise ValueError(f"hyperparameters {unknown} are not in the space {names}")
+        if space is not None:
+            space.check(raw)
         self.update_form = tuple(update_form)
         not_rule = [n for n in self.update_form if n not in rule.hyperparameters]
         if not_rule:
@@ -204,7 +206,7 @@ class OnlineTuner:
         self.initial_params = {k: v.clone() for k, v in self.params.items()}
         self.raw = {k: v.detach().clone() for k, v in raw.items()}
         self.P = pop.size(self.params) if stacked else 1
-        self.tuned_keys = [k for k in self.raw if k.split("/", 1)[0] in cfg.tuned]
+        self.tuned_keys = [k for k in self.raw if k in cfg.tuned or k.split("/", 1)[0] in cfg.tuned]
         self.hyper_opt = (cfg.hyper_optimizer([self.raw[k].requires_grad_() for k in self.tuned_keys],
                                               lr=cfg.hyper_lr)
                           if self.tuned_keys and cfg.mode != "none" else None)
@@ -215,12 +217,17 @@ class OnlineTuner:
         self.history = History(diverged_at=[None] * self.P)
         self._window: list[tuple[Tree, Any, Any]] = []  # (w, state, batch) of the last i steps, for unrolling
         self._prev: tuple[Tree, Any] | None = None    # (w, state) before the last step, for Baydin
+        self.last_losses: Tensor | None = None          # training losses of the last weight step (for callbacks)
         self.solver = cfg.solver if cfg.solver is not None else Neumann(cfg.lookback, alpha=1.0, divergence="ignore")
 
     # ------------------------------------------------------------------ the update map u(lambda, w)
 
     def _per_member(self, value: Tensor, like: Tensor) -> Tensor:
         return pop.per_member(value, like) if self.stacked else value.reshape(value.shape[1:] if value.dim() else ())
+
+    def natural(self, raw: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Natural hyperparameter values (``space.natural``; the raw tensors themselves without a space)."""
+        return self.space.natural(raw) if self.space is not None else dict(raw)
 
     def _rule_hparams(self, nat: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Any]:
         """Natural update-form values, each viewed to broadcast against the (P, ...) parameters."""
@@ -237,7 +244,7 @@ class OnlineTuner:
 
     def training_objective(self, params: Tree, raw: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
         """``(sum of training losses + penalty, per-member training losses)`` at raw hyperparameters ``raw``."""
-        nat = self.space.natural(raw)
+        nat = self.natural(raw)
         losses = self.train_loss(params, nat, batch)
         total = losses.sum()
         if self.penalty is not None:
@@ -250,7 +257,7 @@ class OnlineTuner:
         total, losses = self.training_objective(params, raw, batch)
         grads = torch.autograd.grad(total, list(params.values()), create_graph=create_graph)
         grads = clip_grad_norm(grads, self.cfg.grad_clip, self.P if self.stacked else None)
-        nat = self.space.natural(raw) if self.update_form else {}
+        nat = self.natural(raw) if self.update_form else {}
         u, new_state = self.rule(params, dict(zip(params, grads)), self._rule_hparams(nat, params), state)
         return u, new_state, losses
 
@@ -282,7 +289,7 @@ class OnlineTuner:
         check = self.cfg.on_divergence == "raise"
 
         def outer(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
-            return self.val_loss(p, self.space.natural({**fixed, **h}), val_batch).sum()
+            return self.val_loss(p, self.natural({**fixed, **h}), val_batch).sum()
 
         if self.cfg.mode == "unroll":
             return replay_hypergradient(outer, self._step_map, self._window, tuned, fixed, check=check)
@@ -311,7 +318,7 @@ class OnlineTuner:
         w_prev, state = self._prev  # type: ignore[misc]
 
         def outer(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
-            return self.train_loss(p, self.space.natural({**fixed, **h}), batch).sum()
+            return self.train_loss(p, self.natural({**fixed, **h}), batch).sum()
 
         update = lambda p, h: self._step_map(p, {**fixed, **h}, batch, state, True)[0]  # noqa: E731
         hg = unrolled_hypergradient(outer, w_prev, tuned, update=update, steps=1,
@@ -376,7 +383,7 @@ class OnlineTuner:
         h = self.history
         h.step.append(self.t)
         with torch.no_grad():
-            nat = self.space.natural({k: v.detach() for k, v in self.raw.items()})
+            nat = self.natural({k: v.detach() for k, v in self.raw.items()})
             for fn, batch, store in ((self.train_loss, train, h.train_loss), (self.val_loss, val, h.val_loss),
                                      (self.test_loss, test, h.test_loss)):
                 if batch is not None:
@@ -388,7 +395,7 @@ class OnlineTuner:
     def describe(self) -> dict[str, Tensor]:
         """Per-member mean natural value of every hyperparameter, shape (P,)."""
         with torch.no_grad():
-            nat = self.space.natural(self.raw)
+            nat = self.natural(self.raw)
         out = {}
         for name, v in nat.items():
             vals = [v] if isinstance(v, Tensor) else list(v.values())
@@ -412,6 +419,7 @@ class OnlineTuner:
             self._prev = (_T.detach(self.params), self.state)
         losses = self.weight_step(batch)
         self.t += 1
+        self.last_losses = losses
         self._call("on_weight_step")
         return losses
 
@@ -455,8 +463,8 @@ class OnlineTuner:
         beyond) is moved just inside it, so the raw value stays finite. The hyperparameter
         optimiser's state is kept.
         """
-        if name not in self.space:
-            raise ValueError(f"cannot rescale {name!r}: not in the space {self.space.names}")
+        if self.space is None or name not in self.space:
+            raise ValueError(f"cannot rescale {name!r}: not in the space {self.space.names if self.space else []}")
         h = self.space[name]
         f = torch.as_tensor(factor, dtype=torch.float64).reshape(-1)
         if f.numel() not in (1, self.P) or not bool(torch.isfinite(f).all()) or not bool((f > 0).all()):

@@ -71,15 +71,18 @@ def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: M
 
     def step(w: Tree, state: Any, track: bool) -> tuple[Tree, Any]:
         if inner is not None:
+            assert lr is not None  # checked above
             loss = inner(w, h)
             if check:
                 check_finite("training loss", loss.detach())
             g = torch.autograd.grad(loss, list(w.values()), create_graph=track)
             u, new_state = {k: lr * gk for k, gk in zip(w, g)}, state
-        elif state is None:
-            u, new_state = update(w, h), None  # type: ignore[misc]
         else:
-            u, new_state = update(w, h, state)  # type: ignore[misc]
+            assert update is not None  # exactly one of inner/update, checked above
+            if state is None:
+                u, new_state = update(w, h), None
+            else:
+                u, new_state = update(w, h, state)
         new = {k: w[k] - u[k] for k in w}
         if not track:
             new = {k: v.detach().requires_grad_(True) for k, v in new.items()}

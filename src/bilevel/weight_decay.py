@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import population as pop
-from .hparams import Granularity, HyperParameter, HyperParameterSpace, weight_decay
+from .hparams import IDENTITY, Granularity, HyperParameter, HyperParameterSpace, weight_decay
 from .regularizers import l2_penalty
 from .solvers import Solver, check_size
 from .tuner import OnlineTuner, TunerConfig
@@ -48,7 +48,7 @@ def decay_space(per_weight: bool, max_decay: float | None = None, signed: bool =
         clip = None if max_decay is None else (1e-12, float(max_decay))
         return HyperParameterSpace([weight_decay(g, clip=clip, name=DECAY)])
     clip = None if max_decay is None else (-float(max_decay), float(max_decay))
-    return HyperParameterSpace([HyperParameter(DECAY, "identity", 0.0, 0.0, "natural", Granularity(g), clip)])
+    return HyperParameterSpace([HyperParameter(DECAY, IDENTITY, 0.0, 0.0, "natural", Granularity(g), clip)])
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -91,7 +91,7 @@ def tune_weight_decay(
     eval_every: int | None = None,
     on_eval: Callable[[int, dict[str, Tensor]], None] | None = None,
     progress: Callable[[int], None] | None = None,
-):
+) -> OnlineTuner:
     """Algorithm 1 of Lorraine et al. (2020) with weight decay as the hyperparameter, via :class:`OnlineTuner`.
 
     The training objective is ``L_T(w) + 1/2 sum lambda_i w_i^2`` (one ``lambda`` per weight or one in
@@ -160,14 +160,14 @@ def tune_weight_decay(
     return tuner
 
 
-def tuned_raw(tuner) -> dict[str, Tensor]:
+def tuned_raw(tuner: OnlineTuner) -> dict[str, Tensor]:
     """Member 0's raw hyperparameters (detached)."""
     return {k: v.detach()[0].clone() for k, v in tuner.raw.items()}
 
 
-def decay_summary(tuner) -> dict[str, float]:
+def decay_summary(tuner: OnlineTuner) -> dict[str, float]:
     """Median, min and max of the tuned natural weight decays (member 0)."""
-    nat = tuner.space.natural({k: v.detach() for k, v in tuner.raw.items()})[DECAY]
+    nat = tuner.natural({k: v.detach() for k, v in tuner.raw.items()})[DECAY]
     vals = [nat] if isinstance(nat, Tensor) else list(nat.values())
     flat = torch.cat([v[0].reshape(-1).to(torch.float64) for v in vals])
     return {"median": float(flat.median()), "min": float(flat.min()), "max": float(flat.max()), "count": flat.numel()}

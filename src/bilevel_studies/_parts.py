@@ -3,8 +3,9 @@
 A study writes each finished part (a task, a method, a setting) with :func:`save_part`
 (atomically, :func:`bilevel._io.atomic_write_json`); re-running the same command finds it
 with :func:`load_part` and skips the work. A part whose stored key differs from the
-current settings (another ``--steps``, seed, ...) or whose file is unreadable is
-recomputed, so changing an option never silently reuses a stale result.
+current settings (another ``--steps``, seed, ...) is recomputed, so changing an option never
+silently reuses a stale result. A damaged part file (not JSON, e.g. truncated by hand or by a disk
+error) is moved aside to ``NAME.corrupt-<timestamp>`` with a warning naming it, and recomputed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_write_json, read_json_state
 
 __all__ = ["RUN_ONLY", "cached_part", "load_part", "save_part", "say_resumed", "settings_key"]
 
@@ -23,12 +24,11 @@ def _normalise(key: Any) -> Any:
 
 
 def load_part(path: Path, key: Any) -> dict[str, Any] | None:
-    """The result stored at ``path`` if it was saved under ``key``, else ``None``."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict) or doc.get("key") != _normalise(key):
+    """The result stored at ``path`` if it was saved under ``key``, else ``None`` (a damaged file is set aside
+    with a warning, :func:`bilevel._io.read_json_state`)."""
+    doc = read_json_state(path, "the part is recomputed",
+                          check=lambda d: isinstance(d, dict) and "key" in d and isinstance(d.get("result"), dict))
+    if doc is None or doc.get("key") != _normalise(key):
         return None
     return doc.get("result")
 

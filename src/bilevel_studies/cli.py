@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import pkgutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console()
@@ -33,7 +36,8 @@ def experiments() -> dict[str, Any]:
 
     Such a module also defines HELP, add_arguments(parser) and main(args, progress_factory, console), writes
     results.json, PNG figures and a printed table to --out, and keeps heavy imports inside its functions.
-    Commands are listed in the order of their module names.
+    It may define check_arguments(args), the checks across options (raising ``ValueError``), which runs
+    before anything is written. Commands are listed in the order of their module names.
     """
     import bilevel_studies as package
     infos = [info for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")
@@ -49,28 +53,39 @@ def experiments() -> dict[str, Any]:
     return found
 
 
-def _run_experiment(module, a: argparse.Namespace) -> int:
+def _run_experiment(module, a: argparse.Namespace, command: str) -> int:
+    from bilevel._io import run_directory
+    if hasattr(module, "check_arguments"):
+        module.check_arguments(a)  # checks across options: ValueError before anything is written
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    with progress_bars() as bars:
+    with run_directory(a.out, command=command), progress_bars() as bars:
         module.main(a, progress_factory=bars, console=console)
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="output directory (results.json, figures, checkpoints); "
-                   "re-running the same command there resumes an interrupted run")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first initialisation (init i uses seed + i)")
-    p.add_argument("--data-dir", default=None, help="data directory (default: $BILEVEL_DATA, else ~/.cache/bilevel)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    from . import _common as C
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory (results.json, figures, checkpoints), used by one run at a time (a second "
+                   "run on it stops at once, naming the holder); re-running the same command there resumes an "
+                   "interrupted or killed run (at most the work since the last checkpoint or finished part is "
+                   "lost) and gives the same numbers as an uninterrupted run")
+    p.add_argument("--seed", type=C.seed, default=0, help=C.SEED_HELP)
+    p.add_argument("--data-dir", type=C.existing_dir, default=None,
+                   help="existing data directory (default: $BILEVEL_DATA, else ~/.cache/bilevel)")
+    p.add_argument("--device", type=C.device, default="cpu",
+                   help="torch device, e.g. cpu or cuda (it may change the numbers, so a resume may use another)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point precision")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=C.positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    from bilevel._io import run_directory
     from .clarke import demo
-    with progress_bars() as bars:
+    with run_directory(a.out, command="bilevel demo"), progress_bars() as bars:
         demo.run(a.out, inits=a.inits, steps=a.steps, seed=a.seed, progress_factory=bars, console=console)
     return 0
 
@@ -96,17 +111,27 @@ def cmd_datasets(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``bilevel run clarke: error: argument --steps: ...``
+    (without the long usage block; ``--help`` shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bilevel", description="Gradient-based hyperparameter optimisation by "
+    parser = _Parser(prog="bilevel", description="Gradient-based hyperparameter optimisation by "
                                      "implicit differentiation (Lorraine et al. 2020, Vicol et al. 2021, Clarke et al. 2022)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from . import _common as C
     p = sub.add_parser("demo", help="one-pass tuning of lr, momentum and weight decay on scikit-learn's diabetes data "
                        "against the same initialisations left fixed (about a minute on a CPU)")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--inits", type=int, default=16, help="random initialisations")
-    p.add_argument("--steps", type=int, default=1500, help="full-batch weight steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first initialisation")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="output directory (one run at a time; re-running resumes)")
+    p.add_argument("--inits", type=C.positive_int, default=16, help="random initialisations")
+    p.add_argument("--steps", type=C.positive_int, default=1500, help="full-batch weight steps")
+    p.add_argument("--seed", type=C.seed, default=0, help=C.SEED_HELP)
     p.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run an experiment").add_subparsers(dest="experiment", required=True)
@@ -115,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _common(p)
         module.add_arguments(p)
-        p.set_defaults(func=lambda a, module=module: _run_experiment(module, a))
+        p.set_defaults(func=lambda a, module=module, prog=p.prog: _run_experiment(module, a, prog))
 
     p = sub.add_parser("report", help="re-render the table and figures of a results.json")
     p.add_argument("dir", type=Path, help="run directory or results.json")
@@ -127,16 +152,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a damaged state file set aside, ...) as one line each."""
+    console.print(f"[yellow]warning:[/] {escape(_one_line(message if isinstance(message, Warning) else Warning(message)))}",
+                  soft_wrap=True, highlight=False)
+
+
+#: errors that come from the options, the files or the machine, reported as one line ``error: ...`` (exit 2);
+#: anything else is a bug and keeps its traceback. BILEVEL_DEBUG=1 shows the traceback of these too.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from bilevel._io import RunLocked
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("BILEVEL_DEBUG", "").strip() not in ("", "0")
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: progress is checkpointed; run the same command again to resume[/]")
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        console.print(f"[red]error:[/] {e}")
+    except RunLocked as e:
+        console.print(f"[red]error:[/] {escape(_one_line(e))}", soft_wrap=True, highlight=False)
+        return 3
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        console.print(f"[red]error:[/] {escape(_one_line(e))}", soft_wrap=True, highlight=False)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -28,12 +28,17 @@ from .uci import UCI_ALIASES, UCI_DATASETS, load_uci, load_uci_raw, uci_name
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """One entry of :data:`DATASETS`: registry ``name``, ``kind`` ("regression", "classification" or
+    "language-model"), the ``loader`` :func:`load` calls and a one-line ``description``."""
+
     name: str
     kind: str  # "regression", "classification" or "language-model"
     loader: Callable[..., Any]
     description: str
 
 
+#: The registry :func:`load` and ``bilevel datasets`` read: name -> :class:`DatasetInfo`
+#: (the eight UCI sets, MNIST, Fashion-MNIST, CIFAR-10/100, PTB, diabetes, digits).
 DATASETS: dict[str, DatasetInfo] = {}
 for _n, (_folder, _clarke, _rows, _ntv) in UCI_DATASETS.items():
     DATASETS[_n] = DatasetInfo(_n, "regression", partial(load_uci, _n),
@@ -67,7 +72,7 @@ def dataset_name(name: str) -> str:
     return key
 
 
-def load(name: str, **kwargs):
+def load(name: str, **kwargs: Any) -> SplitData | Corpus:
     """Load data set ``name`` from :data:`DATASETS`; keyword arguments go to its loader."""
     return DATASETS[dataset_name(name)].loader(**kwargs)
 

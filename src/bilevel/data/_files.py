@@ -91,9 +91,10 @@ def download(url: str, dest: str | os.PathLike, accepted: Sequence[str] | None =
 
     Writes to a temporary file in the destination folder, checks it against
     ``accepted`` digests when given (``ValueError`` on mismatch, nothing left
-    behind), then renames it into place.
+    behind), then renames it into place. A failed download removes the folders it created.
     """
     dest = Path(dest)
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -106,6 +107,12 @@ def download(url: str, dest: str | os.PathLike, accepted: Sequence[str] | None =
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not dest.exists():  # a failed download leaves no empty folders behind
+            for d in created:  # innermost first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
     return dest
 
 

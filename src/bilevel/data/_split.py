@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -38,7 +40,8 @@ def seeded_permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-def fractions_to_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+def fractions_to_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    """Train/validation/test row counts of ``n`` rows split by three ``fractions`` summing to 1."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     n_val = int(round(n * fractions[1]))

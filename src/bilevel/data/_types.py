@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = ["SplitData", "RegressionData", "ClassificationData"]
+
+_Data = TypeVar("_Data", bound="SplitData")
 
 
 @dataclass
@@ -32,7 +34,7 @@ class SplitData:
     def y_trainval(self) -> Tensor:
         return torch.cat([self.y_train, self.y_val])
 
-    def merged(self):
+    def merged(self: _Data) -> _Data:
         """A copy whose training set is train+validation and whose validation set is empty.
 
         Clarke et al. (2022) train their "Random" baselines on train+validation.
@@ -49,7 +51,7 @@ class SplitData:
     def sizes(self) -> tuple[int, int, int]:
         return len(self.X_train), len(self.X_val), len(self.X_test)
 
-    def to(self, device=None, dtype: torch.dtype | None = None):
+    def to(self: _Data, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None) -> _Data:
         """A copy on ``device``; floating tensors are also cast to ``dtype`` when given."""
         kw = {k: getattr(self, k) for k in self.__dataclass_fields__}
         for k, v in kw.items():
@@ -75,6 +77,7 @@ class RegressionData(SplitData):
     def unnormalise_y(self, y: Tensor) -> Tensor:
         if self.y_mean is None:
             return y
+        assert self.y_std is not None  # set together with y_mean
         return y * self.y_std.to(y) + self.y_mean.to(y)
 
 

@@ -9,6 +9,7 @@ new words): 10000 entries including ``<eos>`` and ``<unk>``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,11 +55,11 @@ class Corpus:
     def ntokens(self) -> int:
         return len(self.dictionary)
 
-    def decode(self, ids) -> list[str]:
+    def decode(self, ids: Iterable[int | Tensor]) -> list[str]:
         return [self.dictionary.idx2word[int(i)] for i in ids]
 
 
-def _words(path) -> list[str]:
+def _words(path: str | os.PathLike[str]) -> list[str]:
     out: list[str] = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -124,21 +124,23 @@ def awd_lstm_forward(params: Mapping[str, Tensor], tokens: Tensor, nat: Mapping[
         raise ValueError(f"tokens must have shape (time, batch), got {tuple(tokens.shape)}")
     L = num_layers(params)
     train = nat is not None
-    emb = embedding_dropout(params["emb"], _rate(nat, "dropoute", "emb"), noise["emb"], temperature) \
+    rates: Mapping[str, Any] = nat if nat is not None else {}  # both or neither, checked above
+    draws: Mapping[str, Tensor] = noise if noise is not None else {}
+    emb = embedding_dropout(params["emb"], _rate(rates, "dropoute", "emb"), draws["emb"], temperature) \
         if train else params["emb"]
     x = emb[tokens]
     if train:
-        x = variational_dropout(x, _rate(nat, "dropouti", "input"), noise["input"], temperature)
+        x = variational_dropout(x, _rate(rates, "dropouti", "input"), draws["input"], temperature)
     for layer in range(L):
         W_hh = params[f"W_hh{layer}"]
         if train:
-            W_hh = drop_connect(W_hh, _rate(nat, "wdrop", f"W_hh{layer}"), noise[f"W_hh{layer}"], temperature)
+            W_hh = drop_connect(W_hh, _rate(rates, "wdrop", f"W_hh{layer}"), draws[f"W_hh{layer}"], temperature)
         x = lstm_layer(x, params[f"W_ih{layer}"], W_hh, params[f"b{layer}"])
         if train and layer < L - 1:
-            x = variational_dropout(x, _rate(nat, "dropouth", f"hidden{layer}"), noise[f"hidden{layer}"], temperature)
+            x = variational_dropout(x, _rate(rates, "dropouth", f"hidden{layer}"), draws[f"hidden{layer}"], temperature)
     raw_out = x
     if train:
-        x = variational_dropout(x, _rate(nat, "dropouto", "output"), noise["output"], temperature)
+        x = variational_dropout(x, _rate(rates, "dropouto", "output"), draws["output"], temperature)
     T, B = tokens.shape
     logits = (x @ params["dec_W"].T + params["dec_b"]).reshape(T * B, -1)
     return logits, raw_out, x

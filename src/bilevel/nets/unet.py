@@ -66,7 +66,8 @@ class UNet(nn.Module):
     def reset_parameters(self) -> None:
         """Zero the output convolution so that the network is the identity map."""
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if self.out.bias is not None:  # always: the convolution has a bias
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, noise: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:

@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .._io import atomic_savefig
 from .stats import as_array, bootstrap_curve, split_diverged
 
 __all__ = ["plot_median_curves", "plot_cdf", "plot_lr_trajectories", "plot_landscape",
@@ -43,8 +44,7 @@ def _new_figure(size=(6.4, 4.4)):
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return atomic_savefig(fig, path, format="png", dpi=120)
 
 
 def _title(results: dict, what: str) -> str:

@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from .._io import atomic_savefig, atomic_write
+
 __all__ = ["make_grid", "save_image_grid", "save_heatmaps"]
 
 Normalize = Literal["per-image", "global", "none"]
@@ -106,7 +108,8 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, nor
     if labels is None and title is None:
         from matplotlib.image import imsave
 
-        imsave(path, make_grid(images, nrow, padding, normalize, shape=shape), format="png")
+        grid = make_grid(images, nrow, padding, normalize, shape=shape)
+        atomic_write(path, lambda tmp: imsave(tmp, grid, format="png"))
         return path
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -122,7 +125,7 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, nor
         ax.set_axis_off()
         ax.imshow(grid, interpolation="nearest")
         fig.suptitle(title, fontsize=10)
-        fig.savefig(path, format="png", dpi=100)
+        atomic_savefig(fig, path, format="png", dpi=100)
         return path
     x = _normalise(_as_images(images, shape), normalize)
     n = x.shape[0]
@@ -143,7 +146,7 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, nor
                 ax.set_title(str(labels[i]), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, format="png", dpi=100)
+    atomic_savefig(fig, path, format="png", dpi=100)
     return path
 
 
@@ -179,5 +182,5 @@ def save_heatmaps(matrices: Sequence, titles: Sequence[str], path, transform: Ca
     fig.colorbar(im, ax=list(axes), shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, format="png", dpi=110)
+    atomic_savefig(fig, path, format="png", dpi=110)
     return path

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from .figures import (initial_hparams, plot_cdf, plot_landscape, plot_lr_trajectories,
                       plot_median_curves)
 from .tables import _title, markdown_table, print_table
@@ -80,7 +81,7 @@ def _metrics_report(results: dict, out: Path, source: Path | None, console) -> l
     else:
         console.print(f"no figures in {folder}")
     table = out / "table.md"
-    table.write_text(markdown_metrics(columns, rows, title, figures))
+    atomic_write_text(table, markdown_metrics(columns, rows, title, figures))
     return [table]
 
 
@@ -114,7 +115,7 @@ def write_report(results_or_path, out_dir, console=None, baseline: str = "random
         return _metrics_report(results, out, source, console)
     rows = print_table(results, console=console, n_resamples=n_resamples, seed=seed)
     table = out / "table.md"
-    table.write_text(markdown_table(rows, _title(results)))
+    atomic_write_text(table, markdown_table(rows, _title(results)))
     written = [table]
     methods = results.get("methods", {})
     lm = _landscape_method(methods, baseline, method)

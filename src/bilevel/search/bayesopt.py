@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..population import derived_seed
 from .ray_tune import require
 
 #: ``evaluate(k, points)``: the ``repeats`` points of sample ``k`` (after ``transform``) -> their
@@ -96,7 +97,8 @@ def run(evaluate: Evaluate, space: Mapping[str, Any], *, repeats: int = 32, samp
         progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """``repeats`` Bayesian optimisations of ``samples`` evaluations each over ``space``.
 
-    Study r is seeded ``seed + r``. At sample k the ``repeats`` proposed points (each mapped by
+    Study r is seeded ``derived_seed(seed, r)`` (``seed * 1_000_003 + r``, :func:`bilevel.population.derived_seed`:
+    other base seeds give other studies). At sample k the ``repeats`` proposed points (each mapped by
     ``transform``, default: as proposed) are scored by one call ``evaluate(k, points)``, which
     returns their validation (``"val"``) and test (``"test"``) losses; the evaluation time (its
     ``"seconds"``, else the call's) is shared equally by the repeats. ``state``/``save`` resume
@@ -111,7 +113,7 @@ def run(evaluate: Evaluate, space: Mapping[str, Any], *, repeats: int = 32, samp
     optuna = require("optuna")
     dists = distributions(space)
     records: list[list[dict[str, Any]]] = [list(x) for x in (state or {}).get("records", [[] for _ in range(repeats)])]
-    studies = [make_study(seed + r, sampler, startup) for r in range(repeats)]
+    studies = [make_study(derived_seed(seed, r), sampler, startup) for r in range(repeats)]
     for study, recs in zip(studies, records):
         replay(study, recs, dists)
     if progress is not None and records[0]:

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .._io import check_run_config  # noqa: F401  (re-exported: the shared resume check)
+from .._io import atomic_savefig, check_run_config  # noqa: F401  (re-exported: the shared resume check)
 
 #: Reported as the loss of a diverged trial so that schedulers rank it last
 #: (a finite number: Ray Tune's schedulers sort metrics and NaN breaks sorting).
@@ -712,6 +712,8 @@ def plot_incumbent(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -1,7 +1,7 @@
 """Clarke et al. (2022) appendix B.8.2: ASHA and PBT on Ray Tune over random and one-pass-tuned runs.
 
 Each Ray Tune trial is one initialisation (weights and Table 5 hyperparameters of seed
-``seed + i``, as in the ``clarke`` experiment) trained either with its hyperparameters fixed
+``seed * 1_000_003 + i``, as in the ``clarke`` experiment) trained either with its hyperparameters fixed
 (``random``, on the training set only) or tuned online by IFT hypergradients (``ours-wd-lr-m``);
 the final validation loss ranks trials.
 
@@ -25,13 +25,13 @@ may be added).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bilevel import data as D
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_write_json, read_json_state
+from .. import _common as C
 from . import clarke
 
 NAME = "asha-pbt"
@@ -43,14 +43,38 @@ METHODS = ("random", "ours-wd-lr-m")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     clarke.add_arguments(p, dataset="energy", inits=8, steps=1000, methods=",".join(METHODS), backend_options=False)
     p.add_argument("--schedulers", default="asha,pbt", help="comma-separated from asha, pbt")
-    p.add_argument("--asha-trials", type=int, default=None,
+    p.add_argument("--asha-trials", type=C.positive_int, default=None,
                    help="ASHA initialisations (default: the step budget of --inits full runs)")
-    p.add_argument("--report-every", type=int, default=10, help="weight steps per Ray Tune report (ASHA's time unit)")
-    p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period in steps (default: --report-every)")
-    p.add_argument("--reduction-factor", type=float, default=4, help="ASHA reduction factor")
-    p.add_argument("--perturbation-interval", type=int, default=100, help="PBT perturbation interval in steps")
+    p.add_argument("--report-every", type=C.positive_int, default=10,
+                   help="weight steps per Ray Tune report (ASHA's time unit; must divide --steps)")
+    p.add_argument("--grace-period", type=C.positive_int, default=None,
+                   help="ASHA grace period in steps (default: --report-every)")
+    p.add_argument("--reduction-factor", type=C.positive_float, default=4, help="ASHA reduction factor (> 1)")
+    p.add_argument("--perturbation-interval", type=C.positive_int, default=100, help="PBT perturbation interval in steps")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--ray-cpus", type=C.positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
+
+
+def _schedulers(a: argparse.Namespace) -> list[str]:
+    return [s.strip() for s in a.schedulers.split(",") if s.strip()]
+
+
+def check_arguments(a: argparse.Namespace) -> None:
+    cfg = clarke.config_from_args(a)
+    clarke.validate_config(cfg)
+    _check(cfg, _schedulers(a), a.report_every, a.reduction_factor)
+
+
+def _check(cfg: clarke.ClarkeConfig, schedulers, report_every: int, reduction_factor: float) -> list[str]:
+    methods = clarke.parse_methods(cfg.methods)
+    bad = [m for m in methods if m not in METHODS] + [s for s in schedulers if s not in SCHEDULERS]
+    if bad or not schedulers:
+        raise ValueError(f"asha-pbt runs methods {METHODS} under schedulers {SCHEDULERS}; got {bad or 'none'}")
+    if cfg.steps % report_every:
+        raise ValueError(f"--steps {cfg.steps} must be a multiple of --report-every {report_every}")
+    if not reduction_factor > 1:
+        raise ValueError(f"--reduction-factor must be > 1, got {reduction_factor}")
+    return methods
 
 
 def run(cfg: clarke.ClarkeConfig, out: Path, *, schedulers=SCHEDULERS, asha_trials: int | None = None,
@@ -58,12 +82,8 @@ def run(cfg: clarke.ClarkeConfig, out: Path, *, schedulers=SCHEDULERS, asha_tria
         perturbation_interval: int = 100, address: str | None = None, ray_cpus: int | None = None,
         progress_factory=None) -> dict[str, Any]:
     from bilevel.search import ray_tune as R
-    methods = clarke.parse_methods(cfg.methods)
-    bad = [m for m in methods if m not in METHODS] + [s for s in schedulers if s not in SCHEDULERS]
-    if bad:
-        raise ValueError(f"asha-pbt runs methods {METHODS} under schedulers {SCHEDULERS}; got {bad}")
-    if cfg.steps % report_every:
-        raise ValueError(f"--steps {cfg.steps} must be a multiple of --report-every {report_every}")
+    clarke.validate_config(cfg)
+    methods = _check(cfg, list(schedulers), report_every, reduction_factor)
     grace = grace_period or report_every
     n_asha = asha_trials or R.asha_trials_for_budget(cfg.inits, cfg.steps, grace, reduction_factor)
     settings = {"schedulers": list(schedulers), "asha_trials": n_asha, "pbt_paths": cfg.inits,
@@ -71,7 +91,8 @@ def run(cfg: clarke.ClarkeConfig, out: Path, *, schedulers=SCHEDULERS, asha_tria
                 "asha_rungs": R.asha_rungs(cfg.steps, grace, reduction_factor),
                 "perturbation_interval": perturbation_interval}
     # a re-run resumes from methods/*.json and the Ray experiments: only with the same configuration
-    # (methods and schedulers may be added; each search is cached on its own)
+    # (methods and schedulers may be added; each search is cached on its own). The checkpoint interval is not
+    # free here: PBT's exploits copy a better trial's last checkpoint, so the interval changes the results.
     R.check_run_config(out, {**asdict(cfg), "methods": methods, **settings},
                        free=("methods", "schedulers", "device", "data_dir"),
                        defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)))
@@ -95,8 +116,10 @@ def _run_all(cfg, out, schedulers, methods, n_asha, report_every, grace, reducti
         for m in methods:
             name = f"{sched}+{m}"
             done = out / "methods" / f"{name}.json"
-            if done.exists():
-                results[name] = json.loads(done.read_text())
+            finished = read_json_state(done, f"{name} is searched again (from its Ray experiment)",
+                                       check=lambda d: isinstance(d, dict))
+            if finished is not None:
+                results[name] = finished
                 continue
             res = S.run_scheduled(cfg, m, sched, n_asha if sched == "asha" else cfg.inits, out,
                                   report_every=report_every, grace_period=grace, reduction_factor=reduction_factor,
@@ -109,7 +132,7 @@ def _run_all(cfg, out, schedulers, methods, n_asha, report_every, grace, reducti
 def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
     from bilevel.report import write_report
     cfg = clarke.config_from_args(a)
-    doc = run(cfg, a.out, schedulers=[s.strip() for s in a.schedulers.split(",") if s.strip()],
+    doc = run(cfg, a.out, schedulers=_schedulers(a),
               asha_trials=a.asha_trials, report_every=a.report_every, grace_period=a.grace_period,
               reduction_factor=a.reduction_factor, perturbation_interval=a.perturbation_interval,
               address=a.address, ray_cpus=a.ray_cpus, progress_factory=progress_factory)

@@ -14,14 +14,14 @@ against training time, median over repeats). Resumable after every sample.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bilevel import data as D
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_write_json, read_json_state, save_run_config
+from .. import _common as C
 from . import clarke
 
 NAME = "bayesopt"
@@ -30,14 +30,22 @@ HELP = "Clarke et al. 2022 B.5: repeated 30-sample Bayesian optimisation (Optuna
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="energy", help="a UCI set, kin8nm, fashion-mnist, mnist, diabetes, digits")
-    p.add_argument("--repeats", type=int, default=8, help="independent Bayesian optimisations (the paper: 32)")
-    p.add_argument("--samples", type=int, default=30, help="trainings per optimisation")
-    p.add_argument("--startup", type=int, default=5, help="initial random samples")
+    p.add_argument("--repeats", type=C.positive_int, default=8, help="independent Bayesian optimisations (the paper: 32)")
+    p.add_argument("--samples", type=C.positive_int, default=30,
+                   help="trainings per optimisation (the state is saved after each: a kill loses at most one)")
+    p.add_argument("--startup", type=C.nonnegative_int, default=5, help="initial random samples")
     p.add_argument("--sampler", default="gp", choices=["gp", "tpe"], help="Optuna sampler")
-    p.add_argument("--steps", type=int, default=1000, help="weight updates per training (the paper: 4000)")
-    p.add_argument("--hidden", type=int, default=50, help="hidden units of the MLP")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch; 50 for images)")
-    p.add_argument("--val-fraction", type=float, default=None, help="UCI: validation share of train+validation")
+    p.add_argument("--steps", type=C.positive_int, default=1000, help="weight updates per training (the paper: 4000)")
+    p.add_argument("--hidden", type=C.positive_int, default=50, help="hidden units of the MLP")
+    p.add_argument("--batch-size", type=C.positive_int, default=None,
+                   help="mini-batch size (default: full batch; 50 for images)")
+    p.add_argument("--val-fraction", type=C.fraction, default=None, help="UCI: validation share of train+validation")
+
+
+def check_arguments(a: argparse.Namespace) -> None:
+    clarke.validate_config(config_from_args(a))
+    if a.startup > a.samples:
+        raise ValueError(f"--startup {a.startup} must be <= --samples {a.samples}")
 
 
 def run(cfg: clarke.ClarkeConfig, out: Path, *, repeats: int, samples: int, startup: int, sampler: str,
@@ -49,10 +57,13 @@ def run(cfg: clarke.ClarkeConfig, out: Path, *, repeats: int, samples: int, star
                 "library": "optuna"}
     cfg_dict = {**asdict(cfg), **settings}
     ckpt = out / "bayesopt_state.json"
-    check_run_config(out, cfg_dict, free=("device", "data_dir"),
-                     defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)))
-    state = json.loads(ckpt.read_text()) if ckpt.exists() else None
+    clarke.validate_config(cfg)
+    check_run_config(out, cfg_dict, free=("device", "data_dir", "checkpoint_every"),
+                     defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)), save=False)
     problem = clarke.load_problem(cfg)
+    save_run_config(out, cfg_dict)
+    state = read_json_state(ckpt, "the optimisations start again from the first sample",
+                            check=lambda d: isinstance(d, dict))
     progress = progress_factory(f"bayesopt x{repeats}", samples) if progress_factory else None
     res = S.run_bayesopt(cfg, problem, repeats=repeats, samples=samples, startup=startup, sampler=sampler,
                          state=state, save=lambda s: atomic_write_json(ckpt, s), progress=progress)
@@ -70,15 +81,19 @@ def run(cfg: clarke.ClarkeConfig, out: Path, *, repeats: int, samples: int, star
     return doc
 
 
-def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
-    from bilevel.report import write_report
+def config_from_args(a: argparse.Namespace) -> clarke.ClarkeConfig:
     name = D.dataset_name(a.dataset)
     bs = a.batch_size if a.batch_size is not None else (
         50 if D.DATASETS[name].kind == "classification" and name != "digits" else None)
-    cfg = clarke.ClarkeConfig(dataset=name, methods=["random"], inits=a.repeats, steps=a.steps, seed=a.seed,
-                              hidden=a.hidden, batch_size=bs, val_fraction=a.val_fraction, data_dir=a.data_dir,
-                              device=a.device, dtype=a.dtype,
-                              outlier_threshold=1e3 if D.DATASETS[name].kind == "classification" else None)
+    return clarke.ClarkeConfig(dataset=name, methods=["random"], inits=a.repeats, steps=a.steps, seed=a.seed,
+                               hidden=a.hidden, batch_size=bs, val_fraction=a.val_fraction, data_dir=a.data_dir,
+                               device=a.device, dtype=a.dtype,
+                               outlier_threshold=1e3 if D.DATASETS[name].kind == "classification" else None)
+
+
+def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
+    from bilevel.report import write_report
+    cfg = config_from_args(a)
     doc = run(cfg, a.out, repeats=a.repeats, samples=a.samples, startup=a.startup, sampler=a.sampler,
               progress_factory=progress_factory)
     write_report(doc, a.out, console=console)

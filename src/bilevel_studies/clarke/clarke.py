@@ -1,8 +1,8 @@
 """Clarke et al. (2022), section 4: one-pass tuning of SGD's learning rate, weight decay and momentum.
 
 Every method starts from the same random initialisations (weights and Table 5
-hyperparameters drawn from seed + i for initialisation i), trained as one
-vectorised population per method:
+hyperparameters drawn from seed ``S * 1_000_003 + i`` for initialisation i of ``--seed S``,
+:func:`bilevel.population.derived_seed`), trained as one vectorised population per method:
 
 =================  ==============================================================
 ``random``         no HPO; hyperparameters fixed at their initial values
@@ -19,12 +19,16 @@ vectorised population per method:
 The ``random*`` methods train on train+validation merged, as in the paper. UCI
 sets are full batch and report test MSE in the original target units (as
 Clarke et al.'s Table 1); image sets use batches of 50 and cross-entropy.
+
+Resumable: every method's population is checkpointed every ``checkpoint_every`` steps
+(``checkpoints/METHOD.pt``: the whole loop state, batch samplers included) and a finished method is
+kept in ``methods/METHOD.json``; re-running the same command continues from there and gives the
+same numbers as an uninterrupted run (see "Runs, interruptions and resume" in docs/design.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from bilevel import data as D
-from bilevel._io import atomic_save, atomic_write_json, check_run_config
+from bilevel._io import (atomic_save, atomic_write_json, check_run_config, load_torch_state, read_json_state,
+                         save_run_config)
 from bilevel.data._split import standardise
 from bilevel import hparams as H
 from bilevel import population as pop
@@ -43,6 +48,8 @@ from bilevel.nets import mlp_forward, mlp_init
 from bilevel.callbacks import RandomLRMultiplier
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
+
+from .. import _common as C
 
 ALL_TUNED = ("lr", "weight_decay", "momentum")
 
@@ -98,6 +105,11 @@ class ClarkeConfig:
     device: str = "cpu"
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: configuration keys that may change between a run and its resume: the methods (cached one file each), where
+#: the data are read from, the device (as before), and how often a checkpoint is written (it cannot change a result)
+RESUME_FREE = ("methods", "device", "data_dir", "checkpoint_every")
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
@@ -277,7 +289,8 @@ def build_tuner(cfg: ClarkeConfig, problem: Problem, method: Method, *, first: i
                 hparams: Mapping[str, Sequence[float] | torch.Tensor] | None = None) -> OnlineTuner:
     """The population of initialisations ``first, ..., first + cfg.inits - 1`` of ``method``.
 
-    Member j's weights and Table 5 hyperparameters come from seed ``cfg.seed + first + j`` (see
+    Member j's weights and Table 5 hyperparameters come from seed ``derived_seed(cfg.seed, first + j)``
+    (``cfg.seed * 1_000_003 + first + j``, :func:`bilevel.population.derived_seed`; see
     :func:`bilevel.population.init_population`), so a block of members equals the same members of
     one big population. ``hparams`` (natural values, one per member, per hyperparameter name of
     the space) replaces the sampled initial hyperparameters: used by ASHA/PBT and Bayesian
@@ -286,7 +299,7 @@ def build_tuner(cfg: ClarkeConfig, problem: Problem, method: Method, *, first: i
     space = space_for(method)
     dtype = getattr(torch, cfg.dtype)
     params, raw = pop.init_population(
-        problem.init, cfg.inits, cfg.seed + first,
+        problem.init, cfg.inits, pop.derived_seed(cfg.seed, first),
         lambda p, g: space.init(p, g, dtype=dtype))
     if hparams is not None:
         raw = natural_population(space, params, hparams, dtype)
@@ -356,7 +369,8 @@ def start_method(cfg: ClarkeConfig, problem: Problem, method: str | Method, *, f
         train_data = problem.train
     sampler = problem.batches or (lambda data, seed: Batches(data, cfg.batch_size, seed))
     record = tuple(problem.chunks(d, cfg.record_rows)[0] for d in (problem.train, problem.val, problem.test))
-    return MethodRun(tuner, sampler(train_data, cfg.seed), sampler(problem.val, cfg.seed + 1), record)
+    return MethodRun(tuner, sampler(train_data, pop.derived_seed(cfg.seed, 0)),
+                     sampler(problem.val, pop.derived_seed(cfg.seed, 1)), record)
 
 
 def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None = None,
@@ -364,8 +378,9 @@ def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None
     """Train the population for one method (resuming from ``ckpt`` if it exists); return its results."""
     run = start_method(cfg, problem, name, first=first)
     tuner = run.tuner
-    if ckpt is not None and ckpt.exists():
-        run.load_state_dict(torch.load(ckpt, weights_only=False))
+    state = load_torch_state(ckpt, f"{name} starts again from step 0") if ckpt is not None else None
+    if state is not None:
+        run.load_state_dict(state)
         if progress is not None:
             progress(tuner.t)
     while tuner.t < cfg.steps:
@@ -451,16 +466,14 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
     """
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown backend {backend!r}: use 'local' or 'ray'")
-    out.mkdir(parents=True, exist_ok=True)
-    methods = parse_methods(cfg.methods)
-    if "random-3batched" in methods and cfg.inits < 3:
-        raise ValueError(f"random-3batched keeps the best of every three random runs: it needs --inits >= 3, "
-                         f"got {cfg.inits}")
+    out = Path(out)
+    methods = validate_config(cfg)
     cfg_dict = asdict(cfg)
     cfg_dict["methods"] = methods
-    # a key added since the run started has its default
-    check_run_config(out, cfg_dict, defaults=asdict(ClarkeConfig(dataset=cfg.dataset)))
+    # a key added since the run started has its default; nothing is written before the data are loaded
+    check_run_config(out, cfg_dict, free=RESUME_FREE, defaults=asdict(ClarkeConfig(dataset=cfg.dataset)), save=False)
     problem = load_problem(cfg)
+    save_run_config(out, cfg_dict)
     (out / "methods").mkdir(exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
     results: dict[str, Any] = {}
@@ -469,14 +482,15 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
         needed.insert(0, "random")
     if backend == "ray":
         from .search import run_clarke
-        todo = [m for m in needed if not (out / "methods" / f"{m}.json").exists()]
+        todo = [m for m in needed if _finished(out / "methods" / f"{m}.json") is None]
         for name, res in run_clarke(cfg, todo, out, address=address, num_cpus=ray_cpus, block_size=block_size,
                                     progress_factory=progress_factory).items():
             atomic_write_json(out / "methods" / f"{name}.json", res)
     for name in needed:
         done = out / "methods" / f"{name}.json"
-        if done.exists():
-            results[name] = json.loads(done.read_text())
+        finished = _finished(done)
+        if finished is not None:
+            results[name] = finished
             continue
         progress = progress_factory(name, cfg.steps) if progress_factory else None
         res = run_method(cfg, problem, name, out / "checkpoints" / f"{name}.pt", progress)
@@ -491,6 +505,60 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
            "methods": ordered}
     atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=_nan_to_none)
     return doc
+
+
+def _finished(path: Path) -> dict[str, Any] | None:
+    """A finished method's results (``methods/NAME.json``), or ``None``: absent, or damaged (then set aside
+    with a warning, and the method is trained again from its checkpoint, if any)."""
+    return read_json_state(path, f"{path.stem} is trained again",
+                           check=lambda d: isinstance(d, dict) and "final_test_loss" in d)
+
+
+def validate_config(cfg: ClarkeConfig) -> list[str]:
+    """Raise ``ValueError`` naming the first invalid field of ``cfg`` (before anything is written); return
+    the parsed method names.
+
+    ``lookback`` is per method: Diff-through-Opt unrolls ``lookback`` steps, so it needs ``>= 1``; the IFT
+    methods use ``lookback`` Neumann steps (``lookback + 1`` terms), so 0 is legitimate there (one term,
+    the identity approximation); ``random*`` and ``baydin`` do not use it.
+    """
+    methods = parse_methods(cfg.methods)
+    if not methods:
+        raise ValueError("no methods given (--methods)")
+
+    def at_least(name: str, low: int, optional: bool = False) -> None:
+        v = getattr(cfg, name)
+        if optional and v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+
+    for name in ("inits", "steps", "interval", "checkpoint_every", "hidden", "record_rows"):
+        at_least(name, 1)
+    for name in ("batch_size", "record_every", "eval_rows"):
+        at_least(name, 1, optional=True)
+    at_least("lookback", 0)
+    if cfg.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
+    if not (isinstance(cfg.hyper_lr, (int, float)) and math.isfinite(cfg.hyper_lr) and cfg.hyper_lr > 0):
+        raise ValueError(f"--hyper-lr must be a number > 0, got {cfg.hyper_lr!r}")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(cfg, name)
+        if v is not None and not 0 < v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a number in (0, 1), got {v!r}")
+    for name in ("grad_clip", "outlier_threshold"):
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
+    unrolled = [m for m in methods if METHODS[m].mode == "unroll"]
+    if unrolled and cfg.lookback < 1:
+        raise ValueError(f"--lookback {cfg.lookback}: {', '.join(unrolled)} differentiates through the last "
+                         "--lookback weight steps, so it needs --lookback >= 1 (0 is fine for the IFT methods: "
+                         "one Neumann term)")
+    if "random-3batched" in methods and cfg.inits < 3:
+        raise ValueError(f"random-3batched keeps the best of every three random runs: it needs --inits >= 3, "
+                         f"got {cfg.inits}")
+    return methods
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -510,25 +578,30 @@ def add_arguments(p: argparse.ArgumentParser, *, dataset: str = "energy", inits:
     p.add_argument("--dataset", default=dataset, help="energy, boston, concrete, kin8nm, naval, power, wine, yacht, "
                    "fashion-mnist, mnist, diabetes, digits")
     p.add_argument("--methods", default=methods, help=f"comma-separated from {', '.join(METHODS)}, or 'all'")
-    p.add_argument("--inits", type=int, default=inits, help="random hyperparameter initialisations per method")
-    p.add_argument("--steps", type=int, default=steps, help="weight updates (full-batch epochs for UCI)")
-    p.add_argument("--interval", type=int, default=10, help="T: weight steps between hyperparameter steps")
-    p.add_argument("--lookback", type=int, default=5, help="i: Neumann terms / unrolled steps")
-    p.add_argument("--hyper-lr", type=float, default=0.05, help="Adam learning rate on the hyperparameters")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch for UCI; "
+    p.add_argument("--inits", type=C.positive_int, default=inits, help="random hyperparameter initialisations per method")
+    p.add_argument("--steps", type=C.positive_int, default=steps, help="weight updates (full-batch epochs for UCI)")
+    p.add_argument("--interval", type=C.positive_int, default=10, help="T: weight steps between hyperparameter steps")
+    p.add_argument("--lookback", type=C.nonnegative_int, default=5,
+                   help="i: Neumann steps of the IFT methods (i + 1 terms; 0 is allowed: one term) / unrolled steps "
+                        "of diff-through-opt (must be >= 1 there); not used by random* and baydin")
+    p.add_argument("--hyper-lr", type=C.positive_float, default=0.05, help="Adam learning rate on the hyperparameters")
+    p.add_argument("--batch-size", type=C.positive_int, default=None, help="mini-batch size (default: full batch for UCI; "
                    "50 for (Fashion-)MNIST, 100 for CIFAR-10, as the paper; the LM size's batch for ptb)")
-    p.add_argument("--val-fraction", type=float, default=None, help="UCI: validation share of train+validation")
-    p.add_argument("--test-fraction", type=float, default=None,
+    p.add_argument("--val-fraction", type=C.fraction, default=None, help="UCI: validation share of train+validation")
+    p.add_argument("--test-fraction", type=C.fraction, default=None,
                    help="UCI: share of all rows held out for testing (default: Clarke et al.'s split files, ~10%%)")
-    p.add_argument("--hidden", type=int, default=50, help="hidden units of the MLP")
+    p.add_argument("--hidden", type=C.positive_int, default=50, help="hidden units of the MLP")
     p.add_argument("--model", default="auto", choices=["auto", "mlp", "resnet18", "lstm"],
                    help="auto: mlp (UCI, images), resnet18 (cifar10), lstm (ptb)")
     p.add_argument("--lm-size", default="cpu", choices=sorted(LM_SIZES),
                    help="ptb LSTM: paper (2 x 650 units, bptt 70, batch 40) or cpu (2 x 128, bptt 35, batch 20)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=C.positive_int, default=500,
+                   help="weight steps between checkpoints: a kill loses at most this much work per method; "
+                        "re-running the same command resumes and gives the same numbers (it may use another "
+                        "--checkpoint-every: the interval cannot change a result)")
     p.add_argument("--image-scaling", choices=["standardise", "unit"], default="standardise",
                    help="image inputs: zero mean and unit variance per pixel (training statistics), or pixels in [0, 1]")
-    p.add_argument("--outlier-threshold", type=float, default=None,
+    p.add_argument("--outlier-threshold", type=C.positive_float, default=None,
                    help="final test losses above this count as diverged (default: 1e3 for image sets, as Clarke et al.)")
     if backend_options:
         add_backend_arguments(p)
@@ -541,8 +614,8 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    "trials (pip install 'bilevel[ray]'); re-running resumes via Ray Tune's restore")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto or ray://host:10001); "
                    "default: start a local Ray instance")
-    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--ray-cpus", type=C.positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--block-size", type=C.positive_int, default=None,
                    help="initialisations per Ray trial (default: the population split evenly over the CPUs)")
 
 
@@ -562,10 +635,48 @@ def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
 
 
 
+def check_arguments(a: argparse.Namespace) -> None:
+    """The checks across options (``ValueError``), run by the command line before anything is written."""
+    validate_config(config_from_args(a))
+
+
+def divergence_notes(doc: Mapping[str, Any], hyper_lr_option: str = "--hyper-lr") -> list[str]:
+    """One line per method whose every run diverged: when, and what to try."""
+    notes = []
+    cfg = doc.get("config", {})
+    for name, m in doc.get("methods", {}).items():
+        finals = m.get("final_test_loss") or []
+        if not finals or any(v is not None for v in finals):
+            continue
+        steps = [s for s in (m.get("diverged_at") or []) if s is not None]
+        n = len(finals)
+        if steps:
+            why = f"non-finite loss by step {max(steps)}"
+        elif cfg.get("outlier_threshold") is not None:
+            why = f"final test loss above --outlier-threshold {cfg['outlier_threshold']:g} or not finite"
+        else:
+            why = "non-finite final loss"
+        method = METHODS.get(name)
+        if method is not None and method.tuned:
+            hint = f"try a smaller {hyper_lr_option} (now {cfg.get('hyper_lr')})"
+            if method.mode != "baydin":
+                hint += " or a shorter --interval"
+        else:
+            hint = "these fixed initial hyperparameters do not train (a baseline result, not a fault)"
+        notes.append(f"all {n} run{'s' * (n != 1)} of {name} diverged ({why}): {hint}")
+    return notes
+
+
 def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
     from bilevel.report import write_report
     doc = run(config_from_args(a), a.out, progress_factory=progress_factory, backend=getattr(a, "backend", "local"),
               address=getattr(a, "address", None), ray_cpus=getattr(a, "ray_cpus", None),
               block_size=getattr(a, "block_size", None))
     write_report(doc, a.out, console=console)
+    notes = divergence_notes(doc)
+    if notes:
+        from rich.console import Console
+        from rich.markup import escape
+        for line in notes:
+            (console or Console()).print(f"[yellow]note:[/] {escape(line)}", soft_wrap=True)
     return doc

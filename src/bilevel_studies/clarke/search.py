@@ -7,7 +7,7 @@ The ``clarke`` experiment's pieces (:func:`~bilevel_studies.clarke.clarke.start_
 
 * :func:`run_clarke` -- the ``clarke`` experiment's ``--backend ray``: each block of
   ``block_size`` consecutive initialisations one trial (members ``first ... first + count - 1``
-  use seeds ``seed + first + j``, exactly as in the local population, so the per-initialisation
+  use seeds ``derived_seed(seed, first + j)``, exactly as in the local population, so the per-initialisation
   results are the same up to floating-point rounding: float64 to rounding, float32 depends on the
   block layout, see docs/ray.md). Each method is its own Ray experiment
   (``out/ray/clarke-METHOD``, :func:`clarke_experiment`), so a re-run may add methods. Trials
@@ -25,7 +25,7 @@ The ``clarke`` experiment's pieces (:func:`~bilevel_studies.clarke.clarke.start_
   every configuration is trained like ``random`` (hyperparameters fixed for the whole run) on the
   training set and scored by its final loss on a *separate* validation set; the ``repeats``
   configurations of a sample train together as one population, member r of sample k with weight
-  seed ``cfg.seed + k * repeats + r``.
+  seed ``derived_seed(cfg.seed, k * repeats + r)`` (:func:`bilevel.population.derived_seed`).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def run_clarke(cfg: clarke.ClarkeConfig, methods: Sequence[str], out: Path, *, a
 
 def scheduled_trial(config: dict[str, Any]) -> ScheduledRun:
     """The run of one ASHA/PBT trial (the trainable takes this function's name): initialisation
-    ``config["member"]`` (weights of seed ``seed + member``) of the config ``config["cfg"]``, trained by
+    ``config["member"]`` (weights of seed ``derived_seed(seed, member)``) of the config ``config["cfg"]``, trained by
     ``config["method"]`` from the hyperparameters ``config[name]`` the scheduler assigned."""
     cfg = replace(_config(config["cfg"]), inits=1)
     problem = _problem(cfg)
@@ -295,7 +295,7 @@ def run_bayesopt(cfg: clarke.ClarkeConfig, problem: clarke.Problem, *, repeats: 
     """``repeats`` Bayesian optimisations of ``samples`` trainings each, ``cfg.steps`` steps per training.
 
     The configurations of sample k of all repeats train together as one population; member r uses
-    weight seed ``cfg.seed + k * repeats + r``, study r is seeded ``cfg.seed + r``. ``state``/``save``
+    weight seed ``derived_seed(cfg.seed, k * repeats + r)``, study r is seeded ``derived_seed(cfg.seed, r)``. ``state``/``save``
     resume after each sample. Returns :func:`bilevel.search.bayesopt.run`'s per-repeat
     ``final_test_loss``/``final_val_loss`` (of the best-validation sample), ``seconds`` (training
     time attributed to the repeat) and every sample (``records``).

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.report.stats import split_diverged
+from .. import _common as C
 from . import clarke
 
 
@@ -81,7 +82,7 @@ def _plot(doc: dict, path: Path) -> None:
             ax.text(c, r, "NaN" if np.isnan(v) else f"{v:.2g}", ha="center", va="center", fontsize=7, color="w")
         fig.colorbar(im, ax=ax, label="log10 median final test loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
 
 
 NAME = "sensitivity"
@@ -91,13 +92,31 @@ HELP = ("Clarke et al. Fig. 4: median final test loss over update interval T and
 
 def add_arguments(p) -> None:
     clarke.add_arguments(p, dataset="energy", inits=20, steps=400, methods="random,ours-wd-lr-m", backend_options=False)
-    p.add_argument("--intervals", default="1,5,10,25,50", help="comma-separated update intervals T")
-    p.add_argument("--lookbacks", default="0,1,5,10,25", help="comma-separated look-back distances i")
-    p.add_argument("--updates", type=int, default=None, help="train each cell for UPDATES * T steps (the paper: "
-                   "400 hyperparameter updates); default: --steps for every cell")
+    p.add_argument("--intervals", type=C.int_list(1), default=[1, 5, 10, 25, 50],
+                   help="comma-separated update intervals T (each >= 1)")
+    p.add_argument("--lookbacks", type=C.int_list(0), default=[0, 1, 5, 10, 25],
+                   help="comma-separated look-back distances i (each >= 0; diff-through-opt needs >= 1)")
+    p.add_argument("--updates", type=C.positive_int, default=None, help="train each cell for UPDATES * T steps "
+                   "(the paper: 400 hyperparameter updates); default: --steps for every cell")
+
+
+def cells(cfg: clarke.ClarkeConfig, intervals: list[int], lookbacks: list[int], updates: int | None = None):
+    """``(method, T, i, cell config)`` of every cell of the grid."""
+    for method in clarke.parse_methods(cfg.methods):
+        uses_lookback = clarke.METHODS[method].mode != "none"
+        for T in intervals:
+            for i in lookbacks:
+                yield method, T, i, replace(cfg, methods=[method], interval=T,
+                                            lookback=i if uses_lookback else cfg.lookback,
+                                            steps=updates * T if updates else cfg.steps)
+
+
+def check_arguments(a) -> None:
+    cfg = clarke.config_from_args(a)
+    for *_, sub in cells(cfg, a.intervals, a.lookbacks, a.updates):
+        clarke.validate_config(sub)
 
 
 def main(a, progress_factory=None, console=None) -> dict:
-    return run(clarke.config_from_args(a), [int(x) for x in a.intervals.split(",")],
-               [int(x) for x in a.lookbacks.split(",")], a.out, progress_factory=progress_factory, console=console,
-               updates=a.updates)
+    return run(clarke.config_from_args(a), list(a.intervals), list(a.lookbacks), a.out,
+               progress_factory=progress_factory, console=console, updates=a.updates)

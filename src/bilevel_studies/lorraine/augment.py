@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel import _tree as T
-from bilevel._io import atomic_save, atomic_write_json
+from bilevel._io import atomic_save, atomic_savefig, atomic_write_json, load_torch_state
 from bilevel.errors import NonFiniteError
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.solvers import Identity, Neumann
 from bilevel.updates import SGD
+from bilevel.population import derived_seed
+from .. import _common as C
 from .._parts import load_part, save_part, say_resumed, settings_key
 
 NAME = "augment"
@@ -189,7 +191,7 @@ def _figure(unet, aug_params, X: Tensor, path: Path, n: int = 6, samples: int = 
             if r == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
 
 
 def summarise(runs: list[dict], keys: Sequence[str]) -> dict[str, Any]:
@@ -228,21 +230,31 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist", "cifar10"],
                    help="cifar10 uses ResNet-18 (the paper's set-up; needs the data and a GPU)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method")
-    p.add_argument("--steps", type=int, default=1000, help="classifier SGD steps")
-    p.add_argument("--interval", type=int, default=5, help="weight steps between hyperparameter steps (T)")
-    p.add_argument("--terms", type=int, default=3,
-                   help="K: Neumann steps (Neumann(steps=K) sums K + 1 terms of the series) / unrolled steps")
-    p.add_argument("--batch-size", type=int, default=64, help="classifier mini-batch size")
-    p.add_argument("--lr", type=float, default=0.05, help="classifier SGD learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="classifier SGD momentum")
-    p.add_argument("--hyper-lr", type=float, default=1e-3, help="Adam learning rate of the U-Net weights")
-    p.add_argument("--train-size", type=int, default=2000, help="training images (a seeded subset)")
-    p.add_argument("--val-size", type=int, default=1000, help="validation images (a seeded subset)")
-    p.add_argument("--eval-size", type=int, default=2000, help="test images evaluated")
-    p.add_argument("--aug-samples", type=int, default=10, help="augmented samples averaged at evaluation (E.3)")
-    p.add_argument("--unet-width", type=int, default=8, help="channels of the first U-Net level (doubled per level)")
-    p.add_argument("--unet-depth", type=int, default=2, help="U-Net resolutions (levels)")
+    p.add_argument("--seeds", type=C.positive_int, default=3,
+                   help="seeds per method (seed s of --seed S is S * 1_000_003 + s)")
+    p.add_argument("--steps", type=C.positive_int, default=1000, help="classifier SGD steps")
+    p.add_argument("--interval", type=C.positive_int, default=5, help="weight steps between hyperparameter steps (T)")
+    p.add_argument("--terms", type=C.nonnegative_int, default=3,
+                   help="K: Neumann steps (Neumann(steps=K) sums K + 1 terms of the series; 0 allowed) / unrolled "
+                        "steps (unroll needs K >= 1)")
+    p.add_argument("--batch-size", type=C.positive_int, default=64, help="classifier mini-batch size")
+    p.add_argument("--lr", type=C.positive_float, default=0.05, help="classifier SGD learning rate")
+    p.add_argument("--momentum", type=C.unit_interval, default=0.9, help="classifier SGD momentum")
+    p.add_argument("--hyper-lr", type=C.positive_float, default=1e-3, help="Adam learning rate of the U-Net weights")
+    p.add_argument("--train-size", type=C.positive_int, default=2000, help="training images (a seeded subset)")
+    p.add_argument("--val-size", type=C.positive_int, default=1000, help="validation images (a seeded subset)")
+    p.add_argument("--eval-size", type=C.positive_int, default=2000, help="test images evaluated")
+    p.add_argument("--aug-samples", type=C.positive_int, default=10, help="augmented samples averaged at evaluation (E.3)")
+    p.add_argument("--unet-width", type=C.positive_int, default=8,
+                   help="channels of the first U-Net level (doubled per level)")
+    p.add_argument("--unet-depth", type=C.positive_int, default=2, help="U-Net resolutions (levels)")
+
+
+def check_arguments(a) -> None:
+    methods = C.check_names("--methods", C.names(a.methods), METHODS)
+    if "unroll" in methods and a.terms < 1:
+        raise ValueError(f"--terms {a.terms}: unroll differentiates through --terms weight steps, so it needs "
+                         "--terms >= 1 (0 is fine for neumann: one term)")
 
 
 def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -268,12 +280,9 @@ def main(a, progress_factory=None, console=None) -> dict:
     in ``.pt``), keyed by the options that produced it: re-running the same command skips finished runs."""
     from bilevel.nets.unet import UNet
 
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; known: {list(METHODS)}")
+    check_arguments(a)
+    methods = C.names(a.methods)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     dtype, device = getattr(torch, a.dtype), torch.device(a.device)
     data = _load(a.dataset, a.data_dir, a.seed, a.train_size, a.val_size, dtype, device)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
@@ -282,7 +291,7 @@ def main(a, progress_factory=None, console=None) -> dict:
     for m in methods:
         advance = progress_factory(f"augment {m}", a.steps * a.seeds) if progress_factory else None
         for s in range(a.seeds):
-            seed = a.seed + s
+            seed = derived_seed(a.seed, s)
             part, key = out / "parts" / f"{m}-seed{seed}.json", _part_key(a, m, seed)
             res, aug = load_part(part, key), None
             if res is not None:
@@ -290,10 +299,11 @@ def main(a, progress_factory=None, console=None) -> dict:
                 if advance:
                     advance(a.steps)
                 pt = part.with_suffix(".pt")
-                if fig_src is None and m != "none" and res["diverged_at"] is None and pt.exists():
-                    unet = UNet(data[0][0].shape[1], a.unet_width, a.unet_depth).to(dtype=dtype, device=device)
-                    aug = (unet, {k: v.to(dtype=dtype, device=device)
-                                  for k, v in torch.load(pt, weights_only=True).items()})
+                if fig_src is None and m != "none" and res["diverged_at"] is None:
+                    state = load_torch_state(pt, "the augmentation figure uses another run")
+                    if state is not None:
+                        unet = UNet(data[0][0].shape[1], a.unet_width, a.unet_depth).to(dtype=dtype, device=device)
+                        aug = (unet, {k: v.to(dtype=dtype, device=device) for k, v in state.items()})
             else:
                 res, aug = run_one(a, m, seed, data, advance)
                 if m != "none" and res["diverged_at"] is None:   # the augmenter, for the figure on resume

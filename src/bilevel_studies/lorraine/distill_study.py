@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from bilevel import _tree as T
 from bilevel.distill import DistilledData
 from bilevel.hypergradient import largest_eigenvalue
+from bilevel.population import derived_seed
 from bilevel.errors import NonFiniteError
 from bilevel.solvers import check_size
 from bilevel.tuner import OnlineTuner, TunerConfig
@@ -44,16 +45,21 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_solver_arguments(p, "neumann", 20)
     p.add_argument("--dataset", default="mnist", choices=DATASETS, help="data set to distil (default mnist)")
-    p.add_argument("--per-class", type=int, default=1, help="learned images per class (default 1)")
-    p.add_argument("--hyper-steps", type=int, default=300, help="hyperparameter (pixel) steps (default 300)")
-    p.add_argument("--interval", type=int, default=20, help="weight steps between pixel steps (default 20)")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the weights (default 0.01)")
-    p.add_argument("--hyper-lr", type=float, default=0.01, help="Adam learning rate of the pixels (default 0.01)")
-    p.add_argument("--l2", type=float, default=1e-3, help="fixed L2 on the logistic-regression weights")
-    p.add_argument("--val-batch", type=int, default=2000, help="labelled examples per hypergradient (default 2000)")
-    p.add_argument("--val-size", type=int, default=None, help="use only this many labelled examples (default all)")
-    p.add_argument("--eval-steps", type=int, default=1000, help="Adam steps to train the evaluation model")
+    p.add_argument("--per-class", type=C.positive_int, default=1, help="learned images per class (default 1)")
+    p.add_argument("--hyper-steps", type=C.positive_int, default=300, help="hyperparameter (pixel) steps (default 300)")
+    p.add_argument("--interval", type=C.positive_int, default=20, help="weight steps between pixel steps (default 20)")
+    p.add_argument("--lr", type=C.positive_float, default=0.01, help="Adam learning rate of the weights (default 0.01)")
+    p.add_argument("--hyper-lr", type=C.positive_float, default=0.01, help="Adam learning rate of the pixels (default 0.01)")
+    p.add_argument("--l2", type=C.positive_float, default=1e-3,
+                   help="fixed L2 on the logistic-regression weights (> 0: keeps the inner problem strictly convex)")
+    p.add_argument("--val-batch", type=C.positive_int, default=2000, help="labelled examples per hypergradient (default 2000)")
+    p.add_argument("--val-size", type=C.positive_int, default=None, help="use only this many labelled examples (default all)")
+    p.add_argument("--eval-steps", type=C.positive_int, default=1000, help="Adam steps to train the evaluation model")
     p.add_argument("--init", default="zeros", choices=("zeros", "normal", "real"), help="pixel initialisation")
+
+
+def check_arguments(args) -> None:
+    C.check_solver_arguments(args)
 
 
 def load_images(name: str, data_dir, device, dtype):
@@ -100,13 +106,13 @@ def main(args, progress_factory=None, console=None) -> dict:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_arguments(args)
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
     Xv, yv, Xte, yte, shape = load_images(args.dataset, args.data_dir, dev, dt)
     if args.val_size is not None:
         Xv, yv = Xv[: args.val_size], yv[: args.val_size]
     C_, dim = int(torch.cat([yv, yte]).max()) + 1, Xv.shape[1]
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(derived_seed(args.seed, 0))
     distilled = DistilledData(shape, C_, per_class=args.per_class)
     real = (Xv.reshape(len(Xv), *shape), yv)
     h = distilled.init(gen, args.init, real if args.init == "real" else None, dtype=dt, device=dev)
@@ -156,7 +162,7 @@ def main(args, progress_factory=None, console=None) -> dict:
         return C.accuracy(C.batched_logits(_forward, p, Xte), yte)
 
     acc = test_acc(h)
-    base_h = distilled.init(torch.Generator().manual_seed(args.seed + 1), "real", real, dtype=dt, device=dev)
+    base_h = distilled.init(torch.Generator().manual_seed(derived_seed(args.seed, 1)), "real", real, dtype=dt, device=dev)
     base = test_acc(base_h)
     images = distilled.inputs(T.detach(h))
     labels = [str(c) for c in distilled.labels.tolist()] if C_ <= 20 else None  # no captions for 100 classes

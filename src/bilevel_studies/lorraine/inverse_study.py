@@ -37,6 +37,8 @@ from bilevel.regularizers import PerWeightL2, l2_penalty
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import TorchOptimizer
 from bilevel.solvers import ConjugateGradient, Exact, Identity, Neumann, dense_jacobian
+from bilevel._io import atomic_savefig
+
 from .. import _common as C
 
 NAME = "inverse-study"
@@ -46,20 +48,28 @@ HELP = "Lorraine et al. Fig. 3/4: Neumann and CG hypergradients vs the exact IFT
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_solver_arguments(p, "neumann", 20)
     p.add_argument("--dataset", default="boston", help="UCI regression set (default boston)")
-    p.add_argument("--hyper-steps", type=int, default=40, help="hyperparameter steps of Algorithm 1 (default 40)")
-    p.add_argument("--interval", type=int, default=20, help="SGD steps between hyperparameter steps (default 20)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
-    p.add_argument("--hyper-lr", type=float, default=0.05, help="Adam learning rate on log10 decays (default 0.05)")
-    p.add_argument("--init-decay", type=float, default=1e-2, help="initial weight decay of every weight")
-    p.add_argument("--compare-every", type=int, default=5, help="compare approximations every N hyper steps")
-    p.add_argument("--max-steps", type=int, default=30, help="largest Neumann/CG step count compared (0..N)")
-    p.add_argument("--hidden", type=int, default=8, help="hidden units of the Fig. 4 network (default 8)")
-    p.add_argument("--net-decay", type=float, default=0.1,
+    p.add_argument("--hyper-steps", type=C.positive_int, default=40, help="hyperparameter steps of Algorithm 1 (default 40)")
+    p.add_argument("--interval", type=C.positive_int, default=20, help="SGD steps between hyperparameter steps (default 20)")
+    p.add_argument("--lr", type=C.positive_float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
+    p.add_argument("--hyper-lr", type=C.positive_float, default=0.05, help="Adam learning rate on log10 decays (default 0.05)")
+    p.add_argument("--init-decay", type=C.positive_float, default=1e-2, help="initial weight decay of every weight")
+    p.add_argument("--compare-every", type=C.positive_int, default=5, help="compare approximations every N hyper steps")
+    p.add_argument("--max-steps", type=C.nonnegative_int, default=30, help="largest Neumann/CG step count compared (0..N)")
+    p.add_argument("--hidden", type=C.positive_int, default=8, help="hidden units of the Fig. 4 network (default 8)")
+    p.add_argument("--net-decay", type=C.nonnegative_float, default=0.1,
                    help="fixed L2 of the Fig. 4 network (default 0.1; keeps its Hessian positive definite)")
-    p.add_argument("--train-steps", type=int, default=3000, help="Adam steps to train the Fig. 4 network")
-    p.add_argument("--neumann-terms", default="1,5,20",
+    p.add_argument("--train-steps", type=C.nonnegative_int, default=3000, help="Adam steps to train the Fig. 4 network")
+    p.add_argument("--neumann-terms", type=C.int_list(0), default=[1, 5, 20],
                    help="comma-separated Neumann step counts k of the Fig. 4 heat maps (k steps = k + 1 terms of "
                         "the series; the option keeps its old name)")
+
+
+def check_arguments(args) -> None:
+    from bilevel.data import DATASETS, UCI_DATASETS, dataset_name
+    C.check_solver_arguments(args)
+    name = dataset_name(args.dataset)
+    if name not in UCI_DATASETS or DATASETS[name].kind != "regression":
+        raise ValueError(f"{NAME}: --dataset must be a UCI regression set ({', '.join(UCI_DATASETS)}), got {args.dataset!r}")
 
 
 def _cos_l2(a: dict, b: dict) -> tuple[float | None, float]:
@@ -117,7 +127,7 @@ def main(args, progress_factory=None, console=None) -> dict:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_arguments(args)
     dev, dt = torch.device(args.device), torch.float64
     data = load_uci(args.dataset, data_dir=args.data_dir, dtype=dt).to(dev)
     Xtr, ytr, Xva, yva = data.X_train, data.y_train[:, 0], data.X_val, data.y_val[:, 0]
@@ -191,7 +201,7 @@ def main(args, progress_factory=None, console=None) -> dict:
     eig = torch.linalg.eigvalsh(H)
     inv = torch.linalg.inv(H)
     a = 1.0 / float(eig.max())
-    steps = [int(x) for x in args.neumann_terms.split(",") if x.strip()]
+    steps = list(args.neumann_terms)
     mats = {"exact": inv, "identity": solver_matrix(Identity(), op, nw)}
     for k in steps:   # key "neumann-<k steps>" (k + 1 terms), as in earlier results files
         mats[f"neumann-{k}"] = solver_matrix(Neumann(k, alpha=a, divergence="ignore"), op, nw)
@@ -266,4 +276,4 @@ def _plot_fig3(cosine: dict, l2: dict, checkpoints: list[dict], path: Path) -> N
     axes[2].set(xlabel="hyperparameter step of Algorithm 1", ylabel="cosine similarity", title="along the run")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.savefig(path, format="png", dpi=110)
+    atomic_savefig(fig, path, dpi=110)

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from bilevel import population as pop
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.errors import NonFiniteError
 from bilevel.updates import SGD
 from bilevel.tuner import OnlineTuner, TunerConfig
+from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key
 
 NAME = "lstm"
@@ -202,7 +203,7 @@ def _plot(doc: dict, out: Path) -> None:
         ax.set_title("Fig. 8: 10 train / 10 val sequences")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "lstm.png", dpi=110)
+    atomic_savefig(fig, out / "lstm.png", dpi=110)
 
 
 def _print(doc: dict, console=None) -> None:
@@ -229,40 +230,46 @@ def _print(doc: dict, console=None) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
-    p.add_argument("--embed", type=int, default=128, help="embedding size (paper: 650)")
-    p.add_argument("--hidden", type=int, default=128, help="LSTM units per layer (paper: 650)")
-    p.add_argument("--layers", type=int, default=2, help="LSTM layers (paper: 2)")
-    p.add_argument("--steps", type=int, default=600, help="training mini-batches per setting")
-    p.add_argument("--batch-size", type=int, default=20, help="paper: 40")
-    p.add_argument("--eval-batch-size", type=int, default=10, help="streams of the validation/test evaluation")
-    p.add_argument("--bptt", type=int, default=35, help="window length (paper: 70)")
-    p.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (AWD-LSTM)")
-    p.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping (AWD-LSTM)")
-    p.add_argument("--interval", type=int, default=10, help="weight steps between hyperparameter steps")
-    p.add_argument("--terms", type=int, default=3,
+    p.add_argument("--embed", type=C.positive_int, default=128, help="embedding size (paper: 650)")
+    p.add_argument("--hidden", type=C.positive_int, default=128, help="LSTM units per layer (paper: 650)")
+    p.add_argument("--layers", type=C.positive_int, default=2, help="LSTM layers (paper: 2)")
+    p.add_argument("--steps", type=C.positive_int, default=600, help="training mini-batches per setting")
+    p.add_argument("--batch-size", type=C.positive_int, default=20, help="paper: 40")
+    p.add_argument("--eval-batch-size", type=C.positive_int, default=10, help="streams of the validation/test evaluation")
+    p.add_argument("--bptt", type=C.positive_int, default=35, help="window length (paper: 70)")
+    p.add_argument("--lr", type=C.positive_float, default=30.0, help="SGD learning rate (AWD-LSTM)")
+    p.add_argument("--clip", type=C.positive_float, default=0.25, help="gradient-norm clipping (AWD-LSTM)")
+    p.add_argument("--interval", type=C.positive_int, default=10, help="weight steps between hyperparameter steps")
+    p.add_argument("--terms", type=C.nonnegative_int, default=3,
                    help="K: Neumann steps of the IFT hypergradient (Neumann(steps=K) sums K + 1 terms)")
-    p.add_argument("--hyper-lr", type=float, default=0.01, help="Adam learning rate of the raw hyperparameters "
+    p.add_argument("--hyper-lr", type=C.positive_float, default=0.01, help="Adam learning rate of the raw hyperparameters "
                    "(paper: 0.001 over a much longer run)")
-    p.add_argument("--init-rate", type=float, default=0.5, help="initial dropout/DropConnect rates (paper: 0.5)")
-    p.add_argument("--temperature", type=float, default=0.1, help="concrete-dropout temperature")
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N windows only")
-    p.add_argument("--record-every", type=int, default=20, help="record the training curve every N steps")
-    p.add_argument("--overfit-sequences", type=int, default=10, help="training and validation sequences of the Fig. 8 check (paper: 10)")
-    p.add_argument("--overfit-size", type=int, default=32, help="embedding and hidden size of the Fig. 8 LSTM "
+    p.add_argument("--init-rate", type=C.fraction, default=0.5, help="initial dropout/DropConnect rates (paper: 0.5)")
+    p.add_argument("--temperature", type=C.positive_float, default=0.1, help="concrete-dropout temperature")
+    p.add_argument("--eval-windows", type=C.positive_int, default=None, help="evaluate on the first N windows only")
+    p.add_argument("--record-every", type=C.positive_int, default=20, help="record the training curve every N steps")
+    p.add_argument("--overfit-sequences", type=C.positive_int, default=10, help="training and validation sequences of the Fig. 8 check (paper: 10)")
+    p.add_argument("--overfit-size", type=C.positive_int, default=32, help="embedding and hidden size of the Fig. 8 LSTM "
                    "(paper: 650)")
-    p.add_argument("--overfit-steps", type=int, default=200, help="weight steps of the Fig. 8 check (run twice: tuned and fixed decays)")
-    p.add_argument("--overfit-lr", type=float, default=0.01, help="Adam learning rate of the weights")
-    p.add_argument("--overfit-wd", type=float, default=1e-4, help="initial weight decay (every weight)")
-    p.add_argument("--overfit-max-decay", type=float, default=10.0, help="decays are clipped to [1e-12, this]")
-    p.add_argument("--overfit-hyper-lr", type=float, default=0.1, help="Adam learning rate of log10 decays")
-    p.add_argument("--overfit-interval", type=int, default=1, help="weight steps between hyperparameter steps")
-    p.add_argument("--overfit-terms", type=int, default=0,
+    p.add_argument("--overfit-steps", type=C.positive_int, default=200, help="weight steps of the Fig. 8 check (run twice: tuned and fixed decays)")
+    p.add_argument("--overfit-lr", type=C.positive_float, default=0.01, help="Adam learning rate of the weights")
+    p.add_argument("--overfit-wd", type=C.finite_float, default=1e-4, help="initial weight decay (every weight; > 0, any sign with --overfit-signed)")
+    p.add_argument("--overfit-max-decay", type=C.positive_float, default=10.0, help="decays are clipped to [1e-12, this]")
+    p.add_argument("--overfit-hyper-lr", type=C.positive_float, default=0.1, help="Adam learning rate of log10 decays")
+    p.add_argument("--overfit-interval", type=C.positive_int, default=1, help="weight steps between hyperparameter steps")
+    p.add_argument("--overfit-terms", type=C.nonnegative_int, default=0,
                    help="K: Neumann steps (K + 1 terms of the series) of the Fig. 8 hypergradient; 0 = the identity "
                         "approximation J^-1 ~ I")
     p.add_argument("--overfit-signed", action="store_true",
                    help="Fig. 8 decays in natural space with either sign, clipped to [-max, max] (default: log10 "
                         "space, non-negative); see docs/augment_lstm.md")
-    p.add_argument("--overfit-record-every", type=int, default=20, help="record Fig. 8 losses every N steps")
+    p.add_argument("--overfit-record-every", type=C.positive_int, default=20, help="record Fig. 8 losses every N steps")
+
+
+def check_arguments(a) -> None:
+    C.check_names("--settings", C.names(a.settings), SETTINGS)
+    if not a.overfit_signed and not a.overfit_wd > 0:
+        raise ValueError(f"--overfit-wd must be > 0 (log10 decays; use --overfit-signed for any sign), got {a.overfit_wd}")
 
 
 #: the options the Fig. 8 check depends on (besides the ``--overfit-*`` ones)
@@ -299,12 +306,9 @@ def main(a, progress_factory=None, console=None) -> dict:
     command skips the settings already finished; changing an option they depend on recomputes them."""
     from bilevel.data.ptb import load_ptb
 
-    settings = [s.strip() for s in a.settings.split(",") if s.strip()]
-    bad = [s for s in settings if s not in SETTINGS]
-    if bad:
-        raise ValueError(f"unknown settings {bad}; known: {list(SETTINGS)}")
+    check_arguments(a)
+    settings = C.names(a.settings)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     corpus = load_ptb(a.data_dir)
     results, resumed = {}, []
     start = time.perf_counter()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from bilevel._io import atomic_savefig
+
 from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key
 from bilevel import weight_decay as WD
@@ -32,28 +34,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist", "cifar10"),
                    help="image data set (default mnist; cifar10 when its files are present)")
     p.add_argument("--models", default="linear,mlp,lenet", help=f"comma-separated, from {', '.join(MODELS)}")
-    p.add_argument("--n-train", type=int, default=50, help="training images (default 50)")
-    p.add_argument("--n-val", type=int, default=50, help="validation images (default 50)")
-    p.add_argument("--test-size", type=int, default=10000, help="test images used (default: the whole test set)")
-    p.add_argument("--iterations", type=int, default=2000, help="weight steps (default 2000)")
-    p.add_argument("--interval", type=int, default=10, help="weight steps between hyper steps (default 10)")
+    p.add_argument("--n-train", type=C.positive_int, default=50, help="training images (default 50)")
+    p.add_argument("--n-val", type=C.positive_int, default=50, help="validation images (default 50)")
+    p.add_argument("--test-size", type=C.positive_int, default=10000, help="test images used (default: the whole test set)")
+    p.add_argument("--iterations", type=C.positive_int, default=2000, help="weight steps (default 2000)")
+    p.add_argument("--interval", type=C.positive_int, default=10, help="weight steps between hyper steps (default 10)")
     p.add_argument("--optimizer", default="sgd", choices=WD.OPTIMIZERS,
                    help="weight optimiser (default sgd; 'adam' is App. E's choice, see docs/lorraine.md for how it fared)")
-    p.add_argument("--lr", type=float, default=0.1,
+    p.add_argument("--lr", type=C.positive_float, default=0.1,
                    help="learning rate of the weights (default 0.1; App. E uses Adam with 1e-4)")
     p.add_argument("--implicit", choices=("loss", "update"), default=None,
                    help="IFT fixed point: 'loss' = Hessian of the training loss (Lorraine et al. Alg. 2-3; default "
                         "with adam), 'update' = Jacobian of the optimiser step (Clarke et al.; default with sgd)")
-    p.add_argument("--hyper-lr", type=float, default=0.05,
+    p.add_argument("--hyper-lr", type=C.positive_float, default=0.05,
                    help="RMSprop learning rate of the log10 decays (default 0.05; App. E: 1e-2)")
-    p.add_argument("--hyper-eps", type=float, default=1e-8,
+    p.add_argument("--hyper-eps", type=C.positive_float, default=1e-8,
                    help="RMSprop eps of the decay steps (default 1e-8, torch's); hypergradients of log10 decays are "
                         "often far below it, so a smaller eps lets every decay move")
-    p.add_argument("--init-decay", type=float, default=1e-3, help="initial weight decay of every weight")
+    p.add_argument("--init-decay", type=C.finite_float, default=1e-3,
+                   help="initial weight decay of every weight (> 0; any sign with --signed)")
     p.add_argument("--signed", action="store_true",
                    help="tune the decays themselves, either sign (identity transform, clipped to [-1/lr, 1/lr] with "
                    "SGD) instead of log10 decays, which can only shrink weights")
-    p.add_argument("--eval-every", type=int, default=100, help="record accuracies every N weight steps")
+    p.add_argument("--eval-every", type=C.positive_int, default=100, help="record accuracies every N weight steps")
+
+
+def check_arguments(args) -> None:
+    C.check_solver_arguments(args)
+    C.check_names("--models", C.names(args.models), MODELS)
+    if not args.signed and not args.init_decay > 0:
+        raise ValueError(f"--init-decay must be > 0 (log10 decays; use --signed for any sign), got {args.init_decay}")
 
 
 def load_small(name: str, n_train: int, n_val: int, test_size: int, seed: int, data_dir, device, dtype):
@@ -129,11 +139,8 @@ def main(args, progress_factory=None, console=None) -> dict:
     the same command skips the models already finished; changing an option recomputes them."""
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise SystemExit(f"{NAME}: unknown models {unknown}; choose from {', '.join(MODELS)}")
+    check_arguments(args)
+    models = C.names(args.models)
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
     train, val, test = load_small(args.dataset, args.n_train, args.n_val, args.test_size, args.seed,
                                   args.data_dir, dev, dt)
@@ -182,4 +189,4 @@ def _plot(results: dict, dataset: str, path: Path) -> None:
             ax.plot(r["curves"]["step"], r["curves"][split], label=split)
         ax.set(title=f"{name} ({dataset})", xlabel="weight step", ylabel="accuracy", ylim=(0, 1.02))
         ax.legend(fontsize=7)
-    fig.savefig(path, format="png", dpi=110)
+    atomic_savefig(fig, path, dpi=110)

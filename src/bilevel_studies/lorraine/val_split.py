@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from bilevel._io import atomic_savefig
+
 from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key
 from .overfit_validation import solver_label
@@ -29,15 +31,27 @@ HELP = "Lorraine et al. Fig. 9: validation fraction vs test accuracy, global vs 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_solver_arguments(p, "neumann", 10, alpha=1.0)
     p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="data set (default mnist)")
-    p.add_argument("--pool", type=int, default=6000, help="training + validation images (default 6000; paper 60000)")
-    p.add_argument("--fractions", default="0.1,0.25,0.5,0.75,0.9", help="comma-separated validation fractions")
-    p.add_argument("--test-size", type=int, default=10000, help="test images used (default all)")
-    p.add_argument("--iterations", type=int, default=1000, help="weight steps when tuning and re-training")
-    p.add_argument("--interval", type=int, default=10, help="weight steps between hyper steps (default 10)")
-    p.add_argument("--batch-size", type=int, default=256, help="minibatch size (default 256)")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of the weights (default 0.1)")
-    p.add_argument("--hyper-lr", type=float, default=0.03, help="RMSprop learning rate of log10 decays")
-    p.add_argument("--init-decay", type=float, default=1e-3, help="initial weight decay")
+    p.add_argument("--pool", type=C.int_at_least(2), default=6000,
+                   help="training + validation images (default 6000; paper 60000)")
+    p.add_argument("--fractions", type=C.float_list(0, 1, open_low=True, open_high=True),
+                   default=[0.1, 0.25, 0.5, 0.75, 0.9], help="comma-separated validation fractions, each in (0, 1)")
+    p.add_argument("--test-size", type=C.positive_int, default=10000, help="test images used (default all)")
+    p.add_argument("--iterations", type=C.positive_int, default=1000, help="weight steps when tuning and re-training")
+    p.add_argument("--interval", type=C.positive_int, default=10, help="weight steps between hyper steps (default 10)")
+    p.add_argument("--batch-size", type=C.positive_int, default=256, help="minibatch size (default 256)")
+    p.add_argument("--lr", type=C.positive_float, default=0.1, help="SGD learning rate of the weights (default 0.1)")
+    p.add_argument("--hyper-lr", type=C.positive_float, default=0.03, help="RMSprop learning rate of log10 decays")
+    p.add_argument("--init-decay", type=C.positive_float, default=1e-3, help="initial weight decay")
+
+
+def check_arguments(args) -> None:
+    C.check_solver_arguments(args)
+    bad = [f for f in args.fractions if not 0 < f < 1]
+    if bad:
+        raise ValueError(f"{NAME}: validation fractions must lie in (0, 1), got {bad}")
+    empty = [f for f in args.fractions if max(1, int(round(f * args.pool))) >= args.pool]
+    if empty:
+        raise ValueError(f"{NAME}: validation fractions {empty} of --pool {args.pool} leave no training images")
 
 
 def main(args, progress_factory=None, console=None) -> dict:
@@ -45,15 +59,12 @@ def main(args, progress_factory=None, console=None) -> dict:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
-    bad = [f for f in fractions if not 0 < f < 1]
-    if bad:
-        raise SystemExit(f"{NAME}: validation fractions must lie in (0, 1), got {bad}")
+    check_arguments(args)
+    fractions = [float(f) for f in args.fractions]
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
     Xtr, ytr, Xte, yte = load_mnist(args.data_dir, fashion=args.dataset == "fashion-mnist")
     if args.pool > len(Xtr):
-        raise SystemExit(f"{NAME}: --pool {args.pool} exceeds the {len(Xtr)} training images")
+        raise ValueError(f"{NAME}: --pool {args.pool} exceeds the {len(Xtr)} training images")
     perm = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(args.seed))[: args.pool]
     X = (Xtr[perm].to(dt) / 255.0).reshape(args.pool, -1).to(dev)
     y = ytr[perm].to(dev)
@@ -138,4 +149,4 @@ def _plot(results: dict, dataset: str, path: Path) -> None:
                     label=f"{regime}, {'re-trained' if kind.startswith('re') else 'joint'}")
     ax.set(xlabel="validation fraction", ylabel="test accuracy", title=f"logistic regression, {dataset}")
     ax.legend(fontsize=8)
-    fig.savefig(path, format="png", dpi=110)
+    atomic_savefig(fig, path, dpi=110)

@@ -49,7 +49,8 @@ from torch import Tensor
 
 from bilevel import _tree as T
 from bilevel import concepts as C
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_savefig, atomic_write_json
+from .. import _common as V
 from .._parts import load_part, save_part
 from bilevel.hparams import IDENTITY, Granularity, HyperParameter, HyperParameterSpace
 from bilevel.nets import mlp_forward, mlp_init
@@ -375,39 +376,38 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
 
 def add_arguments(p) -> None:
     c = Config()
-    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     p.add_argument("--amplitudes", default=",".join(c.amplitudes), help="Fourier amplitudes: exp (2^(N-n), Fig. 3), inv (1/n, Fig. 7)")
     p.add_argument("--paper", action="store_true",
                    help="paper-scale grids: Neumann K up to 1000 (linear and MLP), MLP re-trained 5000 steps per outer "
                         "step (App. D.2), 20 outer steps, and the warm-start unrolled MLP runs K=1,5,20 "
                         "(20000 alternating steps); explicit options below still override")
-    p.add_argument("--neumann-ks", type=ints, default=None,
+    p.add_argument("--neumann-ks", type=V.int_list(0), default=None,
                    help=f"Neumann steps K: the series sum_{{k=0..K}}, i.e. K+1 terms (cold-start runs; default {c.neumann_ks})")
-    p.add_argument("--unroll-ks", type=ints, default=None,
+    p.add_argument("--unroll-ks", type=V.int_list(1), default=None,
                    help=f"unrolled steps K, = Neumann K-1 (K terms) (cold-start runs; default {c.unroll_ks})")
-    p.add_argument("--eps", type=lambda s: [float(v) for v in s.split(",") if v], default=None,
+    p.add_argument("--eps", type=V.float_list(0, open_low=True), default=None,
                    help=f"proximal eps (warm-start, Alg. 3); default per basis {c.eps_default}")
-    p.add_argument("--outer-steps", type=int, default=None,
+    p.add_argument("--outer-steps", type=V.positive_int, default=None,
                    help=f"outer SGD steps per linear run, x3 for proximal (default {c.outer_steps})")
-    p.add_argument("--outer-lr", type=float, default=None,
+    p.add_argument("--outer-lr", type=V.positive_float, default=None,
                    help="plain outer SGD step of the linear runs (paper: 0.01); default: normalised per run, "
                         "0.5 / (phi_v^T Phi^+ d), which halves the validation residual per step (same fixed point)")
-    p.add_argument("--points", type=int, default=c.n_points,
+    p.add_argument("--points", type=V.positive_int, default=c.n_points,
                    help=f"number of learned targets, at linspace(-3, 3, N) (paper: {c.n_points})")
     p.add_argument("--val-point", default=f"{VAL_X:g},{VAL_Y:g}",
                    help="the validation point X,Y the regressor should fit (paper: 0,2; a negative X as "
                         "--val-point=-1,2)")
     p.add_argument("--no-mlp", action="store_true", help="skip the MLP version (Fig. 8)")
-    p.add_argument("--mlp-neumann-ks", type=ints, default=None,
+    p.add_argument("--mlp-neumann-ks", type=V.int_list(0), default=None,
                    help=f"MLP Neumann steps K (K+1 terms), cold start (default {c.mlp_neumann_ks})")
-    p.add_argument("--mlp-unroll-ks", type=ints, default=None,
+    p.add_argument("--mlp-unroll-ks", type=V.int_list(1), default=None,
                    help="MLP warm-start alternating runs through K unrolled steps (default none; --paper: 1,5,20)")
-    p.add_argument("--mlp-outer-steps", type=int, default=None,
+    p.add_argument("--mlp-outer-steps", type=V.positive_int, default=None,
                    help=f"outer steps of the cold-start Neumann MLP runs (default {c.mlp_outer_steps})")
-    p.add_argument("--mlp-cold-steps", type=int, default=None,
+    p.add_argument("--mlp-cold-steps", type=V.positive_int, default=None,
                    help=f"MLP re-training SGD steps before each outer step (default {c.mlp_cold_steps}; paper: 5000)")
-    p.add_argument("--mlp-warm-steps", type=int, default=None, help=f"alternating steps of the unrolled MLP runs (default {c.mlp_warm_steps})")
-    p.add_argument("--mlp-outer-lr", type=float, default=None,
+    p.add_argument("--mlp-warm-steps", type=V.positive_int, default=None, help=f"alternating steps of the unrolled MLP runs (default {c.mlp_warm_steps})")
+    p.add_argument("--mlp-outer-lr", type=V.positive_float, default=None,
                    help="fixed outer SGD step of the MLP runs (paper: 0.01); default: normalised for Neumann, 0.01 for unroll")
 
 
@@ -416,7 +416,18 @@ PAPER = dict(neumann_ks=[1, 10, 100, 1000], mlp_neumann_ks=[0, 1, 10, 100, 1000]
              mlp_cold_steps=5000, mlp_outer_steps=20, mlp_warm_steps=20000)
 
 
+def check_arguments(a) -> None:
+    V.check_names("--amplitudes", V.names(a.amplitudes), ("exp", "inv"))
+    try:
+        x, y = (float(v) for v in a.val_point.split(","))
+    except ValueError:
+        raise ValueError(f"--val-point must be X,Y (two numbers), got {a.val_point!r}") from None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"--val-point must be two finite numbers, got {a.val_point!r}")
+
+
 def main(a, progress_factory=None, console=None) -> dict:
+    check_arguments(a)
     base = {**asdict(Config()), **(PAPER if a.paper else {})}
     given = {"neumann_ks": a.neumann_ks, "unroll_ks": a.unroll_ks, "outer_steps": a.outer_steps,
              "mlp_neumann_ks": a.mlp_neumann_ks, "mlp_unroll_ks": a.mlp_unroll_ks, "mlp_outer_steps": a.mlp_outer_steps,
@@ -551,4 +562,4 @@ def _plot(doc: dict, cfg: Config, out: Path) -> None:
                 ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7,
                           loc="upper left" if norm == "w_norm" else "upper right")
         fig.tight_layout()
-        fig.savefig(out / f"anti_distill_{amp}.png", dpi=100)
+        atomic_savefig(fig, out / f"anti_distill_{amp}.png", dpi=100)

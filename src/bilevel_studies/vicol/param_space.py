@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from bilevel import concepts as C
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.hparams import IDENTITY, HyperParameter, HyperParameterSpace
+from .. import _common as V
 
 NAME = "param-space"
 HELP = "Vicol et al. Fig. 4: cold start, warm start with full and with partial inner optimisation in a 2-D weight space"
@@ -135,11 +136,12 @@ def kaczmarz_cycle(cfg: Config, prob: dict[str, Any]) -> dict[str, Any]:
 
 def add_arguments(p) -> None:
     c = Config()
-    p.add_argument("--outer-steps", type=int, default=c.outer_steps, help="outer SGD steps per concept")
-    p.add_argument("--outer-lr", type=float, default=c.outer_lr, help="outer SGD step on the datapoint coordinate x")
-    p.add_argument("--inner-lr", type=float, default=c.inner_lr, help="inner gradient-descent step")
-    p.add_argument("--x0", type=float, default=c.x0, help="initial datapoint coordinate")
-    p.add_argument("--cycle-rounds", type=int, default=c.cycle_rounds, help="Kaczmarz rounds through the 4 solution sets")
+    p.add_argument("--outer-steps", type=V.positive_int, default=c.outer_steps, help="outer SGD steps per concept")
+    p.add_argument("--outer-lr", type=V.positive_float, default=c.outer_lr, help="outer SGD step on the datapoint coordinate x")
+    p.add_argument("--inner-lr", type=V.positive_float, default=c.inner_lr, help="inner gradient-descent step")
+    p.add_argument("--x0", type=V.finite_float, default=c.x0, help="initial datapoint coordinate")
+    p.add_argument("--cycle-rounds", type=V.positive_int, default=c.cycle_rounds,
+                   help="Kaczmarz rounds through the 4 solution sets")
 
 
 def main(a, progress_factory=None, console=None) -> dict:
@@ -230,4 +232,4 @@ def _plot(doc: dict, cfg: Config, prob: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("w1"); ax.set_ylabel("w2")  # noqa: E702
         ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)

@@ -51,9 +51,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel import concepts as C
-from bilevel._io import atomic_write_json
+from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.distill import DistilledData
 from bilevel.nets import mlp_forward, mlp_init
+from bilevel.population import derived_seed
+from .. import _common as V
 from .._parts import load_part, save_part
 
 NAME = "rings"
@@ -168,15 +170,15 @@ def _metrics(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float
 def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
     num_classes, num_points, soft = parse_task(task)
     dtype = getattr(torch, cfg.dtype)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(derived_seed(cfg.seed, 0))
     xv, yv = make_rings(num_classes, cfg.per_class, g, dtype=dtype)
     xv, yv = xv.to(cfg.device), yv.to(cfg.device)
     sizes = [2] + [cfg.hidden] * (cfg.layers - 1) + [num_classes]
-    w0 = {k: v.to(cfg.device) for k, v in init_mlp(sizes, cfg.net_init, cfg.seed + 1, dtype).items()}
+    w0 = {k: v.to(cfg.device) for k, v in init_mlp(sizes, cfg.net_init, derived_seed(cfg.seed, 1), dtype).items()}
     # num_points < num_classes (Fig. 6): classes round-robin, point j starts in class j's one-hot label
     dd = DistilledData((2,), num_classes, soft_labels=soft, num_points=num_points, point_bound=cfg.point_bound)
     # "real": every point starts on a random real point of its (initial) class
-    h0 = dd.init(torch.Generator().manual_seed(cfg.seed + 2), cfg.point_init,
+    h0 = dd.init(torch.Generator().manual_seed(derived_seed(cfg.seed, 2)), cfg.point_init,
                  real=(xv, yv) if cfg.point_init == "real" else None, scale=cfg.point_scale,
                  label_scale=cfg.label_scale, dtype=dtype, device=cfg.device, requires_grad=False)
 
@@ -251,32 +253,41 @@ def add_arguments(p) -> None:
                    help="comma-separated tasks Cclass[-Mpoints|-Kperclass][-soft|-hard]: C rings, M learned points in "
                         "all (or K per class; default one per class), soft labels with -soft or when M < C; "
                         f"default the paper's {', '.join(TASKS)}")
-    p.add_argument("--steps", type=int, default=c.steps, help="alternating steps (and reference / cold re-training steps)")
-    p.add_argument("--per-class", type=int, default=c.per_class, help="original points per class")
-    p.add_argument("--hidden", type=int, default=c.hidden, help="hidden units per layer")
-    p.add_argument("--inner-lr", type=float, default=c.inner_lr, help="SGD step on the MLP (paper: 0.001)")
-    p.add_argument("--outer-lr", type=float, default=c.outer_lr, help="Adam step on the learned points (paper: 0.01)")
-    p.add_argument("--reference-lr", type=float, default=c.reference_lr, help="SGD step of the reference model trained on the original data (paper: not stated; the default "
+    p.add_argument("--steps", type=V.positive_int, default=c.steps, help="alternating steps (and reference / cold re-training steps)")
+    p.add_argument("--per-class", type=V.positive_int, default=c.per_class, help="original points per class")
+    p.add_argument("--hidden", type=V.positive_int, default=c.hidden, help="hidden units per layer")
+    p.add_argument("--inner-lr", type=V.positive_float, default=c.inner_lr, help="SGD step on the MLP (paper: 0.001)")
+    p.add_argument("--outer-lr", type=V.positive_float, default=c.outer_lr, help="Adam step on the learned points (paper: 0.01)")
+    p.add_argument("--reference-lr", type=V.positive_float, default=c.reference_lr, help="SGD step of the reference model trained on the original data (paper: not stated; the default "
                         "0.05 converges in the step budget, the inner 0.001 stays near chance)")
-    p.add_argument("--unroll", type=int, default=c.unroll, help="unrolled steps K of the hypergradient (paper: 1)")
-    p.add_argument("--label-scale", type=float, default=c.label_scale,
+    p.add_argument("--unroll", type=V.positive_int, default=c.unroll, help="unrolled steps K of the hypergradient (paper: 1)")
+    p.add_argument("--label-scale", type=V.finite_float, default=c.label_scale,
                    help="initial soft-label logits label_scale * onehot (soft-label tasks)")
-    p.add_argument("--label-lr", type=float, default=c.label_lr,
+    p.add_argument("--label-lr", type=V.finite_float, default=c.label_lr,
                    help="Adam step on the soft-label logits (soft-label tasks; paper: not stated; "
                         "0 or less: use --outer-lr)")
     p.add_argument("--point-init", choices=("real", "normal"), default=c.point_init,
                    help="initial points: a random real point of each point's class, or --point-scale * N(0, I)")
-    p.add_argument("--point-scale", type=float, default=c.point_scale, help="std of --point-init normal")
+    p.add_argument("--point-scale", type=V.positive_float, default=c.point_scale, help="std of --point-init normal")
     p.add_argument("--net-init", choices=("torch", "lecun"), default=c.net_init,
                    help="MLP init: torch.nn.Linear's, or JAX's lecun_normal weights with zero biases")
-    p.add_argument("--point-bound", type=float, default=0.0,
+    p.add_argument("--point-bound", type=V.nonnegative_float, default=0.0,
                    help="keep the learned points in (-R, R)^2 by x = R tanh(z / R) (0: unbounded)")
 
 
-def main(a, progress_factory=None, console=None) -> dict:
+def _tasks(a) -> tuple[str, ...]:
     tasks = tuple(dict.fromkeys(task_name(*parse_task(t)) for t in a.tasks.split(",") if t.strip()))
     if not tasks:
         raise ValueError("rings: --tasks is empty")
+    return tasks
+
+
+def check_arguments(a) -> None:
+    _tasks(a)
+
+
+def main(a, progress_factory=None, console=None) -> dict:
+    tasks = _tasks(a)
     cfg = Config(tasks=tasks, steps=a.steps, per_class=a.per_class, hidden=a.hidden, inner_lr=a.inner_lr,
                  outer_lr=a.outer_lr, reference_lr=a.reference_lr, unroll=a.unroll, label_scale=a.label_scale,
                  label_lr=a.label_lr if a.label_lr > 0 else None,
@@ -361,4 +372,4 @@ def _plot(res: dict, path: Path) -> None:
         ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect("equal")  # noqa: E702
     fig.suptitle(f"rings {res['task']}: reference, warm-start trajectory of the learned points, cold-start re-training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
