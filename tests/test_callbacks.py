@@ -66,3 +66,25 @@ def test_tensorboard_logger_writes_losses_quantiles_and_members(tmp_path):
     expect = torch.tensor([m[-1] for m in t.history.val_loss], dtype=D).median()
     # torch.quantile interpolates; with 5 members the median is the middle value
     assert med.Scalars("loss/val")[-1].value == pytest.approx(float(expect), rel=1e-6)
+
+
+def test_tensorboard_logger_on_the_front_door(tmp_path):
+    pytest.importorskip("tensorboard")
+    import torch.nn.functional as F
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch import nn
+
+    import bilevel
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    batches = [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 32, 8)]
+    tuner = bilevel.Tuner(model, loss_fn=F.mse_loss, optimizer=bilevel.optim.SGD(lr=0.05), interval=2,
+                          progress=False, callbacks=[TensorBoardLogger(str(tmp_path))])
+    tuner.fit(batches, [(Xv, Yv)], epochs=2)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    val = acc.Scalars("loss/val_epoch")
+    assert [e.step for e in val] == [4, 8]
+    assert [e.value for e in val] == pytest.approx([h["val_loss"] for h in tuner.history], rel=1e-6)
+    assert [e.value for e in acc.Scalars("hparam/lr")] == pytest.approx([h["hparams"]["lr"] for h in tuner.history],
+                                                                        rel=1e-6)

@@ -21,6 +21,7 @@ fault-injection tests (``tests/studies/test_fault_injection.py``):
 ``kill-in-write:N[:GLOB]`` -- during the N-th atomic write (counted in this process, only paths whose
 name matches ``GLOB`` if given) truncate the temporary file to half its size and ``SIGKILL`` the process;
 ``sleep-in-write:SECONDS[:GLOB]`` -- sleep between writing the temporary file and renaming it.
+Several specs may be given, separated by commas.
 """
 
 from __future__ import annotations
@@ -51,27 +52,24 @@ FAULT_ENV = "BILEVEL_FAULT_INJECT"
 
 _umask = os.umask(0)
 os.umask(_umask)
-_writes = 0  # atomic writes that matched the fault-injection pattern, in this process
+_writes: dict[str, int] = {}  # per fault-injection spec: the atomic writes it matched, in this process
 
 
 def _fault_point(path: Path, tmp: Path) -> None:
     """The ``BILEVEL_FAULT_INJECT`` test hook (see the module docstring): called between writing and renaming."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    kind, _, rest = spec.partition(":")
-    arg, _, pattern = rest.partition(":")
-    if pattern and not fnmatch.fnmatch(path.name, pattern):
-        return
-    global _writes
-    _writes += 1
-    if kind == "sleep-in-write":
-        time.sleep(float(arg))
-    elif kind == "kill-in-write" and _writes == int(arg):
-        size = tmp.stat().st_size
-        with open(tmp, "r+b") as f:
-            f.truncate(size // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        kind, _, rest = spec.partition(":")
+        arg, _, pattern = rest.partition(":")
+        if pattern and not fnmatch.fnmatch(path.name, pattern):
+            continue
+        _writes[spec] = n = _writes.get(spec, 0) + 1
+        if kind == "sleep-in-write":
+            time.sleep(float(arg))
+        elif kind == "kill-in-write" and n == int(arg):
+            size = tmp.stat().st_size
+            with open(tmp, "r+b") as f:
+                f.truncate(size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -139,6 +137,8 @@ def set_aside(path: str | os.PathLike, reason: str, then: str = "it will be reco
         n += 1
     os.replace(path, dest)
     reason = " ".join(str(reason).split())
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
     warnings.warn(f"{path} is damaged ({reason}); moved it to {dest.name}; {then}", DamagedFileWarning,
                   stacklevel=3)
     return dest

@@ -56,7 +56,9 @@ class TensorBoardLogger:
 
     Every ``every`` weight steps it writes the training loss of the step just taken, and at every
     record of the loop (:meth:`bilevel.tuner.OnlineTuner.record`) its training / validation / test
-    losses, plus each hyperparameter's mean natural value. For a population (P > 1) each quantity is
+    losses, plus each hyperparameter's mean natural value; with :class:`bilevel.Tuner` (which records
+    per epoch) the epoch's mean training loss and whole-validation-set loss
+    (``Tuner(..., callbacks=[TensorBoardLogger("runs/tb")])``). For a population (P > 1) each quantity is
     written as its median and its 25 % / 75 % quantiles over the members that have not diverged,
     plus the values of the first ``members`` members. Needs the optional ``tensorboard`` package
     (``pip install "bilevel[tensorboard]"``); view with ``tensorboard --logdir LOG_DIR``.
@@ -96,6 +98,14 @@ class TensorBoardLogger:
             if store and store[0] and len(h.step) == len(store[0]):
                 vals = [m[-1] if m[-1] is not None else float("nan") for m in store]
                 self._scalars(f"loss/{name}", vals, tuner.alive.cpu(), tuner.t)
+        for name, v in tuner.describe().items():
+            self._scalars(f"hparam/{name}", v.cpu(), tuner.alive.cpu(), tuner.t)
+        self.writer.flush()
+
+    def on_epoch(self, tuner: Any, losses: dict[str, Any]) -> None:
+        """Per-epoch losses of every member (from :class:`bilevel.Tuner`: mean training loss, whole validation set)."""
+        for name, values in losses.items():
+            self._scalars(f"loss/{name}_epoch", values.detach().cpu(), tuner.alive.cpu(), tuner.t)
         for name, v in tuner.describe().items():
             self._scalars(f"hparam/{name}", v.cpu(), tuner.alive.cpu(), tuner.t)
         self.writer.flush()

@@ -199,7 +199,7 @@ class HypergradientMethod:
         """A short name for tables: ``unroll K=5``, ``neumann K=5``, ``proximal eps=0.1``."""
         return f"proximal eps={self.eps:g}" if self.name == "proximal" else f"{self.name} K={self.steps}"
 
-    def solver(self):
+    def solver(self) -> Neumann | Exact | ConjugateGradient | None:
         """The :mod:`bilevel.solvers` solver of ``neumann``/``proximal`` (``None`` for ``unroll``)."""
         if self.name == "neumann":
             return Neumann(self.steps, alpha=self.lr, damping=self.eps)
@@ -215,13 +215,15 @@ class HypergradientMethod:
         if self.name == "unroll":
             return unrolled_hypergradient(outer, params, hparams, steps=self.steps, inner=inner, lr=self.lr,
                                           check=check)
-        return hypergradient(outer, params, hparams, inner=inner, solver=self.solver(), check=check)
+        solver = self.solver()
+        assert solver is not None  # neumann / proximal (unroll returned above)
+        return hypergradient(outer, params, hparams, inner=inner, solver=solver, check=check)
 
 
 def method(name: str, **kwargs: Any) -> HypergradientMethod:
     """``method("unroll", steps=1, lr=1e-3)``, ``method("neumann", steps=K, lr=a)``, ``method("proximal", eps=e)``,
     ``method("implicit")`` (the exact min-norm IFT); aliases as in :func:`canonical_method`."""
-    return HypergradientMethod(name, **kwargs)  # type: ignore[arg-type]
+    return HypergradientMethod(name, **kwargs)
 
 
 def response_jacobian(m: HypergradientMethod, inner: Loss, params: Mapping[str, Tensor],
@@ -237,7 +239,7 @@ def response_jacobian(m: HypergradientMethod, inner: Loss, params: Mapping[str, 
     n = T.numel(params)
     rows = []
     for i in range(n):
-        def outer(p, h, i=i):
+        def outer(p: Tree, h: Tree, i: int = i) -> Tensor:
             return T.flatten(p)[i]
         rows.append(T.flatten(m(outer, params, hparams, inner=inner)))
     return torch.stack(rows)
@@ -337,7 +339,7 @@ class Concept:
             if cg_steps is not None:
                 raise ValueError(f"concept {self.name}: its response is the min-norm IFT (eps = 0), which needs "
                                  "the dense solve; CG on a singular H does not give the min-norm answer")
-            return HypergradientMethod("implicit", max_size=max_size)  # type: ignore[arg-type]
+            return HypergradientMethod("implicit", max_size=max_size)
         return HypergradientMethod("proximal", eps=eps, cg_steps=cg_steps, max_size=max_size)
 
     def respond(self, inner: Loss, current: Mapping[str, Tensor], initial: Mapping[str, Tensor],
@@ -354,7 +356,7 @@ class Concept:
 def concept(name: str, **kwargs: Any) -> Concept:
     """``concept("cold", inner_lr=.., inner_steps=5000)``, ``concept("warm-partial", inner_lr=.., inner_steps=1)``;
     aliases as in :func:`canonical_concept` (``"warm-start"`` is ``warm-partial``)."""
-    return Concept(name, **kwargs)  # type: ignore[arg-type]
+    return Concept(name, **kwargs)
 
 
 # ---------------------------------------------------------------------------- the joint loop

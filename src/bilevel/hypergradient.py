@@ -33,8 +33,9 @@ from .solvers import LinearOperator, Solver, largest_eigenvalue as _power_iterat
 __all__ = ["hypergradient", "linearise", "largest_eigenvalue", "Loss", "Update", "Backend"]
 
 Tree = T.Tree
-Loss = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
-Update = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
+# called with plain dicts (params, hparams); a function taking Mappings is one of these too
+Loss = Callable[[Tree, Tree], Tensor]
+Update = Callable[[Tree, Tree], Mapping[str, Tensor]]
 Backend = Literal["autograd", "func", "compile"]
 
 

@@ -160,7 +160,7 @@ class Tuner:
 
         # ---- what is tuned, and by which rule
         torch_opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-        probe = from_torch(optimizer) if torch_opt is not None and not self._only_penalty(tune, penalty_h) else optimizer
+        probe = from_torch(torch_opt) if torch_opt is not None and not self._only_penalty(tune, penalty_h) else optimizer
         if isinstance(probe, torch.optim.Optimizer):
             rule: Any = TorchOptimizer(probe, named)
         elif hasattr(probe, "hyperparameters") and hasattr(probe, "init_state"):
@@ -406,6 +406,9 @@ class Tuner:
         train = torch.stack(self._epoch_losses).double().mean(0).reshape(self.P)
         self.history.append({"epoch": len(self.history) + 1, "step": self.loop.t, "train_loss": float(train[best]),
                              "val_loss": float(val[best]), "hparams": self._means(best)})
+        for cb in self.loop.callbacks:  # e.g. bilevel.callbacks.TensorBoardLogger: per-epoch curves of every member
+            if hasattr(cb, "on_epoch"):
+                cb.on_epoch(self.loop, {"train": train, "val": val})
 
     # ------------------------------------------------------------------ results
 
@@ -453,7 +456,8 @@ class Tuner:
                             g[name] = v
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: the loop's state, the module's buffers, the history and the validation cycle's position."""
+        """Everything needed to continue: the loop's state, the module's buffers, the history and the position
+        in the validation cycle (the global random state, e.g. of shuffling loaders, is not included)."""
         return {"loop": self.loop.state_dict(), "buffers": self._buffers, "history": self.history,
                 "val_taken": self._val_taken}
 

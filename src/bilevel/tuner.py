@@ -139,10 +139,10 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: float | None, population: 
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     if population is None:
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))  # type: ignore[arg-type]  # sum() of no tensors is 0; grads is never empty
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         return [g * factor for g in grads]
-    norms = sum(g.reshape(population, -1).pow(2).sum(1) for g in grads).sqrt()
+    norms = sum(g.reshape(population, -1).pow(2).sum(1) for g in grads).sqrt()  # type: ignore[union-attr]  # as above
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     return [g * pop.per_member(factor, g) for g in grads]
 
@@ -255,7 +255,7 @@ class OnlineTuner:
                   create_graph: bool) -> tuple[Tree, Any, Tensor]:
         """(u, new_state, per-member training losses) at ``params`` with raw hyperparameters ``raw``."""
         total, losses = self.training_objective(params, raw, batch)
-        grads = torch.autograd.grad(total, list(params.values()), create_graph=create_graph)
+        grads: Sequence[Tensor] = torch.autograd.grad(total, list(params.values()), create_graph=create_graph)
         grads = clip_grad_norm(grads, self.cfg.grad_clip, self.P if self.stacked else None)
         nat = self.natural(raw) if self.update_form else {}
         u, new_state = self.rule(params, dict(zip(params, grads)), self._rule_hparams(nat, params), state)
@@ -502,7 +502,7 @@ class OnlineTuner:
         if sd.get("rule") is not None:
             self.rule.load_state_dict(sd["rule"])  # type: ignore[attr-defined]
         if sd.get("solver") is not None:
-            self.solver.load_state_dict(sd["solver"])  # type: ignore[union-attr]
+            self.solver.load_state_dict(sd["solver"])  # type: ignore[attr-defined]  # only a stateful solver saved one
         for cb, s in zip(self.callbacks, sd.get("callbacks", [])):
             if s is not None:
                 cb.load_state_dict(s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ def tune_weight_decay(
     interval: int = 10,
     lr: float = 0.1,
     optimizer: str = "sgd",
-    implicit: str | None = None,
+    implicit: Literal["update", "loss"] | None = None,
     hyper_lr: float = 0.01,
     hyper_eps: float = 1e-8,
     init_decay: float = 1e-3,
@@ -131,7 +131,7 @@ def tune_weight_decay(
     loss = pop.vmap_loss(forward, F.cross_entropy)
     cfg = TunerConfig(tuned=(DECAY,), interval=interval, mode="ift" if tune else "none", solver=solver,
                       hyper_lr=hyper_lr, hyper_optimizer=functools.partial(torch.optim.RMSprop, eps=hyper_eps), record_every=10**9, seed=seed,
-                      implicit=implicit)  # type: ignore[arg-type]
+                      implicit=implicit)
     rule = SGD(lr=lr) if optimizer == "sgd" else Adam(lr=lr)
     tuner = OnlineTuner(stacked, raw, space, rule, loss, loss, penalty=weight_decay_penalty, config=cfg)
     gen = torch.Generator().manual_seed(seed)

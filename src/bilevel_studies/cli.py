@@ -53,14 +53,23 @@ def experiments() -> dict[str, Any]:
     return found
 
 
-def _run_experiment(module, a: argparse.Namespace, command: str) -> int:
+#: the command line of the running command (written beside the run directory's lock, naming its holder)
+_COMMAND: list[str] = []
+
+
+def _command_line(prog: str) -> str:
+    import shlex
+    return " ".join(["bilevel", *map(shlex.quote, _COMMAND)]) if _COMMAND else prog
+
+
+def _run_experiment(module, a: argparse.Namespace, prog: str) -> int:
     from bilevel._io import run_directory
     if hasattr(module, "check_arguments"):
         module.check_arguments(a)  # checks across options: ValueError before anything is written
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    with run_directory(a.out, command=command), progress_bars() as bars:
+    with run_directory(a.out, command=_command_line(prog)), progress_bars() as bars:
         module.main(a, progress_factory=bars, console=console)
     return 0
 
@@ -85,7 +94,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def cmd_demo(a: argparse.Namespace) -> int:
     from bilevel._io import run_directory
     from .clarke import demo
-    with run_directory(a.out, command="bilevel demo"), progress_bars() as bars:
+    with run_directory(a.out, command=_command_line("bilevel demo")), progress_bars() as bars:
         demo.run(a.out, inits=a.inits, steps=a.steps, seed=a.seed, progress_factory=bars, console=console)
     return 0
 
@@ -168,11 +177,18 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bilevel._io import RunLocked
+    from bilevel._io import DamagedFileWarning
     args = build_parser().parse_args(argv)
+    _COMMAND[:] = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("BILEVEL_DEBUG", "").strip() not in ("", "0")
-    shown = warnings.showwarning
-    warnings.showwarning = _show_warning
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", DamagedFileWarning)  # a damaged file is always named
+        return _dispatch(args, debug)
+
+
+def _dispatch(args: argparse.Namespace, debug: bool) -> int:
+    from bilevel._io import RunLocked
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -186,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]error:[/] {escape(_one_line(e))}", soft_wrap=True, highlight=False)
         return 2
-    finally:
-        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._files import data_dir as _data_dir, fetch
+from ._types import ClassificationData
 
 __all__ = ["CIFAR10_URL", "CIFAR100_URL", "FOLDER", "TRAIN_BATCHES", "TEST_BATCH", "CLASSES", "load_cifar10",
            "load_cifar100", "load_cifar10_splits", "load_cifar100_splits"]
@@ -57,7 +59,7 @@ def _extract(archive: Path, dest: Path) -> None:
             if not (m.isfile() or m.isdir()) or (target != dest and dest not in target.parents):
                 raise ValueError(f"refusing to extract suspicious member {m.name!r} from {archive}")
             members.append(m)
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        extra: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **extra)
 
 
@@ -76,7 +78,7 @@ def _read_batch(path: Path, layout: _Layout = _CIFAR10) -> tuple[np.ndarray, np.
     return data, labels
 
 
-def _load(layout: _Layout, url: str, data_dir, download: bool | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _load(layout: _Layout, url: str, data_dir: str | os.PathLike | None, download: bool | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     root = _data_dir(data_dir)
     folder = root / layout.folder
     needed = [*layout.train, layout.test]
@@ -110,7 +112,8 @@ def load_cifar100(
     return _load(_CIFAR100, CIFAR100_URL, data_dir, download)
 
 
-def load_cifar10_splits(data_dir=None, download: bool | None = None, **kw):
+def load_cifar10_splits(data_dir: str | os.PathLike | None = None, download: bool | None = None,
+                        **kw: Any) -> ClassificationData:
     """:func:`load_cifar10` then :func:`~bilevel.data.mnist.image_splits`.
 
     Default: the official 10000-image test set is kept and a seeded 20% of the 50000
@@ -120,12 +123,13 @@ def load_cifar10_splits(data_dir=None, download: bool | None = None, **kw):
     return _splits(load_cifar10(data_dir, download=download), "cifar10", kw)
 
 
-def load_cifar100_splits(data_dir=None, download: bool | None = None, **kw):
+def load_cifar100_splits(data_dir: str | os.PathLike | None = None, download: bool | None = None,
+                         **kw: Any) -> ClassificationData:
     """:func:`load_cifar100` then :func:`~bilevel.data.mnist.image_splits` (same defaults as CIFAR-10)."""
     return _splits(load_cifar100(data_dir, download=download), "cifar100", kw)
 
 
-def _splits(arrays, name: str, kw: dict):
+def _splits(arrays: tuple[Tensor, Tensor, Tensor, Tensor], name: str, kw: dict[str, Any]) -> ClassificationData:
     from .mnist import image_splits
 
     kw.setdefault("fractions", None)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -29,7 +31,7 @@ FASHION_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{fil
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
@@ -77,7 +79,8 @@ def load_mnist(
             torch.from_numpy(Xte.copy()), torch.from_numpy(yte.astype(np.int64)))
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool | None = None):
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None,
+                       download: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return load_mnist(data_dir, fashion=True, download=download)
 
 
@@ -130,7 +133,8 @@ def image_splits(
     return ClassificationData(prep(Xa), ya, prep(Xb), yb, prep(Xc), yc, metadata=meta, num_classes=num_classes)
 
 
-def load_mnist_splits(data_dir=None, fashion: bool = False, download: bool | None = None, **kw) -> ClassificationData:
+def load_mnist_splits(data_dir: str | os.PathLike | None = None, fashion: bool = False, download: bool | None = None,
+                      **kw: Any) -> ClassificationData:
     """:func:`load_mnist` followed by :func:`image_splits` (keyword arguments go to the latter)."""
     data = image_splits(*load_mnist(data_dir, fashion=fashion, download=download), **kw)
     data.metadata["name"] = "fashion-mnist" if fashion else "mnist"

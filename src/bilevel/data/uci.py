@@ -26,6 +26,8 @@ train+validation; pass ``normalise="train_val"`` for that.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,13 +87,13 @@ def uci_name(name: str) -> str:
                          f"(folder names such as 'bostonHousing', 'wine-quality-red' also work)") from None
 
 
-def _uci_file(folder: str, file: str, data_dir, download):
+def _uci_file(folder: str, file: str, data_dir: str | os.PathLike | None, download: bool | None) -> Path:
     return fetch(f"uci/{folder}/{file}", data_dir,
                  urls=[_GAL_URL.format(commit=GAL_COMMIT, folder=folder, file=file)],
                  download_if_missing=download)
 
 
-def _perm_file(clarke: str, data_dir, download):
+def _perm_file(clarke: str, data_dir: str | os.PathLike | None, download: bool | None) -> Path:
     return fetch(f"uci_clarke2022_permutations/UCI_{clarke}_permutation_indices.txt", data_dir,
                  urls=[_CLARKE_URL.format(commit=CLARKE_COMMIT, name=clarke)],
                  download_if_missing=download)
@@ -143,7 +145,7 @@ def load_uci(
         if not 0 < n_tv <= n:
             raise ValueError(f"test_fraction={test_fraction} leaves no training rows")
         X_tv, y_tv, X_te, y_te = X[:n_tv], y[:n_tv], X[n_tv:], y[n_tv:]
-        extra = {"n_trainval": n_tv}
+        extra: dict[str, Any] = {"n_trainval": n_tv}
     elif split == "gal":
         if test_fraction is not None:
             raise ValueError("test_fraction applies to split='clarke'; the 'gal' splits are fixed files")

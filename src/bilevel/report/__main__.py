@@ -1,12 +1,13 @@
 """``python -m bilevel.report results.json [OUT_DIR]``"""
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from .report import write_report
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bilevel.report", description=__doc__)
     ap.add_argument("results", type=Path, help="results.json written by the experiment")
     ap.add_argument("out_dir", type=Path, nargs="?", help="default: alongside results.json")

@@ -11,15 +11,23 @@ figure (e.g. no ``curves``/``hparams``).
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .._io import atomic_savefig
 from .stats import as_array, bootstrap_curve, split_diverged
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from sklearn.gaussian_process import GaussianProcessRegressor
 
 __all__ = ["plot_median_curves", "plot_cdf", "plot_lr_trajectories", "plot_landscape",
            "fit_landscape", "initial_hparams", "trajectories", "ecdf"]
@@ -29,7 +37,7 @@ def _methods(results: dict) -> dict:
     return results.get("methods", {})
 
 
-def _target(path, default: str) -> Path:
+def _target(path: str | os.PathLike[str], default: str) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         path = path / default
@@ -37,7 +45,7 @@ def _target(path, default: str) -> Path:
     return path
 
 
-def _new_figure(size=(6.4, 4.4)):
+def _new_figure(size: tuple[float, float] = (6.4, 4.4)) -> tuple[Figure, Axes]:
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
@@ -52,13 +60,13 @@ def _title(results: dict, what: str) -> str:
     return f"{what} ({ds})" if ds else what
 
 
-def _matrix(rows) -> np.ndarray:
+def _matrix(rows: Iterable[Iterable[float | None] | None] | None) -> np.ndarray:
     """Ragged per-init lists (None where diverged) -> NaN-padded float matrix."""
-    rows = [as_array(r) for r in (rows or [])]
-    if not rows:
+    arrays = [as_array(r) for r in (rows or [])]
+    if not arrays:
         return np.empty((0, 0))
-    out = np.full((len(rows), max(r.size for r in rows)), np.nan)
-    for i, r in enumerate(rows):
+    out = np.full((len(arrays), max(r.size for r in arrays)), np.nan)
+    for i, r in enumerate(arrays):
         out[i, :r.size] = r
     out[~np.isfinite(out)] = np.nan
     return out
@@ -69,7 +77,7 @@ def _steps(block: dict, width: int) -> np.ndarray:
     return steps[:width] if steps.size >= width else np.arange(width, dtype=float)
 
 
-def _log_if_positive(ax, axis: str, values) -> None:
+def _log_if_positive(ax: Axes, axis: str, values: npt.ArrayLike) -> None:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if v.size and (v > 0).all():
@@ -77,7 +85,7 @@ def _log_if_positive(ax, axis: str, values) -> None:
 
 
 # --------------------------------------------------------------------------- Fig. 8
-def plot_median_curves(results: dict, path, key: str = "test_loss", n_resamples: int = 1000,
+def plot_median_curves(results: dict, path: str | os.PathLike[str], key: str = "test_loss", n_resamples: int = 1000,
                        seed: int = 0) -> Path | None:
     """Bootstrapped median ``key`` (default test loss) against training step, one line per
     method with a ±1 s.e. band; log y-scale.  Diverged entries are ignored at each step."""
@@ -106,7 +114,7 @@ def plot_median_curves(results: dict, path, key: str = "test_loss", n_resamples:
 
 
 # --------------------------------------------------------------------------- Fig. 9
-def ecdf(values) -> tuple[np.ndarray, np.ndarray]:
+def ecdf(values: Iterable[float | None] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Empirical CDF of the finite values, scaled by the fraction of runs that did
     not diverge: returns sorted ``x`` and ``y = i / n_total`` (max ``< 1`` if any diverged)."""
     finite, diverged = split_diverged(values)
@@ -115,7 +123,7 @@ def ecdf(values) -> tuple[np.ndarray, np.ndarray]:
     return x, (np.arange(1, x.size + 1) / total if total else np.empty(0))
 
 
-def plot_cdf(results: dict, path, key: str = "final_test_loss") -> Path | None:
+def plot_cdf(results: dict, path: str | os.PathLike[str], key: str = "final_test_loss") -> Path | None:
     """Empirical CDFs of final test loss per method (log x); each CDF tops out at the
     fraction of non-diverged runs (Clarke et al. Fig. 9, App. B.4).  Methods whose runs all
     diverged are listed in the legend with no curve."""
@@ -150,7 +158,7 @@ def trajectories(method: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
     return _steps(block, data.shape[1] if data.ndim == 2 else 0), data
 
 
-def plot_lr_trajectories(results: dict, path, n: int = 5, seed: int = 0,
+def plot_lr_trajectories(results: dict, path: str | os.PathLike[str], n: int = 5, seed: int = 0,
                          name: str = "lr") -> Path | None:
     """``n`` randomly chosen learning-rate trajectories per method (log y), one colour per
     method (Clarke et al. Fig. 10).  Prefers initialisations whose trajectory is finite."""
@@ -184,7 +192,7 @@ def plot_lr_trajectories(results: dict, path, n: int = 5, seed: int = 0,
 
 # --------------------------------------------------------------------------- Fig. 3
 def initial_hparams(method: dict, x: str = "lr", y: str = "weight_decay",
-                    key: str = "final_test_loss"):
+                    key: str = "final_test_loss") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(x0, y0, loss)`` over initialisations: the first entry of each hyperparameter
     trajectory and the final loss (NaN where diverged)."""
     _, X = trajectories(method, x)
@@ -196,7 +204,8 @@ def initial_hparams(method: dict, x: str = "lr", y: str = "weight_decay",
     return X[:k, 0], Y[:k, 0], loss[:k]
 
 
-def fit_landscape(x0, y0, loss, nan_fill: float = 150.0, seed: int = 0):
+def fit_landscape(x0: npt.ArrayLike, y0: npt.ArrayLike, loss: npt.ArrayLike, nan_fill: float = 150.0,
+                  seed: int = 0) -> GaussianProcessRegressor | None:
     """Gaussian process on ``(log10 x0, log10 y0) -> log10 loss`` (Clarke et al. App. B:
     RBF + white-noise kernel, sklearn's automatic kernel-hyperparameter fit, diverged runs
     replaced by the large loss ``nan_fill``).  Points with non-positive or non-finite
@@ -224,7 +233,7 @@ def fit_landscape(x0, y0, loss, nan_fill: float = 150.0, seed: int = 0):
     return gp
 
 
-def plot_landscape(results: dict, path, baseline: str = "random", method: str = "ours-wd-lr",
+def plot_landscape(results: dict, path: str | os.PathLike[str], baseline: str = "random", method: str = "ours-wd-lr",
                    x: str = "lr", y: str = "weight_decay", n_traj: int | None = 20,
                    grid: int = 80, nan_fill: float = 150.0, seed: int = 0) -> Path | None:
     """Clarke et al. Fig. 3: GP-interpolated final test loss of the fixed-hyperparameter
@@ -264,7 +273,7 @@ def plot_landscape(results: dict, path, baseline: str = "random", method: str = 
     pad = lambda r: r + np.array([-1, 1]) * max(0.05 * (r[1] - r[0]), 0.1)  # noqa: E731
     lx, ly = pad(lx), pad(ly)
 
-    gx, gy = np.meshgrid(np.linspace(*lx, grid), np.linspace(*ly, grid))
+    gx, gy = np.meshgrid(np.linspace(lx[0], lx[1], grid), np.linspace(ly[0], ly[1], grid))
     z = gp.predict(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
 
     fig, ax = _new_figure((6.4, 5.0))

@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["flatten_metrics", "metrics_table", "format_value", "markdown_metrics", "print_metrics"]
 
@@ -80,7 +83,7 @@ def metrics_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
     return ["metric", "value"], [[" / ".join(path), format_value(v)] for path, v in leaves]
 
 
-def print_metrics(metrics: Mapping, title: str, console=None) -> tuple[list[str], list[list[str]]]:
+def print_metrics(metrics: Mapping, title: str, console: Console | None = None) -> tuple[list[str], list[list[str]]]:
     from rich.console import Console
     from rich.table import Table
 

@@ -15,11 +15,13 @@ Figures use :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot sta
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from .._io import atomic_savefig, atomic_write
 
@@ -28,7 +30,7 @@ __all__ = ["make_grid", "save_image_grid", "save_heatmaps"]
 Normalize = Literal["per-image", "global", "none"]
 
 
-def _as_images(images, shape: Sequence[int] | None) -> np.ndarray:
+def _as_images(images: npt.ArrayLike, shape: Sequence[int] | None) -> np.ndarray:
     """``(N, H, W, C)`` float64 array from a tensor / array of images."""
     if hasattr(images, "detach"):
         images = images.detach().cpu().double().numpy()
@@ -64,7 +66,7 @@ def _normalise(x: np.ndarray, normalize: Normalize) -> np.ndarray:
     raise ValueError(f"make_grid: normalize must be 'per-image', 'global' or 'none', got {normalize!r}")
 
 
-def make_grid(images, nrow: int | None = None, padding: int = 2, normalize: Normalize = "per-image",
+def make_grid(images: npt.ArrayLike, nrow: int | None = None, padding: int = 2, normalize: Normalize = "per-image",
               pad_value: float = 1.0, shape: Sequence[int] | None = None) -> np.ndarray:
     """Tile images row by row into a ``(R*(H+p)+p, K*(W+p)+p, 3)`` array in ``[0, 1]``.
 
@@ -87,7 +89,7 @@ def make_grid(images, nrow: int | None = None, padding: int = 2, normalize: Norm
     return grid
 
 
-def _png(path) -> Path:
+def _png(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"expected a .png path, got {str(path)!r}")
@@ -95,7 +97,7 @@ def _png(path) -> Path:
     return path
 
 
-def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, normalize: Normalize = "per-image",
+def save_image_grid(images: npt.ArrayLike, path: str | os.PathLike[str], nrow: int | None = None, padding: int = 2, normalize: Normalize = "per-image",
                     labels: Sequence[str] | None = None, title: str | None = None,
                     shape: Sequence[int] | None = None, tile_inches: float = 1.0) -> Path:
     """Write ``images`` as a PNG grid at ``path``; returns the path.
@@ -124,7 +126,8 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, nor
         ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - 0.4 / (tile_inches * rows + 0.5)))
         ax.set_axis_off()
         ax.imshow(grid, interpolation="nearest")
-        fig.suptitle(title, fontsize=10)
+        if title is not None:  # always here: labels and title are not both None
+            fig.suptitle(title, fontsize=10)
         atomic_savefig(fig, path, format="png", dpi=100)
         return path
     x = _normalise(_as_images(images, shape), normalize)
@@ -150,7 +153,8 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, nor
     return path
 
 
-def save_heatmaps(matrices: Sequence, titles: Sequence[str], path, transform: Callable | None = None,
+def save_heatmaps(matrices: Sequence[npt.ArrayLike], titles: Sequence[str], path: str | os.PathLike[str],
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
                   cmap: str = "RdBu_r", title: str | None = None, panel_inches: float = 2.6) -> Path:
     """Draw square matrices side by side with one symmetric colour scale and a colour bar.
 
@@ -179,6 +183,7 @@ def save_heatmaps(matrices: Sequence, titles: Sequence[str], path, transform: Ca
         ax.set_title(t, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    assert im is not None  # matrices is not empty
     fig.colorbar(im, ax=list(axes), shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)

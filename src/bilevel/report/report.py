@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_write_text
 from .figures import (initial_hparams, plot_cdf, plot_landscape, plot_lr_trajectories,
                       plot_median_curves)
 from .tables import _title, markdown_table, print_table
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["CLARKE_LAYOUT", "load_results", "write_report"]
 
@@ -21,7 +25,7 @@ CLARKE_LAYOUT = ("clarke", "bayesopt", "asha-pbt")
 TABLE_KEY = {"sensitivity": "median_final_test_loss"}
 
 
-def load_results(results_or_path) -> dict:
+def load_results(results_or_path: dict | str | os.PathLike[str]) -> dict:
     """A results dict, or one read from a ``results.json`` path (``NaN`` and ``null`` allowed)."""
     if isinstance(results_or_path, dict):
         return results_or_path
@@ -32,7 +36,7 @@ def load_results(results_or_path) -> dict:
         raise ValueError(f"{results_or_path} is not valid JSON ({e})") from None
 
 
-def _clarke_layout(results: dict) -> bool:
+def _clarke_layout(results: Mapping[str, Any]) -> bool:
     methods = results.get("methods")
     return isinstance(methods, Mapping) and bool(methods) and all(
         isinstance(m, Mapping) and "final_test_loss" in m for m in methods.values())
@@ -64,7 +68,7 @@ def _figures(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.png")) if folder.is_dir() else []
 
 
-def _metrics_report(results: dict, out: Path, source: Path | None, console) -> list[Path]:
+def _metrics_report(results: dict, out: Path, source: Path | None, console: Console | None) -> list[Path]:
     from rich.console import Console
 
     from .generic import markdown_metrics, print_metrics
@@ -94,7 +98,8 @@ def _landscape_method(methods: dict, baseline: str, preferred: str) -> str | Non
     return None
 
 
-def write_report(results_or_path, out_dir, console=None, baseline: str = "random",
+def write_report(results_or_path: dict | str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                 console: Console | None = None, baseline: str = "random",
                  method: str = "ours-wd-lr", n_resamples: int = 1000, seed: int = 0) -> list[Path]:
     """Print the summary table and write ``table.md``, ``median_curves.png``, ``cdf.png``,
     ``lr_trajectories.png`` and ``landscape.png`` into ``out_dir`` (each figure only when

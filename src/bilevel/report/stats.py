@@ -24,7 +24,7 @@ def as_array(values: Iterable | None) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
-def split_diverged(values) -> tuple[np.ndarray, int]:
+def split_diverged(values: Iterable[float | None] | np.ndarray | None) -> tuple[np.ndarray, int]:
     """``(finite values, number diverged)``; None, NaN and +-inf count as diverged."""
     arr = as_array(values) if not isinstance(values, np.ndarray) else values.astype(float).ravel()
     finite = np.isfinite(arr)
@@ -68,7 +68,7 @@ def bootstrap(values: Sequence[float | None] | np.ndarray, stat: Callable = np.m
     return estimate, float(np.std(stats, ddof=1))
 
 
-def bootstrap_curve(curves, stat: Callable = np.nanmedian, n_resamples: int = 1000,
+def bootstrap_curve(curves: Iterable[Iterable[float | None] | None] | np.ndarray, stat: Callable = np.nanmedian, n_resamples: int = 1000,
                     seed: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-step bootstrap of ``stat`` over initialisations (Clarke et al. Fig. 8).
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .stats import bootstrap, split_diverged
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 __all__ = ["summary_table", "format_pm", "format_best", "best_in_error_bars",
            "format_table", "print_table", "markdown_table"]
@@ -75,7 +80,7 @@ def best_in_error_bars(rows: Sequence[dict], key: str) -> set[str]:
     return {r["method"] for r in finite if r[key] <= top[key] + se}
 
 
-def _cells(rows: Sequence[dict]):
+def _cells(rows: Sequence[dict]) -> Iterator[tuple[dict, dict[str, str], dict[str, bool]]]:
     bold = {k: best_in_error_bars(rows, k) for k in ("mean", "median", "best")}
     for r in rows:
         yield r, {
@@ -85,7 +90,7 @@ def _cells(rows: Sequence[dict]):
         }, {k: r["method"] in v for k, v in bold.items()}
 
 
-def format_table(rows: Sequence[dict], title: str | None = None):
+def format_table(rows: Sequence[dict], title: str | None = None) -> Table:
     """A :class:`rich.table.Table`: Method, Mean, Median, Best, #NaN (best entries bold)."""
     from rich.table import Table
 
@@ -107,7 +112,7 @@ def _title(results: dict) -> str:
     return "Final test loss" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def print_table(results: dict, console=None, **kwargs) -> list[dict]:
+def print_table(results: dict, console: Console | None = None, **kwargs: Any) -> list[dict]:
     """Print the summary of ``results`` with rich; returns the rows."""
     from rich.console import Console
 

@@ -28,10 +28,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..population import derived_seed
 from .ray_tune import require
+
+if TYPE_CHECKING:
+    from optuna import Study
 
 #: ``evaluate(k, points)``: the ``repeats`` points of sample ``k`` (after ``transform``) -> their
 #: ``{"val": [...], "test": [...]}`` losses (``None`` or non-finite: diverged), optionally with
@@ -46,7 +49,7 @@ def distributions(space: Mapping[str, Any]) -> dict[str, Any]:
             else optuna.distributions.FloatDistribution(float(d[0]), float(d[1])) for name, d in space.items()}
 
 
-def make_study(seed: int, sampler: str = "gp", startup: int = 5):
+def make_study(seed: int, sampler: str = "gp", startup: int = 5) -> Study:
     """A minimising in-memory Optuna study with the GP (or TPE) sampler, ``startup`` random samples first."""
     optuna = require("optuna")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "greenlet unavailable"
@@ -59,7 +62,7 @@ def make_study(seed: int, sampler: str = "gp", startup: int = 5):
     return optuna.create_study(direction="minimize", sampler=s)
 
 
-def replay(study, records: Sequence[Mapping[str, Any]], dists: Mapping[str, Any]) -> None:
+def replay(study: Study, records: Sequence[Mapping[str, Any]], dists: Mapping[str, Any]) -> None:
     """Tell a fresh study the samples of an interrupted run (``records`` as :func:`run` stores them,
     ``dists`` the space's :func:`distributions`)."""
     optuna = require("optuna")

@@ -44,11 +44,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .._io import atomic_savefig, check_run_config  # noqa: F401  (re-exported: the shared resume check)
+
+if TYPE_CHECKING:
+    from ray.tune import Result, ResultGrid
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
 
 #: Reported as the loss of a diverged trial so that schedulers rank it last
 #: (a finite number: Ray Tune's schedulers sort metrics and NaN breaks sorting).
@@ -65,6 +70,12 @@ def require(module: str = "ray.tune") -> Any:
 
 
 # ---------------------------------------------------------------------------- what the factories build
+
+class Rescalable(Protocol):
+    """Anything whose hyperparameters PBT's ratio mutation rescales (:func:`apply_pbt_mutation`)."""
+
+    def rescale(self, name: str, factor: float) -> None: ...
+
 
 class BlockRun(Protocol):
     """A block of population members in training, as :func:`run_population` drives it."""
@@ -184,7 +195,7 @@ def pbt_ratios(new: Mapping[str, float], old: Mapping[str, float], names: Sequen
     return out
 
 
-def apply_pbt_mutation(run, new: Mapping[str, float], old: Mapping[str, float],
+def apply_pbt_mutation(run: Rescalable, new: Mapping[str, float], old: Mapping[str, float],
                        names: Sequence[str] | None = None) -> dict[str, float]:
     """Multiply ``run``'s current hyperparameters by PBT's ``new / old`` (``run.rescale(name, ratio)``,
     e.g. a :class:`ScheduledRun` or a :class:`bilevel.tuner.OnlineTuner`); return the ratios."""
@@ -271,7 +282,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 def fit(trainable: Callable[[dict], None], param_space: dict[str, Any], path: Path, *,
         scheduler: Any = None, metric: str | None = None, mode: str | None = None, cpus_per_trial: float = 1,
         keep_checkpoints: int | None = 2, on_complete: Callable[[], None] | None = None,
-        on_result: Callable[[dict], None] | None = None, reuse_actors: bool = False):
+        on_result: Callable[[dict], None] | None = None, reuse_actors: bool = False) -> ResultGrid:
     """Run (or, if ``path`` holds an interrupted run, restore and finish) a Ray Tune experiment.
 
     Returns the ``ResultGrid``; raises ``RuntimeError`` naming the trials that failed (re-running
@@ -283,11 +294,14 @@ def fit(trainable: Callable[[dict], None], param_space: dict[str, Any], path: Pa
     # Tune pickles its callbacks with the experiment state: they keep only keys to the driver's functions
     done_key, result_key = _register(on_complete), _register(on_result)
 
-    class _Driver(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
+    from ray.tune import Callback  # ray.tune is importable: require() above
+
+    class _Driver(Callback):
+        def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
             _notify(done_key)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
+        def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict,
+                            **info: Any) -> None:
             _notify(result_key, result)
     callbacks = [_Driver()]
     if tune.Tuner.can_restore(str(path)):
@@ -323,7 +337,19 @@ class Interrupted(KeyboardInterrupt):
 FINISHED_STATES = ("TERMINATED", "ERROR")
 
 
-def trial_statuses(grid, path: Path | str | None = None) -> list[tuple[str, str]]:
+def _results(grid: ResultGrid) -> list[Result]:
+    """The grid's results in order (``ResultGrid`` iterates through ``__getitem__``, which mypy does not model)."""
+    return [grid[i] for i in range(len(grid))]
+
+
+def _config(result: Result) -> dict[str, Any]:
+    """A trial's config (``Result.config`` is typed optional; Tune sets it for every trial)."""
+    if result.config is None:
+        raise RuntimeError(f"trial {result.path} has no config")
+    return result.config
+
+
+def trial_statuses(grid: ResultGrid, path: Path | str | None = None) -> list[tuple[str, str]]:
     """``(trial id, status)`` of every trial, as Ray Tune last saved them in the experiment at ``path``.
 
     After a SIGINT, ``Tuner.fit`` saves the experiment state (unfinished trials PENDING, RUNNING or
@@ -345,7 +371,7 @@ def trial_statuses(grid, path: Path | str | None = None) -> list[tuple[str, str]
             log.setLevel(level)
     analysis = getattr(grid, "_experiment_analysis", None)
     if analysis is None:  # pragma: no cover
-        return [(str(r.path), "TERMINATED") for r in grid]
+        return [(str(r.path), "TERMINATED") for r in _results(grid)]
     return [(str(t.trial_id), str(t.status)) for t in analysis.trials]
 
 
@@ -409,7 +435,7 @@ def restored_state() -> dict[str, Any] | None:
         return torch.load(f, weights_only=False) if f.exists() else None
 
 
-def checkpoint_result(result) -> dict[str, Any]:
+def checkpoint_result(result: Result) -> dict[str, Any]:
     """The ``result.json`` stored in a finished trial's last checkpoint."""
     if result.checkpoint is None:
         raise RuntimeError(f"trial {result.path} finished without a checkpoint")
@@ -495,12 +521,12 @@ def run_population(factory: Callable[[dict[str, Any]], BlockRun], n: int, path: 
         grid = fit(population_trainable(factory, steps, checkpoint_every),
                    {"job": tune.grid_search(jobs), **(config or {}), "threads": threads},
                    path, cpus_per_trial=threads, keep_checkpoints=1, on_complete=advance)
-        mine = [r for r in grid if all(r.config["job"].get(k) == v for k, v in tag.items())]
+        mine = [r for r in _results(grid) if all(_config(r)["job"].get(k) == v for k, v in tag.items())]
         try:
-            member_blocks([r.config["job"] for r in mine], n)
+            member_blocks([_config(r)["job"] for r in mine], n)
         except ValueError as e:
             raise ValueError(f"{path}: {e}; delete that folder to train it afresh") from None
-        parts = sorted(((int(r.config["job"]["first"]), checkpoint_result(r)) for r in mine), key=lambda x: x[0])
+        parts = sorted(((int(_config(r)["job"]["first"]), checkpoint_result(r)) for r in mine), key=lambda x: x[0])
     return [res for _, res in parts]
 
 
@@ -603,6 +629,7 @@ def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Ma
     if trials < 1 or any(len(v) != trials for v in initial.values()):
         raise ValueError(f"need the same number (>= 1) of initial values per hyperparameter, got "
                          f"{ {n: len(v) for n, v in initial.items()} }")
+    sched: TrialScheduler
     if scheduler == "asha":
         sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace_period or report_every,
                               reduction_factor=reduction_factor, brackets=1)
@@ -631,7 +658,7 @@ def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Ma
         rows: list[tuple[float, float]] = []  # (wall, score) of every report, collected in the driver
         applied: dict[tuple[str, int], dict[str, float]] = {}  # (trial, step) -> ratios of every applied mutation
 
-        def on_result(res):
+        def on_result(res: dict[str, Any]) -> None:
             rows.append((float(res["wall"]), float(res[score])))
             if int(res.get("mutated_at", -1)) >= 0:
                 applied[(str(res.get("trial_id")), int(res["mutated_at"]))] = {
@@ -641,7 +668,7 @@ def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Ma
                    on_result=on_result)
         elapsed = time.perf_counter() - start
         finals, steps_done, total_seconds = [], 0, 0.0
-        for r in grid:
+        for r in _results(grid):
             last = r.metrics
             if not last or "step" not in last:
                 continue
@@ -652,7 +679,7 @@ def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Ma
                 bad = bool(last["diverged"])
                 finals.append({"score": None if bad else float(last[score]),
                                "metric": None if bad else float(last[metric]),
-                               "config": {n: float(r.config[n]) for n in names},
+                               "config": {n: float(_config(r)[n]) for n in names},
                                "hparams": {n: float(last[f"now_{n}"]) for n in names},
                                "mutations": json.loads(last.get("lineage") or "[]")})
     times, best = incumbent(rows)
