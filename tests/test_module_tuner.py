@@ -485,3 +485,21 @@ def test_state_dict_resume_is_bit_for_bit(mode):
     assert t_whole.hparams == t_resumed.hparams
     assert t_whole.history == t_resumed.history
     assert t_whole.hparams["lr"] != 0.05  # something was tuned
+
+
+def test_state_dict_resume_with_a_shuffling_loader():
+    """The checkpoint holds torch's random state: epoch 2's shuffled order is the uninterrupted run's."""
+    train = DataLoader(TensorDataset(X, Y), batch_size=8, shuffle=True)
+    _, val = loaders()
+    kw = dict(optimizer=bilevel.optim.SGD(lr=0.05), interval=4, progress=False)
+    whole = mlp()
+    t_whole = bilevel.Tuner(whole, F.mse_loss, **kw).fit(train, val, epochs=2)
+    first = mlp()
+    sd = copy.deepcopy(bilevel.Tuner(first, F.mse_loss, **kw).fit(train, val, epochs=1).state_dict())
+    resumed = mlp()  # re-seeds torch: without the saved state, epoch 2 would be shuffled differently
+    t_resumed = bilevel.Tuner(resumed, F.mse_loss, **kw)
+    t_resumed.load_state_dict(sd)
+    t_resumed.fit(train, val, epochs=1)
+    for (k, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), k
+    assert t_whole.history == t_resumed.history

@@ -456,12 +456,20 @@ class Tuner:
                             g[name] = v
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: the loop's state, the module's buffers, the history and the position
-        in the validation cycle (the global random state, e.g. of shuffling loaders, is not included)."""
+        """Everything needed to continue: the loop's state, the module's buffers, the history, the position
+        in the validation cycle and torch's global random state (which draws a shuffling DataLoader's order and
+        dropout masks), so a run resumed between epochs continues bit for bit."""
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         return {"loop": self.loop.state_dict(), "buffers": self._buffers, "history": self.history,
-                "val_taken": self._val_taken}
+                "val_taken": self._val_taken, "rng": rng}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.loop.load_state_dict(sd["loop"])
         self._buffers, self.history = dict(sd["buffers"]), list(sd["history"])
         self._val_taken = int(sd.get("val_taken", 0))
+        rng = sd.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
