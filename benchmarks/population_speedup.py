@@ -40,8 +40,8 @@ def main() -> None:
         t = time.perf_counter()
         alone = []
         for i in range(a.inits):
-            one = clarke.ClarkeConfig(**{**cfg.__dict__, "inits": 1, "seed": cfg.seed + i})
-            alone += clarke.run_method(one, problem, method)["final_test_loss"]
+            one = clarke.ClarkeConfig(**{**cfg.__dict__, "inits": 1})
+            alone += clarke.run_method(one, problem, method, first=i)["final_test_loss"]  # member i alone
         t_loop = time.perf_counter() - t
         diff = max((abs(x - y) for x, y in zip(together, alone) if x is not None and y is not None), default=0.0)
         print(f"{method:>14} {t_vec:13.2f} {t_loop:9.2f} {t_loop / t_vec:8.1f}x {diff:30.2e}")

@@ -96,23 +96,24 @@ SEED_HELP = (f"base seed S (0 .. {MAX_SEED}): initialisation i uses seed S * {SE
              "and the same seed gives the same numbers")
 
 
-def int_list(low: int = 0) -> Callable[[str], list[int]]:
-    """``type=`` of a comma-separated list of integers ``>= low`` (at least one)."""
+def int_list(low: int = 0, empty: bool = False) -> Callable[[str], list[int]]:
+    """``type=`` of a comma-separated list of integers ``>= low`` (at least one, unless ``empty``)."""
     def check(text: str) -> list[int]:
         items = [s.strip() for s in text.split(",") if s.strip()]
         try:
             values = [int(s) for s in items]
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be comma-separated integers >= {low}, got {text!r}") from None
-        if not values or any(v < low for v in values):
+        if (not values and not empty) or any(v < low for v in values):
             raise argparse.ArgumentTypeError(f"must be comma-separated integers >= {low}, got {text!r}")
         return values
     return _validator(f"integers >= {low}", check)
 
 
 def float_list(low: float | None = None, high: float | None = None, open_low: bool = False,
-               open_high: bool = False) -> Callable[[str], list[float]]:
-    """``type=`` of a comma-separated list of finite numbers in ``[low, high]`` (``open_*``: bound excluded)."""
+               open_high: bool = False, empty: bool = False) -> Callable[[str], list[float]]:
+    """``type=`` of a comma-separated list of finite numbers in ``[low, high]`` (``open_*``: bound excluded; at
+    least one, unless ``empty``)."""
     lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
     hi = "" if high is None else f"{'<' if open_high else '<='} {high:g}"
     what = "comma-separated numbers" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
@@ -127,7 +128,7 @@ def float_list(low: float | None = None, high: float | None = None, open_low: bo
             values = [float(s) for s in items]
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not values or not all(ok(v) for v in values):
+        if (not values and not empty) or not all(ok(v) for v in values):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return values
     return _validator("numbers", check)

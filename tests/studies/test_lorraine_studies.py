@@ -152,10 +152,12 @@ def test_distill_cifar100_has_307200_pixel_hyperparameters(tmp_path, monkeypatch
                "--interval", "2", "--val-size", "100", "--eval-steps", "5", "--solver", "identity")
     assert doc["num_hyperparameters"] == 307200 and len(doc["curves"]["val_loss"]) == 2
     assert all(math.isfinite(v) for v in doc["curves"]["val_loss"])
+    (tmp_path / "none").mkdir()  # an existing folder without the data (a missing --data-dir is refused at parse time)
     with pytest.raises(SystemExit, match="CIFAR-100 data are not available"):
         monkeypatch.setenv("BILEVEL_DOWNLOAD", "0")
         cli.main(["run", "distill", "--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
                   "--out", str(tmp_path / "o2")])
+    assert not (tmp_path / "o2").exists()  # a run that fails before its first result leaves nothing behind
 
 
 def test_missing_cifar_gives_clear_error(tmp_path, monkeypatch):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["SplitData", "RegressionData", "ClassificationData"]
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
-_Data = TypeVar("_Data", bound="SplitData")
+__all__ = ["SplitData", "RegressionData", "ClassificationData"]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SplitData:
     def y_trainval(self) -> Tensor:
         return torch.cat([self.y_train, self.y_val])
 
-    def merged(self: _Data) -> _Data:
+    def merged(self) -> Self:
         """A copy whose training set is train+validation and whose validation set is empty.
 
         Clarke et al. (2022) train their "Random" baselines on train+validation.
@@ -51,7 +52,7 @@ class SplitData:
     def sizes(self) -> tuple[int, int, int]:
         return len(self.X_train), len(self.X_val), len(self.X_test)
 
-    def to(self: _Data, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None) -> _Data:
+    def to(self, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None) -> Self:
         """A copy on ``device``; floating tensors are also cast to ``dtype`` when given."""
         kw = {k: getattr(self, k) for k in self.__dataclass_fields__}
         for k, v in kw.items():

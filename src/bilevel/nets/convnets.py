@@ -42,7 +42,7 @@ def module_init(module: nn.Module, generator: torch.Generator | None = None) -> 
             torch.manual_seed(seed)
         for m in module.modules():
             if hasattr(m, "reset_parameters"):
-                getattr(m, "reset_parameters")()  # nn.Module.__getattr__ would type it as Tensor | Module
+                m.reset_parameters()  # type: ignore[operator]  # nn.Module.__getattr__ types it Tensor | Module
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 
 

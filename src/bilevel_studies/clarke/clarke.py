@@ -658,9 +658,8 @@ def divergence_notes(doc: Mapping[str, Any], hyper_lr_option: str = "--hyper-lr"
             why = "non-finite final loss"
         method = METHODS.get(name)
         if method is not None and method.tuned:
-            hint = f"try a smaller {hyper_lr_option} (now {cfg.get('hyper_lr')})"
-            if method.mode != "baydin":
-                hint += " or a shorter --interval"
+            lr = cfg.get("hyper_lr")
+            hint = f"try a smaller {hyper_lr_option}" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
         else:
             hint = "these fixed initial hyperparameters do not train (a baseline result, not a fault)"
         notes.append(f"all {n} run{'s' * (n != 1)} of {name} diverged ({why}): {hint}")

@@ -381,11 +381,11 @@ def add_arguments(p) -> None:
                    help="paper-scale grids: Neumann K up to 1000 (linear and MLP), MLP re-trained 5000 steps per outer "
                         "step (App. D.2), 20 outer steps, and the warm-start unrolled MLP runs K=1,5,20 "
                         "(20000 alternating steps); explicit options below still override")
-    p.add_argument("--neumann-ks", type=V.int_list(0), default=None,
+    p.add_argument("--neumann-ks", type=V.int_list(0, empty=True), default=None,
                    help=f"Neumann steps K: the series sum_{{k=0..K}}, i.e. K+1 terms (cold-start runs; default {c.neumann_ks})")
-    p.add_argument("--unroll-ks", type=V.int_list(1), default=None,
+    p.add_argument("--unroll-ks", type=V.int_list(1, empty=True), default=None,
                    help=f"unrolled steps K, = Neumann K-1 (K terms) (cold-start runs; default {c.unroll_ks})")
-    p.add_argument("--eps", type=V.float_list(0, open_low=True), default=None,
+    p.add_argument("--eps", type=V.float_list(0, open_low=True, empty=True), default=None,
                    help=f"proximal eps (warm-start, Alg. 3); default per basis {c.eps_default}")
     p.add_argument("--outer-steps", type=V.positive_int, default=None,
                    help=f"outer SGD steps per linear run, x3 for proximal (default {c.outer_steps})")
@@ -398,9 +398,9 @@ def add_arguments(p) -> None:
                    help="the validation point X,Y the regressor should fit (paper: 0,2; a negative X as "
                         "--val-point=-1,2)")
     p.add_argument("--no-mlp", action="store_true", help="skip the MLP version (Fig. 8)")
-    p.add_argument("--mlp-neumann-ks", type=V.int_list(0), default=None,
+    p.add_argument("--mlp-neumann-ks", type=V.int_list(0, empty=True), default=None,
                    help=f"MLP Neumann steps K (K+1 terms), cold start (default {c.mlp_neumann_ks})")
-    p.add_argument("--mlp-unroll-ks", type=V.int_list(1), default=None,
+    p.add_argument("--mlp-unroll-ks", type=V.int_list(1, empty=True), default=None,
                    help="MLP warm-start alternating runs through K unrolled steps (default none; --paper: 1,5,20)")
     p.add_argument("--mlp-outer-steps", type=V.positive_int, default=None,
                    help=f"outer steps of the cold-start Neumann MLP runs (default {c.mlp_outer_steps})")
