@@ -88,3 +88,17 @@ def test_tensorboard_logger_on_the_front_door(tmp_path):
     assert [e.value for e in val] == pytest.approx([h["val_loss"] for h in tuner.history], rel=1e-6)
     assert [e.value for e in acc.Scalars("hparam/lr")] == pytest.approx([h["hparams"]["lr"] for h in tuner.history],
                                                                         rel=1e-6)
+
+
+def test_autolog_gives_every_loop_created_inside_a_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    from bilevel.callbacks import autolog
+    with autolog(tmp_path, every=1):
+        a, b = _tuner(2, []), _tuner(3, [])
+    outside = _tuner(2, [])
+    assert [type(c).__name__ for c in a.callbacks] == ["TensorBoardLogger"] and not outside.callbacks
+    for t in (a, b):
+        t.run(4, lambda: (X, Y), lambda: (Xv, Yv), record_batches=((X, Y), (Xv, Yv), None))
+    for c in a.callbacks + b.callbacks:
+        c.writer.flush()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("loop-")) == ["loop-0", "loop-1"]

@@ -22,8 +22,21 @@ from .unroll import unrolled_hypergradient
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tuner", "optim", "PerWeightDecay", "OnlineTuner", "TunerConfig",
-    "hypergradient", "unrolled_hypergradient", "linearise", "largest_eigenvalue",
-    "Neumann", "AutoNeumann", "ConjugateGradient", "Identity", "Exact",
-    "NonFiniteError", "NeumannDivergenceError", "NotSymmetricError",
+    "Tuner",
+    "optim",
+    "PerWeightDecay",
+    "OnlineTuner",
+    "TunerConfig",
+    "hypergradient",
+    "unrolled_hypergradient",
+    "linearise",
+    "largest_eigenvalue",
+    "Neumann",
+    "AutoNeumann",
+    "ConjugateGradient",
+    "Identity",
+    "Exact",
+    "NonFiniteError",
+    "NeumannDivergenceError",
+    "NotSymmetricError",
 ]

@@ -288,6 +288,7 @@ def run_directory(out: str | os.PathLike, command: str | None = None) -> Iterato
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_created(out, set(), missing, had_lock=True)
         raise type(e)(f"cannot use --out {out}: {e.strerror or e}") from None
     if not out.is_dir():
         raise NotADirectoryError(f"cannot use --out {out}: it is not a directory")
@@ -315,11 +316,12 @@ def run_directory(out: str | os.PathLike, command: str | None = None) -> Iterato
     except BaseException:
         owner_path.unlink(missing_ok=True)
         new = _entries(out) - before - {lock_path, owner_path}
-        if all(p.is_dir() or p.name == "config.json" for p in new):
-            lock.release()
-            _remove_created(out, new, missing, had_lock)
-        else:
-            lock.release()
+        undo = all(p.is_dir() or p.name == "config.json" for p in new)  # nothing of value was written
+        if undo:
+            _remove_created(out, new, [], had_lock=True)  # under the lock
+        lock.release()
+        if undo:
+            _remove_created(out, set(), missing, had_lock)  # the lock file and the folders this run created
         raise
     else:
         owner_path.unlink(missing_ok=True)

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["Tree", "add", "scale", "dot", "norm", "zeros_like", "detach", "numel", "flatten", "unflatten",
-           "all_finite"]
+__all__ = ["Tree", "add", "scale", "dot", "norm", "zeros_like", "detach", "numel", "flatten", "unflatten", "all_finite"]
 
 Tree = dict[str, Tensor]
 

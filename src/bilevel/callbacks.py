@@ -9,12 +9,15 @@ checkpoint holds it, so a resumed run continues the same random stream.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["RandomLRMultiplier", "EveryStep", "TensorBoardLogger"]
+__all__ = ["RandomLRMultiplier", "EveryStep", "TensorBoardLogger", "autolog", "default_callbacks"]
 
 
 class RandomLRMultiplier:
@@ -70,7 +73,9 @@ class TensorBoardLogger:
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
         if every < 1 or members < 0:
-            raise ValueError(f"TensorBoardLogger needs every >= 1 and members >= 0, got every={every}, members={members}")
+            raise ValueError(
+                f"TensorBoardLogger needs every >= 1 and members >= 0, got every={every}, members={members}"
+            )
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.every, self.members = every, members
 
@@ -112,3 +117,43 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+@dataclass
+class _Autolog:
+    dir: str
+    every: int
+    members: int
+    count: int = 0
+    loggers: list[TensorBoardLogger] = field(default_factory=list)
+
+
+_AUTOLOG: list[_Autolog] = []
+
+
+@contextlib.contextmanager
+def autolog(log_dir: str | os.PathLike, every: int = 10, members: int = 3) -> Iterator[None]:
+    """Every online loop created inside the ``with`` block logs to TensorBoard (like ``mlflow.autolog``).
+
+    Loop k (in creation order) writes to ``log_dir/loop-k`` through a :class:`TensorBoardLogger`;
+    ``bilevel run STUDY --tensorboard DIR`` runs the study inside ``autolog(DIR)``.
+    """
+    entry = _Autolog(os.fspath(log_dir), every, members)
+    _AUTOLOG.append(entry)
+    try:
+        yield
+    finally:
+        _AUTOLOG.remove(entry)
+        for logger in entry.loggers:
+            logger.close()
+
+
+def default_callbacks() -> list[Any]:
+    """The callbacks an :class:`~bilevel.tuner.OnlineTuner` adds to its own (those of an active :func:`autolog`)."""
+    if not _AUTOLOG:
+        return []
+    entry = _AUTOLOG[-1]
+    logger = TensorBoardLogger(os.path.join(entry.dir, f"loop-{entry.count}"), entry.every, entry.members)
+    entry.count += 1
+    entry.loggers.append(logger)
+    return [logger]

@@ -72,7 +72,7 @@ eps is ``prox_eps``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -95,17 +95,31 @@ CONCEPTS: tuple[str, ...] = ("cold", "warm-full", "warm-partial")
 
 #: alias -> canonical concept name (keys normalised: lower case, ``-`` for ``_`` and spaces)
 CONCEPT_ALIASES: dict[str, str] = {
-    "cold": "cold", "cold-start": "cold",
-    "warm-full": "warm-full", "warm-start-full": "warm-full", "warm-full-start": "warm-full",
-    "warm-partial": "warm-partial", "warm-start-partial": "warm-partial", "warm-partial-start": "warm-partial",
-    "warm-start": "warm-partial", "warm": "warm-partial", "online": "warm-partial",
+    "cold": "cold",
+    "cold-start": "cold",
+    "warm-full": "warm-full",
+    "warm-start-full": "warm-full",
+    "warm-full-start": "warm-full",
+    "warm-partial": "warm-partial",
+    "warm-start-partial": "warm-partial",
+    "warm-partial-start": "warm-partial",
+    "warm-start": "warm-partial",
+    "warm": "warm-partial",
+    "online": "warm-partial",
 }
 #: alias -> canonical method name; the :data:`IFT_ALIASES` also fix eps = 0 and the dense solve
 METHOD_ALIASES: dict[str, str] = {
-    "unroll": "unroll", "unrolling": "unroll", "unrolled": "unroll",
-    "neumann": "neumann", "neumann-series": "neumann",
-    "proximal": "proximal", "prox": "proximal",
-    "implicit": "proximal", "ift": "proximal", "exact": "proximal", "min-norm": "proximal",
+    "unroll": "unroll",
+    "unrolling": "unroll",
+    "unrolled": "unroll",
+    "neumann": "neumann",
+    "neumann-series": "neumann",
+    "proximal": "proximal",
+    "prox": "proximal",
+    "implicit": "proximal",
+    "ift": "proximal",
+    "exact": "proximal",
+    "min-norm": "proximal",
 }
 IFT_ALIASES: frozenset[str] = frozenset({"implicit", "ift", "exact", "min-norm"})
 
@@ -114,12 +128,26 @@ TABLE1_RESPONSE: dict[str, str] = {
     "cold": "min-norm exact IFT: -(d2f/dy2)^+ d2f/dydx, method('implicit')",
     "warm-full": "min-norm exact IFT: -(d2f/dy2)^+ d2f/dydx, method('implicit')",
     "warm-partial": "proximal: -(d2f/dy2 + eps I)^-1 d2f/dydx, eps = 1 / (inner_steps * inner_lr), "
-                    "method('proximal', eps=eps)",
+    "method('proximal', eps=eps)",
 }
 
-__all__ = ["METHODS", "CONCEPTS", "CONCEPT_ALIASES", "METHOD_ALIASES", "IFT_ALIASES", "TABLE1_RESPONSE",
-           "canonical_concept", "canonical_method", "HypergradientMethod", "method", "response_jacobian", "Concept",
-           "concept", "inner_solve", "BilevelOptimizer"]
+__all__ = [
+    "METHODS",
+    "CONCEPTS",
+    "CONCEPT_ALIASES",
+    "METHOD_ALIASES",
+    "IFT_ALIASES",
+    "TABLE1_RESPONSE",
+    "canonical_concept",
+    "canonical_method",
+    "HypergradientMethod",
+    "method",
+    "response_jacobian",
+    "Concept",
+    "concept",
+    "inner_solve",
+    "BilevelOptimizer",
+]
 
 
 def _normalise(name: Any) -> str:
@@ -131,8 +159,10 @@ def canonical_method(name: str) -> str:
     (:data:`METHOD_ALIASES`; ``implicit``/``ift`` -> ``proximal``, with eps = 0 fixed by :func:`method`)."""
     key = _normalise(name)
     if key not in METHOD_ALIASES:
-        raise ValueError(f"unknown hypergradient method {name!r}; known: {', '.join(METHODS)} "
-                         f"(aliases: {', '.join(k for k in METHOD_ALIASES if k not in METHODS)})")
+        raise ValueError(
+            f"unknown hypergradient method {name!r}; known: {', '.join(METHODS)} "
+            f"(aliases: {', '.join(k for k in METHOD_ALIASES if k not in METHODS)})"
+        )
     return METHOD_ALIASES[key]
 
 
@@ -141,8 +171,10 @@ def canonical_concept(name: str) -> str:
     (:data:`CONCEPT_ALIASES`; ``warm-start`` is ``warm-partial``, the online setting)."""
     key = _normalise(name)
     if key not in CONCEPT_ALIASES:
-        raise ValueError(f"unknown solution concept {name!r}; known: {', '.join(CONCEPTS)} "
-                         f"(aliases: {', '.join(k for k in CONCEPT_ALIASES if k not in CONCEPTS)})")
+        raise ValueError(
+            f"unknown solution concept {name!r}; known: {', '.join(CONCEPTS)} "
+            f"(aliases: {', '.join(k for k in CONCEPT_ALIASES if k not in CONCEPTS)})"
+        )
     return CONCEPT_ALIASES[key]
 
 
@@ -180,8 +212,10 @@ class HypergradientMethod:
         raw = _normalise(self.name)
         object.__setattr__(self, "name", canonical_method(self.name))
         if raw in IFT_ALIASES and (self.eps or self.cg_steps is not None):
-            raise ValueError(f"{raw!r} is the exact min-norm IFT (proximal eps = 0, dense solve); "
-                             "use method('proximal', eps=..., cg_steps=...) for a damped or CG response")
+            raise ValueError(
+                f"{raw!r} is the exact min-norm IFT (proximal eps = 0, dense solve); "
+                "use method('proximal', eps=..., cg_steps=...) for a damped or CG response"
+            )
         if self.steps < 0 or (self.name == "unroll" and self.steps < 1):
             raise ValueError(f"{self.name}: steps must be >= {1 if self.name == 'unroll' else 0}, got {self.steps}")
         if not self.lr > 0:
@@ -189,8 +223,10 @@ class HypergradientMethod:
         if self.eps < 0:
             raise ValueError(f"{self.name}: eps must be >= 0, got {self.eps}")
         if self.name == "proximal" and not self.eps > 0 and self.cg_steps is not None:
-            raise ValueError("proximal with cg_steps: eps must be > 0 (CG on a singular H does not give the "
-                             "min-norm answer); eps = 0 with the dense solve gives the pseudoinverse")
+            raise ValueError(
+                "proximal with cg_steps: eps must be > 0 (CG on a singular H does not give the "
+                "min-norm answer); eps = 0 with the dense solve gives the pseudoinverse"
+            )
         if self.name == "unroll" and self.eps:
             raise ValueError("unroll: eps is not used; unroll the proximal objective in inner= instead")
 
@@ -209,12 +245,20 @@ class HypergradientMethod:
             return ConjugateGradient(self.cg_steps, damping=self.eps)
         return None
 
-    def __call__(self, outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
-                 inner: Loss, check: bool = True) -> Tree:
+    def __call__(
+        self,
+        outer: Loss,
+        params: Mapping[str, Tensor],
+        hparams: Mapping[str, Tensor],
+        *,
+        inner: Loss,
+        check: bool = True,
+    ) -> Tree:
         """dF/dx at (params, hparams): ``outer`` is F(y, x), ``inner`` is f(y, x) (both ``(params, hparams)``)."""
         if self.name == "unroll":
-            return unrolled_hypergradient(outer, params, hparams, steps=self.steps, inner=inner, lr=self.lr,
-                                          check=check)
+            return unrolled_hypergradient(
+                outer, params, hparams, steps=self.steps, inner=inner, lr=self.lr, check=check
+            )
         solver = self.solver()
         assert solver is not None  # neumann / proximal (unroll returned above)
         return hypergradient(outer, params, hparams, inner=inner, solver=solver, check=check)
@@ -226,8 +270,9 @@ def method(name: str, **kwargs: Any) -> HypergradientMethod:
     return HypergradientMethod(name, **kwargs)
 
 
-def response_jacobian(m: HypergradientMethod, inner: Loss, params: Mapping[str, Tensor],
-                      hparams: Mapping[str, Tensor]) -> Tensor:
+def response_jacobian(
+    m: HypergradientMethod, inner: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]
+) -> Tensor:
     """The dense response Jacobian dy*/dx (n_params, n_hparams) that method ``m`` implies at (params, hparams).
 
     Row i is the hypergradient of the outer objective F = y_i (flattened order of
@@ -239,8 +284,10 @@ def response_jacobian(m: HypergradientMethod, inner: Loss, params: Mapping[str, 
     n = T.numel(params)
     rows = []
     for i in range(n):
+
         def outer(p: Tree, h: Tree, i: int = i) -> Tensor:
             return T.flatten(p)[i]
+
         rows.append(T.flatten(m(outer, params, hparams, inner=inner)))
     return torch.stack(rows)
 
@@ -248,9 +295,17 @@ def response_jacobian(m: HypergradientMethod, inner: Loss, params: Mapping[str, 
 # ---------------------------------------------------------------------------- inner optimisation
 
 
-def inner_solve(inner: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, lr: float,
-                steps: int, tol: float | None = None, prox_eps: float = 0.0,
-                check: bool = True) -> tuple[Tree, int]:
+def inner_solve(
+    inner: Loss,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    lr: float,
+    steps: int,
+    tol: float | None = None,
+    prox_eps: float = 0.0,
+    check: bool = True,
+) -> tuple[Tree, int]:
     """Gradient descent on the inner problem from ``params``; returns ``(weights, steps_taken)``.
 
     y <- y - lr (df/dy(y, x) + prox_eps (y - y_start)) for at most ``steps`` steps,
@@ -337,20 +392,24 @@ class Concept:
         eps = self.response_eps
         if eps == 0:
             if cg_steps is not None:
-                raise ValueError(f"concept {self.name}: its response is the min-norm IFT (eps = 0), which needs "
-                                 "the dense solve; CG on a singular H does not give the min-norm answer")
+                raise ValueError(
+                    f"concept {self.name}: its response is the min-norm IFT (eps = 0), which needs "
+                    "the dense solve; CG on a singular H does not give the min-norm answer"
+                )
             return HypergradientMethod("implicit", max_size=max_size)
         return HypergradientMethod("proximal", eps=eps, cg_steps=cg_steps, max_size=max_size)
 
-    def respond(self, inner: Loss, current: Mapping[str, Tensor], initial: Mapping[str, Tensor],
-                hparams: Mapping[str, Tensor]) -> tuple[Tree, int]:
+    def respond(
+        self, inner: Loss, current: Mapping[str, Tensor], initial: Mapping[str, Tensor], hparams: Mapping[str, Tensor]
+    ) -> tuple[Tree, int]:
         """y_{t+1} for x_{t+1} = ``hparams``: from ``initial`` (cold) or ``current`` (warm)."""
         start = initial if self.name == "cold" else current
         if self.closed_form is not None:
             return {k: v.detach() for k, v in self.closed_form(T.detach(start), T.detach(hparams)).items()}, 0
         tol = None if self.name == "warm-partial" else self.tol
-        return inner_solve(inner, start, hparams, lr=self.inner_lr, steps=self.inner_steps, tol=tol,
-                           prox_eps=self.prox_eps)
+        return inner_solve(
+            inner, start, hparams, lr=self.inner_lr, steps=self.inner_steps, tol=tol, prox_eps=self.prox_eps
+        )
 
 
 def concept(name: str, **kwargs: Any) -> Concept:
@@ -381,16 +440,37 @@ class BilevelOptimizer:
     dict), updated by ``outer_optimizer(list(hparams.values()), lr=outer_lr)``.
     """
 
-    def __init__(self, inner: Loss, outer: Loss, params: Tree, hparams: Tree, concept: Concept,
-                 method: HypergradientMethod, outer_lr: float = 1e-2,
-                 outer_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD) -> None:
+    def __init__(
+        self,
+        inner: Loss,
+        outer: Loss,
+        params: Tree,
+        hparams: Tree,
+        concept: Concept,
+        method: HypergradientMethod,
+        outer_lr: float = 1e-2,
+        outer_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+    ) -> None:
         _validate(params, hparams)
         self.inner, self.outer, self.concept, self.method = inner, outer, concept, method
         self.outer_lr, self.outer_optimizer = outer_lr, outer_optimizer
-        cfg = TunerConfig(tuned=tuple(hparams), hyper_lr=outer_lr, hyper_optimizer=outer_optimizer,
-                          on_divergence="raise", interval=max(1, concept.inner_steps))
-        self.loop = OnlineTuner(params, hparams, None, SGD(lr=concept.inner_lr), lambda p, h, ctx: inner(p, h),
-                                lambda p, h, ctx: outer(p, h), config=cfg, stacked=False)
+        cfg = TunerConfig(
+            tuned=tuple(hparams),
+            hyper_lr=outer_lr,
+            hyper_optimizer=outer_optimizer,
+            on_divergence="raise",
+            interval=max(1, concept.inner_steps),
+        )
+        self.loop = OnlineTuner(
+            params,
+            hparams,
+            None,
+            SGD(lr=concept.inner_lr),
+            lambda p, h, ctx: inner(p, h),
+            lambda p, h, ctx: outer(p, h),
+            config=cfg,
+            stacked=False,
+        )
         self.t = 0
         self.inner_steps_taken = 0
         if concept.name != "warm-partial":
@@ -441,8 +521,13 @@ class BilevelOptimizer:
         self.t += 1
         return g
 
-    def run(self, steps: int, record_every: int = 1, callback: Callable[["BilevelOptimizer"], None] | None = None,
-            progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    def run(
+        self,
+        steps: int,
+        record_every: int = 1,
+        callback: Callable[[BilevelOptimizer], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[dict[str, Any]]:
         """``steps`` outer steps; every ``record_every`` a record ``{t, outer, inner, hparams}`` (detached copies).
 
         ``callback(self)`` is called at each record (e.g. to log a trajectory). The first

@@ -106,8 +106,10 @@ class DistilledData:
             if int(num_points) < 1:
                 raise ValueError(f"DistilledData: num_points must be >= 1, got {num_points}")
             if int(per_class) != 1:
-                raise ValueError(f"DistilledData: give either per_class={per_class} or num_points={num_points}, "
-                                 "not both (num_points assigns classes round-robin)")
+                raise ValueError(
+                    f"DistilledData: give either per_class={per_class} or num_points={num_points}, "
+                    "not both (num_points assigns classes round-robin)"
+                )
         self._num_points = None if num_points is None else int(num_points)
         self.shape: tuple[int, ...] = shape
         self.num_classes = int(num_classes)
@@ -160,8 +162,10 @@ class DistilledData:
             if key not in hparams:
                 raise ValueError(f"hyperparameters lack the distilled-data key {key!r}; have {sorted(hparams)}")
             if tuple(hparams[key].shape) != tuple(shape):
-                raise ValueError(f"distilled-data hyperparameter {key!r} has shape {tuple(hparams[key].shape)}, "
-                                 f"expected {tuple(shape)}")
+                raise ValueError(
+                    f"distilled-data hyperparameter {key!r} has shape {tuple(hparams[key].shape)}, "
+                    f"expected {tuple(shape)}"
+                )
 
     # ------------------------------------------------------------------ construction
 
@@ -191,7 +195,9 @@ class DistilledData:
             raise ValueError(f"DistilledData.init: real=(x, y) is only used with init='real', got init={init!r}")
         ref = real[0] if real is not None else None
         dtype = dtype or (ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype())
-        device = torch.device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+        device = (
+            torch.device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+        )
         shape_x = self.shapes()["x"]
         gdev = generator.device if generator is not None else torch.device("cpu")
         if init == "zeros":
@@ -207,7 +213,9 @@ class DistilledData:
         x = self.point_transform.inverse(self.point_transform.clamp_into_domain(x))  # inputs -> raw
         values: dict[str, Tensor] = {"x": x.to(device)}
         if self.soft_labels:
-            values["label_logits"] = label_scale * F.one_hot(self.labels, self.num_classes).to(device=device, dtype=torch.float64)
+            values["label_logits"] = label_scale * F.one_hot(self.labels, self.num_classes).to(
+                device=device, dtype=torch.float64
+            )
         raw = self.space.from_natural(self._pseudo_params(), {self.name: values}, dtype=dtype, device=device)
         return {k: v.requires_grad_(requires_grad) for k, v in raw.items()}
 
@@ -220,8 +228,10 @@ class DistilledData:
         if x.dim() < 1 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"DistilledData: real inputs must have shape (n, *{self.shape}), got {tuple(x.shape)}")
         if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
-            raise ValueError(f"DistilledData: real labels must be {x.shape[0]} integer class indices, "
-                             f"got shape {tuple(y.shape)} dtype {y.dtype}")
+            raise ValueError(
+                f"DistilledData: real labels must be {x.shape[0]} integer class indices, "
+                f"got shape {tuple(y.shape)} dtype {y.dtype}"
+            )
         gdev = generator.device if generator is not None else torch.device("cpu")
         labels = self.labels
         rows = torch.empty(len(labels), dtype=torch.long)
@@ -232,8 +242,10 @@ class DistilledData:
                 continue
             idx = torch.nonzero(y_cpu == c).flatten()
             if idx.numel() < slots.numel():
-                raise ValueError(f"DistilledData: class {c} has {idx.numel()} real examples, "
-                                 f"need {slots.numel()} (one per point of that class)")
+                raise ValueError(
+                    f"DistilledData: class {c} has {idx.numel()} real examples, "
+                    f"need {slots.numel()} (one per point of that class)"
+                )
             perm = torch.randperm(idx.numel(), generator=generator, device=gdev).cpu()
             rows[slots] = idx[perm[: slots.numel()]]
         return x[rows.to(x.device)].detach().clone()
@@ -265,13 +277,18 @@ class DistilledData:
         """Mean cross-entropy ``1/(kC) sum_j CE(logits_j, t_j)`` of the model's logits on :meth:`inputs`."""
         n = self.num_points
         if logits.dim() != 2 or tuple(logits.shape) != (n, self.num_classes):
-            raise ValueError(f"DistilledData.cross_entropy: logits must have shape ({n}, {self.num_classes}), "
-                             f"got {tuple(logits.shape)}")
+            raise ValueError(
+                f"DistilledData.cross_entropy: logits must have shape ({n}, {self.num_classes}), "
+                f"got {tuple(logits.shape)}"
+            )
         self.check(hparams)
         return F.cross_entropy(logits, self.targets(hparams))
 
     def __repr__(self) -> str:
         size = f"per_class={self.per_class}" if self._num_points is None else f"num_points={self._num_points}"
-        return (f"DistilledData(shape={self.shape}, num_classes={self.num_classes}, {size}, "
-                f"soft_labels={self.soft_labels}, name={self.name!r}"
-                + ("" if self.point_transform is IDENTITY else f", point_bound={self.point_transform.domain[1]:g}") + ")")
+        return (
+            f"DistilledData(shape={self.shape}, num_classes={self.num_classes}, {size}, "
+            f"soft_labels={self.soft_labels}, name={self.name!r}"
+            + ("" if self.point_transform is IDENTITY else f", point_bound={self.point_transform.domain[1]:g}")
+            + ")"
+        )

@@ -56,8 +56,13 @@ DEFAULT_TEMPERATURE = 0.1
 _U_EPS = 1e-7
 
 
-def uniform_noise(shape: Sequence[int], generator: torch.Generator | None = None, *,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+def uniform_noise(
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """U(eps, 1 - eps) noise of ``shape`` (drawn in float64 on the CPU, so seeded draws agree across devices)."""
     u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
     return u.clamp(_U_EPS, 1 - _U_EPS).to(dtype=dtype, device=device)
@@ -70,11 +75,13 @@ def _check_rate(rate: Tensor | float, mask_shape: Sequence[int], what: str) -> T
     try:
         torch.broadcast_shapes(tuple(r.shape), tuple(mask_shape))
     except RuntimeError:
-        raise ValueError(f"{what}: rate of shape {tuple(r.shape)} does not broadcast against the mask "
-                         f"shape {tuple(mask_shape)}") from None
+        raise ValueError(
+            f"{what}: rate of shape {tuple(r.shape)} does not broadcast against the mask shape {tuple(mask_shape)}"
+        ) from None
     if r.numel() and not r.requires_grad and bool(((r < 0) | (r >= 1)).any()):
-        raise ValueError(f"{what}: dropout rates must lie in [0, 1), got values in "
-                         f"[{float(r.min()):.4g}, {float(r.max()):.4g}]")
+        raise ValueError(
+            f"{what}: dropout rates must lie in [0, 1), got values in [{float(r.min()):.4g}, {float(r.max()):.4g}]"
+        )
     return r
 
 
@@ -99,19 +106,23 @@ def concrete_keep_mask(rate: Tensor | float, noise: Tensor, temperature: float =
     return keep / (1 - p)
 
 
-def concrete_dropout(x: Tensor, rate: Tensor | float, noise: Tensor,
-                     temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def concrete_dropout(
+    x: Tensor, rate: Tensor | float, noise: Tensor, temperature: float = DEFAULT_TEMPERATURE
+) -> Tensor:
     """``x * mask`` with a concrete mask built from ``noise`` (its shape must broadcast against ``x``)."""
     try:
         torch.broadcast_shapes(tuple(noise.shape), tuple(x.shape))
     except RuntimeError:
-        raise ValueError(f"concrete_dropout: noise of shape {tuple(noise.shape)} does not broadcast against "
-                         f"the input of shape {tuple(x.shape)}") from None
+        raise ValueError(
+            f"concrete_dropout: noise of shape {tuple(noise.shape)} does not broadcast against "
+            f"the input of shape {tuple(x.shape)}"
+        ) from None
     return x * concrete_keep_mask(rate, noise, temperature)
 
 
-def variational_dropout(x: Tensor, rate: Tensor | float, noise: Tensor,
-                        temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def variational_dropout(
+    x: Tensor, rate: Tensor | float, noise: Tensor, temperature: float = DEFAULT_TEMPERATURE
+) -> Tensor:
     """Locked (variational) dropout of a (T, B, H) sequence: one mask per sequence and unit, shared over time.
 
     Gal & Ghahramani (2016); AWD-LSTM's ``LockedDropout``. ``noise`` has shape (B, H);
@@ -120,13 +131,16 @@ def variational_dropout(x: Tensor, rate: Tensor | float, noise: Tensor,
     if x.dim() != 3:
         raise ValueError(f"variational_dropout expects a (time, batch, units) tensor, got shape {tuple(x.shape)}")
     if tuple(noise.shape) != tuple(x.shape[1:]):
-        raise ValueError(f"variational_dropout: noise must have shape (batch, units) = {tuple(x.shape[1:])}, "
-                         f"got {tuple(noise.shape)}")
+        raise ValueError(
+            f"variational_dropout: noise must have shape (batch, units) = {tuple(x.shape[1:])}, "
+            f"got {tuple(noise.shape)}"
+        )
     return x * concrete_keep_mask(rate, noise, temperature).unsqueeze(0)
 
 
-def embedding_dropout(weight: Tensor, rate: Tensor | float, noise: Tensor,
-                      temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def embedding_dropout(
+    weight: Tensor, rate: Tensor | float, noise: Tensor, temperature: float = DEFAULT_TEMPERATURE
+) -> Tensor:
     """Drop whole rows (words) of an embedding matrix (V, E) (Gal & Ghahramani 2016; AWD-LSTM ``embedded_dropout``).
 
     A dropped word is removed from every sequence of the mini-batch. ``noise`` has shape (V,);
@@ -135,20 +149,23 @@ def embedding_dropout(weight: Tensor, rate: Tensor | float, noise: Tensor,
     if weight.dim() != 2:
         raise ValueError(f"embedding_dropout expects a (vocab, dim) matrix, got shape {tuple(weight.shape)}")
     if tuple(noise.shape) != (weight.shape[0],):
-        raise ValueError(f"embedding_dropout: noise must have shape (vocab,) = ({weight.shape[0]},), "
-                         f"got {tuple(noise.shape)}")
+        raise ValueError(
+            f"embedding_dropout: noise must have shape (vocab,) = ({weight.shape[0]},), got {tuple(noise.shape)}"
+        )
     return weight * concrete_keep_mask(rate, noise, temperature).unsqueeze(1)
 
 
-def drop_connect(weight: Tensor, rate: Tensor | float, noise: Tensor,
-                 temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def drop_connect(
+    weight: Tensor, rate: Tensor | float, noise: Tensor, temperature: float = DEFAULT_TEMPERATURE
+) -> Tensor:
     """DropConnect (Wan et al. 2013) on a weight matrix; AWD-LSTM's ``WeightDrop`` on ``W_hh``.
 
     ``noise`` has the weight's shape; ``rate`` is a scalar or one rate per weight.
     """
     if tuple(noise.shape) != tuple(weight.shape):
-        raise ValueError(f"drop_connect: noise must have the weight's shape {tuple(weight.shape)}, "
-                         f"got {tuple(noise.shape)}")
+        raise ValueError(
+            f"drop_connect: noise must have the weight's shape {tuple(weight.shape)}, got {tuple(noise.shape)}"
+        )
     return weight * concrete_keep_mask(rate, noise, temperature)
 
 
@@ -167,8 +184,13 @@ def temporal_activation_regularization(h: Tensor, beta: Tensor | float) -> Tenso
 # --------------------------------------------------------------------------- hyperparameter specs
 
 
-def dropout_rate(name: str, init: float = 0.5, granularity: Granularity | str = "scalar",
-                 sites: Sequence[str] | None = None, clip: tuple[float, float] | None = (1e-4, 0.95)) -> HyperParameter:
+def dropout_rate(
+    name: str,
+    init: float = 0.5,
+    granularity: Granularity | str = "scalar",
+    sites: Sequence[str] | None = None,
+    clip: tuple[float, float] | None = (1e-4, 0.95),
+) -> HyperParameter:
     """A dropout / DropConnect rate in ``logit`` space (Lorraine et al. 2020 sec. 5.5 initialise at 0.5).
 
     ``granularity="element"`` with ``sites`` gives one rate per unit/word/weight: the shapes
@@ -178,8 +200,16 @@ def dropout_rate(name: str, init: float = 0.5, granularity: Granularity | str = 
     """
     raw = LOGIT.inverse_float(init)
     g = Granularity(granularity)
-    return HyperParameter(name, LOGIT, raw, raw, "raw", g, clip,
-                          tuple(sites) if sites is not None and g is not Granularity.SCALAR else None)
+    return HyperParameter(
+        name,
+        LOGIT,
+        raw,
+        raw,
+        "raw",
+        g,
+        clip,
+        tuple(sites) if sites is not None and g is not Granularity.SCALAR else None,
+    )
 
 
 def ar_coefficient(name: str, init: float) -> HyperParameter:

@@ -62,4 +62,6 @@ def check_like(name: str, got: Mapping[str, Tensor], like: Mapping[str, Tensor],
         raise ValueError(f"{name} must have the keys of {like_name}: missing {missing}, unexpected {extra}")
     for k, v in like.items():
         if tuple(got[k].shape) != tuple(v.shape):
-            raise ValueError(f"{name}[{k!r}] has shape {tuple(got[k].shape)} but {like_name}[{k!r}] has shape {tuple(v.shape)}")
+            raise ValueError(
+                f"{name}[{k!r}] has shape {tuple(got[k].shape)} but {like_name}[{k!r}] has shape {tuple(v.shape)}"
+            )

@@ -44,8 +44,13 @@ def buffers(module: nn.Module) -> dict[str, Tensor]:
     return dict(module.named_buffers())
 
 
-def call(module: nn.Module, params: Mapping[str, Tensor], fn: Callable[..., R], *args: Any,
-         buffers: Mapping[str, Tensor] | None = None) -> R:
+def call(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    fn: Callable[..., R],
+    *args: Any,
+    buffers: Mapping[str, Tensor] | None = None,
+) -> R:
     """``fn(module, *args)`` with the module's parameters (and ``buffers``) replaced by the given tensors.
 
     Parameters not in ``params`` (frozen ones) keep their values. In-place buffer updates (BatchNorm

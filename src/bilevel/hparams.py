@@ -64,7 +64,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ NATURAL_INIT_EPS = 1e-6
 
 InitSpace = Literal["raw", "natural"]
 #: Natural hyperparameter value: one tensor, or one tensor per parameter name.
-NaturalValue = Union[Tensor, dict[str, Tensor]]
+NaturalValue = Tensor | dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------- transforms
@@ -334,7 +334,9 @@ class HyperParameter:
                 f"expected one of {[g.value for g in Granularity]}"
             ) from None
         if self.init_space not in ("raw", "natural"):
-            raise ValueError(f"hyperparameter {self.name!r}: init_space must be 'raw' or 'natural', got {self.init_space!r}")
+            raise ValueError(
+                f"hyperparameter {self.name!r}: init_space must be 'raw' or 'natural', got {self.init_space!r}"
+            )
         low, high = float(self.init_low), float(self.init_high)
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise ValueError(f"hyperparameter {self.name!r}: need finite init_low <= init_high, got [{low}, {high}]")
@@ -389,7 +391,9 @@ class HyperParameter:
             return list(params)
         unknown = [p for p in self.params if p not in params]
         if unknown:
-            raise ValueError(f"hyperparameter {self.name!r} refers to unknown parameters {unknown}; known: {list(params)}")
+            raise ValueError(
+                f"hyperparameter {self.name!r} refers to unknown parameters {unknown}; known: {list(params)}"
+            )
         return list(self.params)
 
     def key(self, param_name: str | None = None) -> str:
@@ -403,9 +407,7 @@ class HyperParameter:
             return {self.key(p): torch.Size() for p in self.param_names(params)}
         return {self.key(p): params[p].shape for p in self.param_names(params)}
 
-    def sample_raw(
-        self, shape: Sequence[int] = (), generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample_raw(self, shape: Sequence[int] = (), generator: torch.Generator | None = None) -> Tensor:
         """One float64 draw of the raw initial value (see ``init_space``), on the generator's device."""
         dev = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64, device=dev)
@@ -419,7 +421,7 @@ class HyperParameter:
                 raise ValueError(f"raw hyperparameters lack key {self.name!r}")
             return raw[self.name]
         prefix = self.name + "/"
-        out = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        out = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
         if self.params is not None:
             missing = [self.key(p) for p in self.params if p not in out]
             extra = [self.key(p) for p in out if p not in self.params]
@@ -555,10 +557,18 @@ class HyperParameterSpace:
                     if pname is None or pname not in value:
                         raise ValueError(f"from_natural: no value for {key!r} in the mapping given for {h.name!r}")
                     v = value[pname]
-                t = torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, Tensor) else v.detach().to(torch.float64)
+                t = (
+                    torch.as_tensor(v, dtype=torch.float64)
+                    if not isinstance(v, Tensor)
+                    else v.detach().to(torch.float64)
+                )
                 if t.dim() and tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"from_natural: value for {key!r} has shape {tuple(t.shape)}, expected () or {tuple(shape)}")
-                out[key] = h.to_raw(t).expand(shape).to(dtype=dtype, device=device).clone().requires_grad_(requires_grad)
+                    raise ValueError(
+                        f"from_natural: value for {key!r} has shape {tuple(t.shape)}, expected () or {tuple(shape)}"
+                    )
+                out[key] = (
+                    h.to_raw(t).expand(shape).to(dtype=dtype, device=device).clone().requires_grad_(requires_grad)
+                )
         return out
 
     # ------------------------------------------------------------------ maps
@@ -583,19 +593,20 @@ class HyperParameterSpace:
                         missing.append(h.name)
                 elif h.params is not None:
                     missing += [h.key(p) for p in h.params if h.key(p) not in raw]
-                    extra += [k for k in raw if k.startswith(h.name + "/") and k[len(h.name) + 1:] not in h.params]
+                    extra += [k for k in raw if k.startswith(h.name + "/") and k[len(h.name) + 1 :] not in h.params]
                 elif not any(k.startswith(h.name + "/") for k in raw):
                     missing.append(h.key("<param>"))
         if missing or extra:
-            raise ValueError(f"raw hyperparameters do not match the space {self.names}: missing keys {missing}, unexpected keys {extra}")
+            raise ValueError(
+                f"raw hyperparameters do not match the space {self.names}: "
+                f"missing keys {missing}, unexpected keys {extra}"
+            )
         if params is not None:
             for k, s in expected.items():
                 if tuple(raw[k].shape) != tuple(s):
                     raise ValueError(f"raw hyperparameter {k!r} has shape {tuple(raw[k].shape)}, expected {tuple(s)}")
 
-    def natural(
-        self, raw: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None
-    ) -> dict[str, NaturalValue]:
+    def natural(self, raw: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> dict[str, NaturalValue]:
         """Differentiable map raw -> natural (with clipping), grouped by hyperparameter.
 
         Scalar hyperparameters give a ``Tensor``, tensor/element ones
@@ -632,8 +643,9 @@ def learning_rate(
     """Learning rate, Clarke et al. (2022) Table 5: optimised as ``log10 lr``, init
     ``log10 lr ~ U[-6, -1]``; clipped to ``[1e-10, 1]`` (their Section 4).
     ``granularity="element"`` gives their high-dimensional learning rates (HDLR)."""
-    return HyperParameter(name, LOG10, -6.0, -1.0, "raw", Granularity(granularity), clip,
-                          tuple(params) if params is not None else None)
+    return HyperParameter(
+        name, LOG10, -6.0, -1.0, "raw", Granularity(granularity), clip, tuple(params) if params is not None else None
+    )
 
 
 def weight_decay(
@@ -644,8 +656,9 @@ def weight_decay(
 ) -> HyperParameter:
     """Weight decay, Clarke et al. (2022) Table 5: optimised as ``log10 wd``, init
     ``log10 wd ~ U[-7, -2]``."""
-    return HyperParameter(name, LOG10, -7.0, -2.0, "raw", Granularity(granularity), clip,
-                          tuple(params) if params is not None else None)
+    return HyperParameter(
+        name, LOG10, -7.0, -2.0, "raw", Granularity(granularity), clip, tuple(params) if params is not None else None
+    )
 
 
 def momentum(
@@ -656,8 +669,9 @@ def momentum(
 ) -> HyperParameter:
     """Momentum, Clarke et al. (2022) Table 5: optimised as ``logit mu`` (inverse
     sigmoid), initialised uniformly in *natural* space ``mu ~ U[0, 1]``."""
-    return HyperParameter(name, LOGIT, 0.0, 1.0, "natural", Granularity(granularity), clip,
-                          tuple(params) if params is not None else None)
+    return HyperParameter(
+        name, LOGIT, 0.0, 1.0, "natural", Granularity(granularity), clip, tuple(params) if params is not None else None
+    )
 
 
 def per_weight_decay(params: Sequence[str] | None = None, name: str = "weight_decay") -> HyperParameter:
@@ -671,7 +685,9 @@ def per_weight_decay(params: Sequence[str] | None = None, name: str = "weight_de
 CLARKE_TABLE5 = HyperParameterSpace([learning_rate(), weight_decay(), momentum()])
 
 
-def for_rule(name: str, granularity: Granularity | str = "scalar", params: Sequence[str] | None = None) -> HyperParameter:
+def for_rule(
+    name: str, granularity: Granularity | str = "scalar", params: Sequence[str] | None = None
+) -> HyperParameter:
     """The parametrisation of an optimiser hyperparameter called ``name`` (:mod:`bilevel.updates` names).
 
     ``lr``: :func:`learning_rate` (log10, clipped to [1e-10, 1]); ``weight_decay`` and ``eps``:
@@ -685,7 +701,17 @@ def for_rule(name: str, granularity: Granularity | str = "scalar", params: Seque
     if name in ("weight_decay", "eps"):
         return weight_decay(granularity, params=params, name=name)
     if name in ("dampening", "beta1", "beta2", "alpha"):
-        return HyperParameter(name, LOGIT, 0.0, 1.0, "natural", Granularity(granularity), None,
-                              tuple(params) if params is not None else None)
-    raise ValueError(f"no default parametrisation for an optimiser hyperparameter called {name!r}; "
-                     "known: lr, momentum, weight_decay, eps, dampening, beta1, beta2, alpha")
+        return HyperParameter(
+            name,
+            LOGIT,
+            0.0,
+            1.0,
+            "natural",
+            Granularity(granularity),
+            None,
+            tuple(params) if params is not None else None,
+        )
+    raise ValueError(
+        f"no default parametrisation for an optimiser hyperparameter called {name!r}; "
+        "known: lr, momentum, weight_decay, eps, dampening, beta1, beta2, alpha"
+    )

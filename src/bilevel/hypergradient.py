@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from . import _tree as T
 from . import functional as Fn
 from .errors import check_finite, check_like
-from .solvers import LinearOperator, Solver, largest_eigenvalue as _power_iteration
+from .solvers import LinearOperator, Solver
+from .solvers import largest_eigenvalue as _power_iteration
 
 __all__ = ["hypergradient", "linearise", "largest_eigenvalue", "Loss", "Update", "Backend"]
 
@@ -66,8 +67,9 @@ class _AutogradOperator:
     def _vjp(self, x: Tree, wrt: Tree, create_graph: bool = False) -> Tree:
         outs = [self.r[k] for k in self.params]
         cot = [x[k] for k in self.params]
-        grads = torch.autograd.grad(outs, list(wrt.values()), cot, retain_graph=True,
-                                    allow_unused=True, create_graph=create_graph)
+        grads = torch.autograd.grad(
+            outs, list(wrt.values()), cot, retain_graph=True, allow_unused=True, create_graph=create_graph
+        )
         return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(wrt.items(), grads)}
 
     def rmatvec(self, x: Tree) -> Tree:
@@ -81,16 +83,18 @@ class _AutogradOperator:
         z = {k: torch.zeros_like(v, requires_grad=True) for k, v in self.params.items()}
         jtz = self._vjp(z, self.params, create_graph=True)
         outs = [jtz[k] for k in self.params]
-        grads = torch.autograd.grad(outs, list(z.values()), [x[k] for k in self.params],
-                                    retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            outs, list(z.values()), [x[k] for k in self.params], retain_graph=True, allow_unused=True
+        )
         return {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(z.items(), grads)}
 
 
 class _FuncOperator:
     """The same products through ``torch.func.vjp`` (composable with ``vmap``)."""
 
-    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Mapping[str, Tensor],
-                 hparams: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self, residual_fn: Callable[[Tree, Tree], Tree], params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]
+    ) -> None:
         out = torch.func.vjp(residual_fn, dict(params), dict(hparams))  # (r, vjp_fn) without has_aux
         self.r: Tree = out[0]
         self._vjp_fn: Callable[[Tree], tuple[Tree, Tree]] = out[1]
@@ -123,12 +127,19 @@ class _CompiledOperator(_FuncOperator):
     params: Tree  # plain dicts here (the compiled programs take them)
     hparams: Tree
     _cache: OrderedDict[Hashable, tuple[Callable[[Tree, Tree, Tree], Tree], Callable[[Tree, Tree, Tree], Tree]]] = (
-        OrderedDict())
+        OrderedDict()
+    )
 
-    def __init__(self, residual_fn: Callable[[Tree, Tree], Tree], params: Mapping[str, Tensor],
-                 hparams: Mapping[str, Tensor], key: Hashable) -> None:
+    def __init__(
+        self,
+        residual_fn: Callable[[Tree, Tree], Tree],
+        params: Mapping[str, Tensor],
+        hparams: Mapping[str, Tensor],
+        key: Hashable,
+    ) -> None:
         fns = self._cache.get(key)
         if fns is None:
+
             def wrt_params(p: Tree, h: Tree, x: Tree) -> Tree:
                 return torch.func.vjp(lambda q: residual_fn(q, h), p)[1](x)[0]
 
@@ -183,9 +194,15 @@ def _check_scalar(name: str, value: object) -> None:
         raise ValueError(f"the {name} must return a scalar tensor, got {shape}: reduce it (e.g. .mean() or .sum())")
 
 
-def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, inner: Loss | None = None,
-              update: Update | None = None, backend: Backend = "autograd",
-              check: bool = True) -> tuple[JacobianOperator, Tree, Tree]:
+def linearise(
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    inner: Loss | None = None,
+    update: Update | None = None,
+    backend: Backend = "autograd",
+    check: bool = True,
+) -> tuple[JacobianOperator, Tree, Tree]:
     """The Jacobian operator of the residual r at (params, hparams), plus leaf copies.
 
     Returns ``(op, params_leaves, hparams_leaves)``; ``op.rmatvec``, ``op.matvec``
@@ -194,8 +211,11 @@ def linearise(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, in
     _validate(params, hparams)
     fn = _residual_fn(inner, update)
     if backend in ("func", "compile"):
-        op: _FuncOperator = (_FuncOperator(fn, params, hparams) if backend == "func"
-                             else _CompiledOperator(fn, params, hparams, key=inner if inner is not None else update))
+        op: _FuncOperator = (
+            _FuncOperator(fn, params, hparams)
+            if backend == "func"
+            else _CompiledOperator(fn, params, hparams, key=inner if inner is not None else update)
+        )
         check_like("update(params, hparams)", op.r, params, "params")
         if check:
             check_finite("residual (training gradient or update)", T.detach(op.r))
@@ -227,9 +247,17 @@ def _unmodule(params: Mapping[str, Tensor] | nn.Module, *fns: Callable | None) -
     return Fn.parameters(params), [None if f is None else Fn.bind(f, params) for f in fns]
 
 
-def hypergradient(outer: Loss, params: Mapping[str, Tensor] | nn.Module, hparams: Mapping[str, Tensor], *,
-                  inner: Loss | None = None, update: Update | None = None, solver: Solver,
-                  backend: Backend = "autograd", check: bool = True) -> dict[str, Tensor]:
+def hypergradient(
+    outer: Loss,
+    params: Mapping[str, Tensor] | nn.Module,
+    hparams: Mapping[str, Tensor],
+    *,
+    inner: Loss | None = None,
+    update: Update | None = None,
+    solver: Solver,
+    backend: Backend = "autograd",
+    check: bool = True,
+) -> dict[str, Tensor]:
     """IFT hypergradient dL_V/dlambda at the current weights (Lorraine et al. 2020, eq. 2-3).
 
     Args:
@@ -269,7 +297,7 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor] | nn.Module, hparams
                 check_finite("validation loss", loss)
             g = torch.autograd.grad(loss, list(p.values()) + list(h.values()), allow_unused=True)
         v = {k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(p.items(), g[: len(p)])}
-        direct = {k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(h.items(), g[len(p):])}
+        direct = {k: torch.zeros_like(t) if gi is None else gi for (k, t), gi in zip(h.items(), g[len(p) :])}
     if check:
         check_finite("validation loss", loss.detach())
         check_finite("validation gradient dL_V/dw", T.detach(v))
@@ -283,8 +311,14 @@ def hypergradient(outer: Loss, params: Mapping[str, Tensor] | nn.Module, hparams
     return out
 
 
-def largest_eigenvalue(params: Mapping[str, Tensor] | nn.Module, hparams: Mapping[str, Tensor], *,
-                       inner: Loss | None = None, update: Update | None = None, iters: int = 20) -> float:
+def largest_eigenvalue(
+    params: Mapping[str, Tensor] | nn.Module,
+    hparams: Mapping[str, Tensor],
+    *,
+    inner: Loss | None = None,
+    update: Update | None = None,
+    iters: int = 20,
+) -> float:
     """Power-iteration estimate of lambda_max(J), so that ``Neumann(alpha <= 1/lambda_max)`` converges.
 
     ``params`` may be an ``nn.Module`` (then ``inner``/``update`` take ``(model, hparams)``)."""

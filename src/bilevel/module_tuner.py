@@ -64,16 +64,26 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 def _supervised(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> ModuleLoss:
     """``loss_fn(model(*inputs), target)`` for a batch ``(inputs..., target)``."""
+
     def loss(model: nn.Module, batch: Any) -> Tensor:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise ValueError("with loss_fn=, each batch must be (inputs, target); pass train_loss=/val_loss= "
-                             "callables (model, batch) -> scalar for other batches")
+            raise ValueError(
+                "with loss_fn=, each batch must be (inputs, target); pass train_loss=/val_loss= "
+                "callables (model, batch) -> scalar for other batches"
+            )
         return loss_fn(model(*batch[:-1]), batch[-1])
+
     return loss
 
 
 def _size(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(batch, Mapping) else batch
+    first = (
+        batch[0]
+        if isinstance(batch, (list, tuple))
+        else next(iter(batch.values()))
+        if isinstance(batch, Mapping)
+        else batch
+    )
     return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
 
 
@@ -90,8 +100,12 @@ def _edge_checked(h: HyperParameter, value: float) -> float:
     if moved != value:
         if h.name == "lr":
             raise ValueError(f"initial lr={value}: a learning rate must be > 0 to be tuned")
-        warnings.warn(f"initial {h.name}={value} lies on the edge of its {h.transform.name} domain {h.transform.domain}, "
-                      f"where a tuned value cannot move; starting it at {moved:g} instead", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"initial {h.name}={value} lies on the edge of its {h.transform.name} domain {h.transform.domain}, "
+            f"where a tuned value cannot move; starting it at {moved:g} instead",
+            UserWarning,
+            stacklevel=4,
+        )
     return moved
 
 
@@ -128,23 +142,42 @@ class Tuner:
         callbacks: extra callbacks of the loop (:mod:`bilevel.callbacks`).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 optimizer: UpdateRule | torch.optim.Optimizer | None = None,
-                 tune: str | Sequence[str] | Mapping[str, str] | None = None, *, penalty: Any = None,
-                 train_loss: ModuleLoss | None = None, val_loss: ModuleLoss | None = None,
-                 interval: int = 10, lookback: int = 5, mode: str = "ift", solver: Solver | None = None,
-                 implicit: str | None = None, hyper_lr: float = 0.05,
-                 hyper_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-                 warm_start: bool = True, cold_steps: int = 100, grad_clip: float | None = None,
-                 population: int = 1, sample_hparams: bool = False, seed: int = 0,
-                 device: str | torch.device | None = None, progress: bool = True,
-                 on_divergence: str | None = None, callbacks: Iterable[Any] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        optimizer: UpdateRule | torch.optim.Optimizer | None = None,
+        tune: str | Sequence[str] | Mapping[str, str] | None = None,
+        *,
+        penalty: Any = None,
+        train_loss: ModuleLoss | None = None,
+        val_loss: ModuleLoss | None = None,
+        interval: int = 10,
+        lookback: int = 5,
+        mode: str = "ift",
+        solver: Solver | None = None,
+        implicit: str | None = None,
+        hyper_lr: float = 0.05,
+        hyper_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+        warm_start: bool = True,
+        cold_steps: int = 100,
+        grad_clip: float | None = None,
+        population: int = 1,
+        sample_hparams: bool = False,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        on_divergence: str | None = None,
+        callbacks: Iterable[Any] = (),
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if train_loss is None and loss_fn is None:
             raise ValueError("pass loss_fn= (e.g. F.cross_entropy) or train_loss=(model, batch) -> scalar")
         if optimizer is None:
-            raise ValueError("pass optimizer=, e.g. bilevel.optim.SGD(lr=0.01, momentum=0.9) or a torch.optim optimiser")
+            raise ValueError(
+                "pass optimizer=, e.g. bilevel.optim.SGD(lr=0.01, momentum=0.9) or a torch.optim optimiser"
+            )
         if not (isinstance(population, int) and population >= 1):
             raise ValueError(f"population must be an integer >= 1, got {population!r}")
         if device is not None:
@@ -160,18 +193,24 @@ class Tuner:
 
         # ---- what is tuned, and by which rule
         torch_opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-        probe = from_torch(torch_opt) if torch_opt is not None and not self._only_penalty(tune, penalty_h) else optimizer
+        probe = (
+            from_torch(torch_opt) if torch_opt is not None and not self._only_penalty(tune, penalty_h) else optimizer
+        )
         if isinstance(probe, torch.optim.Optimizer):
             rule: Any = TorchOptimizer(probe, named)
         elif hasattr(probe, "hyperparameters") and hasattr(probe, "init_state"):
             rule = probe
         else:
-            raise TypeError(f"optimizer must be a bilevel.optim rule or a torch.optim optimiser, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a bilevel.optim rule or a torch.optim optimiser, got {type(optimizer).__name__}"
+            )
         granularity = self._parse_tune(tune, rule, penalty_h)
         unknown = [n for n in granularity if n not in rule.hyperparameters and n not in penalty_h]
         if unknown:
-            raise ValueError(f"cannot tune {unknown}: {type(rule).__name__} has {list(rule.hyperparameters)}"
-                             + (f", the penalty has {list(penalty_h)}" if penalty_h else ""))
+            raise ValueError(
+                f"cannot tune {unknown}: {type(rule).__name__} has {list(rule.hyperparameters)}"
+                + (f", the penalty has {list(penalty_h)}" if penalty_h else "")
+            )
         if isinstance(rule, TorchOptimizer) and population > 1:
             raise ValueError("population > 1 needs a bilevel.optim optimiser (a torch.optim one steps one model)")
         self.rule, self._torch_opt = rule, torch_opt if not isinstance(rule, TorchOptimizer) else None
@@ -181,7 +220,9 @@ class Tuner:
             if name in penalty_h:
                 h = penalty_h[name]
                 if g != h.granularity.value:
-                    raise ValueError(f"{name!r} is the penalty's own hyperparameter: set its granularity on the penalty")
+                    raise ValueError(
+                        f"{name!r} is the penalty's own hyperparameter: set its granularity on the penalty"
+                    )
                 specs.append(h)
                 init[name] = _edge_checked(h, float(penalty.initial()[name]))
             else:
@@ -202,26 +243,47 @@ class Tuner:
         else:
             members = [params0] + [self._reinitialised(seed + i) for i in range(1, population)]
             params = pop.stack(members)
-            raws = [self.space.init(params0, torch.Generator().manual_seed(seed + i)) if sample_hparams else raw0
-                    for i in range(population)]
+            raws = [
+                self.space.init(params0, torch.Generator().manual_seed(seed + i)) if sample_hparams else raw0
+                for i in range(population)
+            ]
             raw = pop.stack(raws)
             self._buffers = {k: torch.stack([v] * population) for k, v in buffers0.items()}
         self._pending: dict[str, Tensor] | None = None
         self._pending_loss: Tensor | None = None
         self._val_taken = 0  # validation batches taken by hyperparameter steps (the cycle continues across fits)
 
-        cfg = TunerConfig(tuned=tuple(granularity), interval=interval, lookback=lookback, mode=mode,  # type: ignore[arg-type]
-                          solver=solver or AutoNeumann(lookback, max_alpha=1.0 if implicit == "update" else None),
-                          hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer, warm_start=warm_start,
-                          cold_steps=cold_steps, record_every=10**9, grad_clip=grad_clip, seed=seed,
-                          implicit=implicit,  # type: ignore[arg-type]
-                          on_divergence=on_divergence or ("raise" if population == 1 else "record"))  # type: ignore[arg-type]
+        cfg = TunerConfig(
+            tuned=tuple(granularity),
+            interval=interval,
+            lookback=lookback,
+            mode=mode,  # type: ignore[arg-type]
+            solver=solver or AutoNeumann(lookback, max_alpha=1.0 if implicit == "update" else None),
+            hyper_lr=hyper_lr,
+            hyper_optimizer=hyper_optimizer,
+            warm_start=warm_start,
+            cold_steps=cold_steps,
+            record_every=10**9,
+            grad_clip=grad_clip,
+            seed=seed,
+            implicit=implicit,  # type: ignore[arg-type]
+            on_divergence=on_divergence or ("raise" if population == 1 else "record"),  # type: ignore[arg-type]
+        )
         self.progress = progress
         self._epoch_losses: list[Tensor] = []
-        self.loop = OnlineTuner(params, raw, self.space, rule, self._train_loss, self._val_loss,
-                                update_form=update_form, penalty=self._penalty if penalty is not None else None,
-                                config=cfg, stacked=population > 1,
-                                callbacks=[EveryStep(self._after_weight_step), *callbacks])
+        self.loop = OnlineTuner(
+            params,
+            raw,
+            self.space,
+            rule,
+            self._train_loss,
+            self._val_loss,
+            update_form=update_form,
+            penalty=self._penalty if penalty is not None else None,
+            config=cfg,
+            stacked=population > 1,
+            callbacks=[EveryStep(self._after_weight_step), *callbacks],
+        )
         #: one record per epoch: ``{"epoch", "step", "train_loss", "val_loss", "hparams"}`` (best member's):
         #: ``train_loss`` is the mean of the training loss (without penalty) over the epoch's weight steps, each
         #: at the weights before its step; ``val_loss`` is :meth:`evaluate` on the whole ``val_loader`` after it
@@ -239,21 +301,29 @@ class Tuner:
     @staticmethod
     def _parse_tune(tune: Any, rule: Any, penalty_h: Mapping[str, HyperParameter]) -> dict[str, str]:
         if tune is None:
-            names = list(penalty_h) or [n for n in DEFAULT_TUNED if n in rule.hyperparameters
-                                        and (n == "lr" or float(getattr(rule, n, 0.0)) != 0.0)]
+            names = list(penalty_h) or [
+                n
+                for n in DEFAULT_TUNED
+                if n in rule.hyperparameters and (n == "lr" or float(getattr(rule, n, 0.0)) != 0.0)
+            ]
             if not names:
                 raise ValueError("nothing to tune: pass tune=(...) or a penalty")
             return {n: penalty_h[n].granularity.value if n in penalty_h else "scalar" for n in names}
         if isinstance(tune, str):
             tune = (tune,)
-        items = tune.items() if isinstance(tune, Mapping) else [(n, penalty_h[n].granularity.value if n in penalty_h
-                                                                  else "scalar") for n in tune]
+        items = (
+            tune.items()
+            if isinstance(tune, Mapping)
+            else [(n, penalty_h[n].granularity.value if n in penalty_h else "scalar") for n in tune]
+        )
         out = {}
         for n, g in items:
             try:
                 out[n] = Granularity(g).value
             except ValueError:
-                raise ValueError(f"tune[{n!r}]: unknown granularity {g!r}; use 'scalar', 'tensor' or 'element'") from None
+                raise ValueError(
+                    f"tune[{n!r}]: unknown granularity {g!r}; use 'scalar', 'tensor' or 'element'"
+                ) from None
         if not out:
             raise ValueError("tune is empty: name at least one hyperparameter")
         return out
@@ -270,16 +340,20 @@ class Tuner:
 
     # ------------------------------------------------------------------ the losses, as functions of the weights
 
-    def _evaluate(self, fn: ModuleLoss, params: Mapping[str, Tensor], batch: Any, buffers: Mapping[str, Tensor],
-                  train: bool) -> Tensor:
+    def _evaluate(
+        self, fn: ModuleLoss, params: Mapping[str, Tensor], batch: Any, buffers: Mapping[str, Tensor], train: bool
+    ) -> Tensor:
         self.model.train(train)
 
         def one(p: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
             value = Fn.call(self.model, p, fn, batch, buffers=b)
             if not isinstance(value, Tensor) or value.numel() != 1:
-                raise ValueError("the training/validation loss must return a scalar tensor, got "
-                                 f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+                raise ValueError(
+                    "the training/validation loss must return a scalar tensor, got "
+                    f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+                )
             return value.reshape(())
+
         if self.P == 1:
             return one(params, buffers)
         return torch.vmap(one, in_dims=(0, 0), randomness="different")(params, buffers)
@@ -321,8 +395,9 @@ class Tuner:
             if empty:
                 raise ValueError(f"{name} yielded no batches")
 
-    def fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any], epochs: int = 1,
-            steps: int | None = None) -> "Tuner":
+    def fit(
+        self, train_loader: Iterable[Any], val_loader: Iterable[Any], epochs: int = 1, steps: int | None = None
+    ) -> Tuner:
         """Train for ``epochs`` passes over ``train_loader`` (or ``steps`` weight steps), tuning online.
 
         ``val_loader`` (any iterable of batches) cycles: each hyperparameter step takes its next batch,
@@ -359,8 +434,12 @@ class Tuner:
         try:
             for n in chunks:
                 self._epoch_losses = []
-                self.loop.run(n, lambda: next(train_it), lambda: next(val_it),
-                              progress=(lambda k: bar[0].advance(bar[1], k)) if bar else None)
+                self.loop.run(
+                    n,
+                    lambda: next(train_it),
+                    lambda: next(val_it),
+                    progress=(lambda k: bar[0].advance(bar[1], k)) if bar else None,
+                )
                 self._record(val_loader)
                 if bar:
                     bar[0].update(bar[1], description=self._describe())
@@ -375,8 +454,10 @@ class Tuner:
         if not self.progress:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       transient=False)
+
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+        )
         bar.start()
         return bar, bar.add_task("tuning", total=total)
 
@@ -404,8 +485,15 @@ class Tuner:
         self._val_last = val
         best = self.best
         train = torch.stack(self._epoch_losses).double().mean(0).reshape(self.P)
-        self.history.append({"epoch": len(self.history) + 1, "step": self.loop.t, "train_loss": float(train[best]),
-                             "val_loss": float(val[best]), "hparams": self._means(best)})
+        self.history.append(
+            {
+                "epoch": len(self.history) + 1,
+                "step": self.loop.t,
+                "train_loss": float(train[best]),
+                "val_loss": float(val[best]),
+                "hparams": self._means(best),
+            }
+        )
         for cb in self.loop.callbacks:  # e.g. bilevel.callbacks.TensorBoardLogger: per-epoch curves of every member
             if hasattr(cb, "on_epoch"):
                 cb.on_epoch(self.loop, {"train": train, "val": val})
@@ -459,10 +547,17 @@ class Tuner:
         """Everything needed to continue: the loop's state, the module's buffers, the history, the position
         in the validation cycle and torch's global random state (which draws a shuffling DataLoader's order and
         dropout masks), so a run resumed between epochs continues bit for bit."""
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        return {"loop": self.loop.state_dict(), "buffers": self._buffers, "history": self.history,
-                "val_taken": self._val_taken, "rng": rng}
+        rng = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        return {
+            "loop": self.loop.state_dict(),
+            "buffers": self._buffers,
+            "history": self.history,
+            "val_taken": self._val_taken,
+            "rng": rng,
+        }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.loop.load_state_dict(sd["loop"])

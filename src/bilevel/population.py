@@ -19,8 +19,18 @@ from torch import Tensor
 
 from ._tree import Tree
 
-__all__ = ["stack", "member", "size", "per_member", "vmap_loss", "module_forward", "module_population",
-           "init_population", "SEED_STRIDE", "derived_seed"]
+__all__ = [
+    "stack",
+    "member",
+    "size",
+    "per_member",
+    "vmap_loss",
+    "module_forward",
+    "module_population",
+    "init_population",
+    "SEED_STRIDE",
+    "derived_seed",
+]
 
 #: Seeds of different base seeds are this far apart (a prime): :func:`derived_seed`.
 SEED_STRIDE = 1_000_003
@@ -37,7 +47,6 @@ def derived_seed(seed: int, i: int = 0) -> int:
     if seed < 0 or not 0 <= i < SEED_STRIDE:
         raise ValueError(f"derived_seed needs seed >= 0 and 0 <= i < {SEED_STRIDE}, got seed={seed}, i={i}")
     return seed * SEED_STRIDE + i
-
 
 
 def stack(trees: Sequence[Mapping[str, Tensor]]) -> Tree:
@@ -63,7 +72,9 @@ def per_member(value: Tensor, like: Tensor) -> Tensor:
     return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
 
 
-def vmap_loss(forward: Callable[..., Tensor], loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tree, Any, Any], Tensor]:
+def vmap_loss(
+    forward: Callable[..., Tensor], loss: Callable[[Tensor, Tensor], Tensor]
+) -> Callable[[Tree, Any, Any], Tensor]:
     """``(stacked_params, hparams, (x, y)) -> (P,)``: per-member ``loss(forward(params, x), y)``.
 
     The signature of :class:`bilevel.tuner.OnlineTuner`'s losses (``hparams``, the natural
@@ -89,9 +100,12 @@ def module_population(module: torch.nn.Module, n: int) -> Tree:
     return stack([{k: v.detach().clone() for k, v in module.named_parameters()} for _ in range(n)])
 
 
-def init_population(make_params: Callable[[torch.Generator], Mapping[str, Tensor]], n: int, seed: int,
-                    make_hparams: Callable[[Mapping[str, Tensor], torch.Generator], Mapping[str, Tensor]] | None = None
-                    ) -> tuple[Tree, Tree]:
+def init_population(
+    make_params: Callable[[torch.Generator], Mapping[str, Tensor]],
+    n: int,
+    seed: int,
+    make_hparams: Callable[[Mapping[str, Tensor], torch.Generator], Mapping[str, Tensor]] | None = None,
+) -> tuple[Tree, Tree]:
     """Initialise members ``seed, seed + 1, ..., seed + n - 1``: member i uses its own generator.
 
     So member i of a population equals a population of one started with

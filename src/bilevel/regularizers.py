@@ -80,8 +80,9 @@ def l2_penalty(
         total = term if total is None else total + term
     if total is None:
         ref = next(iter(params.values()), None)
-        return torch.zeros((), dtype=ref.dtype if ref is not None else None,
-                           device=ref.device if ref is not None else None)
+        return torch.zeros(
+            (), dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None
+        )
     return 0.5 * total
 
 
@@ -98,7 +99,7 @@ class PerWeightL2:
     hparam: HyperParameter = per_weight_decay()
 
     @classmethod
-    def from_space(cls, space: HyperParameterSpace, name: str = "weight_decay") -> "PerWeightL2":
+    def from_space(cls, space: HyperParameterSpace, name: str = "weight_decay") -> PerWeightL2:
         """Bind the hyperparameter called ``name`` in ``space``."""
         if name not in space:
             raise ValueError(f"space has no hyperparameter {name!r}; known: {space.names}")
@@ -121,9 +122,14 @@ class PerWeightDecay:
     on the penalised training loss's stationarity. Called as ``penalty(params, natural_hparams)``.
     """
 
-    def __init__(self, model: torch.nn.Module | Mapping[str, Tensor], init: float = 1e-3,
-                 granularity: Granularity | str = "element", params: Sequence[str] | None = None,
-                 name: str = "l2") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module | Mapping[str, Tensor],
+        init: float = 1e-3,
+        granularity: Granularity | str = "element",
+        params: Sequence[str] | None = None,
+        name: str = "l2",
+    ) -> None:
         named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
         names = [k for k, v in named.items() if v.requires_grad or not isinstance(model, torch.nn.Module)]
         if params is not None:

@@ -30,9 +30,23 @@ from torch import Tensor
 from . import _tree as T
 from .errors import NeumannDivergenceError, NonFiniteError, NotSymmetricError, check_finite
 
-__all__ = ["Tree", "LinearOperator", "Solver", "Damped", "damped", "largest_eigenvalue", "Neumann",
-           "AutoNeumann", "Identity", "ConjugateGradient", "Exact", "dense_jacobian", "SOLVERS",
-           "make_solver", "check_size"]
+__all__ = [
+    "Tree",
+    "LinearOperator",
+    "Solver",
+    "Damped",
+    "damped",
+    "largest_eigenvalue",
+    "Neumann",
+    "AutoNeumann",
+    "Identity",
+    "ConjugateGradient",
+    "Exact",
+    "dense_jacobian",
+    "SOLVERS",
+    "make_solver",
+    "check_size",
+]
 
 Tree = T.Tree
 
@@ -156,8 +170,11 @@ class Neumann:
         if self.divergence == "ignore" or len(norms) < 2:
             return
         if not all(math.isfinite(n) for n in norms):
-            raise NonFiniteError("Neumann series term", f"term norms {[f'{n:.3g}' for n in norms]} with "
-                                 f"alpha={self.alpha}: a non-finite Jacobian-vector product or an overflowing series")
+            raise NonFiniteError(
+                "Neumann series term",
+                f"term norms {[f'{n:.3g}' for n in norms]} with "
+                f"alpha={self.alpha}: a non-finite Jacobian-vector product or an overflowing series",
+            )
         growing = norms[-1] > 2 * norms[0] and (len(norms) < 4 or norms[-3] < norms[-2] < norms[-1])
         if not growing:
             return
@@ -277,12 +294,18 @@ def _cg(apply: Callable[[Tree], Tree], b: Tree, steps: int, tol: float) -> Tree:
         ap = apply(p)
         curvature = T.dot(p, ap)
         if not bool(torch.isfinite(curvature)):
-            raise NonFiniteError("Jacobian-vector product in conjugate gradient", f"p^T (J + eps I) p = {float(curvature)}")
+            raise NonFiniteError(
+                "Jacobian-vector product in conjugate gradient", f"p^T (J + eps I) p = {float(curvature)}"
+            )
         if not bool(curvature > 0):
             if bool(rs <= math.sqrt(torch.finfo(rs.dtype).eps) * T.dot(b, b)):
                 break  # converged to round-off: p is noise, its curvature estimate too
-            warnings.warn("conjugate gradient met non-positive curvature (J + eps I is not positive definite); "
-                          "stopping early: add damping", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "conjugate gradient met non-positive curvature (J + eps I is not positive definite); "
+                "stopping early: add damping",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             break
         a = rs / curvature
         x = T.add(x, p, a)
@@ -354,8 +377,14 @@ def dense_jacobian(op: LinearOperator, like: Tree) -> Tensor:
 SOLVERS = ("neumann", "cg", "identity", "exact")
 
 
-def make_solver(name: str, steps: int, alpha: float | None = 1.0, damping: float = 0.0,
-                divergence: Literal["raise", "warn", "ignore"] = "raise", max_size: int | None = None) -> Solver:
+def make_solver(
+    name: str,
+    steps: int,
+    alpha: float | None = 1.0,
+    damping: float = 0.0,
+    divergence: Literal["raise", "warn", "ignore"] = "raise",
+    max_size: int | None = None,
+) -> Solver:
     """The solver called ``name`` (one of :data:`SOLVERS`) with ``steps`` Neumann steps / CG iterations.
 
     ``neumann``: Lorraine et al. (2020) Alg. 3 (``steps + 1`` terms, step ``alpha``, default 1);
@@ -379,5 +408,7 @@ def make_solver(name: str, steps: int, alpha: float | None = 1.0, damping: float
 def check_size(solver: Solver, n_weights: int) -> None:
     """Raise before any training when ``solver`` cannot handle ``n_weights`` (an :class:`Exact` above its size)."""
     if isinstance(solver, Exact) and n_weights > solver.max_size:
-        raise ValueError(f"the exact solver refuses {n_weights} weights (max_size={solver.max_size}): "
-                         "use cg or neumann, or a smaller model")
+        raise ValueError(
+            f"the exact solver refuses {n_weights} weights (max_size={solver.max_size}): "
+            "use cg or neumann, or a smaller model"
+        )

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from . import _tree as _T
 from . import population as pop
+from .callbacks import default_callbacks
 from .errors import NonFiniteError
 from .hparams import HyperParameterSpace
 from .hypergradient import hypergradient
@@ -76,8 +77,8 @@ class TunerConfig:
     """Meta-hyperparameters of the online loop (defaults: Clarke et al. 2022, sec. 4: T = 10, i = 5, Adam 0.05)."""
 
     tuned: Sequence[str] = ("lr", "weight_decay", "momentum")
-    interval: int = 10          # T: weight steps between hyperparameter steps
-    lookback: int = 5           # i: Neumann steps of the default solver (IFT) or unrolled steps (Diff-through-Opt)
+    interval: int = 10  # T: weight steps between hyperparameter steps
+    lookback: int = 5  # i: Neumann steps of the default solver (IFT) or unrolled steps (Diff-through-Opt)
     mode: Literal["ift", "unroll", "baydin", "none"] = "ift"
     solver: Solver | None = None  # default Neumann(lookback, alpha=1)
     hyper_lr: float = 0.05
@@ -105,8 +106,9 @@ class TunerConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lookback < (1 if self.mode == "unroll" else 0):
-            raise ValueError(f"lookback must be >= {1 if self.mode == 'unroll' else 0} in mode {self.mode!r}, "
-                             f"got {self.lookback}")
+            raise ValueError(
+                f"lookback must be >= {1 if self.mode == 'unroll' else 0} in mode {self.mode!r}, got {self.lookback}"
+            )
         if self.cold_steps < 0:
             raise ValueError(f"cold_steps must be >= 0, got {self.cold_steps}")
         if not (self.hyper_lr > 0 and math.isfinite(self.hyper_lr)):
@@ -166,10 +168,22 @@ class OnlineTuner:
         stacked: whether tensors carry a leading population axis.
     """
 
-    def __init__(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], space: HyperParameterSpace | None,
-                 rule: UpdateRule, train_loss: Loss, val_loss: Loss, *, update_form: Sequence[str] = (),
-                 penalty: Penalty | None = None, config: TunerConfig | None = None, test_loss: Loss | None = None,
-                 callbacks: Iterable[Any] = (), stacked: bool = True) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        raw: Mapping[str, Tensor],
+        space: HyperParameterSpace | None,
+        rule: UpdateRule,
+        train_loss: Loss,
+        val_loss: Loss,
+        *,
+        update_form: Sequence[str] = (),
+        penalty: Penalty | None = None,
+        config: TunerConfig | None = None,
+        test_loss: Loss | None = None,
+        callbacks: Iterable[Any] = (),
+        stacked: bool = True,
+    ) -> None:
         self.cfg = cfg = config or TunerConfig()
         cfg.validate()
         names = space.names if space is not None else list(raw)
@@ -181,43 +195,54 @@ class OnlineTuner:
         self.update_form = tuple(update_form)
         not_rule = [n for n in self.update_form if n not in rule.hyperparameters]
         if not_rule:
-            raise ValueError(f"update-form hyperparameters {not_rule} are not hyperparameters of "
-                             f"{type(rule).__name__} ({list(rule.hyperparameters)})")
+            raise ValueError(
+                f"update-form hyperparameters {not_rule} are not hyperparameters of "
+                f"{type(rule).__name__} ({list(rule.hyperparameters)})"
+            )
         undeclared = [n for n in cfg.tuned if n in rule.hyperparameters and n not in self.update_form]
         if undeclared and penalty is None:
-            raise ValueError(f"tuned hyperparameters {undeclared} are hyperparameters of {type(rule).__name__} but not "
-                             "declared update-form (update_form=...): the rule would never see them")
+            raise ValueError(
+                f"tuned hyperparameters {undeclared} are hyperparameters of {type(rule).__name__} but not "
+                "declared update-form (update_form=...): the rule would never see them"
+            )
         differentiable = getattr(rule, "differentiable", True)
-        if not differentiable and (cfg.mode in ("unroll", "baydin") or not cfg.warm_start
-                                   or (cfg.mode == "ift" and cfg.implicit == "update")):
-            raise ValueError(f"{type(rule).__name__} steps the weights without a graph: it supports mode='ift' with "
-                             "implicit='loss' (IFT on the training loss) or mode='none', warm start only")
+        if not differentiable and (
+            cfg.mode in ("unroll", "baydin") or not cfg.warm_start or (cfg.mode == "ift" and cfg.implicit == "update")
+        ):
+            raise ValueError(
+                f"{type(rule).__name__} steps the weights without a graph: it supports mode='ift' with "
+                "implicit='loss' (IFT on the training loss) or mode='none', warm start only"
+            )
         if cfg.implicit == "loss" and cfg.mode == "ift":
             in_rule = [n for n in cfg.tuned if n in self.update_form]
             if in_rule:
-                raise ValueError("implicit='loss' differentiates dL_T/dw = 0, so tuned hyperparameters must be "
-                                 f"loss-form; {in_rule} are update-form and would get no implicit term")
+                raise ValueError(
+                    "implicit='loss' differentiates dL_T/dw = 0, so tuned hyperparameters must be "
+                    f"loss-form; {in_rule} are update-form and would get no implicit term"
+                )
         self.space, self.rule, self.penalty = space, rule, penalty
         self.train_loss, self.val_loss = train_loss, val_loss
         self.test_loss = test_loss or val_loss
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) + default_callbacks()
         self.stacked = stacked
         self.params = {k: v.detach().clone() for k, v in params.items()}
         self.initial_params = {k: v.clone() for k, v in self.params.items()}
         self.raw = {k: v.detach().clone() for k, v in raw.items()}
         self.P = pop.size(self.params) if stacked else 1
         self.tuned_keys = [k for k in self.raw if k in cfg.tuned or k.split("/", 1)[0] in cfg.tuned]
-        self.hyper_opt = (cfg.hyper_optimizer([self.raw[k].requires_grad_() for k in self.tuned_keys],
-                                              lr=cfg.hyper_lr)
-                          if self.tuned_keys and cfg.mode != "none" else None)
+        self.hyper_opt = (
+            cfg.hyper_optimizer([self.raw[k].requires_grad_() for k in self.tuned_keys], lr=cfg.hyper_lr)
+            if self.tuned_keys and cfg.mode != "none"
+            else None
+        )
         self.state = rule.init_state(self.params)
         self.device = next(iter(self.params.values())).device
         self.alive = torch.ones(self.P, dtype=torch.bool, device=self.device)
         self.t = 0
         self.history = History(diverged_at=[None] * self.P)
         self._window: list[tuple[Tree, Any, Any]] = []  # (w, state, batch) of the last i steps, for unrolling
-        self._prev: tuple[Tree, Any] | None = None    # (w, state) before the last step, for Baydin
-        self.last_losses: Tensor | None = None          # training losses of the last weight step (for callbacks)
+        self._prev: tuple[Tree, Any] | None = None  # (w, state) before the last step, for Baydin
+        self.last_losses: Tensor | None = None  # training losses of the last weight step (for callbacks)
         self.solver = cfg.solver if cfg.solver is not None else Neumann(cfg.lookback, alpha=1.0, divergence="ignore")
 
     # ------------------------------------------------------------------ the update map u(lambda, w)
@@ -251,8 +276,9 @@ class OnlineTuner:
             total = total + self.penalty(params, nat).sum()
         return total, losses
 
-    def _step_map(self, params: Tree, raw: Mapping[str, Tensor], batch: Any, state: Any,
-                  create_graph: bool) -> tuple[Tree, Any, Tensor]:
+    def _step_map(
+        self, params: Tree, raw: Mapping[str, Tensor], batch: Any, state: Any, create_graph: bool
+    ) -> tuple[Tree, Any, Tensor]:
         """(u, new_state, per-member training losses) at ``params`` with raw hyperparameters ``raw``."""
         total, losses = self.training_objective(params, raw, batch)
         grads: Sequence[Tensor] = torch.autograd.grad(total, list(params.values()), create_graph=create_graph)
@@ -268,7 +294,7 @@ class OnlineTuner:
         with torch.enable_grad():
             u, state, losses = self._step_map(w, raw, batch, self.state, create_graph=False)
         if self.cfg.mode == "unroll":
-            self._window = (self._window + [(_T.detach(self.params), self.state, batch)])[-self.cfg.lookback:]
+            self._window = (self._window + [(_T.detach(self.params), self.state, batch)])[-self.cfg.lookback :]
         stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
         self.params = dict(stepped) if stepped is not None else {k: (w[k] - u[k]).detach() for k in w}
         self.state = detach_state(state)
@@ -296,6 +322,7 @@ class OnlineTuner:
         if self.cfg.mode != "ift":
             raise ValueError(f"no IFT/unrolled hypergradient in mode {self.cfg.mode!r}")
         if self.cfg.implicit == "loss":
+
             def inner(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
                 return self.training_objective(p, {**fixed, **h}, train_batch)[0]
 
@@ -321,8 +348,9 @@ class OnlineTuner:
             return self.train_loss(p, self.natural({**fixed, **h}), batch).sum()
 
         update = lambda p, h: self._step_map(p, {**fixed, **h}, batch, state, True)[0]  # noqa: E731
-        hg = unrolled_hypergradient(outer, w_prev, tuned, update=update, steps=1,
-                                    check=self.cfg.on_divergence == "raise")
+        hg = unrolled_hypergradient(
+            outer, w_prev, tuned, update=update, steps=1, check=self.cfg.on_divergence == "raise"
+        )
         self.apply_hypergradient(hg)
 
     def apply_hypergradient(self, hg: Mapping[str, Tensor]) -> None:
@@ -347,15 +375,19 @@ class OnlineTuner:
         if not bool(new.any()):
             return
         if self.cfg.on_divergence == "raise":
-            raise NonFiniteError(f"{what} at step {self.t}",
-                                 "the weights or hyperparameters diverged: try a smaller learning rate or hyper_lr")
+            raise NonFiniteError(
+                f"{what} at step {self.t}",
+                "the weights or hyperparameters diverged: try a smaller learning rate or hyper_lr",
+            )
         for i in torch.nonzero(new).flatten().tolist():
             self.history.diverged_at[i] = self.t
         self.alive &= ~new
         # freeze diverged members at finite values so they cannot disturb anything downstream
         with torch.no_grad():
-            self.params = {k: torch.where(self._per_member(self.alive, v), v, self.initial_params[k])
-                           for k, v in self.params.items()}
+            self.params = {
+                k: torch.where(self._per_member(self.alive, v), v, self.initial_params[k])
+                for k, v in self.params.items()
+            }
             self.state = self._zero_dead(self.state)
 
     def _zero_dead(self, state: Any) -> Any:
@@ -384,8 +416,11 @@ class OnlineTuner:
         h.step.append(self.t)
         with torch.no_grad():
             nat = self.natural({k: v.detach() for k, v in self.raw.items()})
-            for fn, batch, store in ((self.train_loss, train, h.train_loss), (self.val_loss, val, h.val_loss),
-                                     (self.test_loss, test, h.test_loss)):
+            for fn, batch, store in (
+                (self.train_loss, train, h.train_loss),
+                (self.val_loss, val, h.val_loss),
+                (self.test_loss, test, h.test_loss),
+            ):
                 if batch is not None:
                     _append(store, self._per_member_values(fn(self.params, nat, batch)), self.alive)
             for name, v in self.describe().items():
@@ -423,9 +458,15 @@ class OnlineTuner:
         self._call("on_weight_step")
         return losses
 
-    def run(self, steps: int, train_batches: Callable[[], Any], val_batches: Callable[[], Any], *,
-            record_batches: tuple[Any, Any, Any | None] | None = None,
-            progress: Callable[[int], None] | None = None) -> History:
+    def run(
+        self,
+        steps: int,
+        train_batches: Callable[[], Any],
+        val_batches: Callable[[], Any],
+        *,
+        record_batches: tuple[Any, Any, Any | None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> History:
         """Take ``steps`` weight steps from the current step, with a hyperparameter step every T.
 
         ``train_batches()`` / ``val_batches()`` return the next context (a batch, or a batch with noise).
@@ -468,8 +509,10 @@ class OnlineTuner:
         h = self.space[name]
         f = torch.as_tensor(factor, dtype=torch.float64).reshape(-1)
         if f.numel() not in (1, self.P) or not bool(torch.isfinite(f).all()) or not bool((f > 0).all()):
-            raise ValueError(f"rescale factor for {name!r} must be positive and finite, one value or one per member "
-                             f"({self.P}), got {factor!r}")
+            raise ValueError(
+                f"rescale factor for {name!r} must be positive and finite, one value or one per member "
+                f"({self.P}), got {factor!r}"
+            )
         f = f.expand(self.P)
         with torch.no_grad():
             for k in [k for k in self.raw if k.split("/", 1)[0] == name]:
@@ -482,13 +525,21 @@ class OnlineTuner:
     def state_dict(self) -> dict[str, Any]:
         """Every piece of loop state: weights, hyperparameters, optimiser states, unrolling window, Baydin's
         previous step, divergence, history, solver and callback states."""
-        return {"params": self.params, "initial_params": self.initial_params,
-                "raw": {k: v.detach() for k, v in self.raw.items()}, "state": self.state, "alive": self.alive,
-                "t": self.t, "history": self.history, "window": self._window, "prev": self._prev,
-                "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt else None,
-                "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
-                "solver": self.solver.state_dict() if hasattr(self.solver, "state_dict") else None,
-                "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]}
+        return {
+            "params": self.params,
+            "initial_params": self.initial_params,
+            "raw": {k: v.detach() for k, v in self.raw.items()},
+            "state": self.state,
+            "alive": self.alive,
+            "t": self.t,
+            "history": self.history,
+            "window": self._window,
+            "prev": self._prev,
+            "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt else None,
+            "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
+            "solver": self.solver.state_dict() if hasattr(self.solver, "state_dict") else None,
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks],
+        }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.params, self.initial_params, self.state = dict(sd["params"]), dict(sd["initial_params"]), sd["state"]

@@ -35,10 +35,19 @@ Tree = T.Tree
 StatefulUpdate = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Any], tuple[Mapping[str, Tensor], Any]]
 
 
-def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *,
-                           steps: int, inner: Loss | None = None, lr: float | None = None,
-                           update: Callable[..., Any] | None = None, state: Any = None,
-                           truncate: int | None = None, check: bool = True) -> dict[str, Tensor]:
+def unrolled_hypergradient(
+    outer: Loss,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    steps: int,
+    inner: Loss | None = None,
+    lr: float | None = None,
+    update: Callable[..., Any] | None = None,
+    state: Any = None,
+    truncate: int | None = None,
+    check: bool = True,
+) -> dict[str, Tensor]:
     """Hypergradient through ``steps`` weight updates from ``params``.
 
     Args:
@@ -102,9 +111,15 @@ def unrolled_hypergradient(outer: Loss, params: Mapping[str, Tensor], hparams: M
     return out
 
 
-def replay_hypergradient(outer: Loss, step_map: Callable[..., Any], window: Sequence[tuple[Mapping[str, Tensor], Any, Any]],
-                         tuned: Mapping[str, Tensor], fixed: Mapping[str, Tensor] | None = None, *,
-                         check: bool = True) -> dict[str, Tensor]:
+def replay_hypergradient(
+    outer: Loss,
+    step_map: Callable[..., Any],
+    window: Sequence[tuple[Mapping[str, Tensor], Any, Any]],
+    tuned: Mapping[str, Tensor],
+    fixed: Mapping[str, Tensor] | None = None,
+    *,
+    check: bool = True,
+) -> dict[str, Tensor]:
     """Unrolled hypergradient through a recorded window of an online loop's last weight steps.
 
     ``window`` holds ``(w_k, state_k, ctx_k)`` for each of the last L steps (weights and

@@ -55,7 +55,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, ClassVar, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -80,10 +80,10 @@ __all__ = [
 State = dict[str, Any]
 """Optimiser state: ``{"step": 0-d int64 tensor, buffer_name: {param_name: Tensor}, ...}``."""
 
-HValue = Union[Tensor, Mapping[str, Tensor]]
+HValue = Tensor | Mapping[str, Tensor]
 """A hyperparameter value: a tensor broadcastable to every parameter, or a per-parameter mapping."""
 
-_Scalar = Union[float, Tensor]
+_Scalar = float | Tensor
 
 
 # --------------------------------------------------------------------------- helpers
@@ -237,9 +237,7 @@ class _RuleMixin:
         cls = type(self).__name__
         unknown = [h for h in hparams if h not in self.hyperparameters]
         if unknown:
-            raise ValueError(
-                f"{cls} got unknown hyperparameter(s) {unknown}; it accepts {list(self.hyperparameters)}"
-            )
+            raise ValueError(f"{cls} got unknown hyperparameter(s) {unknown}; it accepts {list(self.hyperparameters)}")
         check_like(f"{cls}: grads", grads, params, "params")
         for h, v in hparams.items():
             if isinstance(v, Mapping):
@@ -249,8 +247,13 @@ class _RuleMixin:
             for k, p in params.items():
                 resolve(v, k, p, hparam=h)
 
-    def _begin(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor],
-               hparams: Mapping[str, HValue] | None, state: State | None) -> tuple[Mapping[str, HValue], State, bool]:
+    def _begin(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue] | None,
+        state: State | None,
+    ) -> tuple[Mapping[str, HValue], State, bool]:
         """Defaults and checks shared by every rule; returns ``(hparams, state, use_weight_decay)``."""
         hparams = {} if hparams is None else hparams
         state = self.init_state(params) if state is None else state  # type: ignore[attr-defined]
@@ -605,15 +608,22 @@ class TorchOptimizer:
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [k for k, p in named.items() if id(p) not in held]
         if missing:
-            raise ValueError(f"the {type(optimizer).__name__} optimiser does not hold the parameters {missing}; "
-                             "build it on model.parameters()")
+            raise ValueError(
+                f"the {type(optimizer).__name__} optimiser does not hold the parameters {missing}; "
+                "build it on model.parameters()"
+            )
         self.optimizer, self.named = optimizer, dict(named)
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
         return {}
 
-    def __call__(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor],
-                 hparams: Mapping[str, HValue] | None = None, state: State | None = None) -> tuple[dict[str, Tensor], State]:
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue] | None = None,
+        state: State | None = None,
+    ) -> tuple[dict[str, Tensor], State]:
         if hparams:
             raise ValueError(f"a torch.optim optimiser takes no tuned hyperparameters, got {list(hparams)}")
         with torch.no_grad():
@@ -648,8 +658,10 @@ def from_torch(optimizer: torch.optim.Optimizer) -> SGD | Adam | AdamW | RMSprop
         torch.optim.RMSprop: (RMSprop, ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")),
     }
     if type(optimizer) not in kinds:
-        raise ValueError(f"cannot tune the hyperparameters of torch.optim.{type(optimizer).__name__}: its "
-                         "differentiable twin exists for SGD, Adam, AdamW and RMSprop (or pass bilevel.optim.SGD(...))")
+        raise ValueError(
+            f"cannot tune the hyperparameters of torch.optim.{type(optimizer).__name__}: its "
+            "differentiable twin exists for SGD, Adam, AdamW and RMSprop (or pass bilevel.optim.SGD(...))"
+        )
     cls, fields = kinds[type(optimizer)]
     groups = optimizer.param_groups
     values = {f: groups[0][f] for f in fields}

@@ -24,8 +24,15 @@ from .solvers import Solver, check_size
 from .tuner import OnlineTuner, TunerConfig
 from .updates import SGD, Adam
 
-__all__ = ["DECAY", "decay_space", "OPTIMIZERS", "weight_decay_penalty", "tune_weight_decay", "tuned_raw",
-           "decay_summary"]
+__all__ = [
+    "DECAY",
+    "decay_space",
+    "OPTIMIZERS",
+    "weight_decay_penalty",
+    "tune_weight_decay",
+    "tuned_raw",
+    "decay_summary",
+]
 
 DECAY = "l2"
 """Name of the decay hyperparameter (raw keys ``"l2/<param>"``): a loss-form hyperparameter, entering only
@@ -129,9 +136,17 @@ def tune_weight_decay(
         raw = space.from_natural(params, {DECAY: init_decay})
     raw = pop.stack([{k: v.detach() for k, v in raw.items()}])
     loss = pop.vmap_loss(forward, F.cross_entropy)
-    cfg = TunerConfig(tuned=(DECAY,), interval=interval, mode="ift" if tune else "none", solver=solver,
-                      hyper_lr=hyper_lr, hyper_optimizer=functools.partial(torch.optim.RMSprop, eps=hyper_eps), record_every=10**9, seed=seed,
-                      implicit=implicit)
+    cfg = TunerConfig(
+        tuned=(DECAY,),
+        interval=interval,
+        mode="ift" if tune else "none",
+        solver=solver,
+        hyper_lr=hyper_lr,
+        hyper_optimizer=functools.partial(torch.optim.RMSprop, eps=hyper_eps),
+        record_every=10**9,
+        seed=seed,
+        implicit=implicit,
+    )
     rule = SGD(lr=lr) if optimizer == "sgd" else Adam(lr=lr)
     tuner = OnlineTuner(stacked, raw, space, rule, loss, loss, penalty=weight_decay_penalty, config=cfg)
     gen = torch.Generator().manual_seed(seed)

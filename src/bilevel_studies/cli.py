@@ -21,13 +21,24 @@ console = Console()
 
 @contextlib.contextmanager
 def progress_bars():
-    """Yield a factory ``(name, total) -> advance(n)`` drawing one rich progress bar per task."""
-    with Progress(TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=False) as bar:
-        def factory(name: str, total: int):
-            task = bar.add_task(name, total=total)
-            return lambda n=1: bar.advance(task, n)
+    """Yield a factory ``(name, total) -> advance(n)`` drawing one rich progress bar per task (the display starts
+    with the first bar, so a run that fails before training prints nothing but its error)."""
+    bars: list[Progress] = []
+
+    def factory(name: str, total: int):
+        if not bars:
+            bars.append(Progress(TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False))
+            bars[0].start()
+        bar = bars[0]
+        task = bar.add_task(name, total=total)
+        return lambda n=1: bar.advance(task, n)
+
+    try:
         yield factory
+    finally:
+        if bars:
+            bars[0].stop()
 
 
 def experiments() -> dict[str, Any]:
@@ -85,7 +96,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=C.existing_dir, default=None,
                    help="existing data directory (default: $BILEVEL_DATA, else ~/.cache/bilevel)")
     p.add_argument("--device", type=C.device, default="cpu",
-                   help="torch device, e.g. cpu or cuda (it may change the numbers, so a resume may use another)")
+                   help="torch device, e.g. cpu or cuda (a resume may switch it; floating-point results may then differ "
+                   "in the last bits)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point precision")
     p.add_argument("--threads", type=C.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")

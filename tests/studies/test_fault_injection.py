@@ -90,48 +90,63 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _wait_for_lock(out: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until ``proc`` holds ``out``'s lock (its pid in the lock's side file)."""
+    owner = out / OWNER_NAME
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if owner.exists() and json.loads(owner.read_text() or "{}").get("pid") == proc.pid:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run ended (or hung) before taking the lock")
+
+
+def _step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, weights_only=False)["tuner"]["t"]
+
+
 def test_killed_clarke_run_resumes_exactly(tmp_path, data_dir, one_thread, capsys):
-    """random, ours-wd-lr-m, diff-through-opt and baydin, each killed mid-run (twice during a checkpoint
-    write, once during a finished method's write, once at a random time), then resumed: zero differences."""
+    """random, ours-wd-lr-m, diff-through-opt and baydin, each killed in the middle of its training (SIGKILL during
+    a checkpoint write, and from outside at a seeded random time), then resumed: zero differences."""
     reference = _start(_clarke(data_dir, tmp_path / "reference"))  # in parallel with the killed runs
     cut = tmp_path / "cut"
+    ckpt = cut / "checkpoints"
     argv = _clarke(data_dir, cut)
-    # 1. during random's 3rd checkpoint write (t=21): its t=14 checkpoint stays, the half-written file is a
-    #    stray temporary
+    # checkpoints at t = 7, 14, ..., 56 and 60: nine writes per method trained from scratch
+    # 1. during random's 3rd checkpoint write (t=21): its t=14 checkpoint stays, the half-written file is a stray
     assert _run(argv, "kill-in-write:3:*.pt") == -signal.SIGKILL
-    assert (cut / "checkpoints" / "random.pt").exists() and _temporaries(cut)
-    # 2. during the write of methods/random.json (config.json is the first JSON write)
-    assert _run(argv, "kill-in-write:2:*.json") == -signal.SIGKILL
-    assert not (cut / "methods" / "random.json").exists() and (cut / "checkpoints" / "random.pt").exists()
-    # 3. ours-wd-lr-m trains in full (9 checkpoints), then the 3rd checkpoint of diff-through-opt (t=21):
-    #    diff-through-opt resumes from t=14, in the middle of an unrolled window (interval 5)
-    assert _run(argv, "kill-in-write:12:*.pt") == -signal.SIGKILL
-    assert (cut / "methods" / "ours-wd-lr-m.json").exists() and (cut / "checkpoints" / "diff-through-opt.pt").exists()
-    # 4. slowed checkpoint writes; while it holds the directory a second run stops at once naming it; then it is
-    #    killed from outside at a seeded random time (diff-through-opt or baydin, mostly inside a checkpoint write)
-    slow = _start(argv, "sleep-in-write:0.25:*.pt")
-    owner = cut / OWNER_NAME
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and slow.poll() is None:
-        if owner.exists() and json.loads(owner.read_text() or "{}").get("pid") == slow.pid:
-            break
-        time.sleep(0.05)
-    assert slow.poll() is None, "the slowed run ended before taking the lock"
+    assert _step(ckpt / "random.pt") == 14 and _temporaries(cut)
+    # 2. random resumes (7 writes to t=60, finished); ours-wd-lr-m is killed writing t=21
+    assert _run(argv, "kill-in-write:10:*.pt") == -signal.SIGKILL
+    assert (cut / "methods" / "random.json").exists() and _step(ckpt / "ours-wd-lr-m.pt") == 14
+    # 3. the same for diff-through-opt: resumed from t=14, in the middle of an unrolled window (interval 5)
+    assert _run(argv, "kill-in-write:10:*.pt") == -signal.SIGKILL
+    assert (cut / "methods" / "ours-wd-lr-m.json").exists() and _step(ckpt / "diff-through-opt.pt") == 14
+    # 4. the same for baydin, with slowed checkpoint writes: while it holds the directory, a second run on it
+    #    stops at once, in one line naming the holder
+    slow = _start(argv, "sleep-in-write:0.25:*.pt,kill-in-write:10:*.pt")
+    _wait_for_lock(cut, slow)
     capsys.readouterr()
     t0 = time.monotonic()
     assert cli.main(argv) == 3
     said = capsys.readouterr().out
     assert time.monotonic() - t0 < 2 and f"pid {slow.pid}" in said and "in use by another run" in said
     assert len(said.strip().splitlines()) == 1
-    time.sleep(random.Random(13).uniform(0.5, 3.0))
+    assert slow.wait(60) == -signal.SIGKILL
+    assert (cut / "methods" / "diff-through-opt.json").exists() and _step(ckpt / "baydin.pt") == 14
+    # 5. baydin killed from outside at a seeded random time (its remaining writes sleep 1.75 s in all)
+    slow = _start(argv, "sleep-in-write:0.25:*.pt")
+    _wait_for_lock(cut, slow)
+    time.sleep(random.Random(13).uniform(0.2, 1.5))
     slow.send_signal(signal.SIGKILL)
     assert slow.wait(30) == -signal.SIGKILL
-    # 5. the same command finishes the run (the killed holder's lock was released by the system)
+    assert not (cut / "results.json").exists()
+    # 6. the same command finishes the run (the killed holder's lock was released by the system)
     assert _run(argv) == 0
     assert reference.wait(120) == 0
     assert _differences(_results(tmp_path / "reference"), _results(cut)) == []
     assert _temporaries(cut) == [] and not (cut / OWNER_NAME).exists()
-    assert not any((cut / "checkpoints").iterdir())
+    assert not any(ckpt.iterdir())
 
 
 def test_killed_study_with_parts_resumes_exactly(tmp_path, data_dir, one_thread, capsys):
@@ -195,6 +210,43 @@ def test_damaged_state_files_are_set_aside_and_recomputed(tmp_path, data_dir, on
         assert len(list(f.parent.glob(f"{f.name}.corrupt-*"))) == 1, f
     assert "baydin starts again from step 0" in said and "random is trained again" in said
     assert _differences(ref, _results(out)) == []
+
+
+@pytest.mark.parametrize("method,cold", [("random-xlr", False), ("ours-wd-lr-m", True), ("diff-through-opt", True),
+                                         ("baydin", False)])
+def test_checkpoint_holds_every_piece_of_loop_state(method, cold, one_thread):
+    """Mini-batches (a shuffling generator), cold starts, the unrolled window, Baydin's previous step, the
+    hyper-optimiser, the x LR callback: saved and loaded (through bytes) at odd steps, with the global random
+    state disturbed in between, a run ends exactly where an uninterrupted one does."""
+    import io
+
+    from bilevel_studies.clarke import clarke
+
+    torch.set_num_threads(1)
+    cfg = clarke.ClarkeConfig(dataset="digits", inits=2, steps=30, interval=5, lookback=3, batch_size=32)
+    problem = clarke.load_problem(cfg)
+
+    def start():
+        run = clarke.start_method(cfg, problem, method)
+        if cold:
+            run.tuner.cfg.warm_start, run.tuner.cfg.cold_steps = False, 3
+        return run
+
+    full = start()
+    full.advance(30)
+    run, t = start(), 0
+    for cut in (3, 11, 17, 26, 30):
+        run.advance(cut - t)
+        t = cut
+        buf = io.BytesIO()
+        torch.save(run.state_dict(), buf)
+        buf.seek(0)
+        torch.manual_seed(t)
+        run = start()
+        run.load_state_dict(torch.load(buf, weights_only=False))
+    a, b = clarke.method_results(cfg, problem, full), clarke.method_results(cfg, problem, run)
+    assert _differences(_numbers(a), _numbers(b)) == []
+    assert all(torch.equal(full.tuner.params[k], run.tuner.params[k]) for k in full.tuner.params)
 
 
 def test_figures_are_written_atomically(tmp_path):

@@ -41,26 +41,52 @@ class DatasetInfo:
 #: (the eight UCI sets, MNIST, Fashion-MNIST, CIFAR-10/100, PTB, diabetes, digits).
 DATASETS: dict[str, DatasetInfo] = {}
 for _n, (_folder, _clarke, _rows, _ntv) in UCI_DATASETS.items():
-    DATASETS[_n] = DatasetInfo(_n, "regression", partial(load_uci, _n),
-                               f"UCI {_folder}: {_rows} rows (load_uci; Clarke train+val N={_ntv})")
-DATASETS["mnist"] = DatasetInfo("mnist", "classification", partial(load_mnist_splits, fashion=False),
-                                "MNIST 70000 28x28 digits, seeded 60/20/20 split (load_mnist_splits)")
-DATASETS["fashion-mnist"] = DatasetInfo("fashion-mnist", "classification", partial(load_mnist_splits, fashion=True),
-                                        "Fashion-MNIST 70000 28x28 images, seeded 60/20/20 split")
-DATASETS["cifar10"] = DatasetInfo("cifar10", "classification", load_cifar10_splits,
-                                  "CIFAR-10 50000+10000 32x32 colour images (load_cifar10_splits)")
-DATASETS["cifar100"] = DatasetInfo("cifar100", "classification", load_cifar100_splits,
-                                   "CIFAR-100 50000+10000 32x32 colour images, 100 fine classes (load_cifar100_splits)")
+    DATASETS[_n] = DatasetInfo(
+        _n, "regression", partial(load_uci, _n), f"UCI {_folder}: {_rows} rows (load_uci; Clarke train+val N={_ntv})"
+    )
+DATASETS["mnist"] = DatasetInfo(
+    "mnist",
+    "classification",
+    partial(load_mnist_splits, fashion=False),
+    "MNIST 70000 28x28 digits, seeded 60/20/20 split (load_mnist_splits)",
+)
+DATASETS["fashion-mnist"] = DatasetInfo(
+    "fashion-mnist",
+    "classification",
+    partial(load_mnist_splits, fashion=True),
+    "Fashion-MNIST 70000 28x28 images, seeded 60/20/20 split",
+)
+DATASETS["cifar10"] = DatasetInfo(
+    "cifar10", "classification", load_cifar10_splits, "CIFAR-10 50000+10000 32x32 colour images (load_cifar10_splits)"
+)
+DATASETS["cifar100"] = DatasetInfo(
+    "cifar100",
+    "classification",
+    load_cifar100_splits,
+    "CIFAR-100 50000+10000 32x32 colour images, 100 fine classes (load_cifar100_splits)",
+)
 DATASETS["ptb"] = DatasetInfo("ptb", "language-model", load_ptb, "Penn Treebank word-level LM corpus (load_ptb)")
-DATASETS["diabetes"] = DatasetInfo("diabetes", "regression", partial(load_sklearn, "diabetes"),
-                                   "scikit-learn diabetes, 442 x 10 regression")
-DATASETS["digits"] = DatasetInfo("digits", "classification", partial(load_sklearn, "digits"),
-                                 "scikit-learn digits, 1797 8x8 images, 10 classes")
+DATASETS["diabetes"] = DatasetInfo(
+    "diabetes", "regression", partial(load_sklearn, "diabetes"), "scikit-learn diabetes, 442 x 10 regression"
+)
+DATASETS["digits"] = DatasetInfo(
+    "digits", "classification", partial(load_sklearn, "digits"), "scikit-learn digits, 1797 8x8 images, 10 classes"
+)
 del _n, _folder, _clarke, _rows, _ntv
 
-_ALIASES: dict[str, str] = {**UCI_ALIASES, "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
-                            "fmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar_10": "cifar10", "cifar-100": "cifar100", "cifar_100": "cifar100",
-                            "penntreebank": "ptb", "penn-treebank": "ptb", "penn_treebank": "ptb"}
+_ALIASES: dict[str, str] = {
+    **UCI_ALIASES,
+    "fashion_mnist": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+    "cifar-10": "cifar10",
+    "cifar_10": "cifar10",
+    "cifar-100": "cifar100",
+    "cifar_100": "cifar100",
+    "penntreebank": "ptb",
+    "penn-treebank": "ptb",
+    "penn_treebank": "ptb",
+}
 
 
 def dataset_name(name: str) -> str:
@@ -78,12 +104,38 @@ def load(name: str, **kwargs: Any) -> SplitData | Corpus:
 
 
 __all__ = [
-    "DATASETS", "DatasetInfo", "load", "dataset_name",
-    "SplitData", "RegressionData", "ClassificationData",
-    "load_uci", "load_uci_raw", "uci_name", "UCI_DATASETS",
-    "load_mnist", "load_fashion_mnist", "load_mnist_splits", "image_splits", "parse_idx", "read_idx",
-    "load_ptb", "Corpus", "Dictionary", "batchify", "get_batch",
-    "load_cifar10", "load_cifar10_splits", "load_cifar100", "load_cifar100_splits",
+    "DATASETS",
+    "DatasetInfo",
+    "load",
+    "dataset_name",
+    "SplitData",
+    "RegressionData",
+    "ClassificationData",
+    "load_uci",
+    "load_uci_raw",
+    "uci_name",
+    "UCI_DATASETS",
+    "load_mnist",
+    "load_fashion_mnist",
+    "load_mnist_splits",
+    "image_splits",
+    "parse_idx",
+    "read_idx",
+    "load_ptb",
+    "Corpus",
+    "Dictionary",
+    "batchify",
+    "get_batch",
+    "load_cifar10",
+    "load_cifar10_splits",
+    "load_cifar100",
+    "load_cifar100_splits",
     "load_sklearn",
-    "data_dir", "fetch", "download", "verify", "file_digest", "clear_verification_cache", "CHECKSUMS",
+    "data_dir",
+    "fetch",
+    "download",
+    "verify",
+    "file_digest",
+    "clear_verification_cache",
+    "CHECKSUMS",
 ]

@@ -12,8 +12,17 @@ from pathlib import Path
 
 from ._checksums import CHECKSUMS
 
-__all__ = ["ENV_DATA", "ENV_DOWNLOAD", "DEFAULT_DATA_DIR", "data_dir", "file_digest", "verify",
-           "clear_verification_cache", "download", "fetch"]
+__all__ = [
+    "ENV_DATA",
+    "ENV_DOWNLOAD",
+    "DEFAULT_DATA_DIR",
+    "data_dir",
+    "file_digest",
+    "verify",
+    "clear_verification_cache",
+    "download",
+    "fetch",
+]
 
 ENV_DATA = "BILEVEL_DATA"
 ENV_DOWNLOAD = "BILEVEL_DOWNLOAD"
@@ -143,8 +152,11 @@ def fetch(
                 except Exception as exc:  # network errors, HTTP errors, bad checksum
                     errors.append(f"{url}: {exc}")
         if not path.exists():
-            why = ("download failed: " + "; ".join(errors)) if errors else (
-                "downloading is disabled" if not download_if_missing else "no download URL known")
+            why = (
+                ("download failed: " + "; ".join(errors))
+                if errors
+                else ("downloading is disabled" if not download_if_missing else "no download URL known")
+            )
             src = f" It can be obtained from {urls[0]}." if urls else ""
             raise FileNotFoundError(
                 f"data file not found: {path} ({why}). Put the file there, or point the loader at a "

@@ -44,8 +44,13 @@ class SplitData:
         empty_X = self.X_val[:0]
         empty_y = self.y_val[:0]
         kw = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        kw.update(X_train=self.X_trainval, y_train=self.y_trainval, X_val=empty_X, y_val=empty_y,
-                  metadata={**self.metadata, "merged_train_val": True})
+        kw.update(
+            X_train=self.X_trainval,
+            y_train=self.y_trainval,
+            X_val=empty_X,
+            y_val=empty_y,
+            metadata={**self.metadata, "merged_train_val": True},
+        )
         return type(self)(**kw)
 
     @property

@@ -22,11 +22,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._files import data_dir as _data_dir, fetch
+from ._files import data_dir as _data_dir
+from ._files import fetch
 from ._types import ClassificationData
 
-__all__ = ["CIFAR10_URL", "CIFAR100_URL", "FOLDER", "TRAIN_BATCHES", "TEST_BATCH", "CLASSES", "load_cifar10",
-           "load_cifar100", "load_cifar10_splits", "load_cifar100_splits"]
+__all__ = [
+    "CIFAR10_URL",
+    "CIFAR100_URL",
+    "FOLDER",
+    "TRAIN_BATCHES",
+    "TEST_BATCH",
+    "CLASSES",
+    "load_cifar10",
+    "load_cifar100",
+    "load_cifar10_splits",
+    "load_cifar100_splits",
+]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -78,7 +89,9 @@ def _read_batch(path: Path, layout: _Layout = _CIFAR10) -> tuple[np.ndarray, np.
     return data, labels
 
 
-def _load(layout: _Layout, url: str, data_dir: str | os.PathLike | None, download: bool | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _load(
+    layout: _Layout, url: str, data_dir: str | os.PathLike | None, download: bool | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     root = _data_dir(data_dir)
     folder = root / layout.folder
     needed = [*layout.train, layout.test]
@@ -108,12 +121,14 @@ def load_cifar100(
     data_dir: str | os.PathLike | None = None,
     download: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """CIFAR-100 ``(X_train, y_train, X_test, y_test)``: uint8 (N, 3, 32, 32), int64 fine labels 0..99 (50000 / 10000)."""
+    """CIFAR-100 ``(X_train, y_train, X_test, y_test)``: uint8 (N, 3, 32, 32), int64 fine labels 0..99
+    (50000 / 10000)."""
     return _load(_CIFAR100, CIFAR100_URL, data_dir, download)
 
 
-def load_cifar10_splits(data_dir: str | os.PathLike | None = None, download: bool | None = None,
-                        **kw: Any) -> ClassificationData:
+def load_cifar10_splits(
+    data_dir: str | os.PathLike | None = None, download: bool | None = None, **kw: Any
+) -> ClassificationData:
     """:func:`load_cifar10` then :func:`~bilevel.data.mnist.image_splits`.
 
     Default: the official 10000-image test set is kept and a seeded 20% of the 50000
@@ -123,8 +138,9 @@ def load_cifar10_splits(data_dir: str | os.PathLike | None = None, download: boo
     return _splits(load_cifar10(data_dir, download=download), "cifar10", kw)
 
 
-def load_cifar100_splits(data_dir: str | os.PathLike | None = None, download: bool | None = None,
-                         **kw: Any) -> ClassificationData:
+def load_cifar100_splits(
+    data_dir: str | os.PathLike | None = None, download: bool | None = None, **kw: Any
+) -> ClassificationData:
     """:func:`load_cifar100` then :func:`~bilevel.data.mnist.image_splits` (same defaults as CIFAR-10)."""
     return _splits(load_cifar100(data_dir, download=download), "cifar100", kw)
 

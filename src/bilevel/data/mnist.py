@@ -21,18 +21,38 @@ from ._files import fetch
 from ._split import fractions_to_sizes, n_split, seeded_permutation
 from ._types import ClassificationData
 
-__all__ = ["MNIST_URLS", "FASHION_URLS", "FILES", "parse_idx", "read_idx", "load_mnist",
-           "load_fashion_mnist", "image_splits", "load_mnist_splits"]
+__all__ = [
+    "MNIST_URLS",
+    "FASHION_URLS",
+    "FILES",
+    "parse_idx",
+    "read_idx",
+    "load_mnist",
+    "load_fashion_mnist",
+    "image_splits",
+    "load_mnist_splits",
+]
 
-MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/{file}",
-              "http://yann.lecun.com/exdb/mnist/{file}")
-FASHION_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{file}",
-                "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/{file}")
-FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/{file}", "http://yann.lecun.com/exdb/mnist/{file}")
+FASHION_URLS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{file}",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/{file}",
+)
+FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
-_IDX_DTYPES: dict[int, npt.DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def parse_idx(raw: bytes) -> np.ndarray:
@@ -69,18 +89,24 @@ def load_mnist(
     folder, urls = ("fashion-mnist", FASHION_URLS) if fashion else ("mnist", MNIST_URLS)
     arrays = []
     for file in FILES:
-        path = fetch(f"{folder}/{file}", data_dir, urls=[u.format(file=file) for u in urls],
-                     download_if_missing=download)
+        path = fetch(
+            f"{folder}/{file}", data_dir, urls=[u.format(file=file) for u in urls], download_if_missing=download
+        )
         arrays.append(read_idx(path))
     Xtr, ytr, Xte, yte = arrays
     if len(Xtr) != len(ytr) or len(Xte) != len(yte):
         raise ValueError(f"{folder}: image and label counts differ")
-    return (torch.from_numpy(Xtr.copy()), torch.from_numpy(ytr.astype(np.int64)),
-            torch.from_numpy(Xte.copy()), torch.from_numpy(yte.astype(np.int64)))
+    return (
+        torch.from_numpy(Xtr.copy()),
+        torch.from_numpy(ytr.astype(np.int64)),
+        torch.from_numpy(Xte.copy()),
+        torch.from_numpy(yte.astype(np.int64)),
+    )
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None,
-                       download: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None, download: bool | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return load_mnist(data_dir, fashion=True, download=download)
 
 
@@ -106,6 +132,7 @@ def image_splits(
     Images are divided by ``scale`` (``None``: left as they are) and either flattened to
     (N, C*H*W) or shaped (N, C, H, W) (a channel axis is added to (N, H, W) images).
     """
+
     def prep(X: Tensor) -> Tensor:
         X = X.to(dtype)
         if scale is not None:
@@ -119,22 +146,27 @@ def image_splits(
         y = torch.cat([y_train, y_test]).long()
         n_tr, n_val, _ = fractions_to_sizes(len(X), tuple(fractions))
         p = seeded_permutation(len(X), seed)
-        idx = (p[:n_tr], p[n_tr:n_tr + n_val], p[n_tr + n_val:])
+        idx = (p[:n_tr], p[n_tr : n_tr + n_val], p[n_tr + n_val :])
         parts = [(X[i], y[i]) for i in idx]
     else:
         n_val = n_split(len(X_train), val_fraction)
         p = seeded_permutation(len(X_train), seed)
-        tr, va = p[:len(p) - n_val], p[len(p) - n_val:]
+        tr, va = p[: len(p) - n_val], p[len(p) - n_val :]
         parts = [(X_train[tr], y_train[tr].long()), (X_train[va], y_train[va].long()), (X_test, y_test.long())]
     num_classes = int(max(int(t.max()) for _, t in parts if len(t)) + 1)
     (Xa, ya), (Xb, yb), (Xc, yc) = parts
-    meta = {"fractions": fractions, "seed": seed, "val_fraction": val_fraction if fractions is None else None,
-            "image_shape": tuple(X_train.shape[1:])}
+    meta = {
+        "fractions": fractions,
+        "seed": seed,
+        "val_fraction": val_fraction if fractions is None else None,
+        "image_shape": tuple(X_train.shape[1:]),
+    }
     return ClassificationData(prep(Xa), ya, prep(Xb), yb, prep(Xc), yc, metadata=meta, num_classes=num_classes)
 
 
-def load_mnist_splits(data_dir: str | os.PathLike | None = None, fashion: bool = False, download: bool | None = None,
-                      **kw: Any) -> ClassificationData:
+def load_mnist_splits(
+    data_dir: str | os.PathLike | None = None, fashion: bool = False, download: bool | None = None, **kw: Any
+) -> ClassificationData:
     """:func:`load_mnist` followed by :func:`image_splits` (keyword arguments go to the latter)."""
     data = image_splits(*load_mnist(data_dir, fashion=fashion, download=download), **kw)
     data.metadata["name"] = "fashion-mnist" if fashion else "mnist"

@@ -74,8 +74,9 @@ def load_ptb(data_dir: str | os.PathLike | None = None, download: bool | None = 
     ids = []
     for part in ("train", "valid", "test"):
         file = f"ptb.{part}.txt"
-        path = fetch(f"ptb/{file}", data_dir, urls=[u.format(file=file) for u in PTB_URLS],
-                     download_if_missing=download)
+        path = fetch(
+            f"ptb/{file}", data_dir, urls=[u.format(file=file) for u in PTB_URLS], download_if_missing=download
+        )
         words = _words(path)
         ids.append(torch.tensor([d.add_word(w) for w in words], dtype=torch.long))
     return Corpus(d, *ids)
@@ -94,8 +95,9 @@ def batchify(data: Tensor, batch_size: int, device: torch.device | str | None = 
     return data.to(device) if device is not None else data
 
 
-def get_batch(source: Tensor, i: int, bptt: int, seq_len: int | None = None,
-              flatten_target: bool = True) -> tuple[Tensor, Tensor]:
+def get_batch(
+    source: Tensor, i: int, bptt: int, seq_len: int | None = None, flatten_target: bool = True
+) -> tuple[Tensor, Tensor]:
     """Input rows ``i : i+L`` of a batchified ``source`` and the next-token targets.
 
     ``L = min(seq_len or bptt, len(source) - 1 - i)``.  The target is rows
@@ -104,6 +106,6 @@ def get_batch(source: Tensor, i: int, bptt: int, seq_len: int | None = None,
     seq_len = min(seq_len if seq_len else bptt, len(source) - 1 - i)
     if seq_len < 1:
         raise IndexError(f"no batch starts at row {i} of a source with {len(source)} rows")
-    data = source[i:i + seq_len]
-    target = source[i + 1:i + 1 + seq_len]
+    data = source[i : i + seq_len]
+    target = source[i + 1 : i + 1 + seq_len]
     return data, target.reshape(-1) if flatten_target else target

@@ -35,7 +35,7 @@ def load_sklearn(
     X, y = (datasets.load_diabetes if key == "diabetes" else datasets.load_digits)(return_X_y=True)
     n_tr, n_val, _ = fractions_to_sizes(len(X), tuple(fractions))
     p = seeded_permutation(len(X), seed).numpy()
-    idx = (p[:n_tr], p[n_tr:n_tr + n_val], p[n_tr + n_val:])
+    idx = (p[:n_tr], p[n_tr : n_tr + n_val], p[n_tr + n_val :])
     meta = {"name": key, "fractions": tuple(fractions), "seed": seed, "normalise": normalise}
 
     if key == "diabetes":
@@ -45,8 +45,7 @@ def load_sklearn(
         if normalise:
             x_mean, x_std, Xs = standardise(*Xs)
             y_mean, y_std, ys = standardise(*ys)
-            stats = {k: v.to(dtype) for k, v in
-                     dict(x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std).items()}
+            stats = {k: v.to(dtype) for k, v in dict(x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std).items()}
         Xs = [a.to(dtype) for a in Xs]
         ys = [a.to(dtype) for a in ys]
         return RegressionData(Xs[0], ys[0], Xs[1], ys[1], Xs[2], ys[2], metadata=meta, **stats)

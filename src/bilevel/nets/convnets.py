@@ -19,14 +19,24 @@ class LeNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
+            nn.Conv2d(in_channels, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         side = ((image_size // 2) - 4) // 2
         if side < 1:
             raise ValueError(f"LeNet needs images of at least 12x12 pixels, got {image_size}")
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, num_classes))
+            nn.Flatten(),
+            nn.Linear(16 * side * side, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:
@@ -61,13 +71,23 @@ class AlexNet(nn.Module):
             raise ValueError(f"AlexNet needs images of at least 8x8 pixels, got {image_size}")
         c, f1, f2 = (max(1, round(v * width)) for v in (64, 384, 192))
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-            nn.Conv2d(c, c, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1))
+            nn.Conv2d(in_channels, c, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, padding=1),
+            nn.Conv2d(c, c, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, padding=1),
+        )
         side = (image_size + 1) // 2
         side = (side + 1) // 2
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c * side * side, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU(),
-            nn.Linear(f2, num_classes))
+            nn.Flatten(),
+            nn.Linear(c * side * side, f1),
+            nn.ReLU(),
+            nn.Linear(f1, f2),
+            nn.ReLU(),
+            nn.Linear(f2, num_classes),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:
@@ -90,11 +110,14 @@ class CifarResNet(nn.Module):
         if n < 1 or width < 1:
             raise ValueError(f"CifarResNet needs n >= 1 and width >= 1, got n={n}, width={width}")
         self.depth = 6 * n + 2
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(width, track_running_stats=False), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width, track_running_stats=False),
+            nn.ReLU(),
+        )
         layers, c_in = [], width
         for stage in range(3):
-            c_out = width * 2 ** stage
+            c_out = width * 2**stage
             for b in range(n):
                 layers.append(_Block(c_in, c_out, 2 if stage > 0 and b == 0 else 1))
                 c_in = c_out

@@ -14,10 +14,18 @@ from torch import Tensor
 __all__ = ["lstm_lm_init", "lstm_lm_forward", "lstm_layer"]
 
 
-def lstm_lm_init(vocab: int, embed: int, hidden: int, layers: int, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32, init_range: float = 0.1) -> dict[str, Tensor]:
+def lstm_lm_init(
+    vocab: int,
+    embed: int,
+    hidden: int,
+    layers: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    init_range: float = 0.1,
+) -> dict[str, Tensor]:
     """Embedding ``emb`` (vocab, embed); per layer ``W_ih{l}`` (4h, in), ``W_hh{l}`` (4h, h), ``b{l}`` (4h);
     decoder ``dec_W`` (vocab, h), ``dec_b``. Uniform(-init_range, init_range) as in Zaremba et al. (2014)."""
+
     def u(*shape: int) -> Tensor:
         return ((torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1) * init_range).to(dtype)
 

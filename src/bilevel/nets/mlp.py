@@ -10,14 +10,17 @@ from torch import Tensor
 __all__ = ["mlp_init", "mlp_forward"]
 
 
-def mlp_init(sizes: Sequence[int], generator: torch.Generator | None = None,
-             dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+def mlp_init(
+    sizes: Sequence[int], generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
     """Weights ``W{i}`` (out, in) and biases ``b{i}`` drawn as ``torch.nn.Linear`` does:
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both, from ``generator``."""
     params = {}
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        bound = fan_in ** -0.5
-        params[f"W{i}"] = (torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(dtype)
+        bound = fan_in**-0.5
+        params[f"W{i}"] = (
+            (torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(dtype)
+        )
         params[f"b{i}"] = (torch.rand(fan_out, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(dtype)
     return params
 

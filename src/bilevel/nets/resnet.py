@@ -20,9 +20,13 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out, track_running_stats=False)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, track_running_stats=False)
-        self.short = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                    nn.BatchNorm2d(c_out, track_running_stats=False))
-                      if stride != 1 or c_in != c_out else nn.Identity())
+        self.short = (
+            nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False)
+            )
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -35,8 +39,9 @@ class ResNet18(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 64) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w, track_running_stats=False),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w, track_running_stats=False), nn.ReLU()
+        )
         layers, c_in = [], w
         for c_out, stride in ((w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)):
             layers += [_Block(c_in, c_out, stride), _Block(c_out, c_out, 1)]
@@ -48,8 +53,9 @@ class ResNet18(nn.Module):
         return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
 
-def resnet18_init(num_classes: int = 10, generator: torch.Generator | None = None, width: int = 64,
-                  dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+def resnet18_init(
+    num_classes: int = 10, generator: torch.Generator | None = None, width: int = 64, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
     """Parameters of a freshly initialised :class:`ResNet18` (seeded through ``generator``)."""
     seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator is not None else None
     with torch.random.fork_rng():

@@ -33,8 +33,9 @@ AUGMENT_HPARAM = "augment"
 
 
 def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU()
+    )
 
 
 class UNet(nn.Module):
@@ -49,10 +50,12 @@ class UNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 8, depth: int = 2, noise_channels: int = 1) -> None:
         super().__init__()
         if channels < 1 or width < 1 or depth < 1 or noise_channels < 0:
-            raise ValueError(f"UNet needs channels, width, depth >= 1 and noise_channels >= 0, got "
-                             f"{channels}, {width}, {depth}, {noise_channels}")
+            raise ValueError(
+                f"UNet needs channels, width, depth >= 1 and noise_channels >= 0, got "
+                f"{channels}, {width}, {depth}, {noise_channels}"
+            )
         self.channels, self.depth, self.noise_channels = channels, depth, noise_channels
-        widths = [width * 2 ** i for i in range(depth)]
+        widths = [width * 2**i for i in range(depth)]
         c_in = channels + noise_channels
         self.down = nn.ModuleList()
         for w in widths:
@@ -77,7 +80,9 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: noise must have shape {want}, got {tuple(noise.shape)}")
         k = 2 ** (self.depth - 1)
         if x.shape[2] % k or x.shape[3] % k:
-            raise ValueError(f"UNet with depth {self.depth} needs image sides divisible by {k}, got {tuple(x.shape[2:])}")
+            raise ValueError(
+                f"UNet with depth {self.depth} needs image sides divisible by {k}, got {tuple(x.shape[2:])}"
+            )
         h = torch.cat([x, noise], dim=1)
         skips = []
         for i, block in enumerate(self.down):

@@ -14,17 +14,35 @@ diverged run) and produces
 * :func:`write_report`, also ``python -m bilevel.report results.json OUT_DIR``.
 """
 
-from .figures import (ecdf, fit_landscape, initial_hparams, plot_cdf, plot_landscape,
-                      plot_lr_trajectories, plot_median_curves)
+from .figures import (
+    ecdf,
+    fit_landscape,
+    initial_hparams,
+    plot_cdf,
+    plot_landscape,
+    plot_lr_trajectories,
+    plot_median_curves,
+)
 from .report import load_results, write_report
 from .stats import bootstrap, bootstrap_curve, split_diverged
-from .tables import (format_pm, format_table, markdown_table, print_table,
-                     summary_table)
+from .tables import format_pm, format_table, markdown_table, print_table, summary_table
 
 __all__ = [
-    "bootstrap", "bootstrap_curve", "split_diverged",
-    "summary_table", "format_table", "print_table", "markdown_table", "format_pm",
-    "plot_median_curves", "plot_cdf", "plot_lr_trajectories", "plot_landscape",
-    "fit_landscape", "initial_hparams", "ecdf",
-    "load_results", "write_report",
+    "bootstrap",
+    "bootstrap_curve",
+    "split_diverged",
+    "summary_table",
+    "format_table",
+    "print_table",
+    "markdown_table",
+    "format_pm",
+    "plot_median_curves",
+    "plot_cdf",
+    "plot_lr_trajectories",
+    "plot_landscape",
+    "fit_landscape",
+    "initial_hparams",
+    "ecdf",
+    "load_results",
+    "write_report",
 ]

@@ -14,8 +14,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--baseline", default="random")
     ap.add_argument("--method", default="ours-wd-lr")
     a = ap.parse_args(argv)
-    for p in write_report(a.results, a.out_dir or a.results.parent, baseline=a.baseline,
-                          method=a.method):
+    for p in write_report(a.results, a.out_dir or a.results.parent, baseline=a.baseline, method=a.method):
         print(p)
 
 

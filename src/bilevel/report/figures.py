@@ -29,8 +29,16 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from sklearn.gaussian_process import GaussianProcessRegressor
 
-__all__ = ["plot_median_curves", "plot_cdf", "plot_lr_trajectories", "plot_landscape",
-           "fit_landscape", "initial_hparams", "trajectories", "ecdf"]
+__all__ = [
+    "plot_median_curves",
+    "plot_cdf",
+    "plot_lr_trajectories",
+    "plot_landscape",
+    "fit_landscape",
+    "initial_hparams",
+    "trajectories",
+    "ecdf",
+]
 
 
 def _methods(results: dict) -> dict:
@@ -67,7 +75,7 @@ def _matrix(rows: Iterable[Iterable[float | None] | None] | None) -> np.ndarray:
         return np.empty((0, 0))
     out = np.full((len(arrays), max(r.size for r in arrays)), np.nan)
     for i, r in enumerate(arrays):
-        out[i, :r.size] = r
+        out[i, : r.size] = r
     out[~np.isfinite(out)] = np.nan
     return out
 
@@ -85,8 +93,9 @@ def _log_if_positive(ax: Axes, axis: str, values: npt.ArrayLike) -> None:
 
 
 # --------------------------------------------------------------------------- Fig. 8
-def plot_median_curves(results: dict, path: str | os.PathLike[str], key: str = "test_loss", n_resamples: int = 1000,
-                       seed: int = 0) -> Path | None:
+def plot_median_curves(
+    results: dict, path: str | os.PathLike[str], key: str = "test_loss", n_resamples: int = 1000, seed: int = 0
+) -> Path | None:
     """Bootstrapped median ``key`` (default test loss) against training step, one line per
     method with a ±1 s.e. band; log y-scale.  Diverged entries are ignored at each step."""
     fig, ax = _new_figure()
@@ -98,9 +107,9 @@ def plot_median_curves(results: dict, path: str | os.PathLike[str], key: str = "
             continue
         med, se = bootstrap_curve(data, np.nanmedian, n_resamples, seed)
         steps = _steps(block, med.size)
-        line, = ax.plot(steps, med, label=name, lw=1.5)
+        (line,) = ax.plot(steps, med, label=name, lw=1.5)
         lo, hi = med - se, med + se
-        lo = np.where(lo > 0, lo, med)   # keep the band drawable on a log axis
+        lo = np.where(lo > 0, lo, med)  # keep the band drawable on a log axis
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.25, lw=0)
         drawn.append(med)
     if not drawn:
@@ -158,8 +167,9 @@ def trajectories(method: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
     return _steps(block, data.shape[1] if data.ndim == 2 else 0), data
 
 
-def plot_lr_trajectories(results: dict, path: str | os.PathLike[str], n: int = 5, seed: int = 0,
-                         name: str = "lr") -> Path | None:
+def plot_lr_trajectories(
+    results: dict, path: str | os.PathLike[str], n: int = 5, seed: int = 0, name: str = "lr"
+) -> Path | None:
     """``n`` randomly chosen learning-rate trajectories per method (log y), one colour per
     method (Clarke et al. Fig. 10).  Prefers initialisations whose trajectory is finite."""
     fig, ax = _new_figure()
@@ -177,8 +187,7 @@ def plot_lr_trajectories(results: dict, path: str | os.PathLike[str], n: int = 5
         pick = np.sort(rng.choice(pool, size=min(n, pool.size), replace=False))
         color = f"C{i % 10}"
         for j, k in enumerate(pick):
-            ax.plot(steps, data[k], color=color, alpha=0.8, lw=1.2,
-                    label=mname if j == 0 else None)
+            ax.plot(steps, data[k], color=color, alpha=0.8, lw=1.2, label=mname if j == 0 else None)
         drawn.append(data[pick].ravel())
     if not drawn:
         return None
@@ -191,8 +200,9 @@ def plot_lr_trajectories(results: dict, path: str | os.PathLike[str], n: int = 5
 
 
 # --------------------------------------------------------------------------- Fig. 3
-def initial_hparams(method: dict, x: str = "lr", y: str = "weight_decay",
-                    key: str = "final_test_loss") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def initial_hparams(
+    method: dict, x: str = "lr", y: str = "weight_decay", key: str = "final_test_loss"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(x0, y0, loss)`` over initialisations: the first entry of each hyperparameter
     trajectory and the final loss (NaN where diverged)."""
     _, X = trajectories(method, x)
@@ -204,8 +214,9 @@ def initial_hparams(method: dict, x: str = "lr", y: str = "weight_decay",
     return X[:k, 0], Y[:k, 0], loss[:k]
 
 
-def fit_landscape(x0: npt.ArrayLike, y0: npt.ArrayLike, loss: npt.ArrayLike, nan_fill: float = 150.0,
-                  seed: int = 0) -> GaussianProcessRegressor | None:
+def fit_landscape(
+    x0: npt.ArrayLike, y0: npt.ArrayLike, loss: npt.ArrayLike, nan_fill: float = 150.0, seed: int = 0
+) -> GaussianProcessRegressor | None:
     """Gaussian process on ``(log10 x0, log10 y0) -> log10 loss`` (Clarke et al. App. B:
     RBF + white-noise kernel, sklearn's automatic kernel-hyperparameter fit, diverged runs
     replaced by the large loss ``nan_fill``).  Points with non-positive or non-finite
@@ -222,20 +233,28 @@ def fit_landscape(x0: npt.ArrayLike, y0: npt.ArrayLike, loss: npt.ArrayLike, nan
         return None
     X = np.column_stack([np.log10(x0[ok]), np.log10(y0[ok])])
     t = np.log10(loss[ok])
-    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(length_scale=[1.0, 1.0],
-                                                     length_scale_bounds=(1e-2, 1e2))
-              + WhiteKernel(1e-2, (1e-8, 1e1)))
-    gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2,
-                                  random_state=seed)
+    kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(
+        length_scale=[1.0, 1.0], length_scale_bounds=(1e-2, 1e2)
+    ) + WhiteKernel(1e-2, (1e-8, 1e1))
+    gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         gp.fit(X, t)
     return gp
 
 
-def plot_landscape(results: dict, path: str | os.PathLike[str], baseline: str = "random", method: str = "ours-wd-lr",
-                   x: str = "lr", y: str = "weight_decay", n_traj: int | None = 20,
-                   grid: int = 80, nan_fill: float = 150.0, seed: int = 0) -> Path | None:
+def plot_landscape(
+    results: dict,
+    path: str | os.PathLike[str],
+    baseline: str = "random",
+    method: str = "ours-wd-lr",
+    x: str = "lr",
+    y: str = "weight_decay",
+    n_traj: int | None = 20,
+    grid: int = 80,
+    nan_fill: float = 150.0,
+    seed: int = 0,
+) -> Path | None:
     """Clarke et al. Fig. 3: GP-interpolated final test loss of the fixed-hyperparameter
     ``baseline`` runs, indexed by their initial ``(x, y)``, as log-log background shading,
     overlaid with (up to ``n_traj``) hyperparameter trajectories of ``method``
@@ -267,7 +286,7 @@ def plot_landscape(results: dict, path: str | os.PathLike[str], baseline: str = 
                 good = np.isfinite(a) & np.isfinite(b)
                 if good.any():
                     traj.append((a[good], b[good]))
-        for a, b in traj:   # widen the plotting window to hold the trajectories
+        for a, b in traj:  # widen the plotting window to hold the trajectories
             lx = np.array([min(lx[0], a.min()), max(lx[1], a.max())])
             ly = np.array([min(ly[0], b.min()), max(ly[1], b.max())])
     pad = lambda r: r + np.array([-1, 1]) * max(0.05 * (r[1] - r[0]), 0.1)  # noqa: E731

@@ -37,7 +37,7 @@ def flatten_metrics(metrics: Mapping, prefix: tuple[str, ...] = ()) -> list[tupl
         if isinstance(v, Mapping):
             rows.extend(flatten_metrics(v, path))
         elif isinstance(v, (list, tuple)) and any(isinstance(x, (Mapping, list, tuple)) for x in v):
-            rows.extend(flatten_metrics({str(i): x for i, x in enumerate(v)}, path))   # e.g. a grid of rows
+            rows.extend(flatten_metrics({str(i): x for i, x in enumerate(v)}, path))  # e.g. a grid of rows
         else:
             rows.append((path, v))
     return rows
@@ -78,8 +78,9 @@ def metrics_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
             columns.append(path[-1])
         rows.setdefault(row, {})[path[-1]] = v
     if len(columns) <= MAX_COLUMNS and len(rows) < len(leaves):
-        return ["", *columns], [[r, *(format_value(cells[c]) if c in cells else "" for c in columns)]
-                                for r, cells in rows.items()]
+        return ["", *columns], [
+            [r, *(format_value(cells[c]) if c in cells else "" for c in columns)] for r, cells in rows.items()
+        ]
     return ["metric", "value"], [[" / ".join(path), format_value(v)] for path, v in leaves]
 
 
@@ -97,8 +98,9 @@ def print_metrics(metrics: Mapping, title: str, console: Console | None = None) 
     return columns, rows
 
 
-def markdown_metrics(columns: list[str], rows: list[list[str]], title: str | None = None,
-                     figures: list[Path] | None = None) -> str:
+def markdown_metrics(
+    columns: list[str], rows: list[list[str]], title: str | None = None, figures: list[Path] | None = None
+) -> str:
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

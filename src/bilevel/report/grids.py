@@ -42,8 +42,10 @@ def _as_images(images: npt.ArrayLike, shape: Sequence[int] | None) -> np.ndarray
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"make_grid: images must be (N, H, W) or (N, C, H, W) with C in (1, 3) "
-                         f"(or flat with shape=...), got shape {x.shape}")
+        raise ValueError(
+            f"make_grid: images must be (N, H, W) or (N, C, H, W) with C in (1, 3) "
+            f"(or flat with shape=...), got shape {x.shape}"
+        )
     if x.shape[0] == 0:
         raise ValueError("make_grid: no images given")
     if not np.isfinite(x).all():
@@ -66,8 +68,14 @@ def _normalise(x: np.ndarray, normalize: Normalize) -> np.ndarray:
     raise ValueError(f"make_grid: normalize must be 'per-image', 'global' or 'none', got {normalize!r}")
 
 
-def make_grid(images: npt.ArrayLike, nrow: int | None = None, padding: int = 2, normalize: Normalize = "per-image",
-              pad_value: float = 1.0, shape: Sequence[int] | None = None) -> np.ndarray:
+def make_grid(
+    images: npt.ArrayLike,
+    nrow: int | None = None,
+    padding: int = 2,
+    normalize: Normalize = "per-image",
+    pad_value: float = 1.0,
+    shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Tile images row by row into a ``(R*(H+p)+p, K*(W+p)+p, 3)`` array in ``[0, 1]``.
 
     ``nrow`` images per row (default ``ceil(sqrt(N))``), ``padding`` pixels of
@@ -85,7 +93,7 @@ def make_grid(images: npt.ArrayLike, nrow: int | None = None, padding: int = 2, 
     for i in range(n):
         r, c = divmod(i, nrow)
         top, left = padding + r * (h + padding), padding + c * (w + padding)
-        grid[top:top + h, left:left + w] = x[i]
+        grid[top : top + h, left : left + w] = x[i]
     return grid
 
 
@@ -97,9 +105,17 @@ def _png(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def save_image_grid(images: npt.ArrayLike, path: str | os.PathLike[str], nrow: int | None = None, padding: int = 2, normalize: Normalize = "per-image",
-                    labels: Sequence[str] | None = None, title: str | None = None,
-                    shape: Sequence[int] | None = None, tile_inches: float = 1.0) -> Path:
+def save_image_grid(
+    images: npt.ArrayLike,
+    path: str | os.PathLike[str],
+    nrow: int | None = None,
+    padding: int = 2,
+    normalize: Normalize = "per-image",
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    shape: Sequence[int] | None = None,
+    tile_inches: float = 1.0,
+) -> Path:
     """Write ``images`` as a PNG grid at ``path``; returns the path.
 
     Without ``labels``/``title`` the PNG holds exactly :func:`make_grid`'s pixels
@@ -137,8 +153,10 @@ def save_image_grid(images: npt.ArrayLike, path: str | os.PathLike[str], nrow: i
 
     nrow = int(nrow) if nrow is not None else math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
-    fig = Figure(figsize=(tile_inches * nrow + 0.2, tile_inches * rows + (0.4 if title else 0.1) + 0.2 * (labels is not None)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(tile_inches * nrow + 0.2, tile_inches * rows + (0.4 if title else 0.1) + 0.2 * (labels is not None)),
+        layout="constrained",
+    )
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, nrow, squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -153,16 +171,24 @@ def save_image_grid(images: npt.ArrayLike, path: str | os.PathLike[str], nrow: i
     return path
 
 
-def save_heatmaps(matrices: Sequence[npt.ArrayLike], titles: Sequence[str], path: str | os.PathLike[str],
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                  cmap: str = "RdBu_r", title: str | None = None, panel_inches: float = 2.6) -> Path:
+def save_heatmaps(
+    matrices: Sequence[npt.ArrayLike],
+    titles: Sequence[str],
+    path: str | os.PathLike[str],
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    cmap: str = "RdBu_r",
+    title: str | None = None,
+    panel_inches: float = 2.6,
+) -> Path:
     """Draw square matrices side by side with one symmetric colour scale and a colour bar.
 
     ``transform`` (e.g. ``np.tanh``) is applied elementwise first, as Lorraine et al.
     (2020) Fig. 4 does to show inverse Hessians whose entries span many magnitudes.
     """
     if len(matrices) != len(titles) or not matrices:
-        raise ValueError(f"save_heatmaps: need one title per matrix, got {len(matrices)} matrices and {len(titles)} titles")
+        raise ValueError(
+            f"save_heatmaps: need one title per matrix, got {len(matrices)} matrices and {len(titles)} titles"
+        )
     mats = []
     for m in matrices:
         a = m.detach().cpu().double().numpy() if hasattr(m, "detach") else np.asarray(m, dtype=np.float64)

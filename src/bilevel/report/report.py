@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_write_text
-from .figures import (initial_hparams, plot_cdf, plot_landscape, plot_lr_trajectories,
-                      plot_median_curves)
+from .figures import initial_hparams, plot_cdf, plot_landscape, plot_lr_trajectories, plot_median_curves
 from .tables import _title, markdown_table, print_table
 
 if TYPE_CHECKING:
@@ -38,8 +37,11 @@ def load_results(results_or_path: dict | str | os.PathLike[str]) -> dict:
 
 def _clarke_layout(results: Mapping[str, Any]) -> bool:
     methods = results.get("methods")
-    return isinstance(methods, Mapping) and bool(methods) and all(
-        isinstance(m, Mapping) and "final_test_loss" in m for m in methods.values())
+    return (
+        isinstance(methods, Mapping)
+        and bool(methods)
+        and all(isinstance(m, Mapping) and "final_test_loss" in m for m in methods.values())
+    )
 
 
 def _kind(results: Any, where: str) -> str:
@@ -48,15 +50,17 @@ def _kind(results: Any, where: str) -> str:
         raise ValueError(f"{where}: a results file must hold a JSON object, not {type(results).__name__}")
     exp = results.get("experiment")
     if exp is None:
-        if _clarke_layout(results):      # older Clarke-style files without the field
+        if _clarke_layout(results):  # older Clarke-style files without the field
             return "clarke"
         raise ValueError(f"{where}: no 'experiment' field, so it is not a results.json written by `bilevel run`")
     if not isinstance(exp, str):
         raise ValueError(f"{where}: 'experiment' must be a string, got {exp!r}")
     if exp in CLARKE_LAYOUT:
         if not isinstance(results.get("methods"), Mapping):
-            raise ValueError(f"{where}: experiment {exp!r} needs a 'methods' mapping (one entry per method with "
-                             f"its 'final_test_loss' list), which this file lacks")
+            raise ValueError(
+                f"{where}: experiment {exp!r} needs a 'methods' mapping (one entry per method with "
+                f"its 'final_test_loss' list), which this file lacks"
+            )
         return "clarke"
     key = TABLE_KEY.get(exp, "metrics")
     if not isinstance(results.get(key), Mapping):
@@ -98,9 +102,15 @@ def _landscape_method(methods: dict, baseline: str, preferred: str) -> str | Non
     return None
 
 
-def write_report(results_or_path: dict | str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                 console: Console | None = None, baseline: str = "random",
-                 method: str = "ours-wd-lr", n_resamples: int = 1000, seed: int = 0) -> list[Path]:
+def write_report(
+    results_or_path: dict | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    console: Console | None = None,
+    baseline: str = "random",
+    method: str = "ours-wd-lr",
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> list[Path]:
     """Print the summary table and write ``table.md``, ``median_curves.png``, ``cdf.png``,
     ``lr_trajectories.png`` and ``landscape.png`` into ``out_dir`` (each figure only when
     the data allow it: ``curves``/``hparams`` may be absent).  Returns the written paths.
@@ -124,11 +134,12 @@ def write_report(results_or_path: dict | str | os.PathLike[str], out_dir: str | 
     written = [table]
     methods = results.get("methods", {})
     lm = _landscape_method(methods, baseline, method)
-    for p in (plot_median_curves(results, out / "median_curves.png", n_resamples=n_resamples, seed=seed),
-              plot_cdf(results, out / "cdf.png"),
-              plot_lr_trajectories(results, out / "lr_trajectories.png", seed=seed),
-              plot_landscape(results, out / "landscape.png", baseline=baseline,
-                             method=lm or method, seed=seed)):
+    for p in (
+        plot_median_curves(results, out / "median_curves.png", n_resamples=n_resamples, seed=seed),
+        plot_cdf(results, out / "cdf.png"),
+        plot_lr_trajectories(results, out / "lr_trajectories.png", seed=seed),
+        plot_landscape(results, out / "landscape.png", baseline=baseline, method=lm or method, seed=seed),
+    ):
         if p is not None:
             written.append(p)
     return written

@@ -10,7 +10,7 @@ the statistic and counted separately**.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -42,8 +42,9 @@ def _apply(stat: Callable, samples: np.ndarray) -> np.ndarray:
     return np.array([float(stat(row)) for row in samples])
 
 
-def bootstrap(values: Sequence[float | None] | np.ndarray, stat: Callable = np.mean,
-              n_resamples: int = 1000, seed: int | None = 0) -> tuple[float, float]:
+def bootstrap(
+    values: Sequence[float | None] | np.ndarray, stat: Callable = np.mean, n_resamples: int = 1000, seed: int | None = 0
+) -> tuple[float, float]:
     """Bootstrap estimate and standard error of ``stat`` over ``values``.
 
     Returns ``(estimate, standard_error)``: ``estimate`` is ``stat`` of the
@@ -68,8 +69,12 @@ def bootstrap(values: Sequence[float | None] | np.ndarray, stat: Callable = np.m
     return estimate, float(np.std(stats, ddof=1))
 
 
-def bootstrap_curve(curves: Iterable[Iterable[float | None] | None] | np.ndarray, stat: Callable = np.nanmedian, n_resamples: int = 1000,
-                    seed: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_curve(
+    curves: Iterable[Iterable[float | None] | None] | np.ndarray,
+    stat: Callable = np.nanmedian,
+    n_resamples: int = 1000,
+    seed: int | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-step bootstrap of ``stat`` over initialisations (Clarke et al. Fig. 8).
 
     ``curves`` is a list (one per initialisation) of per-step losses, ``None``
@@ -84,18 +89,19 @@ def bootstrap_curve(curves: Iterable[Iterable[float | None] | None] | np.ndarray
     width = max(r.size for r in rows)
     data = np.full((len(rows), width), np.nan)
     for i, r in enumerate(rows):
-        data[i, :r.size] = r
+        data[i, : r.size] = r
     data[~np.isfinite(data)] = np.nan
     import warnings
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN steps
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps
         est = np.asarray(stat(data, axis=0), dtype=float)
         n = data.shape[0]
         if n < 2 or n_resamples < 2:
             return est, np.where(np.isfinite(est), 0.0, np.nan)
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, n, size=(n_resamples, n))
-        boot = np.asarray(stat(data[idx], axis=1), dtype=float)   # (n_resamples, steps)
+        boot = np.asarray(stat(data[idx], axis=1), dtype=float)  # (n_resamples, steps)
         se = np.nanstd(boot, axis=0, ddof=1)
     se[~np.isfinite(est)] = np.nan
     return est, se

@@ -14,8 +14,15 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-__all__ = ["summary_table", "format_pm", "format_best", "best_in_error_bars",
-           "format_table", "print_table", "markdown_table"]
+__all__ = [
+    "summary_table",
+    "format_pm",
+    "format_best",
+    "best_in_error_bars",
+    "format_table",
+    "print_table",
+    "markdown_table",
+]
 
 
 def _methods(results: dict) -> dict:
@@ -37,9 +44,18 @@ def summary_table(results: dict, n_resamples: int = 1000, seed: int = 0) -> list
         finite, diverged = split_diverged(raw)
         mean, mean_se = bootstrap(finite, np.mean, n_resamples, seed)
         median, median_se = bootstrap(finite, np.median, n_resamples, seed)
-        rows.append(dict(method=name, n=len(raw), diverged=diverged,
-                         mean=mean, mean_se=mean_se, median=median, median_se=median_se,
-                         best=float(finite.min()) if finite.size else float("nan")))
+        rows.append(
+            dict(
+                method=name,
+                n=len(raw),
+                diverged=diverged,
+                mean=mean,
+                mean_se=mean_se,
+                median=median,
+                median_se=median_se,
+                best=float(finite.min()) if finite.size else float("nan"),
+            )
+        )
     return rows
 
 
@@ -51,13 +67,13 @@ def format_pm(value: float, se: float) -> str:
     if not math.isfinite(se) or se <= 0:
         return f"{value:.4g}"
     exp = math.floor(math.log10(se))
-    digit = round(se / 10.0 ** exp)          # 1..10
-    if digit == 10:                           # e.g. 0.96 -> 1
+    digit = round(se / 10.0**exp)  # 1..10
+    if digit == 10:  # e.g. 0.96 -> 1
         exp, digit = exp + 1, 1
     if exp >= 0:
-        mag = 10 ** exp
+        mag = 10**exp
         return f"{round(value / mag) * mag:.0f} ± {digit * mag:.0f}"
-    return f"{value:.{-exp}f} ± {digit * 10.0 ** exp:.{-exp}f}"
+    return f"{value:.{-exp}f} ± {digit * 10.0**exp:.{-exp}f}"
 
 
 def format_best(value: float) -> str:
@@ -83,11 +99,15 @@ def best_in_error_bars(rows: Sequence[dict], key: str) -> set[str]:
 def _cells(rows: Sequence[dict]) -> Iterator[tuple[dict, dict[str, str], dict[str, bool]]]:
     bold = {k: best_in_error_bars(rows, k) for k in ("mean", "median", "best")}
     for r in rows:
-        yield r, {
-            "mean": format_pm(r["mean"], r["mean_se"]),
-            "median": format_pm(r["median"], r["median_se"]),
-            "best": format_best(r["best"]),
-        }, {k: r["method"] in v for k, v in bold.items()}
+        yield (
+            r,
+            {
+                "mean": format_pm(r["mean"], r["mean_se"]),
+                "median": format_pm(r["median"], r["median_se"]),
+                "best": format_best(r["best"]),
+            },
+            {k: r["method"] in v for k, v in bold.items()},
+        )
 
 
 def format_table(rows: Sequence[dict], title: str | None = None) -> Table:
@@ -100,10 +120,11 @@ def format_table(rows: Sequence[dict], title: str | None = None) -> Table:
         table.add_column(col, justify="right")
     table.add_column("#NaN", justify="right")
     for r, cells, bold in _cells(rows):
-        table.add_row(r["method"],
-                      *[f"[bold]{cells[k]}[/bold]" if bold[k] else cells[k]
-                        for k in ("mean", "median", "best")],
-                      f"{r['diverged']}/{r['n']}")
+        table.add_row(
+            r["method"],
+            *[f"[bold]{cells[k]}[/bold]" if bold[k] else cells[k] for k in ("mean", "median", "best")],
+            f"{r['diverged']}/{r['n']}",
+        )
     return table
 
 

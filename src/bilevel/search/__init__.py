@@ -14,8 +14,26 @@ nothing here imports them at import time, and every entry point that needs one r
 ``ImportError`` naming the extra.
 """
 
-from .ray_tune import (Interrupted, blocks, check_run_config, clip_to_domains, merge_blocks, pbt_ratios, require,
-                       run_population, run_scheduled)
+from .ray_tune import (
+    Interrupted,
+    blocks,
+    check_run_config,
+    clip_to_domains,
+    merge_blocks,
+    pbt_ratios,
+    require,
+    run_population,
+    run_scheduled,
+)
 
-__all__ = ["Interrupted", "blocks", "check_run_config", "clip_to_domains", "merge_blocks", "pbt_ratios", "require",
-           "run_population", "run_scheduled"]
+__all__ = [
+    "Interrupted",
+    "blocks",
+    "check_run_config",
+    "clip_to_domains",
+    "merge_blocks",
+    "pbt_ratios",
+    "require",
+    "run_population",
+    "run_scheduled",
+]

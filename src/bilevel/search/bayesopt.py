@@ -45,8 +45,12 @@ Evaluate = Callable[[int, Sequence[Mapping[str, float]]], Mapping[str, Any]]
 def distributions(space: Mapping[str, Any]) -> dict[str, Any]:
     """Optuna distributions of ``space``: a ``(low, high)`` pair becomes a uniform ``FloatDistribution``."""
     optuna = require("optuna")
-    return {name: d if isinstance(d, optuna.distributions.BaseDistribution)
-            else optuna.distributions.FloatDistribution(float(d[0]), float(d[1])) for name, d in space.items()}
+    return {
+        name: d
+        if isinstance(d, optuna.distributions.BaseDistribution)
+        else optuna.distributions.FloatDistribution(float(d[0]), float(d[1]))
+        for name, d in space.items()
+    }
 
 
 def make_study(seed: int, sampler: str = "gp", startup: int = 5) -> Study:
@@ -68,9 +72,14 @@ def replay(study: Study, records: Sequence[Mapping[str, Any]], dists: Mapping[st
     optuna = require("optuna")
     for r in records:
         told = r.get("told", r["val"])
-        study.add_trial(optuna.trial.create_trial(
-            params=r["params"], distributions=dict(dists), value=told,
-            state=optuna.trial.TrialState.COMPLETE if told is not None else optuna.trial.TrialState.FAIL))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=r["params"],
+                distributions=dict(dists),
+                value=told,
+                state=optuna.trial.TrialState.COMPLETE if told is not None else optuna.trial.TrialState.FAIL,
+            )
+        )
 
 
 def objective(val: float | None, seen: Sequence[float | None]) -> float | None:
@@ -94,10 +103,20 @@ def incumbent(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[f
     return times, vals, tests
 
 
-def run(evaluate: Evaluate, space: Mapping[str, Any], *, repeats: int = 32, samples: int = 30, startup: int = 5,
-        sampler: str = "gp", seed: int = 0, transform: Callable[[Mapping[str, float]], dict[str, float]] | None = None,
-        state: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
-        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run(
+    evaluate: Evaluate,
+    space: Mapping[str, Any],
+    *,
+    repeats: int = 32,
+    samples: int = 30,
+    startup: int = 5,
+    sampler: str = "gp",
+    seed: int = 0,
+    transform: Callable[[Mapping[str, float]], dict[str, float]] | None = None,
+    state: dict[str, Any] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """``repeats`` Bayesian optimisations of ``samples`` evaluations each over ``space``.
 
     Study r is seeded ``derived_seed(seed, r)`` (``seed * 1_000_003 + r``, :func:`bilevel.population.derived_seed`:
@@ -111,8 +130,10 @@ def run(evaluate: Evaluate, space: Mapping[str, Any], *, repeats: int = 32, samp
     ``natural`` (transformed) values, ``val``, ``test``, what the study was ``told`` and ``seconds``).
     """
     if samples < 1 or repeats < 1 or not 0 <= startup <= samples:
-        raise ValueError(f"need samples >= 1, repeats >= 1 and 0 <= startup <= samples; got "
-                         f"samples={samples}, repeats={repeats}, startup={startup}")
+        raise ValueError(
+            f"need samples >= 1, repeats >= 1 and 0 <= startup <= samples; got "
+            f"samples={samples}, repeats={repeats}, startup={startup}"
+        )
     optuna = require("optuna")
     dists = distributions(space)
     records: list[list[dict[str, Any]]] = [list(x) for x in (state or {}).get("records", [[] for _ in range(repeats)])]
@@ -135,15 +156,27 @@ def run(evaluate: Evaluate, space: Mapping[str, Any], *, repeats: int = 32, samp
                 study.tell(trial, told)
             else:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            records[r].append({"params": dict(trial.params), "natural": points[r], "val": val if ok else None,
-                               "test": test if ok else None, "told": told, "seconds": sec})
+            records[r].append(
+                {
+                    "params": dict(trial.params),
+                    "natural": points[r],
+                    "val": val if ok else None,
+                    "test": test if ok else None,
+                    "told": told,
+                    "seconds": sec,
+                }
+            )
         if save is not None:
             save({"records": records})
         if progress is not None:
             progress(1)
     finals = [incumbent(recs) for recs in records]
-    return {"final_test_loss": [f[2][-1] for f in finals], "final_val_loss": [f[1][-1] for f in finals],
-            "seconds": [f[0][-1] for f in finals], "wall_seconds": sum(f[0][-1] for f in finals),
-            "incumbent": {"seconds": [f[0] for f in finals], "test_loss": [f[2] for f in finals]},
-            "diverged_samples": sum(r["val"] is None for recs in records for r in recs),
-            "records": records}
+    return {
+        "final_test_loss": [f[2][-1] for f in finals],
+        "final_val_loss": [f[1][-1] for f in finals],
+        "seconds": [f[0][-1] for f in finals],
+        "wall_seconds": sum(f[0][-1] for f in finals),
+        "incumbent": {"seconds": [f[0] for f in finals], "test_loss": [f[2] for f in finals]},
+        "diverged_samples": sum(r["val"] is None for recs in records for r in recs),
+        "records": records,
+    }

@@ -65,11 +65,14 @@ def require(module: str = "ray.tune") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{module} is needed for this (population search on Ray Tune / Bayesian optimisation): "
-                          f"pip install 'bilevel[ray]'  ({e})") from e
+        raise ImportError(
+            f"{module} is needed for this (population search on Ray Tune / Bayesian optimisation): "
+            f"pip install 'bilevel[ray]'  ({e})"
+        ) from e
 
 
 # ---------------------------------------------------------------------------- what the factories build
+
 
 class Rescalable(Protocol):
     """Anything whose hyperparameters PBT's ratio mutation rescales (:func:`apply_pbt_mutation`)."""
@@ -134,6 +137,7 @@ def worker_cached(key: str, make: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------------------- pure helpers
 
+
 def blocks(n: int, size: int) -> list[tuple[int, int]]:
     """``(first, count)`` of consecutive blocks of at most ``size`` members covering ``0 .. n - 1``."""
     if n < 1 or size < 1:
@@ -164,8 +168,10 @@ def merge_blocks(parts: Sequence[Mapping[str, Any]], axis: str = "step") -> dict
     out: dict[str, Any] = {}
     for key, first in parts[0].items():
         if isinstance(first, Mapping):
-            out[key] = {**({axis: first[axis]} if axis in first else {}),
-                        **{k: [row for p in parts for row in p[key][k]] for k in first if k != axis}}
+            out[key] = {
+                **({axis: first[axis]} if axis in first else {}),
+                **{k: [row for p in parts for row in p[key][k]] for k in first if k != axis},
+            }
         elif isinstance(first, (list, tuple)):
             out[key] = [v for p in parts for v in p[key]]
         elif isinstance(first, (int, float)) and not isinstance(first, bool):
@@ -177,8 +183,9 @@ def merge_blocks(parts: Sequence[Mapping[str, Any]], axis: str = "step") -> dict
     return out
 
 
-def pbt_ratios(new: Mapping[str, float], old: Mapping[str, float], names: Sequence[str] | None = None,
-               rtol: float = 1e-12) -> dict[str, float]:
+def pbt_ratios(
+    new: Mapping[str, float], old: Mapping[str, float], names: Sequence[str] | None = None, rtol: float = 1e-12
+) -> dict[str, float]:
     """The PBT mutation ``new / old`` of each hyperparameter (of ``names``, default all of ``new``) that
     PBT changed (the ratio mutation of Clarke et al. 2022, B.8.2).
 
@@ -186,7 +193,7 @@ def pbt_ratios(new: Mapping[str, float], old: Mapping[str, float], names: Sequen
     trial; names whose values agree (within ``rtol``) are left out.
     """
     out = {}
-    for n in (new if names is None else names):
+    for n in new if names is None else names:
         a, b = float(new[n]), float(old[n])
         if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
             raise ValueError(f"PBT values of {n!r} must be positive and finite, got new={a}, old={b}")
@@ -195,8 +202,9 @@ def pbt_ratios(new: Mapping[str, float], old: Mapping[str, float], names: Sequen
     return out
 
 
-def apply_pbt_mutation(run: Rescalable, new: Mapping[str, float], old: Mapping[str, float],
-                       names: Sequence[str] | None = None) -> dict[str, float]:
+def apply_pbt_mutation(
+    run: Rescalable, new: Mapping[str, float], old: Mapping[str, float], names: Sequence[str] | None = None
+) -> dict[str, float]:
     """Multiply ``run``'s current hyperparameters by PBT's ``new / old`` (``run.rescale(name, ratio)``,
     e.g. a :class:`ScheduledRun` or a :class:`bilevel.tuner.OnlineTuner`); return the ratios."""
     ratios = pbt_ratios(new, old, names)
@@ -216,19 +224,35 @@ def incumbent(rows: Sequence[tuple[float, float | None]]) -> tuple[list[float], 
     return times, best
 
 
-def mutation_record(step: int, trial: str | None, donor: str | None, old: Mapping[str, float],
-                    new: Mapping[str, float], ratios: Mapping[str, float], before: Mapping[str, float],
-                    after: Mapping[str, float], donor_member: int | None = None,
-                    names: Sequence[str] | None = None) -> dict[str, Any]:
+def mutation_record(
+    step: int,
+    trial: str | None,
+    donor: str | None,
+    old: Mapping[str, float],
+    new: Mapping[str, float],
+    ratios: Mapping[str, float],
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    donor_member: int | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """One applied PBT ratio mutation: at ``step`` trial ``trial`` started from ``donor``'s checkpoint
     (written by the trial of member ``donor_member``) whose PBT values were ``old``; PBT assigned
     ``new``; the run's current values of ``names`` (default: those of ``new``) went from ``before``
     (the donor's at its checkpoint) to ``after`` = ``before x ratios`` (then moved into the domain
     by the run's ``rescale``, e.g. a momentum pushed past 1)."""
     names = tuple(new) if names is None else tuple(names)
-    return {"step": int(step), "trial": trial, "donor": donor, "donor_member": donor_member, "ratios": dict(ratios),
-            "pbt_old": {n: float(old[n]) for n in names}, "pbt_new": {n: float(new[n]) for n in names},
-            "before": {n: float(before[n]) for n in names}, "after": {n: float(after[n]) for n in names}}
+    return {
+        "step": int(step),
+        "trial": trial,
+        "donor": donor,
+        "donor_member": donor_member,
+        "ratios": dict(ratios),
+        "pbt_old": {n: float(old[n]) for n in names},
+        "pbt_new": {n: float(new[n]) for n in names},
+        "before": {n: float(before[n]) for n in names},
+        "after": {n: float(after[n]) for n in names},
+    }
 
 
 def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -242,6 +266,7 @@ def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, An
     is PBT's factor unless a value was moved); names not in ``config`` are skipped.
     """
     from ..hparams import NATURAL_INIT_EPS
+
     for n in bounds:
         if n not in config:
             continue
@@ -257,6 +282,7 @@ def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, An
 
 
 # ---------------------------------------------------------------------------- Ray plumbing
+
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
@@ -279,10 +305,20 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             ray.shutdown()
 
 
-def fit(trainable: Callable[[dict], None], param_space: dict[str, Any], path: Path, *,
-        scheduler: Any = None, metric: str | None = None, mode: str | None = None, cpus_per_trial: float = 1,
-        keep_checkpoints: int | None = 2, on_complete: Callable[[], None] | None = None,
-        on_result: Callable[[dict], None] | None = None, reuse_actors: bool = False) -> ResultGrid:
+def fit(
+    trainable: Callable[[dict], None],
+    param_space: dict[str, Any],
+    path: Path,
+    *,
+    scheduler: Any = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    cpus_per_trial: float = 1,
+    keep_checkpoints: int | None = 2,
+    on_complete: Callable[[], None] | None = None,
+    on_result: Callable[[dict], None] | None = None,
+    reuse_actors: bool = False,
+) -> ResultGrid:
     """Run (or, if ``path`` holds an interrupted run, restore and finish) a Ray Tune experiment.
 
     Returns the ``ResultGrid``; raises ``RuntimeError`` naming the trials that failed (re-running
@@ -300,28 +336,42 @@ def fit(trainable: Callable[[dict], None], param_space: dict[str, Any], path: Pa
         def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
             _notify(done_key)
 
-        def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict,
-                            **info: Any) -> None:
+        def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
             _notify(result_key, result)
+
     callbacks = [_Driver()]
     if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space)
+        tuner = tune.Tuner.restore(
+            str(path), trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
+        )
     else:
         tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(scheduler=scheduler, metric=metric, mode=mode, reuse_actors=reuse_actors,
-                                        trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
-                                      callbacks=callbacks,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints)))
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                scheduler=scheduler,
+                metric=metric,
+                mode=mode,
+                reuse_actors=reuse_actors,
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=path.name,
+                storage_path=str(path.parent),
+                verbose=0,
+                callbacks=callbacks,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
+            ),
+        )
     with _keep_signal_handlers():
         grid = tuner.fit()
     check_finished(trial_statuses(grid, path), path)
     if grid.errors:
         failed = [f"{r.path}: {type(r.error).__name__}: {r.error}" for r in grid if r.error is not None]
-        raise RuntimeError(f"{len(failed)} Ray Tune trial(s) failed; run the same command again to resume them:\n"
-                           + "\n".join(failed[:5]))
+        raise RuntimeError(
+            f"{len(failed)} Ray Tune trial(s) failed; run the same command again to resume them:\n"
+            + "\n".join(failed[:5])
+        )
     return grid
 
 
@@ -358,6 +408,7 @@ def trial_statuses(grid: ResultGrid, path: Path | str | None = None) -> list[tup
     statuses of the grid's trials are used.
     """
     import logging
+
     if path is not None:
         log = logging.getLogger("ray.tune.analysis.experiment_analysis")
         level = log.level
@@ -381,6 +432,7 @@ def _keep_signal_handlers() -> Iterator[None]:
     in place after a run that was not interrupted, which would swallow a later Ctrl-C)."""
     import signal
     import threading
+
     names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
     main = threading.current_thread() is threading.main_thread()
     saved = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
@@ -406,9 +458,11 @@ def check_finished(statuses: Sequence[tuple[str, str]], path: Path | str | None 
     left = unfinished(statuses)
     if left:
         names = ", ".join(f"{t} ({s})" for t, s in left[:8]) + (" ..." if len(left) > 8 else "")
-        raise Interrupted(f"Ray Tune stopped with {len(left)} of {len(statuses)} trial(s) unfinished ({names}); "
-                          f"the experiment{'' if path is None else ' ' + str(path)} is saved: run the same command "
-                          "again to resume it")
+        raise Interrupted(
+            f"Ray Tune stopped with {len(left)} of {len(statuses)} trial(s) unfinished ({names}); "
+            f"the experiment{'' if path is None else ' ' + str(path)} is saved: run the same command "
+            "again to resume it"
+        )
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> None:
@@ -442,9 +496,11 @@ def checkpoint_result(result: Result) -> dict[str, Any]:
     with result.checkpoint.as_directory() as d:
         f = Path(d) / "result.json"
         if not f.exists():
-            raise RuntimeError(f"trial {result.path} has not finished (its last checkpoint, at step "
-                               f"{(result.metrics or {}).get('step')}, holds no result.json); run the same command "
-                               "again to resume it")
+            raise RuntimeError(
+                f"trial {result.path} has not finished (its last checkpoint, at step "
+                f"{(result.metrics or {}).get('step')}, holds no result.json); run the same command "
+                "again to resume it"
+            )
         return json.loads(f.read_text())
 
 
@@ -473,10 +529,13 @@ def _named(f: Callable, factory: Callable, default: str) -> Callable:
 
 # ---------------------------------------------------------------------------- a population as trials
 
-def population_trainable(factory: Callable[[dict[str, Any]], BlockRun], steps: int,
-                         checkpoint_every: int) -> Callable[[dict[str, Any]], None]:
+
+def population_trainable(
+    factory: Callable[[dict[str, Any]], BlockRun], steps: int, checkpoint_every: int
+) -> Callable[[dict[str, Any]], None]:
     """Ray Tune trainable: the block run ``factory(config)`` trained to ``steps``, checkpointed every
     ``checkpoint_every`` steps; its last checkpoint holds ``run.result()`` (:func:`checkpoint_result`)."""
+
     def population_trial(config: dict[str, Any]) -> None:
         torch.set_num_threads(int(config.get("threads", 1)))
         run = factory(config)
@@ -490,15 +549,26 @@ def population_trainable(factory: Callable[[dict[str, Any]], BlockRun], steps: i
             report({"step": run.step, "done": done}, run.state_dict(), result)
             if done:
                 return
+
     return _named(population_trial, factory, "population_trial")
 
 
-def run_population(factory: Callable[[dict[str, Any]], BlockRun], n: int, path: Path, *, steps: int,
-                   checkpoint_every: int, config: Mapping[str, Any] | None = None,
-                   tag: Mapping[str, Any] | None = None, block_size: int | None = None, threads: int = 1,
-                   address: str | None = None, num_cpus: int | None = None,
-                   progress_factory: Callable[[str, int], Callable[..., None]] | None = None,
-                   label: str = "ray") -> list[dict[str, Any]]:
+def run_population(
+    factory: Callable[[dict[str, Any]], BlockRun],
+    n: int,
+    path: Path,
+    *,
+    steps: int,
+    checkpoint_every: int,
+    config: Mapping[str, Any] | None = None,
+    tag: Mapping[str, Any] | None = None,
+    block_size: int | None = None,
+    threads: int = 1,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress_factory: Callable[[str, int], Callable[..., None]] | None = None,
+    label: str = "ray",
+) -> list[dict[str, Any]]:
     """Train a population of ``n`` members as Ray Tune trials, one per block; return the blocks' results.
 
     Each trial's config is ``{"job": {**tag, "first": f, "count": c}, **config, "threads": threads}``
@@ -518,9 +588,14 @@ def run_population(factory: Callable[[dict[str, Any]], BlockRun], n: int, path: 
         size = block_size or max(1, math.ceil(n / max(1, cpus // max(1, threads))))
         jobs = [{**tag, "first": f, "count": c} for f, c in blocks(n, size)]
         advance = progress_factory(label, len(jobs)) if progress_factory else None
-        grid = fit(population_trainable(factory, steps, checkpoint_every),
-                   {"job": tune.grid_search(jobs), **(config or {}), "threads": threads},
-                   path, cpus_per_trial=threads, keep_checkpoints=1, on_complete=advance)
+        grid = fit(
+            population_trainable(factory, steps, checkpoint_every),
+            {"job": tune.grid_search(jobs), **(config or {}), "threads": threads},
+            path,
+            cpus_per_trial=threads,
+            keep_checkpoints=1,
+            on_complete=advance,
+        )
         mine = [r for r in _results(grid) if all(_config(r)["job"].get(k) == v for k, v in tag.items())]
         try:
             member_blocks([_config(r)["job"] for r in mine], n)
@@ -532,8 +607,10 @@ def run_population(factory: Callable[[dict[str, Any]], BlockRun], n: int, path: 
 
 # ---------------------------------------------------------------------------- ASHA and PBT
 
-def scheduled_trainable(factory: Callable[[dict[str, Any]], ScheduledRun], names: Sequence[str],
-                        steps: int) -> Callable[[dict[str, Any]], None]:
+
+def scheduled_trainable(
+    factory: Callable[[dict[str, Any]], ScheduledRun], names: Sequence[str], steps: int
+) -> Callable[[dict[str, Any]], None]:
     """Ray Tune trainable: the run ``factory(config)`` (one member; its hyperparameters ``names`` at the
     values ``config[name]``) trained to ``steps``, reporting ``run.losses()`` (a diverged run's, or a
     non-finite one, as :data:`DIVERGED`) every ``config["report_every"]`` steps. On a restart from a
@@ -560,9 +637,20 @@ def scheduled_trainable(factory: Callable[[dict[str, Any]], ScheduledRun], names
             before = run.hparams()
             ratios = apply_pbt_mutation(run, values, state["pbt_values"], names)
             if ratios:
-                mutations.append(mutation_record(run.step, trial_id, state.get("writer"), state["pbt_values"], values,
-                                                 ratios, before, run.hparams(), donor_member=state.get("member"),
-                                                 names=names))
+                mutations.append(
+                    mutation_record(
+                        run.step,
+                        trial_id,
+                        state.get("writer"),
+                        state["pbt_values"],
+                        values,
+                        ratios,
+                        before,
+                        run.hparams(),
+                        donor_member=state.get("member"),
+                        names=names,
+                    )
+                )
         every, ckpt_every = int(config["report_every"]), int(config["checkpoint_every"])
         t0 = float(config["t0"])
         while run.step < steps:
@@ -570,17 +658,32 @@ def scheduled_trainable(factory: Callable[[dict[str, Any]], ScheduledRun], names
             t = run.step
             alive = bool(run.alive)
             losses = {k: v if alive and math.isfinite(v) else DIVERGED for k, v in run.losses().items()}
-            metrics = {"step": t, **losses, "diverged": not alive, "wall": time.time() - t0,
-                       **{f"now_{k}": v for k, v in run.hparams().items()},
-                       **{f"ratio_{k}": v for k, v in ratios.items()}, "mutations": len(mutations),
-                       "mutated_at": mutations[-1]["step"] if ratios else -1}
+            metrics = {
+                "step": t,
+                **losses,
+                "diverged": not alive,
+                "wall": time.time() - t0,
+                **{f"now_{k}": v for k, v in run.hparams().items()},
+                **{f"ratio_{k}": v for k, v in ratios.items()},
+                "mutations": len(mutations),
+                "mutated_at": mutations[-1]["step"] if ratios else -1,
+            }
             if t >= steps:  # the path's mutations with its final losses (a JSON string: Tune keeps it as is)
                 metrics["lineage"] = json.dumps(mutations)
             if t % ckpt_every == 0 or t >= steps:
-                report(metrics, {"run": run.state_dict(), "pbt_values": values, "writer": trial_id,
-                                 "member": int(config["member"]), "mutations": mutations})
+                report(
+                    metrics,
+                    {
+                        "run": run.state_dict(),
+                        "pbt_values": values,
+                        "writer": trial_id,
+                        "member": int(config["member"]),
+                        "mutations": mutations,
+                    },
+                )
             else:
                 report(metrics)
+
     return _named(scheduled_trial, factory, "scheduled_trial")
 
 
@@ -591,16 +694,33 @@ def _trial_id() -> str | None:
         return None
 
 
-def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Mapping[str, Sequence[float]],
-                  path: Path, *, steps: int, scheduler: str, config: Mapping[str, Any] | None = None,
-                  metric: str = "val_loss", score: str = "test_loss", report_every: int = 10,
-                  grace_period: int | None = None, reduction_factor: float = 4, perturbation_interval: int = 100,
-                  checkpoint_every: int = 500, mutations: Mapping[str, Any] | None = None,
-                  bounds: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
-                  quantile_fraction: float = 0.25, resample_probability: float = 0.25, synch: bool = False,
-                  address: str | None = None, num_cpus: int | None = None, threads: int = 1,
-                  progress_factory: Callable[[str, int], Callable[..., None]] | None = None,
-                  label: str = "scheduled") -> dict[str, Any]:
+def run_scheduled(
+    factory: Callable[[dict[str, Any]], ScheduledRun],
+    initial: Mapping[str, Sequence[float]],
+    path: Path,
+    *,
+    steps: int,
+    scheduler: str,
+    config: Mapping[str, Any] | None = None,
+    metric: str = "val_loss",
+    score: str = "test_loss",
+    report_every: int = 10,
+    grace_period: int | None = None,
+    reduction_factor: float = 4,
+    perturbation_interval: int = 100,
+    checkpoint_every: int = 500,
+    mutations: Mapping[str, Any] | None = None,
+    bounds: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    quantile_fraction: float = 0.25,
+    resample_probability: float = 0.25,
+    synch: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    threads: int = 1,
+    progress_factory: Callable[[str, int], Callable[..., None]] | None = None,
+    label: str = "scheduled",
+) -> dict[str, Any]:
     """One member per trial, trained to ``steps`` under ASHA or PBT, ranked by the final ``metric`` (minimised).
 
     ``initial[name][i]`` is member i's initial value of hyperparameter ``name`` (so there are
@@ -624,34 +744,54 @@ def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Ma
     """
     tune = require("ray.tune")
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
     names = tuple(initial)
     trials = len(initial[names[0]]) if names else 0
     if trials < 1 or any(len(v) != trials for v in initial.values()):
-        raise ValueError(f"need the same number (>= 1) of initial values per hyperparameter, got "
-                         f"{ {n: len(v) for n, v in initial.items()} }")
+        raise ValueError(
+            f"need the same number (>= 1) of initial values per hyperparameter, got "
+            f"{ {n: len(v) for n, v in initial.items()} }"
+        )
     sched: TrialScheduler
     if scheduler == "asha":
-        sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace_period or report_every,
-                              reduction_factor=reduction_factor, brackets=1)
+        sched = ASHAScheduler(
+            time_attr="step",
+            max_t=steps,
+            grace_period=grace_period or report_every,
+            reduction_factor=reduction_factor,
+            brackets=1,
+        )
         ckpt_every = checkpoint_every
     elif scheduler == "pbt":
         if perturbation_interval % report_every:
-            raise ValueError(f"perturbation interval {perturbation_interval} must be a multiple of report_every {report_every}")
+            raise ValueError(
+                f"perturbation interval {perturbation_interval} must be a multiple of report_every {report_every}"
+            )
         import random
+
         random.seed(seed)  # PBT's explore/exploit draws use Python's random module in the driver
-        sched = PopulationBasedTraining(time_attr="step", perturbation_interval=perturbation_interval,
-                                        hyperparam_mutations=dict(mutations or {}), quantile_fraction=quantile_fraction,
-                                        resample_probability=resample_probability, synch=synch,
-                                        custom_explore_fn=None if bounds is None else
-                                        functools.partial(clip_to_domains, bounds=bounds))
+        sched = PopulationBasedTraining(
+            time_attr="step",
+            perturbation_interval=perturbation_interval,
+            hyperparam_mutations=dict(mutations or {}),
+            quantile_fraction=quantile_fraction,
+            resample_probability=resample_probability,
+            synch=synch,
+            custom_explore_fn=None if bounds is None else functools.partial(clip_to_domains, bounds=bounds),
+        )
         ckpt_every = perturbation_interval
     else:
         raise ValueError(f"unknown scheduler {scheduler!r}: use 'asha' or 'pbt'")
     table = {n: [float(x) for x in initial[n]] for n in names}
-    space = {"member": tune.grid_search(list(range(trials))),
-             **{n: tune.sample_from(lambda config, n=n: table[n][config["member"]]) for n in names},
-             **(config or {}), "report_every": report_every, "checkpoint_every": ckpt_every, "threads": threads,
-             "t0": time.time()}
+    space = {
+        "member": tune.grid_search(list(range(trials))),
+        **{n: tune.sample_from(lambda config, n=n: table[n][config["member"]]) for n in names},
+        **(config or {}),
+        "report_every": report_every,
+        "checkpoint_every": ckpt_every,
+        "threads": threads,
+        "t0": time.time(),
+    }
     start = time.perf_counter()
     with ray_session(address, num_cpus):
         advance = progress_factory(label, trials) if progress_factory else None
@@ -662,10 +802,22 @@ def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Ma
             rows.append((float(res["wall"]), float(res[score])))
             if int(res.get("mutated_at", -1)) >= 0:
                 applied[(str(res.get("trial_id")), int(res["mutated_at"]))] = {
-                    n: float(res[f"ratio_{n}"]) for n in names if f"ratio_{n}" in res}
-        grid = fit(scheduled_trainable(factory, names, steps), space, Path(path), scheduler=sched, metric=metric,
-                   mode="min", cpus_per_trial=threads, keep_checkpoints=2, on_complete=advance, reuse_actors=True,
-                   on_result=on_result)
+                    n: float(res[f"ratio_{n}"]) for n in names if f"ratio_{n}" in res
+                }
+
+        grid = fit(
+            scheduled_trainable(factory, names, steps),
+            space,
+            Path(path),
+            scheduler=sched,
+            metric=metric,
+            mode="min",
+            cpus_per_trial=threads,
+            keep_checkpoints=2,
+            on_complete=advance,
+            reuse_actors=True,
+            on_result=on_result,
+        )
         elapsed = time.perf_counter() - start
         finals, steps_done, total_seconds = [], 0, 0.0
         for r in _results(grid):
@@ -677,29 +829,44 @@ def run_scheduled(factory: Callable[[dict[str, Any]], ScheduledRun], initial: Ma
             total_seconds += float(last.get("time_total_s", 0.0))
             if int(last["step"]) >= steps:
                 bad = bool(last["diverged"])
-                finals.append({"score": None if bad else float(last[score]),
-                               "metric": None if bad else float(last[metric]),
-                               "config": {n: float(_config(r)[n]) for n in names},
-                               "hparams": {n: float(last[f"now_{n}"]) for n in names},
-                               "mutations": json.loads(last.get("lineage") or "[]")})
+                finals.append(
+                    {
+                        "score": None if bad else float(last[score]),
+                        "metric": None if bad else float(last[metric]),
+                        "config": {n: float(_config(r)[n]) for n in names},
+                        "hparams": {n: float(last[f"now_{n}"]) for n in names},
+                        "mutations": json.loads(last.get("lineage") or "[]"),
+                    }
+                )
     times, best = incumbent(rows)
-    return {f"final_{score}": [f["score"] for f in finals], f"final_{metric}": [f["metric"] for f in finals],
-            "seconds": [elapsed / max(1, len(finals))] * len(finals), "wall_seconds": elapsed,
-            "trial_seconds": total_seconds, "trials": trials, "fully_trained": len(finals),
-            "weight_steps": steps_done, "incumbent": {"seconds": times, score: best},
-            "final_hparams": [f["hparams"] for f in finals], "pbt_config": [f["config"] for f in finals],
-            "mutations": [f["mutations"] for f in finals],
-            "exploits": len(applied | {(m["trial"], m["step"]): m["ratios"] for f in finals for m in f["mutations"]}),
-            "applied_ratios": [{"trial": t, "step": k, "ratios": r} for (t, k), r in sorted(applied.items())]}
+    return {
+        f"final_{score}": [f["score"] for f in finals],
+        f"final_{metric}": [f["metric"] for f in finals],
+        "seconds": [elapsed / max(1, len(finals))] * len(finals),
+        "wall_seconds": elapsed,
+        "trial_seconds": total_seconds,
+        "trials": trials,
+        "fully_trained": len(finals),
+        "weight_steps": steps_done,
+        "incumbent": {"seconds": times, score: best},
+        "final_hparams": [f["hparams"] for f in finals],
+        "pbt_config": [f["config"] for f in finals],
+        "mutations": [f["mutations"] for f in finals],
+        "exploits": len(applied | {(m["trial"], m["step"]): m["ratios"] for f in finals for m in f["mutations"]}),
+        "applied_ratios": [{"trial": t, "step": k, "ratios": r} for (t, k), r in sorted(applied.items())],
+    }
 
 
 # ---------------------------------------------------------------------------- budgets and figures
 
+
 def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
     """ASHA's milestones ``grace * rf^k < max_t`` and ``max_t`` (one bracket)."""
     if grace_period < 1 or max_t < grace_period or reduction_factor <= 1:
-        raise ValueError(f"need 1 <= grace_period <= max_t and reduction_factor > 1; got grace_period={grace_period}, "
-                         f"max_t={max_t}, reduction_factor={reduction_factor}")
+        raise ValueError(
+            f"need 1 <= grace_period <= max_t and reduction_factor > 1; got grace_period={grace_period}, "
+            f"max_t={max_t}, reduction_factor={reduction_factor}"
+        )
     out, r = [], float(grace_period)
     while r < max_t:
         out.append(int(round(r)))
@@ -718,16 +885,22 @@ def asha_trials_for_budget(paths: int, steps: int, grace_period: int, reduction_
     return max(1, round(paths * steps / (len(rungs) * grace_period)))
 
 
-def plot_incumbent(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
-                   ylabel: str = "incumbent best test loss") -> Path | None:
+def plot_incumbent(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: Path,
+    title: str,
+    ylabel: str = "incumbent best test loss",
+) -> Path | None:
     """Best loss found so far against wall time (log axes), one step curve per search (e.g. Clarke et al. 2022,
     Figs. 11 and 19)."""
     series = {k: v for k, v in series.items() if len(v[0])}
     if not series:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, (t, v) in series.items():
         ax.step(t, v, where="post", label=name)

@@ -376,6 +376,8 @@ def start_method(cfg: ClarkeConfig, problem: Problem, method: str | Method, *, f
 def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None = None,
                progress: Callable[[int], None] | None = None, *, first: int = 0) -> dict[str, Any]:
     """Train the population for one method (resuming from ``ckpt`` if it exists); return its results."""
+    if cfg.checkpoint_every < 1 or cfg.steps < 1:
+        raise ValueError(f"checkpoint_every and steps must be >= 1, got {cfg.checkpoint_every} and {cfg.steps}")
     run = start_method(cfg, problem, name, first=first)
     tuner = run.tuner
     state = load_torch_state(ckpt, f"{name} starts again from step 0") if ckpt is not None else None

@@ -113,6 +113,11 @@ def cells(cfg: clarke.ClarkeConfig, intervals: list[int], lookbacks: list[int], 
 
 def check_arguments(a) -> None:
     cfg = clarke.config_from_args(a)
+    unrolled = [m for m in clarke.parse_methods(cfg.methods) if clarke.METHODS[m].mode == "unroll"]
+    if unrolled and min(a.lookbacks) < 1:
+        raise ValueError(f"--lookbacks {','.join(map(str, a.lookbacks))}: {', '.join(unrolled)} differentiates "
+                         "through the last i weight steps, so every look-back must be >= 1 for it (0 is fine for "
+                         "the IFT methods: one Neumann term)")
     for *_, sub in cells(cfg, a.intervals, a.lookbacks, a.updates):
         clarke.validate_config(sub)
 
