@@ -51,13 +51,14 @@ import bilevel
 
 # MLP widths (input, hidden..., classes) and their exact weight counts (incl. biases)
 SIZES = {
-    "270k": (784, 256, 256, 10),   # 269,322 weights
-    "1m": (784, 1024, 192, 10),    # 1,002,570 weights
+    "270k": (784, 256, 256, 10),  # 269,322 weights
+    "1m": (784, 1024, 192, 10),  # 1,002,570 weights
 }
 BATCH = 128
 
 
 # --------------------------------------------------------------------------- problem
+
 
 def n_weights(widths) -> int:
     return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
@@ -95,6 +96,7 @@ def leaves(tree):
 
 
 # --------------------------------------------------------------------------- timing
+
 
 def median_time(fn, repeats: int, warmup: int = 2, number: int = 1) -> float:
     """Median over ``repeats`` of the mean time of ``number`` back-to-back calls (seconds)."""
@@ -190,6 +192,7 @@ def say(text: str) -> None:
 
 # --------------------------------------------------------------------------- section 1
 
+
 def train_grad_fn(params, data):
     """One training gradient (forward + backward, eager autograd): the unit of cost."""
     X, y, _, _ = data
@@ -241,7 +244,7 @@ def bench_hvp_paths(size: str, repeats: int, do_compile: bool) -> dict:
 
     def check(out):  # relative error against the eager reference
         num = math.sqrt(sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)))
-        den = math.sqrt(sum(float((r ** 2).sum()) for r in ref))
+        den = math.sqrt(sum(float((r**2).sum()) for r in ref))
         return num / den
 
     # (b1) torch.func reverse-over-reverse, recomputed per product
@@ -256,8 +259,11 @@ def bench_hvp_paths(size: str, repeats: int, do_compile: bool) -> dict:
     t_vjp_build = timed(lambda: vjp(grad(f), pd), 1)
     _, vjp_fn = vjp(grad(f), pd)
     t_rr_reuse = timed(lambda: vjp_fn(v), 5)
-    rows["b2_func_rr_reused"] = {"oneoff": t_vjp_build, "per_hvp": t_rr_reuse,
-                                 "rel_err": check([vjp_fn(v)[0][k] for k in keys])}
+    rows["b2_func_rr_reused"] = {
+        "oneoff": t_vjp_build,
+        "per_hvp": t_rr_reuse,
+        "rel_err": check([vjp_fn(v)[0][k] for k in keys]),
+    }
     del vjp_fn
 
     # (c) forward-over-reverse
@@ -272,8 +278,7 @@ def bench_hvp_paths(size: str, repeats: int, do_compile: bool) -> dict:
 
     # (d) torch.compile, in a fresh process (inductor's OpenMP kernels can slow later eager ops)
     if do_compile:
-        child = run_child({"what": "compile_hvp", "size": size, "threads": torch.get_num_threads(),
-                           "repeats": repeats})
+        child = run_child({"what": "compile_hvp", "size": size, "threads": torch.get_num_threads(), "repeats": repeats})
         if "error" in child:
             rows["d_compile_vjp_grad"] = {"error": child["error"]}
         else:
@@ -299,7 +304,7 @@ def compile_hvp_child(spec: dict) -> dict:
 
     def check(o):
         num = math.sqrt(sum(float(((a - r) ** 2).sum()) for a, r in zip(o, ref)))
-        return num / math.sqrt(sum(float((r ** 2).sum()) for r in ref))
+        return num / math.sqrt(sum(float((r**2).sum()) for r in ref))
 
     def hvp_rr(p_, v_):
         _, fn = vjp(grad(f), p_)
@@ -309,8 +314,11 @@ def compile_hvp_child(spec: dict) -> dict:
         return jvp(grad(f), (p_,), (v_,))[1]
 
     paths = {}
-    for name, fn in (("d_compile_vjp_grad", hvp_rr), ("d_compile_jvp_grad", hvp_fr),
-                     ("compile_grad_reference", lambda p_, v_: grad(f)(p_))):
+    for name, fn in (
+        ("d_compile_vjp_grad", hvp_rr),
+        ("d_compile_jvp_grad", hvp_fr),
+        ("compile_grad_reference", lambda p_, v_: grad(f)(p_)),
+    ):
         dynamo.reset()
         dynamo.utils.counters.clear()
         entry = {}
@@ -351,34 +359,43 @@ def print_hvp_table(res: dict) -> None:
             o_ms, o_ratio = ms(o), ratio(o, tg)
         else:
             o_ms, o_ratio = ("-", "-") if o is None else (ms(o["s"]), f"{o['ratio']:.2f}")
-        return [label, o_ms, o_ratio, ms(e[per]["s"]), f"{e[per]['ratio']:.2f}",
-                "-" if err is None else f"{err:.1e}"]
+        return [label, o_ms, o_ratio, ms(e[per]["s"]), f"{e[per]['ratio']:.2f}", "-" if err is None else f"{err:.1e}"]
 
     rows.append(row("(a) eager double backward, retained graph", P["a_eager_retained"]))
     rows.append(row("(b) func vjp(grad(f)), recomputed per HVP", P["b1_func_rr_recomputed"]))
     rows.append(row("(b) func vjp(grad(f)), vjp_fn reused", P["b2_func_rr_reused"]))
     rows.append(row("(c) func jvp(grad(f)) fwd-over-rev", P["c_func_fwd_over_rev"]))
-    labels = {"d_compile_vjp_grad": "(d) torch.compile vjp(grad(f)) per HVP",
-              "d_compile_jvp_grad": "(d) torch.compile jvp(grad(f)) per HVP",
-              "compile_grad_reference": "ref: torch.compile grad(f) (a gradient)"}
+    labels = {
+        "d_compile_vjp_grad": "(d) torch.compile vjp(grad(f)) per HVP",
+        "d_compile_jvp_grad": "(d) torch.compile jvp(grad(f)) per HVP",
+        "compile_grad_reference": "ref: torch.compile grad(f) (a gradient)",
+    }
     notes = []
     for k, label in labels.items():
         if k in P:
             rows.append(row(label, P[k], per="per_call", oneoff="first_call_s"))
             e = P[k]
             if "error" not in e:
-                notes.append(f"  {label}: first call (trace+compile) {e['first_call_s']:.1f} s, "
-                             f"second call {1e3 * e['second_call_s']:.1f} ms, graph breaks {e['graph_breaks']}")
-    title = (f"1. HVP paths, MLP {'-'.join(map(str, w))} ({res['n_weights']:,} weights), float32, batch {BATCH}, "
-             f"cross-entropy")
-    note = ("one-off = graph-building gradient for (a) (create_graph=True), vjp(grad(f)) for (b reused), "
-            "first call incl. compilation for (d).\n"
-            "ms = median over repeats; '/ grad' = median of per-repeat ratios to a training gradient timed "
-            "right before (pairing cancels slow load drifts)")
+                notes.append(
+                    f"  {label}: first call (trace+compile) {e['first_call_s']:.1f} s, "
+                    f"second call {1e3 * e['second_call_s']:.1f} ms, graph breaks {e['graph_breaks']}"
+                )
+    title = (
+        f"1. HVP paths, MLP {'-'.join(map(str, w))} ({res['n_weights']:,} weights), float32, batch {BATCH}, "
+        f"cross-entropy"
+    )
+    note = (
+        "one-off = graph-building gradient for (a) (create_graph=True), vjp(grad(f)) for (b reused), "
+        "first call incl. compilation for (d).\n"
+        "ms = median over repeats; '/ grad' = median of per-repeat ratios to a training gradient timed "
+        "right before (pairing cancels slow load drifts)"
+    )
     if "compile_child_eager_grad_before_s" in res:
-        notes.append(f"  (d) ran in a fresh process; its eager training gradient took "
-                     f"{ms(res['compile_child_eager_grad_before_s'])} ms before compiling and "
-                     f"{ms(res['compile_child_eager_grad_after_s'])} ms after running the compiled code")
+        notes.append(
+            f"  (d) ran in a fresh process; its eager training gradient took "
+            f"{ms(res['compile_child_eager_grad_before_s'])} ms before compiling and "
+            f"{ms(res['compile_child_eager_grad_after_s'])} ms after running the compiled code"
+        )
     if notes:
         note += "\n" + "\n".join(notes)
     print_table(title, cols, rows, note)
@@ -411,6 +428,7 @@ def forward_over_reverse_support() -> list[dict]:
 
 
 # --------------------------------------------------------------------------- section 2
+
 
 def make_bilevel(size: str):
     params, (X, y, Xv, yv), v = make_problem(size)
@@ -464,8 +482,14 @@ def smallest_eigenvalue(op, like, iters: int = 300) -> float:
         x = torch.as_tensor(np.asarray(x).ravel(), dtype=dtype)
         return bilevel._tree.flatten(op.rmatvec(bilevel._tree.unflatten(x, like))).double().numpy()
 
-    lo = eigsh(LinearOperator((n, n), matvec=mv, dtype=np.float64), k=1, which="SA", maxiter=iters,
-               tol=1e-3, return_eigenvectors=False)
+    lo = eigsh(
+        LinearOperator((n, n), matvec=mv, dtype=np.float64),
+        k=1,
+        which="SA",
+        maxiter=iters,
+        tol=1e-3,
+        return_eigenvectors=False,
+    )
     return float(lo[0])
 
 
@@ -479,8 +503,16 @@ def bench_hypergradient(size: str, repeats: int, do_compile: bool) -> dict:
     lam_min = smallest_eigenvalue(op, {k: t.detach() for k, t in p_leaf.items()})
     alpha = 1.0 / lam
     damping = max(1.0, 1.5 * -lam_min, 0.05 * lam)  # J + damping I positive definite with margin
-    res = {"size": size, "n_weights": n_weights(SIZES[size]), "grad_s": t_grad, "lambda_max": lam,
-           "lambda_min": lam_min, "alpha": alpha, "cg_damping": damping, "rows": []}
+    res = {
+        "size": size,
+        "n_weights": n_weights(SIZES[size]),
+        "grad_s": t_grad,
+        "lambda_max": lam,
+        "lambda_min": lam_min,
+        "alpha": alpha,
+        "cg_damping": damping,
+        "rows": [],
+    }
     settings = [("autograd", "Neumann", s) for s in (0, 1, 5, 20)]
     settings += [("autograd", "CG", s) for s in (5, 20)]
     settings += [("func", "Neumann", s) for s in (0, 5, 20)]
@@ -495,12 +527,27 @@ def bench_hypergradient(size: str, repeats: int, do_compile: bool) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             bilevel.hypergradient(outer, params, hparams, inner=inner, solver=counter, backend=backend)
-        call = lambda: bilevel.hypergradient(outer, params, hparams, inner=inner, solver=solver,  # noqa: E731
-                                            backend=backend)
+        call = lambda: bilevel.hypergradient(
+            outer,
+            params,
+            hparams,
+            inner=inner,
+            solver=solver,  # noqa: E731
+            backend=backend,
+        )
         t, b, r = paired_time(call, base, repeats, warmup=1)
-        res["rows"].append({"backend": backend, "solver": kind, "steps": steps, "time_s": t, "grad_s": b,
-                            "ratio": r, "products": counter.count,
-                            "warnings": sorted({str(w.message)[:120] for w in caught})})
+        res["rows"].append(
+            {
+                "backend": backend,
+                "solver": kind,
+                "steps": steps,
+                "time_s": t,
+                "grad_s": b,
+                "ratio": r,
+                "products": counter.count,
+                "warnings": sorted({str(w.message)[:120] for w in caught}),
+            }
+        )
 
     def slope(backend):
         r = {x["steps"]: x["ratio"] for x in res["rows"] if x["backend"] == backend and x["solver"] == "Neumann"}
@@ -522,8 +569,15 @@ def bench_hypergradient(size: str, repeats: int, do_compile: bool) -> dict:
     res["solver_only_eager_step_cost"] = (solver_rows["eager_20"]["ratio"] - solver_rows["eager_5"]["ratio"]) / 15
     del op, p_leaf
     if do_compile:  # ... and by a torch.compile'd HVP, in a fresh process
-        child = run_child({"what": "compile_neumann", "size": size, "threads": torch.get_num_threads(),
-                           "repeats": repeats, "alpha": alpha})
+        child = run_child(
+            {
+                "what": "compile_neumann",
+                "size": size,
+                "threads": torch.get_num_threads(),
+                "repeats": repeats,
+                "alpha": alpha,
+            }
+        )
         if "error" in child:
             res["compiled_error"] = child["error"]
         else:
@@ -531,7 +585,8 @@ def bench_hypergradient(size: str, repeats: int, do_compile: bool) -> dict:
             solver_rows.update(child["solver_rows"])
             res["compiled_hvp"] = child["hvp"]
             res["solver_only_compiled_step_cost"] = (
-                (solver_rows["compiled_20"]["ratio"] - solver_rows["compiled_5"]["ratio"]) / 15)
+                solver_rows["compiled_20"]["ratio"] - solver_rows["compiled_5"]["ratio"]
+            ) / 15
     res["solver_only"] = solver_rows
     return res
 
@@ -579,8 +634,15 @@ def compile_neumann_child(spec: dict) -> dict:
 def run_child(spec: dict, env: dict | None = None) -> dict:
     # Started through /bin/sh, which forks (not execs) the child: a process started straight from this one
     # (vfork + exec) inherits this process's peak RSS into its ru_maxrss, which could not then be reset.
-    cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, os.path.abspath(__file__),
-           "--_child", json.dumps(spec)]
+    cmd = [
+        "/bin/sh",
+        "-c",
+        '"$0" "$@"; exit $?',
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        json.dumps(spec),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if out.returncode != 0:
         lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
@@ -595,41 +657,65 @@ def print_hypergradient_table(res: dict) -> None:
     cols = ["backend", "solver", "steps", "operator products", "time ms", "grad ms (paired)", "time / grad"]
     rows = []
     for r in res["rows"]:
-        rows.append([r["backend"], r["solver"], str(r["steps"]), str(r["products"]), ms(r["time_s"]),
-                     ms(r["grad_s"]), f"{r['ratio']:.2f}"])
+        rows.append(
+            [
+                r["backend"],
+                r["solver"],
+                str(r["steps"]),
+                str(r["products"]),
+                ms(r["time_s"]),
+                ms(r["grad_s"]),
+                f"{r['ratio']:.2f}",
+            ]
+        )
     w = SIZES[res["size"]]
-    title = (f"2. bilevel.hypergradient, MLP {'-'.join(map(str, w))} ({res['n_weights']:,} weights); "
-             f"inner = CE + per-weight L2 (per-weight hparam), outer = validation CE")
-    lines = [f"Neumann alpha = 1/lambda_max = {res['alpha']:.4g} (lambda_max by power iteration ~ "
-             f"{res['lambda_max']:.4g}, lambda_min by Lanczos ~ {res['lambda_min']:.4g}), divergence='ignore'; "
-             f"CG damping = {res['cg_damping']:.3g}, tol = 0 (CG products include 2 for its symmetry check)",
-             "time / grad = median of per-repeat ratios to a training gradient timed right before"]
+    title = (
+        f"2. bilevel.hypergradient, MLP {'-'.join(map(str, w))} ({res['n_weights']:,} weights); "
+        f"inner = CE + per-weight L2 (per-weight hparam), outer = validation CE"
+    )
+    lines = [
+        f"Neumann alpha = 1/lambda_max = {res['alpha']:.4g} (lambda_max by power iteration ~ "
+        f"{res['lambda_max']:.4g}, lambda_min by Lanczos ~ {res['lambda_min']:.4g}), divergence='ignore'; "
+        f"CG damping = {res['cg_damping']:.3g}, tol = 0 (CG products include 2 for its symmetry check)",
+        "time / grad = median of per-repeat ratios to a training gradient timed right before",
+    ]
     for r in res["rows"]:
         for wmsg in r["warnings"]:
             lines.append(f"  warning ({r['backend']} {r['solver']} {r['steps']}): {wmsg}")
-    lines.append(f"cost per Neumann step (slope 5 -> 20), full hypergradient, backend='autograd': "
-                 f"{res['neumann_step_cost_autograd']:.2f} gradient evaluations (target <= 2.5)")
-    lines.append(f"cost per Neumann step (slope 5 -> 20), full hypergradient, backend='func':     "
-                 f"{res['neumann_step_cost_func']:.2f} gradient evaluations")
+    lines.append(
+        f"cost per Neumann step (slope 5 -> 20), full hypergradient, backend='autograd': "
+        f"{res['neumann_step_cost_autograd']:.2f} gradient evaluations (target <= 2.5)"
+    )
+    lines.append(
+        f"cost per Neumann step (slope 5 -> 20), full hypergradient, backend='func':     "
+        f"{res['neumann_step_cost_func']:.2f} gradient evaluations"
+    )
     if "neumann_step_cost_compile" in res:
-        lines.append(f"cost per Neumann step (slope 5 -> 20), full hypergradient, backend='compile':  "
-                     f"{res['neumann_step_cost_compile']:.2f} gradient evaluations (target <= 1.8)")
+        lines.append(
+            f"cost per Neumann step (slope 5 -> 20), full hypergradient, backend='compile':  "
+            f"{res['neumann_step_cost_compile']:.2f} gradient evaluations (target <= 1.8)"
+        )
     so = res["solver_only"]
-    lines.append(f"Neumann solver alone, library's eager operator: 5 steps {so['eager_5']['ratio']:.2f}, "
-                 f"20 steps {so['eager_20']['ratio']:.2f} gradients -> {res['solver_only_eager_step_cost']:.2f} "
-                 "gradient evaluations per step")
+    lines.append(
+        f"Neumann solver alone, library's eager operator: 5 steps {so['eager_5']['ratio']:.2f}, "
+        f"20 steps {so['eager_20']['ratio']:.2f} gradients -> {res['solver_only_eager_step_cost']:.2f} "
+        "gradient evaluations per step"
+    )
     if "solver_only_compiled_step_cost" in res:
-        lines.append(f"Neumann solver alone, torch.compile'd vjp(grad(inner)) operator (fresh process; first call "
-                     f"{res['compiled_first_call_s']:.1f} s; one compiled HVP = {res['compiled_hvp']['ratio']:.2f} "
-                     f"gradients): 5 steps {so['compiled_5']['ratio']:.2f}, 20 steps {so['compiled_20']['ratio']:.2f}"
-                     f" gradients -> {res['solver_only_compiled_step_cost']:.2f} gradient evaluations per step "
-                     "(target <= 1.8)")
+        lines.append(
+            f"Neumann solver alone, torch.compile'd vjp(grad(inner)) operator (fresh process; first call "
+            f"{res['compiled_first_call_s']:.1f} s; one compiled HVP = {res['compiled_hvp']['ratio']:.2f} "
+            f"gradients): 5 steps {so['compiled_5']['ratio']:.2f}, 20 steps {so['compiled_20']['ratio']:.2f}"
+            f" gradients -> {res['solver_only_compiled_step_cost']:.2f} gradient evaluations per step "
+            "(target <= 1.8)"
+        )
     elif "compiled_error" in res:
         lines.append(f"compiled operator FAILED: {res['compiled_error']}")
     print_table(title, cols, rows, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------- section 3
+
 
 def rss_now_kb() -> int:
     with open("/proc/self/statm") as fh:
@@ -656,14 +742,21 @@ def memory_child(spec: dict) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     hwm0 = vm_hwm_kb()
     if spec["method"] == "neumann":
-        bilevel.hypergradient(outer, params, hparams, inner=inner,
-                              solver=bilevel.Neumann(spec["steps"], alpha=1e-3, divergence="ignore"))
+        bilevel.hypergradient(
+            outer, params, hparams, inner=inner, solver=bilevel.Neumann(spec["steps"], alpha=1e-3, divergence="ignore")
+        )
     else:
         bilevel.unrolled_hypergradient(outer, params, hparams, inner=inner, lr=1e-3, steps=spec["steps"])
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     hwm1 = vm_hwm_kb()
-    return {"vmhwm_growth_mb": (hwm1 - hwm0) / 1024,"peak_reset": reset, "rss_before_mb": rss0 / 1024, "maxrss_before_mb": before / 1024, "maxrss_growth_mb": (after - before) / 1024,
-            "peak_minus_rss_before_mb": (after - rss0) / 1024}
+    return {
+        "vmhwm_growth_mb": (hwm1 - hwm0) / 1024,
+        "peak_reset": reset,
+        "rss_before_mb": rss0 / 1024,
+        "maxrss_before_mb": before / 1024,
+        "maxrss_growth_mb": (after - before) / 1024,
+        "peak_minus_rss_before_mb": (after - rss0) / 1024,
+    }
 
 
 def bench_memory(size: str, threads: int) -> dict:
@@ -677,29 +770,47 @@ def bench_memory(size: str, threads: int) -> dict:
 
 
 def print_memory_table(res: dict) -> None:
-    cols = ["method", "steps", "peak RSS growth MB (ru_maxrss delta)", "VmHWM delta MB", "RSS before call MB",
-            "peak reset"]
+    cols = [
+        "method",
+        "steps",
+        "peak RSS growth MB (ru_maxrss delta)",
+        "VmHWM delta MB",
+        "RSS before call MB",
+        "peak reset",
+    ]
     rows = []
     for r in res["rows"]:
         label = "Neumann (IFT)" if r["method"] == "neumann" else "unrolled (K steps)"
         if "error" in r:
             rows.append([label, str(r["steps"]), "FAILED", r["error"], "-", "-"])
             continue
-        rows.append([label, str(r["steps"]), f"{r['maxrss_growth_mb']:.1f}", f"{r['vmhwm_growth_mb']:.1f}",
-                     f"{r['rss_before_mb']:.1f}",
-                     "yes" if r["peak_reset"] else "no"])
+        rows.append(
+            [
+                label,
+                str(r["steps"]),
+                f"{r['maxrss_growth_mb']:.1f}",
+                f"{r['vmhwm_growth_mb']:.1f}",
+                f"{r['rss_before_mb']:.1f}",
+                "yes" if r["peak_reset"] else "no",
+            ]
+        )
     w = SIZES[res["size"]]
-    mb = 4 * res["n_weights"] / 2 ** 20
-    title = (f"3. Peak memory vs steps, MLP {'-'.join(map(str, w))} ({res['n_weights']:,} weights; one float32 "
-             f"weight vector = {mb:.1f} MB), fresh process each, MALLOC_MMAP_THRESHOLD_=65536")
-    note = ("child started via /bin/sh (so ru_maxrss does not inherit this process's peak); after a warm-up "
-            "hypergradient the peak is reset\nto the current RSS (write 5 to /proc/self/clear_refs), then ru_maxrss "
-            "and VmHWM are read around one call;\nNeumann alpha = 1e-3, unrolled = plain GD with lr = 1e-3 "
-            "on the same inner loss, all K steps differentiated")
+    mb = 4 * res["n_weights"] / 2**20
+    title = (
+        f"3. Peak memory vs steps, MLP {'-'.join(map(str, w))} ({res['n_weights']:,} weights; one float32 "
+        f"weight vector = {mb:.1f} MB), fresh process each, MALLOC_MMAP_THRESHOLD_=65536"
+    )
+    note = (
+        "child started via /bin/sh (so ru_maxrss does not inherit this process's peak); after a warm-up "
+        "hypergradient the peak is reset\nto the current RSS (write 5 to /proc/self/clear_refs), then ru_maxrss "
+        "and VmHWM are read around one call;\nNeumann alpha = 1e-3, unrolled = plain GD with lr = 1e-3 "
+        "on the same inner loss, all K steps differentiated"
+    )
     print_table(title, cols, rows, note)
 
 
 # --------------------------------------------------------------------------- main
+
 
 def machine_info(threads: int) -> str:
     cpu = "unknown CPU"
@@ -711,15 +822,21 @@ def machine_info(threads: int) -> str:
                     break
     except OSError:
         pass
-    return (f"torch {torch.__version__}, Python {platform.python_version()}, {cpu}, "
-            f"os.cpu_count()={os.cpu_count()}, torch threads={threads}, bilevel {bilevel.__version__}, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    return (
+        f"torch {torch.__version__}, Python {platform.python_version()}, {cpu}, "
+        f"os.cpu_count()={os.cpu_count()}, torch threads={threads}, bilevel {bilevel.__version__}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="all", choices=["all", *SIZES],
-                    help="MLP size(s) for section 1; sections 2-3 use the largest chosen (default: all)")
+    ap.add_argument(
+        "--size",
+        default="all",
+        choices=["all", *SIZES],
+        help="MLP size(s) for section 1; sections 2-3 use the largest chosen (default: all)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", default="1,2,3")
@@ -731,8 +848,9 @@ def main(argv=None) -> None:
         spec = json.loads(args.child)
         torch.set_num_threads(spec["threads"])
         torch.manual_seed(0)
-        fn = {"memory": memory_child, "compile_hvp": compile_hvp_child,
-              "compile_neumann": compile_neumann_child}[spec["what"]]
+        fn = {"memory": memory_child, "compile_hvp": compile_hvp_child, "compile_neumann": compile_neumann_child}[
+            spec["what"]
+        ]
         print(json.dumps(fn(spec), default=str))
         return
     torch.set_num_threads(args.threads)
@@ -753,10 +871,18 @@ def main(argv=None) -> None:
             results["hvp"].append(r)
             print_hvp_table(r)
         results["forward_over_reverse"] = fr = forward_over_reverse_support()
-        print_table("1. forward-over-reverse jvp(grad(f)) support, torch " + torch.__version__,
-                    ["loss", "works", "detail"],
-                    [[e["loss"], "yes" if e["works"] else "no",
-                      e.get("error", f"rel. err vs vjp(grad(f)) {e.get('rel_err', float('nan')):.1e}")] for e in fr])
+        print_table(
+            "1. forward-over-reverse jvp(grad(f)) support, torch " + torch.__version__,
+            ["loss", "works", "detail"],
+            [
+                [
+                    e["loss"],
+                    "yes" if e["works"] else "no",
+                    e.get("error", f"rel. err vs vjp(grad(f)) {e.get('rel_err', float('nan')):.1e}"),
+                ]
+                for e in fr
+            ],
+        )
     if 2 in sections:
         results["hypergradient"] = r = bench_hypergradient(big, args.repeats, not args.no_compile)
         print_hypergradient_table(r)
@@ -765,8 +891,10 @@ def main(argv=None) -> None:
         print_memory_table(r)
     results["total_s"] = time.perf_counter() - t_start
     results["loadavg_end"] = os.getloadavg()
-    say(f"total benchmark time {results['total_s']:.0f} s; load average at end (1/5/15 min): "
-        + " ".join(f"{x:.2f}" for x in results["loadavg_end"]))
+    say(
+        f"total benchmark time {results['total_s']:.0f} s; load average at end (1/5/15 min): "
+        + " ".join(f"{x:.2f}" for x in results["loadavg_end"])
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2, default=str)

@@ -30,8 +30,15 @@ def main() -> None:
     print(f"{a.dataset}, {a.inits} initialisations, {a.steps} steps, torch threads={a.threads}")
     print(f"{'method':>14} {'vectorised s':>13} {'loop s':>9} {'speed-up':>9} {'max |diff| of final test loss':>30}")
     for method in a.methods.split(","):
-        cfg = clarke.ClarkeConfig(dataset=a.dataset, inits=a.inits, steps=a.steps, checkpoint_every=a.steps,
-                                  record_every=a.steps, data_dir=a.data_dir, dtype="float64")
+        cfg = clarke.ClarkeConfig(
+            dataset=a.dataset,
+            inits=a.inits,
+            steps=a.steps,
+            checkpoint_every=a.steps,
+            record_every=a.steps,
+            data_dir=a.data_dir,
+            dtype="float64",
+        )
         problem = clarke.load_problem(cfg)
         clarke.run_method(clarke.ClarkeConfig(**{**cfg.__dict__, "steps": 2, "inits": 2}), problem, method)  # warm-up
         t = time.perf_counter()

@@ -56,22 +56,42 @@ from pathlib import Path
 # study -> arguments after "run STUDY" (or "demo"); --out, --seed and --threads are added by the script.
 # Wall times on an idle 2-core Xeon, one torch thread: see the comments.
 STUDIES: dict[str, list[str]] = {
-    "demo": ["--inits", "8", "--steps", "1000"],                                             # ~10 s
-    "anti-distill": [],                                                                      # defaults, ~20 s
-    "asha-pbt": ["--inits", "4", "--steps", "200", "--perturbation-interval", "50",         # ~30 s (Ray start-up
-                 "--ray-cpus", "1"],                                                         # included); 1 exploit
-    "augment": ["--seeds", "2", "--steps", "60", "--train-size", "1000", "--val-size", "500",
-                "--eval-size", "1000", "--aug-samples", "2"],                                # ~30 s
-    "bayesopt": ["--repeats", "2", "--samples", "12", "--startup", "4", "--steps", "500"],   # ~12 s
-    "clarke": ["--inits", "10", "--steps", "2000"],                                          # ~20 s
-    "distill": [],                                                                           # defaults, ~10 s
-    "inverse-study": [],                                                                     # defaults, ~7 s
-    "lstm": ["--steps", "20", "--eval-windows", "20", "--overfit-steps", "40"],              # ~27 s
-    "overfit-validation": ["--iterations", "300", "--test-size", "2000"],                    # ~20 s
-    "param-space": [],                                                                       # defaults, ~5 s
-    "rings": ["--steps", "1500"],                                                            # ~25 s
-    "sensitivity": ["--inits", "4", "--steps", "200"],                                       # ~35 s
-    "val-split": ["--pool", "2000", "--iterations", "300", "--test-size", "2000"],           # ~25 s
+    "demo": ["--inits", "8", "--steps", "1000"],  # ~10 s
+    "anti-distill": [],  # defaults, ~20 s
+    "asha-pbt": [
+        "--inits",
+        "4",
+        "--steps",
+        "200",
+        "--perturbation-interval",
+        "50",  # ~30 s (Ray start-up
+        "--ray-cpus",
+        "1",
+    ],  # included); 1 exploit
+    "augment": [
+        "--seeds",
+        "2",
+        "--steps",
+        "60",
+        "--train-size",
+        "1000",
+        "--val-size",
+        "500",
+        "--eval-size",
+        "1000",
+        "--aug-samples",
+        "2",
+    ],  # ~30 s
+    "bayesopt": ["--repeats", "2", "--samples", "12", "--startup", "4", "--steps", "500"],  # ~12 s
+    "clarke": ["--inits", "10", "--steps", "2000"],  # ~20 s
+    "distill": [],  # defaults, ~10 s
+    "inverse-study": [],  # defaults, ~7 s
+    "lstm": ["--steps", "20", "--eval-windows", "20", "--overfit-steps", "40"],  # ~27 s
+    "overfit-validation": ["--iterations", "300", "--test-size", "2000"],  # ~20 s
+    "param-space": [],  # defaults, ~5 s
+    "rings": ["--steps", "1500"],  # ~25 s
+    "sensitivity": ["--inits", "4", "--steps", "200"],  # ~35 s
+    "val-split": ["--pool", "2000", "--iterations", "300", "--test-size", "2000"],  # ~25 s
 }
 NO_THREADS_OPTION = {"demo"}
 SEED = 0
@@ -126,14 +146,16 @@ def which_bilevel(prefix: list[str], env: dict[str, str], cwd: Path) -> dict:
     py = _interpreter(cmd)
     if py is None:
         return {"error": f"cannot tell the interpreter of {prefix!r}"}
-    code = ("import importlib, json, bilevel\n"
-            "found = {'bilevel': bilevel.__file__, 'version': getattr(bilevel, '__version__', None)}\n"
-            "for m in ('bilevel.cli', 'bilevel_studies.cli', 'bilevel_studies'):\n"
-            "    try:\n"
-            "        found[m] = importlib.import_module(m).__file__\n"
-            "    except ImportError:\n"
-            "        pass\n"
-            "print(json.dumps(found))")
+    code = (
+        "import importlib, json, bilevel\n"
+        "found = {'bilevel': bilevel.__file__, 'version': getattr(bilevel, '__version__', None)}\n"
+        "for m in ('bilevel.cli', 'bilevel_studies.cli', 'bilevel_studies'):\n"
+        "    try:\n"
+        "        found[m] = importlib.import_module(m).__file__\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "print(json.dumps(found))"
+    )
     p = subprocess.run([py, "-c", code], env={**env, **extra}, cwd=cwd, capture_output=True, text=True)
     if p.returncode:
         return {"python": py, "error": p.stderr.strip()[-2000:]}
@@ -144,6 +166,7 @@ def git_state(path: Path) -> dict:
     def git(*a):
         p = subprocess.run(["git", "-C", str(path), *a], capture_output=True, text=True)
         return p.stdout.strip() if p.returncode == 0 else None
+
     return {"commit": git("rev-parse", "HEAD"), "dirty_files": len((git("status", "--porcelain") or "").splitlines())}
 
 
@@ -165,8 +188,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         sys.exit(f"unknown studies {unknown}; known: {', '.join(STUDIES)}")
     root = Path(a.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-           "BILEVEL_DATA": os.environ.get("BILEVEL_DATA", "/work/shared/data"), "PYTHONHASHSEED": "0"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "BILEVEL_DATA": os.environ.get("BILEVEL_DATA", "/work/shared/data"),
+        "PYTHONHASHSEED": "0",
+    }
 
     imported = which_bilevel(prefix, env, cwd)
     print(f"prefix: {shlex.join(prefix)}\ncwd: {cwd}\nimports: {json.dumps(imported)}", flush=True)
@@ -178,8 +207,16 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"studies": {}}
-    manifest.update({"prefix": prefix, "cwd": str(cwd), "imports": imported, "git": git_state(source),
-                     "bilevel_data": env["BILEVEL_DATA"], "threads_env": {"OMP_NUM_THREADS": "1"}})
+    manifest.update(
+        {
+            "prefix": prefix,
+            "cwd": str(cwd),
+            "imports": imported,
+            "git": git_state(source),
+            "bilevel_data": env["BILEVEL_DATA"],
+            "threads_env": {"OMP_NUM_THREADS": "1"},
+        }
+    )
     for name in names:
         out = root / name
         if out.exists():
@@ -193,8 +230,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         t = time.perf_counter()
         with open(log, "w") as f:
             try:
-                rc = subprocess.run([*prefix, *argv], env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=a.timeout).returncode
+                rc = subprocess.run(
+                    [*prefix, *argv], env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout
+                ).returncode
                 status = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
                 rc, status = None, f"timed out after {a.timeout} s"
@@ -202,9 +240,15 @@ def cmd_run(a: argparse.Namespace) -> int:
         if rc == 0 and not (out / "results.json").exists():
             status = "ok but no results.json"
         print(f"{status}, {wall:.1f} s", flush=True)
-        manifest["studies"][name] = {"argv": argv, "command": shlex.join([*prefix, *argv]), "status": status,
-                                     "returncode": rc, "wall_seconds": round(wall, 2), "log": str(log),
-                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        manifest["studies"][name] = {
+            "argv": argv,
+            "command": shlex.join([*prefix, *argv]),
+            "status": status,
+            "returncode": rc,
+            "wall_seconds": round(wall, 2),
+            "log": str(log),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         manifest_path.write_text(json.dumps(manifest, indent=1))
     bad = [n for n in names if manifest["studies"].get(n, {}).get("status", "ok") != "ok"]
     if bad:
@@ -243,8 +287,11 @@ def is_number(v) -> bool:
 def diff(a, b) -> tuple[bool, float, float]:
     """(identical, abs diff, rel diff) of two numeric leaves."""
     if a is None or b is None:
-        return (a is None and b is None), (0.0 if a is None and b is None else math.inf), \
-            (0.0 if a is None and b is None else math.inf)
+        return (
+            (a is None and b is None),
+            (0.0 if a is None and b is None else math.inf),
+            (0.0 if a is None and b is None else math.inf),
+        )
     a, b = float(a), float(b)
     if math.isnan(a) or math.isnan(b):
         same = math.isnan(a) and math.isnan(b)
@@ -279,9 +326,18 @@ def compare_docs(before: dict, after: dict) -> dict:
     added = sorted(na - set(lb))
     strings = sorted(k for k in set(lb) & set(la) if not is_number(lb[k]) and not is_number(la[k]) and lb[k] != la[k])
     worst.sort(key=lambda t: (-t[0] if not math.isnan(t[0]) else 0, t[1]))
-    return {"compared": compared, "identical": identical, "max_abs": max_abs, "max_rel": max_rel,
-            "missing": missing, "added": added, "worst": worst, "strings": strings,
-            "string_pairs": {k: (lb[k], la[k]) for k in strings}, "skipped_timing": len(sk_b)}
+    return {
+        "compared": compared,
+        "identical": identical,
+        "max_abs": max_abs,
+        "max_rel": max_rel,
+        "missing": missing,
+        "added": added,
+        "worst": worst,
+        "strings": strings,
+        "string_pairs": {k: (lb[k], la[k]) for k in strings},
+        "skipped_timing": len(sk_b),
+    }
 
 
 def _relocate(x, old: str, new: str):
@@ -299,7 +355,7 @@ def _fmt(x: float) -> str:
 
 def _short(v, n: int = 60) -> str:
     s = json.dumps(v)
-    return s if len(s) <= n else s[:n - 3] + "..."
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -309,8 +365,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
         m = r / "manifest.json"
         manifests.append(json.loads(m.read_text()) if m.exists() else {"studies": {}})
     names = list(STUDIES) + sorted({n for m in manifests for n in m["studies"]} - set(STUDIES))
-    lines = ["| study | command | numbers compared | identical | max abs diff | max rel diff | keys missing/added |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| study | command | numbers compared | identical | max abs diff | max rel diff | keys missing/added |",
+        "|---|---|---|---|---|---|---|",
+    ]
     details: list[str] = []
     ok = True
     for name in names:
@@ -331,9 +389,15 @@ def cmd_compare(a: argparse.Namespace) -> int:
                 problems.append(f"{side}: {status if status != 'ok' else 'no results.json'}")
                 docs.append(None)
             else:
-                doc = json.loads(path.read_text()) if not a.deep else {
-                    str(f.relative_to(r / name)): json.loads(f.read_text())
-                    for f in sorted((r / name).rglob("*.json")) if "ray" not in f.relative_to(r / name).parts}
+                doc = (
+                    json.loads(path.read_text())
+                    if not a.deep
+                    else {
+                        str(f.relative_to(r / name)): json.loads(f.read_text())
+                        for f in sorted((r / name).rglob("*.json"))
+                        if "ray" not in f.relative_to(r / name).parts
+                    }
+                )
                 docs.append(_relocate(doc, str(r.resolve() / name), f"ROOT/{name}"))
         walls = " / ".join(f"{(i or {}).get('wall_seconds', '-')}" for i in ran)
         if problems:
@@ -343,28 +407,34 @@ def cmd_compare(a: argparse.Namespace) -> int:
         c = compare_docs(*docs)
         mark = "" if c["identical"] == c["compared"] else " **DIFF**"
         ok &= c["identical"] == c["compared"] and not c["missing"]
-        lines.append(f"| {name} | `{cmd}` | {c['compared']} | {c['identical']}{mark} | {_fmt(c['max_abs'])} | "
-                     f"{_fmt(c['max_rel'])} | {len(c['missing'])} / {len(c['added'])} |")
+        lines.append(
+            f"| {name} | `{cmd}` | {c['compared']} | {c['identical']}{mark} | {_fmt(c['max_abs'])} | "
+            f"{_fmt(c['max_rel'])} | {len(c['missing'])} / {len(c['added'])} |"
+        )
         part = []
         if c["worst"]:
             part.append(f"differing numbers ({len(c['worst'])}), largest relative first:")
-            part += [f"  {k}: {_short(x)} -> {_short(y)} (rel {_fmt(r)})" for r, k, x, y in c["worst"][:a.show]]
+            part += [f"  {k}: {_short(x)} -> {_short(y)} (rel {_fmt(r)})" for r, k, x, y in c["worst"][: a.show]]
         if c["missing"]:
-            part.append(f"missing in after ({len(c['missing'])}): " + ", ".join(c["missing"][:a.show]))
+            part.append(f"missing in after ({len(c['missing'])}): " + ", ".join(c["missing"][: a.show]))
         if c["added"]:
-            part.append(f"added in after ({len(c['added'])}): " + ", ".join(c["added"][:a.show]))
+            part.append(f"added in after ({len(c['added'])}): " + ", ".join(c["added"][: a.show]))
         if c["strings"]:
             part.append(f"non-numeric leaves that differ ({len(c['strings'])}, not counted):")
-            part += [f"  {k}: {_short(c['string_pairs'][k][0])} -> {_short(c['string_pairs'][k][1])}"
-                     for k in c["strings"][:a.show]]
+            part += [
+                f"  {k}: {_short(c['string_pairs'][k][0])} -> {_short(c['string_pairs'][k][1])}"
+                for k in c["strings"][: a.show]
+            ]
         part.append(f"timing leaves skipped: {c['skipped_timing']}; wall s before / after: {walls}")
         details += [f"### {name}", "", "```", *part, "```", ""]
     heads = []
     for side, m in zip(("before", "after"), manifests):
         imp, git = m.get("imports", {}), m.get("git", {})
         cli = imp.get("bilevel.cli") or imp.get("bilevel_studies.cli") or imp.get("cli", "?")
-        heads.append(f"* {side}: bilevel from `{imp.get('bilevel', '?')}` (cli `{cli}`), "
-                     f"commit {git.get('commit', '?')}, {git.get('dirty_files', '?')} uncommitted files")
+        heads.append(
+            f"* {side}: bilevel from `{imp.get('bilevel', '?')}` (cli `{cli}`), "
+            f"commit {git.get('commit', '?')}, {git.get('dirty_files', '?')} uncommitted files"
+        )
     text = "\n".join([*heads, "", *lines, "", *details])
     print(text)
     if a.markdown:
@@ -379,12 +449,18 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the small configuration of every study into --out")
-    p.add_argument("--cli", "--python-cmd", dest="cli", default=None,
-                   help="command prefix that behaves like the `bilevel` console script (shell-split)")
+    p.add_argument(
+        "--cli",
+        "--python-cmd",
+        dest="cli",
+        default=None,
+        help="command prefix that behaves like the `bilevel` console script (shell-split)",
+    )
     p.add_argument("--src", default=None, help="instead of --cli: a source tree (.../src) put first on PYTHONPATH")
     p.add_argument("--python", default=sys.executable, help="interpreter for --src (default: this one)")
     p.add_argument("--cwd", default=None, help="working directory of the commands")
@@ -398,8 +474,12 @@ def main() -> int:
     p.add_argument("after")
     p.add_argument("--markdown", default=None, help="also write the report to this file")
     p.add_argument("--show", type=int, default=10, help="differing keys listed per study")
-    p.add_argument("--deep", action="store_true", help="compare every *.json under each study's directory (parts/, "
-                   "methods/, sensitivity's cells; not Ray Tune's ray/), keyed by file, instead of results.json only")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="compare every *.json under each study's directory (parts/, "
+        "methods/, sensitivity's cells; not Ray Tune's ray/), keyed by file, instead of results.json only",
+    )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("list", help="print the commands")
     p.set_defaults(func=cmd_list)

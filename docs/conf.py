@@ -16,9 +16,10 @@ from pathlib import Path
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src")))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import bilevel  # noqa: E402
 from sphinx.ext.napoleon.docstring import GoogleDocstring  # noqa: E402
 from sphinx.util import logging  # noqa: E402
+
+import bilevel  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,15 @@ def _outside_markdown_as_downloads(app, docname, source):
 def _parseable_defaults(app, what, name, obj, options, signature, return_annotation):
     if not signature or "<" not in signature:
         return None
-    factories = iter(f.default_factory for f in dataclasses.fields(obj)
-                     if f.init and f.default_factory is not dataclasses.MISSING) if dataclasses.is_dataclass(obj) else iter(())
+    factories = (
+        iter(
+            f.default_factory
+            for f in dataclasses.fields(obj)
+            if f.init and f.default_factory is not dataclasses.MISSING
+        )
+        if dataclasses.is_dataclass(obj)
+        else iter(())
+    )
 
     def call(_match):
         qualname = getattr(next(factories, None), "__qualname__", "")
@@ -121,8 +129,11 @@ def _reference_complete(app):
     api = Path(app.srcdir, "api")
     pages = {f.name: f.read_text(encoding="utf-8") for f in api.glob("*.rst")}
     documented = set(re.findall(r"^\.\. automodule:: (\S+)", "\n".join(pages.values()), re.M))
-    public = ["bilevel"] + [m.name for m in pkgutil.walk_packages(bilevel.__path__, "bilevel.")
-                            if not any(part.startswith("_") for part in m.name.split("."))]
+    public = ["bilevel"] + [
+        m.name
+        for m in pkgutil.walk_packages(bilevel.__path__, "bilevel.")
+        if not any(part.startswith("_") for part in m.name.split("."))
+    ]
     for name in sorted(set(public) - documented):
         logger.warning("public module %s has no automodule in docs/api/ (add it to a page there)", name)
     top = pages.get("bilevel.rst", "")

@@ -26,22 +26,31 @@ def main(epochs=100, n_train=100, seed=0, progress=False):
     val = DataLoader(TensorDataset(X[va], y[va]), batch_size=300)
     results = {}
     for mode in ("ift", "none"):
-        torch.manual_seed(seed)          # same initial weights and same shuffled batches for both
+        torch.manual_seed(seed)  # same initial weights and same shuffled batches for both
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
         train = DataLoader(TensorDataset(X[tr], y[tr]), batch_size=25, shuffle=True)
-        tuner = bilevel.Tuner(model, loss_fn=F.cross_entropy,
-                              optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
-                              penalty=bilevel.PerWeightDecay(model, init=1e-3), hyper_lr=0.1,
-                              mode=mode, progress=progress)
+        tuner = bilevel.Tuner(
+            model,
+            loss_fn=F.cross_entropy,
+            optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
+            penalty=bilevel.PerWeightDecay(model, init=1e-3),
+            hyper_lr=0.1,
+            mode=mode,
+            progress=progress,
+        )
         tuner.fit(train, val, epochs=epochs)
         model.eval()
         with torch.no_grad():
             out = model(X[te])
         decays = torch.cat([v.flatten() for v in tuner.hparams["l2"].values()])
-        results[mode] = {"test_acc": (out.argmax(1) == y[te]).float().mean().item(),
-                         "test_loss": F.cross_entropy(out, y[te]).item(), "val_loss": tuner.history[-1]["val_loss"],
-                         "decays": decays.numel(), "decay_median": decays.median().item(),
-                         "decay_range": (decays.min().item(), decays.max().item())}
+        results[mode] = {
+            "test_acc": (out.argmax(1) == y[te]).float().mean().item(),
+            "test_loss": F.cross_entropy(out, y[te]).item(),
+            "val_loss": tuner.history[-1]["val_loss"],
+            "decays": decays.numel(),
+            "decay_median": decays.median().item(),
+            "decay_range": (decays.min().item(), decays.max().item()),
+        }
     return {"tuned": results["ift"], "fixed": results["none"]}
 
 
@@ -52,5 +61,7 @@ if __name__ == "__main__":
     out = main(epochs=25) if args.small else main()
     for name, r in out.items():
         lo, hi = r["decay_range"]
-        print(f"{name:5s}  test accuracy {r['test_acc']:.4f}  test loss {r['test_loss']:.4f}  val loss "
-              f"{r['val_loss']:.4f}  ({r['decays']} decays, median {r['decay_median']:.3g}, range [{lo:.2g}, {hi:.2g}])")
+        print(
+            f"{name:5s}  test accuracy {r['test_acc']:.4f}  test loss {r['test_loss']:.4f}  val loss "
+            f"{r['val_loss']:.4f}  ({r['decays']} decays, median {r['decay_median']:.3g}, range [{lo:.2g}, {hi:.2g}])"
+        )

@@ -21,18 +21,20 @@ def main(hyper_steps=100, n_train=300, noise=0.3, c=1e-3, seed=0):
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(X), generator=g)
     X, y = X[perm], y[perm]
-    Xt, yt, Xv, yv = X[:n_train], y[:n_train].clone(), X[n_train:n_train + 200], y[n_train:n_train + 200]
-    Xs, ys = X[n_train + 200:], y[n_train + 200:]                # test
-    flipped = torch.rand(n_train, generator=g) < noise          # replace the label by one of the 9 others
+    Xt, yt, Xv, yv = X[:n_train], y[:n_train].clone(), X[n_train : n_train + 200], y[n_train : n_train + 200]
+    Xs, ys = X[n_train + 200 :], y[n_train + 200 :]  # test
+    flipped = torch.rand(n_train, generator=g) < noise  # replace the label by one of the 9 others
     yt[flipped] = (yt[flipped] + torch.randint(1, 10, (int(flipped.sum()),), generator=g)) % 10
 
     logits = lambda p, x: x @ p["W"] + p["b"]  # noqa: E731
 
-    def inner(p, h):    # weighted mean training loss (+ a small L2 term: the Hessian is positive definite)
+    def inner(p, h):  # weighted mean training loss (+ a small L2 term: the Hessian is positive definite)
         w = torch.sigmoid(h["a"])
-        return (w * F.cross_entropy(logits(p, Xt), yt, reduction="none")).sum() / w.sum() + 0.5 * c * (p["W"] ** 2).sum()
+        return (w * F.cross_entropy(logits(p, Xt), yt, reduction="none")).sum() / w.sum() + 0.5 * c * (
+            p["W"] ** 2
+        ).sum()
 
-    def outer(p, h):    # clean validation loss
+    def outer(p, h):  # clean validation loss
         return F.cross_entropy(logits(p, Xv), yv)
 
     def train(p, a, steps):
@@ -49,16 +51,20 @@ def main(hyper_steps=100, n_train=300, noise=0.3, c=1e-3, seed=0):
     hyper_opt, p = torch.optim.Adam([a], lr=0.1), p0
     for _ in range(hyper_steps):
         p = train(p, a.detach(), 20)
-        a.grad = bilevel.hypergradient(outer, p, {"a": a.detach()}, inner=inner,
-                                       solver=bilevel.ConjugateGradient(20))["a"]
+        a.grad = bilevel.hypergradient(outer, p, {"a": a.detach()}, inner=inner, solver=bilevel.ConjugateGradient(20))[
+            "a"
+        ]
         hyper_opt.step()
     w = torch.sigmoid(a.detach())
     acc = lambda p, x, y: (logits(p, x).argmax(1) == y).double().mean().item()  # noqa: E731
     uniform, reweighted = train(p0, torch.zeros(n_train, dtype=torch.float64), 1000), train(p0, a.detach(), 1000)
-    return {"weight_flipped": w[flipped].mean().item(), "weight_clean": w[~flipped].mean().item(),
-            "flipped_in_lowest": flipped[w.argsort()[:int(flipped.sum())]].double().mean().item(),
-            "val_acc": {"uniform": acc(uniform, Xv, yv), "reweighted": acc(reweighted, Xv, yv)},
-            "test_acc": {"uniform": acc(uniform, Xs, ys), "reweighted": acc(reweighted, Xs, ys)}}
+    return {
+        "weight_flipped": w[flipped].mean().item(),
+        "weight_clean": w[~flipped].mean().item(),
+        "flipped_in_lowest": flipped[w.argsort()[: int(flipped.sum())]].double().mean().item(),
+        "val_acc": {"uniform": acc(uniform, Xv, yv), "reweighted": acc(reweighted, Xv, yv)},
+        "test_acc": {"uniform": acc(uniform, Xs, ys), "reweighted": acc(reweighted, Xs, ys)},
+    }
 
 
 if __name__ == "__main__":
@@ -66,7 +72,9 @@ if __name__ == "__main__":
     parser.add_argument("--small", action="store_true", help="30 hyperparameter steps (under a second)")
     args = parser.parse_args()
     out = main(hyper_steps=30) if args.small else main()
-    print(f"mean weight: flipped {out['weight_flipped']:.3f}, clean {out['weight_clean']:.3f}; "
-          f"flipped among the lowest-weighted: {out['flipped_in_lowest']:.3f}")
+    print(
+        f"mean weight: flipped {out['weight_flipped']:.3f}, clean {out['weight_clean']:.3f}; "
+        f"flipped among the lowest-weighted: {out['flipped_in_lowest']:.3f}"
+    )
     for split in ("val_acc", "test_acc"):
         print(f"{split}: uniform {out[split]['uniform']:.4f}, reweighted {out[split]['reweighted']:.4f}")

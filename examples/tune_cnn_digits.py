@@ -27,20 +27,29 @@ def main(epochs=10, n_train=1000, seed=0, progress=False):
     X, y = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, torch.tensor(y)
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
     X, y = X[perm], y[perm]
-    tr, va, te = slice(0, n_train), slice(1000, 1400), slice(1400, None)   # test: the last 397 digits
+    tr, va, te = slice(0, n_train), slice(1000, 1400), slice(1400, None)  # test: the last 397 digits
     val = DataLoader(TensorDataset(X[va], y[va]), batch_size=200)
     results = {}
     for mode in ("ift", "none"):
-        torch.manual_seed(seed)          # same initial weights and same shuffled batches for both
-        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(512, 10))
+        torch.manual_seed(seed)  # same initial weights and same shuffled batches for both
+        model = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10)
+        )
         train = DataLoader(TensorDataset(X[tr], y[tr]), batch_size=64, shuffle=True)
-        tuner = bilevel.Tuner(model, loss_fn=F.cross_entropy,
-                              optimizer=bilevel.optim.SGD(lr=3e-3, momentum=0.5, weight_decay=1e-4),
-                              tune=("lr", "momentum", "weight_decay"), mode=mode, progress=progress)
+        tuner = bilevel.Tuner(
+            model,
+            loss_fn=F.cross_entropy,
+            optimizer=bilevel.optim.SGD(lr=3e-3, momentum=0.5, weight_decay=1e-4),
+            tune=("lr", "momentum", "weight_decay"),
+            mode=mode,
+            progress=progress,
+        )
         tuner.fit(train, val, epochs=epochs)
-        results[mode] = {"test_acc": accuracy(model, X[te], y[te]), "val_loss": tuner.history[-1]["val_loss"],
-                         "hparams": tuner.hparams}
+        results[mode] = {
+            "test_acc": accuracy(model, X[te], y[te]),
+            "val_loss": tuner.history[-1]["val_loss"],
+            "hparams": tuner.hparams,
+        }
     return {"tuned": results["ift"], "fixed": results["none"]}
 
 

@@ -34,8 +34,9 @@ def ridge(n=40, nv=30, d=6, seed=0):
         H = hessian(lam) + damping * torch.eye(d, dtype=D)
         return -(torch.linalg.solve(H, v)) * (lam.exp() * w)
 
-    return dict(X=X, y=y, Xv=Xv, yv=yv, inner=inner, outer=outer, hessian=hessian, solve=solve,
-                exact=exact_hypergrad, d=d)
+    return dict(
+        X=X, y=y, Xv=Xv, yv=yv, inner=inner, outer=outer, hessian=hessian, solve=solve, exact=exact_hypergrad, d=d
+    )
 
 
 def logistic(n=60, nv=40, d=4, seed=1):

@@ -13,8 +13,7 @@ W1, W2 = torch.randn(6, 5, generator=g, dtype=D) / 2, torch.randn(3, 6, generato
 Yr, Yvr = torch.randn(32, 3, generator=g, dtype=D), torch.randn(16, 3, generator=g, dtype=D)
 Yc, Yvc = torch.randint(0, 3, (32,), generator=g), torch.randint(0, 3, (16,), generator=g)
 
-LOSSES = {"mse": (F.mse_loss, Yr, Yvr), "cross_entropy": (F.cross_entropy, Yc, Yvc),
-          "huber": (F.huber_loss, Yr, Yvr)}
+LOSSES = {"mse": (F.mse_loss, Yr, Yvr), "cross_entropy": (F.cross_entropy, Yc, Yvc), "huber": (F.huber_loss, Yr, Yvr)}
 
 
 def net(p, x):
@@ -27,7 +26,7 @@ def test_backends_agree(loss_name, backend):
     loss, y, yv = LOSSES[loss_name]
 
     def inner(p, h):
-        return loss(net(p, X), y) + 0.5 * sum((h["wd"].exp() * v ** 2).sum() for v in p.values())
+        return loss(net(p, X), y) + 0.5 * sum((h["wd"].exp() * v**2).sum() for v in p.values())
 
     def outer(p, h):
         return loss(net(p, Xv), yv)
@@ -82,12 +81,19 @@ def test_compiled_programs_are_cached_per_function_and_bounded(monkeypatch):
         B.hypergradient(outer, p, h, inner=inner, solver=B.Neumann(2, alpha=0.25), backend="compile")
     assert list(_CompiledOperator._cache) == [inner]
     for i in range(4):  # fresh closures: the table stays bounded
-        B.hypergradient(outer, p, h, inner=lambda p, h, i=i: inner(p, h) * (1 + i), solver=B.Identity(),
-                        backend="compile")
+        B.hypergradient(
+            outer, p, h, inner=lambda p, h, i=i: inner(p, h) * (1 + i), solver=B.Identity(), backend="compile"
+        )
     assert len(_CompiledOperator._cache) == 2
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
-        B.hypergradient(lambda p, h: p["w"].sum(), {"w": torch.ones(2)}, {"l": torch.ones(1)},
-                        inner=lambda p, h: (p["w"] ** 2).sum(), solver=B.Identity(), backend="jax")
+        B.hypergradient(
+            lambda p, h: p["w"].sum(),
+            {"w": torch.ones(2)},
+            {"l": torch.ones(1)},
+            inner=lambda p, h: (p["w"] ** 2).sum(),
+            solver=B.Identity(),
+            backend="jax",
+        )

@@ -18,10 +18,20 @@ SPACE = H.HyperParameterSpace([H.learning_rate(), H.momentum()])
 
 
 def _tuner(n, callbacks):
-    params, raw = pop.init_population(lambda g: {"w": torch.randn(3, 1, generator=g, dtype=D)}, n, 0,
-                                      lambda p, g: SPACE.init(p, g))
-    return OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=SPACE.names,
-                       config=TunerConfig(tuned=SPACE.names, interval=4, record_every=4), callbacks=callbacks)
+    params, raw = pop.init_population(
+        lambda g: {"w": torch.randn(3, 1, generator=g, dtype=D)}, n, 0, lambda p, g: SPACE.init(p, g)
+    )
+    return OnlineTuner(
+        params,
+        raw,
+        SPACE,
+        updates.SGD(),
+        LOSS,
+        LOSS,
+        update_form=SPACE.names,
+        config=TunerConfig(tuned=SPACE.names, interval=4, record_every=4),
+        callbacks=callbacks,
+    )
 
 
 def test_random_lr_multiplier_draws_factors_in_range_and_resumes():
@@ -44,6 +54,7 @@ def test_random_lr_multiplier_draws_factors_in_range_and_resumes():
 def test_tensorboard_logger_writes_losses_quantiles_and_members(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     log = TensorBoardLogger(str(tmp_path), every=2, members=2)
     t = _tuner(5, [log])
     t.run(8, lambda: (X, Y), lambda: (Xv, Yv), record_batches=((X, Y), (Xv, Yv), None))
@@ -59,6 +70,7 @@ def test_tensorboard_logger_writes_losses_quantiles_and_members(tmp_path):
     assert [v for _, v in got] == pytest.approx([v for v in t.history.val_loss[1]], rel=1e-6)
     # the median lives in its own run directory written by add_scalars
     import os
+
     runs = [d for d in os.listdir(tmp_path) if d.startswith("loss_val_")]
     assert sorted(runs) == ["loss_val_median", "loss_val_q25", "loss_val_q75"]
     med = EventAccumulator(str(tmp_path / "loss_val_median"))
@@ -75,24 +87,33 @@ def test_tensorboard_logger_on_the_front_door(tmp_path):
     from torch import nn
 
     import bilevel
+
     torch.manual_seed(0)
     model = nn.Linear(3, 1).double()
-    batches = [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 32, 8)]
-    tuner = bilevel.Tuner(model, loss_fn=F.mse_loss, optimizer=bilevel.optim.SGD(lr=0.05), interval=2,
-                          progress=False, callbacks=[TensorBoardLogger(str(tmp_path))])
+    batches = [(X[i : i + 8], Y[i : i + 8]) for i in range(0, 32, 8)]
+    tuner = bilevel.Tuner(
+        model,
+        loss_fn=F.mse_loss,
+        optimizer=bilevel.optim.SGD(lr=0.05),
+        interval=2,
+        progress=False,
+        callbacks=[TensorBoardLogger(str(tmp_path))],
+    )
     tuner.fit(batches, [(Xv, Yv)], epochs=2)
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     val = acc.Scalars("loss/val_epoch")
     assert [e.step for e in val] == [4, 8]
     assert [e.value for e in val] == pytest.approx([h["val_loss"] for h in tuner.history], rel=1e-6)
-    assert [e.value for e in acc.Scalars("hparam/lr")] == pytest.approx([h["hparams"]["lr"] for h in tuner.history],
-                                                                        rel=1e-6)
+    assert [e.value for e in acc.Scalars("hparam/lr")] == pytest.approx(
+        [h["hparams"]["lr"] for h in tuner.history], rel=1e-6
+    )
 
 
 def test_autolog_gives_every_loop_created_inside_a_logger(tmp_path):
     pytest.importorskip("tensorboard")
     from bilevel.callbacks import autolog
+
     with autolog(tmp_path, every=1):
         a, b = _tuner(2, []), _tuner(3, [])
     outside = _tuner(2, [])

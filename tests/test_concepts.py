@@ -57,8 +57,14 @@ def test_proximal_response_jacobian_is_the_closed_form(ls):
 
 def test_proximal_tends_to_the_pseudoinverse_as_eps_shrinks(ls):
     pinv = torch.linalg.pinv(ls["Phi"])
-    errs = [float((C.response_jacobian(C.method("proximal", eps=e), ls["inner"], {"w": ls["w0"]},
-                                       {"y": ls["y"]}) - pinv).norm()) for e in (1e-1, 1e-3, 1e-6)]
+    errs = [
+        float(
+            (
+                C.response_jacobian(C.method("proximal", eps=e), ls["inner"], {"w": ls["w0"]}, {"y": ls["y"]}) - pinv
+            ).norm()
+        )
+        for e in (1e-1, 1e-3, 1e-6)
+    ]
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 1e-5 * float(pinv.norm())
 
@@ -109,7 +115,11 @@ def test_unroll_K_equals_neumann_K_minus_1_and_the_closed_form(ls):
 
 def test_hypergradient_is_dF_dw_times_response_jacobian(ls):
     p, h = {"w": ls["w0"]}, {"y": ls["y"]}
-    for m in (C.method("proximal", eps=0.5), C.method("neumann", steps=4, lr=0.01), C.method("unroll", steps=3, lr=0.01)):
+    for m in (
+        C.method("proximal", eps=0.5),
+        C.method("neumann", steps=4, lr=0.01),
+        C.method("unroll", steps=3, lr=0.01),
+    ):
         g = m(ls["outer"], p, h, inner=ls["inner"])["y"]
         J = C.response_jacobian(m, ls["inner"], p, h)
         if m.name == "unroll":  # dF/dw is taken at the unrolled weights w_K
@@ -155,8 +165,9 @@ def test_proximal_inner_update_is_the_closed_form(ls):
     wt, eps = ls["w0"], 0.7
     prox = C.concept("warm-full", inner_lr=1.0 / (ls["lam_max"] + eps), inner_steps=20000, tol=1e-12, prox_eps=eps)
     w, _ = prox.respond(ls["inner"], {"w": wt}, {"w": torch.zeros(8, dtype=D)}, {"y": y})
-    torch.testing.assert_close(w["w"], torch.linalg.solve(H + eps * torch.eye(8, dtype=D), Phi.T @ y + eps * wt),
-                               rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        w["w"], torch.linalg.solve(H + eps * torch.eye(8, dtype=D), Phi.T @ y + eps * wt), rtol=1e-9, atol=1e-10
+    )
 
 
 def test_bilevel_optimizer_step_is_table1(ls):
@@ -165,8 +176,9 @@ def test_bilevel_optimizer_step_is_table1(ls):
     pinv = torch.linalg.pinv(Phi)
     m = C.method("proximal", eps=0.1)
     cold = C.concept("cold", inner_lr=1.0 / ls["lam_max"], inner_steps=50000, tol=1e-12)
-    opt = C.BilevelOptimizer(ls["inner"], ls["outer"], {"w": torch.zeros(8, dtype=D)}, {"y": ls["y"]},
-                             concept=cold, method=m, outer_lr=0.05)
+    opt = C.BilevelOptimizer(
+        ls["inner"], ls["outer"], {"w": torch.zeros(8, dtype=D)}, {"y": ls["y"]}, concept=cold, method=m, outer_lr=0.05
+    )
     torch.testing.assert_close(opt.params["w"], pinv @ ls["y"], rtol=1e-9, atol=1e-10)  # solved for x0 first
     g = m(ls["outer"], {"w": pinv @ ls["y"]}, {"y": ls["y"]}, inner=ls["inner"])["y"]
     used = opt.step()["y"]
@@ -183,9 +195,15 @@ def test_warm_partial_alternating_is_algorithm_1(ls):
     """Alg. 1: x <- x - alpha dF(Unroll(y, x, 1))/dx; y <- y - eta df/dy(y, x), checked by hand."""
     eta, alpha = 0.5 / ls["lam_max"], 0.1
     Phi, phi_v = ls["Phi"], ls["phi_v"]
-    opt = C.BilevelOptimizer(ls["inner"], ls["outer"], {"w": ls["w0"]}, {"y": ls["y"]},
-                             concept=C.concept("warm-partial", inner_lr=eta, inner_steps=1),
-                             method=C.method("unroll", steps=1, lr=eta), outer_lr=alpha)
+    opt = C.BilevelOptimizer(
+        ls["inner"],
+        ls["outer"],
+        {"w": ls["w0"]},
+        {"y": ls["y"]},
+        concept=C.concept("warm-partial", inner_lr=eta, inner_steps=1),
+        method=C.method("unroll", steps=1, lr=eta),
+        outer_lr=alpha,
+    )
     w, x = ls["w0"].clone(), ls["y"].clone()
     for _ in range(3):
         w1 = w - eta * Phi.T @ (Phi @ w - x)
@@ -196,23 +214,47 @@ def test_warm_partial_alternating_is_algorithm_1(ls):
     torch.testing.assert_close(opt.params["w"], w, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("alias,canonical", [
-    ("cold", "cold"), ("cold-start", "cold"), ("Cold_Start", "cold"), ("cold start", "cold"),
-    ("warm-full", "warm-full"), ("warm-start-full", "warm-full"), ("warm_start_full", "warm-full"),
-    ("warm-partial", "warm-partial"), ("warm-start-partial", "warm-partial"), ("warm_partial", "warm-partial"),
-    ("warm-start", "warm-partial"), ("warm_start", "warm-partial"), ("warm", "warm-partial"), ("online", "warm-partial"),
-])
+@pytest.mark.parametrize(
+    "alias,canonical",
+    [
+        ("cold", "cold"),
+        ("cold-start", "cold"),
+        ("Cold_Start", "cold"),
+        ("cold start", "cold"),
+        ("warm-full", "warm-full"),
+        ("warm-start-full", "warm-full"),
+        ("warm_start_full", "warm-full"),
+        ("warm-partial", "warm-partial"),
+        ("warm-start-partial", "warm-partial"),
+        ("warm_partial", "warm-partial"),
+        ("warm-start", "warm-partial"),
+        ("warm_start", "warm-partial"),
+        ("warm", "warm-partial"),
+        ("online", "warm-partial"),
+    ],
+)
 def test_concept_aliases_store_the_canonical_name(alias, canonical):
     assert C.canonical_concept(alias) == canonical
     c = C.concept(alias, inner_lr=0.1)
     assert c.name == canonical and c == C.concept(canonical, inner_lr=0.1)
 
 
-@pytest.mark.parametrize("alias,canonical", [
-    ("unroll", "unroll"), ("unrolling", "unroll"), ("Unrolled", "unroll"), ("neumann", "neumann"),
-    ("neumann_series", "neumann"), ("proximal", "proximal"), ("prox", "proximal"),
-    ("implicit", "proximal"), ("IFT", "proximal"), ("exact", "proximal"), ("min_norm", "proximal"),
-])
+@pytest.mark.parametrize(
+    "alias,canonical",
+    [
+        ("unroll", "unroll"),
+        ("unrolling", "unroll"),
+        ("Unrolled", "unroll"),
+        ("neumann", "neumann"),
+        ("neumann_series", "neumann"),
+        ("proximal", "proximal"),
+        ("prox", "proximal"),
+        ("implicit", "proximal"),
+        ("IFT", "proximal"),
+        ("exact", "proximal"),
+        ("min_norm", "proximal"),
+    ],
+)
 def test_method_aliases_store_the_canonical_name(alias, canonical):
     assert C.canonical_method(alias) == canonical
     assert C.method(alias).name == canonical
@@ -263,8 +305,9 @@ def test_each_concepts_table1_response_method_is_the_closed_form(ls):
     for name in ("warm-full", "warm-partial", "cold"):
         m = C.concept(name, inner_lr=a, inner_steps=K, prox_eps=0.7).response_method()
         assert m.eps == 0.7
-        torch.testing.assert_close(C.response_jacobian(m, ls["inner"], p, h),
-                                   torch.linalg.solve(H + 0.7 * eye, Phi.T), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            C.response_jacobian(m, ls["inner"], p, h), torch.linalg.solve(H + 0.7 * eye, Phi.T), rtol=1e-10, atol=1e-12
+        )
     with pytest.raises(ValueError, match="min-norm"):
         C.concept("cold", inner_lr=0.1).response_method(cg_steps=10)
     assert set(C.TABLE1_RESPONSE) == set(C.CONCEPTS)

@@ -48,7 +48,7 @@ def test_real_init_picks_distinct_examples_of_each_class():
     d = DistilledData((2,), num_classes=3, per_class=2)
     h = d.init(torch.Generator().manual_seed(0), "real", real=(x, y))
     xs = h["distill/x"]
-    rows = [int(r[0]) // 2 for r in xs]          # row index in x
+    rows = [int(r[0]) // 2 for r in xs]  # row index in x
     assert len(set(rows)) == 6
     assert [int(y[r]) for r in rows] == d.labels.tolist()
     assert torch.equal(xs, x[rows])
@@ -94,7 +94,7 @@ def test_soft_label_and_input_gradients_match_finite_differences():
 
     grads = torch.autograd.grad(loss(h), list(h.values()))
     eps = 1e-6
-    for (k, v), gk in zip(h.items(), grads):
+    for (k, _v), gk in zip(h.items(), grads):
         for idx in [(0, 0), (3, 1), (5, 2)]:
             plus = {kk: vv.detach().clone() for kk, vv in h.items()}
             minus = {kk: vv.detach().clone() for kk, vv in h.items()}
@@ -192,7 +192,7 @@ def test_num_points_real_init_uses_each_points_class():
     d = DistilledData((2,), num_classes=4, num_points=6)
     xs = d.init(torch.Generator().manual_seed(5), "real", real=(x, y))["distill/x"]
     rows = [int(r[0]) // 2 for r in xs]
-    assert len(set(rows)) == 6                      # distinct examples
+    assert len(set(rows)) == 6  # distinct examples
     assert [int(y[r]) for r in rows] == [0, 1, 2, 3, 0, 1] == d.labels.tolist()
     assert torch.equal(xs, x[rows])
     # class 3 has no point when num_points=3: it needs no examples at all

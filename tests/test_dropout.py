@@ -6,9 +6,18 @@ import pytest
 import torch
 
 from bilevel import Neumann, hypergradient
-from bilevel.dropout import (activation_regularization, ar_coefficient, concrete_dropout, concrete_keep_mask,
-                             drop_connect, dropout_rate, embedding_dropout, temporal_activation_regularization,
-                             uniform_noise, variational_dropout)
+from bilevel.dropout import (
+    activation_regularization,
+    ar_coefficient,
+    concrete_dropout,
+    concrete_keep_mask,
+    drop_connect,
+    dropout_rate,
+    embedding_dropout,
+    temporal_activation_regularization,
+    uniform_noise,
+    variational_dropout,
+)
 from bilevel.hparams import HyperParameterSpace
 from bilevel.nets.awd_lstm import AWD_HPARAMS, awd_lstm_forward, awd_lstm_loss, awd_noise, awd_sites, awd_space
 from bilevel.nets.lstm import lstm_layer, lstm_lm_forward, lstm_lm_init
@@ -33,7 +42,7 @@ def test_mask_gradient_wrt_rate_matches_finite_differences():
     r = p.clone().requires_grad_()
     concrete_keep_mask(r, u, t)[:, i].sum().backward()
     assert torch.allclose(r.grad[i], dmask.sum(), rtol=1e-10)
-    assert float(r.grad[:i].abs().sum() + r.grad[i + 1:].abs().sum()) == 0.0
+    assert float(r.grad[:i].abs().sum() + r.grad[i + 1 :].abs().sum()) == 0.0
 
 
 def test_zero_rate_is_identity_and_zero_temperature_is_bernoulli():
@@ -104,7 +113,7 @@ def test_errors():
 
 def test_ar_tar_closed_form_and_rate_spec():
     h = torch.arange(12, dtype=D).reshape(3, 2, 2)
-    assert float(activation_regularization(h, 2.0)) == pytest.approx(2 * float((h ** 2).mean()))
+    assert float(activation_regularization(h, 2.0)) == pytest.approx(2 * float((h**2).mean()))
     assert float(temporal_activation_regularization(h, 1.0)) == pytest.approx(16.0)  # h_t - h_{t-1} = 4
     space = HyperParameterSpace([dropout_rate("d", 0.5, "element", ["a"]), ar_coefficient("alpha", 2.0)])
     raw = space.init({"a": torch.empty(3)})
@@ -138,8 +147,9 @@ def test_awd_forward_reduces_to_plain_lstm():
     raw = space.from_natural(awd_sites(p), {**{n: 0.0 for n in AWD_HPARAMS[:5]}, "alpha": 1e-12, "beta": 1e-12})
     nat = space.natural(raw)
     loss = awd_lstm_loss(p, tok, tgt, nat, awd_noise(p, 3, torch.Generator().manual_seed(0)))
-    assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(lstm_lm_forward(p, tok), tgt)),
-                                        rel=1e-5)
+    assert float(loss) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(lstm_lm_forward(p, tok), tgt)), rel=1e-5
+    )
 
 
 def test_awd_space_sizes_and_hypergradient_finite_differences():

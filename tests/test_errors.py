@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from problems import D, ridge
 
 import bilevel as B
-from problems import D, ridge
 
 
 def _setup():
@@ -31,8 +31,11 @@ def test_nonfinite_training_loss_named():
         B.hypergradient(P["outer"], p, h, inner=bad, solver=B.Identity())
 
 
-@pytest.mark.parametrize("solver", [B.Neumann(3, alpha=0.1), B.Neumann(3, alpha=0.1, divergence="ignore"),
-                                    B.ConjugateGradient(5), B.Exact()], ids=repr)
+@pytest.mark.parametrize(
+    "solver",
+    [B.Neumann(3, alpha=0.1), B.Neumann(3, alpha=0.1, divergence="ignore"), B.ConjugateGradient(5), B.Exact()],
+    ids=repr,
+)
 def test_nonfinite_jvp_named(solver):
     """A NaN Hessian-vector product (finite loss and gradient) is named, whichever solver meets it."""
     P, p, h = _setup()
@@ -42,6 +45,7 @@ def test_nonfinite_jvp_named(solver):
 
 def _nan_curvature(inner):
     """inner + a term whose value and gradient are 0 at the current w but whose Hessian is NaN."""
+
     class F(torch.autograd.Function):
         @staticmethod
         def forward(ctx, w):
@@ -96,7 +100,9 @@ def test_neumann_divergence_suggests_alpha():
         B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(30, alpha=3.0 / lam_max))
     assert math.isclose(info.value.suggested_alpha, 1 / lam_max, rel_tol=0.02)
     with pytest.warns(RuntimeWarning, match="diverges"):
-        B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(30, alpha=3.0 / lam_max, divergence="warn"))
+        B.hypergradient(
+            P["outer"], p, h, inner=P["inner"], solver=B.Neumann(30, alpha=3.0 / lam_max, divergence="warn")
+        )
 
 
 def test_exact_refuses_large():
@@ -124,6 +130,7 @@ def test_func_backend_names_nonfinite_quantities():
 
 def test_neumann_nan_term_is_nonfinite_not_divergence():
     """A NaN Jacobian-vector product inside the series is named as such, not as a divergence."""
+
     class NanOp:
         def rmatvec(self, x):
             return {k: torch.full_like(v, float("nan")) for k, v in x.items()}

@@ -9,8 +9,8 @@ from bilevel.report.grids import make_grid, save_heatmaps, save_image_grid
 
 def test_make_grid_places_tiles_and_normalises_per_image():
     imgs = torch.zeros(3, 2, 2)
-    imgs[0] = torch.tensor([[0.0, 1.0], [2.0, 3.0]])   # scaled to [0, 1/3, 2/3, 1]
-    imgs[1] = 5.0                                      # constant -> 0
+    imgs[0] = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # scaled to [0, 1/3, 2/3, 1]
+    imgs[1] = 5.0  # constant -> 0
     imgs[2] = torch.tensor([[-1.0, 1.0], [1.0, -1.0]])
     g = make_grid(imgs, nrow=2, padding=1, pad_value=0.5)
     assert g.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
@@ -18,7 +18,7 @@ def test_make_grid_places_tiles_and_normalises_per_image():
     np.testing.assert_allclose(g[1:3, 4:6, 1], 0.0)
     np.testing.assert_allclose(g[4:6, 1:3, 2], [[0, 1], [1, 0]])
     assert (g[0] == 0.5).all() and (g[:, 3] == 0.5).all()
-    np.testing.assert_allclose(g[4:6, 4:6], 0.5)       # empty 4th tile is padding
+    np.testing.assert_allclose(g[4:6, 4:6], 0.5)  # empty 4th tile is padding
 
 
 def test_make_grid_global_flat_and_colour():
@@ -41,7 +41,10 @@ def test_save_image_grid_round_trips_pixels(tmp_path):
     assert imread(q).shape[0] > 50
     many = np.random.default_rng(2).uniform(size=(100, 3, 4, 4))
     r = imread(save_image_grid(many, tmp_path / "titled.png", nrow=10, title="100 images"))
-    assert r.shape[:2] == (10 * 100 + 50, 10 * 100 + 20)  # one tiled axes: (rows + 0.5) x (cols + 0.2) inches at 100 dpi
+    assert r.shape[:2] == (
+        10 * 100 + 50,
+        10 * 100 + 20,
+    )  # one tiled axes: (rows + 0.5) x (cols + 0.2) inches at 100 dpi
 
 
 def test_save_heatmaps(tmp_path):

@@ -48,7 +48,9 @@ def test_transform_values_and_lookup():
     x = torch.tensor([-2.0, 0.0, 1.5], dtype=DT)
     torch.testing.assert_close(LOG10(x), torch.tensor([1e-2, 1.0, 10**1.5], dtype=DT))
     torch.testing.assert_close(LOGIT(x), torch.sigmoid(x))
-    torch.testing.assert_close(SOFTPLUS.inverse(torch.tensor(1e-8, dtype=DT)), torch.log(torch.expm1(torch.tensor(1e-8, dtype=DT))))
+    torch.testing.assert_close(
+        SOFTPLUS.inverse(torch.tensor(1e-8, dtype=DT)), torch.log(torch.expm1(torch.tensor(1e-8, dtype=DT)))
+    )
     assert get_transform("log10") is LOG10 and get_transform(LOGIT) is LOGIT
     with pytest.raises(ValueError, match="known transforms.*log10"):
         get_transform("log2")
@@ -86,9 +88,7 @@ def test_init_deterministic_and_dtype():
 
 def test_key_naming_and_shapes():
     params = make_params()
-    space = HyperParameterSpace(
-        [learning_rate("element"), weight_decay("tensor", params=("w1", "w2")), momentum()]
-    )
+    space = HyperParameterSpace([learning_rate("element"), weight_decay("tensor", params=("w1", "w2")), momentum()])
     raw = space.init(params, generator=torch.Generator().manual_seed(0))
     assert list(raw) == ["lr/w1", "lr/b1", "lr/w2", "weight_decay/w1", "weight_decay/w2", "momentum"]
     for p in params:
@@ -145,8 +145,11 @@ def test_natural_key_errors():
 
 def test_clip_bounds():
     space = CLARKE_TABLE5
-    raw = {"lr": torch.tensor(5.0, dtype=DT, requires_grad=True), "weight_decay": torch.tensor(-3.0, dtype=DT),
-           "momentum": torch.tensor(0.0, dtype=DT)}
+    raw = {
+        "lr": torch.tensor(5.0, dtype=DT, requires_grad=True),
+        "weight_decay": torch.tensor(-3.0, dtype=DT),
+        "momentum": torch.tensor(0.0, dtype=DT),
+    }
     nat = space.natural(raw)
     assert nat["lr"].item() == 1.0
     nat["lr"].backward()
@@ -168,7 +171,9 @@ def test_from_natural_and_describe():
     params = make_params()
     space = HyperParameterSpace([learning_rate("tensor"), per_weight_decay(params=("w1",)), momentum()])
     wd_w1 = torch.full((3, 4), 1e-4, dtype=DT)
-    raw = space.from_natural(params, {"lr": {"w1": 0.1, "b1": 0.01, "w2": 1e-3}, "weight_decay": wd_w1, "momentum": 0.9})
+    raw = space.from_natural(
+        params, {"lr": {"w1": 0.1, "b1": 0.01, "w2": 1e-3}, "weight_decay": wd_w1, "momentum": 0.9}
+    )
     nat = space.natural(raw, params)
     torch.testing.assert_close(nat["lr"]["b1"], torch.tensor(0.01, dtype=DT))
     torch.testing.assert_close(nat["weight_decay"]["w1"], wd_w1)

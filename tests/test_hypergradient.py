@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from problems import D, logistic, ridge
 
 import bilevel as B
-from problems import D, logistic, ridge
 
 SOLVERS_EXACT = [B.Exact(), B.ConjugateGradient(50), B.Neumann(400, alpha=0.4), B.Neumann(1500, alpha=0.1)]
 
@@ -14,8 +14,9 @@ SOLVERS_EXACT = [B.Exact(), B.ConjugateGradient(50), B.Neumann(400, alpha=0.4), 
 def test_ridge_closed_form(solver, backend):
     P = ridge()
     lam = torch.linspace(-2, 1, P["d"], dtype=D)
-    hg = B.hypergradient(P["outer"], {"w": P["solve"](lam)}, {"lam": lam}, inner=P["inner"], solver=solver,
-                         backend=backend)
+    hg = B.hypergradient(
+        P["outer"], {"w": P["solve"](lam)}, {"lam": lam}, inner=P["inner"], solver=solver, backend=backend
+    )
     torch.testing.assert_close(hg["lam"], P["exact"](lam), rtol=1e-7, atol=1e-10)
 
 
@@ -23,8 +24,10 @@ def test_neumann_converges_monotonically_with_alpha_scaling():
     P = ridge()
     lam = torch.zeros(P["d"], dtype=D)
     p, h, ref = {"w": P["solve"](lam)}, {"lam": lam}, P["exact"](lam)
-    errs = [float((B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(k, alpha=0.2))["lam"]
-                   - ref).norm()) for k in (0, 2, 8, 32, 128)]
+    errs = [
+        float((B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=B.Neumann(k, alpha=0.2))["lam"] - ref).norm())
+        for k in (0, 2, 8, 32, 128)
+    ]
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-10 * float(ref.norm())
     # the leading alpha: the zeroth term is alpha * v, i.e. alpha times the identity approximation
@@ -52,8 +55,12 @@ def test_damping_is_proximal_best_response(eps, solver_cls):
     P = ridge()
     lam = torch.full((P["d"],), -1.0, dtype=D)
     p, h = {"w": P["solve"](lam)}, {"lam": lam}
-    solver = {"exact": B.Exact(damping=eps), "cg": B.ConjugateGradient(50, damping=eps),
-              "neumann": B.Neumann(2000, alpha=0.2, damping=eps), "identity": B.Identity(damping=eps)}[solver_cls]
+    solver = {
+        "exact": B.Exact(damping=eps),
+        "cg": B.ConjugateGradient(50, damping=eps),
+        "neumann": B.Neumann(2000, alpha=0.2, damping=eps),
+        "identity": B.Identity(damping=eps),
+    }[solver_cls]
     hg = B.hypergradient(P["outer"], p, h, inner=P["inner"], solver=solver)["lam"]
     if solver_cls == "identity":
         w = p["w"]
@@ -74,8 +81,9 @@ def test_logistic_against_finite_differences():
         e[i] = 1e-5
         fd[i] = (P["val"](lam + e) - P["val"](lam - e)) / 2e-5
     torch.testing.assert_close(hg["lam"], fd, rtol=1e-5, atol=1e-9)
-    cg = B.hypergradient(P["outer"], {"w": P["solve"](lam)}, {"lam": lam}, inner=P["inner"],
-                         solver=B.ConjugateGradient(20))
+    cg = B.hypergradient(
+        P["outer"], {"w": P["solve"](lam)}, {"lam": lam}, inner=P["inner"], solver=B.ConjugateGradient(20)
+    )
     torch.testing.assert_close(cg["lam"], fd, rtol=1e-5, atol=1e-9)
 
 
@@ -92,6 +100,7 @@ def _sgd_update(P, lr):
     def update(p, h):
         g = torch.func.grad(lambda p: 0.5 * ((P["X"] @ p["w"] - P["y"]) ** 2).mean())(p)
         return {"w": h["lr"] * (g["w"] + h["wd"] * p["w"])}
+
     return update
 
 
@@ -121,8 +130,7 @@ def test_per_weight_lr_not_symmetric_cg_refuses_or_solves_normal_equations():
     ref = B.hypergradient(P["outer"], {"w": w}, h, update=update, solver=B.Exact())
     with pytest.raises(B.NotSymmetricError, match="normal_equations=True"):
         B.hypergradient(P["outer"], {"w": w}, h, update=update, solver=B.ConjugateGradient(30))
-    cg = B.hypergradient(P["outer"], {"w": w}, h, update=update,
-                         solver=B.ConjugateGradient(200, normal_equations=True))
+    cg = B.hypergradient(P["outer"], {"w": w}, h, update=update, solver=B.ConjugateGradient(200, normal_equations=True))
     torch.testing.assert_close(cg["wd"], ref["wd"], rtol=1e-6, atol=1e-10)
     # the weight-decay hypergradient does not depend on the per-weight lr at the fixed point
     torch.testing.assert_close(ref["wd"], P["exact"](wd.log()) / wd, rtol=1e-8, atol=1e-12)
@@ -201,9 +209,12 @@ def test_exact_on_a_singular_hessian_is_the_min_norm_answer():
     ref = v @ torch.linalg.pinv(Phi)  # -v^T H^+ (-Phi^T) = v^T Phi^+
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
     # a nonsingular problem still takes the plain solve and matches it
-    torch.testing.assert_close(B.hypergradient(outer, {"w": w}, {"y": y}, inner=inner, solver=B.Exact(damping=0.5))["y"],
-                               v @ torch.linalg.solve(Phi.T @ Phi + 0.5 * torch.eye(6, dtype=torch.float64), Phi.T),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        B.hypergradient(outer, {"w": w}, {"y": y}, inner=inner, solver=B.Exact(damping=0.5))["y"],
+        v @ torch.linalg.solve(Phi.T @ Phi + 0.5 * torch.eye(6, dtype=torch.float64), Phi.T),
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_module_params_equal_dict_params():
@@ -212,14 +223,19 @@ def test_module_params_equal_dict_params():
     from torch import nn
 
     import bilevel
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    X, y, Xv, yv = (torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64),
-                    torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64))
+    X, y, Xv, yv = (
+        torch.randn(20, 3, dtype=torch.float64),
+        torch.randn(20, 1, dtype=torch.float64),
+        torch.randn(10, 3, dtype=torch.float64),
+        torch.randn(10, 1, dtype=torch.float64),
+    )
     h = {"log_wd": torch.full((), -2.0, dtype=torch.float64)}
 
     def inner_m(m, h):
-        return F.mse_loss(m(X), y) + h["log_wd"].exp() * sum((p ** 2).sum() for p in m.parameters())
+        return F.mse_loss(m(X), y) + h["log_wd"].exp() * sum((p**2).sum() for p in m.parameters())
 
     def outer_m(m, h):
         return F.mse_loss(m(Xv), yv)
@@ -230,7 +246,7 @@ def test_module_params_equal_dict_params():
         return torch.tanh(x @ p["0.weight"].T + p["0.bias"]) @ p["2.weight"].T + p["2.bias"]
 
     def inner_d(p, h):
-        return F.mse_loss(fwd(p, X), y) + h["log_wd"].exp() * sum((v ** 2).sum() for v in p.values())
+        return F.mse_loss(fwd(p, X), y) + h["log_wd"].exp() * sum((v**2).sum() for v in p.values())
 
     def outer_d(p, h):
         return F.mse_loss(fwd(p, Xv), yv)
@@ -241,4 +257,5 @@ def test_module_params_equal_dict_params():
     torch.testing.assert_close(got["log_wd"], ref["log_wd"], rtol=1e-10, atol=1e-14)
     assert abs(float(ref["log_wd"])) > 1e-8
     assert bilevel.largest_eigenvalue(model, h, inner=inner_m) == pytest.approx(
-        bilevel.largest_eigenvalue(p, h, inner=inner_d), rel=1e-8)
+        bilevel.largest_eigenvalue(p, h, inner=inner_d), rel=1e-8
+    )

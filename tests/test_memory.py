@@ -17,9 +17,19 @@ PROBE = Path(__file__).with_name("_memory_probe.py")
 
 def peak_growth_mb(method: str, steps: int) -> float:
     # a fixed mmap threshold makes glibc return freed weight-sized blocks, so RSS tracks live tensors
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join([str(PROBE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, str(PROBE), method, str(steps)], capture_output=True, text=True,
-                         env=env, check=True, timeout=120)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        PYTHONPATH=os.pathsep.join([str(PROBE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    out = subprocess.run(
+        [sys.executable, str(PROBE), method, str(steps)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 

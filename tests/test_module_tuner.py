@@ -29,8 +29,10 @@ def mlp(out=1, seed=1, bn=False):
 
 
 def loaders(x=X, y=Y, xv=XV, yv=YV, batch=8, val_batch=8):
-    return (DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False),
-            DataLoader(TensorDataset(xv, yv), batch_size=val_batch, shuffle=False))
+    return (
+        DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False),
+        DataLoader(TensorDataset(xv, yv), batch_size=val_batch, shuffle=False),
+    )
 
 
 def torch_loop(model, opt, loader, epochs, loss=F.mse_loss, extra=None, epoch_means=None):
@@ -61,12 +63,16 @@ def assert_same_weights(a, b, **tol):
 # ---------------------------------------------------------------- (a) mode="none" is a plain torch loop
 
 
-@pytest.mark.parametrize("rule, torch_opt", [
-    (bilevel.optim.SGD(lr=0.05, momentum=0.5, weight_decay=1e-3),
-     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, weight_decay=1e-3)),
-    (bilevel.optim.Adam(lr=0.01, weight_decay=1e-3),
-     lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3)),
-])
+@pytest.mark.parametrize(
+    "rule, torch_opt",
+    [
+        (
+            bilevel.optim.SGD(lr=0.05, momentum=0.5, weight_decay=1e-3),
+            lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, weight_decay=1e-3),
+        ),
+        (bilevel.optim.Adam(lr=0.01, weight_decay=1e-3), lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3)),
+    ],
+)
 def test_mode_none_equals_torch_loop(rule, torch_opt):
     train, val = loaders()
     model = mlp()
@@ -103,8 +109,14 @@ def test_torch_optimizer_is_converted_to_its_twin():
 def test_per_element_learning_rates_have_each_parameters_shape_and_move_apart():
     train, val = loaders()
     model = mlp()
-    tuner = bilevel.Tuner(model, F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5),
-                          tune={"lr": "element", "momentum": "scalar"}, interval=3, progress=False)
+    tuner = bilevel.Tuner(
+        model,
+        F.mse_loss,
+        bilevel.optim.SGD(lr=0.05, momentum=0.5),
+        tune={"lr": "element", "momentum": "scalar"},
+        interval=3,
+        progress=False,
+    )
     lr = tuner.hparams["lr"]
     assert set(lr) == {k for k, _ in model.named_parameters()}
     for k, p in model.named_parameters():
@@ -121,8 +133,9 @@ def test_per_element_learning_rates_have_each_parameters_shape_and_move_apart():
 
 def test_per_tensor_learning_rates_are_zero_dim():
     train, val = loaders()
-    tuner = bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05), tune={"lr": "tensor"}, interval=3,
-                          progress=False).fit(train, val, epochs=1)
+    tuner = bilevel.Tuner(
+        mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05), tune={"lr": "tensor"}, interval=3, progress=False
+    ).fit(train, val, epochs=1)
     assert all(v.dim() == 0 for v in tuner.hparams["lr"].values())
     assert len({round(float(v), 12) for v in tuner.hparams["lr"].values()}) > 1
 
@@ -169,14 +182,23 @@ def test_first_lr_hypergradient_matches_finite_differences(regime, sign):
         with torch.no_grad():
             return F.mse_loss(m(xv), yv).item()
 
-    fd = (val_after(lr * 10 ** eps) - val_after(lr * 10 ** -eps)) / (2 * eps)
+    fd = (val_after(lr * 10**eps) - val_after(lr * 10**-eps)) / (2 * eps)
     assert math.copysign(1.0, fd) == sign and abs(fd) > 1e-2  # the regimes are what they claim
 
     measured = {}
     for mode in ("unroll", "ift"):
-        tuner = bilevel.Tuner(_linear(w0), F.mse_loss, bilevel.optim.SGD(lr=lr), tune="lr", mode=mode, interval=T,
-                              lookback=T if mode == "unroll" else 5, hyper_optimizer=torch.optim.SGD, hyper_lr=h,
-                              progress=False)
+        tuner = bilevel.Tuner(
+            _linear(w0),
+            F.mse_loss,
+            bilevel.optim.SGD(lr=lr),
+            tune="lr",
+            mode=mode,
+            interval=T,
+            lookback=T if mode == "unroll" else 5,
+            hyper_optimizer=torch.optim.SGD,
+            hyper_lr=h,
+            progress=False,
+        )
         tuner.fit(train, val, steps=T)
         measured[mode] = (math.log10(lr) - math.log10(tuner.hparams["lr"])) / h
     assert measured["unroll"] == pytest.approx(fd, rel=1e-6)
@@ -202,36 +224,44 @@ def test_per_weight_decay_with_torch_adam():
     train, val = loaders()
     model = mlp()
     penalty = bilevel.PerWeightDecay(model, init=1e-3)
-    tuner = bilevel.Tuner(model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=0.01), penalty=penalty,
-                          mode="none", progress=False).fit(train, val, epochs=2)
+    tuner = bilevel.Tuner(
+        model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=0.01), penalty=penalty, mode="none", progress=False
+    ).fit(train, val, epochs=2)
     assert tuner.loop.cfg.implicit == "loss"
     ref = mlp()
-    l2 = lambda m: 0.5 * sum((1e-3 * p ** 2).sum() for p in m.parameters())  # noqa: E731
+    l2 = lambda m: 0.5 * sum((1e-3 * p**2).sum() for p in m.parameters())  # noqa: E731
     means = []
     torch_loop(ref, torch.optim.Adam(ref.parameters(), lr=0.01), train, epochs=2, extra=l2, epoch_means=means)
     assert_same_weights(model, ref)
     assert [h["train_loss"] for h in tuner.history] == pytest.approx(means, rel=1e-10)  # the penalty is not in it
-    for k, v in tuner.hparams["l2"].items():
+    for _k, v in tuner.hparams["l2"].items():
         torch.testing.assert_close(v, torch.full_like(v, 1e-3))
 
     # mode="ift": the decays move, one per weight, and stay positive
     model = mlp()
-    tuner = bilevel.Tuner(model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=0.01),
-                          penalty=bilevel.PerWeightDecay(model, init=1e-3), interval=3, hyper_lr=0.2,
-                          progress=False).fit(train, val, epochs=2)
+    tuner = bilevel.Tuner(
+        model,
+        F.mse_loss,
+        torch.optim.Adam(model.parameters(), lr=0.01),
+        penalty=bilevel.PerWeightDecay(model, init=1e-3),
+        interval=3,
+        hyper_lr=0.2,
+        progress=False,
+    ).fit(train, val, epochs=2)
     decays = torch.cat([v.flatten() for v in tuner.hparams["l2"].values()])
     assert decays.numel() == sum(p.numel() for p in model.parameters())
     assert bool((decays > 0).all())
     assert float((decays.log10() + 3).abs().max()) > 0.1  # moved by more than 0.1 decade
-    assert float(decays.log10().std()) > 0.01              # and differently per weight
+    assert float(decays.log10().std()) > 0.01  # and differently per weight
 
 
 def test_per_weight_decay_on_selected_parameters_only():
     model = mlp()
     penalty = bilevel.PerWeightDecay(model, init=1e-2, granularity="tensor", params=["0.weight", "2.weight"])
     train, val = loaders()
-    tuner = bilevel.Tuner(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), penalty=penalty,
-                          mode="none", progress=False).fit(train, val, epochs=1)
+    tuner = bilevel.Tuner(
+        model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), penalty=penalty, mode="none", progress=False
+    ).fit(train, val, epochs=1)
     assert set(tuner.hparams["l2"]) == {"0.weight", "2.weight"}
     ref = mlp()
     l2 = lambda m: 0.5 * 1e-2 * ((m[0].weight ** 2).sum() + (m[2].weight ** 2).sum())  # noqa: E731
@@ -257,8 +287,17 @@ def test_batchnorm_statistics_updated_once_per_weight_step(mode):
     train, val = loaders()
     model = mlp(bn=True)
     seen = _WeightsSeen(dict(model.named_parameters()))
-    tuner = bilevel.Tuner(model, F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5), tune=("lr", "momentum"),
-                          mode=mode, interval=3, lookback=2, callbacks=[seen], progress=False).fit(train, val, epochs=2)
+    tuner = bilevel.Tuner(
+        model,
+        F.mse_loss,
+        bilevel.optim.SGD(lr=0.05, momentum=0.5),
+        tune=("lr", "momentum"),
+        mode=mode,
+        interval=3,
+        lookback=2,
+        callbacks=[seen],
+        progress=False,
+    ).fit(train, val, epochs=2)
     bn = model[1]
     assert int(bn.num_batches_tracked) == 2 * len(train)  # hypergradient evaluations did not count
     assert model.training  # left as found
@@ -292,8 +331,8 @@ def test_batchnorm_statistics_updated_once_per_weight_step(mode):
 
 
 def test_custom_train_and_val_losses_on_dict_batches():
-    data = [{"x": X[i:i + 8], "y": Y[i:i + 8]} for i in range(0, 48, 8)]
-    vdata = [{"x": XV[i:i + 12], "y": YV[i:i + 12]} for i in range(0, 24, 12)]
+    data = [{"x": X[i : i + 8], "y": Y[i : i + 8]} for i in range(0, 48, 8)]
+    vdata = [{"x": XV[i : i + 12], "y": YV[i : i + 12]} for i in range(0, 24, 12)]
     calls = {"train": 0, "val": 0}
 
     def train_loss(model, batch):
@@ -305,8 +344,14 @@ def test_custom_train_and_val_losses_on_dict_batches():
         return (model(batch["x"]) - batch["y"]).abs().mean()
 
     model = mlp()
-    tuner = bilevel.Tuner(model, optimizer=bilevel.optim.SGD(lr=0.1, momentum=0.5), train_loss=train_loss,
-                          val_loss=val_loss, mode="none", progress=False).fit(data, vdata, epochs=2)
+    tuner = bilevel.Tuner(
+        model,
+        optimizer=bilevel.optim.SGD(lr=0.1, momentum=0.5),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        mode="none",
+        progress=False,
+    ).fit(data, vdata, epochs=2)
     ref = mlp()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
     for _ in range(2):
@@ -321,8 +366,14 @@ def test_custom_train_and_val_losses_on_dict_batches():
     assert calls["train"] == 12 and calls["val"] == 2 * len(vdata)
 
     # tuned: the hypergradient uses val_loss on the validation batches (it moves lr)
-    tuner = bilevel.Tuner(mlp(), optimizer=bilevel.optim.SGD(lr=0.1, momentum=0.5), train_loss=train_loss,
-                          val_loss=val_loss, interval=3, progress=False).fit(data, vdata, epochs=1)
+    tuner = bilevel.Tuner(
+        mlp(),
+        optimizer=bilevel.optim.SGD(lr=0.1, momentum=0.5),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        interval=3,
+        progress=False,
+    ).fit(data, vdata, epochs=1)
     assert tuner.hparams["lr"] != pytest.approx(0.1, rel=1e-3)
 
 
@@ -340,8 +391,9 @@ def test_population_best_and_member_zero():
     train, val = loaders(XC, YC, XCV, YCV)
     rule = bilevel.optim.SGD(lr=0.1, momentum=0.5)
     model = mlp(out=3)
-    tuner = bilevel.Tuner(model, F.cross_entropy, rule, tune=("lr", "momentum"), population=3, interval=3,
-                          progress=False).fit(train, val, epochs=2)
+    tuner = bilevel.Tuner(
+        model, F.cross_entropy, rule, tune=("lr", "momentum"), population=3, interval=3, progress=False
+    ).fit(train, val, epochs=2)
     val_losses = tuner.evaluate(val)
     assert val_losses.shape == (3,) and bool(torch.isfinite(val_losses).all())
     assert len(set(val_losses.tolist())) == 3  # three different members
@@ -355,8 +407,9 @@ def test_population_best_and_member_zero():
 
     # member 0 starts from the model's weights: in mode="none" it is the population-of-one run (BatchNorm
     # statistics included: each member keeps its own)
-    many = bilevel.Tuner(mlp(out=3, bn=True), F.cross_entropy, rule, population=3, mode="none",
-                         progress=False).fit(train, val, epochs=2)
+    many = bilevel.Tuner(mlp(out=3, bn=True), F.cross_entropy, rule, population=3, mode="none", progress=False).fit(
+        train, val, epochs=2
+    )
     one_model = mlp(out=3, bn=True)
     one = bilevel.Tuner(one_model, F.cross_entropy, rule, mode="none", progress=False).fit(train, val, epochs=2)
     for k, p in one_model.named_parameters():
@@ -375,8 +428,14 @@ def test_population_best_and_member_zero():
 def test_momentum_zero_warns_and_moves():
     train, val = loaders()
     with pytest.warns(UserWarning, match=r"momentum=0\.0 lies on the edge"):
-        tuner = bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.0),
-                              tune=("lr", "momentum"), interval=3, progress=False)
+        tuner = bilevel.Tuner(
+            mlp(),
+            F.mse_loss,
+            bilevel.optim.SGD(lr=0.05, momentum=0.0),
+            tune=("lr", "momentum"),
+            interval=3,
+            progress=False,
+        )
     assert tuner.hparams["momentum"] == pytest.approx(0.01, rel=1e-9)
     tuner.fit(train, val, epochs=1)
     assert tuner.hparams["momentum"] != pytest.approx(0.01, rel=1e-3)
@@ -389,13 +448,16 @@ def test_no_warning_for_interior_values():
         bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5), progress=False)
 
 
-@pytest.mark.parametrize("rule, tuned", [
-    (bilevel.optim.SGD(lr=0.05), ["lr"]),
-    (bilevel.optim.SGD(lr=0.05, momentum=0.9), ["lr", "momentum"]),
-    (bilevel.optim.SGD(lr=0.05, weight_decay=1e-4), ["lr", "weight_decay"]),
-    (bilevel.optim.Adam(lr=0.01), ["lr"]),
-    (bilevel.optim.AdamW(lr=0.01), ["lr", "weight_decay"]),
-])
+@pytest.mark.parametrize(
+    "rule, tuned",
+    [
+        (bilevel.optim.SGD(lr=0.05), ["lr"]),
+        (bilevel.optim.SGD(lr=0.05, momentum=0.9), ["lr", "momentum"]),
+        (bilevel.optim.SGD(lr=0.05, weight_decay=1e-4), ["lr", "weight_decay"]),
+        (bilevel.optim.Adam(lr=0.01), ["lr"]),
+        (bilevel.optim.AdamW(lr=0.01), ["lr", "weight_decay"]),
+    ],
+)
 def test_default_tune_is_what_the_optimiser_uses(rule, tuned):
     """By default lr and the non-zero momentum / weight decay are tuned: nothing is moved off a 0 silently."""
     with warnings.catch_warnings():
@@ -419,13 +481,16 @@ def test_lr_zero_is_refused():
         bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.0, momentum=0.5), tune="lr", progress=False)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(tune="betas"), r"cannot tune \['betas'\]"),
-    (dict(tune={"lr": "per-weight"}), r"unknown granularity 'per-weight'"),
-    (dict(tune=()), "tune is empty"),
-    (dict(population=0), "population must be an integer >= 1"),
-    (dict(mode="hyper"), "unknown mode 'hyper'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tune="betas"), r"cannot tune \['betas'\]"),
+        (dict(tune={"lr": "per-weight"}), r"unknown granularity 'per-weight'"),
+        (dict(tune=()), "tune is empty"),
+        (dict(population=0), "population must be an integer >= 1"),
+        (dict(mode="hyper"), "unknown mode 'hyper'"),
+    ],
+)
 def test_bad_construction_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bilevel.Tuner(mlp(), F.mse_loss, bilevel.optim.SGD(lr=0.05, momentum=0.5), progress=False, **kwargs)
@@ -467,8 +532,14 @@ def test_state_dict_resume_is_bit_for_bit(mode):
     # 6 weight steps per epoch, a hyperparameter step every 4 (it straddles the epoch boundary),
     # 3 validation batches (the validation cycle does not restart with the epoch)
     train, val = loaders(batch=8, val_batch=8)
-    kw = dict(optimizer=bilevel.optim.SGD(lr=0.05, momentum=0.5, weight_decay=1e-3),
-              tune=("lr", "momentum", "weight_decay"), interval=4, lookback=3, mode=mode, progress=False)
+    kw = dict(
+        optimizer=bilevel.optim.SGD(lr=0.05, momentum=0.5, weight_decay=1e-3),
+        tune=("lr", "momentum", "weight_decay"),
+        interval=4,
+        lookback=3,
+        mode=mode,
+        progress=False,
+    )
     whole = mlp(bn=True)
     t_whole = bilevel.Tuner(whole, F.mse_loss, **kw).fit(train, val, epochs=2)
 

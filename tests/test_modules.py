@@ -21,7 +21,7 @@ def test_module_with_batchnorm_buffers_matches_dense_reference():
 
     def inner(p, h):
         out = functional_call(model, (p, buffers), (X,))
-        return ((out - y) ** 2).mean() + 0.5 * h["wd"].exp() * sum((v ** 2).sum() for v in p.values())
+        return ((out - y) ** 2).mean() + 0.5 * h["wd"].exp() * sum((v**2).sum() for v in p.values())
 
     def outer(p, h):
         return ((functional_call(model, (p, buffers), (Xv,)) - yv) ** 2).mean()

@@ -6,10 +6,23 @@ import math
 import numpy as np
 import pytest
 
-from bilevel.report import (bootstrap, bootstrap_curve, ecdf, fit_landscape, format_pm,
-                            format_table, markdown_table, plot_cdf, plot_landscape,
-                            plot_lr_trajectories, plot_median_curves, print_table,
-                            split_diverged, summary_table, write_report)
+from bilevel.report import (
+    bootstrap,
+    bootstrap_curve,
+    ecdf,
+    fit_landscape,
+    format_pm,
+    format_table,
+    markdown_table,
+    plot_cdf,
+    plot_landscape,
+    plot_lr_trajectories,
+    plot_median_curves,
+    print_table,
+    split_diverged,
+    summary_table,
+    write_report,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -86,12 +99,16 @@ def test_ecdf_scaled_by_diverged_fraction():
 
 
 # ----------------------------------------------------------------- tables
-HAND = {"experiment": "clarke", "dataset": "toy", "methods": {
-    "random": {"final_test_loss": [4.0, 1.0, None, 2.0, 8.0]},
-    "ours-wd-lr": {"final_test_loss": [0.5, 0.25, 1.0]},
-    "broken": {"final_test_loss": [None, None]},
-    "single": {"final_test_loss": [7.0]},
-}}
+HAND = {
+    "experiment": "clarke",
+    "dataset": "toy",
+    "methods": {
+        "random": {"final_test_loss": [4.0, 1.0, None, 2.0, 8.0]},
+        "ours-wd-lr": {"final_test_loss": [0.5, 0.25, 1.0]},
+        "broken": {"final_test_loss": [None, None]},
+        "single": {"final_test_loss": [7.0]},
+    },
+}
 
 
 def test_summary_rows_hand_computed():
@@ -127,7 +144,7 @@ def test_rich_and_markdown_tables():
     rows = summary_table(HAND)
     md = markdown_table(rows, "toy")
     assert md.count("\n| ") == 5 and "| broken | — | — | — | 2/2 |" in md
-    assert "| **0.6 ± 0.2** | **0.5 ± 0.3** | **0.250** | 0/3 |" in md   # best in bold
+    assert "| **0.6 ± 0.2** | **0.5 ± 0.3** | **0.250** | 0/3 |" in md  # best in bold
     assert "| random | 4 ± 1 | 3 ± 2 | 1.00 | 1/5 |" in md
     console = Console(record=True, width=120)
     console.print(format_table(rows, "toy"))
@@ -142,7 +159,7 @@ def test_rich_and_markdown_tables():
 def loss_surface(lr, wd):
     """Smooth synthetic final loss with a valley at lr = 1e-1, wd = 1e-3."""
     a, b = np.log10(lr) + 1.0, np.log10(wd) + 3.0
-    return 0.2 * 10 ** (0.3 * a ** 2 + 0.1 * b ** 2)
+    return 0.2 * 10 ** (0.3 * a**2 + 0.1 * b**2)
 
 
 def synthetic_results(n=24, steps=30, seed=0):
@@ -164,14 +181,20 @@ def synthetic_results(n=24, steps=30, seed=0):
         curve = final[:, None] * (1 + 5 * np.exp(-t / 5))
         final_l = final.tolist()
         curve_l = curve.tolist()
-        for i in range(0, n, 7):      # a few diverged runs
+        for i in range(0, n, 7):  # a few diverged runs
             final_l[i] = None
-            curve_l[i] = curve_l[i][:steps // 2] + [None] * (steps - steps // 2)
+            curve_l[i] = curve_l[i][: steps // 2] + [None] * (steps - steps // 2)
         methods[name] = {
-            "final_test_loss": final_l, "final_val_loss": final_l, "seconds": [1.0] * n,
+            "final_test_loss": final_l,
+            "final_val_loss": final_l,
+            "seconds": [1.0] * n,
             "curves": {"step": step, "test_loss": curve_l, "val_loss": curve_l, "train_loss": curve_l},
-            "hparams": {"step": step, "lr": (10 ** llr).tolist(), "weight_decay": (10 ** lwd).tolist(),
-                        "momentum": np.full((n, steps), 0.9).tolist()},
+            "hparams": {
+                "step": step,
+                "lr": (10**llr).tolist(),
+                "weight_decay": (10**lwd).tolist(),
+                "momentum": np.full((n, steps), 0.9).tolist(),
+            },
         }
     return {"experiment": "clarke", "dataset": "synthetic", "config": {}, "methods": methods}
 
@@ -181,8 +204,15 @@ def results():
     return synthetic_results()
 
 
-@pytest.mark.parametrize("fn, name", [(plot_median_curves, "median.png"), (plot_cdf, "cdf.png"),
-                                      (plot_lr_trajectories, "lr.png"), (plot_landscape, "land.png")])
+@pytest.mark.parametrize(
+    "fn, name",
+    [
+        (plot_median_curves, "median.png"),
+        (plot_cdf, "cdf.png"),
+        (plot_lr_trajectories, "lr.png"),
+        (plot_landscape, "land.png"),
+    ],
+)
 def test_figures_write_png(results, tmp_path, fn, name):
     path = fn(results, tmp_path / name)
     assert path == tmp_path / name and is_png(path)
@@ -197,7 +227,7 @@ def test_figures_skip_without_curves_or_hparams(tmp_path):
     assert plot_median_curves(HAND, tmp_path / "a.png") is None
     assert plot_lr_trajectories(HAND, tmp_path / "b.png") is None
     assert plot_landscape(HAND, tmp_path / "c.png") is None
-    assert is_png(plot_cdf(HAND, tmp_path / "d.png"))      # CDF needs only final losses
+    assert is_png(plot_cdf(HAND, tmp_path / "d.png"))  # CDF needs only final losses
 
 
 def test_landscape_gp_interpolates_smooth_function():
@@ -219,7 +249,7 @@ def test_landscape_diverged_filled_with_large_loss():
     wd = np.array([1e-4, 1e-3, 1e-2, 1e-1, 1e-1, 1e-4])
     gp = fit_landscape(lr, wd, [1.0, 1.0, 1.0, None, 1.0, 1.0], nan_fill=150.0)
     assert gp.y_train_.shape == (6,)
-    assert gp.predict(np.log10([[1.0, 1e-1]]))[0] > 1.0     # pulled towards log10(150)
+    assert gp.predict(np.log10([[1.0, 1e-1]]))[0] > 1.0  # pulled towards log10(150)
 
 
 def test_write_report(results, tmp_path):
@@ -245,20 +275,24 @@ def test_write_report_robust_single_init_and_no_curves(tmp_path):
 
 # ----------------------------------------------------------------- other experiments (metrics tables)
 def _quiet():
-    from rich.console import Console
     import io
+
+    from rich.console import Console
+
     buf = io.StringIO()
     return Console(file=buf, width=200), buf
 
 
 def test_write_report_rejects_unknown_or_malformed_files(tmp_path):
     console, _ = _quiet()
-    bad = {"no experiment": ({"metrics": {"a": 1.0}}, "no 'experiment' field"),
-           "other without metrics": ({"experiment": "my-study", "results": {}}, "'my-study' has no 'metrics'"),
-           "no metrics": ({"experiment": "val-split", "results": {}}, "has no 'metrics' mapping"),
-           "empty metrics": ({"experiment": "val-split", "metrics": {}}, "'metrics' is empty"),
-           "clarke without methods": ({"experiment": "clarke"}, "needs a 'methods' mapping"),
-           "not an object": ([1, 2], "must hold a JSON object")}
+    bad = {
+        "no experiment": ({"metrics": {"a": 1.0}}, "no 'experiment' field"),
+        "other without metrics": ({"experiment": "my-study", "results": {}}, "'my-study' has no 'metrics'"),
+        "no metrics": ({"experiment": "val-split", "results": {}}, "has no 'metrics' mapping"),
+        "empty metrics": ({"experiment": "val-split", "metrics": {}}, "'metrics' is empty"),
+        "clarke without methods": ({"experiment": "clarke"}, "needs a 'methods' mapping"),
+        "not an object": ([1, 2], "must hold a JSON object"),
+    }
     for name, (doc, message) in bad.items():
         path = tmp_path / f"{name.replace(' ', '_')}.json"
         path.write_text(json.dumps(doc))
@@ -281,6 +315,10 @@ def test_flatten_metrics_layouts():
     assert (("grid", "1", "0"), 3) not in flatten_metrics(m) and (("grid", "1"), [3, 4]) in flatten_metrics(m)
     cols, rows = metrics_table(m)
     assert cols == ["", "x", "y", "flag", "0", "1"]
-    assert rows == [["a", "1", "-", "", "", ""], ["b", "2.5", "", "yes", "", ""], ["grid", "", "", "", "[1, 2]", "[3, 4]"]]
+    assert rows == [
+        ["a", "1", "-", "", "", ""],
+        ["b", "2.5", "", "yes", "", ""],
+        ["grid", "", "", "", "[1, 2]", "[3, 4]"],
+    ]
     cols, rows = metrics_table({f"k{i}": {f"c{j}": float(j) for j in range(12)} for i in range(2)})
     assert cols == ["metric", "value"] and rows[0] == ["k0 / c0", "0"] and len(rows) == 24

@@ -14,8 +14,8 @@ from bilevel.hparams import NATURAL_INIT_EPS
 from bilevel.search import bayesopt as B
 from bilevel.search import ray_tune as R
 
-
 # ---------------------------------------------------------------------------- pure pieces
+
 
 def test_blocks_cover_the_population_in_order():
     assert R.blocks(5, 2) == [(0, 2), (2, 2), (4, 1)]
@@ -85,12 +85,23 @@ def test_member_blocks_must_cover_the_population_once():
 
 def test_merge_blocks_joins_any_per_member_layout():
     """Lists are per-member (concatenated), numbers summed, mappings are tables on a shared axis."""
+
     def part(first, n):
         members = list(range(first, first + n))
-        return {"score": [float(m) for m in members], "cost": float(n), "name": "toy",
-                "trace": {"t": [1, 2], "x": [[m, m] for m in members]}}
+        return {
+            "score": [float(m) for m in members],
+            "cost": float(n),
+            "name": "toy",
+            "trace": {"t": [1, 2], "x": [[m, m] for m in members]},
+        }
+
     m = R.merge_blocks([part(0, 2), part(2, 1)], axis="t")
-    assert m == {"score": [0.0, 1.0, 2.0], "cost": 3.0, "name": "toy", "trace": {"t": [1, 2], "x": [[0, 0], [1, 1], [2, 2]]}}
+    assert m == {
+        "score": [0.0, 1.0, 2.0],
+        "cost": 3.0,
+        "name": "toy",
+        "trace": {"t": [1, 2], "x": [[0, 0], [1, 1], [2, 2]]},
+    }
     with pytest.raises(ValueError, match="disagree"):
         R.merge_blocks([part(0, 1), {**part(1, 1), "name": "other"}], axis="t")
     with pytest.raises(ValueError, match="no block"):
@@ -98,8 +109,7 @@ def test_merge_blocks_joins_any_per_member_layout():
 
 
 def test_clip_to_domains_uses_the_given_bounds_only():
-    bounds = {"rate": {"domain": (0.0, math.inf), "clip": (1e-3, 1.0)},
-              "share": {"domain": (0.0, 1.0), "clip": None}}
+    bounds = {"rate": {"domain": (0.0, math.inf), "clip": (1e-3, 1.0)}, "share": {"domain": (0.0, 1.0), "clip": None}}
     c = R.clip_to_domains({"member": 1, "rate": 5.0, "share": 1.2, "other": -7.0}, bounds)
     assert c == {"member": 1, "rate": 1.0, "share": 1 - NATURAL_INIT_EPS, "other": -7.0}
     assert R.clip_to_domains({"share": 0.0}, bounds) == {"share": NATURAL_INIT_EPS}  # missing names are skipped
@@ -149,8 +159,13 @@ class Toy:
 def session(monkeypatch):
     """Ray Tune's session, recorded: every ``report`` call and a settable checkpoint to restore from."""
     rec = {"reports": [], "restore": None}
-    monkeypatch.setattr(R, "report", lambda metrics, state=None, result=None: rec["reports"].append(
-        (dict(metrics), None if state is None else json.loads(json.dumps(state)), result)))
+    monkeypatch.setattr(
+        R,
+        "report",
+        lambda metrics, state=None, result=None: rec["reports"].append(
+            (dict(metrics), None if state is None else json.loads(json.dumps(state)), result)
+        ),
+    )
     monkeypatch.setattr(R, "restored_state", lambda: rec["restore"])
     monkeypatch.setattr(R, "_trial_id", lambda: "trial-b")
     return rec
@@ -192,11 +207,20 @@ def test_scheduled_trainable_applies_and_records_the_pbt_ratio_mutation(session)
     session["reports"].clear()
     session["restore"] = {**donor, "writer": "trial-a", "member": 0}
     trial({**base, "rate": 1.5})
-    (m5, _, _), = session["reports"]
+    ((m5, _, _),) = session["reports"]
     assert m5["step"] == 6 and m5["ratio_rate"] == pytest.approx(1.5) and m5["mutated_at"] == 4
     (rec,) = json.loads(m5["lineage"])
-    assert rec == {"step": 4, "trial": "trial-b", "donor": "trial-a", "donor_member": 0, "ratios": {"rate": 1.5},
-                   "pbt_old": {"rate": 1.0}, "pbt_new": {"rate": 1.5}, "before": {"rate": 1.0}, "after": {"rate": 1.5}}
+    assert rec == {
+        "step": 4,
+        "trial": "trial-b",
+        "donor": "trial-a",
+        "donor_member": 0,
+        "ratios": {"rate": 1.5},
+        "pbt_old": {"rate": 1.0},
+        "pbt_new": {"rate": 1.5},
+        "before": {"rate": 1.0},
+        "after": {"rate": 1.5},
+    }
     assert m5["val_loss"] == pytest.approx(abs(4.0 + 2 * 1.5 - 10.0))
 
 
@@ -216,13 +240,15 @@ def test_run_scheduled_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown scheduler"):
         R.run_scheduled(toy_scheduled, {"rate": [1.0]}, tmp_path, steps=4, scheduler="hyperband")
     with pytest.raises(ValueError, match="multiple of report_every"):
-        R.run_scheduled(toy_scheduled, {"rate": [1.0]}, tmp_path, steps=4, scheduler="pbt", report_every=3,
-                        perturbation_interval=4)
+        R.run_scheduled(
+            toy_scheduled, {"rate": [1.0]}, tmp_path, steps=4, scheduler="pbt", report_every=3, perturbation_interval=4
+        )
     with pytest.raises(ValueError, match="same number"):
         R.run_scheduled(toy_scheduled, {"rate": [1.0], "b": [1.0, 2.0]}, tmp_path, steps=4, scheduler="asha")
 
 
 # ---------------------------------------------------------------------------- Bayesian optimisation
+
 
 def test_bayesopt_runs_any_evaluation_and_resumes():
     """Repeats evaluated together, the best-validation sample chosen, diverged points told the worst loss."""
@@ -233,10 +259,19 @@ def test_bayesopt_runs_any_evaluation_and_resumes():
         calls.append((k, [dict(p) for p in points]))
         val = [(p["x"] - 0.3) ** 2 if p["x"] < 0.9 else math.nan for p in points]
         return {"val": val, "test": [v + 1.0 for v in val], "seconds": 2.0}
+
     space = {"u": (0.0, 1.0)}
     saved = []
-    res = B.run(evaluate, space, repeats=2, samples=4, startup=2, seed=3, transform=lambda q: {"x": q["u"]},
-                save=lambda s: saved.append(json.loads(json.dumps(s))))
+    res = B.run(
+        evaluate,
+        space,
+        repeats=2,
+        samples=4,
+        startup=2,
+        seed=3,
+        transform=lambda q: {"x": q["u"]},
+        save=lambda s: saved.append(json.loads(json.dumps(s))),
+    )
     assert [k for k, _ in calls] == [0, 1, 2, 3] and all(len(p) == 2 for _, p in calls)
     for r, recs in enumerate(res["records"]):
         assert [x["natural"]["x"] for x in recs] == [x["params"]["u"] for x in recs] == [p[r]["x"] for _, p in calls]
@@ -244,13 +279,16 @@ def test_bayesopt_runs_any_evaluation_and_resumes():
         finite = [x for x in recs if x["val"] is not None]
         best = min(finite, key=lambda x: x["val"])
         assert res["final_val_loss"][r] == best["val"] and res["final_test_loss"][r] == best["val"] + 1.0
-        assert all(x["told"] == (x["val"] if x["val"] is not None else B.objective(None, [y["val"] for y in recs[:i]]))
-                   for i, x in enumerate(recs))
+        assert all(
+            x["told"] == (x["val"] if x["val"] is not None else B.objective(None, [y["val"] for y in recs[:i]]))
+            for i, x in enumerate(recs)
+        )
     assert res["seconds"] == [4.0, 4.0] and res["incumbent"]["seconds"][0] == [1.0, 2.0, 3.0, 4.0]
     # resumed after two samples: the first two kept, the evaluation called for the last two only
     calls.clear()
-    again = B.run(evaluate, space, repeats=2, samples=4, startup=2, seed=3, transform=lambda q: {"x": q["u"]},
-                  state=saved[1])
+    again = B.run(
+        evaluate, space, repeats=2, samples=4, startup=2, seed=3, transform=lambda q: {"x": q["u"]}, state=saved[1]
+    )
     assert [k for k, _ in calls] == [2, 3]
     assert [r[:2] for r in again["records"]] == saved[1]["records"]
     with pytest.raises(ValueError, match="startup"):

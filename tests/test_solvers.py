@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from problems import D
 
 import bilevel as B
 from bilevel import _tree as T
 from bilevel.solvers import AutoNeumann, Damped, damped, dense_jacobian
-from problems import D
 
 
 class Matrix:
@@ -31,8 +31,9 @@ def spd(n, top, seed=0):
 def test_damped_operator_is_j_plus_eps_identity():
     A = spd(5, 3.0)
     op = Matrix(A)
-    torch.testing.assert_close(dense_jacobian(damped(op, 0.7), {"w": torch.zeros(5, dtype=D)}),
-                               A + 0.7 * torch.eye(5, dtype=D))
+    torch.testing.assert_close(
+        dense_jacobian(damped(op, 0.7), {"w": torch.zeros(5, dtype=D)}), A + 0.7 * torch.eye(5, dtype=D)
+    )
     assert damped(op, 0.0) is op and isinstance(damped(op, 0.1), Damped)
     with pytest.raises(ValueError, match="damping"):
         damped(op, -1.0)
@@ -76,6 +77,7 @@ def test_auto_neumann_refreshes_alpha_when_curvature_grows():
 
 def test_auto_neumann_in_a_hypergradient_matches_exact_on_ridge():
     from problems import ridge
+
     prob = ridge()
     lam = torch.full((prob["d"],), -1.0, dtype=D)
     w = {"w": prob["solve"](lam)}

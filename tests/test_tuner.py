@@ -21,8 +21,11 @@ Yv = Xv @ W + 0.1 * torch.randn(32, 1, generator=g0, dtype=D)
 
 
 def make_params(g):
-    return {"W1": torch.randn(8, 4, generator=g, dtype=D) / 2, "b1": torch.zeros(8, dtype=D),
-            "W2": torch.randn(1, 8, generator=g, dtype=D) / 8 ** 0.5}
+    return {
+        "W1": torch.randn(8, 4, generator=g, dtype=D) / 2,
+        "b1": torch.zeros(8, dtype=D),
+        "W2": torch.randn(1, 8, generator=g, dtype=D) / 8**0.5,
+    }
 
 
 def forward(p, x):
@@ -30,8 +33,9 @@ def forward(p, x):
 
 
 LOSS = pop.vmap_loss(forward, lambda o, y: ((o - y) ** 2).mean())
-SPACE = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5, clip=(1e-10, 1.0)),
-                               H.weight_decay(), H.momentum()])
+SPACE = H.HyperParameterSpace(
+    [H.HyperParameter("lr", H.LOG10, -2.0, -0.5, clip=(1e-10, 1.0)), H.weight_decay(), H.momentum()]
+)
 
 
 UPDATE = ("lr", "weight_decay", "momentum")
@@ -39,8 +43,17 @@ UPDATE = ("lr", "weight_decay", "momentum")
 
 def make_tuner(n, seed, callbacks=(), **cfg):
     params, raw = pop.init_population(make_params, n, seed, lambda p, g: SPACE.init(p, g))
-    return OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(**cfg),
-                       callbacks=callbacks)
+    return OnlineTuner(
+        params,
+        raw,
+        SPACE,
+        updates.SGD(),
+        LOSS,
+        LOSS,
+        update_form=UPDATE,
+        config=TunerConfig(**cfg),
+        callbacks=callbacks,
+    )
 
 
 def run(tuner, steps):
@@ -54,11 +67,13 @@ def test_population_equals_members_alone(mode):
     for i in range(3):
         alone = run(make_tuner(1, seed=10 + i, **cfg), 40)
         for key in ("val_loss", "train_loss"):
-            torch.testing.assert_close(torch.tensor(getattr(together, key)[i]),
-                                       torch.tensor(getattr(alone, key)[0]), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                torch.tensor(getattr(together, key)[i]), torch.tensor(getattr(alone, key)[0]), rtol=1e-9, atol=1e-12
+            )
         for name in SPACE.names:
-            torch.testing.assert_close(torch.tensor(together.hparams[name][i]),
-                                       torch.tensor(alone.hparams[name][0]), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                torch.tensor(together.hparams[name][i]), torch.tensor(alone.hparams[name][0]), rtol=1e-9, atol=1e-12
+            )
 
 
 def test_population_equals_members_alone_per_weight_lr_and_minibatches():
@@ -81,8 +96,9 @@ def test_population_equals_members_alone_per_weight_lr_and_minibatches():
     assert tt.raw["lr/W1"].shape == (3, 8, 4)
     for i in range(3):
         alone, ta = go(1, 20 + i)
-        torch.testing.assert_close(torch.tensor(together.val_loss[i]), torch.tensor(alone.val_loss[0]),
-                                   rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(together.val_loss[i]), torch.tensor(alone.val_loss[0]), rtol=1e-9, atol=1e-12
+        )
         torch.testing.assert_close(tt.raw["lr/W1"][i], ta.raw["lr/W1"][0], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(tt.raw["lr/W1"][0], tt.raw["lr/W1"][0].flatten()[0])  # per-weight values moved apart
 
@@ -90,8 +106,16 @@ def test_population_equals_members_alone_per_weight_lr_and_minibatches():
 def test_tuned_names_that_nothing_uses_are_refused():
     params, raw = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
     with pytest.raises(ValueError, match=r"\['momentum'\] are not hyperparameters of Adam"):
-        OnlineTuner(params, raw, SPACE, updates.Adam(), LOSS, LOSS, update_form=("lr", "momentum"),
-                    config=TunerConfig(tuned=("lr", "momentum")))
+        OnlineTuner(
+            params,
+            raw,
+            SPACE,
+            updates.Adam(),
+            LOSS,
+            LOSS,
+            update_form=("lr", "momentum"),
+            config=TunerConfig(tuned=("lr", "momentum")),
+        )
     with pytest.raises(ValueError, match=r"\['lr'\] are hyperparameters of Adam but not declared update-form"):
         OnlineTuner(params, raw, SPACE, updates.Adam(), LOSS, LOSS, config=TunerConfig(tuned=("lr",)))
 
@@ -124,18 +148,33 @@ def test_diff_through_opt_hypergradient_matches_finite_differences():
 def _mixed_tuner():
     """Update-form lr and momentum with a loss-form per-weight L2 (Lorraine) in the same loop."""
     from bilevel.regularizers import l2_penalty
-    space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5), H.momentum(),
-                                   H.HyperParameter("l2", H.LOG10, -3.0, -1.0, granularity="element")])
+
+    space = H.HyperParameterSpace(
+        [
+            H.HyperParameter("lr", H.LOG10, -2.0, -0.5),
+            H.momentum(),
+            H.HyperParameter("l2", H.LOG10, -3.0, -1.0, granularity="element"),
+        ]
+    )
     params, raw = pop.init_population(make_params, 1, 5, lambda p, g: space.init(p, g, shared_init=False))
-    return OnlineTuner(params, raw, space, updates.SGD(), LOSS, LOSS, update_form=("lr", "momentum"),
-                       penalty=lambda p, nat: l2_penalty(p, nat["l2"]),
-                       config=TunerConfig(tuned=("lr", "momentum", "l2"), lookback=3))
+    return OnlineTuner(
+        params,
+        raw,
+        space,
+        updates.SGD(),
+        LOSS,
+        LOSS,
+        update_form=("lr", "momentum"),
+        penalty=lambda p, nat: l2_penalty(p, nat["l2"]),
+        config=TunerConfig(tuned=("lr", "momentum", "l2"), lookback=3),
+    )
 
 
 @pytest.mark.parametrize("which", ["update-form", "mixed"])
 def test_ift_hypergradient_matches_dense_neumann_formula(which):
     """Clarke et al. eq. 6 written densely: direct - v sum_{j=0}^{i} (I - du/dw)^j du/dlambda."""
     from bilevel import _tree as T
+
     t = make_tuner(1, seed=5, mode="ift", lookback=3) if which == "update-form" else _mixed_tuner()
     run(t, 7)  # some steps, so the momentum buffer is non-zero
     hg = t.hypergradient((X, Y), (Xv, Yv))
@@ -167,15 +206,23 @@ def test_baydin_hypergradient_is_gradient_dot_product():
     """Baydin et al. (2018): for plain SGD, dL(w_t)/d lr = -grad L(w_t) . grad L(w_{t-1})."""
     space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -1.5, -1.5)])
     params, raw = pop.init_population(make_params, 1, 0, lambda p, g: space.init(p, g))
-    t = OnlineTuner(params, raw, space, updates.SGD(), LOSS, LOSS, update_form=("lr",),
-                    config=TunerConfig(mode="baydin", tuned=("lr",)))
+    t = OnlineTuner(
+        params,
+        raw,
+        space,
+        updates.SGD(),
+        LOSS,
+        LOSS,
+        update_form=("lr",),
+        config=TunerConfig(mode="baydin", tuned=("lr",)),
+    )
     captured = {}
     t.apply_hypergradient = lambda hg: captured.update(hg)
     grad = lambda p: torch.func.grad(lambda q: LOSS(q, None, (X, Y)).sum())(p)  # noqa: E731
     g_prev = grad(t.params)
     t.run(1, lambda: (X, Y), lambda: (Xv, Yv))
     g_now = grad(t.params)
-    lr = 10 ** -1.5
+    lr = 10**-1.5
     expected = -sum((g_prev[k] * g_now[k]).sum() for k in g_now) * lr * math.log(10)  # chain rule to log10 lr
     torch.testing.assert_close(captured["lr"], expected.reshape(1), rtol=1e-8, atol=1e-14)
 
@@ -192,9 +239,10 @@ def test_tuning_raises_a_too_small_learning_rate_and_improves_validation():
 def test_diverged_member_recorded_and_others_untouched():
     params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
     raw["lr"][1] = 8.0  # lr clipped to 1.0 but then grows: force a huge lr in member 1 via a big multiplier
-    big_space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5),
-                                       H.weight_decay(), H.momentum()])
-    t = OnlineTuner(params, raw, big_space, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(interval=5))
+    big_space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5), H.weight_decay(), H.momentum()])
+    t = OnlineTuner(
+        params, raw, big_space, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(interval=5)
+    )
     hist = run(t, 30)
     assert hist.diverged_at[1] is not None and hist.diverged_at[0] is None and hist.diverged_at[2] is None
     assert all(v is None for v in hist.val_loss[1][-2:])
@@ -202,13 +250,16 @@ def test_diverged_member_recorded_and_others_untouched():
     # the healthy members match a population without the diverging one
     params2 = {k: v[[0, 2]] for k, v in params.items()}
     raw2 = {k: v[[0, 2]] for k, v in raw.items()}
-    t2 = OnlineTuner(params2, raw2, big_space, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(interval=5))
+    t2 = OnlineTuner(
+        params2, raw2, big_space, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(interval=5)
+    )
     hist2 = run(t2, 30)
     torch.testing.assert_close(torch.tensor(hist.val_loss[2]), torch.tensor(hist2.val_loss[1]), rtol=1e-9, atol=1e-12)
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
     from bilevel.callbacks import RandomLRMultiplier
+
     xlr = lambda: [RandomLRMultiplier(0.95, 1.01, seed=1)]  # noqa: E731
     full = run(make_tuner(2, seed=1, interval=5, callbacks=xlr()), 30)
     t = make_tuner(2, seed=1, interval=5, callbacks=xlr())
@@ -233,13 +284,16 @@ def test_cold_start_retrains_from_initial_weights():
 def test_unknown_tuned_name():
     params, raw = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
     with pytest.raises(ValueError, match="not in the space"):
-        OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(tuned=("dropout",)))
+        OnlineTuner(
+            params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(tuned=("dropout",))
+        )
 
 
 def test_nn_module_with_buffers_and_any_loss():
     """An nn.Module (BatchNorm in eval mode, buffers used as they are) tuned with a Huber loss, mini-batches."""
     import torch.nn.functional as F
     from torch import nn
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double().eval()
     model[1].running_mean.normal_()
@@ -247,7 +301,16 @@ def test_nn_module_with_buffers_and_any_loss():
     loss = pop.vmap_loss(forward, F.huber_loss)
     params = pop.module_population(model, 2)
     raw = pop.stack([SPACE.init(dict(model.named_parameters()), torch.Generator().manual_seed(i)) for i in range(2)])
-    t = OnlineTuner(params, raw, SPACE, updates.SGD(), loss, loss, update_form=UPDATE, config=TunerConfig(interval=3, record_every=3))
+    t = OnlineTuner(
+        params,
+        raw,
+        SPACE,
+        updates.SGD(),
+        loss,
+        loss,
+        update_form=UPDATE,
+        config=TunerConfig(interval=3, record_every=3),
+    )
     gen = torch.Generator().manual_seed(1)
     batches = lambda: (lambda idx: (X[idx], Y[idx]))(torch.randint(0, 64, (16,), generator=gen))  # noqa: E731
     hist = t.run(9, batches, lambda: (Xv, Yv), record_batches=((X, Y), (Xv, Yv), None))
@@ -265,11 +328,20 @@ def test_implicit_loss_is_lorraine_ift_with_the_hessian_whatever_the_rule():
     from bilevel import _tree as T
     from bilevel.regularizers import l2_penalty
     from bilevel.solvers import Exact
+
     space = H.HyperParameterSpace([H.HyperParameter("l2", H.LOG10, -2.0, -1.0, granularity="element")])
     params, raw = pop.init_population(make_params, 1, 3, lambda p, g: space.init(p, g, shared_init=False))
     pen = lambda p, nat: l2_penalty(p, nat["l2"])  # noqa: E731
-    t = OnlineTuner(params, raw, space, updates.Adam(lr=0.01), LOSS, LOSS, penalty=pen,
-                    config=TunerConfig(tuned=("l2",), implicit="loss", solver=Exact()))
+    t = OnlineTuner(
+        params,
+        raw,
+        space,
+        updates.Adam(lr=0.01),
+        LOSS,
+        LOSS,
+        penalty=pen,
+        config=TunerConfig(tuned=("l2",), implicit="loss", solver=Exact()),
+    )
     run(t, 5)
     hg = t.hypergradient((X, Y), (Xv, Yv))
     w0 = T.flatten(t.params)
@@ -288,8 +360,16 @@ def test_implicit_loss_is_lorraine_ift_with_the_hessian_whatever_the_rule():
     assert ref.abs().max() > 1e-6
     p1, r1 = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
     with pytest.raises(ValueError, match="must be loss-form"):
-        OnlineTuner(p1, r1, SPACE, updates.SGD(), LOSS, LOSS, update_form=("lr",),
-                    config=TunerConfig(tuned=("lr",), implicit="loss"))
+        OnlineTuner(
+            p1,
+            r1,
+            SPACE,
+            updates.SGD(),
+            LOSS,
+            LOSS,
+            update_form=("lr",),
+            config=TunerConfig(tuned=("lr",), implicit="loss"),
+        )
 
 
 # ---------------------------------------------------------------------------- one model (stacked=False), contexts
@@ -297,6 +377,7 @@ def test_implicit_loss_is_lorraine_ift_with_the_hessian_whatever_the_rule():
 
 def test_clip_grad_norm_matches_torch():
     from bilevel.tuner import clip_grad_norm
+
     g = [torch.randn(3, 4, dtype=D), torch.randn(5, dtype=D)]
     ps = [torch.nn.Parameter(x.clone()) for x in g]
     for p, x in zip(ps, g):
@@ -336,9 +417,9 @@ def test_one_model_unroll_with_contexts_equals_autograd_through_steps():
     h = h0["lwd"].clone().requires_grad_()
     w = w0["w"].clone().requires_grad_()
     for c in ctxs:
-        g, = torch.autograd.grad(loss({"w": w}, {"lwd": h}, c), w, create_graph=True)
+        (g,) = torch.autograd.grad(loss({"w": w}, {"lwd": h}, c), w, create_graph=True)
         w = w - 0.1 * g
-    ref, = torch.autograd.grad(loss({"w": w}, None, "val"), h)
+    (ref,) = torch.autograd.grad(loss({"w": w}, None, "val"), h)
     assert torch.allclose(hg["lwd"], ref, rtol=1e-10)
     assert not torch.equal(t.raw["lwd"].detach(), h0["lwd"])  # Adam moved the hyperparameter
 
@@ -349,8 +430,17 @@ def test_one_model_equals_population_of_one():
     many = run(make_tuner(1, seed=7, **cfg), 24)
     params, raw = pop.init_population(make_params, 1, 7, lambda p, g: SPACE.init(p, g))
     one_loss = lambda p, h, b: ((forward(p, b[0]) - b[1]) ** 2).mean()  # noqa: E731
-    t = OnlineTuner(pop.member(params, 0), pop.member(raw, 0), SPACE, updates.SGD(), one_loss, one_loss,
-                    update_form=UPDATE, config=TunerConfig(**cfg), stacked=False)
+    t = OnlineTuner(
+        pop.member(params, 0),
+        pop.member(raw, 0),
+        SPACE,
+        updates.SGD(),
+        one_loss,
+        one_loss,
+        update_form=UPDATE,
+        config=TunerConfig(**cfg),
+        stacked=False,
+    )
     one = run(t, 24)
     torch.testing.assert_close(torch.tensor(one.val_loss), torch.tensor(many.val_loss), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(torch.tensor(one.hparams["lr"]), torch.tensor(many.hparams["lr"]), rtol=1e-9, atol=1e-12)
@@ -358,11 +448,20 @@ def test_one_model_equals_population_of_one():
 
 def test_one_model_raises_on_divergence():
     from bilevel.errors import NonFiniteError
+
     params, raw = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
     one_loss = lambda p, h, b: ((forward(p, b[0]) - b[1]) ** 2).mean()  # noqa: E731
     rule = updates.SGD(lr=1e3)
-    t = OnlineTuner(pop.member(params, 0), pop.member(raw, 0), SPACE, rule, one_loss, one_loss,
-                    config=TunerConfig(tuned=(), on_divergence="raise"), stacked=False)
+    t = OnlineTuner(
+        pop.member(params, 0),
+        pop.member(raw, 0),
+        SPACE,
+        rule,
+        one_loss,
+        one_loss,
+        config=TunerConfig(tuned=(), on_divergence="raise"),
+        stacked=False,
+    )
     with pytest.raises(NonFiniteError, match="at step"):
         t.run(50, lambda: (X, Y * 1e3), lambda: (Xv, Yv))
 
@@ -370,9 +469,11 @@ def test_one_model_raises_on_divergence():
 def test_per_weight_decay_of_adam_hypergradient_matches_finite_differences():
     """Update-form per-weight decays of Adam (Fig. 8 set-up): two unrolled steps against central differences of the
     validation loss along a random raw direction; the IFT identity estimate agrees with it in sign."""
+    import torch.nn.functional as F
+
     from bilevel.nets.lstm import lstm_lm_forward, lstm_lm_init
     from bilevel.solvers import Identity
-    import torch.nn.functional as F
+
     g = torch.Generator().manual_seed(0)
     V = 12
     p = lstm_lm_init(V, 4, 5, 1, g, D)
@@ -381,11 +482,22 @@ def test_per_weight_decay_of_adam_hypergradient_matches_finite_differences():
     space = H.HyperParameterSpace([H.per_weight_decay()])
     raw = space.from_natural(p, {"weight_decay": 1e-2})
     loss = lambda q, h, ctx: F.cross_entropy(lstm_lm_forward(q, xv if ctx == "val" else x), yv if ctx == "val" else y)  # noqa: E731
-    rule = updates.Adam(lr=0.05, eps=1e-3)  # torch's eps=1e-8 makes u(lambda) so curved that differences need eps < 1e-6
+    rule = updates.Adam(
+        lr=0.05, eps=1e-3
+    )  # torch's eps=1e-8 makes u(lambda) so curved that differences need eps < 1e-6
 
     def make(**cfg):
-        return OnlineTuner(p, raw, space, rule, loss, loss, update_form=("weight_decay",),
-                           config=TunerConfig(tuned=("weight_decay",), **cfg), stacked=False)
+        return OnlineTuner(
+            p,
+            raw,
+            space,
+            rule,
+            loss,
+            loss,
+            update_form=("weight_decay",),
+            config=TunerConfig(tuned=("weight_decay",), **cfg),
+            stacked=False,
+        )
 
     t = make(mode="unroll", lookback=2)
     t.step(None)
@@ -404,8 +516,10 @@ def test_per_weight_decay_of_adam_hypergradient_matches_finite_differences():
     gd = torch.Generator().manual_seed(1)
     d = {k: torch.randn(v.shape, generator=gd, dtype=D) for k, v in raw.items()}
     eps = 1e-4
-    fd = (val_after_two_steps({k: raw[k] + eps * d[k] for k in raw})
-          - val_after_two_steps({k: raw[k] - eps * d[k] for k in raw})) / (2 * eps)
+    fd = (
+        val_after_two_steps({k: raw[k] + eps * d[k] for k in raw})
+        - val_after_two_steps({k: raw[k] - eps * d[k] for k in raw})
+    ) / (2 * eps)
     directional = sum(float((hg[k] * d[k]).sum()) for k in raw)
     assert fd != 0.0
     assert directional == pytest.approx(fd, rel=1e-6)
@@ -418,12 +532,20 @@ def test_per_weight_decay_of_adam_hypergradient_matches_finite_differences():
 
 def test_config_errors_name_the_problem():
     params, raw = pop.init_population(make_params, 1, 0, lambda p, g: SPACE.init(p, g))
-    for bad, match in ((dict(mode="neumann"), "mode"), (dict(interval=0), "interval"),
-                       (dict(mode="unroll", lookback=0), "lookback"), (dict(hyper_lr=-1.0), "hyper_lr")):
+    for bad, match in (
+        (dict(mode="neumann"), "mode"),
+        (dict(interval=0), "interval"),
+        (dict(mode="unroll", lookback=0), "lookback"),
+        (dict(hyper_lr=-1.0), "hyper_lr"),
+    ):
         with pytest.raises(ValueError, match=match):
             OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(**bad))
     t = OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE)
     with pytest.raises(ValueError, match="weight step"):
         t.hypergradient((X, Y), (Xv, Yv))
-    assert OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE,
-                       config=TunerConfig(mode="none")).hyper_step((X, Y), (Xv, Yv)) is None
+    assert (
+        OnlineTuner(
+            params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(mode="none")
+        ).hyper_step((X, Y), (Xv, Yv))
+        is None
+    )

@@ -96,8 +96,12 @@ def test_sgd_parity(opts):
     assert_traj_close(run_rule(SGD(**opts), {}), ref)
 
 
-ADAM_CASES = [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
-              dict(lr=0.01, amsgrad=True), dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True)]
+ADAM_CASES = [
+    dict(lr=0.01),
+    dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
+    dict(lr=0.01, amsgrad=True),
+    dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True),
+]
 
 
 @pytest.mark.parametrize("opts", ADAM_CASES, ids=str)
@@ -344,7 +348,8 @@ def test_detach_state():
 
 
 @pytest.mark.parametrize(
-    "rule", [SGD(momentum=0.9, nesterov=True), Adam(weight_decay=0.01), AdamW(), RMSprop(centered=True, momentum=0.5)],
+    "rule",
+    [SGD(momentum=0.9, nesterov=True), Adam(weight_decay=0.01), AdamW(), RMSprop(centered=True, momentum=0.5)],
     ids=lambda r: type(r).__name__,
 )
 def test_vmap_matches_loop(rule):
@@ -408,7 +413,9 @@ def test_missing_param_in_mapping():
     with pytest.raises(ValueError, match=r"'lr'.*'b2'"):
         Adam()(params, grads, {"lr": lr}, Adam().init_state(params))
     with pytest.raises(ValueError, match="unknown parameter name"):
-        Adam()(params, grads, {"lr": {**lr, "b2": torch.tensor(0.1), "zz": torch.tensor(0.1)}}, Adam().init_state(params))
+        Adam()(
+            params, grads, {"lr": {**lr, "b2": torch.tensor(0.1), "zz": torch.tensor(0.1)}}, Adam().init_state(params)
+        )
 
 
 def test_bad_shape():

@@ -32,13 +32,25 @@ def test_exact_size_check_refuses_before_any_work():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_tune_weight_decay_fixed_decay_is_sgd_with_l2(optimizer):
-    """tune=False must be plain SGD / Adam on CE + 1/2 lambda ||w||^2 (reference: torch.optim's coupled weight_decay)."""
+    """tune=False must be plain SGD / Adam on CE + 1/2 lambda ||w||^2
+    (reference: torch.optim's coupled weight_decay)."""
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
     p0 = {"W": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
     fwd = lambda p, x: x @ p["W"].T + p["b"]  # noqa: E731
-    tuner = WD.tune_weight_decay(fwd, p0, (X, y), (X, y), per_weight=True, solver=B.Identity(), steps=15,
-                                lr=0.2, optimizer=optimizer, init_decay=0.05, tune=False)
+    tuner = WD.tune_weight_decay(
+        fwd,
+        p0,
+        (X, y),
+        (X, y),
+        per_weight=True,
+        solver=B.Identity(),
+        steps=15,
+        lr=0.2,
+        optimizer=optimizer,
+        init_decay=0.05,
+        tune=False,
+    )
     ref = {k: v.clone().requires_grad_() for k, v in p0.items()}
     opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(ref.values(), lr=0.2, weight_decay=0.05)
     for _ in range(15):
@@ -63,7 +75,7 @@ def test_tune_weight_decay_lowers_validation_loss():
     fixed = WD.tune_weight_decay(fwd, p0, tr, va, tune=False, **kw)
     tuned = WD.tune_weight_decay(fwd, p0, tr, va, hyper_lr=0.3, **kw)
     loss = lambda t: float(F.cross_entropy(fwd({k: v[0] for k, v in t.params.items()}, va[0]), va[1]))  # noqa: E731
-    assert WD.decay_summary(tuned)["median"] < 0.5     # the decay of 1 over-regularises: it is lowered
+    assert WD.decay_summary(tuned)["median"] < 0.5  # the decay of 1 over-regularises: it is lowered
     assert loss(tuned) < loss(fixed) - 0.05
 
 
@@ -80,8 +92,19 @@ def test_signed_decays_are_natural_values_of_either_sign():
     X, y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (20,), generator=g)
     fwd = lambda p, x: x @ p["W"].T  # noqa: E731
     p0 = {"W": 0.1 * torch.randn(2, 3, generator=g, dtype=torch.float64)}
-    tuner = WD.tune_weight_decay(fwd, p0, (X, y), (X, y), per_weight=True, solver=B.Identity(), steps=10,
-                                lr=0.1, init_decay=-0.05, signed=True, tune=False)
+    tuner = WD.tune_weight_decay(
+        fwd,
+        p0,
+        (X, y),
+        (X, y),
+        per_weight=True,
+        solver=B.Identity(),
+        steps=10,
+        lr=0.1,
+        init_decay=-0.05,
+        signed=True,
+        tune=False,
+    )
     w = p0["W"].clone()
     for _ in range(10):
         w_ = w.clone().requires_grad_()

@@ -40,9 +40,24 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_text", "atomic_write_json", "atomic_savefig",
-           "check_run_config", "save_run_config", "read_json_state", "load_torch_state", "set_aside",
-           "DamagedFileWarning", "RunLocked", "run_directory", "TMP_SUFFIX", "LOCK_NAME", "OWNER_NAME"]
+__all__ = [
+    "atomic_write",
+    "atomic_save",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_savefig",
+    "check_run_config",
+    "save_run_config",
+    "read_json_state",
+    "load_torch_state",
+    "set_aside",
+    "DamagedFileWarning",
+    "RunLocked",
+    "run_directory",
+    "TMP_SUFFIX",
+    "LOCK_NAME",
+    "OWNER_NAME",
+]
 
 #: suffix of the temporary files of :func:`atomic_write` (``.NAME.<random>.bilevel-tmp``)
 TMP_SUFFIX = ".bilevel-tmp"
@@ -99,6 +114,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, atomically."""
     import torch
+
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -122,6 +138,7 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
 
 # ---------------------------------------------------------------------------- damaged state files
 
+
 class DamagedFileWarning(UserWarning):
     """A state file (checkpoint, finished part, configuration) could not be read: it was set aside."""
 
@@ -139,13 +156,13 @@ def set_aside(path: str | os.PathLike, reason: str, then: str = "it will be reco
     reason = " ".join(str(reason).split())
     if len(reason) > 160:
         reason = reason[:157] + "..."
-    warnings.warn(f"{path} is damaged ({reason}); moved it to {dest.name}; {then}", DamagedFileWarning,
-                  stacklevel=3)
+    warnings.warn(f"{path} is damaged ({reason}); moved it to {dest.name}; {then}", DamagedFileWarning, stacklevel=3)
     return dest
 
 
-def read_json_state(path: str | os.PathLike, then: str = "it will be recomputed",
-                    check: Callable[[Any], bool] | None = None) -> Any | None:
+def read_json_state(
+    path: str | os.PathLike, then: str = "it will be recomputed", check: Callable[[Any], bool] | None = None
+) -> Any | None:
     """The JSON document at ``path``; ``None`` if there is none. A file that is not valid JSON (or fails
     ``check``) is set aside (:func:`set_aside`) and ``None`` returned."""
     path = Path(path)
@@ -171,6 +188,7 @@ def load_torch_state(path: str | os.PathLike, then: str = "it will be recomputed
     """``torch.load(path)`` (``weights_only=False``: our own checkpoints); ``None`` if there is no file.
     A file ``torch.load`` cannot read is set aside (:func:`set_aside`) and ``None`` returned."""
     import torch
+
     path = Path(path)
     if not path.exists():
         return None
@@ -183,8 +201,15 @@ def load_torch_state(path: str | os.PathLike, then: str = "it will be recomputed
 
 # ---------------------------------------------------------------------------- resume checks
 
-def check_run_config(out: Path, config: Mapping[str, Any], *, free: Sequence[str] = ("methods", "device", "data_dir"),
-                     defaults: Mapping[str, Any] | None = None, save: bool = True) -> None:
+
+def check_run_config(
+    out: Path,
+    config: Mapping[str, Any],
+    *,
+    free: Sequence[str] = ("methods", "device", "data_dir"),
+    defaults: Mapping[str, Any] | None = None,
+    save: bool = True,
+) -> None:
     """Refuse to resume ``out`` if it holds a run with a different configuration; then save ``config``.
 
     Used by the resumable experiments (``clarke``, ``asha-pbt``, ``bayesopt``):
@@ -207,11 +232,13 @@ def check_run_config(out: Path, config: Mapping[str, Any], *, free: Sequence[str
         old = doc.get("config") if doc is not None else None
     if isinstance(old, dict):
         dflt = json.loads(json.dumps(dict(defaults or {})))
-        changed = {k: (old.get(k, dflt.get(k)), v) for k, v in now.items()
-                   if k not in free and old.get(k, dflt.get(k)) != v}
+        changed = {
+            k: (old.get(k, dflt.get(k)), v) for k, v in now.items() if k not in free and old.get(k, dflt.get(k)) != v
+        }
         if changed:
-            raise ValueError(f"{out} holds a run with a different configuration {changed}; "
-                             "use another --out or delete it")
+            raise ValueError(
+                f"{out} holds a run with a different configuration {changed}; use another --out or delete it"
+            )
     if save:
         save_run_config(out, now)
 
@@ -224,6 +251,7 @@ def save_run_config(out: Path, config: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- run directories
+
 
 class RunLocked(RuntimeError):
     """Another process holds the run directory's lock."""
@@ -298,14 +326,22 @@ def run_directory(out: str | os.PathLike, command: str | None = None) -> Iterato
     try:
         lock.acquire()
     except filelock.Timeout:
-        raise RunLocked(f"{out} is in use by another run ({_owner(out)}); wait for it to finish or "
-                        "use another --out") from None
+        raise RunLocked(
+            f"{out} is in use by another run ({_owner(out)}); wait for it to finish or use another --out"
+        ) from None
     except OSError as e:
         _remove_created(out, set(), missing, had_lock)
         raise type(e)(f"cannot use --out {out}: {e.strerror or e}") from None
     try:
-        atomic_write_json(owner_path, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                                       "command": command or " ".join(sys.argv)})
+        atomic_write_json(
+            owner_path,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "command": command or " ".join(sys.argv),
+            },
+        )
         _sweep_temporaries(out)
         before = _entries(out)
     except BaseException:

@@ -133,7 +133,8 @@ class Tuner:
         warm_start, cold_steps: Vicol et al.'s warm start (default) or cold start.
         grad_clip: clip the training gradient's norm.
         population: train this many initialisations at once; member 0 starts from the model's weights,
-            the others from ``reset_parameters()`` under seeds ``seed + i``.
+            the others from ``reset_parameters()`` under seeds ``population.derived_seed(seed, i)``
+            (different ``seed`` values give disjoint populations).
         sample_hparams: start each member's hyperparameters from Clarke et al. Table 5 ranges instead of the
             optimiser's values.
         device: where to train (default: the model's device).
@@ -241,10 +242,12 @@ class Tuner:
         if population == 1:
             params, raw, self._buffers = params0, raw0, buffers0
         else:
-            members = [params0] + [self._reinitialised(seed + i) for i in range(1, population)]
+            members = [params0] + [self._reinitialised(pop.derived_seed(seed, i)) for i in range(1, population)]
             params = pop.stack(members)
             raws = [
-                self.space.init(params0, torch.Generator().manual_seed(seed + i)) if sample_hparams else raw0
+                self.space.init(params0, torch.Generator().manual_seed(pop.derived_seed(seed, i)))
+                if sample_hparams
+                else raw0
                 for i in range(population)
             ]
             raw = pop.stack(raws)

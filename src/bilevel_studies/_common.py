@@ -26,13 +26,36 @@ from bilevel._io import atomic_write_json
 from bilevel.population import SEED_STRIDE, derived_seed
 from bilevel.solvers import SOLVERS, Solver, make_solver
 
-__all__ = ["positive_int", "nonnegative_int", "int_at_least", "positive_float", "nonnegative_float", "finite_float",
-           "fraction", "unit_interval", "seed", "int_list", "float_list", "existing_dir", "device", "SEED_STRIDE",
-           "derived_seed", "SEED_HELP", "add_solver_arguments", "solver_from_args", "accuracy", "batched_logits",
-           "config_of", "write_results", "print_table", "load_image_set"]
+__all__ = [
+    "positive_int",
+    "nonnegative_int",
+    "int_at_least",
+    "positive_float",
+    "nonnegative_float",
+    "finite_float",
+    "fraction",
+    "unit_interval",
+    "seed",
+    "int_list",
+    "float_list",
+    "existing_dir",
+    "device",
+    "SEED_STRIDE",
+    "derived_seed",
+    "SEED_HELP",
+    "add_solver_arguments",
+    "solver_from_args",
+    "accuracy",
+    "batched_logits",
+    "config_of",
+    "write_results",
+    "print_table",
+    "load_image_set",
+]
 
 
 # ---------------------------------------------------------------------------- option validators
+
 
 def _validator(name: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
     convert.__name__ = name  # argparse names the type in some messages
@@ -43,7 +66,9 @@ def _number(text: str, kind: type) -> Any:
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
@@ -51,12 +76,15 @@ def _number(text: str, kind: type) -> Any:
 
 def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     """``type=`` for an integer option ``>= low`` (and ``<= high``)."""
+
     def check(text: str) -> int:
         v = _number(text, int)
         if v < low or (high is not None and v > high):
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}" + (f" and <= {high}" if high is not None
-                                                                                 else "") + f", got {v}")
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {low}" + (f" and <= {high}" if high is not None else "") + f", got {v}"
+            )
         return v
+
     return _validator(f"integer >= {low}", check)
 
 
@@ -72,6 +100,7 @@ def _float_check(name: str, ok: Callable[[float], bool], what: str) -> Callable[
         if not ok(v):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return v
+
     return _validator(name, check)
 
 
@@ -87,17 +116,20 @@ fraction = _float_check("fraction", lambda v: 0 < v < 1, "a number in (0, 1)")
 unit_interval = _float_check("unit_interval", lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 #: the largest ``--seed``: seeds derived from it (:func:`derived_seed`) stay below 2**63
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = 2**32 - 1
 #: ``type=`` of ``--seed``
 seed = _validator("seed", int_at_least(0, MAX_SEED))
 
-SEED_HELP = (f"base seed S (0 .. {MAX_SEED}): initialisation i uses seed S * {SEED_STRIDE:_} + i, so different "
-             f"seeds give disjoint initialisations (fewer than {SEED_STRIDE:_} per run), --seed 0 gives 0, 1, 2, ... "
-             "and the same seed gives the same numbers")
+SEED_HELP = (
+    f"base seed S (0 .. {MAX_SEED}): initialisation i uses seed S * {SEED_STRIDE:_} + i, so different "
+    f"seeds give disjoint initialisations (fewer than {SEED_STRIDE:_} per run), --seed 0 gives 0, 1, 2, ... "
+    "and the same seed gives the same numbers"
+)
 
 
 def int_list(low: int = 0, empty: bool = False) -> Callable[[str], list[int]]:
     """``type=`` of a comma-separated list of integers ``>= low`` (at least one, unless ``empty``)."""
+
     def check(text: str) -> list[int]:
         items = [s.strip() for s in text.split(",") if s.strip()]
         try:
@@ -107,20 +139,31 @@ def int_list(low: int = 0, empty: bool = False) -> Callable[[str], list[int]]:
         if (not values and not empty) or any(v < low for v in values):
             raise argparse.ArgumentTypeError(f"must be comma-separated integers >= {low}, got {text!r}")
         return values
+
     return _validator(f"integers >= {low}", check)
 
 
-def float_list(low: float | None = None, high: float | None = None, open_low: bool = False,
-               open_high: bool = False, empty: bool = False) -> Callable[[str], list[float]]:
+def float_list(
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    empty: bool = False,
+) -> Callable[[str], list[float]]:
     """``type=`` of a comma-separated list of finite numbers in ``[low, high]`` (``open_*``: bound excluded; at
     least one, unless ``empty``)."""
     lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
     hi = "" if high is None else f"{'<' if open_high else '<='} {high:g}"
-    what = "comma-separated numbers" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+    what = (
+        "comma-separated numbers" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+    )
 
     def ok(v: float) -> bool:
-        return (math.isfinite(v) and (low is None or (v > low if open_low else v >= low))
-                and (high is None or (v < high if open_high else v <= high)))
+        return (
+            math.isfinite(v)
+            and (low is None or (v > low if open_low else v >= low))
+            and (high is None or (v < high if open_high else v <= high))
+        )
 
     def check(text: str) -> list[float]:
         items = [s.strip() for s in text.split(",") if s.strip()]
@@ -131,6 +174,7 @@ def float_list(low: float | None = None, high: float | None = None, open_low: bo
         if (not values and not empty) or not all(ok(v) for v in values):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return values
+
     return _validator("numbers", check)
 
 
@@ -139,8 +183,9 @@ def existing_dir(text: str) -> str:
     path = Path(text).expanduser()
     if not path.is_dir():
         why = "is not a directory" if path.exists() else "does not exist"
-        raise argparse.ArgumentTypeError(f"{text} {why} (create it, or leave the option out to use $BILEVEL_DATA "
-                                         "or ~/.cache/bilevel)")
+        raise argparse.ArgumentTypeError(
+            f"{text} {why} (create it, or leave the option out to use $BILEVEL_DATA or ~/.cache/bilevel)"
+        )
     return str(path)
 
 
@@ -160,25 +205,45 @@ def device(text: str) -> str:
     return text
 
 
-def add_solver_arguments(p: argparse.ArgumentParser, solver: str = "neumann", steps: int = 20,
-                         alpha: float | None = None) -> None:
+def add_solver_arguments(
+    p: argparse.ArgumentParser, solver: str = "neumann", steps: int = 20, alpha: float | None = None
+) -> None:
     """``--solver``, ``--steps``, ``--alpha`` and ``--damping`` (the inverse-Hessian approximation)."""
-    p.add_argument("--solver", choices=SOLVERS, default=solver,
-                   help=f"inverse-Hessian approximation in the IFT hypergradient (default {solver})")
-    p.add_argument("--steps", type=nonnegative_int, default=steps,
-                   help=f"Neumann steps (steps + 1 terms of the series; 0 = one term, alpha * I) / CG iterations "
-                        f"(default {steps})")
-    p.add_argument("--alpha", type=positive_float, default=alpha,
-                   help="Neumann step size alpha (default: " + ("1/lambda_max(J) by power iteration" if alpha is None
-                                                                 else str(alpha)) + ")")
-    p.add_argument("--damping", type=nonnegative_float, default=0.0,
-                   help="proximal damping eps: (J + eps I)^-1 (Vicol et al. 2021; default 0)")
+    p.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default=solver,
+        help=f"inverse-Hessian approximation in the IFT hypergradient (default {solver})",
+    )
+    p.add_argument(
+        "--steps",
+        type=nonnegative_int,
+        default=steps,
+        help=f"Neumann steps (steps + 1 terms of the series; 0 = one term, alpha * I) / CG iterations "
+        f"(default {steps})",
+    )
+    p.add_argument(
+        "--alpha",
+        type=positive_float,
+        default=alpha,
+        help="Neumann step size alpha (default: "
+        + ("1/lambda_max(J) by power iteration" if alpha is None else str(alpha))
+        + ")",
+    )
+    p.add_argument(
+        "--damping",
+        type=nonnegative_float,
+        default=0.0,
+        help="proximal damping eps: (J + eps I)^-1 (Vicol et al. 2021; default 0)",
+    )
 
 
 def check_solver_arguments(args: argparse.Namespace) -> None:
     """``ValueError`` for a solver setting that cannot work: CG with 0 iterations returns zero."""
     if args.solver == "cg" and args.steps < 1:
-        raise ValueError(f"--solver cg needs --steps >= 1 (CG iterations; 0 would return a zero solve), got {args.steps}")
+        raise ValueError(
+            f"--solver cg needs --steps >= 1 (CG iterations; 0 would return a zero solve), got {args.steps}"
+        )
 
 
 def check_names(option: str, given: Sequence[str], known: Sequence[str]) -> list[str]:
@@ -209,7 +274,7 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 def batched_logits(forward: Callable[[Any, Tensor], Tensor], params: Any, X: Tensor, batch: int = 2000) -> Tensor:
     """``forward(params, X)`` evaluated in chunks of ``batch`` rows (without gradients)."""
     with torch.no_grad():
-        return torch.cat([forward(params, X[i:i + batch]) for i in range(0, len(X), batch)])
+        return torch.cat([forward(params, X[i : i + batch]) for i in range(0, len(X), batch)])
 
 
 def config_of(args: argparse.Namespace) -> dict:
@@ -244,15 +309,19 @@ def load_image_set(name: str, data_dir, experiment: str):
     """
     from bilevel.data import load_cifar10, load_cifar100, load_mnist
 
-    cifar = {"cifar10": (load_cifar10, "CIFAR-10", "cifar-10-batches-py"),
-             "cifar100": (load_cifar100, "CIFAR-100", "cifar-100-python")}
+    cifar = {
+        "cifar10": (load_cifar10, "CIFAR-10", "cifar-10-batches-py"),
+        "cifar100": (load_cifar100, "CIFAR-100", "cifar-100-python"),
+    }
     if name in cifar:
         loader, title, folder = cifar[name]
         try:
             return loader(data_dir)
         except FileNotFoundError as exc:
-            raise SystemExit(f"{experiment}: the {title} data are not available ({exc}). Put the {title} python "
-                             f"batches under $BILEVEL_DATA/{folder} or allow the download.") from None
+            raise SystemExit(
+                f"{experiment}: the {title} data are not available ({exc}). Put the {title} python "
+                f"batches under $BILEVEL_DATA/{folder} or allow the download."
+            ) from None
     if name not in ("mnist", "fashion-mnist"):
         raise ValueError(f"{experiment}: unknown image data set {name!r}")
     return load_mnist(data_dir, fashion=name == "fashion-mnist")

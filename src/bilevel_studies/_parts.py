@@ -26,8 +26,11 @@ def _normalise(key: Any) -> Any:
 def load_part(path: Path, key: Any) -> dict[str, Any] | None:
     """The result stored at ``path`` if it was saved under ``key``, else ``None`` (a damaged file is set aside
     with a warning, :func:`bilevel._io.read_json_state`)."""
-    doc = read_json_state(path, "the part is recomputed",
-                          check=lambda d: isinstance(d, dict) and "key" in d and isinstance(d.get("result"), dict))
+    doc = read_json_state(
+        path,
+        "the part is recomputed",
+        check=lambda d: isinstance(d, dict) and "key" in d and isinstance(d.get("result"), dict),
+    )
     if doc is None or doc.get("key") != _normalise(key):
         return None
     return doc.get("result")
@@ -44,16 +47,20 @@ def save_part(path: Path, key: Any, result: dict[str, Any]) -> None:
 RUN_ONLY = ("out", "threads", "data_dir", "command", "experiment", "func")
 
 
-def settings_key(args: Any, drop: tuple[str, ...] = (), keep: tuple[str, ...] | None = None,
-                 **extra: Any) -> dict[str, Any]:
+def settings_key(
+    args: Any, drop: tuple[str, ...] = (), keep: tuple[str, ...] | None = None, **extra: Any
+) -> dict[str, Any]:
     """The options of ``args`` (an ``argparse.Namespace``) that determine one part's result, plus ``extra``.
 
     :data:`RUN_ONLY` fields, callables and the names in ``drop`` (e.g. the list of models, which selects
     parts but does not change any one of them) are left out; with ``keep``, only those names are used.
     """
     items = vars(args).items() if not isinstance(args, dict) else args.items()
-    key = {k: (str(v) if isinstance(v, Path) else v) for k, v in items
-           if k not in RUN_ONLY and k not in drop and not callable(v) and (keep is None or k in keep)}
+    key = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in items
+        if k not in RUN_ONLY and k not in drop and not callable(v) and (keep is None or k in keep)
+    }
     return {**key, **extra}
 
 
@@ -73,5 +80,6 @@ def say_resumed(name: str, what: str, resumed: list[str], parts_dir: Path, conso
         return
     if console is None:
         from rich.console import Console
+
         console = Console()
     console.print(f"{name}: reused finished {what} {', '.join(resumed)} from {parts_dir}")

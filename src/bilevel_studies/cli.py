@@ -27,8 +27,17 @@ def progress_bars():
 
     def factory(name: str, total: int):
         if not bars:
-            bars.append(Progress(TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False))
+            bars.append(
+                Progress(
+                    TextColumn("{task.description:>18}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    console=console,
+                    transient=False,
+                )
+            )
             bars[0].start()
         bar = bars[0]
         task = bar.add_task(name, total=total)
@@ -51,15 +60,21 @@ def experiments() -> dict[str, Any]:
     before anything is written. Commands are listed in the order of their module names.
     """
     import bilevel_studies as package
-    infos = [info for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")
-             if not info.ispkg and info.name != __name__]
+
+    infos = [
+        info
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")
+        if not info.ispkg and info.name != __name__
+    ]
     found = {}
     for info in sorted(infos, key=lambda m: (m.name.rsplit(".", 1)[-1], m.name)):
         module = importlib.import_module(info.name)
         if hasattr(module, "NAME"):
             if module.NAME in found:
-                raise RuntimeError(f"two study modules define NAME = {module.NAME!r}: "
-                                   f"{found[module.NAME].__name__} and {module.__name__}")
+                raise RuntimeError(
+                    f"two study modules define NAME = {module.NAME!r}: "
+                    f"{found[module.NAME].__name__} and {module.__name__}"
+                )
             found[module.NAME] = module
     return found
 
@@ -70,42 +85,75 @@ _COMMAND: list[str] = []
 
 def _command_line(prog: str) -> str:
     import shlex
+
     return " ".join(["bilevel", *map(shlex.quote, _COMMAND)]) if _COMMAND else prog
 
 
 def _run_experiment(module, a: argparse.Namespace, prog: str) -> int:
     from bilevel._io import run_directory
+
     if hasattr(module, "check_arguments"):
         module.check_arguments(a)  # checks across options: ValueError before anything is written
     if a.threads:
         import torch
+
         torch.set_num_threads(a.threads)
-    with run_directory(a.out, command=_command_line(prog)), progress_bars() as bars:
+    import contextlib
+
+    from bilevel.callbacks import autolog
+
+    live = autolog(a.tensorboard) if a.tensorboard is not None else contextlib.nullcontext()
+    with run_directory(a.out, command=_command_line(prog)), progress_bars() as bars, live:
         module.main(a, progress_factory=bars, console=console)
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     from . import _common as C
-    p.add_argument("--out", type=Path, required=True,
-                   help="output directory (results.json, figures, checkpoints), used by one run at a time (a second "
-                   "run on it stops at once, naming the holder); re-running the same command there resumes an "
-                   "interrupted or killed run (at most the work since the last checkpoint or finished part is "
-                   "lost) and gives the same numbers as an uninterrupted run")
+
+    p.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write live TensorBoard curves (losses, every tuned hyperparameter; populations: median, "
+        "quartiles and a few members) of every online loop of the run to DIR/loop-K (needs "
+        "pip install tensorboard; view with tensorboard --logdir DIR)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory (results.json, figures, checkpoints), used by one run at a time (a second "
+        "run on it stops at once, naming the holder); re-running the same command there resumes an "
+        "interrupted or killed run (at most the work since the last checkpoint or finished part is "
+        "lost) and gives the same numbers as an uninterrupted run",
+    )
     p.add_argument("--seed", type=C.seed, default=0, help=C.SEED_HELP)
-    p.add_argument("--data-dir", type=C.existing_dir, default=None,
-                   help="existing data directory (default: $BILEVEL_DATA, else ~/.cache/bilevel)")
-    p.add_argument("--device", type=C.device, default="cpu",
-                   help="torch device, e.g. cpu or cuda (a resume may switch it; floating-point results may then differ "
-                   "in the last bits)")
+    p.add_argument(
+        "--data-dir",
+        type=C.existing_dir,
+        default=None,
+        help="existing data directory (default: $BILEVEL_DATA, else ~/.cache/bilevel)",
+    )
+    p.add_argument(
+        "--device",
+        type=C.device,
+        default="cpu",
+        help="torch device, e.g. cpu or cuda (a resume may switch it; floating-point results may then differ "
+        "in the last bits)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point precision")
-    p.add_argument("--threads", type=C.positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=C.positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from bilevel._io import run_directory
+
     from .clarke import demo
+
     with run_directory(a.out, command=_command_line("bilevel demo")), progress_bars() as bars:
         demo.run(a.out, inits=a.inits, steps=a.steps, seed=a.seed, progress_factory=bars, console=console)
     return 0
@@ -113,6 +161,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def cmd_report(a: argparse.Namespace) -> int:
     from bilevel.report import write_report
+
     path = a.dir / "results.json" if a.dir.is_dir() else a.dir
     if not path.exists():
         raise FileNotFoundError(f"no results.json at {path}")
@@ -122,7 +171,9 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def cmd_datasets(a: argparse.Namespace) -> int:
     from rich.table import Table
+
     from bilevel.data import DATASETS
+
     t = Table(title="data sets")
     for c in ("name", "kind", "description"):
         t.add_column(c)
@@ -141,15 +192,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bilevel", description="Gradient-based hyperparameter optimisation by "
-                                     "implicit differentiation (Lorraine et al. 2020, Vicol et al. 2021, Clarke et al. 2022)")
+    parser = _Parser(
+        prog="bilevel",
+        description="Gradient-based hyperparameter optimisation by "
+        "implicit differentiation (Lorraine et al. 2020, Vicol et al. 2021, Clarke et al. 2022)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     from . import _common as C
-    p = sub.add_parser("demo", help="one-pass tuning of lr, momentum and weight decay on scikit-learn's diabetes data "
-                       "against the same initialisations left fixed (about a minute on a CPU)")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"),
-                   help="output directory (one run at a time; re-running resumes)")
+
+    p = sub.add_parser(
+        "demo",
+        help="one-pass tuning of lr, momentum and weight decay on scikit-learn's diabetes data "
+        "against the same initialisations left fixed (about a minute on a CPU)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="output directory (one run at a time; re-running resumes)"
+    )
     p.add_argument("--inits", type=C.positive_int, default=16, help="random initialisations")
     p.add_argument("--steps", type=C.positive_int, default=1500, help="full-batch weight steps")
     p.add_argument("--seed", type=C.seed, default=0, help=C.SEED_HELP)
@@ -157,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run an experiment").add_subparsers(dest="experiment", required=True)
     for name, module in experiments().items():
-        p = run.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = run.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__.split("\n\n")[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         _common(p)
         module.add_arguments(p)
         p.set_defaults(func=lambda a, module=module, prog=p.prog: _run_experiment(module, a, prog))
@@ -179,8 +242,11 @@ def _one_line(e: BaseException) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (a damaged state file set aside, ...) as one line each."""
-    console.print(f"[yellow]warning:[/] {escape(_one_line(message if isinstance(message, Warning) else Warning(message)))}",
-                  soft_wrap=True, highlight=False)
+    console.print(
+        f"[yellow]warning:[/] {escape(_one_line(message if isinstance(message, Warning) else Warning(message)))}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 #: errors that come from the options, the files or the machine, reported as one line ``error: ...`` (exit 2);
@@ -190,6 +256,7 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 def main(argv: list[str] | None = None) -> int:
     from bilevel._io import DamagedFileWarning
+
     args = build_parser().parse_args(argv)
     _COMMAND[:] = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("BILEVEL_DEBUG", "").strip() not in ("", "0")
@@ -201,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, debug: bool) -> int:
     from bilevel._io import RunLocked
+
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -13,9 +13,34 @@ from bilevel_studies.cli import main
 
 
 def test_augment_cli_smoke(tmp_path, data_dir):
-    rc = main(["run", "augment", "--out", str(tmp_path), "--data-dir", str(data_dir), "--steps", "6",
-               "--interval", "3", "--seeds", "1", "--train-size", "64", "--val-size", "32", "--eval-size", "32",
-               "--aug-samples", "2", "--batch-size", "16", "--threads", "1"])
+    rc = main(
+        [
+            "run",
+            "augment",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            str(data_dir),
+            "--steps",
+            "6",
+            "--interval",
+            "3",
+            "--seeds",
+            "1",
+            "--train-size",
+            "64",
+            "--val-size",
+            "32",
+            "--eval-size",
+            "32",
+            "--aug-samples",
+            "2",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert set(doc["summary"]) == {"none", "neumann", "unroll", "identity"}
@@ -28,29 +53,87 @@ def test_augment_cli_smoke(tmp_path, data_dir):
         assert (r["augmenter_change"] == 0.0) == (m == "none")
     assert (tmp_path / "augmentations.png").exists()
     # metrics.<method>: the 10-augmented-sample accuracies as headline numbers, plain ones beside them
-    fields = {"val_accuracy", "test_accuracy", "val_accuracy_sd", "test_accuracy_sd", "val_accuracy_plain",
-              "test_accuracy_plain", "val_accuracy_plain_sd", "test_accuracy_plain_sd", "diverged", "seeds"}
+    fields = {
+        "val_accuracy",
+        "test_accuracy",
+        "val_accuracy_sd",
+        "test_accuracy_sd",
+        "val_accuracy_plain",
+        "test_accuracy_plain",
+        "val_accuracy_plain_sd",
+        "test_accuracy_plain_sd",
+        "diverged",
+        "seeds",
+    }
     assert set(doc["metrics"]) == set(doc["summary"])
     for m, met in doc["metrics"].items():
         assert set(met) == fields and met["diverged"] == 0 and met["seeds"] == 1
         assert met["test_accuracy"] == doc["runs"][m][0]["test_acc_aug"] == doc["summary"][m]["test_acc_aug"]["mean"]
         assert met["val_accuracy_plain"] == doc["runs"][m][0]["val_acc"]
-        assert met["test_accuracy_sd"] is None          # one seed: no standard deviation
+        assert met["test_accuracy_sd"] is None  # one seed: no standard deviation
 
 
 def test_augment_missing_cifar_is_a_clear_error(tmp_path):
-    rc = main(["run", "augment", "--out", str(tmp_path), "--data-dir", str(tmp_path), "--dataset", "cifar10",
-               "--steps", "1", "--seeds", "1"])
+    rc = main(
+        [
+            "run",
+            "augment",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            str(tmp_path),
+            "--dataset",
+            "cifar10",
+            "--steps",
+            "1",
+            "--seeds",
+            "1",
+        ]
+    )
     assert rc == 2  # FileNotFoundError, printed by the CLI
 
 
 def test_lstm_cli_smoke(tmp_path, data_dir):
     if not (data_dir / "ptb").is_dir():
         pytest.skip("PTB not available")
-    rc = main(["run", "lstm", "--out", str(tmp_path), "--data-dir", str(data_dir), "--steps", "4",
-               "--interval", "2", "--embed", "8", "--hidden", "8", "--bptt", "5", "--batch-size", "4",
-               "--eval-windows", "3", "--record-every", "2", "--overfit-steps", "4", "--overfit-interval", "2",
-               "--overfit-record-every", "2", "--overfit-sequences", "3", "--overfit-size", "4", "--threads", "1"])
+    rc = main(
+        [
+            "run",
+            "lstm",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            str(data_dir),
+            "--steps",
+            "4",
+            "--interval",
+            "2",
+            "--embed",
+            "8",
+            "--hidden",
+            "8",
+            "--bptt",
+            "5",
+            "--batch-size",
+            "4",
+            "--eval-windows",
+            "3",
+            "--record-every",
+            "2",
+            "--overfit-steps",
+            "4",
+            "--overfit-interval",
+            "2",
+            "--overfit-record-every",
+            "2",
+            "--overfit-sequences",
+            "3",
+            "--overfit-size",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     res = doc["results"]
@@ -82,16 +165,41 @@ def test_lstm_overfit_signed_decays(tmp_path, data_dir):
     docs = {}
     for signed in (False, True):
         out = tmp_path / str(signed)
-        rc = main(["run", "lstm", "--out", str(out), "--data-dir", str(data_dir), "--settings", "overfit",
-                   "--bptt", "5", "--overfit-steps", "3", "--overfit-interval", "1", "--overfit-record-every", "1",
-                   "--overfit-sequences", "3", "--overfit-size", "4", "--overfit-hyper-lr", "0.01", "--threads", "1",
-                   *(["--overfit-signed"] if signed else [])])
+        rc = main(
+            [
+                "run",
+                "lstm",
+                "--out",
+                str(out),
+                "--data-dir",
+                str(data_dir),
+                "--settings",
+                "overfit",
+                "--bptt",
+                "5",
+                "--overfit-steps",
+                "3",
+                "--overfit-interval",
+                "1",
+                "--overfit-record-every",
+                "1",
+                "--overfit-sequences",
+                "3",
+                "--overfit-size",
+                "4",
+                "--overfit-hyper-lr",
+                "0.01",
+                "--threads",
+                "1",
+                *(["--overfit-signed"] if signed else []),
+            ]
+        )
         assert rc == 0
         docs[signed] = json.loads((out / "results.json").read_text())["results"]["overfit"]
     log10, signed = docs[False]["weight_decay"], docs[True]["weight_decay"]
     assert log10["min"] > 0 and signed["min"] < 0 < signed["max"] and signed["count"] == log10["count"]
     assert all(math.isfinite(v) for v in docs[True]["val_loss"])
-    assert docs[True]["none_val_loss"] == docs[False]["none_val_loss"]   # the baseline does not tune
+    assert docs[True]["none_val_loss"] == docs[False]["none_val_loss"]  # the baseline does not tune
 
 
 def test_overfit_lowers_validation_loss():
@@ -102,12 +210,29 @@ def test_overfit_lowers_validation_loss():
     g = torch.Generator().manual_seed(0)
     V = 60
     zipf = 1.0 / torch.arange(1, V + 1, dtype=torch.float64)  # a skewed unigram distribution, as words are
-    corpus = SimpleNamespace(ntokens=V, train=torch.multinomial(zipf, 400, True, generator=g),
-                             valid=torch.multinomial(zipf, 400, True, generator=g))
-    a = argparse.Namespace(dtype="float64", device="cpu", seed=0, layers=1, bptt=9, overfit_sequences=10,
-                           overfit_size=16, overfit_steps=120, overfit_lr=0.02, overfit_wd=1e-4,
-                           overfit_max_decay=10.0, overfit_hyper_lr=0.1, overfit_interval=1, overfit_terms=0,
-                           overfit_record_every=20, overfit_signed=False)
+    corpus = SimpleNamespace(
+        ntokens=V,
+        train=torch.multinomial(zipf, 400, True, generator=g),
+        valid=torch.multinomial(zipf, 400, True, generator=g),
+    )
+    a = argparse.Namespace(
+        dtype="float64",
+        device="cpu",
+        seed=0,
+        layers=1,
+        bptt=9,
+        overfit_sequences=10,
+        overfit_size=16,
+        overfit_steps=120,
+        overfit_lr=0.02,
+        overfit_wd=1e-4,
+        overfit_max_decay=10.0,
+        overfit_hyper_lr=0.1,
+        overfit_interval=1,
+        overfit_terms=0,
+        overfit_record_every=20,
+        overfit_signed=False,
+    )
     r = run_overfit(a, corpus)
     assert r["diverged_at"] is None and r["none_diverged_at"] is None
     assert r["n_hyperparameters"] == r["n_weights"]

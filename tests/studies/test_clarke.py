@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -16,8 +15,28 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def energy_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("clarke")
-    code = cli.main(["run", "clarke", "--dataset", "energy", "--methods", "all", "--inits", "3", "--steps", "20",
-                     "--interval", "5", "--lookback", "2", "--out", str(out), "--data-dir", str(data_dir)])
+    code = cli.main(
+        [
+            "run",
+            "clarke",
+            "--dataset",
+            "energy",
+            "--methods",
+            "all",
+            "--inits",
+            "3",
+            "--steps",
+            "20",
+            "--interval",
+            "5",
+            "--lookback",
+            "2",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data_dir),
+        ]
+    )
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -36,8 +55,11 @@ def test_results_schema_and_all_methods(energy_run):
 
 
 def test_random_3batched_picks_best_validation():
-    random = {"final_test_loss": [5.0, 1.0, 3.0, 2.0, None, 9.0, 7.0],
-              "final_val_loss": [0.5, 0.9, 0.1, None, 0.3, 0.2, 0.0], "seconds": [1.0] * 7}
+    random = {
+        "final_test_loss": [5.0, 1.0, 3.0, 2.0, None, 9.0, 7.0],
+        "final_val_loss": [0.5, 0.9, 0.1, None, 0.3, 0.2, 0.0],
+        "seconds": [1.0] * 7,
+    }
     out = clarke.three_batched(random)
     assert out["final_test_loss"] == [3.0, 9.0]
     assert out["final_val_loss"] == [0.1, 0.2]
@@ -59,8 +81,16 @@ def test_same_initialisations_across_methods(data_dir):
 
 
 def test_interrupt_and_resume_gives_the_same_results(tmp_path, data_dir):
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["ours-wd-lr-m"], inits=2, steps=30, interval=5,
-                              lookback=2, checkpoint_every=10, data_dir=str(data_dir))
+    cfg = clarke.ClarkeConfig(
+        dataset="energy",
+        methods=["ours-wd-lr-m"],
+        inits=2,
+        steps=30,
+        interval=5,
+        lookback=2,
+        checkpoint_every=10,
+        data_dir=str(data_dir),
+    )
     full = clarke.run(cfg, tmp_path / "full")
 
     count = {"n": 0}
@@ -70,6 +100,7 @@ def test_interrupt_and_resume_gives_the_same_results(tmp_path, data_dir):
             count["n"] += n
             if count["n"] == 25:
                 raise KeyboardInterrupt
+
         return advance
 
     with pytest.raises(KeyboardInterrupt):
@@ -90,8 +121,12 @@ def test_changed_config_in_same_dir_is_refused(tmp_path, data_dir):
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert cli.main(["run", "clarke", "--dataset", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown data set 'nope'" in capsys.readouterr().out
-    assert cli.main(["run", "clarke", "--methods", "random,magic", "--inits", "1", "--steps", "1",
-                     "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            ["run", "clarke", "--methods", "random,magic", "--inits", "1", "--steps", "1", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "unknown method" in capsys.readouterr().out
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
 
@@ -104,6 +139,7 @@ def test_report_rerenders(energy_run, tmp_path):
 
 def test_sensitivity_grid(tmp_path, data_dir):
     from bilevel_studies.clarke import sensitivity
+
     cfg = clarke.ClarkeConfig(dataset="energy", methods=["ours-wd-lr-m"], inits=2, steps=6, data_dir=str(data_dir))
     doc = sensitivity.run(cfg, [2, 3], [0, 1], tmp_path)
     grid = doc["median_final_test_loss"]["ours-wd-lr-m"]
@@ -117,6 +153,7 @@ def test_sensitivity_grid(tmp_path, data_dir):
 
 def test_sensitivity_updates_scale_steps_and_random_is_shared(tmp_path, data_dir):
     from bilevel_studies.clarke import sensitivity
+
     cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=2, steps=999, data_dir=str(data_dir))
     doc = sensitivity.run(cfg, [2, 3], [0, 4], tmp_path, updates=2)
     assert sorted(p.name for p in (tmp_path / "random").iterdir()) == ["T2", "T3"]  # one run per T, not per i
@@ -130,8 +167,17 @@ def test_sensitivity_updates_scale_steps_and_random_is_shared(tmp_path, data_dir
 def test_language_model_config_runs(tmp_path, data_dir):
     if not (data_dir / "ptb").is_dir():
         pytest.skip("no Penn Treebank data")
-    cfg = clarke.ClarkeConfig(dataset="ptb", methods=["ours-wd-lr-m"], inits=2, steps=2, interval=2, lookback=1,
-                              data_dir=str(data_dir), record_rows=700, eval_rows=1400)
+    cfg = clarke.ClarkeConfig(
+        dataset="ptb",
+        methods=["ours-wd-lr-m"],
+        inits=2,
+        steps=2,
+        interval=2,
+        lookback=1,
+        data_dir=str(data_dir),
+        record_rows=700,
+        eval_rows=1400,
+    )
     doc = clarke.run(cfg, tmp_path)
     losses = doc["methods"]["ours-wd-lr-m"]["final_test_loss"]
     # an untrained LM predicts nearly uniformly over the 10,000 words: cross-entropy ~ log(10000)
@@ -157,11 +203,17 @@ def test_cli_model_lm_size_test_fraction_and_batch_defaults(tmp_path, data_dir):
     a = p.parse_args(["run", "clarke", "--dataset", "ptb", "--lm-size", "paper", "--out", str(tmp_path)])
     cfg = clarke.config_from_args(a)
     assert (cfg.lm_size, cfg.model, cfg.batch_size) == ("paper", "auto", None)  # the LM size's own batch (40)
-    assert clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "cifar10", "--out", "x"])).batch_size == 100
-    assert clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "fashion-mnist", "--out", "x"])).batch_size == 50
+    assert (
+        clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "cifar10", "--out", "x"])).batch_size == 100
+    )
+    assert (
+        clarke.config_from_args(p.parse_args(["run", "clarke", "--dataset", "fashion-mnist", "--out", "x"])).batch_size
+        == 50
+    )
     # a UCI test share of 20% instead of Clarke's split files: 768 Energy rows -> 154 test rows
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=1, steps=1, test_fraction=0.2,
-                              data_dir=str(data_dir))
+    cfg = clarke.ClarkeConfig(
+        dataset="energy", methods=["random"], inits=1, steps=1, test_fraction=0.2, data_dir=str(data_dir)
+    )
     prob = clarke.load_problem(cfg)
     assert len(prob.test[0]) == 154 and len(prob.train[0]) + len(prob.val[0]) == 768 - 154
     with pytest.raises(ValueError, match="does not fit"):
@@ -174,3 +226,38 @@ def test_random_3batched_needs_three_inits(tmp_path, data_dir):
     cfg = clarke.ClarkeConfig(dataset="energy", methods=["random-3batched"], inits=2, steps=1, data_dir=str(data_dir))
     with pytest.raises(ValueError, match="needs --inits >= 3"):
         clarke.run(cfg, tmp_path)
+
+
+def test_tensorboard_option_writes_live_curves_of_every_loop(tmp_path, data_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    code = cli.main(
+        [
+            "run",
+            "clarke",
+            "--dataset",
+            "energy",
+            "--methods",
+            "random,ours-wd-lr-m",
+            "--inits",
+            "3",
+            "--steps",
+            "20",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--tensorboard",
+            str(tb),
+        ]
+    )
+    assert code == 0
+    assert sorted(p.name for p in tb.iterdir()) == ["loop-0", "loop-1"]
+    acc = EventAccumulator(str(tb / "loop-1"))
+    acc.Reload()
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    lr = doc["methods"]["ours-wd-lr-m"]["hparams"]["lr"]  # per member, at the recorded steps
+    got = [e.value for e in acc.Scalars("hparam/lr/member_0")]
+    assert got == pytest.approx(lr[0], rel=1e-5)

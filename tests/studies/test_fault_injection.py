@@ -33,14 +33,51 @@ METHODS = "random,ours-wd-lr-m,diff-through-opt,baydin"
 
 
 def _clarke(data_dir, out) -> list[str]:
-    return ["run", "clarke", "--dataset", "energy", "--methods", METHODS, "--inits", "2", "--steps", "60",
-            "--checkpoint-every", "7", "--interval", "5", "--threads", "1", "--data-dir", str(data_dir),
-            "--out", str(out)]
+    return [
+        "run",
+        "clarke",
+        "--dataset",
+        "energy",
+        "--methods",
+        METHODS,
+        "--inits",
+        "2",
+        "--steps",
+        "60",
+        "--checkpoint-every",
+        "7",
+        "--interval",
+        "5",
+        "--threads",
+        "1",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
 
 
 def _overfit(data_dir, out) -> list[str]:
-    return ["run", "overfit-validation", "--models", "linear,mlp", "--iterations", "10", "--eval-every", "5",
-            "--test-size", "100", "--steps", "2", "--threads", "1", "--data-dir", str(data_dir), "--out", str(out)]
+    return [
+        "run",
+        "overfit-validation",
+        "--models",
+        "linear,mlp",
+        "--iterations",
+        "10",
+        "--eval-every",
+        "5",
+        "--test-size",
+        "100",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
 
 
 def _start(argv: list[str], fault: str | None = None, log: Path | None = None) -> subprocess.Popen:
@@ -49,8 +86,9 @@ def _start(argv: list[str], fault: str | None = None, log: Path | None = None) -
     if fault:
         env["BILEVEL_FAULT_INJECT"] = fault
     out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "bilevel_studies.cli", *argv], env=env, stdout=out,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bilevel_studies.cli", *argv], env=env, stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 def _run(argv: list[str], fault: str | None = None, timeout: float = 120) -> int:
@@ -60,8 +98,11 @@ def _run(argv: list[str], fault: str | None = None, timeout: float = 120) -> int
 def _numbers(doc, path=""):
     """``doc`` without the timing keys, and without ``config.out`` (where the run was written)."""
     if isinstance(doc, dict):
-        return {k: _numbers(v, f"{path}.{k}") for k, v in doc.items()
-                if k not in IGNORED and not (k == "out" and path.endswith("config"))}
+        return {
+            k: _numbers(v, f"{path}.{k}")
+            for k, v in doc.items()
+            if k not in IGNORED and not (k == "out" and path.endswith("config"))
+        }
     if isinstance(doc, list):
         return [_numbers(v, path) for v in doc]
     return doc
@@ -177,8 +218,24 @@ def test_killed_study_with_parts_resumes_exactly(tmp_path, data_dir, one_thread,
 def test_damaged_state_files_are_set_aside_and_recomputed(tmp_path, data_dir, one_thread, capsys, monkeypatch):
     """A truncated checkpoint, methods file or config.json: a warning naming it, the file moved aside (not
     deleted), the work recomputed from the last good state, the same numbers."""
-    base = ["run", "clarke", "--dataset", "energy", "--methods", "random,baydin", "--inits", "2", "--steps", "30",
-            "--checkpoint-every", "7", "--threads", "1", "--data-dir", str(data_dir)]
+    base = [
+        "run",
+        "clarke",
+        "--dataset",
+        "energy",
+        "--methods",
+        "random,baydin",
+        "--inits",
+        "2",
+        "--steps",
+        "30",
+        "--checkpoint-every",
+        "7",
+        "--threads",
+        "1",
+        "--data-dir",
+        str(data_dir),
+    ]
     assert cli.main([*base, "--out", str(tmp_path / "ref")]) == 0
     ref = _results(tmp_path / "ref")
     out = tmp_path / "cut"
@@ -192,7 +249,9 @@ def test_damaged_state_files_are_set_aside_and_recomputed(tmp_path, data_dir, on
                 count[0] += n
                 if name == "baydin" and count[0] >= 25:
                     raise KeyboardInterrupt
+
             return advance
+
         yield factory
 
     monkeypatch.setattr(cli, "progress_bars", interrupting)
@@ -212,8 +271,9 @@ def test_damaged_state_files_are_set_aside_and_recomputed(tmp_path, data_dir, on
     assert _differences(ref, _results(out)) == []
 
 
-@pytest.mark.parametrize("method,cold", [("random-xlr", False), ("ours-wd-lr-m", True), ("diff-through-opt", True),
-                                         ("baydin", False)])
+@pytest.mark.parametrize(
+    "method,cold", [("random-xlr", False), ("ours-wd-lr-m", True), ("diff-through-opt", True), ("baydin", False)]
+)
 def test_checkpoint_holds_every_piece_of_loop_state(method, cold, one_thread):
     """Mini-batches (a shuffling generator), cold starts, the unrolled window, Baydin's previous step, the
     hyper-optimiser, the x LR callback: saved and loaded (through bytes) at odd steps, with the global random

@@ -16,14 +16,14 @@ from bilevel_studies import cli  # noqa: E402
 from bilevel_studies.clarke import clarke  # noqa: E402
 from bilevel_studies.clarke import search as S  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
-                                        "ignore::FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     """One local 2-CPU Ray instance for the whole module (the library joins it instead of starting its own)."""
     import ray
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
@@ -32,10 +32,12 @@ def ray_local():
 # ---------------------------------------------------------------------------- pure pieces (Clarke's layout)
 # (the library's generic pieces alone: tests/test_search.py)
 
+
 def test_pbt_ratio_mutation_scales_the_tuners_current_values(data_dir):
     """B.8.2: PBT's new/old ratio multiplies the hyperparameters our tuner has moved to, not PBT's values."""
-    cfg = clarke.ClarkeConfig(dataset="energy", inits=2, steps=20, interval=5, lookback=2, dtype="float64",
-                              data_dir=str(data_dir))
+    cfg = clarke.ClarkeConfig(
+        dataset="energy", inits=2, steps=20, interval=5, lookback=2, dtype="float64", data_dir=str(data_dir)
+    )
     problem = clarke.load_problem(cfg)
     start = {"lr": [1e-2, 3e-3], "weight_decay": [1e-4, 1e-6], "momentum": [0.3, 0.7]}
     run = clarke.start_method(cfg, problem, "ours-wd-lr-m", hparams=start)
@@ -68,11 +70,22 @@ def test_pbt_ratio_mutation_scales_the_tuners_current_values(data_dir):
 
 def test_merge_blocks_concatenates_members():
     def part(vals):
-        return {"final_test_loss": vals, "final_val_loss": vals, "final_train_loss": vals, "seconds": [1.0] * len(vals),
-                "diverged_at": [None] * len(vals), "wall_seconds": float(len(vals)),
-                "curves": {"step": [5, 10], "test_loss": [[v, v] for v in vals], "val_loss": [[v, v] for v in vals],
-                           "train_loss": [[v, v] for v in vals]},
-                "hparams": {"step": [5, 10], "lr": [[v, v] for v in vals]}}
+        return {
+            "final_test_loss": vals,
+            "final_val_loss": vals,
+            "final_train_loss": vals,
+            "seconds": [1.0] * len(vals),
+            "diverged_at": [None] * len(vals),
+            "wall_seconds": float(len(vals)),
+            "curves": {
+                "step": [5, 10],
+                "test_loss": [[v, v] for v in vals],
+                "val_loss": [[v, v] for v in vals],
+                "train_loss": [[v, v] for v in vals],
+            },
+            "hparams": {"step": [5, 10], "lr": [[v, v] for v in vals]},
+        }
+
     m = R.merge_blocks([part([1.0, 2.0]), part([3.0])])
     assert m["final_test_loss"] == [1.0, 2.0, 3.0] and m["wall_seconds"] == 3.0
     assert m["curves"]["step"] == [5, 10] and m["hparams"]["lr"][2] == [3.0, 3.0]
@@ -80,11 +93,31 @@ def test_merge_blocks_concatenates_members():
 
 def test_interrupted_ray_run_prints_the_resume_message(tmp_path, data_dir, monkeypatch, capsys):
     """The CLI turns an unfinished Ray run into its "interrupted ... run the same command again" exit 130."""
+
     def stopped(*a, **k):
         R.check_finished([("t0", "TERMINATED"), ("t1", "RUNNING")], tmp_path / "ray")
+
     monkeypatch.setattr(S, "run_clarke", stopped)
-    rc = cli.main(["run", "clarke", "--dataset", "energy", "--methods", "random", "--inits", "2", "--steps", "10",
-                   "--backend", "ray", "--out", str(tmp_path / "o"), "--data-dir", str(data_dir)])
+    rc = cli.main(
+        [
+            "run",
+            "clarke",
+            "--dataset",
+            "energy",
+            "--methods",
+            "random",
+            "--inits",
+            "2",
+            "--steps",
+            "10",
+            "--backend",
+            "ray",
+            "--out",
+            str(tmp_path / "o"),
+            "--data-dir",
+            str(data_dir),
+        ]
+    )
     assert rc == 130 and "run the same command again to resume" in capsys.readouterr().out
 
 
@@ -102,10 +135,26 @@ def test_pbt_explore_clips_into_the_tuners_domains():
 
 # ---------------------------------------------------------------------------- Ray end to end
 
+
 def test_ray_backend_equals_local_per_initialisation_adds_methods_and_restores(tmp_path, data_dir, ray_local):
-    args = ["--dataset", "energy", "--inits", "3", "--steps", "20",
-            "--interval", "5", "--lookback", "2", "--dtype", "float64", "--checkpoint-every", "10",
-            "--data-dir", str(data_dir)]
+    args = [
+        "--dataset",
+        "energy",
+        "--inits",
+        "3",
+        "--steps",
+        "20",
+        "--interval",
+        "5",
+        "--lookback",
+        "2",
+        "--dtype",
+        "float64",
+        "--checkpoint-every",
+        "10",
+        "--data-dir",
+        str(data_dir),
+    ]
     out = tmp_path / "ray"
     ray_args = [*args, "--out", str(out), "--backend", "ray", "--block-size", "2"]
     # first one method, then a second one added in the same --out (used to fail: KeyError 'random')
@@ -115,8 +164,17 @@ def test_ray_backend_equals_local_per_initialisation_adds_methods_and_restores(t
     ray_doc = json.loads((out / "results.json").read_text())
     assert list(ray_doc["methods"]) == ["random", "ours-wd-lr-m"]
     assert ray_doc["methods"]["random"] == first["methods"]["random"]  # the first method is unchanged
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random", "ours-wd-lr-m"], inits=3, steps=20, interval=5,
-                              lookback=2, dtype="float64", checkpoint_every=10, data_dir=str(data_dir))
+    cfg = clarke.ClarkeConfig(
+        dataset="energy",
+        methods=["random", "ours-wd-lr-m"],
+        inits=3,
+        steps=20,
+        interval=5,
+        lookback=2,
+        dtype="float64",
+        checkpoint_every=10,
+        data_dir=str(data_dir),
+    )
     local = clarke.run(cfg, tmp_path / "local")
     for m in ("random", "ours-wd-lr-m"):
         a, b = local["methods"][m], ray_doc["methods"][m]
@@ -144,8 +202,16 @@ def test_ctrl_c_during_a_ray_run_is_an_interrupt_and_the_rerun_resumes(tmp_path,
     raises Interrupted (a KeyboardInterrupt), and the same call again finishes them with the local results."""
     import os
     import signal
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=3, steps=10, dtype="float64",
-                              checkpoint_every=5, data_dir=str(data_dir))
+
+    cfg = clarke.ClarkeConfig(
+        dataset="energy",
+        methods=["random"],
+        inits=3,
+        steps=10,
+        dtype="float64",
+        checkpoint_every=5,
+        data_dir=str(data_dir),
+    )
     sent = []
 
     def factory(name, total):
@@ -155,7 +221,9 @@ def test_ctrl_c_during_a_ray_run_is_an_interrupt_and_the_rerun_resumes(tmp_path,
             if not sent and getattr(handler, "__name__", "") == "signal_interrupt_tune_run":
                 sent.append(name)
                 os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: Tune's handler stops the run gracefully
+
         return advance
+
     out = tmp_path / "int"
     with pytest.raises(R.Interrupted, match="unfinished"):
         S.run_clarke(cfg, ["random"], out, block_size=1, progress_factory=factory)
@@ -167,12 +235,23 @@ def test_ctrl_c_during_a_ray_run_is_an_interrupt_and_the_rerun_resumes(tmp_path,
 
 def test_asha_pbt_cli_smoke(tmp_path, data_dir, ray_local):
     out = tmp_path / "ap"
-    args = {"--dataset": "energy", "--methods": "ours-wd-lr-m", "--inits": "3", "--steps": "20", "--interval": "5",
-            "--lookback": "2", "--report-every": "10", "--perturbation-interval": "10", "--asha-trials": "4",
-            "--out": str(out), "--data-dir": str(data_dir)}
+    args = {
+        "--dataset": "energy",
+        "--methods": "ours-wd-lr-m",
+        "--inits": "3",
+        "--steps": "20",
+        "--interval": "5",
+        "--lookback": "2",
+        "--report-every": "10",
+        "--perturbation-interval": "10",
+        "--asha-trials": "4",
+        "--out": str(out),
+        "--data-dir": str(data_dir),
+    }
 
     def argv(**change):
         return ["run", "asha-pbt", *[x for k, v in {**args, **change}.items() for x in (k, v)]]
+
     assert cli.main(argv()) == 0
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["methods"]) == ["asha+ours-wd-lr-m", "pbt+ours-wd-lr-m"]
@@ -203,11 +282,22 @@ def test_pbt_exploit_applies_the_ratio_to_the_donors_tuned_values(tmp_path, data
     worse path surely clones the better; 15 steps, so no perturbation at the end), no resampling (each ratio
     is a 1.2 / 0.8 factor, or less where the explored value was clipped into the domain). The mutation starts
     from the donor's *tuned* values after 10 steps (recomputed here) and sets the tuner to those x the ratio."""
-    cfg = clarke.ClarkeConfig(dataset="energy", inits=2, steps=15, interval=5, lookback=2, dtype="float64",
-                              data_dir=str(data_dir))
+    cfg = clarke.ClarkeConfig(
+        dataset="energy", inits=2, steps=15, interval=5, lookback=2, dtype="float64", data_dir=str(data_dir)
+    )
     out = tmp_path / "pbt"
-    res = S.run_scheduled(cfg, "ours-wd-lr-m", "pbt", 2, out, report_every=5, perturbation_interval=10,
-                          quantile_fraction=0.5, resample_probability=0.0, synch=True)
+    res = S.run_scheduled(
+        cfg,
+        "ours-wd-lr-m",
+        "pbt",
+        2,
+        out,
+        report_every=5,
+        perturbation_interval=10,
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        synch=True,
+    )
     assert res["fully_trained"] == 2 and res["exploits"] == 1
     (m,) = {json.dumps(x, sort_keys=True): x for path in res["mutations"] for x in path}.values()
     assert m["step"] == 10 and m["donor"] != m["trial"] and m["ratios"]
@@ -215,8 +305,13 @@ def test_pbt_exploit_applies_the_ratio_to_the_donors_tuned_values(tmp_path, data
     # the donor's tuned values after 10 steps, trained here alone from its PBT (Table 5) values
     problem = clarke.load_problem(cfg)
     one = clarke.ClarkeConfig(**{**cfg.__dict__, "inits": 1})
-    donor = clarke.start_method(one, problem, clarke.Method(merge_train_val=False), first=m["donor_member"],
-                                hparams={n: [m["pbt_old"][n]] for n in S.HPARAM_NAMES})
+    donor = clarke.start_method(
+        one,
+        problem,
+        clarke.Method(merge_train_val=False),
+        first=m["donor_member"],
+        hparams={n: [m["pbt_old"][n]] for n in S.HPARAM_NAMES},
+    )
     donor.advance(10)
     tuned = {n: float(v[0]) for n, v in donor.tuner.describe().items()}
     bounds = S.hparam_bounds()
@@ -224,8 +319,10 @@ def test_pbt_exploit_applies_the_ratio_to_the_donors_tuned_values(tmp_path, data
         assert m["before"][n] == pytest.approx(tuned[n], rel=1e-9) and m["before"][n] != m["pbt_old"][n]
         r = m["ratios"].get(n, 1.0)
         assert r == pytest.approx(m["pbt_new"][n] / m["pbt_old"][n], rel=1e-12)
-        assert any(m["pbt_new"][n] == pytest.approx(R.clip_to_domains({n: m["pbt_old"][n] * f}, bounds)[n], rel=1e-12)
-                   for f in (0.8, 1.2))
+        assert any(
+            m["pbt_new"][n] == pytest.approx(R.clip_to_domains({n: m["pbt_old"][n] * f}, bounds)[n], rel=1e-12)
+            for f in (0.8, 1.2)
+        )
         expect = m["before"][n] * r
         if n == "momentum":
             expect = min(expect, 1 - NATURAL_INIT_EPS)

@@ -57,8 +57,12 @@ BAD = [
     ("run inverse-study", "--hyper-steps", "0", "argument --hyper-steps: must be an integer >= 1, got 0"),
     ("run overfit-validation", "--steps", "-1", "argument --steps: must be an integer >= 0, got -1"),
     ("run distill", "--hyper-lr", "-0.1", "argument --hyper-lr: must be a number > 0, got -0.1"),
-    ("run val-split", "--fractions", "0.5,1",
-     "argument --fractions: must be comma-separated numbers > 0 and < 1, got '0.5,1'"),
+    (
+        "run val-split",
+        "--fractions",
+        "0.5,1",
+        "argument --fractions: must be comma-separated numbers > 0 and < 1, got '0.5,1'",
+    ),
     ("run augment", "--momentum", "1.5", "argument --momentum: must be a number in [0, 1], got 1.5"),
     ("run lstm", "--bptt", "0", "argument --bptt: must be an integer >= 1, got 0"),
     ("run rings", "--steps", "0", "argument --steps: must be an integer >= 1, got 0"),
@@ -83,8 +87,12 @@ def test_every_numeric_option_has_a_validator():
     parsers = {"demo": sub.choices["demo"]}
     run = next(a for a in sub.choices["run"]._actions if isinstance(a, argparse._SubParsersAction))
     parsers.update(run.choices)
-    bare = [f"{name} {'/'.join(a.option_strings)}" for name, p in parsers.items() for a in p._actions
-            if a.type in (int, float)]
+    bare = [
+        f"{name} {'/'.join(a.option_strings)}"
+        for name, p in parsers.items()
+        for a in p._actions
+        if a.type in (int, float)
+    ]
     assert bare == []
 
 
@@ -101,8 +109,25 @@ def test_missing_data_files_leave_nothing_behind(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "data"
     empty.mkdir()
     out = tmp_path / "runs" / "energy"
-    assert cli.main(["run", "clarke", "--dataset", "energy", "--inits", "1", "--steps", "2", "--data-dir", str(empty),
-                     "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                "clarke",
+                "--dataset",
+                "energy",
+                "--inits",
+                "1",
+                "--steps",
+                "2",
+                "--data-dir",
+                str(empty),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     said = capsys.readouterr().out.strip().splitlines()
     assert said[-1].startswith("error: data file not found:")
     assert not (tmp_path / "runs").exists() and list(empty.iterdir()) == []
@@ -111,8 +136,24 @@ def test_missing_data_files_leave_nothing_behind(tmp_path, capsys, monkeypatch):
 def test_lookback_zero_per_method(tmp_path, data_dir, capsys, one_thread):
     """diff-through-opt unrolls --lookback steps: 0 is refused before anything is written; the IFT methods take
     0 (one Neumann term) and run."""
-    base = ["run", "clarke", "--dataset", "energy", "--inits", "1", "--steps", "4", "--interval", "2", "--lookback",
-            "0", "--threads", "1", "--data-dir", str(data_dir)]
+    base = [
+        "run",
+        "clarke",
+        "--dataset",
+        "energy",
+        "--inits",
+        "1",
+        "--steps",
+        "4",
+        "--interval",
+        "2",
+        "--lookback",
+        "0",
+        "--threads",
+        "1",
+        "--data-dir",
+        str(data_dir),
+    ]
     assert cli.main([*base, "--methods", "random,diff-through-opt", "--out", str(tmp_path / "dto")]) == 2
     said = capsys.readouterr().out
     assert "diff-through-opt" in said and "--lookback >= 1" in said and len(said.strip().splitlines()) == 1
@@ -137,8 +178,24 @@ def test_bad_output_directory_is_one_line(tmp_path, data_dir, capsys):
 def test_checkpoint_interval_does_not_block_a_resume(tmp_path, data_dir, capsys, one_thread, monkeypatch):
     """Stopped with --checkpoint-every 7, resumed with 11: the same numbers as an uninterrupted run with 50; another
     --steps is still refused."""
-    base = ["run", "clarke", "--dataset", "energy", "--methods", "ours-wd-lr-m", "--inits", "2", "--steps", "30",
-            "--interval", "5", "--threads", "1", "--data-dir", str(data_dir)]
+    base = [
+        "run",
+        "clarke",
+        "--dataset",
+        "energy",
+        "--methods",
+        "ours-wd-lr-m",
+        "--inits",
+        "2",
+        "--steps",
+        "30",
+        "--interval",
+        "5",
+        "--threads",
+        "1",
+        "--data-dir",
+        str(data_dir),
+    ]
     assert cli.main([*base, "--checkpoint-every", "50", "--out", str(tmp_path / "ref")]) == 0
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())
 
@@ -153,7 +210,9 @@ def test_checkpoint_interval_does_not_block_a_resume(tmp_path, data_dir, capsys,
                 count[0] += n
                 if count[0] >= 20:
                     raise KeyboardInterrupt
+
             return advance
+
         yield factory
 
     out = tmp_path / "cut"
@@ -196,9 +255,33 @@ def test_seeds_give_disjoint_initialisations(data_dir):
 
 def test_all_diverged_method_says_why(tmp_path, data_dir, capsys, one_thread):
     """--hyper-lr 1e3: every ours-wd-lr-m run diverges (exit 0, a result), and the output says when and what to try."""
-    assert cli.main(["run", "clarke", "--dataset", "energy", "--methods", "random,ours-wd-lr-m", "--inits", "3",
-                     "--steps", "30", "--interval", "5", "--hyper-lr", "1e3", "--threads", "1", "--data-dir",
-                     str(data_dir), "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "clarke",
+                "--dataset",
+                "energy",
+                "--methods",
+                "random,ours-wd-lr-m",
+                "--inits",
+                "3",
+                "--steps",
+                "30",
+                "--interval",
+                "5",
+                "--hyper-lr",
+                "1e3",
+                "--threads",
+                "1",
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     notes = [line for line in said.splitlines() if line.startswith("note:")]
     assert len(notes) == 1, said

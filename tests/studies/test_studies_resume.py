@@ -29,13 +29,26 @@ def _count(monkeypatch, module, name, real, label=lambda a: a[1]):
 
 def _forbid(monkeypatch, module, *names):
     for name in names:
+
         def boom(*a, name=name, **kw):
             raise AssertionError(f"{name} recomputed a finished part")
+
         monkeypatch.setattr(module, name, boom)
 
 
-OVERFIT = ["overfit-validation", "--models", "linear", "--iterations", "10", "--eval-every", "5",
-           "--test-size", "100", "--steps", "2"]
+OVERFIT = [
+    "overfit-validation",
+    "--models",
+    "linear",
+    "--iterations",
+    "10",
+    "--eval-every",
+    "5",
+    "--test-size",
+    "100",
+    "--steps",
+    "2",
+]
 
 
 def test_overfit_validation_resumes_per_model(tmp_path, data_dir, monkeypatch):
@@ -59,8 +72,19 @@ def test_overfit_validation_resumes_per_model(tmp_path, data_dir, monkeypatch):
 
 def test_val_split_resumes_per_regime_and_fraction(tmp_path, data_dir, monkeypatch):
     real = val_split.run_split
-    argv = ["val-split", "--data-dir", str(data_dir), "--pool", "200", "--iterations", "10", "--test-size", "100",
-            "--steps", "2"]
+    argv = [
+        "val-split",
+        "--data-dir",
+        str(data_dir),
+        "--pool",
+        "200",
+        "--iterations",
+        "10",
+        "--test-size",
+        "100",
+        "--steps",
+        "2",
+    ]
     label = lambda a: (a[1], a[2])  # noqa: E731  (regime, fraction)
     calls = _count(monkeypatch, val_split, "run_split", real, label)
     first = _run(tmp_path, [*argv, "--fractions", "0.5"])
@@ -81,8 +105,27 @@ def test_val_split_resumes_per_regime_and_fraction(tmp_path, data_dir, monkeypat
 
 def test_augment_resumes_per_method_and_seed(tmp_path, data_dir, monkeypatch):
     real = augment.run_one
-    argv = ["augment", "--data-dir", str(data_dir), "--methods", "none,neumann", "--steps", "4", "--interval", "2",
-            "--train-size", "32", "--val-size", "16", "--eval-size", "16", "--aug-samples", "2", "--batch-size", "8"]
+    argv = [
+        "augment",
+        "--data-dir",
+        str(data_dir),
+        "--methods",
+        "none,neumann",
+        "--steps",
+        "4",
+        "--interval",
+        "2",
+        "--train-size",
+        "32",
+        "--val-size",
+        "16",
+        "--eval-size",
+        "16",
+        "--aug-samples",
+        "2",
+        "--batch-size",
+        "8",
+    ]
     label = lambda a: (a[1], a[2])  # noqa: E731  (method, seed)
     calls = _count(monkeypatch, augment, "run_one", real, label)
     first = _run(tmp_path, [*argv, "--seeds", "1"])
@@ -92,7 +135,7 @@ def test_augment_resumes_per_method_and_seed(tmp_path, data_dir, monkeypatch):
     again = _run(tmp_path, [*argv, "--seeds", "1"])
     assert again["metrics"] == first["metrics"] and again["runs"] == first["runs"]
     assert again["resumed"] == ["none seed 0", "neumann seed 0"]
-    assert (tmp_path / "augmentations.png").exists()   # redrawn from the stored augmenter
+    assert (tmp_path / "augmentations.png").exists()  # redrawn from the stored augmenter
     # a second seed computes only the new runs
     calls = _count(monkeypatch, augment, "run_one", real, label)
     two = _run(tmp_path, [*argv, "--seeds", "2"])
@@ -103,10 +146,39 @@ def test_lstm_resumes_per_setting(tmp_path, data_dir, monkeypatch):
     if not (data_dir / "ptb").is_dir():
         pytest.skip("PTB not available")
     real_setting, real_overfit = lstm.run_setting, lstm.run_overfit
-    argv = ["lstm", "--data-dir", str(data_dir), "--settings", "scalar,overfit", "--steps", "2", "--interval", "2",
-            "--embed", "4", "--hidden", "4", "--bptt", "4", "--batch-size", "2", "--eval-windows", "2",
-            "--record-every", "2", "--overfit-steps", "2", "--overfit-interval", "1", "--overfit-record-every", "1",
-            "--overfit-sequences", "2", "--overfit-size", "4"]
+    argv = [
+        "lstm",
+        "--data-dir",
+        str(data_dir),
+        "--settings",
+        "scalar,overfit",
+        "--steps",
+        "2",
+        "--interval",
+        "2",
+        "--embed",
+        "4",
+        "--hidden",
+        "4",
+        "--bptt",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-windows",
+        "2",
+        "--record-every",
+        "2",
+        "--overfit-steps",
+        "2",
+        "--overfit-interval",
+        "1",
+        "--overfit-record-every",
+        "1",
+        "--overfit-sequences",
+        "2",
+        "--overfit-size",
+        "4",
+    ]
     setting = _count(monkeypatch, lstm, "run_setting", real_setting)
     overfit = _count(monkeypatch, lstm, "run_overfit", real_overfit, lambda a: "overfit")
     first = _run(tmp_path, argv)

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from bilevel_studies import cli
 from bilevel import concepts as C
+from bilevel_studies import cli
 from bilevel_studies.vicol import anti_distill as AD
 from bilevel_studies.vicol import param_space as PS
 from bilevel_studies.vicol import rings as R
@@ -19,8 +19,13 @@ def test_fourier_features_layout():
     x = torch.tensor([0.0, 1.0], dtype=D)
     Phi = AD.fourier_features(x, 10, "exp")
     assert Phi.shape == (2, 21)
-    torch.testing.assert_close(Phi[1, 1:11], 2.0 ** (10 - torch.arange(1, 11, dtype=D)) * torch.cos(torch.arange(1, 11, dtype=D)))
-    torch.testing.assert_close(AD.fourier_features(x, 10, "inv")[1, 11:], torch.sin(torch.arange(1, 11, dtype=D)) / torch.arange(1, 11, dtype=D))
+    torch.testing.assert_close(
+        Phi[1, 1:11], 2.0 ** (10 - torch.arange(1, 11, dtype=D)) * torch.cos(torch.arange(1, 11, dtype=D))
+    )
+    torch.testing.assert_close(
+        AD.fourier_features(x, 10, "inv")[1, 11:],
+        torch.sin(torch.arange(1, 11, dtype=D)) / torch.arange(1, 11, dtype=D),
+    )
     with pytest.raises(ValueError, match="amplitudes"):
         AD.fourier_features(x, 10, "linear")
 
@@ -33,8 +38,12 @@ def test_response_matrix_matches_explicit_series_and_inverse():
     S = sum(torch.linalg.matrix_power(torch.eye(6, dtype=D) - a * H, k) for k in range(6)) * a
     torch.testing.assert_close(AD.response_matrix(H, "neumann", K=5, lr=a), S, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(AD.response_matrix(H, "unroll", K=6, lr=a), S, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(AD.response_matrix(H, "proximal", eps=0.3),
-                               torch.linalg.inv(H + 0.3 * torch.eye(6, dtype=D)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        AD.response_matrix(H, "proximal", eps=0.3),
+        torch.linalg.inv(H + 0.3 * torch.eye(6, dtype=D)),
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_library_bilevel_loop_lands_on_the_closed_form_fixed_point():
@@ -94,8 +103,14 @@ def test_mlp_normalised_outer_step_halves_the_validation_residual():
         return 0.5 * (AD.mlp_forward(p, xv)[0, 0] - 2.0) ** 2
 
     m = C.method("neumann", steps=10, lr=cfg.mlp_lr)
-    opt = C.BilevelOptimizer(inner, outer, w0, {"targets/y": torch.zeros(13, dtype=D)},
-                             concept=C.concept("cold", inner_lr=0.01, inner_steps=1500, tol=None), method=m)
+    opt = C.BilevelOptimizer(
+        inner,
+        outer,
+        w0,
+        {"targets/y": torch.zeros(13, dtype=D)},
+        concept=C.concept("cold", inner_lr=0.01, inner_steps=1500, tol=None),
+        method=m,
+    )
     r0 = float(AD.mlp_forward(opt.params, xv)[0, 0]) - 2.0
     lr = AD.normalised_outer_lr(m, inner, outer, opt.params, {k: v.detach() for k, v in opt.hparams.items()}, x, xv)
     for g in opt.opt.param_groups:
@@ -106,10 +121,34 @@ def test_mlp_normalised_outer_step_halves_the_validation_residual():
 
 
 def test_cli_anti_distill(tmp_path, monkeypatch):
-    args = ["run", "anti-distill", "--out", str(tmp_path), "--amplitudes", "inv", "--neumann-ks", "2",
-            "--unroll-ks", "2", "--eps", "1", "--mlp-neumann-ks", "2", "--mlp-unroll-ks", "1",
-            "--mlp-outer-steps", "3", "--mlp-cold-steps", "20", "--mlp-warm-steps", "20", "--outer-steps", "12",
-            "--threads", "1"]
+    args = [
+        "run",
+        "anti-distill",
+        "--out",
+        str(tmp_path),
+        "--amplitudes",
+        "inv",
+        "--neumann-ks",
+        "2",
+        "--unroll-ks",
+        "2",
+        "--eps",
+        "1",
+        "--mlp-neumann-ks",
+        "2",
+        "--mlp-unroll-ks",
+        "1",
+        "--mlp-outer-steps",
+        "3",
+        "--mlp-cold-steps",
+        "20",
+        "--mlp-warm-steps",
+        "20",
+        "--outer-steps",
+        "12",
+        "--threads",
+        "1",
+    ]
     code = cli.main(args)
     assert code == 0
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -135,8 +174,28 @@ def test_cli_anti_distill(tmp_path, monkeypatch):
 def test_cli_anti_distill_outer_lr_points_and_validation_point(tmp_path):
     """--outer-lr (plain SGD, the paper's 1e-2), --points and --val-point reach the runs: y moves along the fixed
     direction d of the closed form for the new problem (so y / ||y|| = y* / ||y*||), more slowly than normalised."""
-    args = ["run", "anti-distill", "--out", str(tmp_path), "--amplitudes", "inv", "--neumann-ks", "3", "--unroll-ks",
-            "", "--eps", "1", "--no-mlp", "--outer-steps", "20", "--points", "7", "--val-point=0.5,1", "--threads", "1"]
+    args = [
+        "run",
+        "anti-distill",
+        "--out",
+        str(tmp_path),
+        "--amplitudes",
+        "inv",
+        "--neumann-ks",
+        "3",
+        "--unroll-ks",
+        "",
+        "--eps",
+        "1",
+        "--no-mlp",
+        "--outer-steps",
+        "20",
+        "--points",
+        "7",
+        "--val-point=0.5,1",
+        "--threads",
+        "1",
+    ]
     assert cli.main(args + ["--outer-lr", "0.01"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     c = doc["config"]
@@ -164,8 +223,9 @@ def test_cli_anti_distill_outer_lr_points_and_validation_point(tmp_path):
 
 
 def test_cli_param_space(tmp_path, capsys):
-    code = cli.main(["run", "param-space", "--out", str(tmp_path), "--outer-steps", "5", "--cycle-rounds", "3",
-                     "--threads", "1"])
+    code = cli.main(
+        ["run", "param-space", "--out", str(tmp_path), "--outer-steps", "5", "--cycle-rounds", "3", "--threads", "1"]
+    )
     assert code == 0
     printed = " ".join(capsys.readouterr().out.split())
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -176,7 +236,7 @@ def test_cli_param_space(tmp_path, capsys):
     assert PS.reported_rounds(15) == [1, 5, 15] and PS.reported_rounds(5) == [1, 5]
     assert PS.reported_rounds(1) == [1] and PS.reported_rounds(0) == []
     assert set(doc["metrics"]) == {"cold", "warm-full", "warm-partial"}
-    for name, m in doc["metrics"].items():
+    for _name, m in doc["metrics"].items():
         assert m["status"] == "ok" and len(m["w"]) == 6
     # cold start always sits on the projection of the origin: w = p / ||p||^2
     m = doc["metrics"]["cold"]
@@ -186,8 +246,22 @@ def test_cli_param_space(tmp_path, capsys):
 
 
 def test_cli_rings(tmp_path, monkeypatch):
-    args = ["run", "rings", "--out", str(tmp_path), "--tasks", "2class,3class-2points,4class_2perclass", "--steps",
-            "15", "--per-class", "20", "--hidden", "16", "--threads", "1"]
+    args = [
+        "run",
+        "rings",
+        "--out",
+        str(tmp_path),
+        "--tasks",
+        "2class,3class-2points,4class_2perclass",
+        "--steps",
+        "15",
+        "--per-class",
+        "20",
+        "--hidden",
+        "16",
+        "--threads",
+        "1",
+    ]
     code = cli.main(args)
     assert code == 0
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -257,8 +331,10 @@ def test_rings_soft_label_hypergradient_matches_finite_differences_and_closed_fo
     dF/dt_j = lr/n J_j(w) grad F(w_1) and dF/dc_j = (diag(t_j) - t_j t_j^T) dF/dt_j.
     """
     from torch.func import jacrev
+
     from bilevel.distill import DistilledData
     from bilevel.nets import mlp_forward
+
     g = torch.Generator().manual_seed(3)
     xv, yv = R.make_rings(3, 5, g, dtype=D)
     w = R.init_mlp([2, 6, 6, 3], "lecun", 4, D)
@@ -305,8 +381,11 @@ def test_rings_soft_label_hypergradient_matches_finite_differences_and_closed_fo
 
 
 def test_rings_label_summary_and_mlp_init():
-    labels = [[[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]], [[0.2, 0.5, 0.3], [0.1, 0.7, 0.2]],
-              [[0.1, 0.45, 0.45 + 1e-3], [0.2, 0.7, 0.1]]]
+    labels = [
+        [[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]],
+        [[0.2, 0.5, 0.3], [0.1, 0.7, 0.2]],
+        [[0.1, 0.45, 0.45 + 1e-3], [0.2, 0.7, 0.1]],
+    ]
     s = R.label_summary(labels)
     assert s == {"label_path": [[0, 1, 2], [1]], "classes_covered": [0, 1, 2]}
     w = R.init_mlp([2, 400, 400], "lecun", 0, D)
@@ -321,6 +400,7 @@ def test_rings_point_bound_tanh_parametrisation(tmp_path):
     round-trips real points inside the box, and the gradient w.r.t. the raw z is sech^2(z / R) dL/dx
     (checked against autograd through the unbounded parametrisation); the CLI option reaches the run."""
     from bilevel.distill import DistilledData, scaled_tanh
+
     g = torch.Generator().manual_seed(5)
     xv, yv = R.make_rings(3, 10, g, dtype=D)
     dd = DistilledData((2,), 3, soft_labels=True, num_points=2, point_bound=2.5)
@@ -332,14 +412,32 @@ def test_rings_point_bound_tanh_parametrisation(tmp_path):
     x = dd.inputs({dd.keys()[0]: z, dd.keys()[1]: h[dd.keys()[1]]})
     assert 2.49 < float(x.detach().abs().max()) < 2.5
     a = torch.tensor([[1.0, 2.0], [-3.0, 0.5]], dtype=D)
-    (gz,) = torch.autograd.grad((a * x).sum() + (x ** 2).sum(), z)
+    (gz,) = torch.autograd.grad((a * x).sum() + (x**2).sum(), z)
     xx = 2.5 * torch.tanh(z.detach() / 2.5)
     torch.testing.assert_close(gz, (a + 2 * xx) / torch.cosh(z.detach() / 2.5) ** 2, rtol=1e-12, atol=1e-14)
     assert float(gz[0, 1].abs()) > 0.1  # gradients flow away from saturation
     with pytest.raises(ValueError, match="bound"):
         scaled_tanh(0.0)
-    args = ["run", "rings", "--out", str(tmp_path), "--tasks", "3class-2points", "--steps", "30", "--per-class", "10",
-            "--hidden", "8", "--threads", "1", "--point-bound", "0.5", "--outer-lr", "0.5"]
+    args = [
+        "run",
+        "rings",
+        "--out",
+        str(tmp_path),
+        "--tasks",
+        "3class-2points",
+        "--steps",
+        "30",
+        "--per-class",
+        "10",
+        "--hidden",
+        "8",
+        "--threads",
+        "1",
+        "--point-bound",
+        "0.5",
+        "--outer-lr",
+        "0.5",
+    ]
     assert cli.main(args) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     traj = torch.tensor(doc["tasks"]["3class-2points"]["points"]["trajectory"])

@@ -31,6 +31,7 @@ from typing import Any
 
 from bilevel import data as D
 from bilevel._io import atomic_write_json, read_json_state
+
 from .. import _common as C
 from . import clarke
 
@@ -43,16 +44,29 @@ METHODS = ("random", "ours-wd-lr-m")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     clarke.add_arguments(p, dataset="energy", inits=8, steps=1000, methods=",".join(METHODS), backend_options=False)
     p.add_argument("--schedulers", default="asha,pbt", help="comma-separated from asha, pbt")
-    p.add_argument("--asha-trials", type=C.positive_int, default=None,
-                   help="ASHA initialisations (default: the step budget of --inits full runs)")
-    p.add_argument("--report-every", type=C.positive_int, default=10,
-                   help="weight steps per Ray Tune report (ASHA's time unit; must divide --steps)")
-    p.add_argument("--grace-period", type=C.positive_int, default=None,
-                   help="ASHA grace period in steps (default: --report-every)")
+    p.add_argument(
+        "--asha-trials",
+        type=C.positive_int,
+        default=None,
+        help="ASHA initialisations (default: the step budget of --inits full runs)",
+    )
+    p.add_argument(
+        "--report-every",
+        type=C.positive_int,
+        default=10,
+        help="weight steps per Ray Tune report (ASHA's time unit; must divide --steps)",
+    )
+    p.add_argument(
+        "--grace-period", type=C.positive_int, default=None, help="ASHA grace period in steps (default: --report-every)"
+    )
     p.add_argument("--reduction-factor", type=C.positive_float, default=4, help="ASHA reduction factor (> 1)")
-    p.add_argument("--perturbation-interval", type=C.positive_int, default=100, help="PBT perturbation interval in steps")
+    p.add_argument(
+        "--perturbation-interval", type=C.positive_int, default=100, help="PBT perturbation interval in steps"
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--ray-cpus", type=C.positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument(
+        "--ray-cpus", type=C.positive_int, default=None, help="CPUs of the local Ray instance (default: all)"
+    )
 
 
 def _schedulers(a: argparse.Namespace) -> list[str]:
@@ -77,70 +91,148 @@ def _check(cfg: clarke.ClarkeConfig, schedulers, report_every: int, reduction_fa
     return methods
 
 
-def run(cfg: clarke.ClarkeConfig, out: Path, *, schedulers=SCHEDULERS, asha_trials: int | None = None,
-        report_every: int = 10, grace_period: int | None = None, reduction_factor: float = 4,
-        perturbation_interval: int = 100, address: str | None = None, ray_cpus: int | None = None,
-        progress_factory=None) -> dict[str, Any]:
+def run(
+    cfg: clarke.ClarkeConfig,
+    out: Path,
+    *,
+    schedulers=SCHEDULERS,
+    asha_trials: int | None = None,
+    report_every: int = 10,
+    grace_period: int | None = None,
+    reduction_factor: float = 4,
+    perturbation_interval: int = 100,
+    address: str | None = None,
+    ray_cpus: int | None = None,
+    progress_factory=None,
+) -> dict[str, Any]:
     from bilevel.search import ray_tune as R
+
     clarke.validate_config(cfg)
     methods = _check(cfg, list(schedulers), report_every, reduction_factor)
     grace = grace_period or report_every
     n_asha = asha_trials or R.asha_trials_for_budget(cfg.inits, cfg.steps, grace, reduction_factor)
-    settings = {"schedulers": list(schedulers), "asha_trials": n_asha, "pbt_paths": cfg.inits,
-                "report_every": report_every, "grace_period": grace, "reduction_factor": reduction_factor,
-                "asha_rungs": R.asha_rungs(cfg.steps, grace, reduction_factor),
-                "perturbation_interval": perturbation_interval}
+    settings = {
+        "schedulers": list(schedulers),
+        "asha_trials": n_asha,
+        "pbt_paths": cfg.inits,
+        "report_every": report_every,
+        "grace_period": grace,
+        "reduction_factor": reduction_factor,
+        "asha_rungs": R.asha_rungs(cfg.steps, grace, reduction_factor),
+        "perturbation_interval": perturbation_interval,
+    }
     # a re-run resumes from methods/*.json and the Ray experiments: only with the same configuration
     # (methods and schedulers may be added; each search is cached on its own). The checkpoint interval is not
     # free here: PBT's exploits copy a better trial's last checkpoint, so the interval changes the results.
-    R.check_run_config(out, {**asdict(cfg), "methods": methods, **settings},
-                       free=("methods", "schedulers", "device", "data_dir"),
-                       defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)))
+    R.check_run_config(
+        out,
+        {**asdict(cfg), "methods": methods, **settings},
+        free=("methods", "schedulers", "device", "data_dir"),
+        defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)),
+    )
     (out / "methods").mkdir(exist_ok=True)
     results: dict[str, Any] = {}
     with R.ray_session(address, ray_cpus):  # one Ray instance for all four searches
-        _run_all(cfg, out, schedulers, methods, n_asha, report_every, grace, reduction_factor, perturbation_interval,
-                 address, ray_cpus, progress_factory, results)
-    doc = {"experiment": NAME, "dataset": D.dataset_name(cfg.dataset), "config": {**asdict(cfg),
-           "methods": methods, **settings}, "test_loss": "MSE in original target units", "methods": results}
+        _run_all(
+            cfg,
+            out,
+            schedulers,
+            methods,
+            n_asha,
+            report_every,
+            grace,
+            reduction_factor,
+            perturbation_interval,
+            address,
+            ray_cpus,
+            progress_factory,
+            results,
+        )
+    doc = {
+        "experiment": NAME,
+        "dataset": D.dataset_name(cfg.dataset),
+        "config": {**asdict(cfg), "methods": methods, **settings},
+        "test_loss": "MSE in original target units",
+        "methods": results,
+    }
     atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=clarke._nan_to_none)
-    R.plot_incumbent({k: (v["incumbent"]["seconds"], v["incumbent"]["test_loss"]) for k, v in results.items()},
-                     out / "incumbent.png", f"{doc['dataset']}: ASHA / PBT (Clarke et al. Fig. 19)")
+    R.plot_incumbent(
+        {k: (v["incumbent"]["seconds"], v["incumbent"]["test_loss"]) for k, v in results.items()},
+        out / "incumbent.png",
+        f"{doc['dataset']}: ASHA / PBT (Clarke et al. Fig. 19)",
+    )
     return doc
 
 
-def _run_all(cfg, out, schedulers, methods, n_asha, report_every, grace, reduction_factor, perturbation_interval,
-             address, ray_cpus, progress_factory, results) -> None:
+def _run_all(
+    cfg,
+    out,
+    schedulers,
+    methods,
+    n_asha,
+    report_every,
+    grace,
+    reduction_factor,
+    perturbation_interval,
+    address,
+    ray_cpus,
+    progress_factory,
+    results,
+) -> None:
     from . import search as S
+
     for sched in schedulers:
         for m in methods:
             name = f"{sched}+{m}"
             done = out / "methods" / f"{name}.json"
-            finished = read_json_state(done, f"{name} is searched again (from its Ray experiment)",
-                                       check=lambda d: isinstance(d, dict))
+            finished = read_json_state(
+                done, f"{name} is searched again (from its Ray experiment)", check=lambda d: isinstance(d, dict)
+            )
             if finished is not None:
                 results[name] = finished
                 continue
-            res = S.run_scheduled(cfg, m, sched, n_asha if sched == "asha" else cfg.inits, out,
-                                  report_every=report_every, grace_period=grace, reduction_factor=reduction_factor,
-                                  perturbation_interval=perturbation_interval, checkpoint_every=cfg.checkpoint_every,
-                                  address=address, num_cpus=ray_cpus, progress_factory=progress_factory)
+            res = S.run_scheduled(
+                cfg,
+                m,
+                sched,
+                n_asha if sched == "asha" else cfg.inits,
+                out,
+                report_every=report_every,
+                grace_period=grace,
+                reduction_factor=reduction_factor,
+                perturbation_interval=perturbation_interval,
+                checkpoint_every=cfg.checkpoint_every,
+                address=address,
+                num_cpus=ray_cpus,
+                progress_factory=progress_factory,
+            )
             atomic_write_json(done, res, default=clarke._nan_to_none)
             results[name] = res
 
 
 def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
     from bilevel.report import write_report
+
     cfg = clarke.config_from_args(a)
-    doc = run(cfg, a.out, schedulers=_schedulers(a),
-              asha_trials=a.asha_trials, report_every=a.report_every, grace_period=a.grace_period,
-              reduction_factor=a.reduction_factor, perturbation_interval=a.perturbation_interval,
-              address=a.address, ray_cpus=a.ray_cpus, progress_factory=progress_factory)
+    doc = run(
+        cfg,
+        a.out,
+        schedulers=_schedulers(a),
+        asha_trials=a.asha_trials,
+        report_every=a.report_every,
+        grace_period=a.grace_period,
+        reduction_factor=a.reduction_factor,
+        perturbation_interval=a.perturbation_interval,
+        address=a.address,
+        ray_cpus=a.ray_cpus,
+        progress_factory=progress_factory,
+    )
     write_report(doc, a.out, console=console)
     if console is not None:
         for name, m in doc["methods"].items():
             exploits = f", {m['exploits']} exploits" if name.startswith("pbt") and "exploits" in m else ""
-            console.print(f"{name}: {m['trials']} trials, {m['fully_trained']} fully trained, "
-                          f"{m['weight_steps']} weight steps, {m['wall_seconds']:.0f} s wall{exploits}")
+            console.print(
+                f"{name}: {m['trials']} trials, {m['fully_trained']} fully trained, "
+                f"{m['weight_steps']} weight steps, {m['wall_seconds']:.0f} s wall{exploits}"
+            )
     return doc
-

@@ -39,13 +39,19 @@ import torch
 import torch.nn.functional as F
 
 from bilevel import data as D
-from bilevel._io import (atomic_save, atomic_write_json, check_run_config, load_torch_state, read_json_state,
-                         save_run_config)
-from bilevel.data._split import standardise
 from bilevel import hparams as H
 from bilevel import population as pop
-from bilevel.nets import mlp_forward, mlp_init
+from bilevel._io import (
+    atomic_save,
+    atomic_write_json,
+    check_run_config,
+    load_torch_state,
+    read_json_state,
+    save_run_config,
+)
 from bilevel.callbacks import RandomLRMultiplier
+from bilevel.data._split import standardise
+from bilevel.nets import mlp_forward, mlp_init
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
 
@@ -113,8 +119,11 @@ RESUME_FREE = ("methods", "device", "data_dir", "checkpoint_every")
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
-    names = list(METHODS) if spec == "all" or spec == ["all"] else (
-        [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec))
+    names = (
+        list(METHODS)
+        if spec == "all" or spec == ["all"]
+        else ([s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec))
+    )
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)} or 'all'")
@@ -129,8 +138,10 @@ def space_for(method: Method) -> H.HyperParameterSpace:
 # ---------------------------------------------------------------------------- data and losses
 
 #: Penn Treebank LSTM sizes: Clarke et al.'s (sec. 4.2) and a CPU-sized one (10k vocabulary either way).
-LM_SIZES = {"paper": dict(embed=650, hidden=650, layers=2, bptt=70, batch=40),
-            "cpu": dict(embed=64, hidden=128, layers=2, bptt=35, batch=20)}
+LM_SIZES = {
+    "paper": dict(embed=650, hidden=650, layers=2, bptt=70, batch=40),
+    "cpu": dict(embed=64, hidden=128, layers=2, bptt=35, batch=20),
+}
 
 
 @dataclass
@@ -157,10 +168,10 @@ class Problem:
         """``data`` cut into pieces of at most ``rows`` examples (columns of windows for language models)."""
         x, y = data
         if self.seq_len is None:
-            return [(x[i:i + rows], y[i:i + rows]) for i in range(0, len(x), rows)]
+            return [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)]
         cols = max(1, rows // self.seq_len)
         y2 = y.reshape(self.seq_len, -1)
-        return [(x[:, i:i + cols], y2[:, i:i + cols].reshape(-1)) for i in range(0, x.shape[1], cols)]
+        return [(x[:, i : i + cols], y2[:, i : i + cols].reshape(-1)) for i in range(0, x.shape[1], cols)]
 
 
 def load_problem(cfg: ClarkeConfig) -> Problem:
@@ -197,6 +208,7 @@ def load_problem(cfg: ClarkeConfig) -> Problem:
     model = cfg.model if cfg.model != "auto" else ("resnet18" if name == "cifar10" else "mlp")
     if model == "resnet18":
         from bilevel.nets.resnet import resnet18_forward, resnet18_init
+
         init = lambda g: resnet18_init(out_dim, g, dtype=dtype)  # noqa: E731
         forward = resnet18_forward
     elif model == "mlp":
@@ -206,13 +218,15 @@ def load_problem(cfg: ClarkeConfig) -> Problem:
         forward = mlp_forward
     else:
         raise ValueError(f"model {model!r} does not fit data set {name!r}: use mlp or resnet18 (lstm is for ptb)")
-    return Problem((d.X_train, d.y_train), (d.X_val, d.y_val), (d.X_test, d.y_test), init, forward, loss, scale,
-                   info.kind)
+    return Problem(
+        (d.X_train, d.y_train), (d.X_val, d.y_val), (d.X_test, d.y_test), init, forward, loss, scale, info.kind
+    )
 
 
 def _language_model(cfg: ClarkeConfig, dtype: torch.dtype) -> Problem:
     """Penn Treebank with the LSTM of Clarke et al. sec. 4.2 (``cfg.lm_size``: paper or cpu sizes)."""
     from bilevel.nets.lstm import lstm_lm_forward, lstm_lm_init
+
     if cfg.lm_size not in LM_SIZES:
         raise ValueError(f"unknown lm_size {cfg.lm_size!r}; known: {list(LM_SIZES)}")
     if cfg.model not in ("auto", "lstm"):
@@ -220,21 +234,31 @@ def _language_model(cfg: ClarkeConfig, dtype: torch.dtype) -> Problem:
     size = LM_SIZES[cfg.lm_size]
     corpus = D.load_ptb(cfg.data_dir)
     vocab = len(corpus.dictionary)
-    streams = [D.batchify(s, cfg.batch_size or size["batch"]).to(cfg.device)
-               for s in (corpus.train, corpus.valid, corpus.test)]
+    streams = [
+        D.batchify(s, cfg.batch_size or size["batch"]).to(cfg.device) for s in (corpus.train, corpus.valid, corpus.test)
+    ]
     bptt = size["bptt"]
 
     def windows(stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All full bptt windows of a stream side by side: (bptt, n_windows * batch) inputs, flat targets."""
         n = (len(stream) - 1) // bptt
         x = stream[: n * bptt].reshape(n, bptt, -1).permute(1, 0, 2).reshape(bptt, -1)
-        y = stream[1: n * bptt + 1].reshape(n, bptt, -1).permute(1, 0, 2).reshape(-1)
+        y = stream[1 : n * bptt + 1].reshape(n, bptt, -1).permute(1, 0, 2).reshape(-1)
         return x, y
 
     init = lambda g: lstm_lm_init(vocab, size["embed"], size["hidden"], size["layers"], g, dtype=dtype)  # noqa: E731
-    return Problem(windows(streams[0]), windows(streams[1]), windows(streams[2]), init, lstm_lm_forward,
-                   F.cross_entropy, 1.0, "language-model",
-                   batches=lambda data, seed: SequenceBatches(data, bptt, streams[0].shape[1]), seq_len=bptt)
+    return Problem(
+        windows(streams[0]),
+        windows(streams[1]),
+        windows(streams[2]),
+        init,
+        lstm_lm_forward,
+        F.cross_entropy,
+        1.0,
+        "language-model",
+        batches=lambda data, seed: SequenceBatches(data, bptt, streams[0].shape[1]),
+        seq_len=bptt,
+    )
 
 
 class Batches:
@@ -285,8 +309,15 @@ class SequenceBatches:
 
 # ---------------------------------------------------------------------------- one method
 
-def build_tuner(cfg: ClarkeConfig, problem: Problem, method: Method, *, first: int = 0,
-                hparams: Mapping[str, Sequence[float] | torch.Tensor] | None = None) -> OnlineTuner:
+
+def build_tuner(
+    cfg: ClarkeConfig,
+    problem: Problem,
+    method: Method,
+    *,
+    first: int = 0,
+    hparams: Mapping[str, Sequence[float] | torch.Tensor] | None = None,
+) -> OnlineTuner:
     """The population of initialisations ``first, ..., first + cfg.inits - 1`` of ``method``.
 
     Member j's weights and Table 5 hyperparameters come from seed ``derived_seed(cfg.seed, first + j)``
@@ -299,8 +330,8 @@ def build_tuner(cfg: ClarkeConfig, problem: Problem, method: Method, *, first: i
     space = space_for(method)
     dtype = getattr(torch, cfg.dtype)
     params, raw = pop.init_population(
-        problem.init, cfg.inits, pop.derived_seed(cfg.seed, first),
-        lambda p, g: space.init(p, g, dtype=dtype))
+        problem.init, cfg.inits, pop.derived_seed(cfg.seed, first), lambda p, g: space.init(p, g, dtype=dtype)
+    )
     if hparams is not None:
         raw = natural_population(space, params, hparams, dtype)
     params = {k: v.to(cfg.device) for k, v in params.items()}
@@ -308,28 +339,54 @@ def build_tuner(cfg: ClarkeConfig, problem: Problem, method: Method, *, first: i
     train = pop.vmap_loss(problem.forward, problem.loss)
     scale = problem.test_scale
     test = lambda p, h, batch: train(p, h, batch) * scale  # noqa: E731
-    tcfg = TunerConfig(tuned=method.tuned, interval=cfg.interval, lookback=cfg.lookback,
-                       mode="none" if not method.tuned else method.mode, hyper_lr=cfg.hyper_lr,
-                       record_every=_record_every(cfg), seed=cfg.seed,
-                       grad_clip=cfg.grad_clip if cfg.grad_clip is not None else (
-                           0.25 if problem.kind == "language-model" else None))
+    tcfg = TunerConfig(
+        tuned=method.tuned,
+        interval=cfg.interval,
+        lookback=cfg.lookback,
+        mode="none" if not method.tuned else method.mode,
+        hyper_lr=cfg.hyper_lr,
+        record_every=_record_every(cfg),
+        seed=cfg.seed,
+        grad_clip=cfg.grad_clip if cfg.grad_clip is not None else (0.25 if problem.kind == "language-model" else None),
+    )
     callbacks = [RandomLRMultiplier(*method.lr_multiplier, seed=cfg.seed)] if method.lr_multiplier else []
-    return OnlineTuner(params, raw, space, SGD(), train, train, update_form=space.names, config=tcfg,
-                       test_loss=test, callbacks=callbacks)
+    return OnlineTuner(
+        params,
+        raw,
+        space,
+        SGD(),
+        train,
+        train,
+        update_form=space.names,
+        config=tcfg,
+        test_loss=test,
+        callbacks=callbacks,
+    )
 
 
-def natural_population(space: H.HyperParameterSpace, params: Mapping[str, torch.Tensor],
-                       values: Mapping[str, Sequence[float] | torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def natural_population(
+    space: H.HyperParameterSpace,
+    params: Mapping[str, torch.Tensor],
+    values: Mapping[str, Sequence[float] | torch.Tensor],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
     """Stacked raw hyperparameters of a population from one natural value per member and name."""
     P = pop.size(params)
-    lists = {n: torch.as_tensor(values[n], dtype=torch.float64).reshape(-1) if n in values else None
-             for n in space.names}
+    lists = {
+        n: torch.as_tensor(values[n], dtype=torch.float64).reshape(-1) if n in values else None for n in space.names
+    }
     bad = [n for n, v in lists.items() if v is None or v.numel() != P]
     if bad:
-        raise ValueError(f"initial hyperparameters {bad} need one natural value per member ({P}); "
-                         f"got {({n: None if v is None else v.numel() for n, v in lists.items()})}")
-    return pop.stack([space.from_natural(pop.member(params, i), {n: lists[n][i] for n in space.names}, dtype=dtype)
-                      for i in range(P)])
+        raise ValueError(
+            f"initial hyperparameters {bad} need one natural value per member ({P}); "
+            f"got { ({n: None if v is None else v.numel() for n, v in lists.items()}) }"
+        )
+    return pop.stack(
+        [
+            space.from_natural(pop.member(params, i), {n: lists[n][i] for n in space.names}, dtype=dtype)
+            for i in range(P)
+        ]
+    )
 
 
 def _record_every(cfg: ClarkeConfig) -> int:
@@ -349,8 +406,11 @@ class MethodRun:
         self.tuner.run(steps, self.train_batches, self.val_batches, record_batches=self.record, progress=progress)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tuner": self.tuner.state_dict(), "train_batches": self.train_batches.state_dict(),
-                "val_batches": self.val_batches.state_dict()}
+        return {
+            "tuner": self.tuner.state_dict(),
+            "train_batches": self.train_batches.state_dict(),
+            "val_batches": self.val_batches.state_dict(),
+        }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.tuner.load_state_dict(sd["tuner"])
@@ -358,8 +418,14 @@ class MethodRun:
         self.val_batches.load_state_dict(sd["val_batches"])
 
 
-def start_method(cfg: ClarkeConfig, problem: Problem, method: str | Method, *, first: int = 0,
-                 hparams: Mapping[str, Sequence[float] | torch.Tensor] | None = None) -> MethodRun:
+def start_method(
+    cfg: ClarkeConfig,
+    problem: Problem,
+    method: str | Method,
+    *,
+    first: int = 0,
+    hparams: Mapping[str, Sequence[float] | torch.Tensor] | None = None,
+) -> MethodRun:
     """A fresh :class:`MethodRun` of members ``first ...`` (see :func:`build_tuner`)."""
     method = METHODS[method] if isinstance(method, str) else method
     tuner = build_tuner(cfg, problem, method, first=first, hparams=hparams)
@@ -369,12 +435,23 @@ def start_method(cfg: ClarkeConfig, problem: Problem, method: str | Method, *, f
         train_data = problem.train
     sampler = problem.batches or (lambda data, seed: Batches(data, cfg.batch_size, seed))
     record = tuple(problem.chunks(d, cfg.record_rows)[0] for d in (problem.train, problem.val, problem.test))
-    return MethodRun(tuner, sampler(train_data, pop.derived_seed(cfg.seed, 0)),
-                     sampler(problem.val, pop.derived_seed(cfg.seed, 1)), record)
+    return MethodRun(
+        tuner,
+        sampler(train_data, pop.derived_seed(cfg.seed, 0)),
+        sampler(problem.val, pop.derived_seed(cfg.seed, 1)),
+        record,
+    )
 
 
-def run_method(cfg: ClarkeConfig, problem: Problem, name: str, ckpt: Path | None = None,
-               progress: Callable[[int], None] | None = None, *, first: int = 0) -> dict[str, Any]:
+def run_method(
+    cfg: ClarkeConfig,
+    problem: Problem,
+    name: str,
+    ckpt: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    first: int = 0,
+) -> dict[str, Any]:
     """Train the population for one method (resuming from ``ckpt`` if it exists); return its results."""
     if cfg.checkpoint_every < 1 or cfg.steps < 1:
         raise ValueError(f"checkpoint_every and steps must be >= 1, got {cfg.checkpoint_every} and {cfg.steps}")
@@ -399,9 +476,14 @@ def method_results(cfg: ClarkeConfig, problem: Problem, run: MethodRun) -> dict[
     if not h.step or h.step[-1] != tuner.t:
         tuner.record(*record)
     # validation and test losses over the whole sets; the training loss on the recorded subset
-    finals = {name: evaluate(tuner, problem, data, cfg.record_rows) * (problem.test_scale if name != "train" else 1.0)
-              for name, data in (("train", record[0]), ("val", _head(problem, problem.val, cfg.eval_rows)),
-                                 ("test", _head(problem, problem.test, cfg.eval_rows)))}
+    finals = {
+        name: evaluate(tuner, problem, data, cfg.record_rows) * (problem.test_scale if name != "train" else 1.0)
+        for name, data in (
+            ("train", record[0]),
+            ("val", _head(problem, problem.val, cfg.eval_rows)),
+            ("test", _head(problem, problem.test, cfg.eval_rows)),
+        )
+    }
     cap = cfg.outlier_threshold if cfg.outlier_threshold is not None else math.inf
     ok = [bool(a) and math.isfinite(t) and t <= cap for a, t in zip(tuner.alive.tolist(), finals["test"].tolist())]
 
@@ -446,19 +528,31 @@ def three_batched(random: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, list[Any]] = {"final_test_loss": [], "final_val_loss": [], "seconds": []}
     n = len(random["final_test_loss"])
     for i in range(0, n - n % 3, 3):
-        group = [j for j in range(i, i + 3) if random["final_val_loss"][j] is not None
-                 and random["final_test_loss"][j] is not None]
+        group = [
+            j
+            for j in range(i, i + 3)
+            if random["final_val_loss"][j] is not None and random["final_test_loss"][j] is not None
+        ]
         best = min(group, key=lambda j: random["final_val_loss"][j]) if group else None
         out["final_test_loss"].append(None if best is None else random["final_test_loss"][best])
         out["final_val_loss"].append(None if best is None else random["final_val_loss"][best])
-        out["seconds"].append(sum(random["seconds"][i:i + 3]))
+        out["seconds"].append(sum(random["seconds"][i : i + 3]))
     return out
 
 
 # ---------------------------------------------------------------------------- the whole experiment
 
-def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "local", address: str | None = None,
-        ray_cpus: int | None = None, block_size: int | None = None) -> dict[str, Any]:
+
+def run(
+    cfg: ClarkeConfig,
+    out: Path,
+    progress_factory=None,
+    *,
+    backend: str = "local",
+    address: str | None = None,
+    ray_cpus: int | None = None,
+    block_size: int | None = None,
+) -> dict[str, Any]:
     """Run every method of ``cfg`` into ``out`` (resumable) and write ``out/results.json``.
 
     ``backend="ray"`` trains the methods still to do as Ray Tune trials of ``block_size``
@@ -484,9 +578,11 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
         needed.insert(0, "random")
     if backend == "ray":
         from .search import run_clarke
+
         todo = [m for m in needed if _finished(out / "methods" / f"{m}.json") is None]
-        for name, res in run_clarke(cfg, todo, out, address=address, num_cpus=ray_cpus, block_size=block_size,
-                                    progress_factory=progress_factory).items():
+        for name, res in run_clarke(
+            cfg, todo, out, address=address, num_cpus=ray_cpus, block_size=block_size, progress_factory=progress_factory
+        ).items():
             atomic_write_json(out / "methods" / f"{name}.json", res)
     for name in needed:
         done = out / "methods" / f"{name}.json"
@@ -502,9 +598,13 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
     if "random-3batched" in methods:
         results["random-3batched"] = three_batched(results["random"])
     ordered = {m: results[m] for m in methods if m in results}
-    doc = {"experiment": "clarke", "dataset": D.dataset_name(cfg.dataset), "config": cfg_dict,
-           "test_loss": "MSE in original target units" if problem.kind == "regression" else "cross-entropy",
-           "methods": ordered}
+    doc = {
+        "experiment": "clarke",
+        "dataset": D.dataset_name(cfg.dataset),
+        "config": cfg_dict,
+        "test_loss": "MSE in original target units" if problem.kind == "regression" else "cross-entropy",
+        "methods": ordered,
+    }
     atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=_nan_to_none)
     return doc
 
@@ -512,8 +612,9 @@ def run(cfg: ClarkeConfig, out: Path, progress_factory=None, *, backend: str = "
 def _finished(path: Path) -> dict[str, Any] | None:
     """A finished method's results (``methods/NAME.json``), or ``None``: absent, or damaged (then set aside
     with a warning, and the method is trained again from its checkpoint, if any)."""
-    return read_json_state(path, f"{path.stem} is trained again",
-                           check=lambda d: isinstance(d, dict) and "final_test_loss" in d)
+    return read_json_state(
+        path, f"{path.stem} is trained again", check=lambda d: isinstance(d, dict) and "final_test_loss" in d
+    )
 
 
 def validate_config(cfg: ClarkeConfig) -> list[str]:
@@ -554,12 +655,15 @@ def validate_config(cfg: ClarkeConfig) -> list[str]:
             raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
     unrolled = [m for m in methods if METHODS[m].mode == "unroll"]
     if unrolled and cfg.lookback < 1:
-        raise ValueError(f"--lookback {cfg.lookback}: {', '.join(unrolled)} differentiates through the last "
-                         "--lookback weight steps, so it needs --lookback >= 1 (0 is fine for the IFT methods: "
-                         "one Neumann term)")
+        raise ValueError(
+            f"--lookback {cfg.lookback}: {', '.join(unrolled)} differentiates through the last "
+            "--lookback weight steps, so it needs --lookback >= 1 (0 is fine for the IFT methods: "
+            "one Neumann term)"
+        )
     if "random-3batched" in methods and cfg.inits < 3:
-        raise ValueError(f"random-3batched keeps the best of every three random runs: it needs --inits >= 3, "
-                         f"got {cfg.inits}")
+        raise ValueError(
+            f"random-3batched keeps the best of every three random runs: it needs --inits >= 3, got {cfg.inits}"
+        )
     return methods
 
 
@@ -575,50 +679,108 @@ NAME = "clarke"
 HELP = "Clarke et al. 2022 sec. 4: random vs one-pass tuned SGD hyperparameters over many initialisations"
 
 
-def add_arguments(p: argparse.ArgumentParser, *, dataset: str = "energy", inits: int = 40, steps: int = 4000,
-                  methods: str = "random,ours-wd-lr-m", backend_options: bool = True) -> None:
-    p.add_argument("--dataset", default=dataset, help="energy, boston, concrete, kin8nm, naval, power, wine, yacht, "
-                   "fashion-mnist, mnist, diabetes, digits")
+def add_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    dataset: str = "energy",
+    inits: int = 40,
+    steps: int = 4000,
+    methods: str = "random,ours-wd-lr-m",
+    backend_options: bool = True,
+) -> None:
+    p.add_argument(
+        "--dataset",
+        default=dataset,
+        help="energy, boston, concrete, kin8nm, naval, power, wine, yacht, fashion-mnist, mnist, diabetes, digits",
+    )
     p.add_argument("--methods", default=methods, help=f"comma-separated from {', '.join(METHODS)}, or 'all'")
-    p.add_argument("--inits", type=C.positive_int, default=inits, help="random hyperparameter initialisations per method")
+    p.add_argument(
+        "--inits", type=C.positive_int, default=inits, help="random hyperparameter initialisations per method"
+    )
     p.add_argument("--steps", type=C.positive_int, default=steps, help="weight updates (full-batch epochs for UCI)")
     p.add_argument("--interval", type=C.positive_int, default=10, help="T: weight steps between hyperparameter steps")
-    p.add_argument("--lookback", type=C.nonnegative_int, default=5,
-                   help="i: Neumann steps of the IFT methods (i + 1 terms; 0 is allowed: one term) / unrolled steps "
-                        "of diff-through-opt (must be >= 1 there); not used by random* and baydin")
+    p.add_argument(
+        "--lookback",
+        type=C.nonnegative_int,
+        default=5,
+        help="i: Neumann steps of the IFT methods (i + 1 terms; 0 is allowed: one term) / unrolled steps "
+        "of diff-through-opt (must be >= 1 there); not used by random* and baydin",
+    )
     p.add_argument("--hyper-lr", type=C.positive_float, default=0.05, help="Adam learning rate on the hyperparameters")
-    p.add_argument("--batch-size", type=C.positive_int, default=None, help="mini-batch size (default: full batch for UCI; "
-                   "50 for (Fashion-)MNIST, 100 for CIFAR-10, as the paper; the LM size's batch for ptb)")
+    p.add_argument(
+        "--batch-size",
+        type=C.positive_int,
+        default=None,
+        help="mini-batch size (default: full batch for UCI; "
+        "50 for (Fashion-)MNIST, 100 for CIFAR-10, as the paper; the LM size's batch for ptb)",
+    )
     p.add_argument("--val-fraction", type=C.fraction, default=None, help="UCI: validation share of train+validation")
-    p.add_argument("--test-fraction", type=C.fraction, default=None,
-                   help="UCI: share of all rows held out for testing (default: Clarke et al.'s split files, ~10%%)")
+    p.add_argument(
+        "--test-fraction",
+        type=C.fraction,
+        default=None,
+        help="UCI: share of all rows held out for testing (default: Clarke et al.'s split files, ~10%%)",
+    )
     p.add_argument("--hidden", type=C.positive_int, default=50, help="hidden units of the MLP")
-    p.add_argument("--model", default="auto", choices=["auto", "mlp", "resnet18", "lstm"],
-                   help="auto: mlp (UCI, images), resnet18 (cifar10), lstm (ptb)")
-    p.add_argument("--lm-size", default="cpu", choices=sorted(LM_SIZES),
-                   help="ptb LSTM: paper (2 x 650 units, bptt 70, batch 40) or cpu (2 x 128, bptt 35, batch 20)")
-    p.add_argument("--checkpoint-every", type=C.positive_int, default=500,
-                   help="weight steps between checkpoints: a kill loses at most this much work per method; "
-                        "re-running the same command resumes and gives the same numbers (it may use another "
-                        "--checkpoint-every: the interval cannot change a result)")
-    p.add_argument("--image-scaling", choices=["standardise", "unit"], default="standardise",
-                   help="image inputs: zero mean and unit variance per pixel (training statistics), or pixels in [0, 1]")
-    p.add_argument("--outlier-threshold", type=C.positive_float, default=None,
-                   help="final test losses above this count as diverged (default: 1e3 for image sets, as Clarke et al.)")
+    p.add_argument(
+        "--model",
+        default="auto",
+        choices=["auto", "mlp", "resnet18", "lstm"],
+        help="auto: mlp (UCI, images), resnet18 (cifar10), lstm (ptb)",
+    )
+    p.add_argument(
+        "--lm-size",
+        default="cpu",
+        choices=sorted(LM_SIZES),
+        help="ptb LSTM: paper (2 x 650 units, bptt 70, batch 40) or cpu (2 x 128, bptt 35, batch 20)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=C.positive_int,
+        default=500,
+        help="weight steps between checkpoints: a kill loses at most this much work per method; "
+        "re-running the same command resumes and gives the same numbers (it may use another "
+        "--checkpoint-every: the interval cannot change a result)",
+    )
+    p.add_argument(
+        "--image-scaling",
+        choices=["standardise", "unit"],
+        default="standardise",
+        help="image inputs: zero mean and unit variance per pixel (training statistics), or pixels in [0, 1]",
+    )
+    p.add_argument(
+        "--outlier-threshold",
+        type=C.positive_float,
+        default=None,
+        help="final test losses above this count as diverged (default: 1e3 for image sets, as Clarke et al.)",
+    )
     if backend_options:
         add_backend_arguments(p)
 
 
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     """``--backend local|ray``, ``--address``, ``--ray-cpus``, ``--block-size``."""
-    p.add_argument("--backend", default="local", choices=["local", "ray"],
-                   help="local: one vectorised population per method; ray: blocks of initialisations as Ray Tune "
-                   "trials (pip install 'bilevel[ray]'); re-running resumes via Ray Tune's restore")
-    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto or ray://host:10001); "
-                   "default: start a local Ray instance")
-    p.add_argument("--ray-cpus", type=C.positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--block-size", type=C.positive_int, default=None,
-                   help="initialisations per Ray trial (default: the population split evenly over the CPUs)")
+    p.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "ray"],
+        help="local: one vectorised population per method; ray: blocks of initialisations as Ray Tune "
+        "trials (pip install 'bilevel[ray]'); re-running resumes via Ray Tune's restore",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (e.g. auto or ray://host:10001); default: start a local Ray instance",
+    )
+    p.add_argument(
+        "--ray-cpus", type=C.positive_int, default=None, help="CPUs of the local Ray instance (default: all)"
+    )
+    p.add_argument(
+        "--block-size",
+        type=C.positive_int,
+        default=None,
+        help="initialisations per Ray trial (default: the population split evenly over the CPUs)",
+    )
 
 
 def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
@@ -626,15 +788,30 @@ def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
     kind = D.DATASETS[name].kind
     default_bs = 100 if name == "cifar10" else (50 if kind == "classification" and name != "digits" else None)
     bs = a.batch_size if a.batch_size is not None else default_bs
-    return ClarkeConfig(dataset=name, methods=a.methods, inits=a.inits, steps=a.steps, seed=a.seed,
-                        interval=a.interval, lookback=a.lookback, hyper_lr=a.hyper_lr, hidden=a.hidden,
-                        model=getattr(a, "model", "auto"), lm_size=getattr(a, "lm_size", "cpu"),
-                        test_fraction=getattr(a, "test_fraction", None),
-                        batch_size=bs, val_fraction=a.val_fraction, checkpoint_every=a.checkpoint_every,
-                        data_dir=a.data_dir, device=a.device, dtype=a.dtype, image_scaling=a.image_scaling,
-                        outlier_threshold=a.outlier_threshold if a.outlier_threshold is not None else (
-                            1e3 if D.DATASETS[name].kind == "classification" else None))
-
+    return ClarkeConfig(
+        dataset=name,
+        methods=a.methods,
+        inits=a.inits,
+        steps=a.steps,
+        seed=a.seed,
+        interval=a.interval,
+        lookback=a.lookback,
+        hyper_lr=a.hyper_lr,
+        hidden=a.hidden,
+        model=getattr(a, "model", "auto"),
+        lm_size=getattr(a, "lm_size", "cpu"),
+        test_fraction=getattr(a, "test_fraction", None),
+        batch_size=bs,
+        val_fraction=a.val_fraction,
+        checkpoint_every=a.checkpoint_every,
+        data_dir=a.data_dir,
+        device=a.device,
+        dtype=a.dtype,
+        image_scaling=a.image_scaling,
+        outlier_threshold=a.outlier_threshold
+        if a.outlier_threshold is not None
+        else (1e3 if D.DATASETS[name].kind == "classification" else None),
+    )
 
 
 def check_arguments(a: argparse.Namespace) -> None:
@@ -670,14 +847,22 @@ def divergence_notes(doc: Mapping[str, Any], hyper_lr_option: str = "--hyper-lr"
 
 def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
     from bilevel.report import write_report
-    doc = run(config_from_args(a), a.out, progress_factory=progress_factory, backend=getattr(a, "backend", "local"),
-              address=getattr(a, "address", None), ray_cpus=getattr(a, "ray_cpus", None),
-              block_size=getattr(a, "block_size", None))
+
+    doc = run(
+        config_from_args(a),
+        a.out,
+        progress_factory=progress_factory,
+        backend=getattr(a, "backend", "local"),
+        address=getattr(a, "address", None),
+        ray_cpus=getattr(a, "ray_cpus", None),
+        block_size=getattr(a, "block_size", None),
+    )
     write_report(doc, a.out, console=console)
     notes = divergence_notes(doc)
     if notes:
         from rich.console import Console
         from rich.markup import escape
+
         for line in notes:
             (console or Console()).print(f"[yellow]note:[/] {escape(line)}", soft_wrap=True)
     return doc

@@ -11,12 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from bilevel.report import write_report
+
 from . import clarke
 
 
 def run(out: Path, inits: int = 16, steps: int = 1500, seed: int = 0, progress_factory=None, console=None) -> dict:
-    cfg = clarke.ClarkeConfig(dataset="diabetes", methods=["random", "ours-wd-lr-m"], inits=inits, steps=steps,
-                              seed=seed, checkpoint_every=min(steps, 250))
+    cfg = clarke.ClarkeConfig(
+        dataset="diabetes",
+        methods=["random", "ours-wd-lr-m"],
+        inits=inits,
+        steps=steps,
+        seed=seed,
+        checkpoint_every=min(steps, 250),
+    )
     doc = clarke.run(cfg, Path(out), progress_factory=progress_factory)
     write_report(doc, Path(out), console=console)
     if console is not None:

@@ -59,10 +59,22 @@ SPACE: tuple[tuple[str, float, float, str], ...] = (
 
 # ---------------------------------------------------------------------------- the problem in a worker
 
+
 def _problem(cfg: clarke.ClarkeConfig) -> clarke.Problem:
     """Load the data once per worker process (workers are reused across trials)."""
-    key = json.dumps([cfg.dataset, cfg.data_dir, cfg.dtype, cfg.device, cfg.hidden, cfg.val_fraction, cfg.model,
-                      cfg.lm_size, cfg.batch_size])
+    key = json.dumps(
+        [
+            cfg.dataset,
+            cfg.data_dir,
+            cfg.dtype,
+            cfg.device,
+            cfg.hidden,
+            cfg.val_fraction,
+            cfg.model,
+            cfg.lm_size,
+            cfg.batch_size,
+        ]
+    )
     return R.worker_cached(f"{__name__}:{key}", lambda: clarke.load_problem(cfg))
 
 
@@ -130,9 +142,11 @@ class ScheduledRun:
         self.run.advance(steps)
 
     def losses(self) -> dict[str, float]:
-        return {name: float(clarke.evaluate(self.run.tuner, self.problem, data, self.cfg.record_rows)[0])
-                * self.problem.test_scale for name, data in (("val_loss", self.problem.val),
-                                                             ("test_loss", self.problem.test))}
+        return {
+            name: float(clarke.evaluate(self.run.tuner, self.problem, data, self.cfg.record_rows)[0])
+            * self.problem.test_scale
+            for name, data in (("val_loss", self.problem.val), ("test_loss", self.problem.test))
+        }
 
     def hparams(self) -> dict[str, float]:
         return _natural(self.run.tuner)
@@ -148,6 +162,7 @@ class ScheduledRun:
 
 
 # ---------------------------------------------------------------------------- clarke --backend ray
+
 
 def clarke_trial(config: dict[str, Any]) -> BlockRun:
     """The run of one Ray Tune trial of ``clarke --backend ray`` (the trainable takes this function's name):
@@ -168,9 +183,17 @@ def clarke_experiment(out: Path, method: str) -> Path:
     return Path(out) / "ray" / f"clarke-{method}"
 
 
-def run_clarke(cfg: clarke.ClarkeConfig, methods: Sequence[str], out: Path, *, address: str | None = None,
-               num_cpus: int | None = None, block_size: int | None = None, threads: int = 1,
-               progress_factory: Callable[[str, int], Callable[..., None]] | None = None) -> dict[str, dict[str, Any]]:
+def run_clarke(
+    cfg: clarke.ClarkeConfig,
+    methods: Sequence[str],
+    out: Path,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    block_size: int | None = None,
+    threads: int = 1,
+    progress_factory: Callable[[str, int], Callable[..., None]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Train ``methods`` of the ``clarke`` experiment as Ray Tune trials; return each method's merged results.
 
     Each method is its own Ray experiment, :func:`clarke_experiment` (restored on re-run; only
@@ -183,22 +206,35 @@ def run_clarke(cfg: clarke.ClarkeConfig, methods: Sequence[str], out: Path, *, a
         return {}
     xlr = [m for m in methods if clarke.METHODS[m].lr_multiplier is not None]
     if xlr:
-        warnings.warn(f"{xlr}: the learning-rate multipliers are drawn from one generator per population, so on "
-                      "the Ray backend each block draws its own (equally distributed) multipliers and the members "
-                      "differ from the local run's (docs/ray.md)", stacklevel=2)
+        warnings.warn(
+            f"{xlr}: the learning-rate multipliers are drawn from one generator per population, so on "
+            "the Ray backend each block draws its own (equally distributed) multipliers and the members "
+            "differ from the local run's (docs/ray.md)",
+            stacklevel=2,
+        )
     R.require("ray.tune")
     results: dict[str, dict[str, Any]] = {}
     with R.ray_session(address, num_cpus):  # one Ray instance for all methods
         for method in methods:
-            parts = R.run_population(clarke_trial, cfg.inits, clarke_experiment(out, method), steps=cfg.steps,
-                                     checkpoint_every=cfg.checkpoint_every, config={"cfg": _portable(cfg)},
-                                     tag={"method": method}, block_size=block_size, threads=threads,
-                                     progress_factory=progress_factory, label=f"ray: {method}")
+            parts = R.run_population(
+                clarke_trial,
+                cfg.inits,
+                clarke_experiment(out, method),
+                steps=cfg.steps,
+                checkpoint_every=cfg.checkpoint_every,
+                config={"cfg": _portable(cfg)},
+                tag={"method": method},
+                block_size=block_size,
+                threads=threads,
+                progress_factory=progress_factory,
+                label=f"ray: {method}",
+            )
             results[method] = R.merge_blocks(parts)
     return results
 
 
 # ---------------------------------------------------------------------------- ASHA and PBT
+
 
 def scheduled_trial(config: dict[str, Any]) -> ScheduledRun:
     """The run of one ASHA/PBT trial (the trainable takes this function's name): initialisation
@@ -208,8 +244,9 @@ def scheduled_trial(config: dict[str, Any]) -> ScheduledRun:
     problem = _problem(cfg)
     method = clarke.Method(**config["method"])
     values = {n: float(config[n]) for n in HPARAM_NAMES}
-    run = clarke.start_method(cfg, problem, method, first=int(config["member"]),
-                              hparams={n: [v] for n, v in values.items()})
+    run = clarke.start_method(
+        cfg, problem, method, first=int(config["member"]), hparams={n: [v] for n, v in values.items()}
+    )
     return ScheduledRun(run, cfg, problem)
 
 
@@ -220,9 +257,13 @@ def hparam_bounds() -> dict[str, dict[str, Any]]:
     ``[1e-10, 1]``, weight decay ``(0, inf)``, momentum ``(0, 1)``.
     """
     space = clarke.space_for(clarke.METHODS["ours-wd-lr-m"])
-    return {n: {"domain": tuple(float(x) for x in space[n].transform.domain),
-                "clip": None if space[n].clip is None else tuple(float(x) for x in space[n].clip)}
-            for n in HPARAM_NAMES}
+    return {
+        n: {
+            "domain": tuple(float(x) for x in space[n].transform.domain),
+            "clip": None if space[n].clip is None else tuple(float(x) for x in space[n].clip),
+        }
+        for n in HPARAM_NAMES
+    }
 
 
 def clip_to_domains(config: dict[str, Any]) -> dict[str, Any]:
@@ -234,15 +275,33 @@ def clip_to_domains(config: dict[str, Any]) -> dict[str, Any]:
 def pbt_mutations() -> dict[str, Any]:
     """PBT's resampling distributions: Clarke et al. (2022) Table 5 initialisation ranges."""
     tune = R.require("ray.tune")
-    return {"lr": tune.loguniform(1e-6, 1e-1), "weight_decay": tune.loguniform(1e-7, 1e-2),
-            "momentum": tune.uniform(0.0, 1.0)}
+    return {
+        "lr": tune.loguniform(1e-6, 1e-1),
+        "weight_decay": tune.loguniform(1e-7, 1e-2),
+        "momentum": tune.uniform(0.0, 1.0),
+    }
 
 
-def run_scheduled(cfg: clarke.ClarkeConfig, method: str, scheduler: str, trials: int, out: Path, *,
-                  report_every: int = 10, grace_period: int | None = None, reduction_factor: float = 4,
-                  perturbation_interval: int = 100, checkpoint_every: int = 500, address: str | None = None,
-                  num_cpus: int | None = None, threads: int = 1, progress_factory=None, quantile_fraction: float = 0.25,
-                  resample_probability: float = 0.25, synch: bool = False) -> dict[str, Any]:
+def run_scheduled(
+    cfg: clarke.ClarkeConfig,
+    method: str,
+    scheduler: str,
+    trials: int,
+    out: Path,
+    *,
+    report_every: int = 10,
+    grace_period: int | None = None,
+    reduction_factor: float = 4,
+    perturbation_interval: int = 100,
+    checkpoint_every: int = 500,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    threads: int = 1,
+    progress_factory=None,
+    quantile_fraction: float = 0.25,
+    resample_probability: float = 0.25,
+    synch: bool = False,
+) -> dict[str, Any]:
     """``trials`` initialisations of ``method`` ("random" or "ours-wd-lr-m") under ASHA or PBT (B.8.2).
 
     Clarke et al.'s Ray Tune settings: ASHA with ``max_t = cfg.steps``, grace period
@@ -265,22 +324,43 @@ def run_scheduled(cfg: clarke.ClarkeConfig, method: str, scheduler: str, trials:
     init = clarke.build_tuner(replace(cfg, inits=trials), problem, clarke.METHODS["random"]).describe()
     table5 = {n: [float(x) for x in init[n]] for n in HPARAM_NAMES}
     return R.run_scheduled(
-        scheduled_trial, table5, Path(out) / "ray" / f"{scheduler}-{method}", steps=cfg.steps, scheduler=scheduler,
+        scheduled_trial,
+        table5,
+        Path(out) / "ray" / f"{scheduler}-{method}",
+        steps=cfg.steps,
+        scheduler=scheduler,
         config={"cfg": _portable(cfg), "method": {"mode": m.mode, "tuned": list(m.tuned), "merge_train_val": False}},
-        metric="val_loss", score="test_loss", report_every=report_every, grace_period=grace_period,
-        reduction_factor=reduction_factor, perturbation_interval=perturbation_interval,
-        checkpoint_every=checkpoint_every, mutations=pbt_mutations() if scheduler == "pbt" else None,
-        bounds=hparam_bounds(), seed=cfg.seed, quantile_fraction=quantile_fraction,
-        resample_probability=resample_probability, synch=synch, address=address, num_cpus=num_cpus, threads=threads,
-        progress_factory=progress_factory, label=f"{scheduler}+{method}")
+        metric="val_loss",
+        score="test_loss",
+        report_every=report_every,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        perturbation_interval=perturbation_interval,
+        checkpoint_every=checkpoint_every,
+        mutations=pbt_mutations() if scheduler == "pbt" else None,
+        bounds=hparam_bounds(),
+        seed=cfg.seed,
+        quantile_fraction=quantile_fraction,
+        resample_probability=resample_probability,
+        synch=synch,
+        address=address,
+        num_cpus=num_cpus,
+        threads=threads,
+        progress_factory=progress_factory,
+        label=f"{scheduler}+{method}",
+    )
 
 
 # ---------------------------------------------------------------------------- Bayesian optimisation
 
+
 def natural(params: Mapping[str, float]) -> dict[str, float]:
     """Natural SGD hyperparameters from a point of :data:`SPACE`."""
-    return {"lr": 10.0 ** float(params["log10_lr"]), "weight_decay": 10.0 ** float(params["log10_weight_decay"]),
-            "momentum": float(params["momentum"])}
+    return {
+        "lr": 10.0 ** float(params["log10_lr"]),
+        "weight_decay": 10.0 ** float(params["log10_weight_decay"]),
+        "momentum": float(params["momentum"]),
+    }
 
 
 def distributions() -> dict[str, Any]:
@@ -288,14 +368,23 @@ def distributions() -> dict[str, Any]:
     return B.distributions({name: (lo, hi) for name, lo, hi, _ in SPACE})
 
 
-def run_bayesopt(cfg: clarke.ClarkeConfig, problem: clarke.Problem, *, repeats: int = 32, samples: int = 30,
-                 startup: int = 5, sampler: str = "gp", state: dict[str, Any] | None = None,
-                 save: Callable[[dict[str, Any]], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_bayesopt(
+    cfg: clarke.ClarkeConfig,
+    problem: clarke.Problem,
+    *,
+    repeats: int = 32,
+    samples: int = 30,
+    startup: int = 5,
+    sampler: str = "gp",
+    state: dict[str, Any] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """``repeats`` Bayesian optimisations of ``samples`` trainings each, ``cfg.steps`` steps per training.
 
     The configurations of sample k of all repeats train together as one population; member r uses
-    weight seed ``derived_seed(cfg.seed, k * repeats + r)``, study r is seeded ``derived_seed(cfg.seed, r)``. ``state``/``save``
+    weight seed ``derived_seed(cfg.seed, k * repeats + r)``, study r is seeded ``derived_seed(cfg.seed, r)``.
+    ``state``/``save``
     resume after each sample. Returns :func:`bilevel.search.bayesopt.run`'s per-repeat
     ``final_test_loss``/``final_val_loss`` (of the best-validation sample), ``seconds`` (training
     time attributed to the repeat) and every sample (``records``).
@@ -304,14 +393,24 @@ def run_bayesopt(cfg: clarke.ClarkeConfig, problem: clarke.Problem, *, repeats: 
     pop_cfg = replace(cfg, inits=repeats)
 
     def evaluate(k: int, hp: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-        run_ = clarke.start_method(pop_cfg, problem, method, first=k * repeats,
-                                   hparams={n: [h[n] for h in hp] for n in HPARAM_NAMES})
+        run_ = clarke.start_method(
+            pop_cfg, problem, method, first=k * repeats, hparams={n: [h[n] for h in hp] for n in HPARAM_NAMES}
+        )
         start = time.perf_counter()
         run_.advance(cfg.steps)
         res = clarke.method_results(pop_cfg, problem, run_)
         return {"val": res["final_val_loss"], "test": res["final_test_loss"], "seconds": time.perf_counter() - start}
 
-    return B.run(evaluate, {name: (lo, hi) for name, lo, hi, _ in SPACE}, repeats=repeats, samples=samples,
-                 startup=startup, sampler=sampler, seed=cfg.seed, transform=natural, state=state, save=save,
-                 progress=progress)
-
+    return B.run(
+        evaluate,
+        {name: (lo, hi) for name, lo, hi, _ in SPACE},
+        repeats=repeats,
+        samples=samples,
+        startup=startup,
+        sampler=sampler,
+        seed=cfg.seed,
+        transform=natural,
+        state=state,
+        save=save,
+        progress=progress,
+    )

@@ -3,7 +3,8 @@
 A classifier trains on augmented examples ``x~ = f_lambda(x, eps)`` (a residual U-Net
 fed the image and a noise channel, :mod:`bilevel.nets.unet`, the identity at
 initialisation) while every U-Net weight ``lambda`` is tuned on the validation loss
-of the classifier on *un-augmented* validation images, by Algorithm 1 (:class:`bilevel.tuner.OnlineTuner`): ``--interval``
+of the classifier on *un-augmented* validation images, by Algorithm 1
+(:class:`bilevel.tuner.OnlineTuner`): ``--interval``
 SGD steps on the weights, then one Adam step on ``lambda`` along the hypergradient
 
 * ``none``: no hyperparameter optimisation (the augmenter stays the identity),
@@ -35,10 +36,11 @@ from torch import Tensor
 from bilevel import _tree as T
 from bilevel._io import atomic_save, atomic_savefig, atomic_write_json, load_torch_state
 from bilevel.errors import NonFiniteError
-from bilevel.tuner import OnlineTuner, TunerConfig
-from bilevel.solvers import Identity, Neumann
-from bilevel.updates import SGD
 from bilevel.population import derived_seed
+from bilevel.solvers import Identity, Neumann
+from bilevel.tuner import OnlineTuner, TunerConfig
+from bilevel.updates import SGD
+
 from .. import _common as C
 from .._parts import load_part, save_part, say_resumed, settings_key
 
@@ -55,10 +57,20 @@ def algorithm1(params, raw, space, rule, loss, method: str, terms: int, hyper_lr
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
     mode = {"none": "none", "unroll": "unroll"}.get(method, "ift")
-    solver = Identity() if method == "identity" else (
-        Neumann(terms, alpha=1.0, divergence="ignore") if method == "neumann" else None)
-    cfg = TunerConfig(tuned=space.names, mode=mode, solver=solver, lookback=terms, hyper_lr=hyper_lr,  # type: ignore[arg-type]
-                      interval=interval, on_divergence="raise")
+    solver = (
+        Identity()
+        if method == "identity"
+        else (Neumann(terms, alpha=1.0, divergence="ignore") if method == "neumann" else None)
+    )
+    cfg = TunerConfig(
+        tuned=space.names,
+        mode=mode,
+        solver=solver,
+        lookback=terms,
+        hyper_lr=hyper_lr,  # type: ignore[arg-type]
+        interval=interval,
+        on_divergence="raise",
+    )
     return OnlineTuner(params, raw, space, rule, loss, loss, config=cfg, stacked=False)
 
 
@@ -81,9 +93,11 @@ def _load(dataset: str, data_dir, seed: int, train_size: int, val_size: int, dty
     g = torch.Generator().manual_seed(1000 + seed)
     tr = torch.randperm(len(data.X_train), generator=g)[:train_size]
     va = torch.randperm(len(data.X_val), generator=g)[:val_size]
-    return ((data.X_train[tr].to(device), data.y_train[tr].to(device)),
-            (data.X_val[va].to(device), data.y_val[va].to(device)),
-            (data.X_test.to(device), data.y_test.to(device)))
+    return (
+        (data.X_train[tr].to(device), data.y_train[tr].to(device)),
+        (data.X_val[va].to(device), data.y_val[va].to(device)),
+        (data.X_test.to(device), data.y_test.to(device)),
+    )
 
 
 def _classifier(dataset: str, shape, generator):
@@ -92,21 +106,23 @@ def _classifier(dataset: str, shape, generator):
 
     if dataset == "cifar10":
         from bilevel.nets.resnet import resnet18_forward, resnet18_init
+
         return resnet18_init(10, generator), resnet18_forward
     net = LeNet(shape[0], 10, shape[1])
     return module_init(net, generator), module_forward(net)
 
 
 @torch.no_grad()
-def evaluate(forward, params, unet, aug_params, X: Tensor, Y: Tensor, samples: int, generator,
-             batch: int = 1000) -> dict[str, float]:
+def evaluate(
+    forward, params, unet, aug_params, X: Tensor, Y: Tensor, samples: int, generator, batch: int = 1000
+) -> dict[str, float]:
     """Accuracy of the mean softmax over ``samples`` augmented copies, plain accuracy and plain loss."""
     from bilevel.nets.unet import augment
 
     correct_aug = correct = 0
     loss = 0.0
     for i in range(0, len(X), batch):
-        x, y = X[i:i + batch], Y[i:i + batch]
+        x, y = X[i : i + batch], Y[i : i + batch]
         logits = forward(params, x)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -156,8 +172,13 @@ def run_one(a, method: str, seed: int, data, progress=None) -> dict:
     aug_params = space.natural(T.detach(alg.raw))["augment"]
     eg = torch.Generator().manual_seed(10_000 + seed)
     n_eval = a.eval_size
-    res = {"seed": seed, "method": method, "seconds": seconds, "diverged_at": diverged,
-           "final_train_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))) if losses else None}
+    res = {
+        "seed": seed,
+        "method": method,
+        "seconds": seconds,
+        "diverged_at": diverged,
+        "final_train_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))) if losses else None,
+    }
     if diverged is None:
         for name, (X, Y) in (("val", (Xva, Yva)), ("test", (Xte[:n_eval], Yte[:n_eval]))):
             ev = evaluate(forward, alg.params, unet, aug_params, X, Y, a.aug_samples, eg)
@@ -174,9 +195,12 @@ def _figure(unet, aug_params, X: Tensor, path: Path, n: int = 6, samples: int = 
     g = torch.Generator().manual_seed(seed)
     x = X[:n]
     with torch.no_grad():
-        outs = torch.stack([augment(unet, aug_params, x, torch.randn((n, 1, *x.shape[2:]), generator=g,
-                                                                      dtype=torch.float64).to(x))
-                            for _ in range(samples)])
+        outs = torch.stack(
+            [
+                augment(unet, aug_params, x, torch.randn((n, 1, *x.shape[2:]), generator=g, dtype=torch.float64).to(x))
+                for _ in range(samples)
+            ]
+        )
     std = outs.std(0)
     fig = Figure(figsize=(6, 1.5 * n))
     cols = [("Original", x), ("Sample 1", outs[0]), ("Sample 2", outs[1]), ("Pixel std.", std)]
@@ -220,23 +244,35 @@ def _print(doc: dict, keys: Sequence[tuple[str, str]], title: str, console=None,
         cells = []
         for k, _ in keys:
             v = s[k]
-            cells.append("-" if v["mean"] is None else (f"{scale * v['mean']:.2f}" + (
-                f" ± {scale * v['std']:.2f}" if v["std"] is not None else "")))
+            cells.append(
+                "-"
+                if v["mean"] is None
+                else (f"{scale * v['mean']:.2f}" + (f" ± {scale * v['std']:.2f}" if v["std"] is not None else ""))
+            )
         t.add_row(m, *cells, f"{s['diverged']}/{s['n']}")
     console.print(t)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist", "cifar10"],
-                   help="cifar10 uses ResNet-18 (the paper's set-up; needs the data and a GPU)")
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        choices=["fashion-mnist", "mnist", "cifar10"],
+        help="cifar10 uses ResNet-18 (the paper's set-up; needs the data and a GPU)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--seeds", type=C.positive_int, default=3,
-                   help="seeds per method (seed s of --seed S is S * 1_000_003 + s)")
+    p.add_argument(
+        "--seeds", type=C.positive_int, default=3, help="seeds per method (seed s of --seed S is S * 1_000_003 + s)"
+    )
     p.add_argument("--steps", type=C.positive_int, default=1000, help="classifier SGD steps")
     p.add_argument("--interval", type=C.positive_int, default=5, help="weight steps between hyperparameter steps (T)")
-    p.add_argument("--terms", type=C.nonnegative_int, default=3,
-                   help="K: Neumann steps (Neumann(steps=K) sums K + 1 terms of the series; 0 allowed) / unrolled "
-                        "steps (unroll needs K >= 1)")
+    p.add_argument(
+        "--terms",
+        type=C.nonnegative_int,
+        default=3,
+        help="K: Neumann steps (Neumann(steps=K) sums K + 1 terms of the series; 0 allowed) / unrolled "
+        "steps (unroll needs K >= 1)",
+    )
     p.add_argument("--batch-size", type=C.positive_int, default=64, help="classifier mini-batch size")
     p.add_argument("--lr", type=C.positive_float, default=0.05, help="classifier SGD learning rate")
     p.add_argument("--momentum", type=C.unit_interval, default=0.9, help="classifier SGD momentum")
@@ -244,17 +280,22 @@ def add_arguments(p) -> None:
     p.add_argument("--train-size", type=C.positive_int, default=2000, help="training images (a seeded subset)")
     p.add_argument("--val-size", type=C.positive_int, default=1000, help="validation images (a seeded subset)")
     p.add_argument("--eval-size", type=C.positive_int, default=2000, help="test images evaluated")
-    p.add_argument("--aug-samples", type=C.positive_int, default=10, help="augmented samples averaged at evaluation (E.3)")
-    p.add_argument("--unet-width", type=C.positive_int, default=8,
-                   help="channels of the first U-Net level (doubled per level)")
+    p.add_argument(
+        "--aug-samples", type=C.positive_int, default=10, help="augmented samples averaged at evaluation (E.3)"
+    )
+    p.add_argument(
+        "--unet-width", type=C.positive_int, default=8, help="channels of the first U-Net level (doubled per level)"
+    )
     p.add_argument("--unet-depth", type=C.positive_int, default=2, help="U-Net resolutions (levels)")
 
 
 def check_arguments(a) -> None:
     methods = C.check_names("--methods", C.names(a.methods), METHODS)
     if "unroll" in methods and a.terms < 1:
-        raise ValueError(f"--terms {a.terms}: unroll differentiates through --terms weight steps, so it needs "
-                         "--terms >= 1 (0 is fine for neumann: one term)")
+        raise ValueError(
+            f"--terms {a.terms}: unroll differentiates through --terms weight steps, so it needs "
+            "--terms >= 1 (0 is fine for neumann: one term)"
+        )
 
 
 def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -264,8 +305,12 @@ def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for m, s in summary.items():
         row: dict[str, Any] = {}
-        for name, k in (("val_accuracy", "val_acc_aug"), ("test_accuracy", "test_acc_aug"),
-                        ("val_accuracy_plain", "val_acc"), ("test_accuracy_plain", "test_acc")):
+        for name, k in (
+            ("val_accuracy", "val_acc_aug"),
+            ("test_accuracy", "test_acc_aug"),
+            ("val_accuracy_plain", "val_acc"),
+            ("test_accuracy_plain", "test_acc"),
+        ):
             row[name], row[f"{name}_sd"] = s[k]["mean"], s[k]["std"]
         out[m] = {**row, "diverged": s["diverged"], "seeds": s["n"]}
     return out
@@ -306,7 +351,7 @@ def main(a, progress_factory=None, console=None) -> dict:
                         aug = (unet, {k: v.to(dtype=dtype, device=device) for k, v in state.items()})
             else:
                 res, aug = run_one(a, m, seed, data, advance)
-                if m != "none" and res["diverged_at"] is None:   # the augmenter, for the figure on resume
+                if m != "none" and res["diverged_at"] is None:  # the augmenter, for the figure on resume
                     part.parent.mkdir(parents=True, exist_ok=True)
                     atomic_save(T.detach(aug[1]), part.with_suffix(".pt"))
                 save_part(part, key, res)
@@ -315,16 +360,31 @@ def main(a, progress_factory=None, console=None) -> dict:
                 fig_src = aug
     keys = ["val_acc_aug", "test_acc_aug", "val_acc", "test_acc", "test_loss", "seconds", "augmenter_change"]
     summary = {m: summarise(r, keys) for m, r in runs.items()}
-    doc = {"experiment": NAME, "dataset": a.dataset, "config": {k: v for k, v in vars(a).items()
-                                                                if isinstance(v, (int, float, str, bool))},
-           "metrics": metrics_of(summary), "runs": runs, "summary": summary, "resumed": resumed,
-           "seconds": time.perf_counter() - start}
+    doc = {
+        "experiment": NAME,
+        "dataset": a.dataset,
+        "config": {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))},
+        "metrics": metrics_of(summary),
+        "runs": runs,
+        "summary": summary,
+        "resumed": resumed,
+        "seconds": time.perf_counter() - start,
+    }
     atomic_write_json(out / "results.json", doc, indent=1)
     if fig_src is not None:
         _figure(*fig_src, data[1][0], out / "augmentations.png")
     say_resumed(NAME, "run(s)", resumed, out / "parts", console)
-    _print(doc, [("val_acc_aug", "val acc % (10 aug.)"), ("test_acc_aug", "test acc % (10 aug.)"),
-                 ("val_acc", "val acc % (plain)"), ("test_acc", "test acc % (plain)")],
-           f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.terms} Neumann "
-           f"steps ({a.terms + 1} terms), unroll = {a.terms} unrolled steps)", console, scale=100.0)
+    _print(
+        doc,
+        [
+            ("val_acc_aug", "val acc % (10 aug.)"),
+            ("test_acc_aug", "test acc % (10 aug.)"),
+            ("val_acc", "val acc % (plain)"),
+            ("test_acc", "test acc % (plain)"),
+        ],
+        f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.terms} Neumann "
+        f"steps ({a.terms + 1} terms), unroll = {a.terms} unrolled steps)",
+        console,
+        scale=100.0,
+    )
     return doc

@@ -1,7 +1,8 @@
 """Lorraine et al. (2020) Sec. 5.3, Fig. 6: dataset distillation with one learned image per class.
 
 Every pixel of ``--per-class`` synthetic images per class is a hyperparameter
-(:class:`bilevel.distill.DistilledData`: 7,840 for MNIST, 30,720 for CIFAR-10, 307,200 for CIFAR-100). The inner model is
+(:class:`bilevel.distill.DistilledData`: 7,840 for MNIST, 30,720 for CIFAR-10, 307,200 for CIFAR-100).
+The inner model is
 logistic regression trained on the synthetic images alone,
 
     L_T(w, x) = 1/C sum_c CE(W x_c + b, c) + l2/2 ||W||^2
@@ -28,12 +29,13 @@ import torch.nn.functional as F
 
 from bilevel import _tree as T
 from bilevel.distill import DistilledData
+from bilevel.errors import NonFiniteError
 from bilevel.hypergradient import largest_eigenvalue
 from bilevel.population import derived_seed
-from bilevel.errors import NonFiniteError
 from bilevel.solvers import check_size
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import TorchOptimizer
+
 from .. import _common as C
 
 NAME = "distill"
@@ -49,11 +51,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hyper-steps", type=C.positive_int, default=300, help="hyperparameter (pixel) steps (default 300)")
     p.add_argument("--interval", type=C.positive_int, default=20, help="weight steps between pixel steps (default 20)")
     p.add_argument("--lr", type=C.positive_float, default=0.01, help="Adam learning rate of the weights (default 0.01)")
-    p.add_argument("--hyper-lr", type=C.positive_float, default=0.01, help="Adam learning rate of the pixels (default 0.01)")
-    p.add_argument("--l2", type=C.positive_float, default=1e-3,
-                   help="fixed L2 on the logistic-regression weights (> 0: keeps the inner problem strictly convex)")
-    p.add_argument("--val-batch", type=C.positive_int, default=2000, help="labelled examples per hypergradient (default 2000)")
-    p.add_argument("--val-size", type=C.positive_int, default=None, help="use only this many labelled examples (default all)")
+    p.add_argument(
+        "--hyper-lr", type=C.positive_float, default=0.01, help="Adam learning rate of the pixels (default 0.01)"
+    )
+    p.add_argument(
+        "--l2",
+        type=C.positive_float,
+        default=1e-3,
+        help="fixed L2 on the logistic-regression weights (> 0: keeps the inner problem strictly convex)",
+    )
+    p.add_argument(
+        "--val-batch", type=C.positive_int, default=2000, help="labelled examples per hypergradient (default 2000)"
+    )
+    p.add_argument(
+        "--val-size", type=C.positive_int, default=None, help="use only this many labelled examples (default all)"
+    )
     p.add_argument("--eval-steps", type=C.positive_int, default=1000, help="Adam steps to train the evaluation model")
     p.add_argument("--init", default="zeros", choices=("zeros", "normal", "real"), help="pixel initialisation")
 
@@ -120,6 +132,7 @@ def main(args, progress_factory=None, console=None) -> dict:
 
     w = {k: v.requires_grad_() for k, v in _logreg_init(dim, C_, dt, dev).items()}
     check_size(C.solver_from_args(args, alpha=1.0), T.numel(w))  # an exact solve refused before any training
+
     # Algorithm 1 (bilevel.tuner.OnlineTuner on one model): torch.optim.Adam steps the weights, Adam the pixels
     def as_raw(nat):  # the distilled points' hyperparameter has the identity transform: natural = raw
         return {f"{distilled.name}/{k}": v for k, v in nat[distilled.name].items()}
@@ -130,10 +143,22 @@ def main(args, progress_factory=None, console=None) -> dict:
     def val_loss(p, nat, batch):
         return F.cross_entropy(_forward(p, batch[0]), batch[1])
 
-    loop = OnlineTuner(T.detach(w), h, distilled.space, TorchOptimizer(torch.optim.Adam(w.values(), lr=args.lr), w),
-                       train_loss, val_loss, stacked=False,
-                       config=TunerConfig(tuned=distilled.space.names, implicit="loss", hyper_lr=args.hyper_lr,
-                                          interval=args.interval, on_divergence="raise"))
+    loop = OnlineTuner(
+        T.detach(w),
+        h,
+        distilled.space,
+        TorchOptimizer(torch.optim.Adam(w.values(), lr=args.lr), w),
+        train_loss,
+        val_loss,
+        stacked=False,
+        config=TunerConfig(
+            tuned=distilled.space.names,
+            implicit="loss",
+            hyper_lr=args.hyper_lr,
+            interval=args.interval,
+            on_divergence="raise",
+        ),
+    )
     val_curve, diverged_at = [], None
     adv = progress_factory(f"distill {args.dataset}", args.hyper_steps) if progress_factory else None
     for s in range(args.hyper_steps):
@@ -162,25 +187,46 @@ def main(args, progress_factory=None, console=None) -> dict:
         return C.accuracy(C.batched_logits(_forward, p, Xte), yte)
 
     acc = test_acc(h)
-    base_h = distilled.init(torch.Generator().manual_seed(derived_seed(args.seed, 1)), "real", real, dtype=dt, device=dev)
+    base_h = distilled.init(
+        torch.Generator().manual_seed(derived_seed(args.seed, 1)), "real", real, dtype=dt, device=dev
+    )
     base = test_acc(base_h)
     images = distilled.inputs(T.detach(h))
     labels = [str(c) for c in distilled.labels.tolist()] if C_ <= 20 else None  # no captions for 100 classes
-    save_image_grid(images, out / "distilled.png", nrow=C_ if args.per_class > 1 else min(C_, 10),
-                    labels=labels, title=f"distilled {args.dataset}: test accuracy {acc:.3f}")
-    save_image_grid(distilled.inputs(base_h), out / "baseline_real.png", nrow=min(C_, 10), labels=labels,
-                    title=f"random real images: test accuracy {base:.3f}")
+    save_image_grid(
+        images,
+        out / "distilled.png",
+        nrow=C_ if args.per_class > 1 else min(C_, 10),
+        labels=labels,
+        title=f"distilled {args.dataset}: test accuracy {acc:.3f}",
+    )
+    save_image_grid(
+        distilled.inputs(base_h),
+        out / "baseline_real.png",
+        nrow=min(C_, 10),
+        labels=labels,
+        title=f"random real images: test accuracy {base:.3f}",
+    )
     doc = {
-        "experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
+        "experiment": NAME,
+        "dataset": args.dataset,
+        "seconds": time.perf_counter() - t0,
         "config": C.config_of(args),
         "num_hyperparameters": images.numel(),
-        "metrics": {"test_accuracy": acc, "baseline_test_accuracy": base,
-                    "final_val_loss": val_curve[-1] if val_curve else None, "diverged_at": diverged_at},
+        "metrics": {
+            "test_accuracy": acc,
+            "baseline_test_accuracy": base,
+            "final_val_loss": val_curve[-1] if val_curve else None,
+            "diverged_at": diverged_at,
+        },
         "curves": {"val_loss": val_curve},
     }
     C.write_results(out, doc)
-    C.print_table(f"dataset distillation, {args.dataset}: logistic regression trained on {distilled.num_points} "
-                  f"images ({images.numel()} pixel hyperparameters)",
-                  ["training set", "test accuracy"],
-                  [["distilled (learned)", acc], ["random real, one per class", base]], console)
+    C.print_table(
+        f"dataset distillation, {args.dataset}: logistic regression trained on {distilled.num_points} "
+        f"images ({images.numel()} pixel hyperparameters)",
+        ["training set", "test accuracy"],
+        [["distilled (learned)", acc], ["random real, one per class", base]],
+        console,
+    )
     return doc

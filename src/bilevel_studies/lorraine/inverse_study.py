@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from bilevel import _tree as T
+from bilevel._io import atomic_savefig
 from bilevel.hparams import HyperParameterSpace, per_weight_decay
 from bilevel.hypergradient import hypergradient, largest_eigenvalue, linearise
 from bilevel.regularizers import PerWeightL2, l2_penalty
+from bilevel.solvers import ConjugateGradient, Exact, Identity, Neumann, dense_jacobian
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import TorchOptimizer
-from bilevel.solvers import ConjugateGradient, Exact, Identity, Neumann, dense_jacobian
-from bilevel._io import atomic_savefig
 
 from .. import _common as C
 
@@ -48,28 +48,47 @@ HELP = "Lorraine et al. Fig. 3/4: Neumann and CG hypergradients vs the exact IFT
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_solver_arguments(p, "neumann", 20)
     p.add_argument("--dataset", default="boston", help="UCI regression set (default boston)")
-    p.add_argument("--hyper-steps", type=C.positive_int, default=40, help="hyperparameter steps of Algorithm 1 (default 40)")
-    p.add_argument("--interval", type=C.positive_int, default=20, help="SGD steps between hyperparameter steps (default 20)")
+    p.add_argument(
+        "--hyper-steps", type=C.positive_int, default=40, help="hyperparameter steps of Algorithm 1 (default 40)"
+    )
+    p.add_argument(
+        "--interval", type=C.positive_int, default=20, help="SGD steps between hyperparameter steps (default 20)"
+    )
     p.add_argument("--lr", type=C.positive_float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
-    p.add_argument("--hyper-lr", type=C.positive_float, default=0.05, help="Adam learning rate on log10 decays (default 0.05)")
+    p.add_argument(
+        "--hyper-lr", type=C.positive_float, default=0.05, help="Adam learning rate on log10 decays (default 0.05)"
+    )
     p.add_argument("--init-decay", type=C.positive_float, default=1e-2, help="initial weight decay of every weight")
     p.add_argument("--compare-every", type=C.positive_int, default=5, help="compare approximations every N hyper steps")
-    p.add_argument("--max-steps", type=C.nonnegative_int, default=30, help="largest Neumann/CG step count compared (0..N)")
+    p.add_argument(
+        "--max-steps", type=C.nonnegative_int, default=30, help="largest Neumann/CG step count compared (0..N)"
+    )
     p.add_argument("--hidden", type=C.positive_int, default=8, help="hidden units of the Fig. 4 network (default 8)")
-    p.add_argument("--net-decay", type=C.nonnegative_float, default=0.1,
-                   help="fixed L2 of the Fig. 4 network (default 0.1; keeps its Hessian positive definite)")
+    p.add_argument(
+        "--net-decay",
+        type=C.nonnegative_float,
+        default=0.1,
+        help="fixed L2 of the Fig. 4 network (default 0.1; keeps its Hessian positive definite)",
+    )
     p.add_argument("--train-steps", type=C.nonnegative_int, default=3000, help="Adam steps to train the Fig. 4 network")
-    p.add_argument("--neumann-terms", type=C.int_list(0), default=[1, 5, 20],
-                   help="comma-separated Neumann step counts k of the Fig. 4 heat maps (k steps = k + 1 terms of "
-                        "the series; the option keeps its old name)")
+    p.add_argument(
+        "--neumann-terms",
+        type=C.int_list(0),
+        default=[1, 5, 20],
+        help="comma-separated Neumann step counts k of the Fig. 4 heat maps (k steps = k + 1 terms of "
+        "the series; the option keeps its old name)",
+    )
 
 
 def check_arguments(args) -> None:
     from bilevel.data import DATASETS, UCI_DATASETS, dataset_name
+
     C.check_solver_arguments(args)
     name = dataset_name(args.dataset)
     if name not in UCI_DATASETS or DATASETS[name].kind != "regression":
-        raise ValueError(f"{NAME}: --dataset must be a UCI regression set ({', '.join(UCI_DATASETS)}), got {args.dataset!r}")
+        raise ValueError(
+            f"{NAME}: --dataset must be a UCI regression set ({', '.join(UCI_DATASETS)}), got {args.dataset!r}"
+        )
 
 
 def _cos_l2(a: dict, b: dict) -> tuple[float | None, float]:
@@ -87,9 +106,13 @@ def compare(outer, inner, params, raw, max_steps: int, alpha: float | None = Non
     op, _, _ = linearise(params, raw, inner=inner)
     Hd = dense_jacobian(op, params)
     a = alpha if alpha is not None else 1.0 / largest_eigenvalue(params, raw, inner=inner, iters=100)
-    out: dict = {"neumann": {"cosine": [], "l2": []}, "cg": {"cosine": [], "l2": []}, "alpha": a,
-                 "exact_norm": float(T.norm(exact)),
-                 "min_eigenvalue": float(torch.linalg.eigvalsh(0.5 * (Hd + Hd.T)).min())}
+    out: dict = {
+        "neumann": {"cosine": [], "l2": []},
+        "cg": {"cosine": [], "l2": []},
+        "alpha": a,
+        "exact_norm": float(T.norm(exact)),
+        "min_eigenvalue": float(torch.linalg.eigvalsh(0.5 * (Hd + Hd.T)).min()),
+    }
     for k in range(max_steps + 1):
         for name, solver in (("neumann", Neumann(k, alpha=a, divergence="ignore")), ("cg", ConjugateGradient(k))):
             g = hypergradient(outer, params, raw, inner=inner, solver=solver)
@@ -149,10 +172,23 @@ def main(args, progress_factory=None, console=None) -> dict:
     w = {k: v.clone().requires_grad_() for k, v in params.items()}
     mse = lambda p, nat, batch: ((Xtr @ p["w"] + p["b"] - ytr) ** 2).mean()  # noqa: E731
     val = lambda p, nat, batch: ((Xva @ p["w"] + p["b"] - yva) ** 2).mean()  # noqa: E731
-    loop = OnlineTuner(params, raw, space, TorchOptimizer(torch.optim.SGD(w.values(), lr=args.lr), w), mse, val,
-                       penalty=lambda p, nat: l2_penalty(p, nat["weight_decay"]),
-                       config=TunerConfig(tuned=("weight_decay",), implicit="loss", hyper_lr=args.hyper_lr,
-                                          interval=args.interval, on_divergence="raise"), stacked=False)
+    loop = OnlineTuner(
+        params,
+        raw,
+        space,
+        TorchOptimizer(torch.optim.SGD(w.values(), lr=args.lr), w),
+        mse,
+        val,
+        penalty=lambda p, nat: l2_penalty(p, nat["weight_decay"]),
+        config=TunerConfig(
+            tuned=("weight_decay",),
+            implicit="loss",
+            hyper_lr=args.hyper_lr,
+            interval=args.interval,
+            on_divergence="raise",
+        ),
+        stacked=False,
+    )
     checkpoints: list[dict] = []
     val_curve: list[float] = []
     adv = progress_factory("inverse-study: Algorithm 1 + comparisons", args.hyper_steps) if progress_factory else None
@@ -173,7 +209,9 @@ def main(args, progress_factory=None, console=None) -> dict:
         if adv:
             adv(1)
     ks = list(range(args.max_steps + 1))
-    cosine = {meth: {str(k): _mean([c[meth]["cosine"][k] for c in checkpoints]) for k in ks} for meth in ("neumann", "cg")}
+    cosine = {
+        meth: {str(k): _mean([c[meth]["cosine"][k] for c in checkpoints]) for k in ks} for meth in ("neumann", "cg")
+    }
     l2 = {meth: {str(k): _mean([c[meth]["l2"][k] for c in checkpoints]) for k in ks} for meth in ("neumann", "cg")}
 
     # ---------------------------------------------------------------- Part 2: Fig. 4
@@ -203,53 +241,90 @@ def main(args, progress_factory=None, console=None) -> dict:
     a = 1.0 / float(eig.max())
     steps = list(args.neumann_terms)
     mats = {"exact": inv, "identity": solver_matrix(Identity(), op, nw)}
-    for k in steps:   # key "neumann-<k steps>" (k + 1 terms), as in earlier results files
+    for k in steps:  # key "neumann-<k steps>" (k + 1 terms), as in earlier results files
         mats[f"neumann-{k}"] = solver_matrix(Neumann(k, alpha=a, divergence="ignore"), op, nw)
     rel = {name: float((m - inv).norm() / inv.norm()) for name, m in mats.items()}
-    save_heatmaps(list(mats.values()), [approximation_label(n) for n in mats], out / "inverse_hessian.png", transform=np.tanh,
-                  title=f"tanh of inverse-Hessian approximations, 1-hidden-layer net ({H.shape[0]} weights)")
+    save_heatmaps(
+        list(mats.values()),
+        [approximation_label(n) for n in mats],
+        out / "inverse_hessian.png",
+        transform=np.tanh,
+        title=f"tanh of inverse-Hessian approximations, 1-hidden-layer net ({H.shape[0]} weights)",
+    )
     _plot_fig3(cosine, l2, checkpoints, out / "hypergradient_approximations.png")
 
     from rich.console import Console
+
     console = console or Console()
     pd = bool(eig.min() > 0)
     ref_min = min(c["min_eigenvalue"] for c in checkpoints)
     ref_pd = ref_min > 0
     if not pd:
-        console.print(f"[yellow]warning: Hessian not positive definite[/] (Fig. 4 network, {H.shape[0]} weights: "
-                      f"smallest eigenvalue {float(eig.min()):.3g}, {int((eig <= 0).sum())} eigenvalue(s) <= 0). "
-                      f"The network is not at a minimum of its training loss (train it longer, --train-steps "
-                      f"{args.train_steps}, or raise --net-decay {args.net_decay}); the 'exact' heat map is the "
-                      f"inverse of an indefinite matrix and Neumann's alpha = 1/lambda_max does not converge to it.")
+        console.print(
+            f"[yellow]warning: Hessian not positive definite[/] (Fig. 4 network, {H.shape[0]} weights: "
+            f"smallest eigenvalue {float(eig.min()):.3g}, {int((eig <= 0).sum())} eigenvalue(s) <= 0). "
+            f"The network is not at a minimum of its training loss (train it longer, --train-steps "
+            f"{args.train_steps}, or raise --net-decay {args.net_decay}); the 'exact' heat map is the "
+            f"inverse of an indefinite matrix and Neumann's alpha = 1/lambda_max does not converge to it."
+        )
     if not ref_pd:
-        console.print(f"[yellow]warning: Hessian not positive definite[/] (linear model, the exact IFT reference of "
-                      f"part 1: smallest eigenvalue {ref_min:.3g} over {len(checkpoints)} comparison points); the "
-                      f"'exact' hypergradient there inverts an indefinite (or singular) matrix.")
+        console.print(
+            f"[yellow]warning: Hessian not positive definite[/] (linear model, the exact IFT reference of "
+            f"part 1: smallest eigenvalue {ref_min:.3g} over {len(checkpoints)} comparison points); the "
+            f"'exact' hypergradient there inverts an indefinite (or singular) matrix."
+        )
 
     doc = {
-        "experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
+        "experiment": NAME,
+        "dataset": args.dataset,
+        "seconds": time.perf_counter() - t0,
         "config": C.config_of(args),
-        "metrics": {"cosine": cosine, "l2": l2, "inverse_relative_error": rel,
-                    "final_val_loss": val_curve[-1], "initial_val_loss": val_curve[0],
-                    "hessian_min_eigenvalue": float(eig.min()), "hessian_positive_definite": pd,
-                    "reference_hessian_min_eigenvalue": ref_min, "reference_hessian_positive_definite": ref_pd},
+        "metrics": {
+            "cosine": cosine,
+            "l2": l2,
+            "inverse_relative_error": rel,
+            "final_val_loss": val_curve[-1],
+            "initial_val_loss": val_curve[0],
+            "hessian_min_eigenvalue": float(eig.min()),
+            "hessian_positive_definite": pd,
+            "reference_hessian_min_eigenvalue": ref_min,
+            "reference_hessian_positive_definite": ref_pd,
+        },
         "curves": {"val_loss": val_curve, "checkpoints": checkpoints},
-        "hessian": {"size": H.shape[0], "eig_min": float(eig.min()), "eig_max": float(eig.max()), "alpha": a,
-                    "positive_definite": pd, "negative_eigenvalues": int((eig < 0).sum())},
+        "hessian": {
+            "size": H.shape[0],
+            "eig_min": float(eig.min()),
+            "eig_max": float(eig.max()),
+            "alpha": a,
+            "positive_definite": pd,
+            "negative_eigenvalues": int((eig < 0).sum()),
+        },
     }
     C.write_results(out, doc)
     show = sorted({0, 1, 2, 5, 10, 20, args.max_steps} & set(ks))
-    C.print_table(f"IFT hypergradient approximations vs exact, linear model on {args.dataset} "
-                  f"(mean over {len(checkpoints)} points of Algorithm 1)",
-                  ["steps", "Neumann cosine", "CG cosine", "Neumann L2", "CG L2"],
-                  [[k, *(("n/a" if v is None else v) for v in (cosine["neumann"][str(k)], cosine["cg"][str(k)])),
-                    l2["neumann"][str(k)], l2["cg"][str(k)]]
-                   for k in show], console)
-    C.print_table(f"inverse Hessian of a 1-hidden-layer net ({H.shape[0]} weights, eigenvalues "
-                  f"{float(eig.min()):.3g}..{float(eig.max()):.3g}"
-                  f"{'' if pd else ', NOT positive definite'}): ||M - H^-1||_F / ||H^-1||_F",
-                  ["approximation", "relative error"],
-                  [[approximation_label(n), v] for n, v in rel.items()], console)
+    C.print_table(
+        f"IFT hypergradient approximations vs exact, linear model on {args.dataset} "
+        f"(mean over {len(checkpoints)} points of Algorithm 1)",
+        ["steps", "Neumann cosine", "CG cosine", "Neumann L2", "CG L2"],
+        [
+            [
+                k,
+                *(("n/a" if v is None else v) for v in (cosine["neumann"][str(k)], cosine["cg"][str(k)])),
+                l2["neumann"][str(k)],
+                l2["cg"][str(k)],
+            ]
+            for k in show
+        ],
+        console,
+    )
+    C.print_table(
+        f"inverse Hessian of a 1-hidden-layer net ({H.shape[0]} weights, eigenvalues "
+        f"{float(eig.min()):.3g}..{float(eig.max()):.3g}"
+        f"{'' if pd else ', NOT positive definite'}): ||M - H^-1||_F / ||H^-1||_F",
+        ["approximation", "relative error"],
+        [[approximation_label(n), v] for n, v in rel.items()],
+        console,
+    )
     return doc
 
 
@@ -265,14 +340,16 @@ def _plot_fig3(cosine: dict, l2: dict, checkpoints: list[dict], path: Path) -> N
         axes[0].plot(ks, [float("nan") if v is None else v for v in cosine[meth].values()], style, label=meth)
         axes[1].plot(ks, list(l2[meth].values()), style, label=meth)
     axes[0].set(xlabel="Neumann steps / CG iterations", ylabel="cosine similarity to exact", title="direction")
-    axes[1].set(xlabel="Neumann steps / CG iterations", ylabel="L2 distance to exact", yscale="log",
-                title="magnitude")
+    axes[1].set(xlabel="Neumann steps / CG iterations", ylabel="L2 distance to exact", yscale="log", title="magnitude")
     for meth, style in (("neumann", "-"), ("cg", "--")):
         for k in (1, 5, 20):
             if k < len(checkpoints[0][meth]["cosine"]):
-                axes[2].plot([c["hyper_step"] for c in checkpoints],
-                             [float("nan") if c[meth]["cosine"][k] is None else c[meth]["cosine"][k]
-                              for c in checkpoints], style, label=f"{meth} {k} {'steps' if meth == 'neumann' else 'iterations'}")
+                axes[2].plot(
+                    [c["hyper_step"] for c in checkpoints],
+                    [float("nan") if c[meth]["cosine"][k] is None else c[meth]["cosine"][k] for c in checkpoints],
+                    style,
+                    label=f"{meth} {k} {'steps' if meth == 'neumann' else 'iterations'}",
+                )
     axes[2].set(xlabel="hyperparameter step of Algorithm 1", ylabel="cosine similarity", title="along the run")
     for ax in axes:
         ax.legend(fontsize=7)

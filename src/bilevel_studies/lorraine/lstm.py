@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from bilevel import population as pop
 from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.errors import NonFiniteError
-from bilevel.updates import SGD
 from bilevel.tuner import OnlineTuner, TunerConfig
+from bilevel.updates import SGD
+
 from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key
 
@@ -47,6 +48,7 @@ SETTINGS = ("none", "scalar", "many", "overfit")
 
 def _windows(source: torch.Tensor, bptt: int):
     from bilevel.data.ptb import get_batch
+
     return [get_batch(source, i, bptt) for i in range(0, len(source) - 1, bptt)]
 
 
@@ -80,8 +82,15 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
         x, y, noise = ctx
         return awd_lstm_loss(p, x, y, nat, noise, a.temperature) if noise is not None else awd_lstm_loss(p, x, y)
 
-    cfg = TunerConfig(tuned=space.names, mode="none" if setting == "none" else "ift", lookback=a.terms,
-                      hyper_lr=a.hyper_lr, grad_clip=a.clip, interval=a.interval, on_divergence="raise")
+    cfg = TunerConfig(
+        tuned=space.names,
+        mode="none" if setting == "none" else "ift",
+        lookback=a.terms,
+        hyper_lr=a.hyper_lr,
+        grad_clip=a.clip,
+        interval=a.interval,
+        on_divergence="raise",
+    )
     alg = OnlineTuner(params, raw, space, SGD(lr=a.lr), loss, loss, config=cfg, stacked=False)
     start, diverged, curve = time.perf_counter(), None, []
     for t in range(a.steps):
@@ -102,9 +111,16 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
             progress(1)
     seconds = time.perf_counter() - start
     n_h = sum(v.numel() for v in raw.values())
-    res = {"setting": setting, "seconds": seconds, "diverged_at": diverged, "n_hyperparameters": n_h,
-           "n_weights": sum(v.numel() for v in params.values()), "curve": curve,
-           "final_hparams": space.describe(alg.raw), "sites": {k: list(v.shape) for k, v in awd_sites(params).items()}}
+    res = {
+        "setting": setting,
+        "seconds": seconds,
+        "diverged_at": diverged,
+        "n_hyperparameters": n_h,
+        "n_weights": sum(v.numel() for v in params.values()),
+        "curve": curve,
+        "final_hparams": space.describe(alg.raw),
+        "sites": {k: list(v.shape) for k, v in awd_sites(params).items()},
+    }
     if diverged is None:
         res["val_ppl"] = perplexity(alg.params, val, a.eval_windows)
         res["test_ppl"] = perplexity(alg.params, test, a.eval_windows)
@@ -134,39 +150,85 @@ def run_overfit(a, corpus, progress=None) -> dict:
     tr = batchify(corpus.train[: n * (a.bptt + 1)], n, device)  # n contiguous sequences of bptt + 1 tokens
     va = batchify(corpus.valid[: n * (a.bptt + 1)], n, device)
     train_b, val_b = (tr[:-1], tr[1:].reshape(-1)), (va[:-1], va[1:].reshape(-1))
-    p = {k: v.to(device) for k, v in lstm_lm_init(corpus.ntokens, size, size, a.layers,
-                                                   torch.Generator().manual_seed(a.seed), dtype).items()}
-    if a.overfit_signed:   # natural (linear) space, either sign: a negative decay pushes its weight outwards
-        spec = HyperParameter("weight_decay", "identity", a.overfit_wd, a.overfit_wd, "natural",
-                              Granularity("element"), (-a.overfit_max_decay, a.overfit_max_decay), None)
+    p = {
+        k: v.to(device)
+        for k, v in lstm_lm_init(
+            corpus.ntokens, size, size, a.layers, torch.Generator().manual_seed(a.seed), dtype
+        ).items()
+    }
+    if a.overfit_signed:  # natural (linear) space, either sign: a negative decay pushes its weight outwards
+        spec = HyperParameter(
+            "weight_decay",
+            "identity",
+            a.overfit_wd,
+            a.overfit_wd,
+            "natural",
+            Granularity("element"),
+            (-a.overfit_max_decay, a.overfit_max_decay),
+            None,
+        )
     else:
         spec = weight_decay("element", clip=(1e-12, a.overfit_max_decay))
     space = HyperParameterSpace([spec])
     raw = space.from_natural(p, {"weight_decay": a.overfit_wd})
     loss = pop.vmap_loss(lstm_lm_forward, F.cross_entropy)
     solver = Identity() if a.overfit_terms == 0 else Neumann(a.overfit_terms, alpha=1.0, divergence="ignore")
-    out: dict = {"setting": "overfit", "n_hyperparameters": sum(v.numel() for v in raw.values()),
-                 "n_weights": sum(v.numel() for v in p.values()),
-                 "initial_val_loss": float(loss(pop.stack([p]), None, val_b)[0])}
+    out: dict = {
+        "setting": "overfit",
+        "n_hyperparameters": sum(v.numel() for v in raw.values()),
+        "n_weights": sum(v.numel() for v in p.values()),
+        "initial_val_loss": float(loss(pop.stack([p]), None, val_b)[0]),
+    }
     for mode in ("ift", "none"):
-        cfg = TunerConfig(tuned=("weight_decay",), interval=a.overfit_interval, mode=mode, solver=solver,
-                          hyper_lr=a.overfit_hyper_lr, record_every=a.overfit_record_every, seed=a.seed)
-        tuner = OnlineTuner(pop.stack([p]), pop.stack([raw]), space, Adam(lr=a.overfit_lr), loss, loss,
-                            update_form=("weight_decay",), config=cfg)
-        hist = tuner.run(a.overfit_steps, lambda: train_b, lambda: val_b, record_batches=(train_b, val_b, None),
-                         progress=progress)
+        cfg = TunerConfig(
+            tuned=("weight_decay",),
+            interval=a.overfit_interval,
+            mode=mode,
+            solver=solver,
+            hyper_lr=a.overfit_hyper_lr,
+            record_every=a.overfit_record_every,
+            seed=a.seed,
+        )
+        tuner = OnlineTuner(
+            pop.stack([p]),
+            pop.stack([raw]),
+            space,
+            Adam(lr=a.overfit_lr),
+            loss,
+            loss,
+            update_form=("weight_decay",),
+            config=cfg,
+        )
+        hist = tuner.run(
+            a.overfit_steps, lambda: train_b, lambda: val_b, record_batches=(train_b, val_b, None), progress=progress
+        )
         key = "" if mode == "ift" else "none_"
-        out.update({f"{key}seconds": hist.seconds, f"{key}diverged_at": hist.diverged_at[0],
-                    f"{key}train_loss": hist.train_loss[0], f"{key}val_loss": hist.val_loss[0],
-                    f"{key}final_val_loss": hist.val_loss[0][-1] if hist.val_loss else None,
-                    f"{key}final_train_loss": hist.train_loss[0][-1] if hist.train_loss else None})
+        out.update(
+            {
+                f"{key}seconds": hist.seconds,
+                f"{key}diverged_at": hist.diverged_at[0],
+                f"{key}train_loss": hist.train_loss[0],
+                f"{key}val_loss": hist.val_loss[0],
+                f"{key}final_val_loss": hist.val_loss[0][-1] if hist.val_loss else None,
+                f"{key}final_train_loss": hist.train_loss[0][-1] if hist.train_loss else None,
+            }
+        )
         if mode == "ift":
             nat = space.natural({k: v.detach() for k, v in tuner.raw.items()})["weight_decay"]
             flat = torch.cat([v[0].reshape(-1).to(torch.float64) for v in nat.values()])
-            out.update({"step": hist.step, "weight_decay_mean": hist.hparams["weight_decay"][0],
-                        "weight_decay": {"median": float(flat.median()), "min": float(flat.min()),
-                                         "max": float(flat.max()), "count": flat.numel()},
-                        "min_val_loss": min((v for v in hist.val_loss[0] if v is not None), default=None)})
+            out.update(
+                {
+                    "step": hist.step,
+                    "weight_decay_mean": hist.hparams["weight_decay"][0],
+                    "weight_decay": {
+                        "median": float(flat.median()),
+                        "min": float(flat.min()),
+                        "max": float(flat.max()),
+                        "count": flat.numel(),
+                    },
+                    "min_val_loss": min((v for v in hist.val_loss[0] if v is not None), default=None),
+                }
+            )
     return out
 
 
@@ -186,8 +248,12 @@ def _plot(doc: dict, out: Path) -> None:
     ax = fig.add_subplot(1, 3, 2)
     for r in rows:
         for name in ("dropoute", "dropouti", "dropouth", "dropouto", "wdrop"):
-            ax.plot([c["step"] for c in r["curve"]], [c[name] for c in r["curve"]],
-                    label=f"{r['setting']}:{name}", ls="-" if r["setting"] == "scalar" else "--")
+            ax.plot(
+                [c["step"] for c in r["curve"]],
+                [c[name] for c in r["curve"]],
+                label=f"{r['setting']}:{name}",
+                ls="-" if r["setting"] == "scalar" else "--",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("mean dropout rate")
     if rows:
@@ -211,19 +277,23 @@ def _print(doc: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    t = Table(title=f"AWD-LSTM regularisers on PTB ({doc['config']['layers']}x{doc['config']['hidden']}, "
-                    f"{doc['config']['steps']} steps)")
+    t = Table(
+        title=f"AWD-LSTM regularisers on PTB ({doc['config']['layers']}x{doc['config']['hidden']}, "
+        f"{doc['config']['steps']} steps)"
+    )
     for c in ("setting", "hyperparameters", "val ppl", "test ppl", "time (s)", "note"):
         t.add_column(c, justify="left" if c in ("setting", "note") else "right")
     for name, r in doc["results"].items():
         if name == "overfit":
-            fin = lambda k: "diverged" if r[k] is None else f"{r[k]:.3f}"  # noqa: E731
-            note = (f"val loss {r['initial_val_loss']:.3f} -> {fin('final_val_loss')} (no HO: "
-                    f"{fin('none_final_val_loss')}); train loss {fin('final_train_loss')} "
-                    f"(no HO: {fin('none_final_train_loss')})")
+            fin = lambda k, r=r: "diverged" if r[k] is None else f"{r[k]:.3f}"  # noqa: E731
+            note = (
+                f"val loss {r['initial_val_loss']:.3f} -> {fin('final_val_loss')} (no HO: "
+                f"{fin('none_final_val_loss')}); train loss {fin('final_train_loss')} "
+                f"(no HO: {fin('none_final_train_loss')})"
+            )
             t.add_row(name, str(r["n_hyperparameters"]), "-", "-", f"{r['seconds']:.0f}", note)
         else:
-            ppl = lambda k: "diverged" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+            ppl = lambda k, r=r: "diverged" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
             t.add_row(name, str(r["n_hyperparameters"]), ppl("val_ppl"), ppl("test_ppl"), f"{r['seconds']:.0f}", "")
     console.print(t)
 
@@ -235,41 +305,83 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=C.positive_int, default=2, help="LSTM layers (paper: 2)")
     p.add_argument("--steps", type=C.positive_int, default=600, help="training mini-batches per setting")
     p.add_argument("--batch-size", type=C.positive_int, default=20, help="paper: 40")
-    p.add_argument("--eval-batch-size", type=C.positive_int, default=10, help="streams of the validation/test evaluation")
+    p.add_argument(
+        "--eval-batch-size", type=C.positive_int, default=10, help="streams of the validation/test evaluation"
+    )
     p.add_argument("--bptt", type=C.positive_int, default=35, help="window length (paper: 70)")
     p.add_argument("--lr", type=C.positive_float, default=30.0, help="SGD learning rate (AWD-LSTM)")
     p.add_argument("--clip", type=C.positive_float, default=0.25, help="gradient-norm clipping (AWD-LSTM)")
     p.add_argument("--interval", type=C.positive_int, default=10, help="weight steps between hyperparameter steps")
-    p.add_argument("--terms", type=C.nonnegative_int, default=3,
-                   help="K: Neumann steps of the IFT hypergradient (Neumann(steps=K) sums K + 1 terms)")
-    p.add_argument("--hyper-lr", type=C.positive_float, default=0.01, help="Adam learning rate of the raw hyperparameters "
-                   "(paper: 0.001 over a much longer run)")
+    p.add_argument(
+        "--terms",
+        type=C.nonnegative_int,
+        default=3,
+        help="K: Neumann steps of the IFT hypergradient (Neumann(steps=K) sums K + 1 terms)",
+    )
+    p.add_argument(
+        "--hyper-lr",
+        type=C.positive_float,
+        default=0.01,
+        help="Adam learning rate of the raw hyperparameters (paper: 0.001 over a much longer run)",
+    )
     p.add_argument("--init-rate", type=C.fraction, default=0.5, help="initial dropout/DropConnect rates (paper: 0.5)")
     p.add_argument("--temperature", type=C.positive_float, default=0.1, help="concrete-dropout temperature")
     p.add_argument("--eval-windows", type=C.positive_int, default=None, help="evaluate on the first N windows only")
     p.add_argument("--record-every", type=C.positive_int, default=20, help="record the training curve every N steps")
-    p.add_argument("--overfit-sequences", type=C.positive_int, default=10, help="training and validation sequences of the Fig. 8 check (paper: 10)")
-    p.add_argument("--overfit-size", type=C.positive_int, default=32, help="embedding and hidden size of the Fig. 8 LSTM "
-                   "(paper: 650)")
-    p.add_argument("--overfit-steps", type=C.positive_int, default=200, help="weight steps of the Fig. 8 check (run twice: tuned and fixed decays)")
+    p.add_argument(
+        "--overfit-sequences",
+        type=C.positive_int,
+        default=10,
+        help="training and validation sequences of the Fig. 8 check (paper: 10)",
+    )
+    p.add_argument(
+        "--overfit-size",
+        type=C.positive_int,
+        default=32,
+        help="embedding and hidden size of the Fig. 8 LSTM (paper: 650)",
+    )
+    p.add_argument(
+        "--overfit-steps",
+        type=C.positive_int,
+        default=200,
+        help="weight steps of the Fig. 8 check (run twice: tuned and fixed decays)",
+    )
     p.add_argument("--overfit-lr", type=C.positive_float, default=0.01, help="Adam learning rate of the weights")
-    p.add_argument("--overfit-wd", type=C.finite_float, default=1e-4, help="initial weight decay (every weight; > 0, any sign with --overfit-signed)")
-    p.add_argument("--overfit-max-decay", type=C.positive_float, default=10.0, help="decays are clipped to [1e-12, this]")
+    p.add_argument(
+        "--overfit-wd",
+        type=C.finite_float,
+        default=1e-4,
+        help="initial weight decay (every weight; > 0, any sign with --overfit-signed)",
+    )
+    p.add_argument(
+        "--overfit-max-decay", type=C.positive_float, default=10.0, help="decays are clipped to [1e-12, this]"
+    )
     p.add_argument("--overfit-hyper-lr", type=C.positive_float, default=0.1, help="Adam learning rate of log10 decays")
-    p.add_argument("--overfit-interval", type=C.positive_int, default=1, help="weight steps between hyperparameter steps")
-    p.add_argument("--overfit-terms", type=C.nonnegative_int, default=0,
-                   help="K: Neumann steps (K + 1 terms of the series) of the Fig. 8 hypergradient; 0 = the identity "
-                        "approximation J^-1 ~ I")
-    p.add_argument("--overfit-signed", action="store_true",
-                   help="Fig. 8 decays in natural space with either sign, clipped to [-max, max] (default: log10 "
-                        "space, non-negative); see docs/augment_lstm.md")
+    p.add_argument(
+        "--overfit-interval", type=C.positive_int, default=1, help="weight steps between hyperparameter steps"
+    )
+    p.add_argument(
+        "--overfit-terms",
+        type=C.nonnegative_int,
+        default=0,
+        help="K: Neumann steps (K + 1 terms of the series) of the Fig. 8 hypergradient; 0 = the identity "
+        "approximation J^-1 ~ I",
+    )
+    p.add_argument(
+        "--overfit-signed",
+        action="store_true",
+        help="Fig. 8 decays in natural space with either sign, clipped to [-max, max] (default: log10 "
+        "space, non-negative); see docs/augment_lstm.md",
+    )
     p.add_argument("--overfit-record-every", type=C.positive_int, default=20, help="record Fig. 8 losses every N steps")
 
 
 def check_arguments(a) -> None:
     C.check_names("--settings", C.names(a.settings), SETTINGS)
     if not a.overfit_signed and not a.overfit_wd > 0:
-        raise ValueError(f"--overfit-wd must be > 0 (log10 decays; use --overfit-signed for any sign), got {a.overfit_wd}")
+        raise ValueError(
+            f"--overfit-wd must be > 0 (log10 decays; use --overfit-signed for any sign), got {a.overfit_wd}"
+        )
 
 
 #: the options the Fig. 8 check depends on (besides the ``--overfit-*`` ones)
@@ -290,11 +402,25 @@ def metrics_of(results: dict) -> dict:
     (``overfit``), seconds and the number of hyperparameters."""
     out = {}
     for name, r in results.items():
-        row = {"seconds": r.get("seconds"), "num_hyperparameters": r.get("n_hyperparameters"),
-               "diverged_at": r.get("diverged_at")}
+        row = {
+            "seconds": r.get("seconds"),
+            "num_hyperparameters": r.get("n_hyperparameters"),
+            "diverged_at": r.get("diverged_at"),
+        }
         if name == "overfit":
-            row.update({k: r.get(k) for k in ("initial_val_loss", "final_val_loss", "min_val_loss",
-                                              "final_train_loss", "none_final_val_loss", "none_final_train_loss")})
+            row.update(
+                {
+                    k: r.get(k)
+                    for k in (
+                        "initial_val_loss",
+                        "final_val_loss",
+                        "min_val_loss",
+                        "final_train_loss",
+                        "none_final_val_loss",
+                        "none_final_train_loss",
+                    )
+                }
+            )
         else:
             row.update({"val_ppl": r.get("val_ppl"), "test_ppl": r.get("test_ppl")})
         out[name] = row
@@ -313,6 +439,7 @@ def main(a, progress_factory=None, console=None) -> dict:
     results, resumed = {}, []
     start = time.perf_counter()
     for s in settings:
+
         def compute(s=s):
             total = 2 * a.overfit_steps if s == "overfit" else a.steps
             advance = progress_factory(f"lstm {s}", total) if progress_factory else None
@@ -321,9 +448,14 @@ def main(a, progress_factory=None, console=None) -> dict:
         results[s], again = cached_part(out / "parts" / f"{s}.json", part_key(a, s), compute)
         if again:
             resumed.append(s)
-    doc = {"experiment": NAME, "config": {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))},
-           "metrics": metrics_of(results), "results": results, "resumed": resumed,
-           "seconds": time.perf_counter() - start}
+    doc = {
+        "experiment": NAME,
+        "config": {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool))},
+        "metrics": metrics_of(results),
+        "results": results,
+        "resumed": resumed,
+        "seconds": time.perf_counter() - start,
+    }
     atomic_write_json(out / "results.json", doc, indent=1)
     _plot(doc, out)
     say_resumed(NAME, "setting(s)", resumed, out / "parts", console)

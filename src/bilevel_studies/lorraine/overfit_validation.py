@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from bilevel import weight_decay as WD
 from bilevel._io import atomic_savefig
 
 from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key
-from bilevel import weight_decay as WD
 
 NAME = "overfit-validation"
 HELP = "Lorraine et al. Fig. 5/10: per-weight decay overfits 50 validation images (train/val/test accuracy)"
@@ -31,31 +31,64 @@ MODELS = ("linear", "mlp", "lenet", "alexnet", "resnet44")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_solver_arguments(p, "neumann", 20, alpha=1.0)
-    p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist", "cifar10"),
-                   help="image data set (default mnist; cifar10 when its files are present)")
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        choices=("mnist", "fashion-mnist", "cifar10"),
+        help="image data set (default mnist; cifar10 when its files are present)",
+    )
     p.add_argument("--models", default="linear,mlp,lenet", help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--n-train", type=C.positive_int, default=50, help="training images (default 50)")
     p.add_argument("--n-val", type=C.positive_int, default=50, help="validation images (default 50)")
-    p.add_argument("--test-size", type=C.positive_int, default=10000, help="test images used (default: the whole test set)")
+    p.add_argument(
+        "--test-size", type=C.positive_int, default=10000, help="test images used (default: the whole test set)"
+    )
     p.add_argument("--iterations", type=C.positive_int, default=2000, help="weight steps (default 2000)")
     p.add_argument("--interval", type=C.positive_int, default=10, help="weight steps between hyper steps (default 10)")
-    p.add_argument("--optimizer", default="sgd", choices=WD.OPTIMIZERS,
-                   help="weight optimiser (default sgd; 'adam' is App. E's choice, see docs/lorraine.md for how it fared)")
-    p.add_argument("--lr", type=C.positive_float, default=0.1,
-                   help="learning rate of the weights (default 0.1; App. E uses Adam with 1e-4)")
-    p.add_argument("--implicit", choices=("loss", "update"), default=None,
-                   help="IFT fixed point: 'loss' = Hessian of the training loss (Lorraine et al. Alg. 2-3; default "
-                        "with adam), 'update' = Jacobian of the optimiser step (Clarke et al.; default with sgd)")
-    p.add_argument("--hyper-lr", type=C.positive_float, default=0.05,
-                   help="RMSprop learning rate of the log10 decays (default 0.05; App. E: 1e-2)")
-    p.add_argument("--hyper-eps", type=C.positive_float, default=1e-8,
-                   help="RMSprop eps of the decay steps (default 1e-8, torch's); hypergradients of log10 decays are "
-                        "often far below it, so a smaller eps lets every decay move")
-    p.add_argument("--init-decay", type=C.finite_float, default=1e-3,
-                   help="initial weight decay of every weight (> 0; any sign with --signed)")
-    p.add_argument("--signed", action="store_true",
-                   help="tune the decays themselves, either sign (identity transform, clipped to [-1/lr, 1/lr] with "
-                   "SGD) instead of log10 decays, which can only shrink weights")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=WD.OPTIMIZERS,
+        help="weight optimiser (default sgd; 'adam' is App. E's choice, see docs/lorraine.md for how it fared)",
+    )
+    p.add_argument(
+        "--lr",
+        type=C.positive_float,
+        default=0.1,
+        help="learning rate of the weights (default 0.1; App. E uses Adam with 1e-4)",
+    )
+    p.add_argument(
+        "--implicit",
+        choices=("loss", "update"),
+        default=None,
+        help="IFT fixed point: 'loss' = Hessian of the training loss (Lorraine et al. Alg. 2-3; default "
+        "with adam), 'update' = Jacobian of the optimiser step (Clarke et al.; default with sgd)",
+    )
+    p.add_argument(
+        "--hyper-lr",
+        type=C.positive_float,
+        default=0.05,
+        help="RMSprop learning rate of the log10 decays (default 0.05; App. E: 1e-2)",
+    )
+    p.add_argument(
+        "--hyper-eps",
+        type=C.positive_float,
+        default=1e-8,
+        help="RMSprop eps of the decay steps (default 1e-8, torch's); hypergradients of log10 decays are "
+        "often far below it, so a smaller eps lets every decay move",
+    )
+    p.add_argument(
+        "--init-decay",
+        type=C.finite_float,
+        default=1e-3,
+        help="initial weight decay of every weight (> 0; any sign with --signed)",
+    )
+    p.add_argument(
+        "--signed",
+        action="store_true",
+        help="tune the decays themselves, either sign (identity transform, clipped to [-1/lr, 1/lr] with "
+        "SGD) instead of log10 decays, which can only shrink weights",
+    )
     p.add_argument("--eval-every", type=C.positive_int, default=100, help="record accuracies every N weight steps")
 
 
@@ -77,7 +110,7 @@ def load_small(name: str, n_train: int, n_val: int, test_size: int, seed: int, d
         X = X.to(dtype) / 255.0
         return (X.unsqueeze(1) if X.dim() == 3 else X).to(device), y.to(device)
 
-    tr, va = perm[:n_train], perm[n_train:n_train + n_val]
+    tr, va = perm[:n_train], perm[n_train : n_train + n_val]
     return prep(Xtr[tr], ytr[tr]), prep(Xtr[va], ytr[va]), prep(Xte[:test_size], yte[:test_size])
 
 
@@ -120,16 +153,33 @@ def run_model(args, name: str, train, val, test, progress=None) -> dict:
             curves[split].append(C.accuracy(C.batched_logits(forward, p, X, 1000), y))
 
     tuner = WD.tune_weight_decay(
-        forward, params, train, val, per_weight=True,
-        solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"), steps=args.iterations,
-        interval=args.interval, lr=args.lr, optimizer=args.optimizer, implicit=args.implicit,
-        hyper_lr=args.hyper_lr, hyper_eps=args.hyper_eps, init_decay=args.init_decay, signed=args.signed, seed=args.seed,
-        eval_every=args.eval_every, on_eval=on_eval, progress=progress)
+        forward,
+        params,
+        train,
+        val,
+        per_weight=True,
+        solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"),
+        steps=args.iterations,
+        interval=args.interval,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        implicit=args.implicit,
+        hyper_lr=args.hyper_lr,
+        hyper_eps=args.hyper_eps,
+        init_decay=args.init_decay,
+        signed=args.signed,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        on_eval=on_eval,
+        progress=progress,
+    )
     diverged = tuner.history.diverged_at[0]
     return {
         "num_hyperparameters": sum(v.numel() for v in params.values()),
         "final": {s: (curves[s][-1] if diverged is None else None) for s in ("train", "val", "test")},
-        "curves": curves, "diverged_at": diverged, "weight_decay": WD.decay_summary(tuner),
+        "curves": curves,
+        "diverged_at": diverged,
+        "weight_decay": WD.decay_summary(tuner),
         "seconds": tuner.history.seconds,
     }
 
@@ -142,29 +192,51 @@ def main(args, progress_factory=None, console=None) -> dict:
     check_arguments(args)
     models = C.names(args.models)
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
-    train, val, test = load_small(args.dataset, args.n_train, args.n_val, args.test_size, args.seed,
-                                  args.data_dir, dev, dt)
+    train, val, test = load_small(
+        args.dataset, args.n_train, args.n_val, args.test_size, args.seed, args.data_dir, dev, dt
+    )
     results: dict = {}
     resumed: list[str] = []
     for name in models:
         key = settings_key(args, drop=("models",), model=name)
         results[name], again = cached_part(
-            out / "parts" / f"{name}.json", key,
-            lambda name=name: run_model(args, name, train, val, test,
-                                        progress_factory(f"{name}", args.iterations) if progress_factory else None))
+            out / "parts" / f"{name}.json",
+            key,
+            lambda name=name: run_model(
+                args, name, train, val, test, progress_factory(f"{name}", args.iterations) if progress_factory else None
+            ),
+        )
         if again:
             resumed.append(name)
-    doc = {"experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
-           "config": C.config_of(args),
-           "metrics": {name: r["final"] for name, r in results.items()}, "models": results, "resumed": resumed}
+    doc = {
+        "experiment": NAME,
+        "dataset": args.dataset,
+        "seconds": time.perf_counter() - t0,
+        "config": C.config_of(args),
+        "metrics": {name: r["final"] for name, r in results.items()},
+        "models": results,
+        "resumed": resumed,
+    }
     C.write_results(out, doc)
     _plot(results, args.dataset, out / "overfit_validation.png")
     say_resumed(NAME, "model(s)", resumed, out / "parts", console)
-    C.print_table(f"overfitting {args.n_val} validation images of {args.dataset} with per-weight decay "
-                  f"({args.iterations} steps, {solver_label(args)})",
-                  ["model", "hyperparameters", "train acc", "val acc", "test acc", "median decay"],
-                  [[n, r["num_hyperparameters"], r["final"]["train"], r["final"]["val"], r["final"]["test"],
-                    r["weight_decay"]["median"]] for n, r in results.items()], console)
+    C.print_table(
+        f"overfitting {args.n_val} validation images of {args.dataset} with per-weight decay "
+        f"({args.iterations} steps, {solver_label(args)})",
+        ["model", "hyperparameters", "train acc", "val acc", "test acc", "median decay"],
+        [
+            [
+                n,
+                r["num_hyperparameters"],
+                r["final"]["train"],
+                r["final"]["val"],
+                r["final"]["test"],
+                r["weight_decay"]["median"],
+            ]
+            for n, r in results.items()
+        ],
+        console,
+    )
     return doc
 
 

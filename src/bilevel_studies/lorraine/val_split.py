@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from bilevel import weight_decay as WD
 from bilevel._io import atomic_savefig
 
 from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key
 from .overfit_validation import solver_label
-from bilevel import weight_decay as WD
 
 NAME = "val-split"
 HELP = "Lorraine et al. Fig. 9: validation fraction vs test accuracy, global vs per-weight decay, with re-training"
@@ -31,10 +31,15 @@ HELP = "Lorraine et al. Fig. 9: validation fraction vs test accuracy, global vs 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_solver_arguments(p, "neumann", 10, alpha=1.0)
     p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="data set (default mnist)")
-    p.add_argument("--pool", type=C.int_at_least(2), default=6000,
-                   help="training + validation images (default 6000; paper 60000)")
-    p.add_argument("--fractions", type=C.float_list(0, 1, open_low=True, open_high=True),
-                   default=[0.1, 0.25, 0.5, 0.75, 0.9], help="comma-separated validation fractions, each in (0, 1)")
+    p.add_argument(
+        "--pool", type=C.int_at_least(2), default=6000, help="training + validation images (default 6000; paper 60000)"
+    )
+    p.add_argument(
+        "--fractions",
+        type=C.float_list(0, 1, open_low=True, open_high=True),
+        default=[0.1, 0.25, 0.5, 0.75, 0.9],
+        help="comma-separated validation fractions, each in (0, 1)",
+    )
     p.add_argument("--test-size", type=C.positive_int, default=10000, help="test images used (default all)")
     p.add_argument("--iterations", type=C.positive_int, default=1000, help="weight steps when tuning and re-training")
     p.add_argument("--interval", type=C.positive_int, default=10, help="weight steps between hyper steps (default 10)")
@@ -77,30 +82,54 @@ def main(args, progress_factory=None, console=None) -> dict:
     for regime in ("global", "per-weight"):
         for f in fractions:
             key = settings_key(args, drop=("fractions",), regime=regime, val_fraction=f)
-            r, again = cached_part(out / "parts" / f"{regime}-{f!r}.json", key,
-                                   lambda regime=regime, f=f: run_split(args, regime, f, X, y, Xt, yt, adv))
+            r, again = cached_part(
+                out / "parts" / f"{regime}-{f!r}.json",
+                key,
+                lambda regime=regime, f=f: run_split(args, regime, f, X, y, Xt, yt, adv),
+            )
             if again:
                 resumed.append(f"{regime} {f:g}")
                 if adv:
                     adv(2 * args.iterations)
             results[regime].append(r)
-            metrics[regime][str(f)] = {k: r[k] for k in ("test_accuracy", "retrained_test_accuracy",
-                                                           "val_accuracy")}
-            rows.append([regime, f, r["n_train"], r["n_val"], r["test_accuracy"], r["retrained_test_accuracy"],
-                         r["weight_decay"]["median"]])
-    best = {reg: {kind: max((r for r in rs if r[kind] is not None), key=lambda r: r[kind], default={})
-                  .get("val_fraction") for kind in ("test_accuracy", "retrained_test_accuracy")}
-            for reg, rs in results.items()}
-    doc = {"experiment": NAME, "dataset": args.dataset, "seconds": time.perf_counter() - t0,
-           "config": C.config_of(args),
-           "metrics": {"best_val_fraction": best, **metrics}, "results": results, "resumed": resumed}
+            metrics[regime][str(f)] = {k: r[k] for k in ("test_accuracy", "retrained_test_accuracy", "val_accuracy")}
+            rows.append(
+                [
+                    regime,
+                    f,
+                    r["n_train"],
+                    r["n_val"],
+                    r["test_accuracy"],
+                    r["retrained_test_accuracy"],
+                    r["weight_decay"]["median"],
+                ]
+            )
+    best = {
+        reg: {
+            kind: max((r for r in rs if r[kind] is not None), key=lambda r: r[kind], default={}).get("val_fraction")
+            for kind in ("test_accuracy", "retrained_test_accuracy")
+        }
+        for reg, rs in results.items()
+    }
+    doc = {
+        "experiment": NAME,
+        "dataset": args.dataset,
+        "seconds": time.perf_counter() - t0,
+        "config": C.config_of(args),
+        "metrics": {"best_val_fraction": best, **metrics},
+        "results": results,
+        "resumed": resumed,
+    }
     C.write_results(out, doc)
     _plot(results, args.dataset, out / "val_split.png")
     say_resumed(NAME, "part(s)", resumed, out / "parts", console)
-    C.print_table(f"test accuracy of logistic regression on {args.dataset} vs validation fraction "
-                  f"(pool {args.pool}, {args.iterations} steps, {solver_label(args)})",
-                  ["regime", "val fraction", "n train", "n val", "test acc (joint)", "test acc (re-trained)",
-                   "median decay"], rows, console)
+    C.print_table(
+        f"test accuracy of logistic regression on {args.dataset} vs validation fraction "
+        f"(pool {args.pool}, {args.iterations} steps, {solver_label(args)})",
+        ["regime", "val fraction", "n train", "n val", "test acc (joint)", "test acc (re-trained)", "median decay"],
+        rows,
+        console,
+    )
     return doc
 
 
@@ -111,21 +140,37 @@ def run_split(args, regime: str, f: float, X, y, Xt, yt, progress=None) -> dict:
     dev, dt = X.device, X.dtype
     n_val = max(1, int(round(f * args.pool)))
     train, val = (X[n_val:], y[n_val:]), (X[:n_val], y[:n_val])
-    common = dict(per_weight=regime == "per-weight", solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"),
-                  steps=args.iterations, interval=args.interval, lr=args.lr, hyper_lr=args.hyper_lr,
-                  batch_size=args.batch_size, seed=args.seed, progress=progress)
+    common = dict(
+        per_weight=regime == "per-weight",
+        solver=C.solver_from_args(args, alpha=1.0, divergence="ignore"),
+        steps=args.iterations,
+        interval=args.interval,
+        lr=args.lr,
+        hyper_lr=args.hyper_lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=progress,
+    )
     init = mlp_init([X.shape[1], 10], torch.Generator().manual_seed(args.seed), dtype=dt)
     init = {k: v.to(dev) for k, v in init.items()}
     tuner = WD.tune_weight_decay(mlp_forward, init, train, val, init_decay=args.init_decay, **common)
     joint = tuner.history.diverged_at[0] is None
     acc_joint = C.accuracy(mlp_forward(_member(tuner), Xt), yt) if joint else None
     acc_val = C.accuracy(mlp_forward(_member(tuner), val[0]), val[1]) if joint else None
-    retrainer = WD.tune_weight_decay(mlp_forward, init, (X, y), val, raw=WD.tuned_raw(tuner),
-                                     **{**common, "tune": False})
+    retrainer = WD.tune_weight_decay(
+        mlp_forward, init, (X, y), val, raw=WD.tuned_raw(tuner), **{**common, "tune": False}
+    )
     ok = retrainer.history.diverged_at[0] is None
     acc_re = C.accuracy(mlp_forward(_member(retrainer), Xt), yt) if ok else None
-    return {"val_fraction": f, "n_train": args.pool - n_val, "n_val": n_val, "test_accuracy": acc_joint,
-            "retrained_test_accuracy": acc_re, "val_accuracy": acc_val, "weight_decay": WD.decay_summary(tuner)}
+    return {
+        "val_fraction": f,
+        "n_train": args.pool - n_val,
+        "n_val": n_val,
+        "test_accuracy": acc_joint,
+        "retrained_test_accuracy": acc_re,
+        "val_accuracy": acc_val,
+        "weight_decay": WD.decay_summary(tuner),
+    }
 
 
 def _member(tuner) -> dict:
@@ -145,8 +190,13 @@ def _plot(results: dict, dataset: str, path: Path) -> None:
         rs = results[regime]
         fr = [r["val_fraction"] for r in rs]
         for kind, marker in (("test_accuracy", "o"), ("retrained_test_accuracy", "s")):
-            ax.plot(fr, [float("nan") if r[kind] is None else r[kind] for r in rs], style, marker=marker,
-                    label=f"{regime}, {'re-trained' if kind.startswith('re') else 'joint'}")
+            ax.plot(
+                fr,
+                [float("nan") if r[kind] is None else r[kind] for r in rs],
+                style,
+                marker=marker,
+                label=f"{regime}, {'re-trained' if kind.startswith('re') else 'joint'}",
+            )
     ax.set(xlabel="validation fraction", ylabel="test accuracy", title=f"logistic regression, {dataset}")
     ax.legend(fontsize=8)
     atomic_savefig(fig, path, dpi=110)

@@ -50,14 +50,17 @@ from torch import Tensor
 from bilevel import _tree as T
 from bilevel import concepts as C
 from bilevel._io import atomic_savefig, atomic_write_json
-from .. import _common as V
-from .._parts import load_part, save_part
 from bilevel.hparams import IDENTITY, Granularity, HyperParameter, HyperParameterSpace
 from bilevel.nets import mlp_forward, mlp_init
 
+from .. import _common as V
+from .._parts import load_part, save_part
+
 NAME = "anti-distill"
-HELP = ("Vicol et al. Fig. 3/7/8: 13 learned targets fitting one validation point; ||w|| and ||y|| against "
-        "Neumann/unroll K and proximal eps, Fourier features and a small MLP")
+HELP = (
+    "Vicol et al. Fig. 3/7/8: 13 learned targets fitting one validation point; ||w|| and ||y|| against "
+    "Neumann/unroll K and proximal eps, Fourier features and a small MLP"
+)
 
 VAL_X, VAL_Y = 0.0, 2.0
 D = torch.float64
@@ -152,8 +155,17 @@ def _problem(cfg: Config, amplitudes: str) -> dict[str, Any]:
     def outer(p, h):
         return 0.5 * (phi_v @ p["w"] - cfg.val_y) ** 2
 
-    return dict(x=x, Phi=Phi, phi_v=phi_v, H=Phi.T @ Phi, pinv=torch.linalg.pinv(Phi), inner=inner, outer=outer,
-                space=space, pseudo=pseudo)
+    return dict(
+        x=x,
+        Phi=Phi,
+        phi_v=phi_v,
+        H=Phi.T @ Phi,
+        pinv=torch.linalg.pinv(Phi),
+        inner=inner,
+        outer=outer,
+        space=space,
+        pseudo=pseudo,
+    )
 
 
 def _setting_label(kind: str, value: float) -> str:
@@ -191,18 +203,30 @@ def run_linear(cfg: Config, amplitudes: str, progress=None, parts: Path | None =
     lr = cfg.inner_lr[amplitudes]
     Phi, pinv, H = prob["Phi"], prob["pinv"], prob["H"]
     eye = torch.eye(H.shape[0], dtype=D, device=cfg.device)
-    y0 = prob["space"].from_natural(prob["pseudo"], {"targets": {"y": torch.zeros(cfg.n_points)}}, dtype=D,
-                                    device=cfg.device)
+    y0 = prob["space"].from_natural(
+        prob["pseudo"], {"targets": {"y": torch.zeros(cfg.n_points)}}, dtype=D, device=cfg.device
+    )
     w0 = {"w": torch.zeros(H.shape[0], dtype=D, device=cfg.device)}
     min_norm = lambda start, h: {"w": start["w"] + pinv @ (h["targets/y"] - Phi @ start["w"])}  # noqa: E731
     runs = []
-    settings = ([("neumann", k) for k in cfg.neumann_ks] + [("unroll", k) for k in cfg.unroll_ks]
-                + [("proximal", e) for e in (cfg.eps or cfg.eps_default[amplitudes])])
+    settings = (
+        [("neumann", k) for k in cfg.neumann_ks]
+        + [("unroll", k) for k in cfg.unroll_ks]
+        + [("proximal", e) for e in (cfg.eps or cfg.eps_default[amplitudes])]
+    )
     lam_max = float(torch.linalg.eigvalsh(H)[-1])
     for kind, value in settings:
-        key = {"basis": amplitudes, "method": kind, "setting": value, "n_points": cfg.n_points, "n_freq": cfg.n_freq,
-               "outer_steps": cfg.outer_steps, "device": cfg.device, "val_point": [cfg.val_x, cfg.val_y],
-               "outer_lr": cfg.outer_lr}
+        key = {
+            "basis": amplitudes,
+            "method": kind,
+            "setting": value,
+            "n_points": cfg.n_points,
+            "n_freq": cfg.n_freq,
+            "outer_steps": cfg.outer_steps,
+            "device": cfg.device,
+            "val_point": [cfg.val_x, cfg.val_y],
+            "outer_lr": cfg.outer_lr,
+        }
         path, done = _cached_run(parts, f"{amplitudes}_{kind}_{value:g}", key)
         if done is not None:
             runs.append({**done, "resumed": True})
@@ -244,20 +268,31 @@ def run_linear(cfg: Config, amplitudes: str, progress=None, parts: Path | None =
             status = f"diverged: {e}"
         y = opt.hparams["targets/y"].detach()
         w = opt.params["w"]
-        row = {"method": kind, "setting": value, "label": _setting_label(kind, value), "status": status,
-               "outer_lr": outer_lr, "outer_lr_normalised": cfg.outer_lr is None, "outer_steps": steps, "val_loss": opt.losses()["outer"],
-               "w_norm": float(w.norm()), "y_norm": float(y.norm()),
-               "closed_form_w_norm": float(w_star.norm()), "closed_form_y_norm": float(y_star.norm()),
-               "max_abs_diff_y": float((y - y_star).abs().max()), "targets": y.tolist(), "weights": w.cpu().tolist(),
-               "seconds": time.perf_counter() - start}
+        row = {
+            "method": kind,
+            "setting": value,
+            "label": _setting_label(kind, value),
+            "status": status,
+            "outer_lr": outer_lr,
+            "outer_lr_normalised": cfg.outer_lr is None,
+            "outer_steps": steps,
+            "val_loss": opt.losses()["outer"],
+            "w_norm": float(w.norm()),
+            "y_norm": float(y.norm()),
+            "closed_form_w_norm": float(w_star.norm()),
+            "closed_form_y_norm": float(y_star.norm()),
+            "max_abs_diff_y": float((y - y_star).abs().max()),
+            "targets": y.tolist(),
+            "weights": w.cpu().tolist(),
+            "seconds": time.perf_counter() - start,
+        }
         if path is not None:
             save_part(path, key, row)
         runs.append({**row, "resumed": False})
         if progress:
             progress(1)
     curves = closed_form_curves(cfg, prob, lr)
-    return {"inner_lr": lr, "x": prob["x"].tolist(), "runs": runs, "closed_form": curves,
-            "trend": _trend(curves)}
+    return {"inner_lr": lr, "x": prob["x"].tolist(), "runs": runs, "closed_form": curves, "trend": _trend(curves)}
 
 
 def _trend(curves: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -269,10 +304,13 @@ def _trend(curves: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         w = [r["w_norm"] for r in rows]
         y = [r["y_norm"] for r in rows]
         tol = 1e-9
-        out[kind] = {"w_norm_nondecreasing": all(b >= a * (1 - tol) for a, b in zip(w, w[1:])),
-                     "y_norm_nonincreasing": all(b <= a * (1 + tol) for a, b in zip(y, y[1:])),
-                     "w_norm_range": [min(w), max(w)], "y_norm_range": [min(y), max(y)],
-                     "order": f"{key} {'increasing' if kind != 'proximal' else 'decreasing'}"}
+        out[kind] = {
+            "w_norm_nondecreasing": all(b >= a * (1 - tol) for a, b in zip(w, w[1:])),
+            "y_norm_nonincreasing": all(b <= a * (1 + tol) for a, b in zip(y, y[1:])),
+            "w_norm_range": [min(w), max(w)],
+            "y_norm_range": [min(y), max(y)],
+            "order": f"{key} {'increasing' if kind != 'proximal' else 'decreasing'}",
+        }
     return out
 
 
@@ -285,8 +323,16 @@ def _flat_jacobian(params: dict[str, Tensor], x: Tensor) -> Tensor:
     return torch.cat([j.reshape(x.shape[0], -1) for j in jac.values()], dim=1)
 
 
-def normalised_outer_lr(m: C.HypergradientMethod, inner, outer, params: dict[str, Tensor], hparams: dict[str, Tensor],
-                        x: Tensor, xv: Tensor, target: float = VAL_Y) -> float:
+def normalised_outer_lr(
+    m: C.HypergradientMethod,
+    inner,
+    outer,
+    params: dict[str, Tensor],
+    hparams: dict[str, Tensor],
+    x: Tensor,
+    xv: Tensor,
+    target: float = VAL_Y,
+) -> float:
     """0.5 / (j_v^T J^+ d): the outer SGD step that halves the linearised validation residual.
 
     The hypergradient is r d (r = mlp(x_v) - target); a step y <- y - lr r d moves the re-trained
@@ -308,7 +354,10 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
     x = torch.linspace(-3.0, 3.0, cfg.n_points, dtype=D, device=cfg.device)[:, None]
     xv = torch.tensor([[cfg.val_x]], dtype=D, device=cfg.device)
     space, pseudo = targets_space(cfg.n_points)
-    w0 = {k: v.to(cfg.device) for k, v in mlp_init([1, 10, 10, 1], torch.Generator().manual_seed(cfg.seed), dtype=D).items()}
+    w0 = {
+        k: v.to(cfg.device)
+        for k, v in mlp_init([1, 10, 10, 1], torch.Generator().manual_seed(cfg.seed), dtype=D).items()
+    }
     y0 = space.from_natural(pseudo, {"targets": {"y": torch.zeros(cfg.n_points)}}, dtype=D, device=cfg.device)
 
     def inner(p, h):
@@ -321,11 +370,20 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
     settings = [("neumann", k) for k in cfg.mlp_neumann_ks] + [("unroll", k) for k in cfg.mlp_unroll_ks]
     grid = torch.linspace(-math.pi, math.pi, 200, dtype=D, device=cfg.device)[:, None]
     for kind, K in settings:
-        common = {"n_points": cfg.n_points, "lr": cfg.mlp_lr, "seed": cfg.seed, "device": cfg.device,
-                  "val_point": [cfg.val_x, cfg.val_y]}
+        common = {
+            "n_points": cfg.n_points,
+            "lr": cfg.mlp_lr,
+            "seed": cfg.seed,
+            "device": cfg.device,
+            "val_point": [cfg.val_x, cfg.val_y],
+        }
         if kind == "neumann":
-            key = {**common, "outer_steps": cfg.mlp_outer_steps, "cold_steps": cfg.mlp_cold_steps,
-                   "outer_lr": cfg.mlp_outer_lr}
+            key = {
+                **common,
+                "outer_steps": cfg.mlp_outer_steps,
+                "cold_steps": cfg.mlp_cold_steps,
+                "outer_lr": cfg.mlp_outer_lr,
+            }
         else:
             key = {**common, "warm_steps": cfg.mlp_warm_steps, "outer_lr": cfg.mlp_outer_lr}
         path, done = _cached_run(parts, f"mlp_{kind}_{K}", {"method": kind, "K": K, **key})
@@ -343,7 +401,9 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
             m = C.method("unroll", steps=K, lr=cfg.mlp_lr)
             concept = C.concept("warm-partial", inner_lr=cfg.mlp_lr, inner_steps=1)
             steps = cfg.mlp_warm_steps
-        opt = C.BilevelOptimizer(inner, outer, w0, y0, concept=concept, method=m, outer_lr=cfg.mlp_outer_lr or cfg.mlp_lr)
+        opt = C.BilevelOptimizer(
+            inner, outer, w0, y0, concept=concept, method=m, outer_lr=cfg.mlp_outer_lr or cfg.mlp_lr
+        )
         status = "ok"
         outer_lr = cfg.mlp_outer_lr or cfg.mlp_lr
         try:
@@ -358,11 +418,22 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
         wn = math.sqrt(sum(float((v - w0[k]).pow(2).sum()) for k, v in opt.params.items()))
         with torch.no_grad():
             fit = mlp_forward(opt.params, grid)[:, 0]
-        row = {"method": kind, "setting": K, "label": _setting_label(kind, K), "status": status, "outer_lr": outer_lr,
-               "outer_steps": steps, "val_loss": opt.losses()["outer"], "inner_loss": opt.losses()["inner"],
-               "w_norm": math.sqrt(sum(float(v.pow(2).sum()) for v in opt.params.values())),
-               "w_dist_from_init": wn, "y_norm": float(y.norm()), "targets": y.tolist(), "fit": fit.tolist(),
-               "seconds": time.perf_counter() - start}
+        row = {
+            "method": kind,
+            "setting": K,
+            "label": _setting_label(kind, K),
+            "status": status,
+            "outer_lr": outer_lr,
+            "outer_steps": steps,
+            "val_loss": opt.losses()["outer"],
+            "inner_loss": opt.losses()["inner"],
+            "w_norm": math.sqrt(sum(float(v.pow(2).sum()) for v in opt.params.values())),
+            "w_dist_from_init": wn,
+            "y_norm": float(y.norm()),
+            "targets": y.tolist(),
+            "fit": fit.tolist(),
+            "seconds": time.perf_counter() - start,
+        }
         if path is not None:
             save_part(path, {"method": kind, "K": K, **key}, row)
         runs.append({**row, "resumed": False})
@@ -376,44 +447,108 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
 
 def add_arguments(p) -> None:
     c = Config()
-    p.add_argument("--amplitudes", default=",".join(c.amplitudes), help="Fourier amplitudes: exp (2^(N-n), Fig. 3), inv (1/n, Fig. 7)")
-    p.add_argument("--paper", action="store_true",
-                   help="paper-scale grids: Neumann K up to 1000 (linear and MLP), MLP re-trained 5000 steps per outer "
-                        "step (App. D.2), 20 outer steps, and the warm-start unrolled MLP runs K=1,5,20 "
-                        "(20000 alternating steps); explicit options below still override")
-    p.add_argument("--neumann-ks", type=V.int_list(0, empty=True), default=None,
-                   help=f"Neumann steps K: the series sum_{{k=0..K}}, i.e. K+1 terms (cold-start runs; default {c.neumann_ks})")
-    p.add_argument("--unroll-ks", type=V.int_list(1, empty=True), default=None,
-                   help=f"unrolled steps K, = Neumann K-1 (K terms) (cold-start runs; default {c.unroll_ks})")
-    p.add_argument("--eps", type=V.float_list(0, open_low=True, empty=True), default=None,
-                   help=f"proximal eps (warm-start, Alg. 3); default per basis {c.eps_default}")
-    p.add_argument("--outer-steps", type=V.positive_int, default=None,
-                   help=f"outer SGD steps per linear run, x3 for proximal (default {c.outer_steps})")
-    p.add_argument("--outer-lr", type=V.positive_float, default=None,
-                   help="plain outer SGD step of the linear runs (paper: 0.01); default: normalised per run, "
-                        "0.5 / (phi_v^T Phi^+ d), which halves the validation residual per step (same fixed point)")
-    p.add_argument("--points", type=V.positive_int, default=c.n_points,
-                   help=f"number of learned targets, at linspace(-3, 3, N) (paper: {c.n_points})")
-    p.add_argument("--val-point", default=f"{VAL_X:g},{VAL_Y:g}",
-                   help="the validation point X,Y the regressor should fit (paper: 0,2; a negative X as "
-                        "--val-point=-1,2)")
+    p.add_argument(
+        "--amplitudes",
+        default=",".join(c.amplitudes),
+        help="Fourier amplitudes: exp (2^(N-n), Fig. 3), inv (1/n, Fig. 7)",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="paper-scale grids: Neumann K up to 1000 (linear and MLP), MLP re-trained 5000 steps per outer "
+        "step (App. D.2), 20 outer steps, and the warm-start unrolled MLP runs K=1,5,20 "
+        "(20000 alternating steps); explicit options below still override",
+    )
+    p.add_argument(
+        "--neumann-ks",
+        type=V.int_list(0, empty=True),
+        default=None,
+        help=f"Neumann steps K: the series sum_{{k=0..K}}, i.e. K+1 terms (cold-start runs; default {c.neumann_ks})",
+    )
+    p.add_argument(
+        "--unroll-ks",
+        type=V.int_list(1, empty=True),
+        default=None,
+        help=f"unrolled steps K, = Neumann K-1 (K terms) (cold-start runs; default {c.unroll_ks})",
+    )
+    p.add_argument(
+        "--eps",
+        type=V.float_list(0, open_low=True, empty=True),
+        default=None,
+        help=f"proximal eps (warm-start, Alg. 3); default per basis {c.eps_default}",
+    )
+    p.add_argument(
+        "--outer-steps",
+        type=V.positive_int,
+        default=None,
+        help=f"outer SGD steps per linear run, x3 for proximal (default {c.outer_steps})",
+    )
+    p.add_argument(
+        "--outer-lr",
+        type=V.positive_float,
+        default=None,
+        help="plain outer SGD step of the linear runs (paper: 0.01); default: normalised per run, "
+        "0.5 / (phi_v^T Phi^+ d), which halves the validation residual per step (same fixed point)",
+    )
+    p.add_argument(
+        "--points",
+        type=V.positive_int,
+        default=c.n_points,
+        help=f"number of learned targets, at linspace(-3, 3, N) (paper: {c.n_points})",
+    )
+    p.add_argument(
+        "--val-point",
+        default=f"{VAL_X:g},{VAL_Y:g}",
+        help="the validation point X,Y the regressor should fit (paper: 0,2; a negative X as --val-point=-1,2)",
+    )
     p.add_argument("--no-mlp", action="store_true", help="skip the MLP version (Fig. 8)")
-    p.add_argument("--mlp-neumann-ks", type=V.int_list(0, empty=True), default=None,
-                   help=f"MLP Neumann steps K (K+1 terms), cold start (default {c.mlp_neumann_ks})")
-    p.add_argument("--mlp-unroll-ks", type=V.int_list(1, empty=True), default=None,
-                   help="MLP warm-start alternating runs through K unrolled steps (default none; --paper: 1,5,20)")
-    p.add_argument("--mlp-outer-steps", type=V.positive_int, default=None,
-                   help=f"outer steps of the cold-start Neumann MLP runs (default {c.mlp_outer_steps})")
-    p.add_argument("--mlp-cold-steps", type=V.positive_int, default=None,
-                   help=f"MLP re-training SGD steps before each outer step (default {c.mlp_cold_steps}; paper: 5000)")
-    p.add_argument("--mlp-warm-steps", type=V.positive_int, default=None, help=f"alternating steps of the unrolled MLP runs (default {c.mlp_warm_steps})")
-    p.add_argument("--mlp-outer-lr", type=V.positive_float, default=None,
-                   help="fixed outer SGD step of the MLP runs (paper: 0.01); default: normalised for Neumann, 0.01 for unroll")
+    p.add_argument(
+        "--mlp-neumann-ks",
+        type=V.int_list(0, empty=True),
+        default=None,
+        help=f"MLP Neumann steps K (K+1 terms), cold start (default {c.mlp_neumann_ks})",
+    )
+    p.add_argument(
+        "--mlp-unroll-ks",
+        type=V.int_list(1, empty=True),
+        default=None,
+        help="MLP warm-start alternating runs through K unrolled steps (default none; --paper: 1,5,20)",
+    )
+    p.add_argument(
+        "--mlp-outer-steps",
+        type=V.positive_int,
+        default=None,
+        help=f"outer steps of the cold-start Neumann MLP runs (default {c.mlp_outer_steps})",
+    )
+    p.add_argument(
+        "--mlp-cold-steps",
+        type=V.positive_int,
+        default=None,
+        help=f"MLP re-training SGD steps before each outer step (default {c.mlp_cold_steps}; paper: 5000)",
+    )
+    p.add_argument(
+        "--mlp-warm-steps",
+        type=V.positive_int,
+        default=None,
+        help=f"alternating steps of the unrolled MLP runs (default {c.mlp_warm_steps})",
+    )
+    p.add_argument(
+        "--mlp-outer-lr",
+        type=V.positive_float,
+        default=None,
+        help="fixed outer SGD step of the MLP runs (paper: 0.01); default: normalised for Neumann, 0.01 for unroll",
+    )
 
 
 #: --paper: the paper's grids and budgets (App. D.2); hours on a CPU for the warm-start MLP runs
-PAPER = dict(neumann_ks=[1, 10, 100, 1000], mlp_neumann_ks=[0, 1, 10, 100, 1000], mlp_unroll_ks=[1, 5, 20],
-             mlp_cold_steps=5000, mlp_outer_steps=20, mlp_warm_steps=20000)
+PAPER = dict(
+    neumann_ks=[1, 10, 100, 1000],
+    mlp_neumann_ks=[0, 1, 10, 100, 1000],
+    mlp_unroll_ks=[1, 5, 20],
+    mlp_cold_steps=5000,
+    mlp_outer_steps=20,
+    mlp_warm_steps=20000,
+)
 
 
 def check_arguments(a) -> None:
@@ -429,9 +564,16 @@ def check_arguments(a) -> None:
 def main(a, progress_factory=None, console=None) -> dict:
     check_arguments(a)
     base = {**asdict(Config()), **(PAPER if a.paper else {})}
-    given = {"neumann_ks": a.neumann_ks, "unroll_ks": a.unroll_ks, "outer_steps": a.outer_steps,
-             "mlp_neumann_ks": a.mlp_neumann_ks, "mlp_unroll_ks": a.mlp_unroll_ks, "mlp_outer_steps": a.mlp_outer_steps,
-             "mlp_cold_steps": a.mlp_cold_steps, "mlp_warm_steps": a.mlp_warm_steps}
+    given = {
+        "neumann_ks": a.neumann_ks,
+        "unroll_ks": a.unroll_ks,
+        "outer_steps": a.outer_steps,
+        "mlp_neumann_ks": a.mlp_neumann_ks,
+        "mlp_unroll_ks": a.mlp_unroll_ks,
+        "mlp_outer_steps": a.mlp_outer_steps,
+        "mlp_cold_steps": a.mlp_cold_steps,
+        "mlp_warm_steps": a.mlp_warm_steps,
+    }
     opts = {k: (v if v is not None else base[k]) for k, v in given.items()}
     try:
         val_x, val_y = (float(v) for v in a.val_point.split(","))
@@ -441,9 +583,19 @@ def main(a, progress_factory=None, console=None) -> dict:
         raise ValueError(f"--points must be >= 1, got {a.points}")
     if a.outer_lr is not None and not a.outer_lr > 0:
         raise ValueError(f"--outer-lr must be > 0, got {a.outer_lr}")
-    cfg = Config(amplitudes=[s for s in a.amplitudes.split(",") if s], eps=a.eps, mlp=not a.no_mlp,
-                 mlp_outer_lr=a.mlp_outer_lr, seed=a.seed, device=a.device, n_points=a.points, val_x=val_x,
-                 val_y=val_y, outer_lr=a.outer_lr, **opts)
+    cfg = Config(
+        amplitudes=[s for s in a.amplitudes.split(",") if s],
+        eps=a.eps,
+        mlp=not a.no_mlp,
+        mlp_outer_lr=a.mlp_outer_lr,
+        seed=a.seed,
+        device=a.device,
+        n_points=a.points,
+        val_x=val_x,
+        val_y=val_y,
+        outer_lr=a.outer_lr,
+        **opts,
+    )
     for amp in cfg.amplitudes:
         if amp not in ("exp", "inv"):
             raise ValueError(f"unknown amplitudes {amp!r}: use exp or inv")
@@ -471,19 +623,37 @@ def run(cfg: Config, out: Path, progress_factory=None, console=None) -> dict:
 def _print(doc: dict, console) -> None:
     from rich.console import Console
     from rich.table import Table
+
     console = console or Console()
     for amp, m in doc["metrics"].items():
         mlp = amp == "mlp"
         cfg = doc["config"]
-        step = "" if mlp else (f", outer SGD step {cfg['outer_lr']:g}" if cfg.get("outer_lr") is not None
-                               else ", normalised outer SGD step")
-        t = Table(title=f"anti-distillation, {'MLP' if mlp else f'Fourier {amp}'}: {cfg['n_points']} learned targets, "
-                        f"validation point ({cfg['val_x']:g}, {cfg['val_y']:g}){step}")
-        for c in ("setting", "val loss", "||w||", "||y||") + (("inner loss",) if mlp else ("closed-form ||y||", "max |y - y*|")) + ("s",):
+        step = (
+            ""
+            if mlp
+            else (
+                f", outer SGD step {cfg['outer_lr']:g}"
+                if cfg.get("outer_lr") is not None
+                else ", normalised outer SGD step"
+            )
+        )
+        t = Table(
+            title=f"anti-distillation, {'MLP' if mlp else f'Fourier {amp}'}: {cfg['n_points']} learned targets, "
+            f"validation point ({cfg['val_x']:g}, {cfg['val_y']:g}){step}"
+        )
+        for c in (
+            ("setting", "val loss", "||w||", "||y||")
+            + (("inner loss",) if mlp else ("closed-form ||y||", "max |y - y*|"))
+            + ("s",)
+        ):
             t.add_column(c, justify="right")
         for r in m["runs"]:
-            row = [r["label"] + ("" if r["status"] == "ok" else " (diverged)"), f"{r['val_loss']:.2e}",
-                   f"{r['w_norm']:.4g}", f"{r['y_norm']:.4g}"]
+            row = [
+                r["label"] + ("" if r["status"] == "ok" else " (diverged)"),
+                f"{r['val_loss']:.2e}",
+                f"{r['w_norm']:.4g}",
+                f"{r['y_norm']:.4g}",
+            ]
             if mlp:
                 row += [f"{r['inner_loss']:.1e}"]
             else:
@@ -495,25 +665,33 @@ def _print(doc: dict, console) -> None:
             w = [r["w_norm"] for r in rows]
             y = [r["y_norm"] for r in rows]
             if len(rows) > 1:
-                console.print(f"  mlp neumann (K increasing): ||w|| non-decreasing "
-                              f"{all(b >= a for a, b in zip(w, w[1:]))}, ||y|| non-increasing "
-                              f"{all(b <= a for a, b in zip(y, y[1:]))}")
+                console.print(
+                    f"  mlp neumann (K increasing): ||w|| non-decreasing "
+                    f"{all(b >= a for a, b in zip(w, w[1:]))}, ||y|| non-increasing "
+                    f"{all(b <= a for a, b in zip(y, y[1:]))}"
+                )
         else:
             for kind, tr in m["trend"].items():
-                console.print(f"  {amp} {kind} ({tr['order']}): ||w|| non-decreasing {tr['w_norm_nondecreasing']}, "
-                              f"||y|| non-increasing {tr['y_norm_nonincreasing']}; ||w|| in "
-                              f"[{tr['w_norm_range'][0]:.3g}, {tr['w_norm_range'][1]:.3g}], ||y|| in "
-                              f"[{tr['y_norm_range'][0]:.3g}, {tr['y_norm_range'][1]:.3g}]")
+                console.print(
+                    f"  {amp} {kind} ({tr['order']}): ||w|| non-decreasing {tr['w_norm_nondecreasing']}, "
+                    f"||y|| non-increasing {tr['y_norm_nonincreasing']}; ||w|| in "
+                    f"[{tr['w_norm_range'][0]:.3g}, {tr['w_norm_range'][1]:.3g}], ||y|| in "
+                    f"[{tr['y_norm_range'][0]:.3g}, {tr['y_norm_range'][1]:.3g}]"
+                )
 
 
 #: one colour and line style per method, shared by every panel (Neumann and unroll K nearly coincide:
 #: unroll K = Neumann K-1, so unroll is drawn dashed on top of a thicker Neumann line)
-STYLE = {"neumann": dict(color="C0", lw=2.5), "unroll": dict(color="C1", lw=1.2, ls="--"),
-         "proximal": dict(color="C3", lw=1.5)}
+STYLE = {
+    "neumann": dict(color="C0", lw=2.5),
+    "unroll": dict(color="C1", lw=1.2, ls="--"),
+    "proximal": dict(color="C3", lw=1.5),
+}
 
 
 def _plot(doc: dict, cfg: Config, out: Path) -> None:
     from matplotlib.figure import Figure
+
     dense = torch.linspace(-math.pi, math.pi, 400, dtype=D)
     for amp, m in doc["metrics"].items():
         mlp = amp == "mlp"
@@ -525,10 +703,10 @@ def _plot(doc: dict, cfg: Config, out: Path) -> None:
         for ax, kind in zip(axes, kinds):
             for r in [r for r in m["runs"] if r["method"] == kind]:
                 if mlp:
-                    line, = ax.plot(m["fit_x"], r["fit"], lw=1, label=r["label"])
+                    (line,) = ax.plot(m["fit_x"], r["fit"], lw=1, label=r["label"])
                 else:
                     fit = fourier_features(dense, cfg.n_freq, amp) @ torch.tensor(r["weights"], dtype=D)
-                    line, = ax.plot(dense.tolist(), fit.tolist(), lw=1, label=r["label"])
+                    (line,) = ax.plot(dense.tolist(), fit.tolist(), lw=1, label=r["label"])
                 ax.scatter(m["x"], r["targets"], s=14, color=line.get_color())
             ax.scatter([cfg.val_x], [cfg.val_y], marker="x", s=80, color="green", zorder=5, label="validation point")
             ax.set_title(f"{kind}: learned targets and fits")
@@ -542,7 +720,9 @@ def _plot(doc: dict, cfg: Config, out: Path) -> None:
                 st = STYLE[kind]
                 ax.plot(ks, [r["w_norm"] for r in rows], marker="o", color=st["color"], label=f"||w|| {kind}")
                 ax.plot(ks, [r["y_norm"] for r in rows], marker="s", ls=":", color=st["color"], label=f"||y|| {kind}")
-            ax.set_xscale("log"); ax.set_xlabel("K (K=0 drawn at 0.5)"); ax.set_title("norms against K")  # noqa: E702
+            ax.set_xscale("log")
+            ax.set_xlabel("K (K=0 drawn at 0.5)")
+            ax.set_title("norms against K")  # noqa: E702
             ax.legend(fontsize=7)
         else:
             for ax, norm in zip(axes[-2:], ("w_norm", "y_norm")):
@@ -551,15 +731,27 @@ def _plot(doc: dict, cfg: Config, out: Path) -> None:
                     rows = m["closed_form"][kind]
                     ax.plot([r["K"] for r in rows], [r[norm] for r in rows], label=f"{kind} (K, bottom)", **STYLE[kind])
                 rows = m["closed_form"]["proximal"]
-                ax2.plot([r["eps"] for r in rows], [r[norm] for r in rows], label="proximal (eps, top)", **STYLE["proximal"])
+                ax2.plot(
+                    [r["eps"] for r in rows], [r[norm] for r in rows], label="proximal (eps, top)", **STYLE["proximal"]
+                )
                 for r in m["runs"]:
-                    (ax2 if r["method"] == "proximal" else ax).scatter([r["setting"]], [r[norm]], color="k", s=12, zorder=5)
-                ax.set_xscale("log"); ax2.set_xscale("log"); ax2.invert_xaxis(); ax.set_yscale("log")  # noqa: E702
-                ax.set_xlabel("K (Neumann steps: K+1 terms / unrolled steps: K terms)"); ax2.set_xlabel("eps (proximal), decreasing")  # noqa: E702
+                    (ax2 if r["method"] == "proximal" else ax).scatter(
+                        [r["setting"]], [r[norm]], color="k", s=12, zorder=5
+                    )
+                ax.set_xscale("log")
+                ax2.set_xscale("log")
+                ax2.invert_xaxis()
+                ax.set_yscale("log")  # noqa: E702
+                ax.set_xlabel("K (Neumann steps: K+1 terms / unrolled steps: K terms)")
+                ax2.set_xlabel("eps (proximal), decreasing")  # noqa: E702
                 ax.set_ylabel(f"{'||w||' if norm == 'w_norm' else '||y||'}: closed form (lines), library runs (dots)")
                 lines = ax.get_legend_handles_labels()
                 lines2 = ax2.get_legend_handles_labels()
-                ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7,
-                          loc="upper left" if norm == "w_norm" else "upper right")
+                ax.legend(
+                    lines[0] + lines2[0],
+                    lines[1] + lines2[1],
+                    fontsize=7,
+                    loc="upper left" if norm == "w_norm" else "upper right",
+                )
         fig.tight_layout()
         atomic_savefig(fig, out / f"anti_distill_{amp}.png", dpi=100)

@@ -36,6 +36,7 @@ from torch import Tensor
 from bilevel import concepts as C
 from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.hparams import IDENTITY, HyperParameter, HyperParameterSpace
+
 from .. import _common as V
 
 NAME = "param-space"
@@ -94,7 +95,9 @@ def run_concept(cfg: Config, prob: dict[str, Any], name: str, progress=None) -> 
         method = C.method("unroll", steps=1, lr=cfg.inner_lr)
     else:
         # re-training to convergence is the projection onto S(x) (from 0 or from w_t), taken in closed form
-        concept = C.concept(name, inner_lr=cfg.inner_lr, closed_form=lambda s, h: {"w": prob["project"](s["w"], float(h["x"]))})
+        concept = C.concept(
+            name, inner_lr=cfg.inner_lr, closed_form=lambda s, h: {"w": prob["project"](s["w"], float(h["x"]))}
+        )
         method = C.method("neumann", steps=cfg.neumann_steps, lr=cfg.inner_lr)
     traj_w, traj_x = [], []
 
@@ -103,8 +106,9 @@ def run_concept(cfg: Config, prob: dict[str, Any], name: str, progress=None) -> 
         traj_x.append(float(o.hparams["x"].detach()))
 
     start = time.perf_counter()
-    opt = C.BilevelOptimizer(prob["inner"], prob["outer"], w0, prob["raw"], concept=concept, method=method,
-                             outer_lr=cfg.outer_lr)
+    opt = C.BilevelOptimizer(
+        prob["inner"], prob["outer"], w0, prob["raw"], concept=concept, method=method, outer_lr=cfg.outer_lr
+    )
     log(opt)
     status = "ok"
     try:
@@ -113,9 +117,18 @@ def run_concept(cfg: Config, prob: dict[str, Any], name: str, progress=None) -> 
         status, hist = f"diverged: {e}", [opt._record()]
     x = float(opt.hparams["x"].detach())
     w = opt.params["w"]
-    return {"status": status, "final_x": x, "final_w": w.cpu().tolist(), "val_loss": hist[-1]["outer"],
-            "inner_loss": hist[-1]["inner"], "dist_to_solution_set": float((prob["project"](w, x) - w).norm()),
-            "inner_steps": opt.inner_steps_taken, "w": traj_w, "x": traj_x, "seconds": time.perf_counter() - start}
+    return {
+        "status": status,
+        "final_x": x,
+        "final_w": w.cpu().tolist(),
+        "val_loss": hist[-1]["outer"],
+        "inner_loss": hist[-1]["inner"],
+        "dist_to_solution_set": float((prob["project"](w, x) - w).norm()),
+        "inner_steps": opt.inner_steps_taken,
+        "w": traj_w,
+        "x": traj_x,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def kaczmarz_cycle(cfg: Config, prob: dict[str, Any]) -> dict[str, Any]:
@@ -137,16 +150,28 @@ def kaczmarz_cycle(cfg: Config, prob: dict[str, Any]) -> dict[str, Any]:
 def add_arguments(p) -> None:
     c = Config()
     p.add_argument("--outer-steps", type=V.positive_int, default=c.outer_steps, help="outer SGD steps per concept")
-    p.add_argument("--outer-lr", type=V.positive_float, default=c.outer_lr, help="outer SGD step on the datapoint coordinate x")
+    p.add_argument(
+        "--outer-lr", type=V.positive_float, default=c.outer_lr, help="outer SGD step on the datapoint coordinate x"
+    )
     p.add_argument("--inner-lr", type=V.positive_float, default=c.inner_lr, help="inner gradient-descent step")
     p.add_argument("--x0", type=V.finite_float, default=c.x0, help="initial datapoint coordinate")
-    p.add_argument("--cycle-rounds", type=V.positive_int, default=c.cycle_rounds,
-                   help="Kaczmarz rounds through the 4 solution sets")
+    p.add_argument(
+        "--cycle-rounds",
+        type=V.positive_int,
+        default=c.cycle_rounds,
+        help="Kaczmarz rounds through the 4 solution sets",
+    )
 
 
 def main(a, progress_factory=None, console=None) -> dict:
-    cfg = Config(outer_steps=a.outer_steps, outer_lr=a.outer_lr, inner_lr=a.inner_lr, x0=a.x0,
-                 cycle_rounds=a.cycle_rounds, device=a.device)
+    cfg = Config(
+        outer_steps=a.outer_steps,
+        outer_lr=a.outer_lr,
+        inner_lr=a.inner_lr,
+        x0=a.x0,
+        cycle_rounds=a.cycle_rounds,
+        device=a.device,
+    )
     return run(cfg, Path(a.out), progress_factory, console)
 
 
@@ -161,7 +186,7 @@ def run(cfg: Config, out: Path, progress_factory=None, console=None) -> dict:
     # the best the cold start can do: min over x of F(p(x) / ||p(x)||^2), by a dense grid
     xs = torch.linspace(-20, 20, 400001, dtype=D, device=cfg.device)
     ps = prob["a"][None] + xs[:, None] * prob["b"][None]
-    cold_w = ps / (ps ** 2).sum(1, keepdim=True)
+    cold_w = ps / (ps**2).sum(1, keepdim=True)
     doc["cold_curve_best_val_loss"] = float((0.5 * ((cold_w - prob["w_val"]) ** 2).sum(1)).min())
     atomic_write_json(out / "results.json", doc, indent=1)
     _plot(doc, cfg, prob, out / "param_space.png")
@@ -172,23 +197,32 @@ def run(cfg: Config, out: Path, progress_factory=None, console=None) -> dict:
 def _print(doc: dict, console) -> None:
     from rich.console import Console
     from rich.table import Table
+
     console = console or Console()
     t = Table(title="parameter space (Fig. 4): final state per solution concept")
     for c in ("concept", "val loss F", "final x", "final w", "dist to S(x)", "inner steps", "s"):
         t.add_column(c, justify="right")
     for name, m in doc["metrics"].items():
-        t.add_row(name + ("" if m["status"] == "ok" else " (diverged)"), f"{m['val_loss']:.4g}", f"{m['final_x']:.4g}",
-                  "(" + ", ".join(f"{v:.3f}" for v in m["final_w"]) + ")", f"{m['dist_to_solution_set']:.1e}",
-                  str(m["inner_steps"]), f"{m['seconds']:.2f}")
+        t.add_row(
+            name + ("" if m["status"] == "ok" else " (diverged)"),
+            f"{m['val_loss']:.4g}",
+            f"{m['final_x']:.4g}",
+            "(" + ", ".join(f"{v:.3f}" for v in m["final_w"]) + ")",
+            f"{m['dist_to_solution_set']:.1e}",
+            str(m["inner_steps"]),
+            f"{m['seconds']:.2f}",
+        )
     console.print(t)
     k = doc["kaczmarz"]
     console.print(f"best validation loss on the cold-start curve (grid): {doc['cold_curve_best_val_loss']:.4g}")
     dist = k["dist_to_intersection"]
     rounds = reported_rounds(len(dist))
     if rounds:
-        console.print(f"Kaczmarz (warm-full cycling through S(x) for x in {k['xs']}): distance to the intersection "
-                      f"{k['intersection']} after rounds {', '.join(map(str, rounds))}: "
-                      f"{', '.join(f'{dist[r - 1]:.3g}' for r in rounds)}")
+        console.print(
+            f"Kaczmarz (warm-full cycling through S(x) for x in {k['xs']}): distance to the intersection "
+            f"{k['intersection']} after rounds {', '.join(map(str, rounds))}: "
+            f"{', '.join(f'{dist[r - 1]:.3g}' for r in rounds)}"
+        )
     else:
         console.print("Kaczmarz: no rounds run (--cycle-rounds 0)")
 
@@ -201,6 +235,7 @@ def reported_rounds(n: int) -> list[int]:
 def _plot(doc: dict, cfg: Config, prob: dict[str, Any], path: Path) -> None:
     import numpy as np
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(17, 4.4))
     g = np.linspace(-0.8, 1.8, 200)
     W1, W2 = np.meshgrid(g, g)
@@ -227,9 +262,12 @@ def _plot(doc: dict, cfg: Config, prob: dict[str, Any], path: Path) -> None:
         ax.plot(w[:, 0], w[:, 1], ".-", ms=3, lw=0.8, color="C3", label="w_t")
         ax.scatter([0], [0], marker="o", color="k", s=20, label="w_0 = 0")
         ax.scatter([wv[0]], [wv[1]], marker="*", color="green", s=80, label="argmin F")
-        ax.set_xlim(g[0], g[-1]); ax.set_ylim(g[0], g[-1]); ax.set_aspect("equal")  # noqa: E702
+        ax.set_xlim(g[0], g[-1])
+        ax.set_ylim(g[0], g[-1])
+        ax.set_aspect("equal")  # noqa: E702
         ax.set_title(name if "xs" in m else f"{name}: F={m['val_loss']:.3g}", fontsize=9)
-        ax.set_xlabel("w1"); ax.set_ylabel("w2")  # noqa: E702
+        ax.set_xlabel("w1")
+        ax.set_ylabel("w2")  # noqa: E702
         ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)

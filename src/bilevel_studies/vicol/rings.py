@@ -55,12 +55,15 @@ from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.distill import DistilledData
 from bilevel.nets import mlp_forward, mlp_init
 from bilevel.population import derived_seed
+
 from .. import _common as V
 from .._parts import load_part, save_part
 
 NAME = "rings"
-HELP = ("Vicol et al. Fig. 2/5/6: distil concentric rings into a few learned points; warm-start joint training "
-        "vs cold-start re-training vs the reference")
+HELP = (
+    "Vicol et al. Fig. 2/5/6: distil concentric rings into a few learned points; warm-start joint training "
+    "vs cold-start re-training vs the reference"
+)
 
 #: the paper's tasks: name -> (classes, learned points, soft labels)
 TASKS = {"2class": (2, 2, False), "3class": (3, 3, False), "3class-2points": (3, 2, True)}
@@ -76,8 +79,10 @@ def parse_task(name: str) -> tuple[int, int, bool]:
     """
     m = _TASK_RE.match(str(name).strip().lower().replace("_", "-"))
     if m is None:
-        raise ValueError(f"unknown rings task {name!r}: use Cclass[-Mpoints|-Kperclass][-soft|-hard], "
-                         f"e.g. {', '.join(TASKS)}, 4class-8points, 2class-3perclass-soft")
+        raise ValueError(
+            f"unknown rings task {name!r}: use Cclass[-Mpoints|-Kperclass][-soft|-hard], "
+            f"e.g. {', '.join(TASKS)}, 4class-8points, 2class-3perclass-soft"
+        )
     classes = int(m.group(1))
     points = classes if m.group(2) is None else int(m.group(2)) * (classes if m.group(3).startswith("per") else 1)
     soft = points < classes if m.group(4) is None else m.group(4) == "soft"
@@ -94,8 +99,9 @@ def task_name(classes: int, points: int, soft: bool) -> str:
     return name
 
 
-def make_rings(num_classes: int, per_class: int, generator: torch.Generator, noise: float = 0.1,
-               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def make_rings(
+    num_classes: int, per_class: int, generator: torch.Generator, noise: float = 0.1, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """``per_class`` points on a ring of radius c + 1 for class c, with N(0, noise^2) radial jitter."""
     xs, ys = [], []
     for c in range(num_classes):
@@ -141,7 +147,7 @@ def init_mlp(sizes: list[int], kind: str, seed: int, dtype: torch.dtype) -> dict
         raise ValueError(f"unknown MLP init {kind!r}; expected 'torch' or 'lecun'")
     params = {}
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        params[f"W{i}"] = (torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64) * fan_in ** -0.5).to(dtype)
+        params[f"W{i}"] = (torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64) * fan_in**-0.5).to(dtype)
         params[f"b{i}"] = torch.zeros(fan_out, dtype=dtype)
     return params
 
@@ -164,7 +170,10 @@ def label_summary(labels: list[list[list[float]]]) -> dict[str, Any]:
 def _metrics(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
     with torch.no_grad():
         logits = mlp_forward(params, x)
-        return {"val_loss": float(F.cross_entropy(logits, y)), "val_accuracy": float((logits.argmax(1) == y).float().mean())}
+        return {
+            "val_loss": float(F.cross_entropy(logits, y)),
+            "val_accuracy": float((logits.argmax(1) == y).float().mean()),
+        }
 
 
 def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
@@ -178,9 +187,16 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
     # num_points < num_classes (Fig. 6): classes round-robin, point j starts in class j's one-hot label
     dd = DistilledData((2,), num_classes, soft_labels=soft, num_points=num_points, point_bound=cfg.point_bound)
     # "real": every point starts on a random real point of its (initial) class
-    h0 = dd.init(torch.Generator().manual_seed(derived_seed(cfg.seed, 2)), cfg.point_init,
-                 real=(xv, yv) if cfg.point_init == "real" else None, scale=cfg.point_scale,
-                 label_scale=cfg.label_scale, dtype=dtype, device=cfg.device, requires_grad=False)
+    h0 = dd.init(
+        torch.Generator().manual_seed(derived_seed(cfg.seed, 2)),
+        cfg.point_init,
+        real=(xv, yv) if cfg.point_init == "real" else None,
+        scale=cfg.point_scale,
+        label_scale=cfg.label_scale,
+        dtype=dtype,
+        device=cfg.device,
+        requires_grad=False,
+    )
 
     def inner(p, h):
         return dd.cross_entropy(mlp_forward(p, dd.inputs(h)), h)
@@ -208,12 +224,21 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
         if soft:
             labels.append(dd.targets(o.hparams).detach().cpu().tolist())
 
-    opt = C.BilevelOptimizer(inner, outer, w0, h0, concept=C.concept("warm-partial", inner_lr=cfg.inner_lr, inner_steps=1),
-                             method=C.method("unroll", steps=cfg.unroll, lr=cfg.inner_lr), outer_lr=cfg.outer_lr,
-                             outer_optimizer=torch.optim.Adam)
+    opt = C.BilevelOptimizer(
+        inner,
+        outer,
+        w0,
+        h0,
+        concept=C.concept("warm-partial", inner_lr=cfg.inner_lr, inner_steps=1),
+        method=C.method("unroll", steps=cfg.unroll, lr=cfg.inner_lr),
+        outer_lr=cfg.outer_lr,
+        outer_optimizer=torch.optim.Adam,
+    )
     if soft and cfg.label_lr is not None:  # a separate Adam step size for the label logits
-        groups = [{"params": [v], "lr": cfg.label_lr if k.endswith("/label_logits") else cfg.outer_lr}
-                  for k, v in opt.hparams.items()]
+        groups = [
+            {"params": [v], "lr": cfg.label_lr if k.endswith("/label_logits") else cfg.outer_lr}
+            for k, v in opt.hparams.items()
+        ]
         opt.opt = torch.optim.Adam(groups, lr=cfg.outer_lr)
     log(opt)
     status = "ok"
@@ -222,9 +247,14 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
     except FloatingPointError as e:  # recorded, never dropped
         status = f"diverged: {e}"
     warm = opt.params
-    out["warm"] = {**_metrics(warm, xv, yv), "status": status, "inner_loss": opt.losses()["inner"],
-                   "accuracy_curve": curve, "max_val_accuracy": max(curve),
-                   "seconds": time.perf_counter() - t0}
+    out["warm"] = {
+        **_metrics(warm, xv, yv),
+        "status": status,
+        "inner_loss": opt.losses()["inner"],
+        "accuracy_curve": curve,
+        "max_val_accuracy": max(curve),
+        "seconds": time.perf_counter() - t0,
+    }
 
     t0 = time.perf_counter()
     final_h = {k: v.detach() for k, v in opt.hparams.items()}
@@ -234,13 +264,23 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
         cold_inner = float(inner(cold, final_h))
         final_x, final_t = dd.inputs(final_h), dd.targets(final_h)
         final_c = final_t.argmax(-1) if soft else final_t
-        fits = {name: float((mlp_forward(p, final_x).argmax(1) == final_c).float().mean())
-                for name, p in (("warm", warm), ("cold", cold))}
+        fits = {
+            name: float((mlp_forward(p, final_x).argmax(1) == final_c).float().mean())
+            for name, p in (("warm", warm), ("cold", cold))
+        }
     out["warm"]["points_accuracy"] = fits["warm"]
-    out["cold"] = {**_metrics(cold, xv, yv), "inner_loss": cold_inner, "points_accuracy": fits["cold"],
-                   "seconds": time.perf_counter() - t0}
-    out["points"] = {"trajectory": traj, "soft_labels": labels, "final": dd.inputs(final_h).cpu().tolist(),
-                     "final_targets": dd.targets(final_h).cpu().tolist()}
+    out["cold"] = {
+        **_metrics(cold, xv, yv),
+        "inner_loss": cold_inner,
+        "points_accuracy": fits["cold"],
+        "seconds": time.perf_counter() - t0,
+    }
+    out["points"] = {
+        "trajectory": traj,
+        "soft_labels": labels,
+        "final": dd.inputs(final_h).cpu().tolist(),
+        "final_targets": dd.targets(final_h).cpu().tolist(),
+    }
     if soft:
         out["points"].update(label_summary(labels))
     out["_models"] = {"reference": ref, "warm": warm, "cold": cold, "data": (xv, yv)}
@@ -249,30 +289,66 @@ def run_task(cfg: Config, task: str, progress=None) -> dict[str, Any]:
 
 def add_arguments(p) -> None:
     c = Config()
-    p.add_argument("--tasks", default=",".join(c.tasks),
-                   help="comma-separated tasks Cclass[-Mpoints|-Kperclass][-soft|-hard]: C rings, M learned points in "
-                        "all (or K per class; default one per class), soft labels with -soft or when M < C; "
-                        f"default the paper's {', '.join(TASKS)}")
-    p.add_argument("--steps", type=V.positive_int, default=c.steps, help="alternating steps (and reference / cold re-training steps)")
+    p.add_argument(
+        "--tasks",
+        default=",".join(c.tasks),
+        help="comma-separated tasks Cclass[-Mpoints|-Kperclass][-soft|-hard]: C rings, M learned points in "
+        "all (or K per class; default one per class), soft labels with -soft or when M < C; "
+        f"default the paper's {', '.join(TASKS)}",
+    )
+    p.add_argument(
+        "--steps",
+        type=V.positive_int,
+        default=c.steps,
+        help="alternating steps (and reference / cold re-training steps)",
+    )
     p.add_argument("--per-class", type=V.positive_int, default=c.per_class, help="original points per class")
     p.add_argument("--hidden", type=V.positive_int, default=c.hidden, help="hidden units per layer")
     p.add_argument("--inner-lr", type=V.positive_float, default=c.inner_lr, help="SGD step on the MLP (paper: 0.001)")
-    p.add_argument("--outer-lr", type=V.positive_float, default=c.outer_lr, help="Adam step on the learned points (paper: 0.01)")
-    p.add_argument("--reference-lr", type=V.positive_float, default=c.reference_lr, help="SGD step of the reference model trained on the original data (paper: not stated; the default "
-                        "0.05 converges in the step budget, the inner 0.001 stays near chance)")
-    p.add_argument("--unroll", type=V.positive_int, default=c.unroll, help="unrolled steps K of the hypergradient (paper: 1)")
-    p.add_argument("--label-scale", type=V.finite_float, default=c.label_scale,
-                   help="initial soft-label logits label_scale * onehot (soft-label tasks)")
-    p.add_argument("--label-lr", type=V.finite_float, default=c.label_lr,
-                   help="Adam step on the soft-label logits (soft-label tasks; paper: not stated; "
-                        "0 or less: use --outer-lr)")
-    p.add_argument("--point-init", choices=("real", "normal"), default=c.point_init,
-                   help="initial points: a random real point of each point's class, or --point-scale * N(0, I)")
+    p.add_argument(
+        "--outer-lr", type=V.positive_float, default=c.outer_lr, help="Adam step on the learned points (paper: 0.01)"
+    )
+    p.add_argument(
+        "--reference-lr",
+        type=V.positive_float,
+        default=c.reference_lr,
+        help="SGD step of the reference model trained on the original data (paper: not stated; the default "
+        "0.05 converges in the step budget, the inner 0.001 stays near chance)",
+    )
+    p.add_argument(
+        "--unroll", type=V.positive_int, default=c.unroll, help="unrolled steps K of the hypergradient (paper: 1)"
+    )
+    p.add_argument(
+        "--label-scale",
+        type=V.finite_float,
+        default=c.label_scale,
+        help="initial soft-label logits label_scale * onehot (soft-label tasks)",
+    )
+    p.add_argument(
+        "--label-lr",
+        type=V.finite_float,
+        default=c.label_lr,
+        help="Adam step on the soft-label logits (soft-label tasks; paper: not stated; 0 or less: use --outer-lr)",
+    )
+    p.add_argument(
+        "--point-init",
+        choices=("real", "normal"),
+        default=c.point_init,
+        help="initial points: a random real point of each point's class, or --point-scale * N(0, I)",
+    )
     p.add_argument("--point-scale", type=V.positive_float, default=c.point_scale, help="std of --point-init normal")
-    p.add_argument("--net-init", choices=("torch", "lecun"), default=c.net_init,
-                   help="MLP init: torch.nn.Linear's, or JAX's lecun_normal weights with zero biases")
-    p.add_argument("--point-bound", type=V.nonnegative_float, default=0.0,
-                   help="keep the learned points in (-R, R)^2 by x = R tanh(z / R) (0: unbounded)")
+    p.add_argument(
+        "--net-init",
+        choices=("torch", "lecun"),
+        default=c.net_init,
+        help="MLP init: torch.nn.Linear's, or JAX's lecun_normal weights with zero biases",
+    )
+    p.add_argument(
+        "--point-bound",
+        type=V.nonnegative_float,
+        default=0.0,
+        help="keep the learned points in (-R, R)^2 by x = R tanh(z / R) (0: unbounded)",
+    )
 
 
 def _tasks(a) -> tuple[str, ...]:
@@ -288,12 +364,25 @@ def check_arguments(a) -> None:
 
 def main(a, progress_factory=None, console=None) -> dict:
     tasks = _tasks(a)
-    cfg = Config(tasks=tasks, steps=a.steps, per_class=a.per_class, hidden=a.hidden, inner_lr=a.inner_lr,
-                 outer_lr=a.outer_lr, reference_lr=a.reference_lr, unroll=a.unroll, label_scale=a.label_scale,
-                 label_lr=a.label_lr if a.label_lr > 0 else None,
-                 point_init=a.point_init, point_scale=a.point_scale, net_init=a.net_init,
-                 point_bound=a.point_bound if a.point_bound > 0 else None, seed=a.seed, device=a.device,
-                 dtype=a.dtype)
+    cfg = Config(
+        tasks=tasks,
+        steps=a.steps,
+        per_class=a.per_class,
+        hidden=a.hidden,
+        inner_lr=a.inner_lr,
+        outer_lr=a.outer_lr,
+        reference_lr=a.reference_lr,
+        unroll=a.unroll,
+        label_scale=a.label_scale,
+        label_lr=a.label_lr if a.label_lr > 0 else None,
+        point_init=a.point_init,
+        point_scale=a.point_scale,
+        net_init=a.net_init,
+        point_bound=a.point_bound if a.point_bound > 0 else None,
+        seed=a.seed,
+        device=a.device,
+        dtype=a.dtype,
+    )
     return run(cfg, Path(a.out), progress_factory, console)
 
 
@@ -325,6 +414,7 @@ def run(cfg: Config, out: Path, progress_factory=None, console=None) -> dict:
 def _print(doc: dict, console) -> None:
     from rich.console import Console
     from rich.table import Table
+
     console = console or Console()
     t = Table(title="rings distillation: validation (original data) loss / accuracy")
     for c in ("task", "reference", "warm (joint)", "cold (re-trained on final points)", "label classes over training"):
@@ -332,14 +422,20 @@ def _print(doc: dict, console) -> None:
     for task, r in doc["tasks"].items():
         cell = lambda m: f"{m['val_loss']:.3f} / {100 * m['val_accuracy']:.1f}%"  # noqa: E731
         paths = r["points"].get("label_path")
-        t.add_row(task, cell(r["reference"]), cell(r["warm"]) + ("" if r["warm"]["status"] == "ok" else " (diverged)"),
-                  cell(r["cold"]), "; ".join("->".join(map(str, q)) for q in paths) if paths else "-")
+        t.add_row(
+            task,
+            cell(r["reference"]),
+            cell(r["warm"]) + ("" if r["warm"]["status"] == "ok" else " (diverged)"),
+            cell(r["cold"]),
+            "; ".join("->".join(map(str, q)) for q in paths) if paths else "-",
+        )
     console.print(t)
 
 
 def _plot(res: dict, path: Path) -> None:
     import numpy as np
     from matplotlib.figure import Figure
+
     models = res["_models"]
     xv, yv = (t.cpu() for t in models["data"])
     lim = float(xv.abs().max()) + 0.5
@@ -353,8 +449,9 @@ def _plot(res: dict, path: Path) -> None:
         p = {k: v.detach().cpu().to(grid.dtype) for k, v in models[name].items()}
         with torch.no_grad():
             pred = mlp_forward(p, grid).argmax(1).reshape(G1.shape)
-        ax.contourf(G1.numpy(), G2.numpy(), pred.numpy(), levels=np.arange(res["num_classes"] + 1) - 0.5,
-                    cmap=cmap, alpha=0.3)
+        ax.contourf(
+            G1.numpy(), G2.numpy(), pred.numpy(), levels=np.arange(res["num_classes"] + 1) - 0.5, cmap=cmap, alpha=0.3
+        )
         ax.scatter(xv[:, 0], xv[:, 1], c=yv, cmap=cmap, s=6, alpha=0.6)
         if name != "reference":
             traj = np.array(res["points"]["trajectory"])  # (T, n, 2)
@@ -369,7 +466,9 @@ def _plot(res: dict, path: Path) -> None:
                 ax.scatter(traj[-1, j, 0], traj[-1, j, 1], marker="*", s=160, color="k", edgecolor="w")
         m = res[name]
         ax.set_title(f"{name}: val loss {m['val_loss']:.3f}, acc {100 * m['val_accuracy']:.0f}%", fontsize=9)
-        ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect("equal")  # noqa: E702
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")  # noqa: E702
     fig.suptitle(f"rings {res['task']}: reference, warm-start trajectory of the learned points, cold-start re-training")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
