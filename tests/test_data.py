@@ -7,14 +7,15 @@ import hashlib
 import os
 import pickle
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
+import pooch
 import pytest
 import torch
 
 from bilevel import data as D
-from bilevel.data import _files
 
 DATA = Path(os.environ.get("BILEVEL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(
@@ -34,8 +35,16 @@ UCI_TABLE = {
     "yacht": (308, 6, 277, 277, 31),
 }
 # Clarke et al.'s datasets.py slices (train + validation); mostly a 0.2 validation proportion, Energy ~80/10/10
-CLARKE_TRAIN_VAL = {"boston": (364, 91), "concrete": (742, 185), "energy": (614, 78), "kin8nm": (5898, 1475),
-                    "naval": (8593, 2148), "power": (6889, 1722), "wine": (1151, 288), "yacht": (222, 55)}
+CLARKE_TRAIN_VAL = {
+    "boston": (364, 91),
+    "concrete": (742, 185),
+    "energy": (614, 78),
+    "kin8nm": (5898, 1475),
+    "naval": (8593, 2148),
+    "power": (6889, 1722),
+    "wine": (1151, 288),
+    "yacht": (222, 55),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +53,7 @@ def _offline(monkeypatch):
 
 
 # ---------------------------------------------------------------- data dir, registry, errors
+
 
 def test_data_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("BILEVEL_DATA", str(tmp_path / "env"))
@@ -63,10 +73,26 @@ def test_unknown_names_raise_listing_known():
 
 
 def test_registry_and_aliases():
-    assert {"boston", "energy", "naval", "yacht", "mnist", "fashion-mnist", "ptb", "cifar10",
-            "diabetes", "digits"} <= set(D.DATASETS)
-    for alias, canon in [("bostonHousing", "boston"), ("wine-quality-red", "wine"), ("UCI_Naval", "naval"),
-                         ("power-plant", "power"), ("Fashion_MNIST", "fashion-mnist"), ("CIFAR-10", "cifar10")]:
+    assert {
+        "boston",
+        "energy",
+        "naval",
+        "yacht",
+        "mnist",
+        "fashion-mnist",
+        "ptb",
+        "cifar10",
+        "diabetes",
+        "digits",
+    } <= set(D.DATASETS)
+    for alias, canon in [
+        ("bostonHousing", "boston"),
+        ("wine-quality-red", "wine"),
+        ("UCI_Naval", "naval"),
+        ("power-plant", "power"),
+        ("Fashion_MNIST", "fashion-mnist"),
+        ("CIFAR-10", "cifar10"),
+    ]:
         assert D.dataset_name(alias) == canon
     assert D.DATASETS["energy"].kind == "regression"
 
@@ -86,15 +112,82 @@ def test_missing_file_names_path(tmp_path):
 
 # ---------------------------------------------------------------- checksums and download
 
+
 def test_download_file_url(tmp_path):
     src = tmp_path / "src.txt"
     src.write_bytes(b"hello bilevel\n")
     sha = hashlib.sha256(b"hello bilevel\n").hexdigest()
-    out = D.download(src.as_uri(), tmp_path / "sub" / "dest.txt", accepted=["sha256:" + sha])
+    out = D.download(src.as_uri(), tmp_path / "sub" / "dest.txt", known_hash="sha256:" + sha)
     assert out.read_bytes() == b"hello bilevel\n"
-    with pytest.raises(ValueError, match="checksum mismatch"):
-        D.download(src.as_uri(), tmp_path / "bad.txt", accepted=["sha256:" + "0" * 64])
+    with pytest.raises(ValueError, match="does not match the known hash: expected sha256:0000"):
+        D.download(src.as_uri(), tmp_path / "bad.txt", known_hash="sha256:" + "0" * 64)
+    with pytest.raises(ValueError, match="does not match the known hash"):  # into folders that do not exist yet
+        D.download(src.as_uri(), tmp_path / "new" / "deep" / "bad.txt", known_hash="md5:" + "0" * 32)
+    with pytest.raises(FileNotFoundError):
+        D.download((tmp_path / "nonexistent.txt").as_uri(), tmp_path / "new" / "x.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.txt", "sub"]  # nothing left behind
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["dest.txt"]  # no temporary file either
+
+
+def _refused_url(name: str) -> str:
+    """An http URL on this machine where nothing listens: a download attempt fails at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def test_failed_download_creates_nothing(tmp_path, monkeypatch):
+    """No network (or a dead mirror): the error names the file and the URLs tried, and no folder is created."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    root = tmp_path / "data"
+    urls = [_refused_url("ptb.test.txt"), (tmp_path / "nonexistent" / "ptb.test.txt").as_uri()]
+    with pytest.raises(FileNotFoundError) as e:
+        D.fetch("ptb/ptb.test.txt", root, urls=urls, download_if_missing=True)
+    msg = str(e.value)
+    assert "download failed" in msg and all(u in msg for u in urls) and str(root / "ptb" / "ptb.test.txt") in msg
+    assert "\n" not in msg
+    from bilevel.data import ptb
+
+    monkeypatch.setattr(ptb, "PTB_URLS", [_refused_url("{file}")])
+    monkeypatch.setenv("BILEVEL_DOWNLOAD", "1")  # the loaders' default: download when missing
+    with pytest.raises(FileNotFoundError, match="ptb.train.txt.*download failed"):
+        D.load_ptb(data_dir=root)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_fetch_over_http_with_pooch(tmp_path, monkeypatch):
+    """The real download path: pooch's HTTP downloader (progress bar on) against a local server, hash-checked."""
+    import functools
+    import http.server
+    import threading
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "hello.txt").write_bytes(b"hello over http\n")
+    (served / "other.txt").write_bytes(b"something else\n")
+    sha = "sha256:" + hashlib.sha256(b"hello over http\n").hexdigest()
+    for key in ("toy/hello.txt", "toy/other.txt"):
+        monkeypatch.setitem(D.REGISTRY, key, sha)
+        monkeypatch.setitem(D.CHECKSUMS, key, (sha,))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        root = tmp_path / "data"
+        path = D.fetch(
+            "toy/hello.txt", root, urls=[f"{base}/missing.txt", f"{base}/hello.txt"], download_if_missing=True
+        )
+        assert path == root / "toy" / "hello.txt" and path.read_bytes() == b"hello over http\n"
+        # served content that does not match the registry: rejected, nothing written
+        with pytest.raises(FileNotFoundError, match="does not match the known hash"):
+            D.fetch("toy/other.txt", root, urls=[f"{base}/other.txt"], download_if_missing=True)
+        assert sorted(p.name for p in (root / "toy").iterdir()) == ["hello.txt"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @needs_data
@@ -103,10 +196,13 @@ def test_fetch_downloads_missing_file_and_verifies(tmp_path):
     url = (DATA / key).as_uri()
     path = D.fetch(key, tmp_path, urls=["file:///nonexistent/ptb.valid.txt", url], download_if_missing=True)
     assert path == tmp_path / key and D.file_digest(path) == D.CHECKSUMS[key][0].split(":")[1]
+    assert D.REGISTRY[key] == D.CHECKSUMS[key][0]
     # a source with the wrong content is rejected and the file is not created
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("not ptb\n")
-    with pytest.raises(FileNotFoundError, match="checksum mismatch"):
+    with pytest.raises(
+        FileNotFoundError, match="does not match the known hash: expected " + D.REGISTRY["ptb/ptb.test.txt"]
+    ):
         D.fetch("ptb/ptb.test.txt", tmp_path, urls=[wrong.as_uri()], download_if_missing=True)
     assert not (tmp_path / "ptb" / "ptb.test.txt").exists()
 
@@ -137,15 +233,18 @@ def test_mnist_checksums_verified_and_cached(monkeypatch):
     # wrong expected digest -> ValueError naming the file
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz"):
         D.verify(DATA / "mnist/t10k-labels-idx1-ubyte.gz", accepted=["sha256:" + "1" * 64])
+    # the registry (what pooch checks a download against) has the official file's MD5
+    assert D.REGISTRY["mnist/train-images-idx3-ubyte.gz"] == "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873"
     # cached: a second verification does not hash again
     calls = []
-    monkeypatch.setattr(_files, "_matches", lambda *a: calls.append(a) or True)
+    monkeypatch.setattr(pooch, "file_hash", lambda *a, **k: calls.append(a) or "")
     D.verify(DATA / "mnist/train-images-idx3-ubyte.gz", "mnist/train-images-idx3-ubyte.gz")
     assert calls == []
     assert D.verify(DATA / "README.md", "README.md") is False  # unknown file: nothing checked
 
 
 # ---------------------------------------------------------------- UCI
+
 
 @needs_data
 @pytest.mark.parametrize("name", list(UCI_TABLE))
@@ -167,8 +266,9 @@ def test_uci_clarke_protocol(name):
     assert abs(float(d.y_train.mean())) < 1e-5 and abs(float(d.y_train.std()) - 1) < 1e-4
     assert all(torch.isfinite(t).all() for t in (d.X_train, d.X_val, d.X_test, d.y_test))
     # test rows are exactly data[perm][N:], target = last column (naval: after dropping its last column)
-    perm = np.loadtxt(DATA / "uci_clarke2022_permutations" / f"UCI_{D.UCI_DATASETS[name][1]}_permutation_indices.txt",
-                      dtype=int)
+    perm = np.loadtxt(
+        DATA / "uci_clarke2022_permutations" / f"UCI_{D.UCI_DATASETS[name][1]}_permutation_indices.txt", dtype=int
+    )
     data = raw[:, :-1] if name == "naval" else raw
     expect = torch.tensor(data[perm][n_tv:, -1:], dtype=torch.float32)
     assert torch.allclose(d.unnormalise_y(d.y_test), expect, rtol=1e-5, atol=1e-4)
@@ -212,6 +312,7 @@ def test_uci_gal_protocol(name):
 
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST
+
 
 def test_parse_idx_roundtrip(tmp_path):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
@@ -260,6 +361,7 @@ def test_fashion_mnist_real_files():
 
 # ---------------------------------------------------------------- PTB
 
+
 @needs_data
 def test_ptb_counts_and_batching():
     c = D.load_ptb(data_dir=DATA)
@@ -276,7 +378,7 @@ def test_ptb_counts_and_batching():
 
     b = D.batchify(c.train, 20)
     assert b.shape == (929589 // 20, 20)
-    assert torch.equal(b[:, 1], c.train[46479:2 * 46479])  # column j = j-th contiguous chunk
+    assert torch.equal(b[:, 1], c.train[46479 : 2 * 46479])  # column j = j-th contiguous chunk
     x, y = D.get_batch(b, 0, 35)
     assert x.shape == (35, 20) and y.shape == (700,) and torch.equal(y.view(35, 20)[:-1], x[1:])
     x, y = D.get_batch(b, len(b) - 5, 35, flatten_target=False)
@@ -293,13 +395,17 @@ def test_batchify_small():
 
 # ---------------------------------------------------------------- CIFAR-10 (fake batches)
 
+
 def _write_batches(folder: Path, sizes: dict, label_key: bytes, label, seed: int = 0) -> None:
     """Pickled CIFAR-style batches ``{name: n}`` with uint8 ``data`` (n, 3072) and ``label(i, j)`` labels."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for i, (name, n) in enumerate(sizes.items()):
-        batch = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-                 label_key: [label(i, j) for j in range(n)], b"batch_label": name.encode()}
+        batch = {
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            label_key: [label(i, j) for j in range(n)],
+            b"batch_label": name.encode(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
 
@@ -331,7 +437,9 @@ def test_cifar10_download_and_extract_file_url(tmp_path, monkeypatch):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setattr(cifar, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setitem(D.CHECKSUMS, "cifar-10-python.tar.gz", ("md5:" + D.file_digest(archive, "md5"),))
+    md5 = "md5:" + D.file_digest(archive, "md5")
+    monkeypatch.setitem(D.REGISTRY, "cifar-10-python.tar.gz", md5)
+    monkeypatch.setitem(D.CHECKSUMS, "cifar-10-python.tar.gz", (md5,))
     root = tmp_path / "data"
     Xtr, ytr, Xte, yte = D.load_cifar10(data_dir=root, download=True)
     assert Xtr.shape == (10, 3, 32, 32) and yte.shape == (2,)
@@ -345,8 +453,13 @@ def test_cifar10_bad_tarball_rejected(tmp_path):
 
 
 def _fake_cifar100(root: Path, n_train: int = 6, n_test: int = 3) -> None:
-    _write_batches(root / "cifar-100-python", {"train": n_train, "test": n_test}, b"fine_labels",
-                   lambda i, j: (7 * j) % 100, seed=1)
+    _write_batches(
+        root / "cifar-100-python",
+        {"train": n_train, "test": n_test},
+        b"fine_labels",
+        lambda i, j: (7 * j) % 100,
+        seed=1,
+    )
 
 
 def test_cifar100_fake_batches_fine_labels_and_errors(tmp_path):
@@ -361,10 +474,12 @@ def test_cifar100_fake_batches_fine_labels_and_errors(tmp_path):
         D.load_cifar100(data_dir=tmp_path / "empty", download=False)
     with pytest.raises(ValueError, match="CIFAR-10 batch"):  # a CIFAR-100 file read as CIFAR-10 names the problem
         from bilevel.data.cifar import _read_batch
+
         _read_batch(tmp_path / "cifar-100-python" / "train")
 
 
 # ---------------------------------------------------------------- scikit-learn toys
+
 
 def test_sklearn_diabetes_and_digits():
     d = D.load_sklearn("diabetes")

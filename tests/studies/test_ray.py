@@ -256,6 +256,10 @@ def test_asha_pbt_cli_smoke(tmp_path, data_dir, ray_local):
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["methods"]) == ["asha+ours-wd-lr-m", "pbt+ours-wd-lr-m"]
     assert doc["config"]["asha_rungs"] == [10, 20]
+    # live curves under Ray Tune: Ray's own TensorBoard logging, one event file per trial
+    events = list((out / "ray").rglob("events.out.tfevents*"))
+    trials = {p.parent for p in (out / "ray").rglob("params.json")}
+    assert trials and {p.parent for p in events} == trials
     for name, m in doc["methods"].items():
         n = m["fully_trained"]
         assert n == len(m["final_test_loss"]) and (n == 3 if name.startswith("pbt") else 1 <= n <= 4)

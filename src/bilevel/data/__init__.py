@@ -2,9 +2,10 @@
 
 Files are looked up under a data directory: the ``data_dir`` argument, else the
 ``BILEVEL_DATA`` environment variable, else ``~/.cache/bilevel``.  Every file with
-a known SHA-256 is verified on first use in a process (``ValueError`` on mismatch);
-missing files are downloaded from their official sources unless ``download=False``
-or ``BILEVEL_DOWNLOAD=0`` (``FileNotFoundError`` naming the path otherwise).
+a known hash (:data:`CHECKSUMS`) is verified on first use in a process (``ValueError``
+on mismatch); missing files are downloaded from their official sources with pooch,
+checked against :data:`REGISTRY`, unless ``download=False`` or ``BILEVEL_DOWNLOAD=0``
+(``FileNotFoundError`` naming the path otherwise).
 
 ``load(name, **kw)`` dispatches through :data:`DATASETS`.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ._checksums import CHECKSUMS
+from ._checksums import CHECKSUMS, REGISTRY
 from ._files import clear_verification_cache, data_dir, download, fetch, file_digest, verify
 from ._types import ClassificationData, RegressionData, SplitData
 from .cifar import load_cifar10, load_cifar10_splits, load_cifar100, load_cifar100_splits
@@ -138,4 +139,5 @@ __all__ = [
     "file_digest",
     "clear_verification_cache",
     "CHECKSUMS",
+    "REGISTRY",
 ]

@@ -1,13 +1,17 @@
-"""SHA-256 of every data file whose content is known (copied from the data README / SHA256SUMS).
+"""The data registry: the known hash of every data file, in one place.
 
-Keys are paths relative to the data directory (POSIX separators).  Values are
-tuples of accepted digests written ``"<algo>:<hex>"``; a file passes when any one
-matches.  Files not listed here (e.g. CIFAR-10 batches a user provides) are not checked.
+``_SHA256SUMS`` is the shared data folder's SHA256SUMS (copied from the data README).
+:data:`REGISTRY` is a pooch registry built from it: relative path -> the one
+``"<algo>:<hex>"`` hash of the file as its official URL serves it, which pooch checks
+every download against.  :data:`CHECKSUMS` lists, per path, every hash accepted for a
+file already on disk (the shared copy's and the official one's, when they differ); a
+file passes when any one matches.  Files listed in neither (e.g. CIFAR-10 batches a
+user provides) are not checked.  Keys are POSIX paths relative to the data directory.
 """
 
 from __future__ import annotations
 
-__all__ = ["CHECKSUMS"]
+__all__ = ["REGISTRY", "CHECKSUMS"]
 
 _SHA256SUMS = """
 346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073  fashion-mnist/t10k-images-idx3-ubyte.gz
@@ -383,17 +387,24 @@ e6204e3557a8d55c1dfe80d2a68fc15aad3ccbb062ea53dd99fd8a521c27626c  uci_clarke2022
 e3800b4989519ac661ae41da5ef7094d6c851ea997b058766246f1f36e4c31b3  uci_clarke2022_permutations/UCI_Yacht_permutation_indices.txt
 """
 
-CHECKSUMS: dict[str, tuple[str, ...]] = {}
+_SHARED: dict[str, str] = {}
 for _line in _SHA256SUMS.strip().splitlines():
     _digest, _path = _line.split(maxsplit=1)
-    CHECKSUMS[_path.strip()] = ("sha256:" + _digest,)
+    _SHARED[_path.strip()] = "sha256:" + _digest
 del _line, _digest, _path
 
-# mnist/train-images-idx3-ubyte.gz in the shared data folder is a `gzip -9 -n`
-# recompression of the original (identical decompressed bytes).  A fresh download
-# from the official mirrors gives the original .gz, whose published MD5 is below.
-CHECKSUMS["mnist/train-images-idx3-ubyte.gz"] += ("md5:f68b3c2dcbeaaa9fbdd348bbdeb94873",)
+#: pooch registry: path -> hash of the file as its official URL serves it (downloads are checked against it).
+REGISTRY: dict[str, str] = {
+    **_SHARED,
+    # mnist/train-images-idx3-ubyte.gz in the shared data folder is a `gzip -9 -n` recompression
+    # of the original (identical decompressed bytes); the official .gz has the published MD5 below.
+    "mnist/train-images-idx3-ubyte.gz": "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    # the CIFAR python tarballs (MD5 published on the dataset page / torchvision)
+    "cifar-10-python.tar.gz": "md5:c58f30108f718f92721af3b95e74349a",
+    "cifar-100-python.tar.gz": "md5:eb9058c3a382ffc7106e4002c42a8d85",
+}
 
-# The CIFAR-10 python tarball (MD5 published on the dataset page / torchvision).
-CHECKSUMS["cifar-10-python.tar.gz"] = ("md5:c58f30108f718f92721af3b95e74349a",)
-CHECKSUMS["cifar-100-python.tar.gz"] = ("md5:eb9058c3a382ffc7106e4002c42a8d85",)
+#: path -> every hash accepted for a file on disk: the shared copy's, then the official file's.
+CHECKSUMS: dict[str, tuple[str, ...]] = {
+    key: tuple(dict.fromkeys(h for h in (_SHARED.get(key), official) if h)) for key, official in REGISTRY.items()
+}

@@ -1,16 +1,23 @@
-"""Data directory resolution, checksum verification (cached per process) and downloads."""
+"""Data directory resolution, checksum verification (cached per process) and downloads, on pooch.
+
+Hashing (:func:`pooch.file_hash`) and downloading
+(:func:`pooch.retrieve`: temporary file, known-hash check, progress bar) are pooch's;
+this module adds the data-directory rules, the per-process verification cache, the
+one-line errors, and the promise that a failed download leaves no folder behind.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._checksums import CHECKSUMS
+import pooch
+
+from ._checksums import CHECKSUMS, REGISTRY
 
 __all__ = [
     "ENV_DATA",
@@ -28,8 +35,8 @@ ENV_DATA = "BILEVEL_DATA"
 ENV_DOWNLOAD = "BILEVEL_DOWNLOAD"
 DEFAULT_DATA_DIR = Path("~/.cache/bilevel")
 
-# (resolved path, size, mtime_ns, accepted digests) -> True for files that already matched.
-_VERIFIED: dict[tuple, bool] = {}
+# (resolved path, size, mtime_ns, "algo:hex") of files already seen to match that hash in this process.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
@@ -44,24 +51,13 @@ def _download_default() -> bool:
 
 
 def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex digest of the file at ``path`` (:func:`pooch.file_hash`)."""
+    return str(pooch.file_hash(str(path), alg=algo))
 
 
-def _matches(path: Path, accepted: Sequence[str]) -> bool:
-    wanted: dict[str, set[str]] = {}
-    for item in accepted:
-        algo, _, hexd = item.partition(":")
-        wanted.setdefault(algo, set()).add(hexd.lower())
-    hashers = {algo: hashlib.new(algo) for algo in wanted}
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            for h in hashers.values():
-                h.update(chunk)
-    return any(hashers[a].hexdigest() in wanted[a] for a in wanted)
+def _state(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 def verify(path: str | os.PathLike, key: str | None = None, accepted: Sequence[str] | None = None) -> bool:
@@ -70,58 +66,69 @@ def verify(path: str | os.PathLike, key: str | None = None, accepted: Sequence[s
     ``key`` is the path relative to the data directory used to look up
     :data:`CHECKSUMS`; ``accepted`` overrides the table (``"sha256:<hex>"`` /
     ``"md5:<hex>"`` entries).  Returns False when no digest is known (nothing
-    checked), True when it matched.  Results are cached per process, keyed on the
-    file's resolved path, size and modification time, so repeated loads are cheap.
+    checked), True when one matched (hashed with :func:`pooch.file_hash`).  Results are cached
+    per process, keyed on the file's resolved path, size and modification time, so
+    repeated loads are cheap.
     """
     path = Path(path)
     if accepted is None:
         accepted = CHECKSUMS.get(key) if key is not None else None
     if not accepted:
         return False
-    st = path.stat()
-    cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns, tuple(accepted))
-    if _VERIFIED.get(cache_key):
+    state = _state(path)
+    if any((*state, h) in _VERIFIED for h in accepted):
         return True
-    if not _matches(path, accepted):
-        raise ValueError(
-            f"checksum mismatch for data file {path} (expected {' or '.join(accepted)}); "
-            "the file is corrupt or not the expected version: delete it and download it again"
-        )
-    _VERIFIED[cache_key] = True
-    return True
+    digests: dict[str, str] = {}  # one pass over the file per algorithm
+    for h in accepted:
+        algo, _, hexd = h.rpartition(":")
+        algo = algo or "sha256"
+        if algo not in digests:
+            digests[algo] = file_digest(path, algo)
+        if digests[algo] == hexd.lower():
+            _VERIFIED.add((*state, h))
+            return True
+    raise ValueError(
+        f"checksum mismatch for data file {path} (expected {' or '.join(accepted)}); "
+        "the file is corrupt or not the expected version: delete it and download it again"
+    )
 
 
 def clear_verification_cache() -> None:
     _VERIFIED.clear()
 
 
-def download(url: str, dest: str | os.PathLike, accepted: Sequence[str] | None = None, timeout: float = 60.0) -> Path:
-    """Download ``url`` (any scheme urllib knows, including ``file://``) to ``dest``.
+def _copy_file_url(url: str, output_file: str, pooch_: object = None, check_only: bool = False) -> bool | None:
+    """A pooch downloader for ``file://`` URLs (a local mirror), which pooch itself does not handle."""
+    source = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    if check_only:
+        return source.is_file()
+    shutil.copyfile(source, output_file)
+    return None
 
-    Writes to a temporary file in the destination folder, checks it against
-    ``accepted`` digests when given (``ValueError`` on mismatch, nothing left
-    behind), then renames it into place. A failed download removes the folders it created.
+
+def download(url: str, dest: str | os.PathLike, known_hash: str | None = None) -> Path:
+    """Download ``url`` to ``dest`` with :func:`pooch.retrieve` and return ``dest``.
+
+    ``http(s)://`` and ``ftp://`` go through pooch's downloaders with a progress bar;
+    ``file://`` URLs are copied.  pooch writes to a temporary file in the destination
+    folder and checks it against ``known_hash`` (``"sha256:<hex>"`` / ``"md5:<hex>"``;
+    ``ValueError`` on mismatch, nothing left behind) before moving it into place.  A
+    failed download also removes the folders it created.
     """
     dest = Path(dest)
-    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # innermost first
+    downloader = _copy_file_url if urllib.parse.urlparse(url).scheme == "file" else None
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
-        if accepted:
-            verify(tmp, accepted=accepted)
-        os.replace(tmp, dest)
+        pooch.retrieve(url, known_hash, fname=dest.name, path=dest.parent, downloader=downloader, progressbar=True)
     finally:
-        if tmp.exists():
-            tmp.unlink()
         if not dest.exists():  # a failed download leaves no empty folders behind
-            for d in created:  # innermost first
+            for d in created:
                 try:
                     d.rmdir()
                 except OSError:
                     break
+    if known_hash:
+        _VERIFIED.add((*_state(dest), known_hash))  # pooch has just checked it
     return dest
 
 
@@ -134,9 +141,12 @@ def fetch(
 ) -> Path:
     """Path of data file ``key`` (relative to the data directory), verified.
 
-    When the file is absent and downloading is allowed (``download_if_missing``,
-    default ``$BILEVEL_DOWNLOAD`` which defaults to on) each of ``urls`` is tried in
-    turn.  Otherwise ``FileNotFoundError`` names the path and how to provide it.
+    A file present in the data directory is used as it is (checked against
+    :data:`CHECKSUMS`).  When it is absent and downloading is allowed
+    (``download_if_missing``, default ``$BILEVEL_DOWNLOAD`` which defaults to on)
+    each of ``urls`` is tried in turn with :func:`download`, checked against the
+    file's :data:`REGISTRY` hash.  Otherwise ``FileNotFoundError`` names the path
+    and how to provide it.
     """
     root = data_dir(root)
     path = root / key
@@ -147,7 +157,7 @@ def fetch(
         if download_if_missing:
             for url in urls:
                 try:
-                    download(url, path, accepted=CHECKSUMS.get(key) if check else None)
+                    download(url, path, known_hash=REGISTRY.get(key) if check else None)
                     break
                 except Exception as exc:  # network errors, HTTP errors, bad checksum
                     errors.append(f"{url}: {exc}")
