@@ -31,9 +31,6 @@ class _Bound(nn.Module):
         return fn(self.m, *args)
 
 
-_BOUND: dict[int, _Bound] = {}
-
-
 def parameters(module: nn.Module) -> dict[str, Tensor]:
     """The module's trainable parameters by name, detached (``requires_grad`` parameters only)."""
     return {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
@@ -56,9 +53,7 @@ def call(
     Parameters not in ``params`` (frozen ones) keep their values. In-place buffer updates (BatchNorm
     in train mode) land in the ``buffers`` tensors passed, never in the module's own.
     """
-    bound = _BOUND.get(id(module))
-    if bound is None or bound.m is not module:
-        bound = _BOUND[id(module)] = _Bound(module)
+    bound = _Bound(module)  # a thin wrapper: cheap, and it keeps no reference to the module afterwards
     tensors = {f"m.{k}": v for k, v in params.items()}
     if buffers:
         tensors.update({f"m.{k}": v for k, v in buffers.items()})

@@ -407,9 +407,6 @@ class OnlineTuner:
         for _ in range(self.cfg.cold_steps):
             self.weight_step(batches())
 
-    def _per_member_values(self, values: Tensor) -> Tensor:
-        return values.reshape(self.P)
-
     def record(self, train: Any, val: Any, test: Any | None) -> None:
         """Append the losses at the given batches and the hyperparameters' mean natural values to the history."""
         h = self.history
@@ -422,7 +419,7 @@ class OnlineTuner:
                 (self.test_loss, test, h.test_loss),
             ):
                 if batch is not None:
-                    _append(store, self._per_member_values(fn(self.params, nat, batch)), self.alive)
+                    _append(store, fn(self.params, nat, batch).reshape(self.P), self.alive)
             for name, v in self.describe().items():
                 _append(h.hparams.setdefault(name, []), v, self.alive)
         self._call("on_record")
