@@ -57,7 +57,9 @@ def main(epochs=100, n_train=100, seed=0, progress=False):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--small", action="store_true", help="25 epochs (a second or two)")
+    parser.add_argument("--threads", default="auto", help="CPU threads for torch: N or auto (bilevel.threads)")
     args = parser.parse_args()
+    bilevel.threads.set_threads(args.threads if args.threads == "auto" else int(args.threads))
     out = main(epochs=25) if args.small else main()
     for name, r in out.items():
         lo, hi = r["decay_range"]

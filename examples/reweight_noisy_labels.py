@@ -70,7 +70,9 @@ def main(hyper_steps=100, n_train=300, noise=0.3, c=1e-3, seed=0):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--small", action="store_true", help="30 hyperparameter steps (under a second)")
+    parser.add_argument("--threads", default="auto", help="CPU threads for torch: N or auto (bilevel.threads)")
     args = parser.parse_args()
+    bilevel.threads.set_threads(args.threads if args.threads == "auto" else int(args.threads))
     out = main(hyper_steps=30) if args.small else main()
     print(
         f"mean weight: flipped {out['weight_flipped']:.3f}, clean {out['weight_clean']:.3f}; "

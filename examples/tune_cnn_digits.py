@@ -56,7 +56,9 @@ def main(epochs=10, n_train=1000, seed=0, progress=False):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--small", action="store_true", help="2 epochs on 300 training digits (a few seconds)")
+    parser.add_argument("--threads", default="auto", help="CPU threads for torch: N or auto (bilevel.threads)")
     args = parser.parse_args()
+    bilevel.threads.set_threads(args.threads if args.threads == "auto" else int(args.threads))
     out = main(epochs=2, n_train=300) if args.small else main()
     for name, r in out.items():
         hp = ", ".join(f"{k} {v:.3g}" for k, v in r["hparams"].items())

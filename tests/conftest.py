@@ -12,7 +12,9 @@ DATA = Path(os.environ.get("BILEVEL_DATA", Path(__file__).resolve().parents[2] /
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    torch.set_num_threads(threads)  # a command run in-process may have chosen its own (``--threads auto``)
 
 
 @pytest.fixture(scope="session")

@@ -257,6 +257,45 @@ def test_diverged_member_recorded_and_others_untouched():
     torch.testing.assert_close(torch.tensor(hist.val_loss[2]), torch.tensor(hist2.val_loss[1]), rtol=1e-9, atol=1e-12)
 
 
+def test_sync_free_divergence_marking_gives_the_same_run():
+    """On an accelerator the loop marks divergence without waiting for the device (``sync_free``): the same
+    weights, losses and divergence steps as the synchronising path, and no ``.item()``-style read per step."""
+    big_space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5), H.weight_decay(), H.momentum()])
+    params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
+    raw["lr"][1] = 8.0
+
+    def tuner(sync_free: bool) -> OnlineTuner:
+        t = OnlineTuner(
+            params, raw, big_space, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(interval=5)
+        )
+        t.sync_free = sync_free
+        return t
+
+    a, b = tuner(False), tuner(True)
+    ha, hb = run(a, 30), run(b, 30)
+    assert ha.diverged_at == hb.diverged_at and ha.diverged_at[1] is not None
+    assert ha.val_loss == hb.val_loss
+    alive = [i for i, d in enumerate(ha.diverged_at) if d is None]
+    for k in a.params:  # a diverged member is frozen at its initial weights on the sync-free path only
+        torch.testing.assert_close(a.params[k][alive], b.params[k][alive], rtol=0, atol=0)
+    assert all(torch.equal(b.params[k][1], params[k][1]) for k in params)
+    # the sync-free path never converts a device tensor to a Python bool while marking
+    c = tuner(True)
+    c.step((X, Y))
+    calls = []
+    real_bool = torch.Tensor.__bool__
+    torch.Tensor.__bool__ = lambda self: calls.append(1) or real_bool(self)  # type: ignore[method-assign]
+    try:
+        c._mark(torch.tensor([False, True, False]), "test")
+    finally:
+        torch.Tensor.__bool__ = real_bool  # type: ignore[method-assign]
+    assert calls == [] and not bool(c.alive[1]) and c.history.diverged_at[1] == c.t
+    # a resumed sync-free loop keeps the recorded divergence steps
+    d = tuner(True)
+    d.load_state_dict(b.state_dict())
+    assert d.history.diverged_at == hb.diverged_at and d._diverged_t.tolist()[1] == hb.diverged_at[1]
+
+
 def test_checkpoint_resume_is_exact(tmp_path):
     from bilevel.callbacks import RandomLRMultiplier
 

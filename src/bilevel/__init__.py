@@ -8,8 +8,11 @@ Low-level contract: :func:`hypergradient` (IFT, Lorraine et al. 2020 eq. 2-3; we
 Clarke et al. 2022 eq. 4-7), solvers :class:`Neumann`, :class:`AutoNeumann`,
 :class:`ConjugateGradient`, :class:`Identity`, :class:`Exact` (all with Vicol et al. 2021's
 ``damping``), and :func:`unrolled_hypergradient` for differentiation through K steps.
+:mod:`bilevel.threads` chooses CPU threads that hold up on a shared machine, and
+:func:`bilevel.allocator.keep_freed_memory` spares a CPU run the page faults of its large temporaries.
 """
 
+from . import allocator, threads
 from . import updates as optim
 from .errors import NeumannDivergenceError, NonFiniteError, NotSymmetricError
 from .hypergradient import hypergradient, largest_eigenvalue, linearise
@@ -24,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Tuner",
     "optim",
+    "threads",
+    "allocator",
     "PerWeightDecay",
     "OnlineTuner",
     "TunerConfig",

@@ -47,6 +47,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_savefig",
     "check_run_config",
+    "SETTINGS_FILES",
     "save_run_config",
     "read_json_state",
     "load_torch_state",
@@ -295,6 +296,10 @@ def _entries(out: Path) -> set[Path]:
     return set(out.rglob("*"))
 
 
+#: files that hold a run's settings, not results: a run that fails having written only these leaves nothing
+SETTINGS_FILES = ("config.json", ".threads")
+
+
 @contextlib.contextmanager
 def run_directory(out: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
     """Use ``out`` as the output directory of one run, exclusively.
@@ -306,8 +311,8 @@ def run_directory(out: str | os.PathLike, command: str | None = None) -> Iterato
       pid, host, start time and ``command`` go to ``out/.lock.owner``. If another process holds it,
       :class:`RunLocked` names that holder.
     * Temporary files of killed runs (``*.bilevel-tmp``) are removed.
-    * If the body fails (an exception, Ctrl-C) before anything but ``config.json`` and empty folders
-      was written into ``out``, what this run created is removed: the directory is left as it was found.
+    * If the body fails (an exception, Ctrl-C) before anything but settings (:data:`SETTINGS_FILES`) and
+      empty folders was written into ``out``, what this run created is removed: the directory is left as it was found.
     """
     import filelock
 
@@ -352,7 +357,7 @@ def run_directory(out: str | os.PathLike, command: str | None = None) -> Iterato
     except BaseException:
         owner_path.unlink(missing_ok=True)
         new = _entries(out) - before - {lock_path, owner_path}
-        undo = all(p.is_dir() or p.name == "config.json" for p in new)  # nothing of value was written
+        undo = all(p.is_dir() or p.name in SETTINGS_FILES for p in new)  # nothing of value was written
         if undo:
             _remove_created(out, new, [], had_lock=True)  # under the lock
         lock.release()

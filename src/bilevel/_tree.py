@@ -8,32 +8,65 @@ lines of maths.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Tree", "add", "scale", "dot", "norm", "zeros_like", "detach", "numel", "flatten", "unflatten", "all_finite"]
+__all__ = [
+    "Tree",
+    "add",
+    "scale",
+    "dot",
+    "dot_leaves",
+    "norm",
+    "zeros_like",
+    "detach",
+    "numel",
+    "flatten",
+    "unflatten",
+    "all_finite",
+]
 
 Tree = dict[str, Tensor]
 
 
+def _values(a: Mapping[str, Tensor], keys: list[str]) -> list[Tensor]:
+    return [a[k] for k in keys]
+
+
 def add(a: Mapping[str, Tensor], b: Mapping[str, Tensor], scale: float | Tensor = 1.0) -> Tree:
-    """a + scale * b, key by key."""
-    return {k: a[k] + scale * b[k] for k in a}
+    """a + scale * b, key by key (one fused ``torch._foreach_*`` call over all leaves)."""
+    keys = list(a)
+    av, bv = _values(a, keys), _values(b, keys)
+    if isinstance(scale, Tensor):
+        out = torch._foreach_add(av, torch._foreach_mul(bv, scale))
+    else:
+        out = torch._foreach_add(av, bv, alpha=scale)
+    return dict(zip(keys, out))
 
 
 def scale(a: Mapping[str, Tensor], s: float | Tensor) -> Tree:
-    return {k: s * v for k, v in a.items()}
+    """s * a (one fused call)."""
+    keys = list(a)
+    return dict(zip(keys, torch._foreach_mul(_values(a, keys), s)))
 
 
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Euclidean inner product sum_k <a_k, b_k> (a 0-d tensor)."""
-    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
+    """Euclidean inner product sum_k <a_k, b_k> (a 0-d tensor): one BLAS dot per leaf, no temporaries."""
+    return dot_leaves([a[k] for k in a], [b[k] for k in a])
+
+
+def dot_leaves(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """:func:`dot` of two lists of leaves in the same order."""
+    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def norm(a: Mapping[str, Tensor]) -> Tensor:
-    return dot(a, a).sqrt()
+    """The Euclidean norm of all leaves together (one fused ``torch._foreach_norm`` call)."""
+    norms = torch._foreach_norm(list(a.values()))
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 def zeros_like(a: Mapping[str, Tensor]) -> Tree:

@@ -61,8 +61,9 @@ class _AutogradOperator:
     curvature) and :func:`hypergradient` check and name.
     """
 
-    def __init__(self, residual: Tree, params: Tree, hparams: Tree) -> None:
+    def __init__(self, residual: Tree, params: Tree, hparams: Tree, symmetric: bool = False) -> None:
         self.r, self.params, self.hparams = residual, params, hparams
+        self.symmetric = symmetric  # J is a Hessian (inner=): symmetric by construction
 
     def _vjp(self, x: Tree, wrt: Tree, create_graph: bool = False) -> Tree:
         outs = [self.r[k] for k in self.params]
@@ -97,6 +98,7 @@ class _FuncOperator:
     ) -> None:
         out = torch.func.vjp(residual_fn, dict(params), dict(hparams))  # (r, vjp_fn) without has_aux
         self.r: Tree = out[0]
+        self.symmetric = False  # set by linearise: True for a Hessian (inner=)
         self._vjp_fn: Callable[[Tree], tuple[Tree, Tree]] = out[1]
         self.params = params
 
@@ -111,58 +113,48 @@ class _FuncOperator:
         return vjp2(x)[0]
 
 
-class _CompiledOperator(_FuncOperator):
-    """Products from ``torch.compile``-d vector-Jacobian products of the residual, recomputed per product.
+class _Compiled:
+    """``backend="compile"``: the whole hypergradient as one ``torch.compile``-d program.
 
-    Two compiled programs: x -> x^T dr/dw (every solver step) and x -> x^T dr/dlambda
-    (once per hypergradient), each re-running the forward and backward of r (no graph
-    is kept). They are cached per user function (``inner``/``update``; the same
-    object compiles once) in a table of the ``cache_size`` most recently used
-    functions, so a loop that builds a new closure every call does not grow memory. On this CPU the eager graph reuse of
-    ``"autograd"`` measured as fast or faster (docs/benchmarks.md); compiling pays off
-    mostly on a GPU. The first call pays the compilation.
+    The program is the ``"func"`` path end to end (:func:`_func_hypergradient`: the validation
+    gradient, every product of the solver's loop and the hyperparameter product), so the compiler
+    sees the loop unrolled: it shares the forward work that every product of the loop repeats and
+    fuses the solver's vector arithmetic into the products (jaxopt's ``jax.jit`` of ``custom_root``
+    does the same). The solvers take a branch-free path while traced (``torch.compiler.is_compiling``).
+    The first call for an ``(outer, inner or update, solver)`` triple runs eagerly with every check
+    (shapes, symmetry, Neumann divergence) and compiles for the next calls; later calls check the
+    finiteness of the residual, the losses and the result only. Programs are cached per triple (the
+    same objects compile once; shapes are static) in a table of the ``cache_size`` most recently used,
+    so a loop that builds new closures every call does not grow memory (it recompiles instead).
     """
 
     cache_size = 8
-    params: Tree  # plain dicts here (the compiled programs take them)
-    hparams: Tree
-    _cache: OrderedDict[Hashable, tuple[Callable[[Tree, Tree, Tree], Tree], Callable[[Tree, Tree, Tree], Tree]]] = (
-        OrderedDict()
-    )
+    _cache: OrderedDict[Hashable, Callable[[Tree, Tree], tuple[Tree, Tensor, Tree, Tree, Tree]]] = OrderedDict()
 
-    def __init__(
-        self,
-        residual_fn: Callable[[Tree, Tree], Tree],
-        params: Mapping[str, Tensor],
-        hparams: Mapping[str, Tensor],
-        key: Hashable,
-    ) -> None:
-        fns = self._cache.get(key)
-        if fns is None:
+    @classmethod
+    def lookup(cls, key: Hashable) -> Callable[[Tree, Tree], tuple[Tree, Tensor, Tree, Tree, Tree]] | None:
+        fn = cls._cache.get(key)
+        if fn is not None:
+            cls._cache.move_to_end(key)
+        return fn
 
-            def wrt_params(p: Tree, h: Tree, x: Tree) -> Tree:
-                return torch.func.vjp(lambda q: residual_fn(q, h), p)[1](x)[0]
+    @classmethod
+    def store(cls, key: Hashable, fn: Callable[[Tree, Tree], tuple[Tree, Tensor, Tree, Tree, Tree]]) -> None:
+        cls._cache[key] = torch.compile(fn, dynamic=False)
+        while len(cls._cache) > cls.cache_size:
+            cls._cache.popitem(last=False)
 
-            def wrt_hparams(p: Tree, h: Tree, x: Tree) -> Tree:
-                return torch.func.vjp(lambda g: residual_fn(p, g), h)[1](x)[0]
 
-            fns = (torch.compile(wrt_params, dynamic=False), torch.compile(wrt_hparams, dynamic=False))
-            self._cache[key] = fns
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        self._wrt_params, self._wrt_hparams = fns
-        self.params, self.hparams = dict(params), dict(hparams)
-        self.r = residual_fn(self.params, self.hparams)
-
-    def rmatvec(self, x: Tree) -> Tree:
-        return self._wrt_params(self.params, self.hparams, x)
-
-    def hparam_vjp(self, x: Tree) -> Tree:
-        return self._wrt_hparams(self.params, self.hparams, x)
-
-    def matvec(self, x: Tree) -> Tree:
-        raise ValueError("ConjugateGradient(normal_equations=True) needs backend='autograd' or 'func', not 'compile'")
+def _func_hypergradient(
+    outer: Loss, residual_fn: Callable[[Tree, Tree], Tree], symmetric: bool, solver: Solver, p: Tree, h: Tree
+) -> tuple[Tree, Tensor, Tree, Tree, Tree]:
+    """(hypergradient, L_V, dL_V/dw, the solver's x, the residual r) by ``torch.func`` alone (traceable)."""
+    (v, direct), loss = torch.func.grad_and_value(outer, argnums=(0, 1))(p, h)
+    op = _FuncOperator(residual_fn, p, h)
+    op.symmetric = symmetric
+    x = solver(op, v)
+    indirect = op.hparam_vjp(x)
+    return {k: direct[k] - indirect[k] for k in h}, loss, v, x, op.r
 
 
 def _residual_fn(inner: Loss | None, update: Update | None) -> Callable[[Tree, Tree], Tree]:
@@ -210,12 +202,9 @@ def linearise(
     """
     _validate(params, hparams)
     fn = _residual_fn(inner, update)
-    if backend in ("func", "compile"):
-        op: _FuncOperator = (
-            _FuncOperator(fn, params, hparams)
-            if backend == "func"
-            else _CompiledOperator(fn, params, hparams, key=inner if inner is not None else update)
-        )
+    if backend in ("func", "compile"):  # linearise itself is eager for both; hypergradient compiles
+        op = _FuncOperator(fn, params, hparams)
+        op.symmetric = inner is not None  # a Hessian
         check_like("update(params, hparams)", op.r, params, "params")
         if check:
             check_finite("residual (training gradient or update)", T.detach(op.r))
@@ -237,7 +226,7 @@ def linearise(
             check_like("update(params, hparams)", r, p, "params")
     if check:
         check_finite("residual (training gradient or update)", T.detach(r))
-    return _AutogradOperator(r, p, h), p, h
+    return _AutogradOperator(r, p, h, symmetric=inner is not None), p, h
 
 
 def _unmodule(params: Mapping[str, Tensor] | nn.Module, *fns: Callable | None) -> tuple[Mapping[str, Tensor], list]:
@@ -271,7 +260,9 @@ def hypergradient(
         solver: a :mod:`bilevel.solvers` solver giving v (J + eps I)^{-1}.
         backend: ``"autograd"`` (default: one retained double-backward graph, the
             fastest on a CPU), ``"func"`` (``torch.func.vjp``, composable with other
-            ``torch.func`` transforms) or ``"compile"`` (``torch.compile``-d products).
+            ``torch.func`` transforms) or ``"compile"`` (the whole hypergradient, solver loop
+            included, as one ``torch.compile``-d program; the first call per
+            ``(outer, inner/update, solver)`` is eager and compiles, see ``_Compiled``).
         check: raise :class:`NonFiniteError` on non-finite quantities (default). A
             population of independent problems (block-diagonal J) passes ``False``
             and marks its non-finite members itself.
@@ -286,6 +277,8 @@ def hypergradient(
         ValueError: mismatched keys or shapes.
     """
     params, (outer, inner, update) = _unmodule(params, outer, inner, update)
+    if backend == "compile":
+        return _compiled_hypergradient(outer, params, hparams, inner, update, solver, check)
     op, p, h = linearise(params, hparams, inner=inner, update=update, backend=backend, check=check)
     if backend in ("func", "compile"):
         (v, direct), loss = torch.func.grad_and_value(outer, argnums=(0, 1))(p, h)
@@ -309,6 +302,40 @@ def hypergradient(
     if check:
         check_finite("hypergradient", out)
     return out
+
+
+def _compiled_hypergradient(
+    outer: Loss,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    inner: Loss | None,
+    update: Update | None,
+    solver: Solver,
+    check: bool,
+) -> dict[str, Tensor]:
+    """``backend="compile"`` (:class:`_Compiled`): eager with every check on the first call of a triple."""
+    key = (outer, inner if inner is not None else update, solver)
+    try:
+        fn = _Compiled.lookup(key)
+    except TypeError:  # an unhashable solver or function: nothing to cache it by, so it runs eagerly
+        return hypergradient(outer, params, hparams, inner=inner, update=update, solver=solver, backend="func")
+    if fn is None:
+        out = hypergradient(
+            outer, params, hparams, inner=inner, update=update, solver=solver, backend="func", check=check
+        )
+        if getattr(solver, "compile_whole", True):
+            residual = _residual_fn(inner, update)
+            _Compiled.store(key, lambda p, h: _func_hypergradient(outer, residual, inner is not None, solver, p, h))
+        return out
+    _validate(params, hparams)
+    hg, loss, v, x, r = fn(dict(params), dict(hparams))
+    if check:
+        check_finite("residual (training gradient or update)", T.detach(r))
+        check_finite("validation loss", loss.detach())
+        check_finite("validation gradient dL_V/dw", T.detach(v))
+        check_finite("inverse-Jacobian-vector product (a Jacobian-vector product or the solver overflowed)", x)
+        check_finite("hypergradient", hg)
+    return T.detach(hg)
 
 
 def largest_eigenvalue(

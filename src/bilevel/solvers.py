@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ __all__ = [
     "Solver",
     "Damped",
     "damped",
+    "is_symmetric",
     "largest_eigenvalue",
     "Neumann",
     "AutoNeumann",
@@ -52,7 +53,11 @@ Tree = T.Tree
 
 
 class LinearOperator(Protocol):
-    """The Jacobian J = dr/dw of the fixed-point residual, seen through products."""
+    """The Jacobian J = dr/dw of the fixed-point residual, seen through products.
+
+    An operator may carry ``symmetric = True`` when J is symmetric by construction (the Hessian of a
+    training loss, :func:`bilevel.hypergradient.linearise` with ``inner=``); conjugate gradient then
+    skips its symmetry check (two products)."""
 
     def rmatvec(self, x: Tree) -> Tree:
         """x^T J (a vector-Jacobian product)."""
@@ -79,12 +84,18 @@ class Damped:
 
     def __init__(self, op: LinearOperator, eps: float) -> None:
         self.op, self.eps = op, eps
+        self.symmetric = is_symmetric(op)  # J + eps I is symmetric when J is
 
     def rmatvec(self, x: Tree) -> Tree:
         return T.add(self.op.rmatvec(x), x, self.eps)
 
     def matvec(self, x: Tree) -> Tree:
         return T.add(self.op.matvec(x), x, self.eps)
+
+
+def is_symmetric(op: LinearOperator) -> bool:
+    """Whether ``op`` declares its J symmetric by construction (``op.symmetric``; unknown means no)."""
+    return bool(getattr(op, "symmetric", False))
 
 
 def damped(op: LinearOperator, eps: float) -> LinearOperator:
@@ -153,12 +164,14 @@ class Neumann:
         keys = list(v)
         term = [v[k].clone() for k in keys]
         total = [v[k].clone() for k in keys]
-        norms = [float(T.norm(v))]
+        # under torch.compile (backend="compile") no value is read back: finiteness is checked on the result
+        watch = self.divergence != "ignore" and not torch.compiler.is_compiling()
+        norms = [float(T.norm(v))] if watch else []
         for j in range(self.steps):
             jt = op.rmatvec(dict(zip(keys, term)))
             torch._foreach_add_(term, [jt[k] for k in keys], alpha=-self.alpha)  # (I - a(J + eps I)) term
             torch._foreach_add_(total, term)
-            if self.divergence != "ignore" and (j == 0 or j >= self.steps - 3):
+            if watch and (j == 0 or j >= self.steps - 3):
                 norms.append(float(torch.stack(torch._foreach_norm(term)).norm()))
         self._check_divergence(op, v, norms)
         torch._foreach_mul_(total, self.alpha)
@@ -252,7 +265,8 @@ class ConjugateGradient:
     CG needs a symmetric positive-definite matrix. A Hessian of a training loss
     (``inner=``) is symmetric; the Jacobian of an update map with per-weight
     learning rates or momentum (``update=``) generally is not. Decision: by
-    default CG checks symmetry with two random products (``check_symmetry``) and
+    default CG checks symmetry with two random products (``check_symmetry``; skipped for an
+    operator that is symmetric by construction, a training-loss Hessian) and
     raises :class:`NotSymmetricError` rather than silently returning a wrong
     answer; ``normal_equations=True`` instead solves (J + eps I)(J + eps I)^T x
     = (J + eps I) v, which is symmetric positive definite for any invertible J
@@ -274,31 +288,37 @@ class ConjugateGradient:
             apply = lambda x: op.matvec(op.rmatvec(x))  # noqa: E731  (J + eps I)(J + eps I)^T x
             rhs = op.matvec(v)
         else:
-            if self.check_symmetry:
-                _check_symmetric(op, v)
+            if self.check_symmetry and not is_symmetric(op) and not torch.compiler.is_compiling():
+                _check_symmetric(op, v)  # (backend="compile" runs it on the eager first call)
             apply = op.rmatvec
             rhs = v
+        if torch.compiler.is_compiling():
+            return _cg_traced(apply, rhs, self.steps, self.tol)
         return _cg(apply, rhs, self.steps, self.tol)
 
 
 def _cg(apply: Callable[[Tree], Tree], b: Tree, steps: int, tol: float) -> Tree:
-    x = T.zeros_like(b)
-    r, p = dict(b), dict(b)
-    rs = T.dot(r, r)
+    """Conjugate gradient on the leaves as lists, updated in place by fused ``torch._foreach_*`` calls."""
+    keys = list(b)
+    x = [torch.zeros_like(b[k]) for k in keys]
+    r = [b[k].clone() for k in keys]
+    p = [b[k].clone() for k in keys]
+    rs = T.dot_leaves(r, r)
     # converged at tol, or at round-off level (where curvature estimates are noise)
-    floor = torch.finfo(rs.dtype).eps * T.norm(b)
-    stop = torch.maximum(tol * T.norm(b), floor) ** 2
+    bb = rs.clone()
+    floor = torch.finfo(rs.dtype).eps * bb.sqrt()
+    stop = float(torch.maximum(tol * bb.sqrt(), floor) ** 2)
+    rs_f = float(rs)
     for _ in range(steps):
-        if bool(rs <= stop):
+        if rs_f <= stop:
             break
-        ap = apply(p)
-        curvature = T.dot(p, ap)
-        if not bool(torch.isfinite(curvature)):
-            raise NonFiniteError(
-                "Jacobian-vector product in conjugate gradient", f"p^T (J + eps I) p = {float(curvature)}"
-            )
-        if not bool(curvature > 0):
-            if bool(rs <= math.sqrt(torch.finfo(rs.dtype).eps) * T.dot(b, b)):
+        ap_tree = apply(dict(zip(keys, p)))
+        ap = [ap_tree[k] for k in keys]
+        curvature = float(T.dot_leaves(p, ap))
+        if not math.isfinite(curvature):
+            raise NonFiniteError("Jacobian-vector product in conjugate gradient", f"p^T (J + eps I) p = {curvature}")
+        if not curvature > 0:
+            if rs_f <= math.sqrt(torch.finfo(rs.dtype).eps) * float(bb):
                 break  # converged to round-off: p is noise, its curvature estimate too
             warnings.warn(
                 "conjugate gradient met non-positive curvature (J + eps I is not positive definite); "
@@ -307,13 +327,40 @@ def _cg(apply: Callable[[Tree], Tree], b: Tree, steps: int, tol: float) -> Tree:
                 stacklevel=3,
             )
             break
-        a = rs / curvature
-        x = T.add(x, p, a)
-        r = T.add(r, ap, -a)
-        rs_new = T.dot(r, r)
-        p = T.add(r, p, rs_new / rs)
-        rs = rs_new
-    return x
+        a = rs_f / curvature
+        torch._foreach_add_(x, p, alpha=a)
+        torch._foreach_add_(r, ap, alpha=-a)
+        rs_new = float(T.dot_leaves(r, r))
+        torch._foreach_mul_(p, rs_new / rs_f)  # p <- r + beta p
+        torch._foreach_add_(p, r)
+        rs_f = rs_new
+    return dict(zip(keys, x))
+
+
+def _cg_traced(apply: Callable[[Tree], Tree], b: Tree, steps: int, tol: float) -> Tree:
+    """:func:`_cg` for ``torch.compile``: tensor scalars and no data-dependent branch, so the whole loop is one
+    graph. A converged iterate, or one that meets non-positive curvature, stops moving (it is not warned about:
+    finiteness is checked on the result)."""
+    keys = list(b)
+    x = [torch.zeros_like(b[k]) for k in keys]
+    r = [b[k] for k in keys]
+    p = list(r)
+    rs = T.dot_leaves(r, r)
+    stop = torch.maximum(tol * rs.sqrt(), torch.finfo(rs.dtype).eps * rs.sqrt()) ** 2
+    zero = torch.zeros_like(rs)
+    for _ in range(steps):
+        ap_tree = apply(dict(zip(keys, p)))
+        ap = [ap_tree[k] for k in keys]
+        curvature = T.dot_leaves(p, ap)
+        go = (rs > stop) & (curvature > 0)
+        a = torch.where(go, rs / curvature, zero)
+        x = [xi + a * pi for xi, pi in zip(x, p)]
+        r = [ri - a * api for ri, api in zip(r, ap)]
+        rs_new = T.dot_leaves(r, r)
+        beta = torch.where(go, rs_new / rs, zero)
+        p = [torch.where(go, ri + beta * pi, pi) for ri, pi in zip(r, p)]
+        rs = torch.where(go, rs_new, rs)
+    return dict(zip(keys, x))
 
 
 def _check_symmetric(op: LinearOperator, like: Tree) -> None:
@@ -347,6 +394,8 @@ class Exact:
     damping: float = 0.0
     max_size: int = 5000
     rcond: float | None = None
+    #: one product per weight: ``backend="compile"`` runs this solver eagerly instead of tracing n products
+    compile_whole: ClassVar[bool] = False
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
         n = T.numel(v)

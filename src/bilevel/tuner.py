@@ -240,6 +240,10 @@ class OnlineTuner:
         self.alive = torch.ones(self.P, dtype=torch.bool, device=self.device)
         self.t = 0
         self.history = History(diverged_at=[None] * self.P)
+        # the step each member diverged at (-1: alive), kept on the device so that marking a divergence
+        # needs no host-device synchronisation (:meth:`_mark`); copied into ``history`` when it is read
+        self._diverged_t = torch.full((self.P,), -1, dtype=torch.long, device=self.device)
+        self.sync_free = self.device.type != "cpu"  # on a CPU a synchronisation costs nothing
         self._window: list[tuple[Tree, Any, Any]] = []  # (w, state, batch) of the last i steps, for unrolling
         self._prev: tuple[Tree, Any] | None = None  # (w, state) before the last step, for Baydin
         self.last_losses: Tensor | None = None  # training losses of the last weight step (for callbacks)
@@ -370,18 +374,40 @@ class OnlineTuner:
             bad |= ~torch.isfinite(v).reshape(self.P, -1).all(dim=1)
         self._mark(bad, what)
 
+    @property
+    def history(self) -> History:
+        """Trajectories and divergence steps (reading it synchronises with the device once)."""
+        h = self._history
+        if self.sync_free:
+            for i, t in enumerate(self._diverged_t.tolist()):
+                if t >= 0 and h.diverged_at[i] is None:
+                    h.diverged_at[i] = t
+        return h
+
+    @history.setter
+    def history(self, h: History) -> None:
+        self._history = h
+
     def _mark(self, bad: Tensor, what: str) -> None:
+        """Mark the members in ``bad`` (shape (P,)) that are still alive as diverged at step ``t``.
+
+        On a CPU (and with ``on_divergence="raise"``) this asks whether any member is new; with
+        ``sync_free`` (on an accelerator) it never waits for the device: the freezing below runs every
+        time and is a no-op for members that did not diverge."""
         new = bad & self.alive
-        if not bool(new.any()):
-            return
-        if self.cfg.on_divergence == "raise":
-            raise NonFiniteError(
-                f"{what} at step {self.t}",
-                "the weights or hyperparameters diverged: try a smaller learning rate or hyper_lr",
-            )
-        for i in torch.nonzero(new).flatten().tolist():
-            self.history.diverged_at[i] = self.t
-        self.alive &= ~new
+        if self.cfg.on_divergence == "raise" or not self.sync_free:
+            if not bool(new.any()):
+                return
+            if self.cfg.on_divergence == "raise":
+                raise NonFiniteError(
+                    f"{what} at step {self.t}",
+                    "the weights or hyperparameters diverged: try a smaller learning rate or hyper_lr",
+                )
+            for i in torch.nonzero(new).flatten().tolist():
+                self._history.diverged_at[i] = self.t
+        else:
+            self._diverged_t = torch.where(new, torch.full_like(self._diverged_t, self.t), self._diverged_t)
+        self.alive = self.alive & ~new
         # freeze diverged members at finite values so they cannot disturb anything downstream
         with torch.no_grad():
             self.params = {
@@ -544,6 +570,8 @@ class OnlineTuner:
             for k, v in sd["raw"].items():
                 self.raw[k].copy_(v)
         self.alive, self.t, self.history = sd["alive"], sd["t"], sd["history"]
+        at = [-1 if d is None else d for d in self._history.diverged_at]
+        self._diverged_t = torch.tensor(at, dtype=torch.long, device=self.device)
         self._window, self._prev = list(sd.get("window", [])), sd.get("prev")
         if self.hyper_opt is not None:
             self.hyper_opt.load_state_dict(sd["hyper_opt"])

@@ -28,6 +28,8 @@ from bilevel.solvers import SOLVERS, Solver, make_solver
 
 __all__ = [
     "positive_int",
+    "threads",
+    "THREADS_HELP",
     "nonnegative_int",
     "int_at_least",
     "positive_float",
@@ -92,6 +94,19 @@ def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
 positive_int = int_at_least(1)
 #: ``type=`` of counts that may be zero (``>= 0``), e.g. Neumann steps
 nonnegative_int = int_at_least(0)
+
+
+def _threads(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
+
+
+#: ``type=`` of ``--threads``: ``auto`` or an integer >= 1 (:mod:`bilevel.threads`)
+threads = _validator("threads", _threads)
+THREADS_HELP = (
+    "CPU threads for torch: N, or auto (default): the cores other processes leave idle when the run starts "
+    "(2 alone on a 2-core machine, 1 beside another run), kept on resume; pin N for results identical to the "
+    "last bit under any load"
+)
 
 
 def _float_check(name: str, ok: Callable[[float], bool], what: str) -> Callable[[str], float]:

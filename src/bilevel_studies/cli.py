@@ -94,18 +94,43 @@ def _run_experiment(module, a: argparse.Namespace, prog: str) -> int:
 
     if hasattr(module, "check_arguments"):
         module.check_arguments(a)  # checks across options: ValueError before anything is written
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
     import contextlib
 
     from bilevel.callbacks import autolog
 
     live = autolog(a.tensorboard) if a.tensorboard is not None else contextlib.nullcontext()
-    with run_directory(a.out, command=_command_line(prog)), progress_bars() as bars, live:
-        module.main(a, progress_factory=bars, console=console)
+    with run_directory(a.out, command=_command_line(prog)) as out:
+        a.threads = _apply_threads(a.threads, out)  # results.json's config records the number used
+        with progress_bars() as bars, live:
+            module.main(a, progress_factory=bars, console=console)
     return 0
+
+
+#: where a run directory keeps the thread count that ``--threads auto`` chose (reused on resume)
+THREADS_FILE = ".threads"
+
+
+def _apply_threads(spec: int | str | None, out: Path) -> int:
+    """Set torch's threads from ``--threads`` (:mod:`bilevel.threads`). ``auto`` chooses once per run
+    directory: the number is saved in ``OUT/.threads`` and a resumed run reuses it, so that a resume
+    computes with the same threads (the last bits of a result can depend on them)."""
+    import torch
+
+    from bilevel._io import atomic_write_json, read_json_state
+    from bilevel.threads import set_threads
+
+    if spec in (None, "auto"):
+        saved = read_json_state(
+            out / THREADS_FILE, "threads are chosen again", check=lambda d: isinstance(d, dict) and "threads" in d
+        )
+        n = saved.get("threads") if isinstance(saved, dict) else None
+        if isinstance(n, int) and n >= 1:
+            torch.set_num_threads(n)
+            return n
+        n = set_threads("auto")
+        atomic_write_json(out / THREADS_FILE, {"threads": n, "policy": "auto"})
+        return n
+    return set_threads(int(spec))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -144,9 +169,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "in the last bits)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point precision")
-    p.add_argument(
-        "--threads", type=C.positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
-    )
+    p.add_argument("--threads", type=C.threads, default="auto", help=C.THREADS_HELP)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -154,8 +177,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     from .clarke import demo
 
-    with run_directory(a.out, command=_command_line("bilevel demo")), progress_bars() as bars:
-        demo.run(a.out, inits=a.inits, steps=a.steps, seed=a.seed, progress_factory=bars, console=console)
+    with run_directory(a.out, command=_command_line("bilevel demo")) as out:
+        _apply_threads(a.threads, out)
+        with progress_bars() as bars:
+            demo.run(a.out, inits=a.inits, steps=a.steps, seed=a.seed, progress_factory=bars, console=console)
     return 0
 
 
@@ -212,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inits", type=C.positive_int, default=16, help="random initialisations")
     p.add_argument("--steps", type=C.positive_int, default=1500, help="full-batch weight steps")
     p.add_argument("--seed", type=C.seed, default=0, help=C.SEED_HELP)
+    p.add_argument("--threads", type=C.threads, default="auto", help=C.THREADS_HELP)
     p.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run an experiment").add_subparsers(dest="experiment", required=True)
@@ -259,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _COMMAND[:] = list(sys.argv[1:] if argv is None else argv)
+    from bilevel.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large temporaries without page faults (docs/benchmarks.md, "Population step")
     debug = os.environ.get("BILEVEL_DEBUG", "").strip() not in ("", "0")
     with warnings.catch_warnings():  # restores the filters and showwarning afterwards
         warnings.showwarning = _show_warning

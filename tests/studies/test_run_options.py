@@ -287,3 +287,32 @@ def test_all_diverged_method_says_why(tmp_path, data_dir, capsys, one_thread):
     assert len(notes) == 1, said
     assert notes[0].startswith("note: all 3 runs of ours-wd-lr-m diverged (non-finite loss by step ")
     assert notes[0].endswith("try a smaller --hyper-lr (now 1000)")
+
+
+def test_auto_threads_are_chosen_once_per_run_directory(tmp_path, capsys, monkeypatch):
+    """``--threads auto`` (the default) records its choice in OUT/.threads; a resume reuses it whatever the
+    machine's load is then, and an explicit number wins."""
+    import bilevel.threads
+
+    out = tmp_path / "run"
+    base = ["run", "param-space", "--cycle-rounds", "2", "--out", str(out)]
+    monkeypatch.setattr(bilevel.threads, "busy_elsewhere", lambda sample=0.15: 0.0)  # an idle machine
+    assert cli.main(base) == 0
+    chosen = json.loads((out / cli.THREADS_FILE).read_text())["threads"]
+    assert chosen == min(4, bilevel.threads.cores())
+    monkeypatch.setattr(bilevel.threads, "busy_elsewhere", lambda sample=0.15: 64.0)  # now a busy one
+    assert cli.main(base) == 0
+    assert torch.get_num_threads() == chosen  # reused, not re-chosen
+    assert cli.main(base[:-2] + ["--threads", "1", "--out", str(tmp_path / "pinned")]) == 0
+    assert torch.get_num_threads() == 1 and not (tmp_path / "pinned" / cli.THREADS_FILE).exists()
+    fresh = tmp_path / "fresh"
+    assert cli.main(base[:-1] + [str(fresh)]) == 0
+    assert json.loads((fresh / cli.THREADS_FILE).read_text())["threads"] == 1  # busy machine: one thread
+    capsys.readouterr()
+
+
+def test_a_failed_run_leaves_no_threads_file(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert cli.main(["run", "clarke", "--dataset", "no-such-set", "--out", str(out)]) != 0
+    assert not out.exists()
+    capsys.readouterr()

@@ -225,6 +225,7 @@ def fit_landscape(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+    from threadpoolctl import threadpool_limits
 
     x0, y0, loss = (np.asarray(a, dtype=float) for a in (x0, y0, loss))
     loss = np.where(np.isfinite(loss) & (loss > 0), loss, nan_fill)
@@ -237,7 +238,10 @@ def fit_landscape(
         length_scale=[1.0, 1.0], length_scale_bounds=(1e-2, 1e2)
     ) + WhiteKernel(1e-2, (1e-8, 1e1))
     gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2, random_state=seed)
-    with warnings.catch_warnings():
+    # one BLAS thread: the fit's small (n x n) factorisations lose badly to thread oversubscription
+    # (200 points: 9.4 s of CPU time with the default BLAS threads on 2 busy cores, 0.6 s with one;
+    # docs/benchmarks.md)
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         gp.fit(X, t)
     return gp
