@@ -443,3 +443,59 @@ def test_rings_point_bound_tanh_parametrisation(tmp_path):
     traj = torch.tensor(doc["tasks"]["3class-2points"]["points"]["trajectory"])
     assert doc["config"]["point_bound"] == 0.5 and float(traj.abs().max()) <= 0.5
     assert float((traj[-1] - traj[0]).abs().max()) > 0.05  # the points moved
+
+
+def test_warm_start_unroll_linear_targets_move_along_the_closed_form_direction():
+    """Alg. 1 (one inner step per outer step, hypergradient through K unrolled steps) on the 1/n Fourier problem.
+
+    Unroll(w, y, K) is affine in y, so every hypergradient is r_K d_K with d_K = Phi A_K phi_v (A_K the K-term series,
+    ``response_matrix(H, "unroll", K)``): the targets stay on the line along d_K whatever the weights do, and the
+    warm-start run has the cold-start fixed point of the same K (the reason the Fig. 8 ordering is expected)."""
+    cfg = AD.Config(amplitudes=["inv"], mlp=False)
+    prob = AD._problem(cfg, "inv")
+    K, lr = 3, cfg.inner_lr["inv"]
+    y0 = prob["space"].from_natural(prob["pseudo"], {"targets": {"y": torch.zeros(13)}}, dtype=D, device="cpu")
+    w0 = {"w": torch.zeros(21, dtype=D)}
+    opt = C.BilevelOptimizer(
+        prob["inner"],
+        prob["outer"],
+        w0,
+        y0,
+        concept=C.concept("warm-partial", inner_lr=lr, inner_steps=1),
+        method=C.method("unroll", steps=K, lr=lr),
+        outer_lr=0.5,
+    )
+    d = prob["Phi"] @ (AD.response_matrix(prob["H"], "unroll", K=K, lr=lr) @ prob["phi_v"])
+    g0 = opt.step()["targets/y"]  # at w = 0, y = 0 the unrolled weights are 0: r_K = -2
+    torch.testing.assert_close(g0, -2.0 * d, rtol=1e-10, atol=1e-14)
+    for _ in range(30):
+        opt.step()
+    y = opt.hparams["targets/y"].detach()
+    assert float(y.norm()) > 1e-3
+    torch.testing.assert_close(y / y.norm(), d / d.norm(), rtol=1e-9, atol=1e-12)
+
+
+def test_mlp_unrolled_hypergradient_matches_finite_differences():
+    """The hypergradient of the warm-start MLP runs (Fig. 8, K unrolled SGD steps) against central differences
+    of F(Unroll(w, y, K)) computed by a plain loop, in float64."""
+    cfg = AD.Config()
+    prob = AD.mlp_problem(cfg)
+    inner, outer, w0 = prob["inner"], prob["outer"], prob["w0"]
+    y = torch.linspace(0.5, 1.5, 13, dtype=D)
+    K, lr = 5, cfg.mlp_lr
+
+    def unrolled_val(yv):
+        w = {k: v.clone() for k, v in w0.items()}
+        for _ in range(K):
+            w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+            g = torch.autograd.grad(inner(w, {"targets/y": yv}), list(w.values()))
+            w = {k: (v - lr * gk).detach() for (k, v), gk in zip(w.items(), g)}
+        return float(outer(w, {"targets/y": yv}))
+
+    hg = C.method("unroll", steps=K, lr=lr)(outer, w0, {"targets/y": y}, inner=inner)["targets/y"]
+    h = 1e-6
+    fd = torch.tensor(
+        [(unrolled_val(y + h * e) - unrolled_val(y - h * e)) / (2 * h) for e in torch.eye(13, dtype=D)], dtype=D
+    )
+    assert float(hg.abs().max()) > 1e-4
+    torch.testing.assert_close(hg, fd, rtol=1e-6, atol=1e-9)

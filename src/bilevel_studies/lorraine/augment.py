@@ -14,7 +14,15 @@ SGD steps on the weights, then one Adam step on ``lambda`` along the hypergradie
 * ``identity``: the IFT with ``J^{-1} ~ I`` (Luketina et al. 2016).
 
 The noise ``eps`` of a training step is drawn once and reused by the hypergradient, so
-the training loss is a deterministic function of (w, lambda). Accuracies are
+the training loss is a deterministic function of (w, lambda).
+
+``--aug-reg W`` adds the authors' regulariser of the augmenter to the validation loss (their
+``train_augment_net2.py``, ``reg_weight``): ``W * (mean |E_eps[x~] - x| - mean std_eps(x~))`` over
+``--aug-reg-samples`` noise draws of the validation images, a direct term of the hypergradient that
+rewards stochastic (high-entropy) augmentations which stay centred on the image.
+``--unet-init-scale s`` starts the U-Net's output convolution at ``s`` times torch's default
+initialisation (the authors' U-Net is not zero-initialised, so it augments from the first step)
+instead of zero (the identity); ``none`` always keeps the identity. Accuracies are
 averaged over ``--aug-samples`` (10, appendix E.3) augmented copies of each image
 (mean of the softmax), and also reported on the plain images.
 
@@ -135,6 +143,35 @@ def evaluate(
     return {"acc_aug": correct_aug / n, "acc": correct / n, "loss": loss / n}
 
 
+def augment_regulariser(unet, aug_params, x: Tensor, eps: Tensor) -> Tensor:
+    """The authors' augmenter regulariser ``mean |mean_s x~_s - x| - mean std_s(x~_s)`` over the noise draws
+    ``eps`` (shape (S, N, 1, H, W)): small when the augmentations are centred on the image and spread out.
+    The standard deviation is ``sqrt(var + 1e-12)`` so that its gradient stays finite at the identity."""
+    from bilevel.nets.unet import augment
+
+    xs = torch.stack([augment(unet, aug_params, x, e) for e in eps])
+    return (xs.mean(0) - x).abs().mean() - (xs.var(0) + 1e-12).sqrt().mean()
+
+
+@torch.no_grad()
+def augmentation_std(unet, aug_params, X: Tensor, samples: int, generator) -> float:
+    """Mean over images and pixels of the standard deviation of ``samples`` augmentations (0: deterministic)."""
+    from bilevel.nets.unet import augment
+
+    xs = torch.stack(
+        [
+            augment(
+                unet,
+                aug_params,
+                X,
+                torch.randn((len(X), 1, *X.shape[2:]), generator=generator, dtype=torch.float64).to(X),
+            )
+            for _ in range(samples)
+        ]
+    )
+    return float(xs.std(0).mean())
+
+
 def run_one(a, method: str, seed: int, data, progress=None) -> dict:
     from bilevel.nets.unet import UNet, augment, augmenter_space, unet_init
 
@@ -144,11 +181,23 @@ def run_one(a, method: str, seed: int, data, progress=None) -> dict:
     params, forward = _classifier(a.dataset, Xtr.shape[1:], g)
     params = {k: v.to(dtype=dtype, device=device) for k, v in params.items()}
     unet = UNet(Xtr.shape[1], a.unet_width, a.unet_depth).to(dtype=dtype, device=device)
-    space, raw = augmenter_space({k: v.to(dtype=dtype, device=device) for k, v in unet_init(unet, g).items()})
+    init = {k: v.to(dtype=dtype, device=device) for k, v in unet_init(unet, g).items()}
+    scale = getattr(a, "unet_init_scale", 0.0)
+    if scale > 0 and method != "none":  # torch's default (kaiming-uniform) range of the 1x1 output convolution
+        bound = 1.0 / (init["out.weight"][0].numel() ** 0.5)
+        for k in ("out.weight", "out.bias"):
+            init[k] = scale * bound * (2 * torch.rand(init[k].shape, generator=g, dtype=torch.float64) - 1).to(init[k])
+    space, raw = augmenter_space(init)
+    reg_weight, reg_samples = getattr(a, "aug_reg", 0.0), getattr(a, "aug_reg_samples", 4)
 
     def loss(p, nat, ctx):
-        x, y, eps = ctx  # eps None: the un-augmented validation loss
-        return F.cross_entropy(forward(p, x if eps is None else augment(unet, nat["augment"], x, eps)), y)
+        # (x, y, eps) for training; (x, y, None[, eps_samples]) for validation: no augmentation of the images
+        # the classifier sees, plus (with --aug-reg) the authors' regulariser of the augmenter
+        x, y, eps = ctx[:3]
+        out = F.cross_entropy(forward(p, x if eps is None else augment(unet, nat["augment"], x, eps)), y)
+        if len(ctx) > 3 and ctx[3] is not None:
+            out = out + reg_weight * augment_regulariser(unet, nat["augment"], x, ctx[3])
+        return out
 
     rule = SGD(lr=a.lr, momentum=a.momentum)
     alg = algorithm1(params, raw, space, rule, loss, method, a.terms, a.hyper_lr, a.interval)
@@ -162,7 +211,13 @@ def run_one(a, method: str, seed: int, data, progress=None) -> dict:
             losses.append(float(alg.step(ctx)))
             if (t + 1) % a.interval == 0:
                 vi = torch.randint(0, len(Xva), (a.batch_size,), generator=g).to(device)
-                alg.hyper_step(ctx, (Xva[vi], Yva[vi], None))
+                xv = Xva[vi]
+                reg_eps = (
+                    torch.randn((reg_samples, len(xv), 1, *xv.shape[2:]), generator=g, dtype=torch.float64).to(xv)
+                    if reg_weight > 0 and method != "none"
+                    else None
+                )
+                alg.hyper_step(ctx, (xv, Yva[vi], None, reg_eps))
         except NonFiniteError:
             diverged = t
             break
@@ -184,6 +239,9 @@ def run_one(a, method: str, seed: int, data, progress=None) -> dict:
             ev = evaluate(forward, alg.params, unet, aug_params, X, Y, a.aug_samples, eg)
             res.update({f"{name}_acc_aug": ev["acc_aug"], f"{name}_acc": ev["acc"], f"{name}_loss": ev["loss"]})
         res["augmenter_change"] = float(T.norm(T.add(aug_params, space.natural(raw)["augment"], -1.0)))
+        res["augmentation_std"] = augmentation_std(unet, aug_params, Xva[:500], 8, eg)
+        with torch.no_grad():  # accuracy on the (un-augmented) training images: how much the classifier over-fits
+            res["train_acc"] = C.accuracy(C.batched_logits(forward, alg.params, Xtr), Ytr)
     return res, (unet, aug_params)
 
 
@@ -287,6 +345,23 @@ def add_arguments(p) -> None:
         "--unet-width", type=C.positive_int, default=8, help="channels of the first U-Net level (doubled per level)"
     )
     p.add_argument("--unet-depth", type=C.positive_int, default=2, help="U-Net resolutions (levels)")
+    p.add_argument(
+        "--unet-init-scale",
+        type=C.nonnegative_float,
+        default=0.0,
+        help="output convolution of the U-Net at this multiple of torch's default initialisation "
+        "(0: zero, the identity; the authors' U-Net starts at 1)",
+    )
+    p.add_argument(
+        "--aug-reg",
+        type=C.nonnegative_float,
+        default=0.0,
+        help="weight of the authors' augmenter regulariser mean|E[x~]-x| - mean std(x~) in the validation "
+        "loss (their reg_weight: 0 or 1)",
+    )
+    p.add_argument(
+        "--aug-reg-samples", type=C.positive_int, default=4, help="noise draws of that regulariser (authors: 10)"
+    )
 
 
 def check_arguments(a) -> None:
@@ -358,7 +433,17 @@ def main(a, progress_factory=None, console=None) -> dict:
             runs[m].append(res)
             if fig_src is None and m != "none" and res["diverged_at"] is None and aug is not None:
                 fig_src = aug
-    keys = ["val_acc_aug", "test_acc_aug", "val_acc", "test_acc", "test_loss", "seconds", "augmenter_change"]
+    keys = [
+        "val_acc_aug",
+        "test_acc_aug",
+        "val_acc",
+        "test_acc",
+        "test_loss",
+        "seconds",
+        "augmenter_change",
+        "augmentation_std",
+        "train_acc",
+    ]
     summary = {m: summarise(r, keys) for m, r in runs.items()}
     doc = {
         "experiment": NAME,
@@ -381,6 +466,8 @@ def main(a, progress_factory=None, console=None) -> dict:
             ("test_acc_aug", "test acc % (10 aug.)"),
             ("val_acc", "val acc % (plain)"),
             ("test_acc", "test acc % (plain)"),
+            ("train_acc", "train acc % (plain)"),
+            ("augmentation_std", "aug. std x100"),
         ],
         f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.terms} Neumann "
         f"steps ({a.terms + 1} terms), unroll = {a.terms} unrolled steps)",

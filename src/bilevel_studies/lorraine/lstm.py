@@ -8,7 +8,11 @@ Settings (``--settings``):
 * ``many``: one rate per word / unit / hidden-to-hidden weight ("Ours, Many");
 * ``overfit``: Fig. 8, 10 training and 10 validation sequences, one weight decay per
   weight tuned by :class:`bilevel.tuner.OnlineTuner` to drive the validation loss down
-  (:func:`run_overfit`; a smaller LSTM, ``--overfit-size``, and Adam on the weights).
+  (:func:`run_overfit`; a smaller LSTM, ``--overfit-size``, and Adam on the weights;
+  ``--overfit-style authors`` for the authors' parametrisation).
+
+The tuned settings record, per hyperparameter tensor, the signal-to-noise ratio of its hypergradients over
+the hyper steps and how far it moved (``hypergradient_stats``, :func:`hypergradient_stats`).
 
 The first three run Algorithm 1 (:class:`bilevel.tuner.OnlineTuner` on one model): ``--interval``
 SGD steps (learning rate ``--lr``, gradient norm clipped to ``--clip``, AWD-LSTM's 30 and 0.25),
@@ -64,6 +68,31 @@ def perplexity(params, windows, max_windows: int | None = None) -> float:
     return math.exp(total / n)
 
 
+def hypergradient_stats(stats: dict, raw0: dict, raw1: dict) -> dict:
+    """Per raw hyperparameter tensor: how consistent its hypergradients were over the hyper steps and how far
+    it moved. ``snr`` of an element is ``|mean| / sd`` of its hypergradients over the hyper steps (large: a
+    consistent direction that Adam follows at ~lr per step; small: noise, a random walk of ~lr * sqrt(steps));
+    ``sign_agreement`` is ``|mean of signs|`` (1: always the same sign). Medians over the elements."""
+    out = {}
+    for k, (s1, s2, n, signs) in stats.items():
+        if n < 2:
+            continue
+        mean = s1 / n
+        sd = (s2 / n - mean**2).clamp(min=0).sqrt() * math.sqrt(n / (n - 1))
+        snr = (mean.abs() / sd.clamp(min=1e-300)).reshape(-1)
+        moved = (raw1[k].detach().double() - raw0[k].double()).abs().reshape(-1)
+        out[k] = {
+            "elements": snr.numel(),
+            "hyper_steps": n,
+            "snr_median": float(snr.median()),
+            "snr_mean": float(snr.mean()),
+            "sign_agreement_median": float((signs / n).abs().reshape(-1).median()),
+            "raw_change_median": float(moved.median()),
+            "raw_change_max": float(moved.max()),
+        }
+    return out
+
+
 def run_setting(a, setting: str, corpus, progress=None) -> dict:
     from bilevel.data.ptb import batchify
     from bilevel.nets.awd_lstm import awd_lstm_loss, awd_noise, awd_sites, awd_space
@@ -93,6 +122,7 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
     )
     alg = OnlineTuner(params, raw, space, SGD(lr=a.lr), loss, loss, config=cfg, stacked=False)
     start, diverged, curve = time.perf_counter(), None, []
+    hg_stats: dict[str, list] = {}  # raw key -> [sum, sum of squares, count] of the hypergradients
     for t in range(a.steps):
         x, y = train[t % len(train)]
         noise = awd_noise(alg.params, x.shape[1], g)
@@ -101,7 +131,14 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
             loss_t = float(alg.step(ctx))
             if (t + 1) % a.interval == 0:
                 xv, yv = val[int(torch.randint(0, len(val), (), generator=g))]
-                alg.hyper_step(ctx, (xv, yv, None))
+                hg = alg.hyper_step(ctx, (xv, yv, None))
+                for k, v in (hg or {}).items():
+                    zero = torch.zeros_like(v, dtype=torch.float64)
+                    st = hg_stats.setdefault(k, [zero, zero.clone(), 0, zero.clone()])
+                    st[0] += v.double()
+                    st[1] += v.double() ** 2
+                    st[2] += 1
+                    st[3] += v.double().sign()
         except NonFiniteError:
             diverged = t
             break
@@ -120,6 +157,7 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
         "curve": curve,
         "final_hparams": space.describe(alg.raw),
         "sites": {k: list(v.shape) for k, v in awd_sites(params).items()},
+        "hypergradient_stats": hypergradient_stats(hg_stats, raw, alg.raw),
     }
     if diverged is None:
         res["val_ppl"] = perplexity(alg.params, val, a.eval_windows)
@@ -138,6 +176,12 @@ def run_overfit(a, corpus, progress=None) -> dict:
     terms, on the Adam update map; 0 = identity) every ``--overfit-interval`` weight steps, by
     :class:`bilevel.tuner.OnlineTuner`. The same training without hyperparameter steps is the
     baseline (``"none"``), so the drop of the validation loss is attributable to the decays.
+
+    ``--overfit-style authors`` is the authors' set-up (``rnn/train2.py``, ``model_basic.py``): decoder tied
+    to the embedding, ``sum_i exp(l_i) w_i^2`` added to the training loss (loss-form; ``l`` the natural log of
+    the coefficient, initial ``--overfit-wd``, unclipped) and the IFT on ``dL_T/dw = 0`` (identity: their
+    ``-v^T d^2 L_T / dw dl``). Also recorded: :func:`unigram_floor` of the validation targets and, per weight
+    tensor, how the decays moved (``decays_by_tensor``).
     """
     from bilevel.data.ptb import batchify
     from bilevel.hparams import Granularity, HyperParameter, HyperParameterSpace, weight_decay
@@ -147,6 +191,7 @@ def run_overfit(a, corpus, progress=None) -> dict:
 
     dtype, device = getattr(torch, a.dtype), torch.device(a.device)
     n, size = a.overfit_sequences, a.overfit_size
+    authors = getattr(a, "overfit_style", "ours") == "authors"
     tr = batchify(corpus.train[: n * (a.bptt + 1)], n, device)  # n contiguous sequences of bptt + 1 tokens
     va = batchify(corpus.valid[: n * (a.bptt + 1)], n, device)
     train_b, val_b = (tr[:-1], tr[1:].reshape(-1)), (va[:-1], va[1:].reshape(-1))
@@ -156,7 +201,22 @@ def run_overfit(a, corpus, progress=None) -> dict:
             corpus.ntokens, size, size, a.layers, torch.Generator().manual_seed(a.seed), dtype
         ).items()
     }
-    if a.overfit_signed:  # natural (linear) space, either sign: a negative decay pushes its weight outwards
+    penalty, update_form, implicit = None, ("weight_decay",), "update"
+    if authors:
+        # the authors' rnn/train2.py + model_basic.py: tied embedding/decoder, penalty sum_i exp(l_i) w_i^2 added
+        # to the training loss (loss-form), l_i = ln of the coefficient, no clipping; IFT on dL_T/dw = 0
+        del p["dec_W"]
+        spec = HyperParameter(
+            "weight_decay", "log", a.overfit_wd, a.overfit_wd, "natural", Granularity("element"), None, None
+        )
+
+        def penalty(w, nat):
+            c = nat["weight_decay"]
+            return sum((c[k] * v.pow(2)).reshape(v.shape[0], -1).sum(1) for k, v in w.items())
+
+        update_form, implicit = (), "loss"
+        forward = tied_lstm_lm_forward
+    elif a.overfit_signed:  # natural (linear) space, either sign: a negative decay pushes its weight outwards
         spec = HyperParameter(
             "weight_decay",
             "identity",
@@ -167,17 +227,21 @@ def run_overfit(a, corpus, progress=None) -> dict:
             (-a.overfit_max_decay, a.overfit_max_decay),
             None,
         )
+        forward = lstm_lm_forward
     else:
         spec = weight_decay("element", clip=(1e-12, a.overfit_max_decay))
+        forward = lstm_lm_forward
     space = HyperParameterSpace([spec])
     raw = space.from_natural(p, {"weight_decay": a.overfit_wd})
-    loss = pop.vmap_loss(lstm_lm_forward, F.cross_entropy)
+    loss = pop.vmap_loss(forward, F.cross_entropy)
     solver = Identity() if a.overfit_terms == 0 else Neumann(a.overfit_terms, alpha=1.0, divergence="ignore")
     out: dict = {
         "setting": "overfit",
+        "style": "authors" if authors else ("signed" if a.overfit_signed else "ours"),
         "n_hyperparameters": sum(v.numel() for v in raw.values()),
         "n_weights": sum(v.numel() for v in p.values()),
         "initial_val_loss": float(loss(pop.stack([p]), None, val_b)[0]),
+        **unigram_floor(val_b[1], train_b[1]),
     }
     for mode in ("ift", "none"):
         cfg = TunerConfig(
@@ -188,6 +252,7 @@ def run_overfit(a, corpus, progress=None) -> dict:
             hyper_lr=a.overfit_hyper_lr,
             record_every=a.overfit_record_every,
             seed=a.seed,
+            implicit=implicit,
         )
         tuner = OnlineTuner(
             pop.stack([p]),
@@ -196,7 +261,8 @@ def run_overfit(a, corpus, progress=None) -> dict:
             Adam(lr=a.overfit_lr),
             loss,
             loss,
-            update_form=("weight_decay",),
+            update_form=update_form,
+            penalty=penalty,
             config=cfg,
         )
         hist = tuner.run(
@@ -227,9 +293,44 @@ def run_overfit(a, corpus, progress=None) -> dict:
                         "count": flat.numel(),
                     },
                     "min_val_loss": min((v for v in hist.val_loss[0] if v is not None), default=None),
+                    "decays_by_tensor": {
+                        k: {
+                            "median": float(v[0].double().median()),
+                            "max": float(v[0].double().max()),
+                            "frac_up_10x": float((v[0] > 10 * a.overfit_wd).double().mean()),
+                            "frac_down_10x": float((v[0] < a.overfit_wd / 10).double().mean()),
+                            "frac_negative": float((v[0] < 0).double().mean()),
+                        }
+                        for k, v in nat.items()
+                    },
                 }
             )
     return out
+
+
+def tied_lstm_lm_forward(params: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`bilevel.nets.lstm.lstm_lm_forward` with the decoder tied to the embedding (``dec_W = emb``, as the
+    authors' and AWD-LSTM's models; needs embedding size = hidden size of the last layer)."""
+    from bilevel.nets.lstm import lstm_lm_forward
+
+    return lstm_lm_forward({**params, "dec_W": params["emb"]}, tokens)
+
+
+def unigram_floor(val_targets: torch.Tensor, train_targets: torch.Tensor) -> dict:
+    """What a context-free predictor can reach on the validation targets: the entropy (nats) of their own
+    empirical unigram distribution (the best constant prediction, fitted *to the validation set*), the log of
+    their number of distinct tokens, and how many of those never occur among the training targets."""
+    counts = torch.bincount(val_targets.reshape(-1)).double()
+    q = counts[counts > 0] / counts.sum()
+    distinct = val_targets.unique()
+    unseen = (~torch.isin(distinct, train_targets.reshape(-1).unique())).sum()
+    return {
+        "val_unigram_entropy": float(-(q * q.log()).sum()),
+        "val_distinct_targets": int(distinct.numel()),
+        "val_log_distinct": math.log(distinct.numel()),
+        "val_targets_unseen_in_train": int(unseen),
+        "val_targets": int(val_targets.numel()),
+    }
 
 
 def _plot(doc: dict, out: Path) -> None:
@@ -374,10 +475,20 @@ def add_arguments(p) -> None:
         "space, non-negative); see docs/augment_lstm.md",
     )
     p.add_argument("--overfit-record-every", type=C.positive_int, default=20, help="record Fig. 8 losses every N steps")
+    p.add_argument(
+        "--overfit-style",
+        choices=["ours", "authors"],
+        default="ours",
+        help="Fig. 8 parametrisation. ours: log10 decays xi, coupled into Adam (grad + xi w, i.e. 1/2 xi w^2), "
+        "IFT on Adam's update map. authors (rnn/train2.py): tied embedding/decoder, penalty sum exp(l) w^2 in the "
+        "training loss with l = ln of the coefficient (initial --overfit-wd, unclipped), IFT on dL_T/dw = 0",
+    )
 
 
 def check_arguments(a) -> None:
     C.check_names("--settings", C.names(a.settings), SETTINGS)
+    if getattr(a, "overfit_style", "ours") == "authors" and a.overfit_signed:
+        raise ValueError("--overfit-style authors has exp(l) coefficients (positive): drop --overfit-signed")
     if not a.overfit_signed and not a.overfit_wd > 0:
         raise ValueError(
             f"--overfit-wd must be > 0 (log10 decays; use --overfit-signed for any sign), got {a.overfit_wd}"

@@ -131,8 +131,9 @@ class Config:
     mlp_unroll_ks: list[int] = field(default_factory=list)
     mlp_outer_steps: int = 8
     mlp_cold_steps: int = 2000
-    mlp_warm_steps: int = 2000
+    mlp_warm_steps: int = 20000  # Alg. 1 steps of the unrolled runs (the paper gives none; 2000 leave K=1 unfitted)
     mlp_lr: float = 0.01
+    mlp_curve_points: int = 20  # records of (val loss, inner loss, ||y||) per MLP run (none change the result)
     mlp_outer_lr: float | None = None  # None: normalised (halve the linearised residual per step) for Neumann runs
     seed: int = 0
     device: str = "cpu"
@@ -349,8 +350,8 @@ def normalised_outer_lr(
     return 0.5 / rate
 
 
-def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, Any]:
-    """2-layer, 10-unit ReLU MLP: Neumann K with cold start, and alternating updates through K unrolled steps."""
+def mlp_problem(cfg: Config) -> dict[str, Any]:
+    """The MLP anti-distillation problem of Fig. 8: inputs, initial weights and targets, inner and outer losses."""
     x = torch.linspace(-3.0, 3.0, cfg.n_points, dtype=D, device=cfg.device)[:, None]
     xv = torch.tensor([[cfg.val_x]], dtype=D, device=cfg.device)
     space, pseudo = targets_space(cfg.n_points)
@@ -365,6 +366,14 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
 
     def outer(p, h):
         return 0.5 * (mlp_forward(p, xv)[0, 0] - cfg.val_y) ** 2
+
+    return dict(x=x, xv=xv, w0=w0, y0=y0, inner=inner, outer=outer)
+
+
+def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, Any]:
+    """2-layer, 10-unit ReLU MLP: Neumann K with cold start, and alternating updates through K unrolled steps."""
+    prob = mlp_problem(cfg)
+    x, xv, w0, y0, inner, outer = (prob[k] for k in ("x", "xv", "w0", "y0", "inner", "outer"))
 
     runs = []
     settings = [("neumann", k) for k in cfg.mlp_neumann_ks] + [("unroll", k) for k in cfg.mlp_unroll_ks]
@@ -411,9 +420,21 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
                 outer_lr = normalised_outer_lr(m, inner, outer, opt.params, T.detach(opt.hparams), x, xv, cfg.val_y)
                 for group in opt.opt.param_groups:
                     group["lr"] = outer_lr
-            opt.run(steps, record_every=steps)
+            every = max(1, steps // cfg.mlp_curve_points)
+            history = opt.run(steps, record_every=every)
         except (FloatingPointError, ValueError) as e:  # recorded, never dropped
             status = f"diverged: {e}"
+            history = []
+        # the convergence record: validation / inner loss and ||y|| every `every` outer steps
+        curve = [
+            {
+                "t": h["t"],
+                "val_loss": h["outer"],
+                "inner_loss": h["inner"],
+                "y_norm": float(h["hparams"]["targets/y"].norm()),
+            }
+            for h in history
+        ]
         y = opt.hparams["targets/y"].detach()
         wn = math.sqrt(sum(float((v - w0[k]).pow(2).sum()) for k, v in opt.params.items()))
         with torch.no_grad():
@@ -432,6 +453,7 @@ def run_mlp(cfg: Config, progress=None, parts: Path | None = None) -> dict[str, 
             "y_norm": float(y.norm()),
             "targets": y.tolist(),
             "fit": fit.tolist(),
+            "curve": curve,
             "seconds": time.perf_counter() - start,
         }
         if path is not None:
@@ -512,7 +534,9 @@ def add_arguments(p) -> None:
         "--mlp-unroll-ks",
         type=V.int_list(1, empty=True),
         default=None,
-        help="MLP warm-start alternating runs through K unrolled steps (default none; --paper: 1,5,20)",
+        help="MLP warm-start alternating runs (Alg. 1: one SGD step per outer step, hypergradient through K "
+        "unrolled steps), Fig. 8's unrolled half; default none, 1,5,20 reproduces it on one CPU thread in 6-11 min "
+        "(--paper: 1,5,20)",
     )
     p.add_argument(
         "--mlp-outer-steps",
@@ -530,7 +554,8 @@ def add_arguments(p) -> None:
         "--mlp-warm-steps",
         type=V.positive_int,
         default=None,
-        help=f"alternating steps of the unrolled MLP runs (default {c.mlp_warm_steps})",
+        help=f"alternating steps of the unrolled MLP runs (default {c.mlp_warm_steps}: K=1 fits the validation "
+        "point to 1e-6 at the paper's outer step 0.01)",
     )
     p.add_argument(
         "--mlp-outer-lr",
@@ -540,7 +565,8 @@ def add_arguments(p) -> None:
     )
 
 
-#: --paper: the paper's grids and budgets (App. D.2); hours on a CPU for the warm-start MLP runs
+#: --paper: the paper's grids and budgets (App. D.2); the warm-start MLP runs (K=1, 5, 20, 20000 steps) take
+#: 1 / 3 / 8 ms per alternating step on one CPU thread, 6-11 min together (measured, docs/vicol.md)
 PAPER = dict(
     neumann_ks=[1, 10, 100, 1000],
     mlp_neumann_ks=[0, 1, 10, 100, 1000],
@@ -629,7 +655,8 @@ def _print(doc: dict, console) -> None:
         mlp = amp == "mlp"
         cfg = doc["config"]
         step = (
-            ""
+            "; neumann: cold start (re-trained per outer step), unroll: warm start (Alg. 1, one SGD step per "
+            "outer step)"
             if mlp
             else (
                 f", outer SGD step {cfg['outer_lr']:g}"
@@ -643,7 +670,7 @@ def _print(doc: dict, console) -> None:
         )
         for c in (
             ("setting", "val loss", "||w||", "||y||")
-            + (("inner loss",) if mlp else ("closed-form ||y||", "max |y - y*|"))
+            + (("inner loss", "outer steps") if mlp else ("closed-form ||y||", "max |y - y*|"))
             + ("s",)
         ):
             t.add_column(c, justify="right")
@@ -655,21 +682,24 @@ def _print(doc: dict, console) -> None:
                 f"{r['y_norm']:.4g}",
             ]
             if mlp:
-                row += [f"{r['inner_loss']:.1e}"]
+                row += [f"{r['inner_loss']:.1e}", str(r["outer_steps"])]
             else:
                 row += [f"{r['closed_form_y_norm']:.4g}", f"{r['max_abs_diff_y']:.1e}"]
             t.add_row(*row, f"{r['seconds']:.1f}")
         console.print(t)
         if mlp:
-            rows = [r for r in m["runs"] if r["method"] == "neumann" and r["status"] == "ok"]
-            w = [r["w_norm"] for r in rows]
-            y = [r["y_norm"] for r in rows]
-            if len(rows) > 1:
-                console.print(
-                    f"  mlp neumann (K increasing): ||w|| non-decreasing "
-                    f"{all(b >= a for a, b in zip(w, w[1:]))}, ||y|| non-increasing "
-                    f"{all(b <= a for a, b in zip(y, y[1:]))}"
+            for kind in ("neumann", "unroll"):
+                rows = sorted(
+                    (r for r in m["runs"] if r["method"] == kind and r["status"] == "ok"), key=lambda r: r["setting"]
                 )
+                w = [r["w_norm"] for r in rows]
+                y = [r["y_norm"] for r in rows]
+                if len(rows) > 1:
+                    console.print(
+                        f"  mlp {kind} (K increasing): ||w|| non-decreasing "
+                        f"{all(b >= a for a, b in zip(w, w[1:]))}, ||y|| non-increasing "
+                        f"{all(b <= a for a, b in zip(y, y[1:]))}"
+                    )
         else:
             for kind, tr in m["trend"].items():
                 console.print(
