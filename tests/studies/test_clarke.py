@@ -1,11 +1,13 @@
 """Clarke et al.'s experiment end to end on small settings: schema, methods, resume, CLI."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from bilevel.nets import mlp_forward
 from bilevel_studies import cli
 from bilevel_studies.clarke import clarke
 
@@ -261,3 +263,131 @@ def test_tensorboard_option_writes_live_curves_of_every_loop(tmp_path, data_dir)
     lr = doc["methods"]["ours-wd-lr-m"]["hparams"]["lr"]  # per member, at the recorded steps
     got = [e.value for e in acc.Scalars("hparam/lr/member_0")]
     assert got == pytest.approx(lr[0], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- Baydin as Clarke et al.'s code runs it
+
+
+def _member(tree, j):
+    return {k: v[j].detach().clone() for k, v in tree.items()}
+
+
+def _mse_grad(w, X, y):
+    w = {k: v.clone().requires_grad_() for k, v in w.items()}
+    loss = ((mlp_forward(w, X) - y) ** 2).mean()
+    return dict(zip(w, torch.autograd.grad(loss, list(w.values())))), float(loss)
+
+
+def test_authors_baydin_is_sgd_on_log10_lr_along_minus_gradient_dot_product(data_dir):
+    """One step of ``baydin`` against a hand computation per member (plain torch, no vmap): the SGD step with
+    momentum and weight decay on train+validation, then log10 lr += 0.001 * g_1 . g_0, momentum and decay fixed."""
+    cfg = clarke.ClarkeConfig(dataset="energy", inits=3, steps=1, dtype="float64", data_dir=str(data_dir))
+    problem = clarke.load_problem(cfg)
+    run = clarke.start_method(cfg, problem, "baydin")
+    tuner = run.tuner
+    assert isinstance(tuner, clarke.BaydinAsAuthors) and isinstance(tuner.hyper_opt, torch.optim.SGD)
+    assert tuner.hyper_opt.param_groups[0]["lr"] == 0.001 and tuner.tuned_keys == ["lr"]
+    X, y = problem.merge(problem.train, problem.val)  # Baydin trains on train + validation, full batch
+    assert len(X) == len(run.train_batches()[0]) == len(problem.train[0]) + len(problem.val[0])
+    w0, raw0, nat0 = dict(tuner.params), {k: v.detach().clone() for k, v in tuner.raw.items()}, tuner.describe()
+    run.advance(1)
+    nat1 = tuner.describe()
+    for j in range(cfg.inits):
+        lr, mom, wd = (float(nat0[n][j]) for n in ("lr", "momentum", "weight_decay"))
+        g0, _ = _mse_grad(_member(w0, j), X, y)
+        w1 = {k: v - lr * (g0[k] + wd * v) for k, v in _member(w0, j).items()}  # torch SGD's first step
+        for k in w1:
+            torch.testing.assert_close(tuner.params[k][j], w1[k], rtol=1e-12, atol=1e-12)
+        g1, _ = _mse_grad(w1, X, y)
+        dot = sum(float((g1[k] * g0[k]).sum()) for k in g0)
+        expected = min(0.0, max(-10.0, float(raw0["lr"][j]) + 0.001 * dot))
+        assert float(tuner.raw["lr"][j]) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert dot != 0 and float(tuner.raw["lr"][j]) != float(raw0["lr"][j])
+        for n in ("momentum", "weight_decay"):
+            assert float(nat1[n][j]) == float(nat0[n][j])
+
+
+def test_authors_baydin_hypergradient_is_the_lr_derivative_of_a_plain_sgd_step(data_dir):
+    """-g_1 . g_0 is d L(w_0 - lr g_0) / d lr (central finite difference): the quantity Baydin et al. follow."""
+    cfg = clarke.ClarkeConfig(dataset="energy", inits=1, steps=1, dtype="float64", data_dir=str(data_dir))
+    problem = clarke.load_problem(cfg)
+    run = clarke.start_method(cfg, problem, "baydin")
+    X, y = problem.merge(problem.train, problem.val)
+    w0 = _member(run.tuner.params, 0)
+    g0, _ = _mse_grad(w0, X, y)
+    lr, eps = 0.01, 1e-6
+
+    def loss_at(a):
+        return _mse_grad({k: v - a * g0[k] for k, v in w0.items()}, X, y)[1]
+
+    fd = (loss_at(lr + eps) - loss_at(lr - eps)) / (2 * eps)
+    run.tuner._prev = (run.tuner.params, None)
+    run.tuner.params = {k: (v - lr * g0[k]).unsqueeze(0) for k, v in w0.items()}  # population axis of one
+    h = run.tuner.baydin_hypergradient((X, y), (X, y))["lr"]
+    assert float(h[0]) == pytest.approx(fd, rel=1e-6)
+
+
+def test_authors_baydin_clamps_raw_lr_into_clarkes_box(data_dir):
+    cfg = clarke.ClarkeConfig(
+        dataset="energy", inits=2, steps=1, dtype="float64", baydin_hyper_lr=1e6, data_dir=str(data_dir)
+    )
+    run = clarke.start_method(cfg, clarke.load_problem(cfg), "baydin")
+    run.advance(1)
+    raw = run.tuner.raw["lr"]
+    assert bool(((raw >= -10) & (raw <= 0)).all()) and bool((raw == 0).any())  # pushed up to lr = 1, no further
+
+
+def test_earlier_baydin_files_become_baydin_ours(tmp_path):
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    old = {"final_test_loss": [1.0], "final_val_loss": [1.0], "seconds": [1.0]}
+    (tmp_path / "methods" / "baydin.json").write_text(json.dumps(old))
+    torch.save({"tuner": {}}, tmp_path / "checkpoints" / "baydin.pt")
+    with pytest.warns(UserWarning, match="baydin-ours"):
+        clarke._migrate_baydin(tmp_path)
+    assert json.loads((tmp_path / "methods" / "baydin-ours.json").read_text()) == old
+    assert (tmp_path / "checkpoints" / "baydin-ours.pt").exists()
+    assert not (tmp_path / "methods" / "baydin.json").exists()
+    new = {**old, "variant": clarke.AUTHORS_BAYDIN}
+    (tmp_path / "methods" / "baydin.json").write_text(json.dumps(new))
+    clarke._migrate_baydin(tmp_path)  # the authors' variant's own files stay
+    assert json.loads((tmp_path / "methods" / "baydin.json").read_text()) == new
+
+
+def test_baydin_variants_and_records_in_a_run(energy_run):
+    _, doc = energy_run
+    assert doc["methods"]["baydin"]["variant"] == clarke.AUTHORS_BAYDIN
+    assert "variant" not in doc["methods"]["baydin-ours"]
+    assert doc["config"]["baydin_hyper_lr"] == 0.001
+
+
+def test_perplexity_rows_are_statistics_of_exp_cross_entropy():
+    doc = {"methods": {"a": {"final_test_loss": [1.0, 2.0, None, 3.0]}}}
+    (row,) = clarke.perplexity_rows(doc, n_resamples=50)
+    assert row["median"] == pytest.approx(math.exp(2.0))
+    assert row["best"] == pytest.approx(math.e) and row["diverged"] == 1 and row["n"] == 4
+    assert row["mean"] == pytest.approx((math.e + math.exp(2) + math.exp(3)) / 3)
+
+
+def test_paper_protocol_is_one_option_away_and_explicit_options_win(tmp_path, capsys):
+    """``--paper-protocol``: Clarke et al.'s scale (PTB: 50 inits, their 2391 x 10 weight steps = 72 epochs, the
+    2 x 650 LSTM with bptt 70 and 40 sequences); --inits / --steps / --lm-size given on the command line win."""
+    p = cli.build_parser()
+
+    def cfg(*extra):
+        return clarke.config_from_args(p.parse_args(["run", "clarke", *extra, "--out", str(tmp_path)]))
+
+    c = cfg("--dataset", "ptb", "--paper-protocol")
+    assert (c.inits, c.steps, c.lm_size, c.batch_size) == (50, 2391 * 10, "paper", None)
+    assert clarke.LM_SIZES[c.lm_size] == dict(embed=650, hidden=650, layers=2, bptt=70, batch=40)
+    # 72 passes over the 929,589 training tokens in bptt-70 windows of 40 sequences: 72 * 929589 / 2800 steps
+    assert abs(c.steps - 72 * 929589 / (40 * 70)) < 10
+    c = cfg("--dataset", "ptb", "--paper-protocol", "--inits", "3", "--lm-size", "cpu")
+    assert (c.inits, c.steps, c.lm_size) == (3, 23910, "cpu")
+    c = cfg("--dataset", "ptb")  # the CPU size without the option
+    assert (c.inits, c.steps, c.lm_size) == (40, 4000, "cpu")
+    assert (cfg("--dataset", "energy", "--paper-protocol").inits, cfg("--dataset", "energy").inits) == (200, 40)
+    assert cfg("--dataset", "fashion-mnist", "--paper-protocol").steps == 8400  # 10 epochs of 42,000 / 50
+    assert cli.main(["run", "clarke", "--dataset", "digits", "--paper-protocol", "--out", str(tmp_path / "d")]) == 2
+    out = capsys.readouterr().out
+    assert "no paper protocol for 'digits'" in out and len(out.strip().splitlines()) == 1

@@ -302,3 +302,162 @@ def test_missing_cifar_gives_clear_error(tmp_path, monkeypatch):
                 str(tmp_path / "o"),
             ]
         )
+
+
+# ------------------------------------------------------------------ issue 16: overfit-validation, inverse-study
+
+
+class _TinyConvNet(torch.nn.Module):
+    """conv -> activation -> pooling -> linear, small enough for a dense Hessian. ``smooth``: tanh and average
+    pooling (a minimiser w*(lambda) where finite differences of L_V(w*(lambda)) exist); else ReLU and max-pooling
+    as LeNet."""
+
+    def __init__(self, smooth=True):
+        super().__init__()
+        self.smooth = smooth
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.fc = torch.nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        h = F.avg_pool2d(torch.tanh(self.conv(x)), 2) if self.smooth else F.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(h.flatten(1))
+
+
+def _tiny_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(12, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(12) % 3
+    return (X[:6], y[:6]), (X[6:], y[6:])
+
+
+@pytest.mark.parametrize("implicit", ["update", "loss"])
+def test_overfit_validation_conv_hypergradient_matches_finite_differences(implicit):
+    """The study's loop (vmap-ed functional_call of a conv net, per-weight log10 decays) at a minimiser w*(lambda)
+    gives dL_V(w*(lambda))/dlog10(lambda) of every layer: central differences re-solving the inner problem."""
+    from bilevel.population import module_forward
+    from bilevel_studies.lorraine.overfit_fd_check import check
+
+    torch.set_num_threads(1)  # hundreds of tiny solves: threads only add overhead (the autouse fixture restores)
+    module = _TinyConvNet().to(torch.float64)
+    params = module_init(module, torch.Generator().manual_seed(1))
+    train, val = _tiny_data()
+    res = check(
+        module_forward(module), params, train, val, init_decay=0.05, implicit=implicit, solver="exact", warmup=50
+    )
+    assert set(res) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
+    for layer, r in res.items():
+        assert abs(r["fd"]) > 1e-4, (layer, r)
+        assert r["rel_error"] < 1e-5, (layer, r)
+
+
+def test_overfit_validation_relu_conv_hypergradient_is_the_neumann_formula():
+    """With ReLU and max-pooling (no smooth minimiser), the loop's hypergradient after SGD steps equals the same
+    Neumann formula computed on one model with plain autograd, layer by layer."""
+    from bilevel.population import module_forward
+    from bilevel_studies.lorraine.overfit_fd_check import formula_check
+
+    module = _TinyConvNet(smooth=False).to(torch.float64)
+    params = module_init(module, torch.Generator().manual_seed(1))
+    train, val = _tiny_data()
+    res = formula_check(module_forward(module), params, train, val, init_decay=0.05, warmup=30, steps=5)
+    for layer, r in res.items():
+        assert r["reference_norm"] > 1e-8, (layer, r)
+        assert r["rel_error"] < 1e-10, (layer, r)
+
+
+def test_overfit_validation_stop_at_perfect_preset_and_layer_summary(tmp_path, data_dir):
+    doc = _run(
+        tmp_path,
+        "overfit-validation",
+        "--data-dir",
+        str(data_dir),
+        "--models",
+        "linear",
+        "--iterations",
+        "400",
+        "--eval-every",
+        "20",
+        "--test-size",
+        "100",
+        "--n-train",
+        "10",
+        "--n-val",
+        "10",
+        "--steps",
+        "2",
+        "--stop-at-perfect",
+    )
+    r = doc["models"]["linear"]
+    # stopped at the first evaluation with 100% training and validation accuracy, before --iterations
+    assert r["steps"] < 400 and r["curves"]["step"][-1] == r["steps"]
+    assert r["final"]["train"] == 1.0 and r["final"]["val"] == 1.0
+    assert all(
+        r["curves"]["val"][i] < 1.0 or r["curves"]["train"][i] < 1.0 for i in range(len(r["curves"]["step"]) - 1)
+    )
+    layers = r["by_layer"]
+    assert set(layers) == {"W0", "b0"} and layers["W0"]["count"] == 7840
+    assert 0 <= layers["W0"]["share_moved_0.1_decade"] <= 1 and layers["W0"]["hypergradient_rms"] >= 0
+    # --preset authors sets the options left at their defaults, and keeps the ones given
+    from bilevel_studies.lorraine import overfit_validation as OV
+
+    ns = argparse_namespace(OV, ["--preset", "authors", "--lr", "0.001"])
+    OV.apply_preset(ns)
+    assert ns.optimizer == "adam" and ns.lr == 0.001 and ns.solver == "identity" and ns.interval == 5
+    assert ns.init_decay == pytest.approx(2 * math.exp(-4)) and ns.hyper_lr == pytest.approx(0.01 / math.log(10))
+
+
+def argparse_namespace(module, argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_authors_inverse_comparison_solvers_match_their_definitions():
+    """inverse_comparison.py's Neumann series runs on alpha g g^T (stopping when a term stops shrinking) and its CG
+    solves v v^T x = v from x0 = v: closed forms on a 5-vector."""
+    from bilevel_studies.lorraine.inverse_study import AuthorsCG, AuthorsNeumann
+
+    gen = torch.Generator().manual_seed(0)
+    v = {"w": torch.randn(5, generator=gen, dtype=torch.float64)}
+    g = torch.randn(5, generator=gen, dtype=torch.float64)
+    a, k = 0.05, 4
+    M = torch.eye(5, dtype=torch.float64) - a * torch.outer(g, g)
+    ref = sum(torch.linalg.matrix_power(M, j) @ v["w"] for j in range(k + 1))
+    torch.testing.assert_close(AuthorsNeumann(k, a, g)(None, v)["w"], ref)
+    # a term that does not shrink stops the series: g orthogonal to v leaves every term equal to v
+    g_perp = g - (g @ v["w"]) / (v["w"] @ v["w"]) * v["w"]
+    torch.testing.assert_close(AuthorsNeumann(k, a, g_perp)(None, v)["w"], v["w"])
+    # CG on the rank-one v v^T from x0 = v reaches the minimum-residual solution v / |v|^2 in one iteration
+    torch.testing.assert_close(AuthorsCG(1)(None, v)["w"], v["w"] / (v["w"] @ v["w"]))
+    torch.testing.assert_close(AuthorsCG(0)(None, v)["w"], v["w"])
+
+
+def test_inverse_study_net_and_authors_options(tmp_path, data_dir):
+    common = ["--data-dir", str(data_dir), "--hyper-steps", "1", "--interval", "2", "--compare-every", "1"]
+    common += ["--max-steps", "3", "--train-steps", "20", "--hidden", "2", "--neumann-terms", "1"]
+    # (cg: 2 SGD steps leave the net far from a minimum, where a Neumann hyper step diverges)
+    net = ["--fig3-model", "net", "--fig3-hidden", "3", "--solver", "cg", "--steps", "3"]
+    doc = _run(tmp_path / "net", "inverse-study", *common, *net)
+    assert doc["fig3_model"] == {"kind": "net", "weights": 13 * 3 + 3 + 3 + 1, "approximations": "hessian"}
+    assert set(doc["metrics"]["cosine"]["cg"]) == {"0", "1", "2", "3"}
+    doc = _run(tmp_path / "authors", "inverse-study", *common, "--approximations", "authors")
+    c = doc["metrics"]["cosine"]
+    # both of the authors' inversions start from v itself (x0 = v; the series' first term), so at 0 steps they agree
+    assert c["neumann"]["0"] == pytest.approx(c["cg"]["0"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--n", "0"], "--n: must be an integer >= 1"), (["--image-size", "8"], "at least 12x12 pixels")],
+)
+def test_overfit_fd_check_bad_input_is_one_error_line(argv, message, capsys, data_dir):
+    from bilevel_studies.lorraine.overfit_fd_check import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--data-dir", str(data_dir)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)

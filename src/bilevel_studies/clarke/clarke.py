@@ -9,7 +9,9 @@ hyperparameters drawn from seed ``S * 1_000_003 + i`` for initialisation i of ``
 ``random-xlr``     ``random`` with lr *= U[0.95, 1.01] every T steps
 ``random-3batched`` best of every three ``random`` runs by validation loss
 ``lorraine``       IFT hypergradient on the weight decay only
-``baydin``         hypergradient descent on the learning rate, every step
+``baydin``         hypergradient descent on the learning rate, every step, as Clarke et al.'s code
+                   (:class:`BaydinAsAuthors`: SGD 0.001 on log10 lr along -g_t . g_{t-1})
+``baydin-ours``    our earlier reading: Adam 0.05 on log10 lr through the step just taken
 ``ours-wd-lr``     IFT on weight decay and learning rate
 ``ours-wd-lr-m``   IFT on weight decay, learning rate and momentum
 ``ours-wd-hdlr-m`` as above with one learning rate per weight
@@ -67,6 +69,8 @@ class Method:
     merge_train_val: bool = False
     lr_multiplier: tuple[float, float] | None = None
     per_weight_lr: bool = False
+    # Baydin et al.'s hypergradient descent as Clarke et al.'s code runs it (:class:`BaydinAsAuthors`)
+    authors_baydin: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -74,7 +78,10 @@ METHODS: dict[str, Method] = {
     "random-xlr": Method(mode="none", tuned=(), merge_train_val=True, lr_multiplier=(0.95, 1.01)),
     "random-3batched": Method(mode="none", tuned=(), merge_train_val=True),  # derived from "random"
     "lorraine": Method(tuned=("weight_decay",)),
-    "baydin": Method(mode="baydin", tuned=("lr",)),
+    # Clarke et al.'s Baydin baseline (configs/Baydin.yaml + BaydinHypergradientDescent in their code)
+    "baydin": Method(mode="baydin", tuned=("lr",), merge_train_val=True, authors_baydin=True),
+    # the earlier "baydin" of this package (Adam 0.05 on log10 lr through the step, training split only)
+    "baydin-ours": Method(mode="baydin", tuned=("lr",)),
     "ours-wd-lr": Method(tuned=("lr", "weight_decay")),
     "ours-wd-lr-m": Method(),
     "ours-wd-hdlr-m": Method(per_weight_lr=True),
@@ -92,6 +99,7 @@ class ClarkeConfig:
     interval: int = 10
     lookback: int = 5
     hyper_lr: float = 0.05
+    baydin_hyper_lr: float = 0.001  # plain SGD step on log10 lr of the authors' Baydin (configs/Baydin.yaml)
     hidden: int = 50
     model: str = "auto"  # mlp (UCI, images), lstm (ptb), resnet18 (cifar10)
     lm_size: str = "cpu"  # ptb: "paper" (2 x 650 units, bptt 70, batch 40) or "cpu" (see LM_SIZES)
@@ -310,6 +318,67 @@ class SequenceBatches:
 # ---------------------------------------------------------------------------- one method
 
 
+#: the ``variant`` recorded in the results and checkpoints of method ``baydin`` (the authors' Baydin); files of
+#: ``baydin`` without it come from the earlier ``baydin`` and are moved to ``baydin-ours`` (:func:`_migrate_baydin`)
+AUTHORS_BAYDIN = "authors"
+
+
+class BaydinAsAuthors(OnlineTuner):
+    """Baydin et al.'s (2018) hypergradient descent as Clarke et al.'s code runs it (their *Baydin* baseline).
+
+    From ``configs/Baydin.yaml`` and ``optimisers.BaydinHypergradientDescent`` of
+    rmclarke/OptimisingWeightUpdateHyperparameters: after every weight step (``force_single_network_weight_step``)
+    the raw hyperparameter ``log10 lr`` (only the learning rate is tuned; momentum and weight decay stay at their
+    initial values) receives the gradient
+
+        h = -(dL(w_t; B') . dL(w_{t-1}; B))
+
+    the dot product of the plain loss gradients (no weight decay, no momentum, no gradient clipping) at the weights
+    after and before the step, on the step's batch B and on another batch B' drawn by a second sampler over the
+    same data (their "validation" loader is the training loader when ``validation_proportion`` is 0, as it is for
+    Baydin: it trains on training + validation data, like Random). ``h`` is dL/d lr of plain SGD, applied to
+    ``log10 lr`` as it is (no chain-rule factor), by plain SGD with step ``hyper_lr`` (0.001); afterwards the raw
+    value is clamped into ``[-10, 0]`` (their ``hyperparameter_clipping: lr: [-10, 0]``, applied in place to
+    the raw tensor after each hyperparameter step).
+
+    The library's ``mode="baydin"`` (kept as method ``baydin-ours``) instead differentiates the training loss
+    at the new weights through the whole step (momentum buffer and weight decay included) with respect to
+    ``log10 lr`` (chain-rule factor ``lr ln 10`` included) and feeds it to Adam 0.05.
+
+    ``next_batches`` is the sampler of B' (``None``: B itself, as for full-batch data, where B' = B).
+    """
+
+    #: the raw (log10) learning-rate box of Clarke et al.'s code, applied in place after every step
+    RAW_CLIP = (-10.0, 0.0)
+
+    def __init__(self, *args: Any, next_batches: Callable[[], Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.next_batches = next_batches
+
+    def _loss_gradients(self, params: Mapping[str, torch.Tensor], nat: Mapping[str, Any], batch: Any):
+        w = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            loss = self.train_loss(w, dict(nat), batch).sum()  # members are independent: the stack of their own
+            return torch.autograd.grad(loss, list(w.values()))
+
+    def baydin_hypergradient(self, batch: Any, new_batch: Any) -> dict[str, torch.Tensor]:
+        """``{key: -(g_new . g_prev)}`` for every tuned raw key, shape of that key (one value per member)."""
+        w_prev, _ = self._prev  # type: ignore[misc]
+        with torch.no_grad():
+            nat = self.natural({k: v.detach() for k, v in self.raw.items()})
+        g_prev = self._loss_gradients(w_prev, nat, batch)
+        g_new = self._loss_gradients(self.params, nat, new_batch)
+        dot = sum((a * b).reshape(self.P, -1).sum(1) for a, b in zip(g_new, g_prev))
+        return {k: (-dot).reshape(self.raw[k].shape).to(self.raw[k].dtype) for k in self.tuned_keys}
+
+    def _baydin_step(self, batch: Any) -> None:
+        new_batch = self.next_batches() if self.next_batches is not None else batch
+        self.apply_hypergradient(self.baydin_hypergradient(batch, new_batch))
+        with torch.no_grad():
+            for k in self.tuned_keys:
+                self.raw[k].clamp_(*self.RAW_CLIP)
+
+
 def build_tuner(
     cfg: ClarkeConfig,
     problem: Problem,
@@ -344,13 +413,14 @@ def build_tuner(
         interval=cfg.interval,
         lookback=cfg.lookback,
         mode="none" if not method.tuned else method.mode,
-        hyper_lr=cfg.hyper_lr,
+        hyper_lr=cfg.baydin_hyper_lr if method.authors_baydin else cfg.hyper_lr,
+        hyper_optimizer=torch.optim.SGD if method.authors_baydin else torch.optim.Adam,
         record_every=_record_every(cfg),
         seed=cfg.seed,
         grad_clip=cfg.grad_clip if cfg.grad_clip is not None else (0.25 if problem.kind == "language-model" else None),
     )
     callbacks = [RandomLRMultiplier(*method.lr_multiplier, seed=cfg.seed)] if method.lr_multiplier else []
-    return OnlineTuner(
+    return (BaydinAsAuthors if method.authors_baydin else OnlineTuner)(
         params,
         raw,
         space,
@@ -406,11 +476,14 @@ class MethodRun:
         self.tuner.run(steps, self.train_batches, self.val_batches, record_batches=self.record, progress=progress)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        sd = {
             "tuner": self.tuner.state_dict(),
             "train_batches": self.train_batches.state_dict(),
             "val_batches": self.val_batches.state_dict(),
         }
+        if isinstance(self.tuner, BaydinAsAuthors):
+            sd["variant"] = AUTHORS_BAYDIN  # tells it from a checkpoint of the earlier "baydin" (now baydin-ours)
+        return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.tuner.load_state_dict(sd["tuner"])
@@ -435,12 +508,16 @@ def start_method(
         train_data = problem.train
     sampler = problem.batches or (lambda data, seed: Batches(data, cfg.batch_size, seed))
     record = tuple(problem.chunks(d, cfg.record_rows)[0] for d in (problem.train, problem.val, problem.test))
-    return MethodRun(
+    # the authors' Baydin draws its second batch B' from a second sampler over its own (merged) training data
+    run = MethodRun(
         tuner,
         sampler(train_data, pop.derived_seed(cfg.seed, 0)),
-        sampler(problem.val, pop.derived_seed(cfg.seed, 1)),
+        sampler(train_data if method.authors_baydin else problem.val, pop.derived_seed(cfg.seed, 1)),
         record,
     )
+    if isinstance(tuner, BaydinAsAuthors):
+        tuner.next_batches = run.val_batches  # its state is checkpointed with the run's
+    return run
 
 
 def run_method(
@@ -490,7 +567,9 @@ def method_results(cfg: ClarkeConfig, problem: Problem, run: MethodRun) -> dict[
     def final(values: torch.Tensor) -> list[float | None]:
         return [float(v) if good else None for v, good in zip(values.tolist(), ok)]
 
+    variant = {"variant": AUTHORS_BAYDIN} if isinstance(tuner, BaydinAsAuthors) else {}
     return {
+        **variant,
         "final_test_loss": final(finals["test"]),
         "final_val_loss": final(finals["val"]) if len(problem.val[0]) else [None] * tuner.P,
         "final_train_loss": final(finals["train"]),
@@ -572,6 +651,7 @@ def run(
     save_run_config(out, cfg_dict)
     (out / "methods").mkdir(exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
+    _migrate_baydin(out)
     results: dict[str, Any] = {}
     needed = [m for m in methods if m != "random-3batched"]
     if "random-3batched" in methods and "random" not in needed:
@@ -609,6 +689,37 @@ def run(
     return doc
 
 
+def _migrate_baydin(out: Path) -> None:
+    """Files of method ``baydin`` written when ``baydin`` was what is now ``baydin-ours`` become ``baydin-ours``'s.
+
+    ``methods/baydin.json`` / ``checkpoints/baydin.pt`` without ``variant == "authors"`` are renamed to
+    ``baydin-ours.json`` / ``baydin-ours.pt`` (same configuration, same code, so the same numbers), unless
+    ``baydin-ours`` has its own already (then they are set aside as ``NAME.earlier-baydin``), with a warning.
+    """
+    import json
+    import warnings
+
+    for folder, ext in (("methods", "json"), ("checkpoints", "pt")):
+        path = out / folder / f"baydin.{ext}"
+        if not path.exists():
+            continue
+        try:
+            doc = json.loads(path.read_text()) if ext == "json" else torch.load(path, weights_only=False)
+        except Exception:  # unreadable: left for the usual set-aside of damaged files
+            continue
+        if not isinstance(doc, dict) or doc.get("variant") == AUTHORS_BAYDIN:
+            continue
+        target = out / folder / f"baydin-ours.{ext}"
+        if target.exists():
+            target = path.with_name(path.name + ".earlier-baydin")
+        path.replace(target)
+        warnings.warn(
+            f"{path} was written by the earlier 'baydin' (now method 'baydin-ours'); moved to {target.name}; "
+            "'baydin' is now Clarke et al.'s Baydin baseline",
+            stacklevel=2,
+        )
+
+
 def _finished(path: Path) -> dict[str, Any] | None:
     """A finished method's results (``methods/NAME.json``), or ``None``: absent, or damaged (then set aside
     with a warning, and the method is trained again from its checkpoint, if any)."""
@@ -623,7 +734,7 @@ def validate_config(cfg: ClarkeConfig) -> list[str]:
 
     ``lookback`` is per method: Diff-through-Opt unrolls ``lookback`` steps, so it needs ``>= 1``; the IFT
     methods use ``lookback`` Neumann steps (``lookback + 1`` terms), so 0 is legitimate there (one term,
-    the identity approximation); ``random*`` and ``baydin`` do not use it.
+    the identity approximation); ``random*`` and ``baydin*`` do not use it.
     """
     methods = parse_methods(cfg.methods)
     if not methods:
@@ -643,8 +754,10 @@ def validate_config(cfg: ClarkeConfig) -> list[str]:
     at_least("lookback", 0)
     if cfg.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
-    if not (isinstance(cfg.hyper_lr, (int, float)) and math.isfinite(cfg.hyper_lr) and cfg.hyper_lr > 0):
-        raise ValueError(f"--hyper-lr must be a number > 0, got {cfg.hyper_lr!r}")
+    for name in ("hyper_lr", "baydin_hyper_lr"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
     for name in ("val_fraction", "test_fraction"):
         v = getattr(cfg, name)
         if v is not None and not 0 < v < 1:
@@ -695,18 +808,41 @@ def add_arguments(
     )
     p.add_argument("--methods", default=methods, help=f"comma-separated from {', '.join(METHODS)}, or 'all'")
     p.add_argument(
-        "--inits", type=C.positive_int, default=inits, help="random hyperparameter initialisations per method"
+        "--inits",
+        type=C.positive_int,
+        default=None,
+        help=f"random hyperparameter initialisations per method (default {inits}; --paper-protocol: the paper's)",
     )
-    p.add_argument("--steps", type=C.positive_int, default=steps, help="weight updates (full-batch epochs for UCI)")
+    p.add_argument(
+        "--steps",
+        type=C.positive_int,
+        default=None,
+        help=f"weight updates (full-batch epochs for UCI; default {steps}; --paper-protocol: the paper's)",
+    )
+    p.add_argument(
+        "--paper-protocol",
+        action="store_true",
+        help="the paper's scale for the data set where --inits / --steps / --lm-size are not given: UCI 200 x 4000, "
+        "fashion-mnist 100 x 8400, ptb 50 x 23910 steps of the 2 x 650 LSTM (Clarke et al. sec. 4; needs a GPU "
+        "for ptb)",
+    )
+    p.set_defaults(clarke_default_inits=inits, clarke_default_steps=steps)
     p.add_argument("--interval", type=C.positive_int, default=10, help="T: weight steps between hyperparameter steps")
     p.add_argument(
         "--lookback",
         type=C.nonnegative_int,
         default=5,
         help="i: Neumann steps of the IFT methods (i + 1 terms; 0 is allowed: one term) / unrolled steps "
-        "of diff-through-opt (must be >= 1 there); not used by random* and baydin",
+        "of diff-through-opt (must be >= 1 there); not used by random* and baydin*",
     )
     p.add_argument("--hyper-lr", type=C.positive_float, default=0.05, help="Adam learning rate on the hyperparameters")
+    p.add_argument(
+        "--baydin-hyper-lr",
+        type=C.positive_float,
+        default=0.001,
+        help="plain-SGD step on log10 lr of method baydin (Clarke et al.'s Baydin baseline: 0.001); "
+        "baydin-ours uses --hyper-lr with Adam",
+    )
     p.add_argument(
         "--batch-size",
         type=C.positive_int,
@@ -730,9 +866,10 @@ def add_arguments(
     )
     p.add_argument(
         "--lm-size",
-        default="cpu",
+        default=None,
         choices=sorted(LM_SIZES),
-        help="ptb LSTM: paper (2 x 650 units, bptt 70, batch 40) or cpu (2 x 128, bptt 35, batch 20)",
+        help="ptb LSTM: paper (2 x 650 units, bptt 70, batch 40) or cpu (2 x 128, bptt 35, batch 20; the default "
+        "without --paper-protocol)",
     )
     p.add_argument(
         "--checkpoint-every",
@@ -741,6 +878,25 @@ def add_arguments(
         help="weight steps between checkpoints: a kill loses at most this much work per method; "
         "re-running the same command resumes and gives the same numbers (it may use another "
         "--checkpoint-every: the interval cannot change a result)",
+    )
+    p.add_argument(
+        "--record-every",
+        type=C.positive_int,
+        default=None,
+        help="weight steps between recorded curve points (default: --steps / 50)",
+    )
+    p.add_argument(
+        "--record-rows",
+        type=C.positive_int,
+        default=5000,
+        help="examples (tokens for ptb) of each set on which the curves are recorded",
+    )
+    p.add_argument(
+        "--eval-rows",
+        type=C.positive_int,
+        default=None,
+        help="final validation and test losses on the first this many examples (tokens for ptb) of each set "
+        "(default: the whole sets)",
     )
     p.add_argument(
         "--image-scaling",
@@ -783,23 +939,58 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: ``--paper-protocol``: Clarke et al.'s initialisations and weight steps per data set (Tables 1 and 2; Fashion-MNIST:
+#: 10 epochs of our 42,000-image training split; Penn Treebank: their config's 2391 x 10 steps = 72 epochs of
+#: bptt-70 windows of 40 sequences, with the 2 x 650 LSTM)
+PAPER_PROTOCOL: dict[str, dict[str, Any]] = {
+    **{name: dict(inits=200, steps=4000) for name in D.UCI_DATASETS},
+    "fashion-mnist": dict(inits=100, steps=8400),
+    "ptb": dict(inits=50, steps=23910, lm_size="paper"),
+}
+
+
+def protocol_settings(a: argparse.Namespace, name: str) -> dict[str, Any]:
+    """``inits``, ``steps`` and ``lm_size``: those given on the command line, else the paper's
+    (``--paper-protocol``), else the command's defaults."""
+    paper = getattr(a, "paper_protocol", False)
+    if paper and name not in PAPER_PROTOCOL:
+        raise ValueError(
+            f"--paper-protocol: no paper protocol for {name!r}; known: {', '.join(sorted(PAPER_PROTOCOL))}"
+        )
+    table = PAPER_PROTOCOL.get(name, {}) if paper else {}
+    fallback = {
+        "inits": getattr(a, "clarke_default_inits", 40),
+        "steps": getattr(a, "clarke_default_steps", 4000),
+        "lm_size": "cpu",
+    }
+    return {
+        key: given if (given := getattr(a, key, None)) is not None else table.get(key, fallback[key])
+        for key in ("inits", "steps", "lm_size")
+    }
+
+
 def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
     name = D.dataset_name(a.dataset)
     kind = D.DATASETS[name].kind
+    scale = protocol_settings(a, name)
     default_bs = 100 if name == "cifar10" else (50 if kind == "classification" and name != "digits" else None)
     bs = a.batch_size if a.batch_size is not None else default_bs
     return ClarkeConfig(
         dataset=name,
         methods=a.methods,
-        inits=a.inits,
-        steps=a.steps,
+        inits=scale["inits"],
+        steps=scale["steps"],
         seed=a.seed,
         interval=a.interval,
         lookback=a.lookback,
         hyper_lr=a.hyper_lr,
+        baydin_hyper_lr=getattr(a, "baydin_hyper_lr", 0.001),
+        record_every=getattr(a, "record_every", None),
+        record_rows=getattr(a, "record_rows", 5000),
+        eval_rows=getattr(a, "eval_rows", None),
         hidden=a.hidden,
         model=getattr(a, "model", "auto"),
-        lm_size=getattr(a, "lm_size", "cpu"),
+        lm_size=scale["lm_size"],
         test_fraction=getattr(a, "test_fraction", None),
         batch_size=bs,
         val_fraction=a.val_fraction,
@@ -837,12 +1028,45 @@ def divergence_notes(doc: Mapping[str, Any], hyper_lr_option: str = "--hyper-lr"
             why = "non-finite final loss"
         method = METHODS.get(name)
         if method is not None and method.tuned:
-            lr = cfg.get("hyper_lr")
-            hint = f"try a smaller {hyper_lr_option}" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
+            key, option = (
+                ("baydin_hyper_lr", "--baydin-hyper-lr") if method.authors_baydin else ("hyper_lr", hyper_lr_option)
+            )
+            lr = cfg.get(key)
+            hint = f"try a smaller {option}" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
         else:
             hint = "these fixed initial hyperparameters do not train (a baseline result, not a fault)"
         notes.append(f"all {n} run{'s' * (n != 1)} of {name} diverged ({why}): {hint}")
     return notes
+
+
+def perplexity_rows(doc: Mapping[str, Any], n_resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Table 2's Penn Treebank statistics: per-run test perplexities ``exp(cross-entropy)``, then the usual
+    bootstrap mean / median (and best) over them, as :func:`bilevel.report.tables.summary_table`."""
+    from bilevel.report.tables import summary_table
+
+    def ppl(v: float | None) -> float | None:
+        return None if v is None else math.exp(v)
+
+    perplexities = {
+        name: {"final_test_loss": [ppl(v) for v in m.get("final_test_loss") or []]}
+        for name, m in doc.get("methods", {}).items()
+    }
+    return summary_table({"methods": perplexities}, n_resamples=n_resamples, seed=seed)
+
+
+def write_perplexity_table(doc: Mapping[str, Any], out: Path, console=None) -> Path:
+    """Print the perplexity table of a ``ptb`` run and write it to ``out/table_perplexity.md``."""
+    from rich.console import Console
+
+    from bilevel._io import atomic_write_text
+    from bilevel.report.tables import format_table, markdown_table
+
+    rows = perplexity_rows(doc)
+    title = "Final test perplexity (clarke, ptb)"
+    (console or Console()).print(format_table(rows, title))
+    path = out / "table_perplexity.md"
+    atomic_write_text(path, markdown_table(rows, title))
+    return path
 
 
 def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
@@ -858,6 +1082,8 @@ def main(a: argparse.Namespace, progress_factory=None, console=None) -> dict:
         block_size=getattr(a, "block_size", None),
     )
     write_report(doc, a.out, console=console)
+    if doc["config"].get("dataset") == "ptb":
+        write_perplexity_table(doc, Path(a.out), console=console)
     notes = divergence_notes(doc)
     if notes:
         from rich.console import Console

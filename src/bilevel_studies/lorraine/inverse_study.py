@@ -8,6 +8,15 @@ exact inverse Hessian (dense solve) is compared with Neumann (Alg. 3, ``alpha = 
 and conjugate gradient for ``0..--max-steps`` steps / iterations (Neumann with k steps sums k + 1 terms,
 ``alpha * sum_{j=0..k} (I - alpha H)^j``): cosine similarity and L2 distance.
 
+``--fig3-model net`` runs part 1 on a 1-hidden-layer tanh network (``--fig3-hidden`` units, one decay per
+weight), where the compared step counts are far below the number of weights, so CG is not exact by finite
+termination. ``--approximations authors`` compares instead the two inversions of the authors' public
+``inverse_comparison.py`` (ThrunGroup/implicit-hyper-opt): its Neumann series runs on the rank-one outer product
+``g g^T`` of the training gradient (step ``--lr``, no leading alpha, stopped when a term stops shrinking) and its
+CG solves ``v v^T x = v`` (``v`` the validation gradient) from ``x0 = v`` (:class:`AuthorsNeumann`,
+:class:`AuthorsCG`). That file has no Boston data, no linear model and no exact reference: it fine-tunes a
+CIFAR-10 ResNet-18 checkpoint (or a 100-image MNIST subset) and prints no comparison.
+
 Part 2 (Fig. 4). A one-hidden-layer tanh network on the same data is trained to a minimum of the
 training loss (plus a fixed L2, ``--net-decay``, so the Hessian is positive definite); its inverse Hessian
 ``H^-1``, the identity approximation and Neumann with 1, 5 and 20 steps (2, 6 and 21 terms; rows obtained
@@ -61,6 +70,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-decay", type=C.positive_float, default=1e-2, help="initial weight decay of every weight")
     p.add_argument("--compare-every", type=C.positive_int, default=5, help="compare approximations every N hyper steps")
     p.add_argument(
+        "--fig3-model",
+        choices=("linear", "net"),
+        default="linear",
+        help="model of part 1 (Fig. 3): 'linear' (default; 13 decayed weights + bias, so CG is exact after 13-14 "
+        "iterations) or 'net', a 1-hidden-layer tanh network with --fig3-hidden units and one decay per weight "
+        "(many more weights than compared steps)",
+    )
+    p.add_argument(
+        "--fig3-hidden", type=C.positive_int, default=50, help="hidden units of the --fig3-model net (default 50)"
+    )
+    p.add_argument(
+        "--approximations",
+        choices=("hessian", "authors"),
+        default="hessian",
+        help="what part 1 compares with the exact hypergradient: 'hessian' (default; Neumann with alpha = "
+        "1/lambda_max and CG on the training Hessian) or 'authors', the two inversions of the authors' "
+        "inverse_comparison.py: a Neumann series on the outer product g g^T of the training gradient with "
+        "alpha = --lr, stopped when a term stops shrinking, and CG (x0 = v) on v v^T, v the validation gradient",
+    )
+    p.add_argument(
         "--max-steps", type=C.nonnegative_int, default=30, help="largest Neumann/CG step count compared (0..N)"
     )
     p.add_argument("--hidden", type=C.positive_int, default=8, help="hidden units of the Fig. 4 network (default 8)")
@@ -98,14 +127,75 @@ def _cos_l2(a: dict, b: dict) -> tuple[float | None, float]:
     return cos, float((fa - fb).norm())
 
 
-def compare(outer, inner, params, raw, max_steps: int, alpha: float | None = None) -> dict:
+class AuthorsNeumann:
+    """The Neumann series of the authors' ``inverse_comparison.py`` (``neumann_hyperstep_preconditioner``), as a
+    solver: ``x = sum_j c_j`` with ``c_0 = v``, ``c_{j+1} = c_j - alpha (c_j . g) g``, i.e. a Neumann series on the
+    rank-one outer product ``g g^T`` of the training gradient ``g`` (not the Hessian), without a leading ``alpha``,
+    stopped before adding a term whose squared norm is more than 0.9999 times the previous one's."""
+
+    def __init__(self, steps: int, alpha: float, g: torch.Tensor) -> None:
+        self.steps, self.alpha, self.g = steps, alpha, g
+
+    def __call__(self, op, v):
+        flat = T.flatten(v)
+        pre, counter, old = flat.clone(), flat, float(flat @ flat)
+        for _ in range(self.steps):
+            counter = counter - self.alpha * (counter @ self.g) * self.g
+            size = float(counter @ counter)
+            if old == 0 or size / old > 0.9999:
+                break
+            pre, old = pre + counter, size
+        return T.unflatten(pre, v)
+
+
+class AuthorsCG:
+    """``cg_batch`` of the authors' ``inverse_comparison.py`` as they call it: CG on ``A = v v^T`` (the outer
+    product of the validation gradient ``v`` itself, not the Hessian) for ``A x = v``, from ``x0 = v``, at most
+    ``steps`` iterations, relative tolerance 1e-4, denominators below 5e-11 replaced by 1e-10."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, op, v):
+        b = T.flatten(v)
+        A = lambda x: b * (b @ x)  # noqa: E731
+        x = b.clone()
+        r = b - A(x)
+        stop = max(1e-4 * float(b.norm()), 0.0)
+        eps = 1e-10
+        p, rz_old = None, None
+        for k in range(1, self.steps + 1):
+            rz = float(r @ r)
+            if k == 1:
+                p = r.clone()
+            else:
+                beta = rz / (rz_old if rz_old >= eps / 2 else eps)
+                p = r + beta * p
+            pAp = float(p @ A(p))
+            step = rz / (pAp if pAp >= eps / 2 else eps)
+            x, r, rz_old = x + step * p, r - step * A(p), rz
+            if float((A(x) - b).norm()) <= stop:
+                break
+        return T.unflatten(x, v)
+
+
+def compare(
+    outer, inner, params, raw, max_steps: int, alpha: float | None = None, authors_lr: float | None = None
+) -> dict:
     """Cosine and L2 distance of Neumann (0..max_steps steps, k + 1 terms) and CG (0..max_steps iterations)
     hypergradients to the exact one at ``params``; ``min_eigenvalue`` is that of the Hessian the exact
-    hypergradient inverts."""
+    hypergradient inverts. With ``authors_lr`` the two are :class:`AuthorsNeumann` (``alpha = authors_lr``, on
+    ``g g^T``) and :class:`AuthorsCG` (on ``v v^T``) instead of the library's solvers on the Hessian."""
     exact = hypergradient(outer, params, raw, inner=inner, solver=Exact())
     op, _, _ = linearise(params, raw, inner=inner)
     Hd = dense_jacobian(op, params)
     a = alpha if alpha is not None else 1.0 / largest_eigenvalue(params, raw, inner=inner, iters=100)
+    g_train = None  # the training gradient of the authors' Neumann series (not to be reused below)
+    if authors_lr is not None:
+        w = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            g_train = T.flatten(dict(zip(w, torch.autograd.grad(inner(w, raw), list(w.values())))))
+        a = authors_lr
     out: dict = {
         "neumann": {"cosine": [], "l2": []},
         "cg": {"cosine": [], "l2": []},
@@ -114,9 +204,13 @@ def compare(outer, inner, params, raw, max_steps: int, alpha: float | None = Non
         "min_eigenvalue": float(torch.linalg.eigvalsh(0.5 * (Hd + Hd.T)).min()),
     }
     for k in range(max_steps + 1):
-        for name, solver in (("neumann", Neumann(k, alpha=a, divergence="ignore")), ("cg", ConjugateGradient(k))):
-            g = hypergradient(outer, params, raw, inner=inner, solver=solver)
-            cos, l2 = _cos_l2(g, exact)
+        if g_train is not None:
+            pair = (("neumann", AuthorsNeumann(k, a, g_train)), ("cg", AuthorsCG(k)))
+        else:
+            pair = (("neumann", Neumann(k, alpha=a, divergence="ignore")), ("cg", ConjugateGradient(k)))
+        for name, solver in pair:
+            approx = hypergradient(outer, params, raw, inner=inner, solver=solver)
+            cos, l2 = _cos_l2(approx, exact)
             out[name]["cosine"].append(cos)
             out[name]["l2"].append(l2)
     return out
@@ -157,21 +251,35 @@ def main(args, progress_factory=None, console=None) -> dict:
     d = Xtr.shape[1]
 
     # ---------------------------------------------------------------- Part 1: Fig. 3
-    space = HyperParameterSpace([per_weight_decay(params=("w",))])
+    if args.fig3_model == "linear":
+        decayed = ("w",)
+        params = {"w": torch.zeros(d, dtype=dt, device=dev), "b": torch.zeros((), dtype=dt, device=dev)}
+
+        def predict(p, X):
+            return X @ p["w"] + p["b"]
+
+    else:  # a 1-hidden-layer tanh network, one decay per weight (not per bias)
+        decayed = ("W0", "W1")
+        g1 = torch.Generator().manual_seed(C.derived_seed(args.seed, 1))
+        params = {k: v.to(dev) for k, v in mlp_init([d, args.fig3_hidden, 1], g1, dtype=dt).items()}
+
+        def predict(p, X):
+            return (torch.tanh(X @ p["W0"].T + p["b0"]) @ p["W1"].T + p["b1"])[:, 0]
+
+    space = HyperParameterSpace([per_weight_decay(params=decayed)])
     reg = PerWeightL2.from_space(space)
-    params = {"w": torch.zeros(d, dtype=dt, device=dev), "b": torch.zeros((), dtype=dt, device=dev)}
     raw = space.from_natural(params, {"weight_decay": args.init_decay})
 
     def inner(p, h):
-        return ((Xtr @ p["w"] + p["b"] - ytr) ** 2).mean() + reg(p, h)
+        return ((predict(p, Xtr) - ytr) ** 2).mean() + reg(p, h)
 
     def outer(p, h):
-        return ((Xva @ p["w"] + p["b"] - yva) ** 2).mean()
+        return ((predict(p, Xva) - yva) ** 2).mean()
 
     # Algorithm 1 (bilevel.tuner.OnlineTuner on one model): torch.optim.SGD steps the weights, Adam the decays
     w = {k: v.clone().requires_grad_() for k, v in params.items()}
-    mse = lambda p, nat, batch: ((Xtr @ p["w"] + p["b"] - ytr) ** 2).mean()  # noqa: E731
-    val = lambda p, nat, batch: ((Xva @ p["w"] + p["b"] - yva) ** 2).mean()  # noqa: E731
+    mse = lambda p, nat, batch: ((predict(p, Xtr) - ytr) ** 2).mean()  # noqa: E731
+    val = lambda p, nat, batch: ((predict(p, Xva) - yva) ** 2).mean()  # noqa: E731
     loop = OnlineTuner(
         params,
         raw,
@@ -198,7 +306,9 @@ def main(args, progress_factory=None, console=None) -> dict:
         wd, hd = T.detach(loop.params), T.detach(loop.raw)
         val_curve.append(float(outer(wd, hd)))
         if s % args.compare_every == 0 or s == args.hyper_steps:
-            c = compare(outer, inner, wd, hd, args.max_steps, args.alpha)
+            c = compare(
+                outer, inner, wd, hd, args.max_steps, args.alpha, args.lr if args.approximations == "authors" else None
+            )
             c["hyper_step"] = s
             checkpoints.append(c)
         if s == args.hyper_steps:
@@ -208,6 +318,12 @@ def main(args, progress_factory=None, console=None) -> dict:
         loop.hyper_step(None, None)
         if adv:
             adv(1)
+    n_weights = sum(v.numel() for v in params.values())
+    fig3_label = (
+        f"linear model ({n_weights} weights)"
+        if args.fig3_model == "linear"
+        else f"1-hidden-layer tanh net ({args.fig3_hidden} units, {n_weights} weights)"
+    )
     ks = list(range(args.max_steps + 1))
     cosine = {
         meth: {str(k): _mean([c[meth]["cosine"][k] for c in checkpoints]) for k in ks} for meth in ("neumann", "cg")
@@ -269,7 +385,7 @@ def main(args, progress_factory=None, console=None) -> dict:
         )
     if not ref_pd:
         console.print(
-            f"[yellow]warning: Hessian not positive definite[/] (linear model, the exact IFT reference of "
+            f"[yellow]warning: Hessian not positive definite[/] ({fig3_label}, the exact IFT reference of "
             f"part 1: smallest eigenvalue {ref_min:.3g} over {len(checkpoints)} comparison points); the "
             f"'exact' hypergradient there inverts an indefinite (or singular) matrix."
         )
@@ -290,6 +406,7 @@ def main(args, progress_factory=None, console=None) -> dict:
             "reference_hessian_min_eigenvalue": ref_min,
             "reference_hessian_positive_definite": ref_pd,
         },
+        "fig3_model": {"kind": args.fig3_model, "weights": n_weights, "approximations": args.approximations},
         "curves": {"val_loss": val_curve, "checkpoints": checkpoints},
         "hessian": {
             "size": H.shape[0],
@@ -302,9 +419,10 @@ def main(args, progress_factory=None, console=None) -> dict:
     }
     C.write_results(out, doc)
     show = sorted({0, 1, 2, 5, 10, 20, args.max_steps} & set(ks))
+    which = " (the inversions of the authors' inverse_comparison.py)" if args.approximations == "authors" else ""
     C.print_table(
-        f"IFT hypergradient approximations vs exact, linear model on {args.dataset} "
-        f"(mean over {len(checkpoints)} points of Algorithm 1)",
+        f"IFT hypergradient approximations vs exact{which}, "
+        f"{fig3_label} on {args.dataset} (mean over {len(checkpoints)} points of Algorithm 1)",
         ["steps", "Neumann cosine", "CG cosine", "Neumann L2", "CG L2"],
         [
             [
