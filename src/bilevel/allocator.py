@@ -4,10 +4,8 @@ glibc's ``malloc`` serves a large block (above its ``mmap`` threshold, adaptive 
 fresh ``mmap`` and gives it back to the OS when it is freed; the next allocation of that size faults
 its pages in again, one by one. A training step of a stacked population allocates and frees many such
 blocks (Clarke et al.'s UCI MLP with P = 200 members: activations of 200 x 615 x 50 floats, 24.6 MB),
-and on this project's CPU the page faults cost as much as the arithmetic: a ReLU over such a tensor
-took 14.9 ms with the default settings
-and 6.0 ms after :func:`keep_freed_memory`, and 100 weight steps of ``bilevel run clarke``'s population
-5.1 s against 3.5 s (docs/benchmarks.md, "Population weight step").
+and on this project's CPU 100 weight steps of ``bilevel run clarke``'s population took 5.1 s with the
+default settings and 3.5 s after :func:`keep_freed_memory` (docs/benchmarks.md, "Population weight step").
 The price is that the process keeps its peak memory until it exits. ``bilevel`` commands call it at
 start; call it yourself before a long CPU run (it does not change any result).
 """

@@ -318,7 +318,9 @@ def _compiled_hypergradient(
     try:
         fn = _Compiled.lookup(key)
     except TypeError:  # an unhashable solver or function: nothing to cache it by, so it runs eagerly
-        return hypergradient(outer, params, hparams, inner=inner, update=update, solver=solver, backend="func")
+        return hypergradient(
+            outer, params, hparams, inner=inner, update=update, solver=solver, backend="func", check=check
+        )
     if fn is None:
         out = hypergradient(
             outer, params, hparams, inner=inner, update=update, solver=solver, backend="func", check=check

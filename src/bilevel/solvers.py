@@ -172,7 +172,7 @@ class Neumann:
             torch._foreach_add_(term, [jt[k] for k in keys], alpha=-self.alpha)  # (I - a(J + eps I)) term
             torch._foreach_add_(total, term)
             if watch and (j == 0 or j >= self.steps - 3):
-                norms.append(float(torch.stack(torch._foreach_norm(term)).norm()))
+                norms.append(float(T.norm(dict(zip(keys, term)))))
         self._check_divergence(op, v, norms)
         torch._foreach_mul_(total, self.alpha)
         return dict(zip(keys, total))

@@ -220,20 +220,20 @@ def test_lstm_overfit_signed_decays(tmp_path, data_dir):
     assert docs[True]["none_val_loss"] == docs[False]["none_val_loss"]  # the baseline does not tune
 
 
-def test_overfit_lowers_validation_loss():
-    """A tiny Fig. 8: per-weight decays tuned online drive the validation loss far below both its start
-    and the same training without hyperparameter steps (which over-fits the training sequences)."""
-    from bilevel_studies.lorraine.lstm import run_overfit
-
+def _synthetic_corpus():
     g = torch.Generator().manual_seed(0)
     V = 60
     zipf = 1.0 / torch.arange(1, V + 1, dtype=torch.float64)  # a skewed unigram distribution, as words are
-    corpus = SimpleNamespace(
+    return SimpleNamespace(
         ntokens=V,
         train=torch.multinomial(zipf, 400, True, generator=g),
         valid=torch.multinomial(zipf, 400, True, generator=g),
     )
-    a = argparse.Namespace(
+
+
+def _overfit_args(**overrides) -> argparse.Namespace:
+    """The ``--settings overfit`` options of a tiny Fig. 8 (16 units, 10 sequences of 9 tokens, 120 steps)."""
+    defaults = dict(
         dtype="float64",
         device="cpu",
         seed=0,
@@ -251,6 +251,16 @@ def test_overfit_lowers_validation_loss():
         overfit_record_every=20,
         overfit_signed=False,
     )
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+def test_overfit_lowers_validation_loss():
+    """A tiny Fig. 8: per-weight decays tuned online drive the validation loss far below both its start
+    and the same training without hyperparameter steps (which over-fits the training sequences)."""
+    from bilevel_studies.lorraine.lstm import run_overfit
+
+    corpus = _synthetic_corpus()
+    a = _overfit_args()
     r = run_overfit(a, corpus)
     assert r["diverged_at"] is None and r["none_diverged_at"] is None
     assert r["n_hyperparameters"] == r["n_weights"]
@@ -398,41 +408,12 @@ def test_hypergradient_stats_closed_form():
     assert r["hyper_steps"] == 2 and r["elements"] == 2 and r["raw_change_max"] == pytest.approx(0.5)
 
 
-def _synthetic_corpus():
-    g = torch.Generator().manual_seed(0)
-    V = 60
-    zipf = 1.0 / torch.arange(1, V + 1, dtype=torch.float64)  # a skewed unigram distribution, as words are
-    return SimpleNamespace(
-        ntokens=V,
-        train=torch.multinomial(zipf, 400, True, generator=g),
-        valid=torch.multinomial(zipf, 400, True, generator=g),
-    )
-
-
 def test_overfit_authors_style():
     """--overfit-style authors: tied decoder (no dec_W), coefficients exp(l) on w^2 in the training loss, IFT on the
     training loss; it runs, tunes one coefficient per weight and beats the same training without HO."""
     from bilevel_studies.lorraine.lstm import run_overfit
 
-    a = argparse.Namespace(
-        dtype="float64",
-        device="cpu",
-        seed=0,
-        layers=1,
-        bptt=9,
-        overfit_sequences=10,
-        overfit_size=16,
-        overfit_steps=120,
-        overfit_lr=0.02,
-        overfit_wd=1e-4,
-        overfit_max_decay=10.0,
-        overfit_hyper_lr=0.1,
-        overfit_interval=1,
-        overfit_terms=0,
-        overfit_record_every=20,
-        overfit_signed=False,
-        overfit_style="authors",
-    )
+    a = _overfit_args(overfit_style="authors")
     r = run_overfit(a, _synthetic_corpus())
     assert r["style"] == "authors" and r["diverged_at"] is None and r["none_diverged_at"] is None
     assert (
