@@ -13,7 +13,9 @@ such a population four ways, on the same data, weights and hyperparameters:
   with :func:`bilevel.population.vmap_loss` over :func:`bilevel.nets.mlp_forward`.
 
 And the one-pass overhead: ``ours-wd-lr-m``'s time per weight step (T = 10, i = 5: an IFT
-hypergradient with 5 Neumann steps every 10 weight steps) over ``random``'s.
+hypergradient with 5 Neumann steps every 10 weight steps) over ``random``'s, with the hyperparameter
+step's training gradient reused by the next weight step (:class:`bilevel.tuner.SharedGradient`, the
+default) and without it (``share_gradient=False``).
 
     python benchmarks/population_step.py --inits 200 --threads 1
 """
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=11, help="alternating 100-step runs per loop for the overhead")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument(
@@ -136,8 +139,8 @@ def main() -> None:
 
     loss = pop.vmap_loss(mlp_forward, lambda out, t: ((out - t) ** 2).mean())
 
-    def tuner(mode: str, tuned: tuple[str, ...]) -> OnlineTuner:
-        cfg = TunerConfig(tuned=tuned, mode=mode, interval=10, lookback=5)  # type: ignore[arg-type]
+    def tuner(mode: str, tuned: tuple[str, ...], share: bool = True) -> OnlineTuner:
+        cfg = TunerConfig(tuned=tuned, mode=mode, interval=10, lookback=5, share_gradient=share)  # type: ignore[arg-type]
         return OnlineTuner(params, raw, space, SGD(), loss, loss, update_form=space.names, config=cfg)
 
     random = tuner("none", ())
@@ -156,23 +159,25 @@ def main() -> None:
     def run(t: OnlineTuner, steps: int = 100) -> None:
         t.run(steps, lambda: (X, y), lambda: (Xv, yv))
 
-    ours = tuner("ift", ("lr", "weight_decay", "momentum"))
-    base = tuner("none", ())
-    run(ours, 20)
-    run(base, 20)
-    t_ours, t_base = [], []
-    for _ in range(5):  # alternate, so load drifts hit both alike
-        t0 = CLOCK()
-        run(base)
-        t_base.append(CLOCK() - t0)
-        t0 = CLOCK()
-        run(ours)
-        t_ours.append(CLOCK() - t0)
-    mb, mo = statistics.median(t_base), statistics.median(t_ours)
-    print(
-        f"\n100 weight steps: random {mb:.3f} s, ours-wd-lr-m (T = 10, i = 5) {mo:.3f} s: "
-        f"one-pass overhead {mo / mb:.2f}x"
-    )
+    tuned = ("lr", "weight_decay", "momentum")
+    runs = {"random": tuner("none", ()), "ours": tuner("ift", tuned), "ours, no sharing": tuner("ift", tuned, False)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for t in runs.values():
+        run(t, 20)
+    for _ in range(a.runs):  # alternate, so load drifts hit all alike
+        for name, t in runs.items():
+            t0 = CLOCK()
+            run(t)
+            times[name].append(CLOCK() - t0)
+    m = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"\n100 weight steps (median of {a.runs} alternating runs): random {m['random']:.3f} s")
+    for name in ("ours", "ours, no sharing"):
+        print(
+            f"ours-wd-lr-m (T = 10, i = 5{'' if name == 'ours' else ', share_gradient=False'}) {m[name]:.3f} s: "
+            f"one-pass overhead {m[name] / m['random']:.3f}x"
+        )
+    paired = statistics.median(a / b for a, b in zip(times["ours"], times["ours, no sharing"]))
+    print(f"sharing the hyperparameter step's gradient: {paired:.3f}x the time (median of per-run ratios)")
 
 
 if __name__ == "__main__":

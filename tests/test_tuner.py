@@ -296,6 +296,74 @@ def test_sync_free_divergence_marking_gives_the_same_run():
     assert d.history.diverged_at == hb.diverged_at and d._diverged_t.tolist()[1] == hb.diverged_at[1]
 
 
+def _counted(loss, calls, noise=False):
+    def f(p, nat, batch):
+        calls.append(1)
+        out = loss(p, nat, batch)
+        return out + 0.0 * torch.randn((), dtype=out.dtype) if noise else out  # draws, changes nothing
+
+    return f
+
+
+def _shared_and_not(steps, batches, tuner_args=None, noise=False, **cfg):
+    """The same run with and without SharedGradient: (tuners, training-loss evaluations) for share True, False."""
+    out = []
+    for share in (True, False):
+        calls: list[int] = []
+        if tuner_args is None:
+            params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
+            t = OnlineTuner(
+                params,
+                raw,
+                SPACE,
+                updates.SGD(),
+                _counted(LOSS, calls, noise),
+                LOSS,
+                update_form=UPDATE,
+                config=TunerConfig(interval=5, share_gradient=share, **cfg),
+            )
+        else:
+            t = tuner_args()
+            t.cfg.share_gradient = share
+            t.train_loss = _counted(t.train_loss, calls, noise)
+        t.run(steps, batches, lambda: (Xv, Yv))
+        out.append((t, len(calls)))
+    (a, na), (b, nb) = out
+    for k in a.params:  # the same run, bit for bit
+        assert torch.equal(a.params[k], b.params[k]), k
+    for k in a.raw:
+        assert torch.equal(a.raw[k], b.raw[k]), k
+    return na, nb
+
+
+def test_shared_gradient_saves_a_gradient_per_hyper_step_bit_for_bit():
+    """Full batch, update-form lr / decay / momentum: the weight step after each hyperparameter step reuses
+    that step's training gradient (one loss evaluation fewer per hyperparameter step), the same run exactly."""
+    na, nb = _shared_and_not(30, lambda: (X, Y))
+    # 30 weight steps, hyperparameter steps after steps 5, 10, ..., 30: the steps 6, 11, 16, 21, 26 reuse
+    assert nb == 30 + 6 and na == nb - 5
+
+
+def test_shared_gradient_is_not_reused_when_it_would_differ():
+    """Minibatches (other tensors), a loss that draws random numbers, a tuned loss-form hyperparameter, a
+    checkpoint restored in between: every weight step computes its own gradient."""
+    na, nb = _shared_and_not(20, lambda: (X[:32], Y[:32]))  # new tensors every call (a slice is a new view)
+    assert na == nb == 20 + 4
+    na, nb = _shared_and_not(20, lambda: (X, Y), noise=True)
+    assert na == nb == 20 + 4
+    na, nb = _shared_and_not(20, lambda: (X, Y), tuner_args=lambda: _mixed_tuner())
+    assert na == nb == 20 + 2  # _mixed_tuner: T = 10; l2 is tuned and enters the loss
+    # restoring a checkpoint between the hyperparameter step and the next weight step drops the entry
+    t = make_tuner(2, 0, interval=5)
+    calls: list[int] = []
+    t.train_loss = _counted(t.train_loss, calls)
+    t.run(5, lambda: (X, Y), lambda: (Xv, Yv))
+    assert t._shared is not None
+    t.load_state_dict(t.state_dict())
+    t.run(1, lambda: (X, Y), lambda: (Xv, Yv))
+    assert len(calls) == 5 + 1 + 1
+
+
 def test_checkpoint_resume_is_exact(tmp_path):
     from bilevel.callbacks import RandomLRMultiplier
 

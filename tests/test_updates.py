@@ -433,6 +433,24 @@ def test_bad_shape():
         resolve(torch.ones(2, 5), "b1", params["b1"], hparam="lr")
 
 
+def test_resolve_shape_check_is_torch_broadcasting():
+    """The written-out check accepts exactly the shapes that broadcast to the parameter's without enlarging it."""
+    import itertools
+
+    like = torch.zeros(3, 1, 4)
+    for n in range(5):
+        for o in itertools.product((1, 3, 4, 2), repeat=n):
+            try:
+                fits = torch.broadcast_shapes(o, like.shape) == like.shape
+            except RuntimeError:
+                fits = False
+            if fits:
+                assert resolve(torch.zeros(o), "w", like).shape == o
+            else:
+                with pytest.raises(ValueError, match="does not broadcast"):
+                    resolve(torch.zeros(o), "w", like)
+
+
 def test_resolve_and_misc():
     p = torch.zeros(2, 3, dtype=DT)
     assert resolve(0.1, "p", p).dtype == DT

@@ -38,7 +38,9 @@ hypergradient) and the proximal best response (a solver with ``damping`` eps:
 hypergradient (Clarke et al. A.4). Diverged members are recorded and frozen
 (``on_divergence="record"``) or raise :class:`~bilevel.errors.NonFiniteError` (``"raise"``).
 Callbacks (:mod:`bilevel.callbacks`) hook into each weight step, each T-step boundary and each
-record; :meth:`OnlineTuner.state_dict` holds every piece of loop state, callbacks' included.
+record; :meth:`OnlineTuner.state_dict` holds every piece of loop state, callbacks' included. The
+weight step right after a hyperparameter step reuses that step's training gradient when it is provably
+the same one (:class:`SharedGradient`: full-batch training, update-form tuning), bit for bit.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from .solvers import Neumann, Solver
 from .unroll import replay_hypergradient, unrolled_hypergradient
 from .updates import UpdateRule, detach_state
 
-__all__ = ["TunerConfig", "History", "OnlineTuner", "clip_grad_norm", "Loss", "Penalty"]
+__all__ = ["TunerConfig", "History", "OnlineTuner", "SharedGradient", "clip_grad_norm", "Loss", "Penalty"]
 
 Tree = _T.Tree
 #: ``loss(params, natural_hparams, batch)``: shape (P,) for a stacked population, () for one model
@@ -93,6 +95,10 @@ class TunerConfig:
     # rule steps the weights (e.g. Adam); "loss" needs every tuned hyperparameter to be loss-form
     implicit: Literal["update", "loss"] = "update"
     on_divergence: Literal["record", "raise"] = "record"
+    # reuse a hyperparameter step's training gradient in the next weight step when it is provably the same
+    # (same weights, the same batch tensors, a loss that neither depends on the tuned hyperparameters nor
+    # draws random numbers: full-batch update-form tuning, Clarke et al.'s UCI protocol): SharedGradient
+    share_gradient: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -147,6 +153,103 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: float | None, population: 
     norms = sum(g.reshape(population, -1).pow(2).sum(1) for g in grads).sqrt()  # type: ignore[union-attr]  # as above
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     return [g * pop.per_member(factor, g) for g in grads]
+
+
+@dataclass
+class SharedGradient:
+    """A hyperparameter step's training gradient, kept for the next weight step when it is that step's.
+
+    The IFT residual at step t is built on ``g = dL_T(w_t; c_t)/dw`` (``create_graph=True``), and the next
+    weight step needs ``dL_T(w_t; c_{t+1})/dw`` at the updated lambda. The two are the same numbers when
+
+    * the weights are the same tensors, unchanged (no step, restart, freeze or in-place edit in between),
+    * the next context is the same: the same tensor objects, unchanged (full-batch training),
+    * neither ``g`` nor the losses depend on the tuned hyperparameters (their graphs do not reach them: the
+      tuned hyperparameters are update-form, e.g. Clarke et al.'s learning rate, momentum and decay),
+    * no random numbers were drawn while computing them (no dropout or noise inside the loss), and the
+      hyperparameters that were not tuned are unchanged.
+
+    Then the weight step reuses ``g`` and its losses: one training gradient fewer every T steps (of about
+    ``T + 2 i + 1`` gradient-equivalents per T steps in Clarke et al.'s full-batch UCI protocol), with the
+    same result bit for bit. Anything else and the weight step computes its gradient as usual.
+    """
+
+    t: int
+    params: Tree  # the weights dict the gradient was computed at (compared by identity, with versions)
+    versions: tuple[int, ...]  # of the weights, then of the hyperparameters that were not tuned
+    fixed: list[Tensor]
+    batch: list[Any]  # the context's leaves (kept alive, so that identity means the same tensor)
+    batch_versions: tuple[int, ...]
+    grads: list[Tensor]
+    losses: Tensor
+
+    @staticmethod
+    def rng_state(device: torch.device) -> list[Tensor]:
+        """The random-number generators a loss on ``device`` may draw from (compared before and after)."""
+        states = [torch.random.get_rng_state()]
+        if device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(device))
+        return states
+
+    @classmethod
+    def offer(
+        cls,
+        tuner: OnlineTuner,
+        batch: Any,
+        grads: Sequence[Tensor],
+        losses: Tensor,
+        tuned: Mapping[str, Tensor],
+        rng_before: list[Tensor],
+    ) -> SharedGradient | None:
+        """The entry for the gradient just computed at ``tuner.params`` (``None`` if it can never be reused)."""
+        leaves = torch.utils._pytree.tree_leaves(batch)
+        if not all(isinstance(x, Tensor) for x in leaves):
+            return None
+        if any(not torch.equal(a, b) for a, b in zip(rng_before, cls.rng_state(tuner.device))):
+            return None  # the loss drew random numbers: the next step must draw its own
+        if _reaches([*grads, losses], tuned.values()):
+            return None  # the gradient moves with the tuned hyperparameters
+        fixed = [v for k, v in tuner.raw.items() if k not in tuned]
+        return cls(
+            t=tuner.t,
+            params=tuner.params,
+            versions=tuple(v._version for v in [*tuner.params.values(), *fixed]),
+            fixed=fixed,
+            batch=leaves,
+            batch_versions=tuple(x._version for x in leaves),
+            grads=[g.detach() for g in grads],
+            losses=losses.detach(),
+        )
+
+    def take(self, tuner: OnlineTuner, batch: Any) -> tuple[list[Tensor], Tensor] | None:
+        """(gradient, losses) if this entry is the gradient of the step ``tuner`` is about to take on ``batch``."""
+        leaves = torch.utils._pytree.tree_leaves(batch)
+        same = (
+            tuner.t == self.t
+            and tuner.params is self.params
+            and len(leaves) == len(self.batch)
+            and all(a is b for a, b in zip(leaves, self.batch))
+            and tuple(x._version for x in leaves) == self.batch_versions
+            and tuple(v._version for v in [*tuner.params.values(), *self.fixed]) == self.versions
+        )
+        return (self.grads, self.losses) if same else None
+
+
+def _reaches(outputs: Sequence[Tensor], leaves: Iterable[Tensor]) -> bool:
+    """Whether the autograd graph of ``outputs`` reaches any of the leaf tensors ``leaves``."""
+    targets = {id(x) for x in leaves}
+    stack: list[Any] = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    seen: dict[int, Any] = {}  # id -> node, kept alive so that an id is never reused during the walk
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen[id(fn)] = fn
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None and id(variable) in targets:
+            return True
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return False
 
 
 class OnlineTuner:
@@ -248,6 +351,7 @@ class OnlineTuner:
         self._prev: tuple[Tree, Any] | None = None  # (w, state) before the last step, for Baydin
         self.last_losses: Tensor | None = None  # training losses of the last weight step (for callbacks)
         self.solver = cfg.solver if cfg.solver is not None else Neumann(cfg.lookback, alpha=1.0, divergence="ignore")
+        self._shared: SharedGradient | None = None  # the last hyperparameter step's gradient, for the next step
 
     # ------------------------------------------------------------------ the update map u(lambda, w)
 
@@ -280,23 +384,40 @@ class OnlineTuner:
             total = total + self.penalty(params, nat).sum()
         return total, losses
 
+    def _gradient(
+        self, params: Tree, raw: Mapping[str, Tensor], batch: Any, create_graph: bool
+    ) -> tuple[list[Tensor], Tensor]:
+        """(dL_T/dw of the summed training objective, per-member training losses) at ``params``."""
+        total, losses = self.training_objective(params, raw, batch)
+        return list(torch.autograd.grad(total, list(params.values()), create_graph=create_graph)), losses
+
+    def _apply_rule(
+        self, params: Tree, grads: Sequence[Tensor], raw: Mapping[str, Tensor], state: Any
+    ) -> tuple[Tree, Any]:
+        """(u, new_state): the update rule on (clipped) training gradients ``grads``."""
+        grads = clip_grad_norm(grads, self.cfg.grad_clip, self.P if self.stacked else None)
+        nat = self.natural(raw) if self.update_form else {}
+        return self.rule(params, dict(zip(params, grads)), self._rule_hparams(nat, params), state)
+
     def _step_map(
         self, params: Tree, raw: Mapping[str, Tensor], batch: Any, state: Any, create_graph: bool
     ) -> tuple[Tree, Any, Tensor]:
         """(u, new_state, per-member training losses) at ``params`` with raw hyperparameters ``raw``."""
-        total, losses = self.training_objective(params, raw, batch)
-        grads: Sequence[Tensor] = torch.autograd.grad(total, list(params.values()), create_graph=create_graph)
-        grads = clip_grad_norm(grads, self.cfg.grad_clip, self.P if self.stacked else None)
-        nat = self.natural(raw) if self.update_form else {}
-        u, new_state = self.rule(params, dict(zip(params, grads)), self._rule_hparams(nat, params), state)
+        grads, losses = self._gradient(params, raw, batch, create_graph)
+        u, new_state = self._apply_rule(params, grads, raw, state)
         return u, new_state, losses
 
     def weight_step(self, batch: Any) -> Tensor:
-        """One step ``w <- w - u(lambda, w; batch)`` with the current hyperparameters; returns the training losses."""
+        """One step ``w <- w - u(lambda, w; batch)`` with the current hyperparameters; returns the training losses.
+
+        Right after a hyperparameter step the gradient may be that step's (:class:`SharedGradient`)."""
         w = {k: v.detach().requires_grad_() for k, v in self.params.items()}
         raw = {k: v.detach() for k, v in self.raw.items()}
+        shared, self._shared = self._shared, None
         with torch.enable_grad():
-            u, state, losses = self._step_map(w, raw, batch, self.state, create_graph=False)
+            reused = shared.take(self, batch) if shared is not None else None
+            grads, losses = reused if reused is not None else self._gradient(w, raw, batch, create_graph=False)
+            u, state = self._apply_rule(w, grads, raw, self.state)
         if self.cfg.mode == "unroll":
             self._window = (self._window + [(_T.detach(self.params), self.state, batch)])[-self.cfg.lookback :]
         stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
@@ -332,7 +453,15 @@ class OnlineTuner:
 
             return hypergradient(outer, self.params, tuned, inner=inner, solver=self.solver, check=check)
         state = self.state
-        update = lambda p, h: self._step_map(p, {**fixed, **h}, train_batch, state, True)[0]  # noqa: E731
+
+        def update(p: Tree, h: Mapping[str, Tensor]) -> Tree:
+            raw = {**fixed, **h}
+            rng = SharedGradient.rng_state(self.device) if self.cfg.share_gradient else None
+            grads, losses = self._gradient(p, raw, train_batch, create_graph=True)
+            if rng is not None:
+                self._shared = SharedGradient.offer(self, train_batch, grads, losses, h, rng)
+            return self._apply_rule(p, grads, raw, state)[0]
+
         return hypergradient(outer, self.params, tuned, update=update, solver=self.solver, check=check)
 
     def hyper_step(self, train_batch: Any, val_batch: Any) -> Tree | None:
@@ -565,6 +694,7 @@ class OnlineTuner:
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self._shared = None
         self.params, self.initial_params, self.state = dict(sd["params"]), dict(sd["initial_params"]), sd["state"]
         with torch.no_grad():
             for k, v in sd["raw"].items():
