@@ -364,6 +364,37 @@ def test_shared_gradient_is_not_reused_when_it_would_differ():
     assert len(calls) == 5 + 1 + 1
 
 
+def test_shared_gradient_on_the_sync_free_path_with_a_diverging_member():
+    """On an accelerator every marking rebuilds the weights (``where(alive, w, w_0)``); the shared gradient
+    follows them: still one loss evaluation fewer per hyperparameter step, and the same run for every live
+    member and the same divergence steps as without sharing."""
+    big = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5), H.weight_decay(), H.momentum()])
+    out = []
+    for share in (True, False):
+        params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
+        raw["lr"][1] = 8.0  # member 1 diverges
+        calls: list[int] = []
+        t = OnlineTuner(
+            params,
+            raw,
+            big,
+            updates.SGD(),
+            _counted(LOSS, calls),
+            LOSS,
+            update_form=UPDATE,
+            config=TunerConfig(interval=5, share_gradient=share),
+        )
+        t.sync_free = True
+        hist = run(t, 30)
+        out.append((t, hist, len(calls)))
+    (a, ha, na), (b, hb, nb) = out
+    assert ha.diverged_at == hb.diverged_at and ha.diverged_at[1] is not None
+    assert ha.val_loss == hb.val_loss
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k  # dead member 1 is back at w_0 in both
+    assert nb == 30 + 6 + 3 and na == nb - 5  # weight steps, hyperparameter steps, records
+
+
 def test_checkpoint_resume_is_exact(tmp_path):
     from bilevel.callbacks import RandomLRMultiplier
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -162,7 +162,8 @@ class SharedGradient:
     The IFT residual at step t is built on ``g = dL_T(w_t; c_t)/dw`` (``create_graph=True``), and the next
     weight step needs ``dL_T(w_t; c_{t+1})/dw`` at the updated lambda. The two are the same numbers when
 
-    * the weights are the same tensors, unchanged (no step, restart, freeze or in-place edit in between),
+    * the weights are the same tensors, unchanged (no step, restart, freeze or in-place edit in between; on
+      the sync-free path, where every marking rebuilds the weights, the entry follows them: :meth:`follow`),
     * the next context is the same: the same tensor objects, unchanged (full-batch training),
     * neither ``g`` nor the losses depend on the tuned hyperparameters (their graphs do not reach them: the
       tuned hyperparameters are update-form, e.g. Clarke et al.'s learning rate, momentum and decay),
@@ -213,13 +214,24 @@ class SharedGradient:
         return cls(
             t=tuner.t,
             params=tuner.params,
-            versions=tuple(v._version for v in [*tuner.params.values(), *fixed]),
+            versions=_versions(tuner.params, fixed),
             fixed=fixed,
             batch=leaves,
             batch_versions=tuple(x._version for x in leaves),
             grads=[g.detach() for g in grads],
             losses=losses.detach(),
         )
+
+    def follow(self, tuner: OnlineTuner, old: Tree) -> SharedGradient | None:
+        """This entry for ``tuner.params`` after the sync-free freeze rebuilt them from ``old`` (``None`` if stale).
+
+        On the sync-free path (:meth:`OnlineTuner._mark`) every marking rebuilds the weights with
+        ``where(alive, w, w_0)``: the live members' weights are unchanged, and the dead members are put back
+        at ``w_0`` after every weight step, so the gradient stays the next step's for every member that matters.
+        """
+        if self.params is not old or _versions(old, self.fixed) != self.versions:
+            return None
+        return replace(self, params=tuner.params, versions=_versions(tuner.params, self.fixed))
 
     def take(self, tuner: OnlineTuner, batch: Any) -> tuple[list[Tensor], Tensor] | None:
         """(gradient, losses) if this entry is the gradient of the step ``tuner`` is about to take on ``batch``."""
@@ -230,9 +242,14 @@ class SharedGradient:
             and len(leaves) == len(self.batch)
             and all(a is b for a, b in zip(leaves, self.batch))
             and tuple(x._version for x in leaves) == self.batch_versions
-            and tuple(v._version for v in [*tuner.params.values(), *self.fixed]) == self.versions
+            and _versions(tuner.params, self.fixed) == self.versions
         )
         return (self.grads, self.losses) if same else None
+
+
+def _versions(params: Tree, fixed: list[Tensor]) -> tuple[int, ...]:
+    """In-place modification counters of the weights, then of the hyperparameters that were not tuned."""
+    return tuple(v._version for v in [*params.values(), *fixed])
 
 
 def _reaches(outputs: Sequence[Tensor], leaves: Iterable[Tensor]) -> bool:
@@ -538,12 +555,15 @@ class OnlineTuner:
             self._diverged_t = torch.where(new, torch.full_like(self._diverged_t, self.t), self._diverged_t)
         self.alive = self.alive & ~new
         # freeze diverged members at finite values so they cannot disturb anything downstream
+        old = self.params
         with torch.no_grad():
             self.params = {
                 k: torch.where(self._per_member(self.alive, v), v, self.initial_params[k])
                 for k, v in self.params.items()
             }
             self.state = self._zero_dead(self.state)
+        if self.sync_free and self._shared is not None:
+            self._shared = self._shared.follow(self, old)
 
     def _zero_dead(self, state: Any) -> Any:
         if isinstance(state, Tensor):
