@@ -257,21 +257,23 @@ def test_diverged_member_recorded_and_others_untouched():
     torch.testing.assert_close(torch.tensor(hist.val_loss[2]), torch.tensor(hist2.val_loss[1]), rtol=1e-9, atol=1e-12)
 
 
-def test_sync_free_divergence_marking_gives_the_same_run():
-    """On an accelerator the loop marks divergence without waiting for the device (``sync_free``): the same
-    weights, losses and divergence steps as the synchronising path, and no ``.item()``-style read per step."""
+def _diverging_tuner(sync_free: bool, **cfg) -> OnlineTuner:
+    """Three members, the second with learning rate 10**8: it diverges in the first steps."""
     big_space = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5), H.weight_decay(), H.momentum()])
     params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
     raw["lr"][1] = 8.0
+    t = OnlineTuner(
+        params, raw, big_space, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(interval=5, **cfg)
+    )
+    t.sync_free = sync_free
+    return t
 
-    def tuner(sync_free: bool) -> OnlineTuner:
-        t = OnlineTuner(
-            params, raw, big_space, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(interval=5)
-        )
-        t.sync_free = sync_free
-        return t
 
-    a, b = tuner(False), tuner(True)
+def test_sync_free_divergence_marking_gives_the_same_run():
+    """On an accelerator the loop marks divergence without waiting for the device (``sync_free``): the same
+    weights, losses and divergence steps as the synchronising path, and no ``.item()``-style read per step."""
+    a, b = _diverging_tuner(False), _diverging_tuner(True)
+    params = a.initial_params  # the draw before any step
     ha, hb = run(a, 30), run(b, 30)
     assert ha.diverged_at == hb.diverged_at and ha.diverged_at[1] is not None
     assert ha.val_loss == hb.val_loss
@@ -280,7 +282,7 @@ def test_sync_free_divergence_marking_gives_the_same_run():
         torch.testing.assert_close(a.params[k][alive], b.params[k][alive], rtol=0, atol=0)
     assert all(torch.equal(b.params[k][1], params[k][1]) for k in params)
     # the sync-free path never converts a device tensor to a Python bool while marking
-    c = tuner(True)
+    c = _diverging_tuner(True)
     c.step((X, Y))
     calls = []
     real_bool = torch.Tensor.__bool__
@@ -291,7 +293,7 @@ def test_sync_free_divergence_marking_gives_the_same_run():
         torch.Tensor.__bool__ = real_bool  # type: ignore[method-assign]
     assert calls == [] and not bool(c.alive[1]) and c.history.diverged_at[1] == c.t
     # a resumed sync-free loop keeps the recorded divergence steps
-    d = tuner(True)
+    d = _diverging_tuner(True)
     d.load_state_dict(b.state_dict())
     assert d.history.diverged_at == hb.diverged_at and d._diverged_t.tolist()[1] == hb.diverged_at[1]
 
@@ -305,27 +307,14 @@ def _counted(loss, calls, noise=False):
     return f
 
 
-def _shared_and_not(steps, batches, tuner_args=None, noise=False, **cfg):
-    """The same run with and without SharedGradient: (tuners, training-loss evaluations) for share True, False."""
+def _shared_and_not(steps, batches, make=lambda: make_tuner(3, 0, interval=5), noise=False):
+    """The same run with and without SharedGradient: the training-loss evaluations of each (share True, False)."""
     out = []
     for share in (True, False):
         calls: list[int] = []
-        if tuner_args is None:
-            params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
-            t = OnlineTuner(
-                params,
-                raw,
-                SPACE,
-                updates.SGD(),
-                _counted(LOSS, calls, noise),
-                LOSS,
-                update_form=UPDATE,
-                config=TunerConfig(interval=5, share_gradient=share, **cfg),
-            )
-        else:
-            t = tuner_args()
-            t.cfg.share_gradient = share
-            t.train_loss = _counted(t.train_loss, calls, noise)
+        t = make()
+        t.cfg.share_gradient = share
+        t.train_loss = _counted(t.train_loss, calls, noise)
         t.run(steps, batches, lambda: (Xv, Yv))
         out.append((t, len(calls)))
     (a, na), (b, nb) = out
@@ -351,7 +340,7 @@ def test_shared_gradient_is_not_reused_when_it_would_differ():
     assert na == nb == 20 + 4
     na, nb = _shared_and_not(20, lambda: (X, Y), noise=True)
     assert na == nb == 20 + 4
-    na, nb = _shared_and_not(20, lambda: (X, Y), tuner_args=lambda: _mixed_tuner())
+    na, nb = _shared_and_not(20, lambda: (X, Y), make=_mixed_tuner)
     assert na == nb == 20 + 2  # _mixed_tuner: T = 10; l2 is tuned and enters the loss
     # restoring a checkpoint between the hyperparameter step and the next weight step drops the entry
     t = make_tuner(2, 0, interval=5)
@@ -368,25 +357,12 @@ def test_shared_gradient_on_the_sync_free_path_with_a_diverging_member():
     """On an accelerator every marking rebuilds the weights (``where(alive, w, w_0)``); the shared gradient
     follows them: still one loss evaluation fewer per hyperparameter step, and the same run for every live
     member and the same divergence steps as without sharing."""
-    big = H.HyperParameterSpace([H.HyperParameter("lr", H.LOG10, -2.0, -0.5), H.weight_decay(), H.momentum()])
     out = []
     for share in (True, False):
-        params, raw = pop.init_population(make_params, 3, 0, lambda p, g: SPACE.init(p, g))
-        raw["lr"][1] = 8.0  # member 1 diverges
         calls: list[int] = []
-        t = OnlineTuner(
-            params,
-            raw,
-            big,
-            updates.SGD(),
-            _counted(LOSS, calls),
-            LOSS,
-            update_form=UPDATE,
-            config=TunerConfig(interval=5, share_gradient=share),
-        )
-        t.sync_free = True
-        hist = run(t, 30)
-        out.append((t, hist, len(calls)))
+        t = _diverging_tuner(True, share_gradient=share)
+        t.train_loss = _counted(t.train_loss, calls)
+        out.append((t, run(t, 30), len(calls)))
     (a, ha, na), (b, hb, nb) = out
     assert ha.diverged_at == hb.diverged_at and ha.diverged_at[1] is not None
     assert ha.val_loss == hb.val_loss
