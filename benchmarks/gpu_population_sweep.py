@@ -30,7 +30,9 @@ import warnings
 
 import torch
 
-from bilevel_studies.clarke import clarke
+from bilevel_studies.clarke.config import ClarkeConfig
+from bilevel_studies.clarke.methods import MethodRun, start_method
+from bilevel_studies.clarke.problem import load_problem
 
 
 def sync(device: str) -> None:
@@ -38,7 +40,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_window(run: clarke.MethodRun, steps: int, device: str) -> tuple[float, int]:
+def time_window(run: MethodRun, steps: int, device: str) -> tuple[float, int]:
     """(seconds per weight step over ``steps`` steps, host-device synchronisations in them)."""
     sync(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -77,12 +79,12 @@ def main() -> None:
     rows = []
     for dataset in a.datasets.split(","):
         for P in map(int, a.sizes.split(",")):
-            cfg = clarke.ClarkeConfig(
+            cfg = ClarkeConfig(
                 dataset=dataset, inits=P, steps=a.steps, device=a.device, data_dir=a.data_dir, record_every=10**9
             )
-            problem = clarke.load_problem(cfg)
+            problem = load_problem(cfg)
             for method in a.methods.split(","):
-                run = clarke.start_method(cfg, problem, method)
+                run = start_method(cfg, problem, method)
                 time_window(run, 20, a.device)  # warm-up: allocator, kernels, cuDNN choices
                 per_step, syncs = time_window(run, a.steps, a.device)
                 row = dict(dataset=dataset, P=P, method=method, ms_per_step=1e3 * per_step, syncs=syncs)

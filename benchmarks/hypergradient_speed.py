@@ -475,12 +475,12 @@ def smallest_eigenvalue(op, like, iters: int = 300) -> float:
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    n = bilevel._tree.numel(like)
+    n = bilevel.tree.numel(like)
     dtype = next(iter(like.values())).dtype
 
     def mv(x):
         x = torch.as_tensor(np.asarray(x).ravel(), dtype=dtype)
-        return bilevel._tree.flatten(op.rmatvec(bilevel._tree.unflatten(x, like))).double().numpy()
+        return bilevel.tree.flatten(op.rmatvec(bilevel.tree.unflatten(x, like))).double().numpy()
 
     lo = eigsh(
         LinearOperator((n, n), matvec=mv, dtype=np.float64),

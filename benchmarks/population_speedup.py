@@ -14,7 +14,9 @@ import time
 
 import torch
 
-from bilevel_studies.clarke import clarke
+from bilevel_studies.clarke.config import ClarkeConfig
+from bilevel_studies.clarke.problem import load_problem
+from bilevel_studies.clarke.running import run_method
 
 
 def main() -> None:
@@ -30,7 +32,7 @@ def main() -> None:
     print(f"{a.dataset}, {a.inits} initialisations, {a.steps} steps, torch threads={a.threads}")
     print(f"{'method':>14} {'vectorised s':>13} {'loop s':>9} {'speed-up':>9} {'max |diff| of final test loss':>30}")
     for method in a.methods.split(","):
-        cfg = clarke.ClarkeConfig(
+        cfg = ClarkeConfig(
             dataset=a.dataset,
             inits=a.inits,
             steps=a.steps,
@@ -39,16 +41,16 @@ def main() -> None:
             data_dir=a.data_dir,
             dtype="float64",
         )
-        problem = clarke.load_problem(cfg)
-        clarke.run_method(clarke.ClarkeConfig(**{**cfg.__dict__, "steps": 2, "inits": 2}), problem, method)  # warm-up
+        problem = load_problem(cfg)
+        run_method(ClarkeConfig(**{**cfg.__dict__, "steps": 2, "inits": 2}), problem, method)  # warm-up
         t = time.perf_counter()
-        together = clarke.run_method(cfg, problem, method)["final_test_loss"]
+        together = run_method(cfg, problem, method)["final_test_loss"]
         t_vec = time.perf_counter() - t
         t = time.perf_counter()
         alone = []
         for i in range(a.inits):
-            one = clarke.ClarkeConfig(**{**cfg.__dict__, "inits": 1})
-            alone += clarke.run_method(one, problem, method, first=i)["final_test_loss"]  # member i alone
+            one = ClarkeConfig(**{**cfg.__dict__, "inits": 1})
+            alone += run_method(one, problem, method, first=i)["final_test_loss"]  # member i alone
         t_loop = time.perf_counter() - t
         diff = max((abs(x - y) for x, y in zip(together, alone) if x is not None and y is not None), default=0.0)
         print(f"{method:>14} {t_vec:13.2f} {t_loop:9.2f} {t_loop / t_vec:8.1f}x {diff:30.2e}")

@@ -13,6 +13,7 @@ from bilevel.hparams import (
     Granularity,
     HyperParameter,
     HyperParameterSpace,
+    for_rule,
     get_transform,
     learning_rate,
     momentum,
@@ -216,3 +217,129 @@ def test_optimiser_updates_raw():
     before = {k: v.detach().clone() for k, v in raw.items()}
     opt.step()
     assert all(not torch.equal(before[k], raw[k]) for k in raw)
+
+
+# --------------------------------------------------------------------------- group granularity
+
+GROUPS = (("w1", "w2"), ("b1",))
+
+
+def test_group_granularity_natural_maps_params_to_their_group():
+    params = make_params()
+    space = HyperParameterSpace([learning_rate("group", groups=GROUPS), momentum()])
+    raw = space.from_natural(params, {"lr": [0.1, 0.01], "momentum": 0.9})
+    assert list(raw) == ["lr/group0", "lr/group1", "momentum"]
+    assert all(raw[k].shape == () and raw[k].dtype == DT for k in raw)
+    assert space.shapes(params) == {"lr/group0": (), "lr/group1": (), "momentum": ()}
+    nat = space.natural(raw, params)
+    assert list(nat["lr"]) == ["w1", "w2", "b1"]
+    assert nat["lr"]["w1"] is nat["lr"]["w2"]  # one tensor per group
+    torch.testing.assert_close(nat["lr"]["w1"], torch.tensor(0.1, dtype=DT))
+    torch.testing.assert_close(nat["lr"]["b1"], torch.tensor(0.01, dtype=DT))
+    sel = space["lr"].select(raw)
+    assert sel["w1"] is raw["lr/group0"] and sel["w2"] is raw["lr/group0"] and sel["b1"] is raw["lr/group1"]
+    assert space["lr"].param_names(params) == ["w1", "w2", "b1"]
+    assert space.describe(raw)["lr"] == pytest.approx((0.1 + 0.01) / 2)  # mean over groups, not parameters
+
+
+def test_group_granularity_gradient_accumulates_per_group():
+    params = make_params()
+    space = HyperParameterSpace([learning_rate("group", groups=GROUPS, clip=None)])
+    raw = space.from_natural(params, {"lr": [0.1, 0.01]}, requires_grad=True)
+    nat = space.natural(raw)["lr"]
+    c = {"w1": 2.0, "w2": -0.5, "b1": 3.0}
+    sum(c[p] * nat[p] for p in nat).backward()
+    # d/d raw_i of sum_p c_p 10**raw_i = ln(10) 10**raw_i * sum_{p in group i} c_p
+    torch.testing.assert_close(raw["lr/group0"].grad, torch.tensor(math.log(10) * 0.1 * (2.0 - 0.5), dtype=DT))
+    torch.testing.assert_close(raw["lr/group1"].grad, torch.tensor(math.log(10) * 0.01 * 3.0, dtype=DT))
+
+
+def test_group_granularity_from_natural_init_check():
+    params = make_params()
+    space = HyperParameterSpace([weight_decay("group", groups=GROUPS)])
+    want = [1e-3, 1e-5]
+    for value in (
+        want,
+        tuple(want),
+        torch.tensor(want),
+        {"w1": 1e-3, "w2": 1e-3, "b1": 1e-5},
+        {"w1": 1e-3, "b1": 1e-5},
+    ):
+        nat = space.natural(space.from_natural(params, {"weight_decay": value}, dtype=DT), params)
+        torch.testing.assert_close(
+            torch.stack([nat["weight_decay"][p] for p in ("w1", "b1")]), torch.tensor(want, dtype=DT)
+        )
+    one = space.from_natural(params, {"weight_decay": 1e-4})
+    assert torch.equal(one["weight_decay/group0"], one["weight_decay/group1"])
+    with pytest.raises(ValueError, match="not constant within group 0"):
+        space.from_natural(params, {"weight_decay": {"w1": 1e-3, "w2": 1e-4, "b1": 1e-5}})
+    with pytest.raises(ValueError, match="no value for group 1"):
+        space.from_natural(params, {"weight_decay": {"w1": 1e-3}})
+    with pytest.raises(ValueError, match="2 groups, but 3 values"):
+        space.from_natural(params, {"weight_decay": [1e-3, 1e-4, 1e-5]})
+    with pytest.raises(ValueError, match="one value per group"):
+        space.from_natural(params, {"weight_decay": torch.ones(2, 2)})
+    # init: one shared draw, or one per group; requires_grad leaves
+    shared = space.init(params, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert list(shared) == ["weight_decay/group0", "weight_decay/group1"] and shared["weight_decay/group0"].is_leaf
+    assert torch.equal(shared["weight_decay/group0"], shared["weight_decay/group1"])
+    own = space.init(params, generator=torch.Generator().manual_seed(0), shared_init=False)
+    assert not torch.equal(own["weight_decay/group0"], own["weight_decay/group1"])
+    assert all(-7 <= float(v) <= -2 for v in own.values())
+    # check: with and without params
+    space.check(own)
+    space.check(own, params)
+    with pytest.raises(
+        ValueError, match=r"missing keys \['weight_decay/group1'\].*unexpected keys \['weight_decay/b1'\]"
+    ):
+        space.check({"weight_decay/group0": own["weight_decay/group0"], "weight_decay/b1": own["weight_decay/group1"]})
+    with pytest.raises(ValueError, match="weight_decay/group1"):
+        space.natural({"weight_decay/group0": own["weight_decay/group0"]})
+    with pytest.raises(ValueError, match="shape"):
+        space.check(dict(own, **{"weight_decay/group1": torch.zeros(2)}), params)
+    with pytest.raises(ValueError, match="unknown parameters.*'w9'"):
+        HyperParameterSpace([weight_decay("group", groups=[["w1"], ["w9"]])]).init(params)
+
+
+def test_group_granularity_validation_and_for_rule():
+    h = for_rule("lr", "group", groups=[["w1", "w2"], ["b1"]])
+    assert h.granularity is Granularity.GROUP and h.groups == GROUPS and h.clip == (1e-10, 1.0)
+    assert h.group_keys() == ["lr/group0", "lr/group1"] and h.group_key(1) == "lr/group1"
+    raw = {"lr/group0": torch.tensor(3.0, dtype=DT), "lr/group1": torch.tensor(-2.0, dtype=DT)}
+    nat = h.natural(raw)
+    assert nat["w1"].item() == 1.0 and nat["b1"].item() == pytest.approx(1e-2)  # clipped like the scalar lr
+    for name in ("momentum", "weight_decay", "eps", "beta1", "alpha"):
+        g = for_rule(name, "group", groups=GROUPS)
+        assert g.name == name and g.groups == GROUPS
+    assert Granularity("group") is Granularity.GROUP
+    with pytest.raises(ValueError, match=r"'scalar', 'group', 'tensor', 'element'"):
+        HyperParameter("x", LOG10, 0, 1, granularity="row")
+    with pytest.raises(ValueError, match="needs groups="):
+        for_rule("lr", "group")
+    with pytest.raises(ValueError, match="groups=... needs granularity 'group'"):
+        for_rule("lr", "tensor", groups=GROUPS)
+    with pytest.raises(ValueError, match="takes groups="):
+        HyperParameter("x", LOG10, 0, 1, granularity="group", params=("w1",), groups=GROUPS)
+    with pytest.raises(ValueError, match=r"\['w1'\] appear in more than one group"):
+        for_rule("lr", "group", groups=[["w1"], ["w1", "b1"]])
+    with pytest.raises(ValueError, match="at least one group"):
+        for_rule("lr", "group", groups=[])
+    with pytest.raises(ValueError, match="sequence of parameter names"):
+        for_rule("lr", "group", groups=["w1", "b1"])
+    # an empty group keeps its raw key (aligned with an optimiser's param_groups) and maps no parameter
+    e = for_rule("lr", "group", groups=[["w1"], []])
+    assert list(e.shapes(make_params())) == ["lr/group0", "lr/group1"]
+    assert list(e.natural({"lr/group0": torch.tensor(-1.0), "lr/group1": torch.tensor(-2.0)})) == ["w1"]
+    # existing granularities unchanged
+    assert for_rule("lr", "tensor", params=["w1"]).groups is None
+
+
+def test_group_granularity_under_vmap():
+    space = HyperParameterSpace([momentum("group", groups=GROUPS), learning_rate()])
+    pop = [space.init(make_params(), generator=torch.Generator().manual_seed(i), shared_init=False) for i in range(3)]
+    batched = {k: torch.stack([p[k] for p in pop]) for k in pop[0]}
+    out = torch.func.vmap(space.natural)(batched)
+    for i, p in enumerate(pop):
+        ref = space.natural(p)
+        for name in ("w1", "w2", "b1"):
+            torch.testing.assert_close(out["momentum"][name][i], ref["momentum"][name])

@@ -87,7 +87,7 @@ def test_mode_none_equals_torch_loop(rule, torch_opt):
         ref_val = F.mse_loss(ref(XV), YV).item()
     assert tuner.history[-1]["val_loss"] == pytest.approx(ref_val, rel=1e-10)
     assert [h["train_loss"] for h in tuner.history] == pytest.approx(means, rel=1e-10)
-    assert tuner.hparams["lr"] == pytest.approx(rule.lr, rel=1e-12)  # mode="none": nothing moves
+    assert tuner.hparams == {}  # mode="none" without tune=: nothing is a hyperparameter
 
 
 def test_torch_optimizer_is_converted_to_its_twin():
@@ -96,7 +96,7 @@ def test_torch_optimizer_is_converted_to_its_twin():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     tuner = bilevel.Tuner(model, F.mse_loss, opt, tune=("lr", "momentum"), mode="none", progress=False)
-    assert isinstance(tuner.rule, bilevel.optim.SGD) and tuner.rule.nesterov
+    assert isinstance(tuner.rule.rule, bilevel.optim.SGD) and tuner.rule.rule.nesterov
     tuner.fit(train, val, epochs=1)
     ref = mlp()
     torch_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, nesterov=True), train, epochs=1)
@@ -510,9 +510,18 @@ def test_bad_fit_inputs_raise():
         tuner.fit(train, val, steps=0)
     with pytest.raises(ValueError, match="no len"):
         tuner.fit((b for b in train), val)
+    with pytest.raises(ValueError, match="val_loader must be re-iterable"):  # a one-shot generator
+        tuner.fit(train, (b for b in val))
+    with pytest.raises(ValueError, match="train_loader must be re-iterable"):
+        tuner.fit(iter(train), val, steps=3)
     assert tuner.loop.t == 0  # every check above came before any weight step
-    with pytest.raises(ValueError, match="val_loader yielded no batches"):  # no len(): found when first used
-        tuner.fit(train, (b for b in empty))
+
+    class NoLen:  # re-iterable, without len(), and empty: found when first used
+        def __iter__(self):
+            return iter([])
+
+    with pytest.raises(ValueError, match="val_loader yielded no batches"):
+        tuner.fit(train, NoLen())
     with pytest.raises(TypeError, match="nn.Module"):
         bilevel.Tuner(lambda x: x, F.mse_loss, bilevel.optim.SGD())
     with pytest.raises(ValueError, match="optimizer"):
@@ -574,3 +583,246 @@ def test_state_dict_resume_with_a_shuffling_loader():
     for (k, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(p, q), k
     assert t_whole.history == t_resumed.history
+
+
+# ---------------------------------------------------------------- (j) trust: what the Tuner does to the model
+
+
+def _digits_like(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=D)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def test_validation_draws_never_touch_the_training_stream():
+    """Tuning on, shuffled train and val loaders without generators: the training batches come in exactly the
+    order a plain loop over the same loader sees (validation batches are drawn on a stream of their own)."""
+    train = DataLoader(TensorDataset(X, Y), batch_size=8, shuffle=True)
+    val = DataLoader(TensorDataset(XV, YV), batch_size=8, shuffle=True)
+    seen = []
+
+    def train_loss(model, batch):
+        seen.append(batch[0][:, 0].clone())
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    torch.manual_seed(5)
+    tuner = bilevel.Tuner(
+        mlp(),
+        optimizer=bilevel.optim.SGD(lr=0.05),
+        train_loss=train_loss,
+        tune=("lr",),
+        val_loss=lambda m, b: F.mse_loss(m(b[0]), b[1]),
+        interval=2,
+        progress=False,
+    )
+    torch.manual_seed(5)
+    tuner.fit(train, val, epochs=3)
+    steps = [s for s in seen]  # weight steps and hyperparameter steps' training-loss evaluations
+    torch.manual_seed(5)
+    plain = [x[:, 0].clone() for _ in range(3) for x, _ in train]
+    weight_steps = []
+    for s in steps:  # drop the repeats of a hyperparameter step (the same batch evaluated again)
+        if not weight_steps or not torch.equal(s, weight_steps[-1]):
+            weight_steps.append(s)
+    assert len(weight_steps) == len(plain)
+    assert all(torch.equal(a, b) for a, b in zip(weight_steps, plain))
+
+
+def test_nan_in_the_data_names_the_data_and_keeps_the_last_finite_model():
+    """A NaN in the 5th training batch: NonFiniteError names the data and the step, and the model (weights and
+    BatchNorm statistics) is the plain loop's after 4 steps, not NaN."""
+    x = X.clone()
+    x[33] = float("nan")  # batch 5 of 8 examples
+    train = DataLoader(TensorDataset(x, Y), batch_size=8)
+    _, val = loaders()
+    model = mlp(bn=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    with pytest.raises(bilevel.NonFiniteError, match=r"data \(the training batch holds NaN or inf\) at weight step 5"):
+        bilevel.Tuner(model, F.mse_loss, opt, mode="none", progress=False).fit(train, val, epochs=1)
+    ref = mlp(bn=True)
+    torch_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.5), list(train)[:4], epochs=1)
+    for (k, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=k)
+
+
+def linear(seed=1):
+    torch.manual_seed(seed)
+    return nn.Linear(3, 1).double()
+
+
+def test_a_diverging_tuned_run_keeps_the_last_finite_weights():
+    """A learning rate far too large (twin of torch SGD, tuned): the error names the weights or the training
+    loss and the step; the model holds finite weights, those of the step before."""
+    train, val = loaders()
+    model = linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.9)
+    tuner = bilevel.Tuner(model, F.mse_loss, opt, tune=("lr",), interval=100, progress=False)
+    big = DataLoader(TensorDataset(X * 40, Y * 40), batch_size=8)
+    with pytest.raises(bilevel.NonFiniteError, match=r"(weights|training loss) at weight step \d+") as err:
+        tuner.fit(big, val, epochs=20)
+    assert err.value.step == tuner.loop.t + 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), tuner.loop.params[k])
+
+
+@pytest.mark.parametrize("how", ["record", "warn"])
+def test_a_population_whose_every_member_diverged_is_not_silent(how):
+    train, val = loaders()
+    big = DataLoader(TensorDataset(X * 40, Y * 40), batch_size=8)
+    model = linear()
+    initial = copy.deepcopy(model.state_dict())
+    tuner = bilevel.Tuner(
+        model, F.mse_loss, bilevel.optim.SGD(lr=0.9), population=3, on_divergence=how, interval=100, progress=False
+    )
+    if how == "record":
+        with pytest.raises(bilevel.NonFiniteError, match="every member of the population"):
+            tuner.fit(big, val, epochs=20)
+    else:
+        with pytest.warns(RuntimeWarning, match="every member of the population"):
+            tuner.fit(big, val, epochs=20)
+    assert sorted(e["member"] for e in tuner.divergences) == [0, 1, 2]
+    assert all(e["action"] == "frozen" and isinstance(e["step"], int) for e in tuner.divergences)
+    for k, v in model.state_dict().items():  # left at its initial weights (member 0's)
+        assert torch.equal(v, initial[k]), k
+
+
+def test_rollback_continues_and_records():
+    """on_divergence="rollback" with a learning rate far too large: training goes on with a halved learning
+    rate (each event in divergences and counted in history), and ends finite."""
+    big = DataLoader(TensorDataset(X * 40, Y), batch_size=8)
+    _, val = loaders()
+    model = linear()
+    tuner = bilevel.Tuner(
+        model, F.mse_loss, bilevel.optim.SGD(lr=1.0), tune=("lr",), on_divergence="rollback", interval=5, progress=False
+    ).fit(big, val, epochs=12)
+    ev = tuner.divergences
+    assert ev and all(e["action"] == "rollback" for e in ev)
+    assert sum(h["events"] for h in tuner.history) == len(ev)
+    shrinks = [e for e in ev if e.get("lr_factor") is not None]
+    assert shrinks and [e["lr_factor"] for e in shrinks] == [0.5 ** (i + 1) for i in range(len(shrinks))]
+    assert tuner.hparams["lr"] < 0.1 and math.isfinite(tuner.history[-1]["val_loss"])
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_only_the_optimisers_parameters_move():
+    """SGD(model[2].parameters()) with tune=("lr",) or mode="none": model[0] keeps its weights."""
+    train, val = loaders()
+    for kw in (dict(tune=("lr",), interval=3), dict(mode="none")):
+        model = mlp()
+        first = copy.deepcopy(model[0].state_dict())
+        bilevel.Tuner(model, F.mse_loss, torch.optim.SGD(model[2].parameters(), lr=0.05), progress=False, **kw).fit(
+            train, val, epochs=2
+        )
+        for k, v in model[0].state_dict().items():
+            assert torch.equal(v, first[k]), (kw, k)
+    m = mlp()
+    m[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        bilevel.Tuner(m, F.mse_loss, torch.optim.SGD(m.parameters(), lr=0.05), progress=False)
+
+
+def test_parameter_groups_tuned_per_group_and_written_back():
+    """Groups differing in lr (and decay): tune={"lr": "group"} starts from each group's value, tunes one value
+    per group and writes it back; a scalar tune of a differing lr is refused with a pointer to "group"."""
+    train, val = loaders()
+    model = mlp()
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "weight_decay": 0.0}],
+        lr=0.1,
+        momentum=0.5,
+        weight_decay=1e-3,
+    )
+    with pytest.raises(ValueError, match="tune=\\{'lr': 'group'\\}"):
+        bilevel.Tuner(model, F.mse_loss, opt, tune=("lr",), progress=False)
+    tuner = bilevel.Tuner(model, F.mse_loss, opt, tune={"lr": "group"}, interval=3, hyper_lr=0.1, progress=False)
+    start = tuner.hparams["lr"]
+    assert start == pytest.approx([0.01, 0.1], rel=1e-12)
+    tuner.fit(train, val, epochs=3)
+    lr = tuner.hparams["lr"]
+    assert lr[0] != pytest.approx(0.01) and lr[1] != pytest.approx(0.1) and lr[0] != pytest.approx(lr[1])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(lr, rel=1e-12)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, 0.0]  # untuned: untouched
+
+
+def test_optimiser_state_carries_into_the_twin_and_back():
+    """A plain loop runs 4 steps; the Tuner (twin, lr declared tuned, no hyperparameter step) continues 6 steps
+    from torch's momentum buffers; a plain loop continues 4 more from the written-back state: the same as 14
+    plain steps."""
+    train, val = loaders()  # 6 batches
+    for make in (
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        lambda ps: torch.optim.Adam(ps, lr=0.01),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
+    ):
+        ref = mlp()
+        torch_loop(ref, make(ref.parameters()), list(train) * 2 + list(train)[:2], epochs=1)
+        model = mlp()
+        opt = make(model.parameters())
+        torch_loop(model, opt, list(train)[:4], epochs=1)
+        tuner = bilevel.Tuner(model, F.mse_loss, opt, tune=("lr",), interval=1000, progress=False)
+        tuner.fit(list(train)[4:] + list(train)[:4], val, steps=6)
+        torch_loop(model, opt, list(train)[4:] + list(train)[:2], epochs=1)
+        assert_same_weights(model, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_penalty_on_top_of_an_optimiser_decay_warns():
+    model = mlp()
+    with pytest.warns(UserWarning, match=r"AdamW optimiser also decays the weights \(weight_decay=0.01\)"):
+        bilevel.Tuner(
+            model,
+            F.mse_loss,
+            torch.optim.AdamW(model.parameters(), lr=3e-3),
+            penalty=bilevel.PerWeightDecay(model),
+            progress=False,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bilevel.Tuner(
+            model,
+            F.mse_loss,
+            torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0),
+            penalty=bilevel.PerWeightDecay(model),
+            progress=False,
+        )
+
+
+def test_a_decay_at_zero_starts_at_the_same_place_on_both_paths_and_moves():
+    """weight_decay=0 named in tune= and PerWeightDecay(init=0): the same warning, both start at
+    ZERO_DECAY_START, and from there the tuned decay moves (more than a factor 3 in 60 hyperparameter steps on
+    a noisy, overparameterised regression whose validation loss wants a large decay)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(20, 1, generator=g, dtype=D)
+    x, xv = torch.randn(24, 20, generator=g, dtype=D), torch.randn(200, 20, generator=g, dtype=D)
+    y, yv = x @ w * 0.1 + torch.randn(24, 1, generator=g, dtype=D), xv @ w * 0.1
+    train = DataLoader(TensorDataset(x, y), batch_size=24)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=200)
+    start = bilevel.module_tuner.ZERO_DECAY_START
+    for build in (
+        lambda m: dict(optimizer=bilevel.optim.SGD(lr=0.1, weight_decay=0.0), tune=("weight_decay",)),
+        lambda m: dict(
+            optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+            penalty=bilevel.PerWeightDecay(m, init=0.0, granularity="scalar"),
+        ),
+    ):
+        torch.manual_seed(0)
+        model = nn.Linear(20, 1, bias=False).double()
+        with pytest.warns(UserWarning, match=f"starting it at {start:g}"):
+            tuner = bilevel.Tuner(model, F.mse_loss, interval=5, hyper_lr=0.1, progress=False, **build(model))
+        name = next(iter(tuner.hparams))
+        assert tuner.hparams[name] == pytest.approx(start, rel=1e-9)
+        tuner.fit(train, val, steps=300)
+        assert tuner.hparams[name] > 3 * start, name
+
+
+def test_evaluate_restores_the_mode_and_the_random_state():
+    train, val = loaders()
+    model = mlp()
+    tuner = bilevel.Tuner(model, F.mse_loss, bilevel.optim.SGD(lr=0.05), progress=False)
+    shuffled = DataLoader(TensorDataset(XV, YV), batch_size=8, shuffle=True)
+    for mode in (True, False):
+        model.train(mode)
+        state = torch.get_rng_state()
+        tuner.evaluate(shuffled)
+        assert model.training is mode
+        assert torch.equal(torch.get_rng_state(), state)

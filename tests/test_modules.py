@@ -5,7 +5,7 @@ from torch import nn
 from torch.func import functional_call
 
 import bilevel as B
-from bilevel import _tree as T
+from bilevel import tree as T
 
 
 def test_module_with_batchnorm_buffers_matches_dense_reference():

@@ -57,24 +57,6 @@ def test_unfinished_trials_are_detected_and_reported_as_an_interrupt():
     assert issubclass(R.Interrupted, KeyboardInterrupt)
 
 
-def test_run_config_check_refuses_a_changed_configuration(tmp_path):
-    out = tmp_path / "run"
-    R.check_run_config(out, {"steps": 20, "inits": 3, "methods": ["a"]})
-    R.check_run_config(out, {"steps": 20, "inits": 3, "methods": ["a", "b"]})  # methods may be added
-    with pytest.raises(ValueError, match=r"different configuration \{'steps': \(20, 30\)\}"):
-        R.check_run_config(out, {"steps": 30, "inits": 3, "methods": ["a"]})
-    # a key added since the run started counts as its default
-    R.check_run_config(out, {"steps": 20, "inits": 3, "new": 1}, defaults={"new": 1})
-    with pytest.raises(ValueError, match="'new': \\(1, 2\\)"):
-        R.check_run_config(out, {"steps": 20, "inits": 3, "new": 2}, defaults={"new": 1})
-    # no config.json (an older run): the config in its results.json is checked
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "results.json").write_text(json.dumps({"config": {"steps": 20}}))
-    with pytest.raises(ValueError, match="different configuration"):
-        R.check_run_config(old, {"steps": 40})
-
-
 def test_member_blocks_must_cover_the_population_once():
     assert R.member_blocks([{"first": 2, "count": 1}, {"first": 0, "count": 2}], 3) == [(0, 2), (2, 1)]
     with pytest.raises(ValueError, match="do not cover"):

@@ -173,7 +173,7 @@ def _mixed_tuner():
 @pytest.mark.parametrize("which", ["update-form", "mixed"])
 def test_ift_hypergradient_matches_dense_neumann_formula(which):
     """Clarke et al. eq. 6 written densely: direct - v sum_{j=0}^{i} (I - du/dw)^j du/dlambda."""
-    from bilevel import _tree as T
+    from bilevel import tree as T
 
     t = make_tuner(1, seed=5, mode="ift", lookback=3) if which == "update-form" else _mixed_tuner()
     run(t, 7)  # some steps, so the momentum buffer is non-zero
@@ -343,7 +343,7 @@ def test_shared_gradient_is_not_reused_when_it_would_differ():
     na, nb = _shared_and_not(20, lambda: (X, Y), make=_mixed_tuner)
     assert na == nb == 20 + 2  # _mixed_tuner: T = 10; l2 is tuned and enters the loss
     # restoring a checkpoint between the hyperparameter step and the next weight step drops the entry
-    t = make_tuner(2, 0, interval=5)
+    t = make_tuner(2, 0, interval=5, share_gradient=True)
     calls: list[int] = []
     t.train_loss = _counted(t.train_loss, calls)
     t.run(5, lambda: (X, Y), lambda: (Xv, Yv))
@@ -351,6 +351,34 @@ def test_shared_gradient_is_not_reused_when_it_would_differ():
     t.load_state_dict(t.state_dict())
     t.run(1, lambda: (X, Y), lambda: (Xv, Yv))
     assert len(calls) == 5 + 1 + 1
+
+
+def test_shared_gradient_is_off_by_default_and_catches_a_batch_refilled_in_place():
+    """Sharing is opt-in; opted in, a batch tensor refilled in place behind autograd's back (``.data.copy_``,
+    which does not bump the version counter; a numpy staging buffer) is recomputed: the same run as without."""
+    assert TunerConfig().share_gradient is False
+    xb, yb = X[:32].clone(), Y[:32].clone()
+    draws = iter(range(10**6))
+
+    def refill():  # the same tensor objects, new contents every call (a staging buffer)
+        i = next(draws) % 2
+        xb.data.copy_(X[32 * i : 32 * (i + 1)])
+        yb.data.copy_(Y[32 * i : 32 * (i + 1)])
+        return xb, yb
+
+    na, nb = _shared_and_not(20, refill)
+    assert na == nb == 20 + 4
+    for buf_x in (X.numpy().copy(),):  # numpy buffer shared with the tensor: writes bump no version
+        shared_x = torch.from_numpy(buf_x)
+
+        def numpy_refill():
+            i = next(draws) % 2
+            buf_x[:] = X.numpy()[::-1].copy() if i else X.numpy()
+            return shared_x, Y
+
+        draws = iter(range(10**6))
+        na, nb = _shared_and_not(20, numpy_refill)
+        assert na == nb == 20 + 4
 
 
 def test_shared_gradient_on_the_sync_free_path_with_a_diverging_member():
@@ -380,7 +408,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
     run(t, 15)
     torch.save(t.state_dict(), tmp_path / "ckpt.pt")
     t2 = make_tuner(2, seed=1, interval=5, callbacks=xlr())
-    t2.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    t2.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))  # plain containers only
     resumed = run(t2, 15)
     assert resumed.step == full.step
     torch.testing.assert_close(torch.tensor(resumed.val_loss), torch.tensor(full.val_loss), rtol=0, atol=0)
@@ -439,7 +467,7 @@ def test_nn_module_with_buffers_and_any_loss():
 def test_implicit_loss_is_lorraine_ift_with_the_hessian_whatever_the_rule():
     """implicit='loss': -dL_V/dw H^-1 d2L_T/dw dlambda (Lorraine et al. eq. 2-3), H the Hessian of the penalised
     training loss, even when Adam steps the weights; checked against a dense solve."""
-    from bilevel import _tree as T
+    from bilevel import tree as T
     from bilevel.regularizers import l2_penalty
     from bilevel.solvers import Exact
 
@@ -576,8 +604,59 @@ def test_one_model_raises_on_divergence():
         config=TunerConfig(tuned=(), on_divergence="raise"),
         stacked=False,
     )
-    with pytest.raises(NonFiniteError, match="at step"):
+    snapshots = []
+    t.callbacks.append(type("Snap", (), {"on_weight_step": lambda self, tu: snapshots.append(dict(tu.params))})())
+    with pytest.raises(NonFiniteError, match=r"(training loss|weights) at weight step (\d+)") as err:
         t.run(50, lambda: (X, Y * 1e3), lambda: (Xv, Yv))
+    assert err.value.step == len(snapshots) + 1 == t.t + 1  # the step that failed was not taken
+    for k, v in t.params.items():  # the weights are the last finite ones, those after the last step taken
+        assert torch.isfinite(v).all() and torch.equal(v, snapshots[-1][k])
+
+
+def test_rollback_restores_the_member_and_halves_its_learning_rate():
+    """on_divergence="rollback" on a population where one member's learning rate is far too large for a
+    quadratic (lr * lambda_max > 2): that member is put back to its weights and momentum before each bad
+    step, its lr halves until its steps stay finite, each event is in ``history.events``; the other members
+    run exactly as without it."""
+    Xs = X * 3  # Hessian 2 Xs^T Xs / n: lambda_max ~ 20, so lr = 1 overshoots by a factor ~20 each step
+
+    def loss(p, x):  # a quadratic whose log-barrier term turns non-finite once |w|^2 > 1e4
+        r = x[0] @ p["w"] - x[1]
+        return (r**2).mean() + 0.0 * torch.log(1e4 - (p["w"] ** 2).sum())
+
+    vloss = torch.vmap(lambda p, b: loss(p, b), in_dims=(0, None))
+
+    def make(mode):
+        params = {"w": torch.zeros(3, 4, 1, dtype=D)}
+        raw = SPACE.from_natural(pop.member(params, 0), {"lr": 0.01, "weight_decay": 1e-4, "momentum": 0.5})
+        raw = pop.stack([raw, raw, raw])
+        raw["lr"] = torch.tensor([-2.0, 0.0, -1.5], dtype=D)  # member 1: lr = 1 (the clip)
+        return OnlineTuner(
+            params,
+            raw,
+            SPACE,
+            updates.SGD(),
+            lambda p, h, b: vloss(p, b),
+            lambda p, h, b: vloss(p, b),
+            update_form=UPDATE,
+            config=TunerConfig(tuned=("weight_decay",), interval=5, on_divergence=mode),
+        )
+
+    a, b = make("rollback"), make("record")
+    for t in (a, b):
+        t.run(30, lambda: (Xs, Y), lambda: (Xv, Yv))
+    ev = a.history.events
+    assert len(ev) >= 2 and all(e["member"] == 1 and e["action"] == "rollback" for e in ev)
+    assert [e["lr_factor"] for e in ev] == [0.5 ** (i + 1) for i in range(len(ev))]
+    assert a.history.diverged_at == [None, None, None] and b.history.diverged_at[1] is not None
+    assert bool(a.alive.all()) and torch.isfinite(a.params["w"]).all()
+    torch.testing.assert_close(10 ** a.raw["lr"][1], torch.tensor(0.5 ** len(ev), dtype=D), rtol=1e-12, atol=0)
+    for k in a.params:  # members 0 and 2 are untouched by member 1's rollbacks
+        assert torch.equal(a.params[k][[0, 2]], b.params[k][[0, 2]]), k
+    for k in a.raw:
+        assert torch.equal(a.raw[k][[0, 2]], b.raw[k][[0, 2]]), k
+    # once its lr was small enough member 1 stopped diverging: the last 10 of its 30 steps needed no rollback
+    assert ev[-1]["step"] <= 20 and torch.isfinite(vloss(a.params, (Xs, Y))).all()
 
 
 def test_per_weight_decay_of_adam_hypergradient_matches_finite_differences():

@@ -7,7 +7,22 @@ import torch
 from torch.func import grad as fgrad
 from torch.func import vmap
 
-from bilevel.updates import SGD, Adam, AdamW, RMSprop, UpdateRule, apply, detach_state, resolve
+from bilevel.hparams import HyperParameterSpace, for_rule
+from bilevel.updates import (
+    SGD,
+    Adam,
+    AdamW,
+    RMSprop,
+    UpdateRule,
+    WithDefaults,
+    apply,
+    detach_state,
+    from_torch,
+    resolve,
+    state_from_torch,
+    state_to_torch,
+    twin,
+)
 
 DT = torch.float64
 STEPS = 10
@@ -466,3 +481,354 @@ def test_resolve_and_misc():
         SGD()(params, {"w1": params["w1"]}, {}, SGD().init_state(params))
     with pytest.raises(AttributeError):
         SGD().lr = 1.0  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- 6. torch.optim parameter groups and state
+
+GROUP_NAMES = (("w1",), ("b1", "b2"), ("w2",))
+
+
+def _make_opt(opt_cls, defaults, per_group, dtype=DT):
+    """A fresh problem: leaves named like make_problem's, and ``opt_cls`` over the three GROUP_NAMES groups."""
+    params, x, y = make_problem()
+    leaves = {k: v.to(dtype).clone().requires_grad_() for k, v in params.items()}
+    groups = [{"params": [leaves[k] for k in names], **over} for names, over in zip(GROUP_NAMES, per_group)]
+    return opt_cls(groups, **defaults), leaves, x.to(dtype), y.to(dtype)
+
+
+def _torch_steps(opt, leaves, x, y, n):
+    for _ in range(n):
+        opt.zero_grad()
+        loss_fn(leaves, x, y).backward()
+        opt.step()
+
+
+def _twin_steps(rule, params, state, x, y, n):
+    for _ in range(n):
+        u, state = rule(params, grads_of(params, x, y), {}, state)
+        params = {k: v.detach() for k, v in apply(params, u).items()}
+        state = detach_state(state)
+    return params, state
+
+
+def _weights(leaves):
+    return {k: v.detach().clone() for k, v in leaves.items()}
+
+
+def _assert_weights(a, b, atol):
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+GROUP_CASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1), [dict(), dict(lr=0.05), dict(lr=0.2)]),
+    "sgd-momentum": (
+        torch.optim.SGD,
+        dict(lr=0.1, momentum=0.9),
+        [dict(), dict(lr=0.05, momentum=0.5), dict(momentum=0.0)],
+    ),
+    "sgd-dampening": (
+        torch.optim.SGD,
+        dict(lr=0.1, momentum=0.9, dampening=0.3),
+        [dict(), dict(momentum=0.0, weight_decay=0.05), dict(momentum=0.7, weight_decay=0.1)],
+    ),
+    "sgd-nesterov": (
+        torch.optim.SGD,
+        dict(lr=0.1, momentum=0.9, nesterov=True),
+        [dict(), dict(momentum=0.5, lr=0.05), dict(momentum=0.8, lr=0.2)],
+    ),
+    "sgd-weight-decay": (
+        torch.optim.SGD,
+        dict(lr=0.1, momentum=0.9),
+        [dict(weight_decay=0.05), dict(weight_decay=0.0), dict(weight_decay=0.1)],
+    ),
+    "adam": (torch.optim.Adam, dict(lr=0.01), [dict(weight_decay=0.1), dict(weight_decay=0.0, lr=0.02), dict()]),
+    "adam-amsgrad": (
+        torch.optim.Adam,
+        dict(lr=0.01, amsgrad=True, weight_decay=0.05),
+        [dict(betas=(0.8, 0.99)), dict(lr=0.03), dict(betas=(0.5, 0.9), weight_decay=0.0)],
+    ),
+    "adam-decoupled": (
+        torch.optim.Adam,
+        dict(lr=0.01, decoupled_weight_decay=True),
+        [dict(weight_decay=0.1), dict(weight_decay=0.0), dict(lr=0.02, weight_decay=0.05)],
+    ),
+    "adamw": (
+        torch.optim.AdamW,
+        dict(lr=0.01),
+        [dict(weight_decay=0.1), dict(weight_decay=0.0), dict(lr=torch.tensor(0.03, dtype=DT))],
+    ),
+    "adamw-amsgrad": (
+        torch.optim.AdamW,
+        dict(lr=0.01, amsgrad=True),
+        [dict(lr=0.02), dict(weight_decay=0.0), dict(betas=(0.8, 0.95))],
+    ),
+    "rmsprop": (torch.optim.RMSprop, dict(lr=0.01), [dict(weight_decay=0.1), dict(lr=0.02), dict(alpha=0.9)]),
+    "rmsprop-centered-momentum": (
+        torch.optim.RMSprop,
+        dict(lr=0.01, centered=True, momentum=0.5),
+        [dict(weight_decay=0.1), dict(momentum=0.0), dict(momentum=0.9, lr=0.02)],
+    ),
+    "rmsprop-momentum": (
+        torch.optim.RMSprop,
+        dict(lr=0.01, momentum=0.9, weight_decay=0.01),
+        [dict(), dict(momentum=0.5, weight_decay=0.0), dict(alpha=0.9, eps=1e-6)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUP_CASES))
+def test_twin_of_param_groups_steps_like_torch(case):
+    """(a) From fresh states, the twin with its per-group values takes torch's 5 steps."""
+    opt_cls, defaults, per_group = GROUP_CASES[case]
+    opt, leaves, x, y = _make_opt(opt_cls, defaults, per_group)
+    tw = twin(opt, leaves)
+    assert tw.groups == GROUP_NAMES and tw.per_param  # every case has a hyperparameter differing across groups
+    rule = tw.with_defaults()
+    params, state = _weights(leaves), rule.init_state(leaves)
+    for _ in range(5):
+        _torch_steps(opt, leaves, x, y, 1)
+        params, state = _twin_steps(rule, params, state, x, y, 1)
+        _assert_weights(params, _weights(leaves), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(GROUP_CASES))
+def test_state_from_torch_continues_like_torch(case):
+    """(b) torch steps 3 times; the twin, from state_from_torch, continues 4 steps as torch does."""
+    opt_cls, defaults, per_group = GROUP_CASES[case]
+    opt, leaves, x, y = _make_opt(opt_cls, defaults, per_group)
+    rule = twin(opt, leaves).with_defaults()
+    _torch_steps(opt, leaves, x, y, 3)
+    state = state_from_torch(opt, leaves, rule)
+    assert state["step"].dtype == torch.int64 and state["step"].dim() == 0
+    # torch counts no SGD steps: the twin's step only tells whether the first momentum step was taken
+    expected = (1 if defaults.get("momentum") else 0) if opt_cls is torch.optim.SGD else 3
+    assert int(state["step"]) == expected
+    for key, buf in state.items():  # copies, not torch's tensors
+        if isinstance(buf, dict):
+            assert all(buf[k].data_ptr() != opt.state[leaves[k]].get(key, torch.empty(0)).data_ptr() for k in buf)
+    params, _ = _twin_steps(rule, _weights(leaves), state, x, y, 4)
+    _torch_steps(opt, leaves, x, y, 4)
+    _assert_weights(params, _weights(leaves), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(GROUP_CASES))
+def test_state_to_torch_continues_like_the_twin(case):
+    """(c) The twin steps 3 times; torch, from state_to_torch, continues 4 steps as the twin does."""
+    opt_cls, defaults, per_group = GROUP_CASES[case]
+    opt, leaves, x, y = _make_opt(opt_cls, defaults, per_group)
+    rule = twin(opt, leaves).with_defaults()
+    params, state = _twin_steps(rule, _weights(leaves), rule.init_state(leaves), x, y, 3)
+    with torch.no_grad():
+        for k, p in leaves.items():
+            p.copy_(params[k])
+    state_to_torch(state, opt, leaves, rule)
+    _torch_steps(opt, leaves, x, y, 4)
+    params, _ = _twin_steps(rule, params, state, x, y, 4)
+    _assert_weights(params, _weights(leaves), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["sgd-dampening", "adam-amsgrad", "adamw", "rmsprop-centered-momentum"])
+def test_state_round_trip_float32_matches_torchs_own_state(case):
+    """float32: written-back state has torch's own keys, dtypes and devices (step: a float32 CPU tensor, one per
+    parameter), holds copies, and torch continues from it within 1e-6; reading it back gives the twin's state."""
+    opt_cls, defaults, per_group = GROUP_CASES[case]
+    per_group = [{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()} for g in per_group]
+    native, nleaves, x, y = _make_opt(opt_cls, defaults, per_group, dtype=torch.float32)
+    _torch_steps(native, nleaves, x, y, 3)
+    opt, leaves, _, _ = _make_opt(opt_cls, defaults, per_group, dtype=torch.float32)
+    rule = twin(opt, leaves).with_defaults()
+    params, state = _twin_steps(rule, _weights(leaves), rule.init_state(leaves), x, y, 3)
+    _assert_weights(params, _weights(nleaves), atol=1e-6)
+    with torch.no_grad():
+        for k, p in leaves.items():
+            p.copy_(params[k])
+    state_to_torch(state, opt, leaves, rule)
+    steps = []
+    for k in leaves:
+        ours, theirs = opt.state[leaves[k]], native.state[nleaves[k]]
+        # every buffer the twin holds is written, also where a group without momentum does not read it
+        assert set(theirs) <= set(ours) and set(ours) - set(theirs) <= (
+            {"momentum_buffer"} if k in ("b1", "b2") else set()
+        )
+        for key, v in theirs.items():
+            if v is None:
+                assert ours[key] is None
+                continue
+            assert (ours[key].dtype, ours[key].device, ours[key].shape) == (v.dtype, v.device, v.shape), (k, key)
+            torch.testing.assert_close(ours[key], v, atol=1e-6, rtol=1e-5)
+            if key != "step":
+                assert ours[key].data_ptr() != state[key][k].data_ptr()
+        if "step" in ours:
+            assert ours["step"].dtype == torch.float32 and ours["step"].device.type == "cpu"
+            steps.append(ours["step"])
+    assert len({id(s) for s in steps}) == len(steps)  # torch increments each in place
+    back = state_from_torch(opt, leaves, rule)
+    assert torch.equal(back["step"], state["step"]) or opt_cls is torch.optim.SGD
+    for key, buf in state.items():
+        if isinstance(buf, dict):
+            for k in buf:
+                torch.testing.assert_close(back[key][k], buf[k], atol=0, rtol=0)
+    _torch_steps(opt, leaves, x, y, 4)
+    params, _ = _twin_steps(rule, params, state, x, y, 4)
+    _assert_weights(params, _weights(leaves), atol=1e-6)
+
+
+def test_twin_values_fields_and_from_torch():
+    opt, leaves, _, _ = _make_opt(*GROUP_CASES["sgd-dampening"])
+    tw = twin(opt, leaves)
+    # the momentum-0 group (torch: no buffer, dampening ignored) runs with dampening 0
+    assert tw.per_param["momentum"] == {"w1": 0.9, "b1": 0.0, "b2": 0.0, "w2": 0.7}
+    assert tw.per_param["dampening"] == {"w1": 0.3, "b1": 0.0, "b2": 0.0, "w2": 0.3}
+    assert "lr" not in tw.per_param and tw.rule.lr == 0.1  # equal across groups: a field
+    assert tw.group_values["dampening"] == (0.3, 0.3, 0.3) and tw.group_values["momentum"] == (0.9, 0.0, 0.7)
+    assert tw.names == ("w1", "b1", "b2", "w2")
+    opt, leaves, _, _ = _make_opt(torch.optim.SGD, dict(lr=0.1), [dict(momentum=0.0), dict(momentum=0.5), dict()])
+    assert twin(opt, leaves).rule.momentum == 0.5  # first non-zero: the rule allocates the buffer
+    opt, leaves, _, _ = _make_opt(*GROUP_CASES["adamw"])
+    tw = twin(opt, leaves)
+    assert isinstance(tw.rule, AdamW) and tw.per_param["lr"]["w2"] == 0.03 and type(tw.per_param["lr"]["w2"]) is float
+    opt, leaves, _, _ = _make_opt(*GROUP_CASES["adam-decoupled"])
+    assert isinstance(twin(opt, leaves).rule, AdamW)
+    opt, leaves, _, _ = _make_opt(*GROUP_CASES["adam-amsgrad"])
+    tw = twin(opt, leaves)
+    assert tw.per_param["beta1"]["w1"] == 0.8 and tw.rule.amsgrad and "eps" not in tw.per_param
+    # parameters of `named` the optimiser does not hold are left out
+    extra = dict(leaves, frozen=torch.zeros(2, dtype=DT))
+    assert twin(opt, extra).groups == GROUP_NAMES
+    # from_torch: unchanged for one set of values, refuses groups that differ
+    leaves = {k: v.clone().requires_grad_() for k, v in make_problem()[0].items()}
+    assert from_torch(torch.optim.Adam(list(leaves.values()), lr=0.02, betas=(0.8, 0.9))) == Adam(
+        lr=0.02, beta1=0.8, beta2=0.9
+    )
+    assert isinstance(from_torch(torch.optim.Adam(list(leaves.values()), decoupled_weight_decay=True)), AdamW)
+    with pytest.raises(ValueError, match=r"differ in \['lr'\].*twin"):
+        from_torch(torch.optim.SGD([{"params": [leaves["w1"]], "lr": 0.2}, {"params": [leaves["b1"]]}], lr=0.1))
+
+
+def test_twin_and_state_refusals():
+    leaves = {k: v.clone().requires_grad_() for k, v in make_problem()[0].items()}
+    a, b = [leaves["w1"], leaves["b1"]], [leaves["w2"], leaves["b2"]]
+    sgd = torch.optim.SGD([{"params": a, "nesterov": True}, {"params": b, "nesterov": False}], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="structural option 'nesterov'"):
+        twin(sgd, leaves)
+    adam = torch.optim.Adam([{"params": a, "amsgrad": True}, {"params": b}], lr=0.1)
+    with pytest.raises(ValueError, match="structural option 'amsgrad'"):
+        twin(adam, leaves)
+    with pytest.raises(ValueError, match="maximize"):
+        twin(torch.optim.Adam([{"params": a}, {"params": b, "maximize": True}]), leaves)
+    with pytest.raises(ValueError, match="maximize"):
+        from_torch(torch.optim.SGD(a + b, lr=0.1, maximize=True))
+    with pytest.raises(ValueError, match=r"`named` lacks.*group 1, parameter 1 \(shape \(1,\)\)"):
+        twin(torch.optim.SGD([{"params": a}, {"params": b}], lr=0.1), {k: leaves[k] for k in ("w1", "b1", "w2")})
+    with pytest.raises(ValueError, match="LBFGS"):
+        twin(torch.optim.LBFGS(a), leaves)
+    # per-parameter step counts that differ: torch skips a parameter without a gradient
+    _, x, y = make_problem()
+    for opt in (torch.optim.Adam(a + b, lr=0.01), torch.optim.SGD(a + b, lr=0.01, momentum=0.9)):
+        rule = twin(opt, leaves).rule
+        assert state_from_torch(opt, leaves, rule)["step"] == 0  # never stepped
+        opt.zero_grad()
+        loss_fn(leaves, x, y).backward()
+        leaves["w2"].grad = None
+        opt.step()
+        with pytest.raises(ValueError, match=r"different numbers of steps.*'w2'"):
+            state_from_torch(opt, leaves, rule)
+    # a rule that is not the optimiser's twin
+    with pytest.raises(ValueError, match="not the twin"):
+        state_from_torch(torch.optim.Adam(a + b), leaves, SGD())
+    with pytest.raises(ValueError, match="amsgrad=False"):
+        state_to_torch(Adam().init_state(leaves), torch.optim.Adam(a + b, amsgrad=True), leaves, Adam())
+    # torch needs a momentum buffer the twin's state lacks
+    opt = torch.optim.SGD(a + b, lr=0.1, momentum=0.9)
+    _, st = SGD(lr=0.1)(leaves, grads_of(leaves, x, y), {}, SGD().init_state(leaves))
+    with pytest.raises(ValueError, match="lacks 'momentum_buffer'"):
+        state_to_torch(st, opt, leaves, SGD(lr=0.1, momentum=0.9))
+
+
+def test_sgd_first_step_round_trip():
+    """torch's momentum buffer None (before the first step) is the twin's step 0, both ways."""
+    opt, leaves, x, y = _make_opt(*GROUP_CASES["sgd-momentum"])
+    rule = twin(opt, leaves).with_defaults()
+    fresh = state_from_torch(opt, leaves, rule)
+    assert int(fresh["step"]) == 0 and all(
+        torch.equal(v, torch.zeros_like(v)) for v in fresh["momentum_buffer"].values()
+    )
+    _torch_steps(opt, leaves, x, y, 2)
+    stepped = state_from_torch(opt, leaves, rule)
+    assert int(stepped["step"]) == 1
+    torch.testing.assert_close(stepped["momentum_buffer"]["w1"], opt.state[leaves["w1"]]["momentum_buffer"])
+    state_to_torch(rule.init_state(leaves), opt, leaves, rule)  # step 0: torch's never-stepped state
+    assert all(leaves[k] not in opt.state for k in leaves)
+    before = _weights(leaves)
+    _torch_steps(opt, leaves, x, y, 1)  # torch's first step again: buffer = d
+    params, _ = _twin_steps(rule, before, rule.init_state(leaves), x, y, 1)
+    _assert_weights(params, _weights(leaves), atol=1e-12)
+
+
+def test_with_defaults_fills_untuned_values_and_keeps_the_graph():
+    opt, leaves, x, y = _make_opt(*GROUP_CASES["adam-amsgrad"])
+    tw = twin(opt, leaves)
+    rule = tw.with_defaults()
+    params = _weights(leaves)
+    grads = grads_of(params, x, y)
+    # delegation: hyperparameters, fields, init_state; no state_dict where the rule has none
+    assert rule.hyperparameters == Adam.hyperparameters and rule.amsgrad and rule.lr == tw.rule.lr
+    assert isinstance(rule, UpdateRule) and not hasattr(rule, "state_dict")
+    assert set(rule.init_state(params)) == set(tw.rule.init_state(params))
+    # a tuned per-group lr requiring grad: same u and gradient as spelling every value out
+    lr_groups = [torch.tensor(v, dtype=DT, requires_grad=True) for v in (0.01, 0.02, 0.005)]
+    lr = {k: lr_groups[i] for i, names in enumerate(tw.groups) for k in names}
+    u, _ = rule(params, grads, {"lr": lr}, rule.init_state(params))
+    full = {h: {k: torch.tensor(v, dtype=DT) for k, v in m.items()} for h, m in tw.per_param.items()}
+    u_ref, _ = tw.rule(params, grads, {**full, "lr": lr}, tw.rule.init_state(params))
+    for k in params:
+        torch.testing.assert_close(u[k], u_ref[k], atol=0, rtol=0)
+    g = torch.autograd.grad(sum(v.sum() for v in u.values()), lr_groups)
+    g_ref = torch.autograd.grad(sum(v.sum() for v in u_ref.values()), lr_groups)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert a != 0
+    # a mapping covering some parameters: the others keep their group's value
+    part, _ = rule(params, grads, {"beta1": {"w1": torch.tensor(0.8, dtype=DT)}}, rule.init_state(params))
+    plain, _ = rule(params, grads, {}, rule.init_state(params))
+    for k in params:
+        torch.testing.assert_close(part[k], plain[k], atol=0, rtol=0)
+    # gradcheck through the wrapper (a tuned scalar weight decay)
+    state = rule.init_state(params)
+    assert torch.autograd.gradcheck(
+        lambda wd: rule(params, grads, {"weight_decay": wd}, state)[0]["w1"],
+        (torch.tensor(0.05, dtype=DT, requires_grad=True),),
+    )
+    with pytest.raises(ValueError, match="momentum"):
+        WithDefaults(Adam(), {"momentum": 0.9})
+    # a float for every parameter
+    u_f, _ = WithDefaults(SGD(), {"lr": 0.5})(params, grads)
+    torch.testing.assert_close(u_f["w1"], 0.5 * grads["w1"])
+
+
+def test_group_granularity_drives_the_twin():
+    """hparams' "group" granularity over TorchTwin.groups, started from group_values, steps like torch."""
+    opt, leaves, x, y = _make_opt(*GROUP_CASES["sgd-momentum"])
+    tw = twin(opt, leaves)
+    space = HyperParameterSpace(
+        [for_rule("lr", "group", groups=tw.groups), for_rule("momentum", "group", groups=tw.groups)]
+    )
+    raw = space.from_natural(leaves, {"lr": tw.group_values["lr"], "momentum": tw.group_values["momentum"]})
+    assert sorted(raw) == [
+        "lr/group0",
+        "lr/group1",
+        "lr/group2",
+        "momentum/group0",
+        "momentum/group1",
+        "momentum/group2",
+    ]
+    nat = space.natural(raw, leaves)
+    rule = tw.with_defaults()
+    params, state = _weights(leaves), rule.init_state(leaves)
+    for _ in range(3):
+        _torch_steps(opt, leaves, x, y, 1)
+        u, state = rule(params, grads_of(params, x, y), nat, state)
+        params = apply(params, u)
+    # momentum 0 is moved 1e-6 inside logit's domain
+    _assert_weights({k: v.detach() for k, v in params.items()}, _weights(leaves), atol=1e-6)

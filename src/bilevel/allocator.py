@@ -23,11 +23,19 @@ _M_MMAP_THRESHOLD = -3
 
 
 def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (``mallopt``) so that blocks below
-    ``mmap_threshold`` bytes come from the heap and freed memory below ``trim_threshold`` stays in it.
+    """Keep freed memory in the process (glibc's ``mallopt``), so that large temporaries cost no page faults.
 
-    Returns ``True`` when both were set, ``False`` where there is no glibc (macOS, Windows, musl):
-    nothing is changed there."""
+    Sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` so that blocks below ``mmap_threshold`` bytes come
+    from the heap and freed memory below ``trim_threshold`` stays in it.
+
+    Args:
+        mmap_threshold: blocks smaller than this many bytes are served from the heap.
+        trim_threshold: free memory at the top of the heap up to this many bytes is kept.
+
+    Returns:
+        ``True`` when both were set, ``False`` where there is no glibc (macOS, Windows, musl): nothing is
+        changed there.
+    """
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -78,9 +78,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import _tree as T
+from . import tree as T
 from .errors import check_finite
-from .hypergradient import Loss, _validate, hypergradient
+from .hypergradient import Loss, hypergradient
+from .hypergradient import check_inputs as _validate
 from .solvers import ConjugateGradient, Exact, Neumann
 from .tuner import OnlineTuner, TunerConfig
 from .unroll import unrolled_hypergradient

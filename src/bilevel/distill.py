@@ -140,14 +140,22 @@ class DistilledData:
         return torch.arange(self.num_classes).repeat_interleave(self.per_class)
 
     def shapes(self) -> dict[str, torch.Size]:
-        """Pseudo-parameter shapes the hyperparameter covers: ``x`` and optionally ``label_logits``."""
+        """Pseudo-parameter shapes the hyperparameter covers.
+
+        Returns:
+            ``{"x": (n, *shape)}``, plus ``"label_logits": (n, C)`` with soft labels.
+        """
         out = {"x": torch.Size((self.num_points, *self.shape))}
         if self.soft_labels:
             out["label_logits"] = torch.Size((self.num_points, self.num_classes))
         return out
 
     def keys(self) -> list[str]:
-        """Raw-dict keys, e.g. ``["distill/x", "distill/label_logits"]``."""
+        """Raw-dict keys of this set.
+
+        Returns:
+            E.g. ``["distill/x", "distill/label_logits"]``.
+        """
         return [self.hparam.key(k) for k in self.shapes()]
 
     def _pseudo_params(self) -> dict[str, Tensor]:
@@ -157,6 +165,12 @@ class DistilledData:
         """Raise ``ValueError`` if ``hparams`` lacks this set's keys or has wrong shapes.
 
         Keys of other hyperparameters in the same flat dict are ignored.
+
+        Args:
+            hparams: a flat dict of raw hyperparameters.
+
+        Raises:
+            ValueError: a missing key or a wrong shape (named).
         """
         for key, shape in zip(self.keys(), self.shapes().values()):
             if key not in hparams:
@@ -183,13 +197,23 @@ class DistilledData:
     ) -> dict[str, Tensor]:
         """Initial raw values ``{"<name>/x": ..., ["<name>/label_logits": ...]}``.
 
-        ``init``: ``"zeros"``; ``"normal"`` (``scale * N(0, 1)`` per entry, drawn with
-        ``generator``); ``"real"``: distinct examples of each point's class (:attr:`labels`)
-        drawn at random (with ``generator``) from ``real = (x, y)``, ``x`` of shape ``(n, *shape)``
-        and ``y`` class indices -- Lorraine et al.'s "random real images" baseline is
-        exactly this set. Label logits start at ``label_scale * onehot(class)`` (``0``
-        gives uniform labels). ``dtype``/``device`` default to those of ``real[0]`` or
-        torch's defaults.
+        Args:
+            generator: the random generator of ``"normal"`` and ``"real"``.
+            init: ``"zeros"``; ``"normal"`` (``scale * N(0, 1)`` per entry); ``"real"``: distinct examples of
+                each point's class (:attr:`labels`) drawn at random from ``real`` -- Lorraine et al.'s "random
+                real images" baseline is exactly this set.
+            real: ``(x, y)``, ``x`` of shape ``(n, *shape)`` and ``y`` class indices (only with ``"real"``).
+            scale: the standard deviation of ``"normal"``.
+            label_scale: label logits start at ``label_scale * onehot(class)`` (``0`` gives uniform labels).
+            dtype: default: that of ``real[0]``, else torch's default.
+            device: default: that of ``real[0]``, else the CPU.
+            requires_grad: whether the returned leaves require gradients.
+
+        Returns:
+            The raw hyperparameters of the set.
+
+        Raises:
+            ValueError: an unknown ``init``, or ``real`` given without ``"real"`` (or missing with it).
         """
         if real is not None and init != "real":
             raise ValueError(f"DistilledData.init: real=(x, y) is only used with init='real', got init={init!r}")
@@ -224,6 +248,17 @@ class DistilledData:
 
         Class ``c`` needs as many examples as points labelled ``c``; they are drawn without
         replacement (one ``randperm`` per class with a point, classes in increasing order).
+
+        Args:
+            x: real inputs, shape ``(n, *shape)``.
+            y: their class indices, shape ``(n,)``.
+            generator: the random generator.
+
+        Returns:
+            The chosen inputs, shape ``(num_points, *shape)`` (a detached copy).
+
+        Raises:
+            ValueError: wrong shapes, or a class with too few examples.
         """
         if x.dim() < 1 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"DistilledData: real inputs must have shape (n, *{self.shape}), got {tuple(x.shape)}")
@@ -253,8 +288,14 @@ class DistilledData:
     # ------------------------------------------------------------------ maps
 
     def natural(self, hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``{"x": ..., ["label_logits": ...]}`` read from a flat raw dict (identity transform;
-        ``x`` through :attr:`point_transform`)."""
+        """The set's natural values read from a flat raw dict.
+
+        Args:
+            hparams: a flat dict of raw hyperparameters (:meth:`check`-ed).
+
+        Returns:
+            ``{"x": ..., ["label_logits": ...]}`` (identity transform; ``x`` through :attr:`point_transform`).
+        """
         self.check(hparams)
         nat = self.hparam.natural({k: hparams[k] for k in self.keys()})
         assert isinstance(nat, dict)  # element granularity: one tensor per key
@@ -263,18 +304,44 @@ class DistilledData:
         return nat
 
     def inputs(self, hparams: Mapping[str, Tensor]) -> Tensor:
-        """The distilled inputs, shape ``(k*C, *shape)`` (differentiable in ``hparams``)."""
+        """The distilled inputs.
+
+        Args:
+            hparams: a flat dict of raw hyperparameters.
+
+        Returns:
+            Shape ``(num_points, *shape)``, differentiable in ``hparams``.
+        """
         return self.natural(hparams)["x"]
 
     def targets(self, hparams: Mapping[str, Tensor]) -> Tensor:
-        """Class indices ``(k*C,)`` (hard labels) or probabilities ``softmax(label_logits)`` ``(k*C, C)``."""
+        """The targets of the distilled points.
+
+        Args:
+            hparams: a flat dict of raw hyperparameters.
+
+        Returns:
+            Class indices ``(num_points,)`` (hard labels) or probabilities ``softmax(label_logits)``
+            ``(num_points, C)``.
+        """
         if self.soft_labels:
             return torch.softmax(self.natural(hparams)["label_logits"], dim=-1)
         self.check(hparams)
         return self.labels.to(hparams[self.keys()[0]].device)
 
     def cross_entropy(self, logits: Tensor, hparams: Mapping[str, Tensor]) -> Tensor:
-        """Mean cross-entropy ``1/(kC) sum_j CE(logits_j, t_j)`` of the model's logits on :meth:`inputs`."""
+        """Mean cross-entropy ``1/n sum_j CE(logits_j, t_j)`` of the model's logits on :meth:`inputs`.
+
+        Args:
+            logits: the model's outputs on :meth:`inputs`, shape ``(num_points, C)``.
+            hparams: a flat dict of raw hyperparameters (for soft targets).
+
+        Returns:
+            A scalar, differentiable in ``logits`` and (soft labels) ``hparams``.
+
+        Raises:
+            ValueError: ``logits`` of another shape.
+        """
         n = self.num_points
         if logits.dim() != 2 or tuple(logits.shape) != (n, self.num_classes):
             raise ValueError(

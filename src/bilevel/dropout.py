@@ -63,7 +63,18 @@ def uniform_noise(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """U(eps, 1 - eps) noise of ``shape`` (drawn in float64 on the CPU, so seeded draws agree across devices)."""
+    """U(eps, 1 - eps) noise for the concrete masks, drawn in float64 on the CPU so that seeded draws agree
+    across devices.
+
+    Args:
+        shape: the mask's shape.
+        generator: the random generator (``None``: torch's global one).
+        dtype: the dtype returned.
+        device: the device returned.
+
+    Returns:
+        Uniform noise in ``[1e-7, 1 - 1e-7]`` (so that ``logit(u)`` is finite).
+    """
     u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
     return u.clamp(_U_EPS, 1 - _U_EPS).to(dtype=dtype, device=device)
 
@@ -88,9 +99,19 @@ def _check_rate(rate: Tensor | float, mask_shape: Sequence[int], what: str) -> T
 def concrete_keep_mask(rate: Tensor | float, noise: Tensor, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
     """Relaxed inverted-dropout mask ``(1 - sigmoid((logit p + logit u)/t)) / (1 - p)`` (Gal et al. 2017, eq. 5).
 
-    ``noise`` (``u``, values in (0, 1)) fixes the mask's shape; ``rate`` (``p`` in [0, 1))
-    broadcasts against it. ``temperature == 0`` gives the hard mask ``1[u <= 1 - p] / (1 - p)``
-    (no gradient with respect to ``p`` then). Differentiable in ``rate`` for ``t > 0``.
+    ``temperature == 0`` gives the hard mask ``1[u <= 1 - p] / (1 - p)`` (no gradient with respect to ``p``
+    then). Differentiable in ``rate`` for ``t > 0``.
+
+    Args:
+        rate: the drop rate ``p`` in [0, 1), a number or a tensor that broadcasts against ``noise``.
+        noise: ``u``, values in (0, 1) (:func:`uniform_noise`); fixes the mask's shape.
+        temperature: ``t >= 0``.
+
+    Returns:
+        The mask, shape of ``noise``, mean 1 over the noise.
+
+    Raises:
+        ValueError: a negative temperature, non-float noise, or a rate that does not broadcast.
     """
     if not temperature >= 0:
         raise ValueError(f"concrete dropout temperature must be >= 0, got {temperature}")
@@ -109,7 +130,20 @@ def concrete_keep_mask(rate: Tensor | float, noise: Tensor, temperature: float =
 def concrete_dropout(
     x: Tensor, rate: Tensor | float, noise: Tensor, temperature: float = DEFAULT_TEMPERATURE
 ) -> Tensor:
-    """``x * mask`` with a concrete mask built from ``noise`` (its shape must broadcast against ``x``)."""
+    """``x * mask`` with a concrete mask (:func:`concrete_keep_mask`).
+
+    Args:
+        x: the input.
+        rate: the drop rate (broadcasts against ``noise``).
+        noise: uniform noise whose shape broadcasts against ``x``.
+        temperature: the concrete temperature.
+
+    Returns:
+        The dropped-out input, differentiable in ``rate``.
+
+    Raises:
+        ValueError: ``noise`` does not broadcast against ``x``.
+    """
     try:
         torch.broadcast_shapes(tuple(noise.shape), tuple(x.shape))
     except RuntimeError:
@@ -125,8 +159,19 @@ def variational_dropout(
 ) -> Tensor:
     """Locked (variational) dropout of a (T, B, H) sequence: one mask per sequence and unit, shared over time.
 
-    Gal & Ghahramani (2016); AWD-LSTM's ``LockedDropout``. ``noise`` has shape (B, H);
-    ``rate`` is a scalar or one rate per unit, shape (H,).
+    Gal & Ghahramani (2016); AWD-LSTM's ``LockedDropout``.
+
+    Args:
+        x: the sequence, shape (T, B, H).
+        rate: a scalar or one rate per unit, shape (H,).
+        noise: uniform noise of shape (B, H).
+        temperature: the concrete temperature.
+
+    Returns:
+        ``x`` times the mask, broadcast over time.
+
+    Raises:
+        ValueError: ``x`` is not 3-d or ``noise`` has another shape.
     """
     if x.dim() != 3:
         raise ValueError(f"variational_dropout expects a (time, batch, units) tensor, got shape {tuple(x.shape)}")
@@ -143,8 +188,19 @@ def embedding_dropout(
 ) -> Tensor:
     """Drop whole rows (words) of an embedding matrix (V, E) (Gal & Ghahramani 2016; AWD-LSTM ``embedded_dropout``).
 
-    A dropped word is removed from every sequence of the mini-batch. ``noise`` has shape (V,);
-    ``rate`` is a scalar or one rate per word, shape (V,).
+    A dropped word is removed from every sequence of the mini-batch.
+
+    Args:
+        weight: the embedding matrix, shape (V, E).
+        rate: a scalar or one rate per word, shape (V,).
+        noise: uniform noise of shape (V,).
+        temperature: the concrete temperature.
+
+    Returns:
+        The embedding matrix with its rows scaled by the mask.
+
+    Raises:
+        ValueError: ``weight`` is not a matrix or ``noise`` has another shape.
     """
     if weight.dim() != 2:
         raise ValueError(f"embedding_dropout expects a (vocab, dim) matrix, got shape {tuple(weight.shape)}")
@@ -160,7 +216,17 @@ def drop_connect(
 ) -> Tensor:
     """DropConnect (Wan et al. 2013) on a weight matrix; AWD-LSTM's ``WeightDrop`` on ``W_hh``.
 
-    ``noise`` has the weight's shape; ``rate`` is a scalar or one rate per weight.
+    Args:
+        weight: the weights.
+        rate: a scalar or one rate per weight.
+        noise: uniform noise of the weight's shape.
+        temperature: the concrete temperature.
+
+    Returns:
+        The weights times the mask.
+
+    Raises:
+        ValueError: ``noise`` has another shape.
     """
     if tuple(noise.shape) != tuple(weight.shape):
         raise ValueError(
@@ -170,12 +236,31 @@ def drop_connect(
 
 
 def activation_regularization(h: Tensor, alpha: Tensor | float) -> Tensor:
-    """AR (Merity et al. 2017, eq. 1): ``alpha * mean(h^2)`` of the (dropped-out) last-layer outputs."""
+    """AR (Merity et al. 2017, eq. 1) of the (dropped-out) last-layer outputs.
+
+    Args:
+        h: the outputs.
+        alpha: the coefficient.
+
+    Returns:
+        ``alpha * mean(h^2)``.
+    """
     return alpha * h.pow(2).mean()
 
 
 def temporal_activation_regularization(h: Tensor, beta: Tensor | float) -> Tensor:
-    """TAR (Merity et al. 2017, eq. 2): ``beta * mean((h_t - h_{t-1})^2)`` over time (axis 0)."""
+    """TAR (Merity et al. 2017, eq. 2): the change of the outputs over time.
+
+    Args:
+        h: the outputs, time on axis 0.
+        beta: the coefficient.
+
+    Returns:
+        ``beta * mean((h_t - h_{t-1})^2)``.
+
+    Raises:
+        ValueError: fewer than 2 time steps.
+    """
     if h.shape[0] < 2:
         raise ValueError(f"temporal activation regularisation needs at least 2 time steps, got shape {tuple(h.shape)}")
     return beta * (h[1:] - h[:-1]).pow(2).mean()
@@ -195,8 +280,17 @@ def dropout_rate(
 
     ``granularity="element"`` with ``sites`` gives one rate per unit/word/weight: the shapes
     come from the template dict passed to :class:`~bilevel.hparams.HyperParameterSpace`
-    (e.g. ``{"input": torch.empty(E)}``). Clipped to ``clip`` (natural units) so that
-    ``1 / (1 - p)`` stays bounded.
+    (e.g. ``{"input": torch.empty(E)}``).
+
+    Args:
+        name: the hyperparameter's name.
+        init: the initial rate.
+        granularity: ``"scalar"`` or ``"element"`` (one rate per entry of each site).
+        sites: the template keys of the per-element rates.
+        clip: the natural range the rate is clipped to, so that ``1 / (1 - p)`` stays bounded.
+
+    Returns:
+        The :class:`~bilevel.hparams.HyperParameter`.
     """
     raw = LOGIT.inverse_float(init)
     g = Granularity(granularity)
@@ -213,7 +307,18 @@ def dropout_rate(
 
 
 def ar_coefficient(name: str, init: float) -> HyperParameter:
-    """A scalar AR/TAR coefficient in ``log10`` space (AWD-LSTM defaults: alpha = 2, beta = 1)."""
+    """A scalar AR/TAR coefficient in ``log10`` space (AWD-LSTM defaults: alpha = 2, beta = 1).
+
+    Args:
+        name: the hyperparameter's name.
+        init: the initial coefficient, > 0.
+
+    Returns:
+        The :class:`~bilevel.hparams.HyperParameter`.
+
+    Raises:
+        ValueError: ``init <= 0``.
+    """
     if not init > 0:
         raise ValueError(f"{name}: AR/TAR coefficients must be > 0 (they are tuned in log10 space), got {init}")
     raw = LOG10.inverse_float(init)

@@ -13,11 +13,13 @@ __all__ = ["NonFiniteError", "NeumannDivergenceError", "NotSymmetricError", "che
 class NonFiniteError(FloatingPointError):
     """A loss, Jacobian-vector product or hypergradient contains NaN or inf.
 
-    ``quantity`` names what was non-finite (e.g. ``"validation loss"``).
+    ``quantity`` names what was non-finite (e.g. ``"validation loss"``); ``step`` is the weight step it
+    happened at (or the one a hyperparameter step followed), where the online loop knows it.
     """
 
-    def __init__(self, quantity: str, detail: str = "") -> None:
+    def __init__(self, quantity: str, detail: str = "", step: int | None = None) -> None:
         self.quantity = quantity
+        self.step = step
         msg = f"non-finite {quantity}"
         super().__init__(msg + (f": {detail}" if detail else ""))
 

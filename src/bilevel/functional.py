@@ -32,12 +32,26 @@ class _Bound(nn.Module):
 
 
 def parameters(module: nn.Module) -> dict[str, Tensor]:
-    """The module's trainable parameters by name, detached (``requires_grad`` parameters only)."""
+    """The module's trainable parameters by name, detached (``requires_grad`` parameters only).
+
+    Args:
+        module: the model.
+
+    Returns:
+        ``{name: tensor}``, the weights the functional core differentiates.
+    """
     return {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
 
 
 def buffers(module: nn.Module) -> dict[str, Tensor]:
-    """The module's buffers by name (e.g. BatchNorm running statistics)."""
+    """The module's buffers by name (e.g. BatchNorm running statistics).
+
+    Args:
+        module: the model.
+
+    Returns:
+        ``{name: tensor}`` (the module's own tensors, not copies).
+    """
     return dict(module.named_buffers())
 
 
@@ -52,6 +66,16 @@ def call(
 
     Parameters not in ``params`` (frozen ones) keep their values. In-place buffer updates (BatchNorm
     in train mode) land in the ``buffers`` tensors passed, never in the module's own.
+
+    Args:
+        module: the model; left untouched.
+        params: the weights to use, by parameter name.
+        fn: code written on the module, ``fn(module, *args)``.
+        *args: passed to ``fn``.
+        buffers: the buffers to use (``None``: the module's own).
+
+    Returns:
+        What ``fn`` returns, differentiable with respect to ``params`` (``torch.func`` composes with it).
     """
     bound = _Bound(module)  # a thin wrapper: cheap, and it keeps no reference to the module afterwards
     tensors = {f"m.{k}": v for k, v in params.items()}
@@ -61,5 +85,13 @@ def call(
 
 
 def bind(fn: Callable[..., R], module: nn.Module) -> Callable[..., R]:
-    """``fn(module, hparams)`` -> ``f(params, hparams)``: a loss written on the module, as a function of weights."""
+    """A loss written on the module, as a function of weights.
+
+    Args:
+        fn: ``fn(module, hparams)``.
+        module: the model.
+
+    Returns:
+        ``f(params, hparams) = call(module, params, fn, hparams)``.
+    """
     return lambda p, h: call(module, p, fn, h)

@@ -33,18 +33,24 @@ ready-made space :data:`CLARKE_TABLE5`.
 Granularity
 -----------
 A hyperparameter is either one scalar for all weights (``"scalar"``), one scalar
-per parameter tensor (``"tensor"``) or one value per weight element
-(``"element"``: Clarke et al.'s high-dimensional learning rates "HDLR", Lorraine
-et al.'s per-weight decay). Raw values live in a *flat* ``dict[str, Tensor]`` so
-that a ``torch.optim`` optimiser can update them directly; keys are
+per parameter group (``"group"``: like ``torch.optim`` parameter groups, e.g. one
+learning rate for a backbone and one for a head), one scalar per parameter tensor
+(``"tensor"``) or one value per weight element (``"element"``: Clarke et al.'s
+high-dimensional learning rates "HDLR", Lorraine et al.'s per-weight decay). Raw
+values live in a *flat* ``dict[str, Tensor]`` so that a ``torch.optim`` optimiser
+can update them directly; keys are
 
 * ``"<hp>"`` for a scalar hyperparameter (shape ``()``),
+* ``"<hp>/group<i>"`` for group granularity (shape ``()``, ``i`` indexing
+  :attr:`HyperParameter.groups`),
 * ``"<hp>/<param_name>"`` for tensor / element granularity (shape ``()`` or the
   parameter's shape respectively).
 
 :meth:`HyperParameterSpace.natural` maps such a dict to natural values grouped
 by hyperparameter: a ``Tensor`` for scalars and ``{param_name: Tensor}`` for the
-other granularities -- the convention consumed by :mod:`bilevel.updates` and
+other granularities (for ``"group"``: every parameter of group ``i`` maps to the
+*same* tensor ``T(raw["<hp>/group<i>"])``, so gradients through all of them
+accumulate into the group's raw value) -- the convention consumed by :mod:`bilevel.updates` and
 :mod:`bilevel.regularizers`. It uses pure tensor operations, so it also works
 under :func:`torch.func.vmap` over a leading population dimension.
 
@@ -82,6 +88,7 @@ __all__ = [
     "TRANSFORMS",
     "get_transform",
     "Granularity",
+    "Groups",
     "InitSpace",
     "NATURAL_INIT_EPS",
     "HyperParameter",
@@ -261,6 +268,8 @@ class Granularity(str, Enum):
     """How many values a hyperparameter has.
 
     * ``SCALAR``: one value shared by all weights;
+    * ``GROUP``: one scalar per parameter group (:attr:`HyperParameter.groups`, e.g. the
+      ``param_groups`` of a ``torch.optim`` optimiser);
     * ``TENSOR``: one scalar per parameter tensor;
     * ``ELEMENT``: one value per weight element (the parameter's shape) --
       Clarke et al. (2022) high-dimensional learning rates, Lorraine et al. (2020)
@@ -268,6 +277,7 @@ class Granularity(str, Enum):
     """
 
     SCALAR = "scalar"
+    GROUP = "group"
     TENSOR = "tensor"
     ELEMENT = "element"
 
@@ -281,6 +291,80 @@ def _default_dtype_device(
     if device is None:
         device = first.device if first is not None else torch.device("cpu")
     return dtype, torch.device(device)
+
+
+def _check_groups(name: str, groups: object) -> tuple[tuple[str, ...], ...]:
+    """``groups`` as a tuple of tuples of names; ``ValueError`` unless it is a non-empty sequence of groups of
+    strings in which no name repeats."""
+    if groups is None or isinstance(groups, str) or not isinstance(groups, Iterable):
+        raise ValueError(
+            f"hyperparameter {name!r}: granularity 'group' needs groups=((param names of group 0), ...), got {groups!r}"
+        )
+    out: list[tuple[str, ...]] = []
+    for g in groups:
+        if isinstance(g, str) or not isinstance(g, Iterable) or not all(isinstance(p, str) for p in g):
+            raise ValueError(f"hyperparameter {name!r}: each group must be a sequence of parameter names, got {g!r}")
+        out.append(tuple(g))
+    if not out:
+        raise ValueError(f"hyperparameter {name!r}: granularity 'group' needs at least one group")
+    seen: dict[str, int] = {}
+    dups: list[str] = []
+    for i, g in enumerate(out):
+        for p in g:
+            if p in seen:
+                dups.append(p)
+            seen[p] = i
+    if dups:
+        raise ValueError(f"hyperparameter {name!r}: parameters {sorted(set(dups))} appear in more than one group")
+    return tuple(out)
+
+
+def _group_values(h: HyperParameter, value: object) -> list[Tensor]:
+    """One float64 0-d natural value per group of ``h`` from :meth:`HyperParameterSpace.from_natural`'s ``value``.
+
+    ``value`` is a number / 0-d tensor (all groups), a sequence or 1-d tensor of one value per group, or a
+    mapping ``{param_name: value}`` constant within each group.
+    """
+    groups = h.groups or ()
+
+    def scalar(v: object, what: str) -> Tensor:
+        t = v.detach().to(torch.float64) if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
+        if t.dim():
+            raise ValueError(f"from_natural: {what} for {h.name!r} must be a scalar, got shape {tuple(t.shape)}")
+        return t
+
+    if isinstance(value, Mapping):
+        out: list[Tensor] = []
+        for i, g in enumerate(groups):
+            given = [(p, scalar(value[p], f"the value of {p!r}")) for p in g if p in value]
+            if not given:
+                raise ValueError(
+                    f"from_natural: the mapping given for {h.name!r} has no value for group {i} "
+                    f"(parameters {list(g)}); give one value per group as a sequence instead"
+                )
+            differ = [p for p, t in given if not torch.equal(t, given[0][1])]
+            if differ:
+                raise ValueError(
+                    f"from_natural: the mapping given for {h.name!r} (group granularity) is not constant within "
+                    f"group {i}: {given[0][0]!r} has {float(given[0][1])}, but {differ} differ"
+                )
+            out.append(given[0][1])
+        return out
+    if isinstance(value, Tensor) and value.dim() > 0:
+        if value.dim() != 1:
+            raise ValueError(
+                f"from_natural: a tensor for {h.name!r} (group granularity) must be 0-d or hold one value per "
+                f"group ({len(groups)}), got shape {tuple(value.shape)}"
+            )
+        vals: list[object] = list(value.detach())
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        vals = list(value)
+    else:  # a number or a 0-d tensor: every group
+        t = scalar(value, "the value")
+        return [t for _ in groups]
+    if len(vals) != len(groups):
+        raise ValueError(f"from_natural: {h.name!r} has {len(groups)} groups, but {len(vals)} values were given")
+    return [scalar(v, f"the value of group {i}") for i, v in enumerate(vals)]
 
 
 @dataclass(frozen=True)
@@ -301,7 +385,7 @@ class HyperParameter:
             through ``transform.inverse`` (e.g. momentum in ``[0, 1]``). Clarke et al.
             2022, Table 5.
         granularity:
-            ``"scalar"``, ``"tensor"`` or ``"element"`` (see :class:`Granularity`).
+            ``"scalar"``, ``"group"``, ``"tensor"`` or ``"element"`` (see :class:`Granularity`).
         clip:
             Optional ``(lo, hi)`` in natural units, applied by :meth:`to_natural` as a
             clamp in raw space ``clamp(raw, T^{-1}(lo), T^{-1}(hi))`` (same values and
@@ -309,7 +393,12 @@ class HyperParameter:
             is zero while clipped).
         params:
             Parameter names a tensor/element hyperparameter applies to (``None``: all).
-            Must be ``None`` for scalar granularity.
+            Must be ``None`` for scalar and group granularity.
+        groups:
+            For group granularity (required there, ``None`` otherwise): the parameter names of
+            each group, ``groups[i]`` holding those sharing the raw value ``"<name>/group<i>"``.
+            A name may appear in one group only; a group may be empty (its value then applies
+            to no parameter, which keeps ``i`` aligned with e.g. an optimiser's ``param_groups``).
     """
 
     name: str
@@ -320,6 +409,7 @@ class HyperParameter:
     granularity: Granularity = Granularity.SCALAR
     clip: tuple[float, float] | None = None
     params: tuple[str, ...] | None = None
+    groups: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -352,12 +442,19 @@ class HyperParameter:
                 )
             set_(self, "clip", (lo, hi))
         if self.params is not None:
-            if self.granularity is Granularity.SCALAR:
-                raise ValueError(f"hyperparameter {self.name!r}: params=... needs granularity 'tensor' or 'element'")
+            if self.granularity in (Granularity.SCALAR, Granularity.GROUP):
+                raise ValueError(
+                    f"hyperparameter {self.name!r}: params=... needs granularity 'tensor' or 'element' "
+                    "(group granularity takes groups=...)"
+                )
             if isinstance(self.params, str):
                 set_(self, "params", (self.params,))
             else:
                 set_(self, "params", tuple(self.params))
+        if self.granularity is Granularity.GROUP:
+            set_(self, "groups", _check_groups(self.name, self.groups))
+        elif self.groups is not None:
+            raise ValueError(f"hyperparameter {self.name!r}: groups=... needs granularity 'group'")
 
     # ------------------------------------------------------------------ maps
 
@@ -384,25 +481,46 @@ class HyperParameter:
     # ------------------------------------------------------------------ layout
 
     def param_names(self, params: Mapping[str, Tensor]) -> list[str]:
-        """Parameter names this hyperparameter covers (empty for scalar granularity)."""
+        """Parameter names this hyperparameter covers (empty for scalar granularity; the groups' names in
+        group order for group granularity)."""
         if self.granularity is Granularity.SCALAR:
             return []
-        if self.params is None:
+        if self.params is None and self.groups is None:
             return list(params)
-        unknown = [p for p in self.params if p not in params]
+        names = list(self.params) if self.params is not None else [p for g in self.groups or () for p in g]
+        unknown = [p for p in names if p not in params]
         if unknown:
             raise ValueError(
                 f"hyperparameter {self.name!r} refers to unknown parameters {unknown}; known: {list(params)}"
             )
-        return list(self.params)
+        return names
 
     def key(self, param_name: str | None = None) -> str:
+        """The raw-dict key of this hyperparameter (``param_name=None``) or of its entry for ``param_name``."""
         return self.name if param_name is None else f"{self.name}/{param_name}"
+
+    def group_key(self, index: int) -> str:
+        """The raw-dict key ``"<name>/group<index>"`` of parameter group ``index`` (group granularity).
+
+        Args:
+            index: the group's position in :attr:`groups`.
+
+        Returns:
+            The key, e.g. ``"lr/group0"``.
+        """
+        return f"{self.name}/group{index}"
+
+    def group_keys(self) -> list[str]:
+        """The raw-dict keys of all groups, in group order (empty unless the granularity is ``"group"``)."""
+        return [self.group_key(i) for i in range(len(self.groups or ()))]
 
     def shapes(self, params: Mapping[str, Tensor]) -> dict[str, torch.Size]:
         """Raw-dict keys of this hyperparameter and their shapes."""
         if self.granularity is Granularity.SCALAR:
             return {self.name: torch.Size()}
+        if self.granularity is Granularity.GROUP:
+            self.param_names(params)  # every grouped name must be a parameter
+            return {k: torch.Size() for k in self.group_keys()}
         if self.granularity is Granularity.TENSOR:
             return {self.key(p): torch.Size() for p in self.param_names(params)}
         return {self.key(p): params[p].shape for p in self.param_names(params)}
@@ -415,11 +533,17 @@ class HyperParameter:
         return x if self.init_space == "raw" else self.to_raw(x)
 
     def select(self, raw: Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """This hyperparameter's raw entries: a tensor (scalar) or ``{param_name: tensor}``."""
+        """This hyperparameter's raw entries: a tensor (scalar) or ``{param_name: tensor}``.
+
+        For group granularity every parameter of group ``i`` maps to the raw tensor
+        ``raw["<name>/group<i>"]`` itself (one object per group).
+        """
         if self.granularity is Granularity.SCALAR:
             if self.name not in raw:
                 raise ValueError(f"raw hyperparameters lack key {self.name!r}")
             return raw[self.name]
+        if self.granularity is Granularity.GROUP:
+            return {p: v for v, group in zip(self._group_raw(raw), self.groups or ()) for p in group}
         prefix = self.name + "/"
         out = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
         if self.params is not None:
@@ -430,8 +554,31 @@ class HyperParameter:
             out = {p: out[p] for p in self.params}
         return out
 
+    def _group_raw(self, raw: Mapping[str, Tensor]) -> list[Tensor]:
+        """The raw values of the groups, in group order; ``ValueError`` naming missing / unexpected keys."""
+        keys = self.group_keys()
+        missing = [k for k in keys if k not in raw]
+        extra = [k for k in raw if k.startswith(self.name + "/") and k not in keys]
+        if missing or extra:
+            raise ValueError(f"raw hyperparameter {self.name!r}: missing keys {missing}, unexpected keys {extra}")
+        return [raw[k] for k in keys]
+
     def natural(self, raw: Mapping[str, Tensor]) -> NaturalValue:
-        """Natural value(s) of this hyperparameter from a flat raw dict."""
+        """Natural value(s) of this hyperparameter from a flat raw dict.
+
+        Args:
+            raw: the flat raw dict (at least this hyperparameter's keys).
+
+        Returns:
+            ``T(clamp(raw))`` (see :meth:`to_natural`): a tensor for scalar granularity, else
+            ``{param_name: tensor}``. For group granularity the value of group ``i``,
+            ``T(clamp(raw["<name>/group<i>"]))``, is computed once and the same tensor object is
+            given to every parameter of the group, so ``d/d raw_i`` sums the contributions of
+            all the group's parameters.
+        """
+        if self.granularity is Granularity.GROUP:
+            nats = [self.to_natural(v) for v in self._group_raw(raw)]
+            return {p: nat for nat, group in zip(nats, self.groups or ()) for p in group}
         sel = self.select(raw)
         if isinstance(sel, Tensor):
             return self.to_natural(sel)
@@ -529,7 +676,7 @@ class HyperParameterSpace:
     def from_natural(
         self,
         params: Mapping[str, Tensor],
-        values: Mapping[str, float | Tensor | Mapping[str, float | Tensor]],
+        values: Mapping[str, float | Tensor | Mapping[str, float | Tensor] | Sequence[float | Tensor]],
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         requires_grad: bool = False,
@@ -538,9 +685,22 @@ class HyperParameterSpace:
 
         A value may be a float / 0-d tensor (broadcast to every key and element),
         a tensor of the parameter's shape (element granularity), or a mapping
-        ``{param_name: value}`` for tensor/element granularity. Values on the
-        boundary of an open domain (e.g. momentum 0 or 1) are moved
+        ``{param_name: value}`` for tensor/element granularity. For group granularity
+        it is a float / 0-d tensor (every group), a sequence (or 1-d tensor) of one
+        value per group, or a mapping ``{param_name: value}`` that is constant within
+        each group (every group needs at least one of its parameters in it). Values on
+        the boundary of an open domain (e.g. momentum 0 or 1) are moved
         :data:`NATURAL_INIT_EPS` inside so the raw value is finite.
+
+        Args:
+            params: the parameters (names and shapes; dtype/device defaults).
+            values: natural value(s) per hyperparameter name, see above.
+            dtype: raw dtype (default: the first floating parameter's).
+            device: raw device (default: the first floating parameter's).
+            requires_grad: make the returned tensors leaves requiring grad.
+
+        Returns:
+            ``{key: T^{-1}(value)}`` for every raw key of the space, fresh tensors.
         """
         missing = [n for n in self.names if n not in values]
         extra = [n for n in values if n not in self._by_name]
@@ -550,6 +710,11 @@ class HyperParameterSpace:
         out: dict[str, Tensor] = {}
         for h in self._hparams:
             value = values[h.name]
+            if h.granularity is Granularity.GROUP:
+                for key, t in zip(h.group_keys(), _group_values(h, value)):
+                    out[key] = h.to_raw(t).to(dtype=dtype, device=device).clone().requires_grad_(requires_grad)
+                h.shapes(params)  # every grouped name must be a parameter
+                continue
             for key, shape in h.shapes(params).items():
                 pname = key.split("/", 1)[1] if "/" in key else None
                 v = value
@@ -591,6 +756,10 @@ class HyperParameterSpace:
                 if h.granularity is Granularity.SCALAR:
                     if h.name not in raw:
                         missing.append(h.name)
+                elif h.granularity is Granularity.GROUP:
+                    keys = h.group_keys()
+                    missing += [k for k in keys if k not in raw]
+                    extra += [k for k in raw if k.startswith(h.name + "/") and k not in keys]
                 elif h.params is not None:
                     missing += [h.key(p) for p in h.params if h.key(p) not in raw]
                     extra += [k for k in raw if k.startswith(h.name + "/") and k[len(h.name) + 1 :] not in h.params]
@@ -609,8 +778,9 @@ class HyperParameterSpace:
     def natural(self, raw: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> dict[str, NaturalValue]:
         """Differentiable map raw -> natural (with clipping), grouped by hyperparameter.
 
-        Scalar hyperparameters give a ``Tensor``, tensor/element ones
-        ``{param_name: Tensor}``. Missing or unexpected keys raise ``ValueError``
+        Scalar hyperparameters give a ``Tensor``, group/tensor/element ones
+        ``{param_name: Tensor}`` (group: one shared tensor per group, see
+        :meth:`HyperParameter.natural`). Missing or unexpected keys raise ``ValueError``
         naming them; passing ``params`` additionally checks key coverage and shapes.
         Pure tensor ops, so usable under :func:`torch.func.vmap`.
         """
@@ -623,7 +793,10 @@ class HyperParameterSpace:
             nat = self.natural(raw)
         out: dict[str, float] = {}
         for name, v in nat.items():
-            if isinstance(v, Tensor):
+            if self._by_name[name].granularity is Granularity.GROUP:  # mean over groups, not parameters
+                groups = [self._by_name[name].to_natural(r) for r in self._by_name[name]._group_raw(raw)]
+                out[name] = float(torch.stack([g.detach().to(torch.float64) for g in groups]).mean())
+            elif isinstance(v, Tensor):
                 out[name] = float(v.detach().to(torch.float64).mean())
             else:
                 flat = [t.detach().to(torch.float64).reshape(-1) for t in v.values()]
@@ -634,17 +807,35 @@ class HyperParameterSpace:
 # --------------------------------------------------------------------------- predefined specs
 
 
+Groups = Sequence[Sequence[str]]
+"""Parameter names per group (group granularity), e.g. ``[["w1", "w2"], ["b1", "b2"]]``."""
+
+
+def _groups_arg(name: str, groups: Groups | None) -> tuple[tuple[str, ...], ...] | None:
+    return None if groups is None else _check_groups(name, groups)
+
+
 def learning_rate(
     granularity: Granularity | str = "scalar",
     clip: tuple[float, float] | None = (1e-10, 1.0),
     params: Sequence[str] | None = None,
     name: str = "lr",
+    groups: Groups | None = None,
 ) -> HyperParameter:
     """Learning rate, Clarke et al. (2022) Table 5: optimised as ``log10 lr``, init
     ``log10 lr ~ U[-6, -1]``; clipped to ``[1e-10, 1]`` (their Section 4).
-    ``granularity="element"`` gives their high-dimensional learning rates (HDLR)."""
+    ``granularity="element"`` gives their high-dimensional learning rates (HDLR);
+    ``granularity="group"`` with ``groups=`` one learning rate per parameter group."""
     return HyperParameter(
-        name, LOG10, -6.0, -1.0, "raw", Granularity(granularity), clip, tuple(params) if params is not None else None
+        name,
+        LOG10,
+        -6.0,
+        -1.0,
+        "raw",
+        Granularity(granularity),
+        clip,
+        tuple(params) if params is not None else None,
+        _groups_arg(name, groups),
     )
 
 
@@ -653,11 +844,20 @@ def weight_decay(
     clip: tuple[float, float] | None = None,
     params: Sequence[str] | None = None,
     name: str = "weight_decay",
+    groups: Groups | None = None,
 ) -> HyperParameter:
     """Weight decay, Clarke et al. (2022) Table 5: optimised as ``log10 wd``, init
-    ``log10 wd ~ U[-7, -2]``."""
+    ``log10 wd ~ U[-7, -2]``; ``groups=`` for ``granularity="group"``."""
     return HyperParameter(
-        name, LOG10, -7.0, -2.0, "raw", Granularity(granularity), clip, tuple(params) if params is not None else None
+        name,
+        LOG10,
+        -7.0,
+        -2.0,
+        "raw",
+        Granularity(granularity),
+        clip,
+        tuple(params) if params is not None else None,
+        _groups_arg(name, groups),
     )
 
 
@@ -666,11 +866,21 @@ def momentum(
     clip: tuple[float, float] | None = None,
     params: Sequence[str] | None = None,
     name: str = "momentum",
+    groups: Groups | None = None,
 ) -> HyperParameter:
     """Momentum, Clarke et al. (2022) Table 5: optimised as ``logit mu`` (inverse
-    sigmoid), initialised uniformly in *natural* space ``mu ~ U[0, 1]``."""
+    sigmoid), initialised uniformly in *natural* space ``mu ~ U[0, 1]``; ``groups=`` for
+    ``granularity="group"``."""
     return HyperParameter(
-        name, LOGIT, 0.0, 1.0, "natural", Granularity(granularity), clip, tuple(params) if params is not None else None
+        name,
+        LOGIT,
+        0.0,
+        1.0,
+        "natural",
+        Granularity(granularity),
+        clip,
+        tuple(params) if params is not None else None,
+        _groups_arg(name, groups),
     )
 
 
@@ -686,20 +896,33 @@ CLARKE_TABLE5 = HyperParameterSpace([learning_rate(), weight_decay(), momentum()
 
 
 def for_rule(
-    name: str, granularity: Granularity | str = "scalar", params: Sequence[str] | None = None
+    name: str,
+    granularity: Granularity | str = "scalar",
+    params: Sequence[str] | None = None,
+    groups: Groups | None = None,
 ) -> HyperParameter:
     """The parametrisation of an optimiser hyperparameter called ``name`` (:mod:`bilevel.updates` names).
 
     ``lr``: :func:`learning_rate` (log10, clipped to [1e-10, 1]); ``weight_decay`` and ``eps``:
     log10; ``momentum``, ``dampening``, ``beta1``, ``beta2`` and RMSprop's ``alpha``: logit (their
     domain is (0, 1)). Initial ranges are Clarke et al. (2022) Table 5's where they give one.
+
+    Args:
+        name: the rule's hyperparameter name.
+        granularity: ``"scalar"``, ``"group"``, ``"tensor"`` or ``"element"``.
+        params: parameter names for tensor/element granularity (``None``: all).
+        groups: parameter names per group for group granularity (e.g. ``TorchTwin.groups`` of
+            :func:`bilevel.updates.twin`); raw keys ``"<name>/group<i>"``.
+
+    Returns:
+        The :class:`HyperParameter`.
     """
     if name == "lr":
-        return learning_rate(granularity, params=params)
+        return learning_rate(granularity, params=params, groups=groups)
     if name == "momentum":
-        return momentum(granularity, params=params)
+        return momentum(granularity, params=params, groups=groups)
     if name in ("weight_decay", "eps"):
-        return weight_decay(granularity, params=params, name=name)
+        return weight_decay(granularity, params=params, name=name, groups=groups)
     if name in ("dampening", "beta1", "beta2", "alpha"):
         return HyperParameter(
             name,
@@ -710,6 +933,7 @@ def for_rule(
             Granularity(granularity),
             None,
             tuple(params) if params is not None else None,
+            _groups_arg(name, groups),
         )
     raise ValueError(
         f"no default parametrisation for an optimiser hyperparameter called {name!r}; "

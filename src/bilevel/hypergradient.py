@@ -25,13 +25,12 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import _tree as T
 from . import functional as Fn
+from . import tree as T
 from .errors import check_finite, check_like
-from .solvers import LinearOperator, Solver
-from .solvers import largest_eigenvalue as _power_iteration
+from .solvers import LinearOperator, Solver, power_iteration
 
-__all__ = ["hypergradient", "linearise", "largest_eigenvalue", "Loss", "Update", "Backend"]
+__all__ = ["hypergradient", "linearise", "largest_eigenvalue", "check_inputs", "Loss", "Update", "Backend"]
 
 Tree = T.Tree
 # called with plain dicts (params, hparams); a function taking Mappings is one of these too
@@ -44,7 +43,14 @@ class JacobianOperator(LinearOperator, Protocol):
     """What :func:`linearise` returns: products with J = dr/dw, and with dr/dlambda."""
 
     def hparam_vjp(self, x: Tree) -> Tree:
-        """x^T dr/dlambda (a vector-Jacobian product with respect to the hyperparameters)."""
+        """x^T dr/dlambda (a vector-Jacobian product with respect to the hyperparameters).
+
+        Args:
+            x: a vector, keys and shapes of the weights.
+
+        Returns:
+            x^T dr/dlambda, keys and shapes of the hyperparameters.
+        """
         ...
 
 
@@ -170,7 +176,18 @@ def _leaves(tree: Mapping[str, Tensor]) -> Tree:
     return {k: v.detach().requires_grad_(True) for k, v in tree.items()}
 
 
-def _validate(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> None:
+def check_inputs(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> None:
+    """Check the weights and hyperparameters every hypergradient takes (:func:`hypergradient`,
+    :func:`bilevel.unroll.unrolled_hypergradient`, :mod:`bilevel.concepts`).
+
+    Args:
+        params: the weights w.
+        hparams: the hyperparameters lambda.
+
+    Raises:
+        ValueError: either is not a non-empty dict of floating-point tensors (the message names the
+            first offending key and what it holds).
+    """
     for name, tree in (("params", params), ("hparams", hparams)):
         if not isinstance(tree, Mapping) or not tree:
             raise ValueError(f"{name} must be a non-empty dict of tensors, got {type(tree).__name__}")
@@ -197,10 +214,25 @@ def linearise(
 ) -> tuple[JacobianOperator, Tree, Tree]:
     """The Jacobian operator of the residual r at (params, hparams), plus leaf copies.
 
-    Returns ``(op, params_leaves, hparams_leaves)``; ``op.rmatvec``, ``op.matvec``
-    and ``op.hparam_vjp`` give x^T J, J x and x^T dr/dlambda.
+    Args:
+        params: the weights w (a dict of floating-point tensors).
+        hparams: the hyperparameters lambda.
+        inner: the training loss L_T (r = dL_T/dw, J its Hessian), or
+        update: the weight update map u (r = u, J = du/dw); exactly one of the two.
+        backend: ``"autograd"`` (one retained double-backward graph) or ``"func"``/``"compile"``
+            (``torch.func.vjp``; linearising is eager either way).
+        check: raise :class:`~bilevel.errors.NonFiniteError` on a non-finite loss or residual.
+
+    Returns:
+        ``(op, params_leaves, hparams_leaves)``: ``op.rmatvec``, ``op.matvec`` and ``op.hparam_vjp``
+        give x^T J, J x and x^T dr/dlambda (``op.symmetric`` is true for a Hessian); the leaves are the
+        tensors ``op`` was built at.
+
+    Raises:
+        ValueError: not exactly one of ``inner``/``update``, bad inputs (:func:`check_inputs`), an
+            unknown backend, or a non-scalar training loss.
     """
-    _validate(params, hparams)
+    check_inputs(params, hparams)
     fn = _residual_fn(inner, update)
     if backend in ("func", "compile"):  # linearise itself is eager for both; hypergradient compiles
         op = _FuncOperator(fn, params, hparams)
@@ -329,7 +361,7 @@ def _compiled_hypergradient(
             residual = _residual_fn(inner, update)
             _Compiled.store(key, lambda p, h: _func_hypergradient(outer, residual, inner is not None, solver, p, h))
         return out
-    _validate(params, hparams)
+    check_inputs(params, hparams)
     hg, loss, v, x, r = fn(dict(params), dict(hparams))
     if check:
         check_finite("residual (training gradient or update)", T.detach(r))
@@ -350,7 +382,20 @@ def largest_eigenvalue(
 ) -> float:
     """Power-iteration estimate of lambda_max(J), so that ``Neumann(alpha <= 1/lambda_max)`` converges.
 
-    ``params`` may be an ``nn.Module`` (then ``inner``/``update`` take ``(model, hparams)``)."""
+    The one public eigenvalue estimate (``bilevel.largest_eigenvalue``): J is the Jacobian of the problem's
+    residual (:func:`linearise`), and the iteration is :func:`bilevel.solvers.power_iteration`'s.
+
+    Args:
+        params: the weights, a dict of tensors or an ``nn.Module`` (then ``inner``/``update`` take
+            ``(model, hparams)``).
+        hparams: the hyperparameters.
+        inner: the training loss (J its Hessian), or
+        update: the weight update map (J = du/dw); exactly one of the two.
+        iters: products of the power iteration.
+
+    Returns:
+        The eigenvalue of J largest in magnitude (estimated).
+    """
     params, (inner, update) = _unmodule(params, inner, update)
     op, p, _ = linearise(params, hparams, inner=inner, update=update)
-    return _power_iteration(op, T.detach(p), iters=iters)
+    return power_iteration(op, T.detach(p), iters=iters)

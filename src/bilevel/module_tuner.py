@@ -24,6 +24,25 @@ weight steps one hypergradient step moves them. Two kinds of hyperparameters:
 The training loss runs the module in train mode (BatchNorm statistics are updated once per weight
 step, never by hypergradient evaluations), the validation loss in eval mode. ``population=N`` trains
 N initialisations at once (``vmap``), keeping the best by validation loss.
+
+What the Tuner does to your model and optimiser (each promise is tested, ``tests/test_module_tuner.py``
+and ``tests/test_tuner_properties.py``):
+
+* **Tuning off is PyTorch.** ``mode="none"`` (with no ``tune=``) steps your own ``torch.optim`` optimiser on
+  the gradient of your loss, batch by batch, exactly like ``opt.zero_grad(); loss.backward(); opt.step()``;
+  validation batches are drawn on a random stream of their own, so torch's global RNG (shuffling, dropout)
+  sees exactly the draws of the plain loop.
+* **Only the optimiser's parameters are trained**; parameters the optimiser does not hold stay as they are.
+  Parameter groups keep their own values; ``tune={"lr": "group"}`` tunes one value per group.
+* **The optimiser's state is carried over and written back**: a ``torch.optim`` optimiser tuned through its
+  differentiable twin starts from its momentum buffers / moments and holds the twin's state (and the tuned
+  scalar or per-group values) after :meth:`Tuner.fit`, so a plain loop can continue.
+* **Divergence never damages the model**: with ``on_divergence="raise"`` (one model's default) the error names
+  what became non-finite first (data, training loss, weights, validation loss, hypergradient) and the step,
+  and the model holds the weights (and BatchNorm buffers) from before that step; ``"rollback"`` restores the
+  last good state and halves the learning rate (or the hyperparameter step) instead; a population whose every
+  member diverged raises (``"record"``, a population's default) or warns (``"warn"``) and leaves the model at
+  its initial weights.
 """
 
 from __future__ import annotations
@@ -31,7 +50,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -40,10 +60,12 @@ from torch import Tensor, nn
 from . import functional as Fn
 from . import population as pop
 from .callbacks import EveryStep
+from .cursor import LoaderCursor, isolated_rng
+from .errors import NonFiniteError
 from .hparams import Granularity, HyperParameter, HyperParameterSpace, for_rule
 from .solvers import AutoNeumann, Solver
 from .tuner import OnlineTuner, TunerConfig
-from .updates import TorchOptimizer, UpdateRule, from_torch
+from .updates import TorchOptimizer, TorchTwin, UpdateRule, state_from_torch, state_to_torch, twin
 
 __all__ = ["Tuner", "ModuleLoss"]
 
@@ -87,22 +109,36 @@ def _size(batch: Any) -> int:
     return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
 
 
-def _edge_checked(h: HyperParameter, value: float) -> float:
-    """``value`` if the transform can move it, else a value just inside the domain, with a warning."""
+#: Where a decay named at 0 starts (an optimiser's ``weight_decay`` or a penalty's ``init``): a log10-space
+#: hyperparameter cannot move from 0 (its raw value is -inf), and from much smaller values the hypergradient in
+#: raw space, ``lambda * dL_V/dlambda``, is too small to move it against its noise.
+ZERO_DECAY_START = 1e-4
+
+
+def _start(h: HyperParameter, value: float, decay: bool) -> float:
+    """Where hyperparameter ``h`` starts from the value ``value`` the user gave (warns if it moves it).
+
+    A value the transform can move is kept. A decay (``decay``) at 0 starts at :data:`ZERO_DECAY_START`; a
+    learning rate (or another log-space value) at 0 is refused; a value on a finite edge of its domain (a
+    momentum of 0 or 1) moves 1 % of the domain inside."""
     lo, hi = h.transform.domain
     if not math.isfinite(value):
         raise ValueError(f"initial {h.name}={value} is not finite")
-    bounded = math.isfinite(lo) and math.isfinite(hi)
-    margin = 1e-2 * (hi - lo) if bounded else 1e-6
-    moved = lo + margin if value <= lo else hi - margin if value >= hi else value
+    moved = value
+    if lo == 0 and math.isinf(hi) and value <= 0:
+        if not decay:
+            what = "a learning rate" if h.name == "lr" else f"{h.name} (tuned in {h.transform.name} space)"
+            raise ValueError(f"initial {h.name}={value}: {what} must be > 0 to be tuned")
+        moved = ZERO_DECAY_START
+    elif math.isfinite(lo) and math.isfinite(hi) and not lo < value < hi:
+        margin = 1e-2 * (hi - lo)
+        moved = lo + margin if value <= lo else hi - margin
     if h.clip is not None and not h.clip[0] <= moved <= h.clip[1]:
         raise ValueError(f"initial {h.name}={value} lies outside its range {h.clip}")
     if moved != value:
-        if h.name == "lr":
-            raise ValueError(f"initial lr={value}: a learning rate must be > 0 to be tuned")
         warnings.warn(
             f"initial {h.name}={value} lies on the edge of its {h.transform.name} domain {h.transform.domain}, "
-            f"where a tuned value cannot move; starting it at {moved:g} instead",
+            f"where a tuned value cannot move; starting it at {moved:g} instead (pass another start to choose it)",
             UserWarning,
             stacklevel=4,
         )
@@ -117,11 +153,13 @@ class Tuner:
         loss_fn: ``loss_fn(model(inputs), target)`` for ``(inputs, target)`` batches; or give
         train_loss, val_loss: callables ``(model, batch) -> scalar`` (``val_loss`` defaults to ``train_loss``).
         optimizer: ``bilevel.optim.SGD(lr=..., momentum=..., weight_decay=...)`` (Adam, AdamW, RMSprop), or a
-            ``torch.optim`` optimiser built on ``model.parameters()``.
+            ``torch.optim`` optimiser (parameter groups welcome). With a ``torch.optim`` one only the parameters it
+            holds are trained.
         tune: names of the hyperparameters to tune, or ``{name: granularity}`` with granularity
-            ``"scalar"``, ``"tensor"`` or ``"element"``. Default: the penalty's hyperparameters if a
-            penalty is given, else the optimiser's lr and those of its momentum and weight_decay that are
-            non-zero (a value of 0 lies on the edge of its domain: name it in ``tune`` to tune it from just inside).
+            ``"scalar"``, ``"group"`` (one value per parameter group of a ``torch.optim`` optimiser, each starting
+            from its group's value), ``"tensor"`` or ``"element"``. Default: the penalty's hyperparameters if a
+            penalty is given; with ``mode="none"`` nothing; else the optimiser's lr and those of its momentum and
+            weight_decay that are non-zero.
         penalty: a loss-form penalty such as :class:`bilevel.PerWeightDecay`.
         interval, lookback: T weight steps per hyperparameter step; Neumann steps / unrolled steps (i).
         mode: ``"ift"``, ``"unroll"`` (Diff-through-Opt), ``"baydin"`` or ``"none"``.
@@ -139,7 +177,16 @@ class Tuner:
             optimiser's values.
         device: where to train (default: the model's device).
         progress: draw a progress bar.
-        on_divergence: ``"raise"`` (default for one model) or ``"record"`` (default for a population).
+        on_divergence: ``"raise"`` (default for one model): the first non-finite value raises
+            :class:`bilevel.NonFiniteError` naming it and the step, the model keeping the weights from before it;
+            ``"record"`` (default for a population): diverged members are frozen and listed in
+            :attr:`divergences`, and a population whose every member diverged raises; ``"warn"``: the same, but
+            that last case warns and ends :meth:`fit`; ``"rollback"``: a member whose step goes non-finite is put
+            back to its last good state and its learning rate halved (a non-finite hypergradient: its
+            hyperparameter steps halved), each event listed in :attr:`divergences`.
+        share_gradient: opt-in speed-up: reuse a hyperparameter step's training gradient for the next weight
+            step (exact only under the conditions of :class:`bilevel.tuner.SharedGradient`: full-batch training
+            with a loss that is a pure function of the weights and the batch).
         callbacks: extra callbacks of the loop (:mod:`bilevel.callbacks`).
     """
 
@@ -169,6 +216,7 @@ class Tuner:
         device: str | torch.device | None = None,
         progress: bool = True,
         on_divergence: str | None = None,
+        share_gradient: bool = False,
         callbacks: Iterable[Any] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -181,11 +229,17 @@ class Tuner:
             )
         if not (isinstance(population, int) and population >= 1):
             raise ValueError(f"population must be an integer >= 1, got {population!r}")
+        divergence = on_divergence or ("raise" if population == 1 else "record")
+        if divergence not in ("raise", "record", "warn", "rollback"):
+            raise ValueError(f"on_divergence must be 'raise', 'record', 'warn' or 'rollback', got {on_divergence!r}")
+        self.on_divergence = divergence
         if device is not None:
             model.to(device)
-        named = {k: v for k, v in model.named_parameters() if v.requires_grad}
-        if not named:
+        trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
+        if not trainable:
             raise ValueError("the model has no trainable parameters")
+        torch_opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        named = self._optimised(model, trainable, torch_opt)
         self.model, self.device = model, next(iter(named.values())).device
         self._train = train_loss or _supervised(loss_fn)  # type: ignore[arg-type]
         self._val = val_loss or (_supervised(loss_fn) if loss_fn is not None and train_loss is None else self._train)
@@ -193,43 +247,44 @@ class Tuner:
         penalty_h = {h.name: h for h in (penalty.hyperparameters if penalty is not None else [])}
 
         # ---- what is tuned, and by which rule
-        torch_opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-        probe = (
-            from_torch(torch_opt) if torch_opt is not None and not self._only_penalty(tune, penalty_h) else optimizer
-        )
-        if isinstance(probe, torch.optim.Optimizer):
-            rule: Any = TorchOptimizer(probe, named)
-        elif hasattr(probe, "hyperparameters") and hasattr(probe, "init_state"):
-            rule = probe
+        self._twin: TorchTwin | None = None
+        if torch_opt is not None:
+            if mode == "none" and tune is None:  # nothing tuned; a penalty still needs its values
+                granularity: dict[str, str] = {n: h.granularity.value for n, h in penalty_h.items()}
+            else:
+                largest = {  # what the default tune= looks at: is a momentum / decay in use in any group
+                    n: max(abs(float(g.get(n, 0.0) or 0.0)) for g in torch_opt.param_groups)
+                    for n in ("momentum", "weight_decay")
+                }
+                granularity = self._parse_tune(tune, _rule_names(torch_opt), penalty_h, SimpleNamespace(**largest))
+            if any(n not in penalty_h for n in granularity):  # an optimiser hyperparameter: its twin steps
+                self._twin = twin(torch_opt, named)
+                rule: Any = self._twin.with_defaults()
+            else:
+                rule = TorchOptimizer(torch_opt, named)
+        elif hasattr(optimizer, "hyperparameters") and hasattr(optimizer, "init_state"):
+            rule = optimizer
+            granularity = (
+                {n: h.granularity.value for n, h in penalty_h.items()}
+                if mode == "none" and tune is None
+                else self._parse_tune(tune, rule.hyperparameters, penalty_h, rule)
+            )
         else:
             raise TypeError(
                 f"optimizer must be a bilevel.optim rule or a torch.optim optimiser, got {type(optimizer).__name__}"
             )
-        granularity = self._parse_tune(tune, rule, penalty_h)
         unknown = [n for n in granularity if n not in rule.hyperparameters and n not in penalty_h]
         if unknown:
             raise ValueError(
-                f"cannot tune {unknown}: {type(rule).__name__} has {list(rule.hyperparameters)}"
+                f"cannot tune {unknown}: {type(optimizer).__name__} has {list(rule.hyperparameters)}"
                 + (f", the penalty has {list(penalty_h)}" if penalty_h else "")
             )
-        if isinstance(rule, TorchOptimizer) and population > 1:
+        if torch_opt is not None and population > 1:
             raise ValueError("population > 1 needs a bilevel.optim optimiser (a torch.optim one steps one model)")
-        self.rule, self._torch_opt = rule, torch_opt if not isinstance(rule, TorchOptimizer) else None
-        names = list(named)
-        specs, init = [], {}
-        for name, g in granularity.items():
-            if name in penalty_h:
-                h = penalty_h[name]
-                if g != h.granularity.value:
-                    raise ValueError(
-                        f"{name!r} is the penalty's own hyperparameter: set its granularity on the penalty"
-                    )
-                specs.append(h)
-                init[name] = _edge_checked(h, float(penalty.initial()[name]))
-            else:
-                h = for_rule(name, g, params=None if g == "scalar" else names)
-                specs.append(h)
-                init[name] = _edge_checked(h, float(getattr(rule, name)))
+        self.rule, self._torch_opt = rule, torch_opt
+        if penalty is not None:
+            self._warn_double_decay(optimizer, granularity)
+        specs, init = self._specs(granularity, penalty, penalty_h, list(named))
         self.space = HyperParameterSpace(specs)
         update_form = [n for n in granularity if n not in penalty_h]
         implicit = implicit or ("update" if update_form else "loss")
@@ -252,9 +307,17 @@ class Tuner:
             ]
             raw = pop.stack(raws)
             self._buffers = {k: torch.stack([v] * population) for k, v in buffers0.items()}
+        self._good_buffers = self._buffers
         self._pending: dict[str, Tensor] | None = None
         self._pending_loss: Tensor | None = None
-        self._val_taken = 0  # validation batches taken by hyperparameter steps (the cycle continues across fits)
+        if share_gradient and buffers0:
+            warnings.warn(
+                "share_gradient=True with a model that has buffers (BatchNorm statistics): the training loss then "
+                "depends on state that changes between calls, so sharing is not exact; it is turned off",
+                UserWarning,
+                stacklevel=2,
+            )
+            share_gradient = False
 
         cfg = TunerConfig(
             tuned=tuple(granularity),
@@ -268,9 +331,9 @@ class Tuner:
             cold_steps=cold_steps,
             record_every=10**9,
             grad_clip=grad_clip,
-            seed=seed,
             implicit=implicit,  # type: ignore[arg-type]
-            on_divergence=on_divergence or ("raise" if population == 1 else "record"),  # type: ignore[arg-type]
+            on_divergence="record" if divergence == "warn" else divergence,  # type: ignore[arg-type]
+            share_gradient=share_gradient,
         )
         self.progress = progress
         self._epoch_losses: list[Tensor] = []
@@ -287,27 +350,122 @@ class Tuner:
             stacked=population > 1,
             callbacks=[EveryStep(self._after_weight_step), *callbacks],
         )
-        #: one record per epoch: ``{"epoch", "step", "train_loss", "val_loss", "hparams"}`` (best member's):
-        #: ``train_loss`` is the mean of the training loss (without penalty) over the epoch's weight steps, each
-        #: at the weights before its step; ``val_loss`` is :meth:`evaluate` on the whole ``val_loader`` after it
+        if self._twin is not None:  # the optimiser's momentum buffers / moments carry over
+            self.loop.state = state_from_torch(torch_opt, named, rule)  # type: ignore[arg-type]
+            self.loop._good = (self.loop.params, self.loop.state)
+        self._train_cursor = LoaderCursor("train_loader", isolate_rng=False)
+        self._val_cursor = LoaderCursor("val_loader", isolate_rng=True)
+        #: one record per epoch: ``{"epoch", "step", "train_loss", "val_loss", "hparams", "events"}`` (best
+        #: member's): ``train_loss`` is the mean of the training loss (without penalty) over the epoch's weight
+        #: steps, each at the weights before its step; ``val_loss`` is :meth:`evaluate` on the whole
+        #: ``val_loader`` after it; ``events`` counts the epoch's divergence events (see :attr:`divergences`)
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ construction helpers
 
     @staticmethod
-    def _only_penalty(tune: Any, penalty_h: Mapping[str, HyperParameter]) -> bool:
-        if tune is None:
-            return bool(penalty_h)
-        names = [tune] if isinstance(tune, str) else list(tune)
-        return all(n in penalty_h for n in names)
+    def _optimised(
+        model: nn.Module, trainable: Mapping[str, Tensor], torch_opt: torch.optim.Optimizer | None
+    ) -> dict[str, Tensor]:
+        """The weights to train: the model's trainable parameters that the optimiser holds (all of them for a
+        ``bilevel.optim`` rule). Refuses an optimiser holding tensors that are not the model's trainable
+        parameters."""
+        if torch_opt is None:
+            return dict(trainable)
+        held = [p for g in torch_opt.param_groups for p in g["params"]]
+        ids = {id(p) for p in trainable.values()}
+        foreign = [tuple(p.shape) for p in held if id(p) not in ids]
+        if foreign:
+            frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+            why = (
+                "some have requires_grad=False"
+                if any(id(p) in frozen for p in held)
+                else "they are not the model's parameters"
+            )
+            raise ValueError(
+                f"the {type(torch_opt).__name__} optimiser holds tensors of shapes {foreign} that the Tuner cannot "
+                f"train ({why}): build it on the model's trainable parameters"
+            )
+        held_ids = {id(p) for p in held}
+        named = {k: v for k, v in trainable.items() if id(v) in held_ids}
+        if not named:
+            raise ValueError("the optimiser holds none of the model's trainable parameters")
+        return named
+
+    def _specs(
+        self,
+        granularity: Mapping[str, str],
+        penalty: Any,
+        penalty_h: Mapping[str, HyperParameter],
+        names: list[str],
+    ) -> tuple[list[HyperParameter], dict[str, Any]]:
+        """The hyperparameter specifications and their natural initial values (from the optimiser's groups)."""
+        specs: list[HyperParameter] = []
+        init: dict[str, Any] = {}
+        for name, g in granularity.items():
+            if name in penalty_h:
+                h = penalty_h[name]
+                if g != h.granularity.value:
+                    raise ValueError(
+                        f"{name!r} is the penalty's own hyperparameter: set its granularity on the penalty"
+                    )
+                specs.append(h)
+                init[name] = _start(h, float(penalty.initial()[name]), decay=True)
+                continue
+            groups = self._twin.groups if self._twin is not None else None
+            if g == "group":
+                if groups is None:
+                    raise ValueError(
+                        f"tune[{name!r}]='group' needs a torch.optim optimiser (one value per parameter group)"
+                    )
+                h = for_rule(name, g, groups=groups)
+            else:
+                h = for_rule(name, g, params=None if g == "scalar" else names)
+            specs.append(h)
+            decay = name == "weight_decay"
+            if self._twin is None:
+                init[name] = _start(h, float(getattr(self.rule, name)), decay)
+                continue
+            values = self._twin.group_values[name]
+            filled = [v for v, grp in zip(values, groups or ()) if grp]
+            if g == "scalar" and len(set(filled)) > 1:
+                raise ValueError(
+                    f"the optimiser's parameter groups differ in {name} ({list(values)}): tune it per group "
+                    f"(tune={{{name!r}: 'group'}}) or per tensor ('tensor')"
+                )
+            starts = [_start(h, float(v), decay) for v in values]
+            if g == "scalar":
+                init[name] = starts[0] if not filled else _start(h, float(filled[0]), decay)
+            elif g == "group":
+                init[name] = starts
+            else:
+                init[name] = {k: starts[i] for i, grp in enumerate(groups or ()) for k in grp}
+        return specs, init
+
+    def _warn_double_decay(self, optimizer: Any, granularity: Mapping[str, str]) -> None:
+        """A penalty on top of an optimiser that decays the weights too: say so (not an error)."""
+        if "weight_decay" in granularity:
+            return
+        if isinstance(optimizer, torch.optim.Optimizer):
+            decays = sorted({float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups} - {0.0})
+        else:
+            decays = [float(getattr(optimizer, "weight_decay", 0.0))] if getattr(optimizer, "weight_decay", 0) else []
+        if decays:
+            warnings.warn(
+                f"the {type(optimizer).__name__} optimiser also decays the weights (weight_decay="
+                f"{decays[0] if len(decays) == 1 else decays}); the tuned penalty comes on top of it. Build the "
+                "optimiser with weight_decay=0 to have only the penalty",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
-    def _parse_tune(tune: Any, rule: Any, penalty_h: Mapping[str, HyperParameter]) -> dict[str, str]:
+    def _parse_tune(
+        tune: Any, hyperparameters: Sequence[str], penalty_h: Mapping[str, HyperParameter], rule: Any
+    ) -> dict[str, str]:
         if tune is None:
             names = list(penalty_h) or [
-                n
-                for n in DEFAULT_TUNED
-                if n in rule.hyperparameters and (n == "lr" or float(getattr(rule, n, 0.0)) != 0.0)
+                n for n in DEFAULT_TUNED if n in hyperparameters and (n == "lr" or float(getattr(rule, n, 0.0)) != 0.0)
             ]
             if not names:
                 raise ValueError("nothing to tune: pass tune=(...) or a penalty")
@@ -325,7 +483,7 @@ class Tuner:
                 out[n] = Granularity(g).value
             except ValueError:
                 raise ValueError(
-                    f"tune[{n!r}]: unknown granularity {g!r}; use 'scalar', 'tensor' or 'element'"
+                    f"tune[{n!r}]: unknown granularity {g!r}; use 'scalar', 'group', 'tensor' or 'element'"
                 ) from None
         if not out:
             raise ValueError("tune is empty: name at least one hyperparameter")
@@ -375,39 +533,62 @@ class Tuner:
             return self.penalty(params, nat)
         return torch.vmap(self.penalty)(params, nat)
 
+    def _where(self, mask: Tensor, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``a`` for the members in ``mask`` (shape (P,)), ``b`` for the others."""
+        if self.P == 1:
+            return dict(a) if bool(mask.reshape(())) else dict(b)
+        return {k: torch.where(pop.per_member(mask, v), a[k], v) for k, v in b.items()}
+
     def _after_weight_step(self, loop: OnlineTuner) -> None:
-        if self._pending is not None:  # the weight step's BatchNorm statistics become the model's
-            self._buffers, self._pending = self._pending, None
+        pending, self._pending = self._pending, None
+        if pending is not None:  # the weight step's BatchNorm statistics become the model's
+            if loop.cfg.on_divergence == "rollback":
+                ok = torch.isfinite(loop.last_losses.reshape(self.P, -1)).all(dim=1)  # type: ignore[union-attr]
+                self._good_buffers = self._where(ok, self._buffers, self._good_buffers)
+                if loop.rolled_back is not None:  # back to the buffers of the state the member returned to
+                    pending = self._where(loop.rolled_back, self._good_buffers, pending)
+            self._buffers = pending
         if self._pending_loss is not None:  # and its training loss counts towards the epoch's mean
             self._epoch_losses.append(self._pending_loss)
             self._pending_loss = None
+        if not loop.sync_free and not bool(loop.alive.any()):
+            self._all_diverged()
+
+    def _all_diverged(self) -> None:
+        steps = sorted({e["step"] for e in self.divergences if e["action"] == "frozen"})
+        msg = (
+            f"all {self.P} diverged (at weight steps {steps}); the model is left at its initial weights. Try a "
+            "smaller learning rate or hyper_lr, or on_divergence='rollback'"
+        )
+        what = "values in every member of the population"
+        if self.on_divergence == "warn":
+            warnings.warn(f"non-finite {what}: {msg}", RuntimeWarning, stacklevel=2)
+            raise _StopFit
+        raise NonFiniteError(what, msg, step=max(steps, default=None))
+
+    @property
+    def divergences(self) -> list[dict[str, Any]]:
+        """Every divergence the loop handled, in order: ``{"step", "member", "what", "action"}`` with ``action``
+        ``"frozen"`` (the member stops at its initial weights) or ``"rollback"`` (with ``lr_factor``, the
+        learning rate's multiplier so far, or ``hyper_factor``, the hyperparameter step's)."""
+        return [dict(e) for e in self.loop.history.events]
 
     # ------------------------------------------------------------------ fitting
-
-    def _batches(self, loader: Iterable[Any], name: str, skip: int = 0, count: bool = False) -> Iterator[Any]:
-        while True:
-            empty = True
-            for batch in loader:
-                empty = False
-                if skip:
-                    skip -= 1
-                    continue
-                if count:
-                    self._val_taken += 1
-                yield _to(batch, self.device)
-            if empty:
-                raise ValueError(f"{name} yielded no batches")
 
     def fit(
         self, train_loader: Iterable[Any], val_loader: Iterable[Any], epochs: int = 1, steps: int | None = None
     ) -> Tuner:
         """Train for ``epochs`` passes over ``train_loader`` (or ``steps`` weight steps), tuning online.
 
-        ``val_loader`` (any iterable of batches) cycles: each hyperparameter step takes its next batch,
-        continuing the cycle where the previous :meth:`fit` (or the loaded :meth:`state_dict`) left it
-        (for a loader with ``len()``), so ``fit(epochs=2)`` equals two ``fit(epochs=1)`` calls.
-        After every epoch the validation loss over the whole ``val_loader`` is recorded in
-        :attr:`history`. At the end the model holds the trained weights (and BatchNorm statistics).
+        Both loaders must be re-iterable (a ``DataLoader``, a list of batches): a one-shot iterator (a generator)
+        is refused before any step. ``train_loader`` is walked as a plain loop walks it, drawing its shuffling
+        from torch's global RNG; ``val_loader`` cycles on a random stream of its own (each hyperparameter step
+        takes its next batch), so the global RNG sees exactly the plain loop's draws. Both positions carry over
+        to the next :meth:`fit` and into :meth:`state_dict`, so ``fit(epochs=2)`` equals two ``fit(epochs=1)``
+        calls, and a run resumed from a checkpoint equals the uninterrupted one. After every epoch the
+        validation loss over the whole ``val_loader`` is recorded in :attr:`history`. At the end (also after an
+        error) the model holds the trained weights and BatchNorm statistics (the last finite ones), and a
+        ``torch.optim`` optimiser the twin's state and the tuned scalar / per-group values.
         """
         if steps is None:
             if not (isinstance(epochs, int) and epochs >= 1):
@@ -424,28 +605,31 @@ class Tuner:
                 raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
             chunks = [steps]
         try:
-            n_val = len(val_loader)  # type: ignore[arg-type]
+            if len(val_loader) == 0:  # type: ignore[arg-type]
+                raise ValueError("val_loader is empty")
         except TypeError:
-            n_val = None
-        if n_val == 0:
-            raise ValueError("val_loader is empty")
-        skip = self._val_taken % n_val if n_val else 0
-        train_it = self._batches(train_loader, "train_loader")
-        val_it = self._batches(val_loader, "val_loader", skip=skip, count=True)
+            pass
+        self._train_cursor.bind(train_loader)
+        self._val_cursor.bind(val_loader)
         was_training = self.model.training
         bar = self._progress(sum(chunks))
         try:
             for n in chunks:
                 self._epoch_losses = []
+                events = len(self.loop.history.events)
                 self.loop.run(
                     n,
-                    lambda: next(train_it),
-                    lambda: next(val_it),
+                    lambda: _to(self._train_cursor.next(), self.device),
+                    lambda: _to(self._val_cursor.next(), self.device),
                     progress=(lambda k: bar[0].advance(bar[1], k)) if bar else None,
                 )
-                self._record(val_loader)
+                if self.loop.sync_free and not bool(self.loop.alive.any()):
+                    self._all_diverged()
+                self._record(val_loader, len(self.loop.history.events) - events)
                 if bar:
                     bar[0].update(bar[1], description=self._describe())
+        except _StopFit:
+            pass
         finally:
             if bar:
                 bar[0].stop()
@@ -471,23 +655,35 @@ class Tuner:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable[Any]) -> Tensor:
-        """Mean validation loss over ``loader`` (batches weighted by size), one value per member (shape (P,))."""
+        """Mean validation loss over ``loader`` (batches weighted by size), one value per member (shape (P,)).
+
+        The model's train/eval mode is restored afterwards, and torch's global RNG (and the loader's own
+        generator) are left as they were: evaluating never changes what training draws next."""
         total, count = None, 0
-        for batch in loader:
-            batch = _to(batch, self.device)
-            n = _size(batch)
-            value = self._val_loss(self.loop.params, None, batch).reshape(self.P).double() * n
-            total, count = (value if total is None else total + value), count + n
+        was_training = self.model.training
+        try:
+            with isolated_rng(loader):
+                for batch in loader:
+                    batch = _to(batch, self.device)
+                    n = _size(batch)
+                    value = self._val_loss(self.loop.params, None, batch).reshape(self.P).double() * n
+                    total, count = (value if total is None else total + value), count + n
+        finally:
+            self.model.train(was_training)
         if total is None:
             raise ValueError("the validation loader yielded no batches")
         return total / count
 
-    def _record(self, val_loader: Iterable[Any]) -> None:
+    def _record(self, val_loader: Iterable[Any], events: int) -> None:
         val = self.evaluate(val_loader)
         val = torch.where(self.loop.alive, val, torch.full_like(val, math.inf))
         self._val_last = val
         best = self.best
-        train = torch.stack(self._epoch_losses).double().mean(0).reshape(self.P)
+        train = (
+            torch.stack(self._epoch_losses).double().mean(0).reshape(self.P)
+            if self._epoch_losses
+            else torch.full((self.P,), math.nan, dtype=torch.float64)
+        )
         self.history.append(
             {
                 "epoch": len(self.history) + 1,
@@ -495,6 +691,7 @@ class Tuner:
                 "train_loss": float(train[best]),
                 "val_loss": float(val[best]),
                 "hparams": self._means(best),
+                "events": events,
             }
         )
         for cb in self.loop.callbacks:  # e.g. bilevel.callbacks.TensorBoardLogger: per-epoch curves of every member
@@ -509,15 +706,16 @@ class Tuner:
         val = getattr(self, "_val_last", None)
         if val is None or self.P == 1:
             return 0
-        return int(torch.argmin(val))
+        val = torch.where(self.loop.alive.to(val.device), val, torch.full_like(val, math.inf))
+        return int(torch.argmin(val)) if bool(torch.isfinite(val).any()) else 0
 
     def _means(self, member: int) -> dict[str, float]:
         return {k: float(v[member]) for k, v in self.loop.describe().items()}
 
     @property
     def hparams(self) -> dict[str, Any]:
-        """The tuned hyperparameters in natural units (of the best member): a float for a scalar one, else
-        ``{param_name: tensor}``."""
+        """The tuned hyperparameters in natural units (of the best member): a float for a scalar one, a list
+        of floats (one per parameter group) for a ``"group"`` one, else ``{param_name: tensor}``."""
         with torch.no_grad():
             nat = self.space.natural({k: v.detach() for k, v in self.loop.raw.items()})
         out: dict[str, Any] = {}
@@ -525,12 +723,15 @@ class Tuner:
         for name, v in nat.items():
             if isinstance(v, Tensor):
                 out[name] = float(v if self.P == 1 else v[i])
+            elif self.space[name].granularity is Granularity.GROUP and self._twin is not None:
+                out[name] = [float(v[grp[0]]) if grp else math.nan for grp in self._twin.groups]
             else:
                 out[name] = {k: (t if self.P == 1 else t[i]).clone() for k, t in v.items()}
         return out
 
     def _write_back(self) -> None:
-        """Copy the (best member's) weights and buffers into the model; scalar tuned values into a torch.optim."""
+        """Copy the (best member's) weights and buffers into the model; the twin's state and the tuned scalar /
+        per-group values into a ``torch.optim`` optimiser."""
         i = self.best
         with torch.no_grad():
             for k, p in self.model.named_parameters():
@@ -539,35 +740,70 @@ class Tuner:
             for k, b in self.model.named_buffers():
                 if k in self._buffers:
                     b.copy_(self._buffers[k] if self.P == 1 else self._buffers[k][i])
-        if self._torch_opt is not None:
-            for name, v in self.hparams.items():
-                if isinstance(v, float):
-                    for g in self._torch_opt.param_groups:
-                        if name in g:
-                            g[name] = v
+        if self._twin is None or self._torch_opt is None:
+            return
+        named = dict(self.model.named_parameters())
+        state_to_torch(self.loop.state, self._torch_opt, {k: named[k] for k in self.loop.params}, self.rule)
+        for name, v in self.hparams.items():
+            if name not in self.rule.hyperparameters:
+                continue
+            if isinstance(v, float):
+                values = [v] * len(self._torch_opt.param_groups)
+            elif isinstance(v, list):
+                values = v
+            else:
+                continue  # one value per tensor / weight: torch's groups cannot hold it (see Tuner.hparams)
+            for g, value in zip(self._torch_opt.param_groups, values):
+                if name in ("beta1", "beta2"):
+                    b1, b2 = g["betas"]
+                    g["betas"] = (value, b2) if name == "beta1" else (b1, value)
+                elif name in g and not math.isnan(value):
+                    g[name] = value
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: the loop's state, the module's buffers, the history, the position
-        in the validation cycle and torch's global random state (which draws a shuffling DataLoader's order and
-        dropout masks), so a run resumed between epochs continues bit for bit."""
+        """Everything needed to continue: the loop's state, the module's buffers, the history, the positions in
+        both loaders and torch's global random state (which draws a shuffling DataLoader's order and dropout
+        masks), so a resumed run continues bit for bit. Holds only tensors, plain containers, numbers and
+        strings: it loads with ``torch.load(path, weights_only=True)``."""
         rng = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         return {
             "loop": self.loop.state_dict(),
-            "buffers": self._buffers,
-            "history": self.history,
-            "val_taken": self._val_taken,
+            "buffers": dict(self._buffers),
+            "good_buffers": dict(self._good_buffers),
+            "history": copy.deepcopy(self.history),
+            "train_cursor": self._train_cursor.state_dict(),
+            "val_cursor": self._val_cursor.state_dict(),
             "rng": rng,
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (in this or a fresh process, with the same construction); the next
+        :meth:`fit` picks the loaders up where the saved run left them."""
         self.loop.load_state_dict(sd["loop"])
-        self._buffers, self.history = dict(sd["buffers"]), list(sd["history"])
-        self._val_taken = int(sd.get("val_taken", 0))
+        self._buffers, self.history = dict(sd["buffers"]), copy.deepcopy(list(sd["history"]))
+        self._good_buffers = dict(sd.get("good_buffers", self._buffers))
+        self._train_cursor.load_state_dict(sd["train_cursor"])
+        self._val_cursor.load_state_dict(sd["val_cursor"])
         rng = sd.get("rng")
         if rng is not None:
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class _StopFit(Exception):
+    """Ends :meth:`Tuner.fit` early (every member diverged, ``on_divergence="warn"``)."""
+
+
+def _rule_names(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The hyperparameter names of a ``torch.optim`` optimiser's twin (those ``tune=`` may name)."""
+    kinds = {
+        torch.optim.SGD: ("lr", "momentum", "dampening", "weight_decay"),
+        torch.optim.Adam: ("lr", "beta1", "beta2", "eps", "weight_decay"),
+        torch.optim.AdamW: ("lr", "beta1", "beta2", "eps", "weight_decay"),
+        torch.optim.RMSprop: ("lr", "alpha", "eps", "weight_decay", "momentum"),
+    }
+    return kinds.get(type(optimizer), ())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._tree import Tree
+from .tree import Tree
 
 __all__ = [
     "stack",
@@ -43,6 +43,16 @@ def derived_seed(seed: int, i: int = 0) -> int:
     ``0 <= i < SEED_STRIDE`` (whereas ``seed + i`` would make base seed 1 repeat all but the first
     initialisation of base seed 0). Pass ``derived_seed(seed, first)`` to :func:`init_population` for
     members ``first, first + 1, ...``.
+
+    Args:
+        seed: the run's base seed (>= 0).
+        i: the initialisation or stream, ``0 <= i < SEED_STRIDE``.
+
+    Returns:
+        ``seed * SEED_STRIDE + i``.
+
+    Raises:
+        ValueError: ``seed < 0`` or ``i`` out of range.
     """
     if seed < 0 or not 0 <= i < SEED_STRIDE:
         raise ValueError(f"derived_seed needs seed >= 0 and 0 <= i < {SEED_STRIDE}, got seed={seed}, i={i}")
@@ -50,23 +60,57 @@ def derived_seed(seed: int, i: int = 0) -> int:
 
 
 def stack(trees: Sequence[Mapping[str, Tensor]]) -> Tree:
-    """Stack P dicts of tensors with equal keys and shapes along a new leading axis."""
+    """Stack P dicts of tensors with equal keys and shapes along a new leading axis.
+
+    Args:
+        trees: the members, in order.
+
+    Returns:
+        One tree whose leaves have shape ``(P, *leaf_shape)``; member i is ``trees[i]``.
+
+    Raises:
+        ValueError: no member.
+    """
     if not trees:
         raise ValueError("cannot stack an empty population")
     return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
 
 
 def member(tree: Mapping[str, Tensor], i: int) -> Tree:
-    """Member ``i`` of a stacked tree."""
+    """Member ``i`` of a stacked tree (the inverse of :func:`stack`).
+
+    Args:
+        tree: a stacked tree (leading population axis).
+        i: the member.
+
+    Returns:
+        The member's tree (views of the stacked leaves).
+    """
     return {k: v[i] for k, v in tree.items()}
 
 
 def size(tree: Mapping[str, Tensor]) -> int:
+    """The population size P of a stacked tree.
+
+    Args:
+        tree: a stacked tree.
+
+    Returns:
+        The length of the leading axis (of its first leaf).
+    """
     return next(iter(tree.values())).shape[0]
 
 
 def per_member(value: Tensor, like: Tensor) -> Tensor:
-    """View a (P,)-shaped per-member value so that it broadcasts against ``like`` of shape (P, ...)."""
+    """View a per-member value so that it broadcasts against a stacked leaf.
+
+    Args:
+        value: one value per member, shape (P,) (or already ``like``'s number of dimensions).
+        like: a stacked leaf, shape (P, ...).
+
+    Returns:
+        ``value`` reshaped to (P, 1, ..., 1), as many dimensions as ``like``.
+    """
     if value.dim() == like.dim():
         return value
     return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
@@ -79,6 +123,14 @@ def vmap_loss(
 
     The signature of :class:`bilevel.tuner.OnlineTuner`'s losses (``hparams``, the natural
     hyperparameters, is not used: the hyperparameters of such a loss are all update-form).
+
+    Args:
+        forward: ``forward(params, x)`` of one member.
+        loss: ``loss(output, y)`` of one member, a scalar.
+
+    Returns:
+        The population's loss function, vectorised over the leading axis of the parameters with
+        ``torch.func.vmap`` (the batch is shared by every member).
     """
     one = lambda p, x, y: loss(forward(p, x), y)  # noqa: E731
     batched = torch.func.vmap(one, in_dims=(0, None, None))
@@ -90,13 +142,27 @@ def module_forward(module: torch.nn.Module) -> Callable[[Tree, Tensor], Tensor]:
 
     ``params`` are the module's parameters (as from ``dict(module.named_parameters())``);
     the module's buffers are used as they are (e.g. BatchNorm statistics in eval mode).
+
+    Args:
+        module: the model.
+
+    Returns:
+        ``forward(params, x)``, composable with ``torch.func.vmap`` over stacked parameters.
     """
     buffers = dict(module.named_buffers())
     return lambda p, x: torch.func.functional_call(module, (p, buffers), (x,))
 
 
 def module_population(module: torch.nn.Module, n: int) -> Tree:
-    """n identical copies of a module's parameters, stacked (re-initialise them as you like)."""
+    """n identical copies of a module's parameters, stacked (re-initialise them as you like).
+
+    Args:
+        module: the model.
+        n: the population size.
+
+    Returns:
+        The stacked parameters (detached copies), leading axis ``n``.
+    """
     return stack([{k: v.detach().clone() for k, v in module.named_parameters()} for _ in range(n)])
 
 
@@ -111,7 +177,16 @@ def init_population(
     So member i of a population equals a population of one started with
     ``seed + i`` -- the basis of the vectorised-vs-alone equivalence. To give runs with different base
     seeds disjoint members, pass ``seed=derived_seed(base, first)`` (:func:`derived_seed`).
-    Returns ``(params, raw_hparams)`` stacked (``raw_hparams`` is ``{}`` without ``make_hparams``).
+
+    Args:
+        make_params: ``make_params(generator)``, one member's weights.
+        n: the population size.
+        seed: the seed of member 0.
+        make_hparams: ``make_hparams(params, generator)``, one member's raw hyperparameters, drawn after its
+            weights from the same generator (``None``: no hyperparameters).
+
+    Returns:
+        ``(params, raw_hparams)`` stacked (``raw_hparams`` is ``{}`` without ``make_hparams``).
     """
     ps, hs = [], []
     for i in range(n):

@@ -19,6 +19,7 @@ hyperparameter in :mod:`bilevel.updates`, or it is counted twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -116,10 +117,12 @@ class PerWeightDecay:
 
     ``PerWeightDecay(model, init=1e-3)`` gives one decay per weight (``granularity="element"``;
     ``"tensor"``: one per parameter tensor, ``"scalar"``: one for all), optimised in log10 space
-    (so a decay stays positive), starting from ``init`` (> 0). ``params`` restricts it to some
-    parameter names (e.g. weights but not biases). Pass it as ``penalty=`` to :class:`bilevel.Tuner`:
-    the weights may then be stepped by any ``torch.optim`` optimiser, the hypergradient being the IFT
-    on the penalised training loss's stationarity. Called as ``penalty(params, natural_hparams)``.
+    (so a decay stays positive), starting from ``init``; ``init=0`` starts at
+    :data:`bilevel.module_tuner.ZERO_DECAY_START` with a warning, as an optimiser's zero weight decay does.
+    ``params`` restricts it to some parameter names (e.g. weights but not biases). Pass it as ``penalty=``
+    to :class:`bilevel.Tuner`: the weights may then be stepped by any ``torch.optim`` optimiser, the
+    hypergradient being the IFT on the penalised training loss's stationarity. Called as
+    ``penalty(params, natural_hparams)``.
     """
 
     def __init__(
@@ -137,8 +140,8 @@ class PerWeightDecay:
             if unknown:
                 raise ValueError(f"PerWeightDecay: unknown parameters {unknown}; the model has {list(named)}")
             names = list(params)
-        if not (isinstance(init, (int, float)) and init > 0):
-            raise ValueError(f"PerWeightDecay: init must be a decay > 0 (it is tuned in log10 space), got {init!r}")
+        if not (isinstance(init, (int, float)) and init >= 0 and math.isfinite(init)):
+            raise ValueError(f"PerWeightDecay: init must be a finite decay >= 0, got {init!r}")
         g = Granularity(granularity)
         self.name, self.init, self.names = name, float(init), names
         self.hparam = weight_decay(g, params=None if g is Granularity.SCALAR else names, name=name)

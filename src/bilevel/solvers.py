@@ -27,7 +27,7 @@ from typing import ClassVar, Literal, Protocol
 import torch
 from torch import Tensor
 
-from . import _tree as T
+from . import tree as T
 from .errors import NeumannDivergenceError, NonFiniteError, NotSymmetricError, check_finite
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "Damped",
     "damped",
     "is_symmetric",
-    "largest_eigenvalue",
+    "power_iteration",
     "Neumann",
     "AutoNeumann",
     "Identity",
@@ -60,19 +60,47 @@ class LinearOperator(Protocol):
     skips its symmetry check (two products)."""
 
     def rmatvec(self, x: Tree) -> Tree:
-        """x^T J (a vector-Jacobian product)."""
+        """x^T J (a vector-Jacobian product).
+
+        Args:
+            x: a vector, keys and shapes of the weights.
+
+        Returns:
+            The row vector x^T J, same keys and shapes.
+        """
         ...
 
     def matvec(self, x: Tree) -> Tree:
-        """J x (a Jacobian-vector product); only CG's normal equations need it."""
+        """J x (a Jacobian-vector product); only CG's normal equations need it.
+
+        Args:
+            x: a vector, keys and shapes of the weights.
+
+        Returns:
+            J x, same keys and shapes.
+        """
         ...
 
 
 class Solver(Protocol):
-    @property
-    def damping(self) -> float: ...  # read-only: the solvers are frozen dataclasses
+    """What every solver is: ``solver(op, v) -> x`` with ``x^T (J + damping I) ~= v^T``, and a ``damping``."""
 
-    def __call__(self, op: LinearOperator, v: Tree) -> Tree: ...
+    @property
+    def damping(self) -> float:
+        """Vicol et al. (2021)'s eps >= 0 (read-only: the solvers are frozen dataclasses)."""
+        ...
+
+    def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        """Solve ``x^T (J + eps I) = v^T`` approximately.
+
+        Args:
+            op: the Jacobian J, seen through products.
+            v: the right-hand side (the validation gradient dL_V/dw), keys and shapes of the weights.
+
+        Returns:
+            x, with the keys and shapes of ``v``.
+        """
+        ...
 
 
 class Damped:
@@ -80,6 +108,10 @@ class Damped:
 
     The one place damping happens: every solver with a ``damping`` field solves with
     ``damped(op, damping)`` (Jacobian products, the dense Jacobian and power iteration alike).
+
+    Args:
+        op: the operator J.
+        eps: the damping eps (>= 0).
     """
 
     def __init__(self, op: LinearOperator, eps: float) -> None:
@@ -87,30 +119,75 @@ class Damped:
         self.symmetric = is_symmetric(op)  # J + eps I is symmetric when J is
 
     def rmatvec(self, x: Tree) -> Tree:
+        """x^T (J + eps I).
+
+        Args:
+            x: a vector.
+
+        Returns:
+            ``x^T J + eps x``.
+        """
         return T.add(self.op.rmatvec(x), x, self.eps)
 
     def matvec(self, x: Tree) -> Tree:
+        """(J + eps I) x.
+
+        Args:
+            x: a vector.
+
+        Returns:
+            ``J x + eps x``.
+        """
         return T.add(self.op.matvec(x), x, self.eps)
 
 
 def is_symmetric(op: LinearOperator) -> bool:
-    """Whether ``op`` declares its J symmetric by construction (``op.symmetric``; unknown means no)."""
+    """Whether ``op`` declares its J symmetric by construction.
+
+    Args:
+        op: any operator.
+
+    Returns:
+        ``op.symmetric`` if it has one, else ``False`` (unknown means no).
+    """
     return bool(getattr(op, "symmetric", False))
 
 
 def damped(op: LinearOperator, eps: float) -> LinearOperator:
-    """``op`` itself for ``eps == 0``, else :class:`Damped` (J + eps I)."""
+    """The operator J + eps I.
+
+    Args:
+        op: the operator J.
+        eps: the damping, >= 0.
+
+    Returns:
+        ``op`` itself for ``eps == 0``, else :class:`Damped` ``(op, eps)``.
+
+    Raises:
+        ValueError: ``eps < 0``.
+    """
     if eps < 0:
         raise ValueError(f"damping must be >= 0, got {eps}")
     return Damped(op, eps) if eps else op
 
 
-def largest_eigenvalue(op: LinearOperator, like: Tree, iters: int = 20, seed: int = 0) -> float:
-    """Power-iteration estimate of the eigenvalue of J largest in magnitude.
+def power_iteration(op: LinearOperator, like: Tree, iters: int = 20, seed: int = 0) -> float:
+    """Power-iteration estimate of the eigenvalue of an operator largest in magnitude.
 
     Use it to choose the Neumann step: the series converges when
     ``0 < alpha * lambda < 2`` for every eigenvalue, so ``alpha <= 1 / lambda_max``
-    is safe for a positive semi-definite J (Lorraine et al. 2020, sec. 3).
+    is safe for a positive semi-definite J (Lorraine et al. 2020, sec. 3). This is the
+    operator-level routine; :func:`bilevel.largest_eigenvalue` applies it to the Jacobian of a
+    problem given by its weights, hyperparameters and training loss or update map.
+
+    Args:
+        op: the operator (products ``x^T J``); damp it first (:func:`damped`) for J + eps I.
+        like: a tree with the keys, shapes, dtypes and devices of the vectors ``op`` acts on.
+        iters: products of the iteration.
+        seed: seed of the random start vector (on the CPU, so the estimate is reproducible).
+
+    Returns:
+        The Rayleigh quotient ``x^T J x`` of the last unit iterate (0.0 if an iterate vanishes).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in like.items()}
@@ -146,6 +223,15 @@ class Neumann:
     power iteration), ``"warn"`` or ``"ignore"``. A non-finite term raises
     :class:`~bilevel.errors.NonFiniteError` unless ``"ignore"`` (populations mark
     their non-finite members themselves).
+
+    Args:
+        steps: i, the Neumann steps (>= 0; ``steps + 1`` terms).
+        alpha: the step size (> 0).
+        damping: Vicol et al. (2021)'s eps: the series of (J + eps I)^{-1}.
+        divergence: ``"raise"``, ``"warn"`` or ``"ignore"`` growing terms.
+
+    Raises:
+        ValueError: ``steps < 0`` or ``alpha <= 0``.
     """
 
     steps: int
@@ -160,6 +246,19 @@ class Neumann:
             raise ValueError(f"Neumann alpha must be > 0, got {self.alpha}")
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        """Solve ``x^T (J + eps I) = v^T`` by the truncated series (``steps + 1`` terms).
+
+        Args:
+            op: the Jacobian J, seen through products (:class:`LinearOperator`).
+            v: the right-hand side, keys and shapes of the weights.
+
+        Returns:
+            x, with the keys and shapes of ``v``.
+
+        Raises:
+            NeumannDivergenceError: the terms grow (``divergence="raise"``).
+            NonFiniteError: a non-finite term (unless ``divergence="ignore"``).
+        """
         op = damped(op, self.damping)
         keys = list(v)
         term = [v[k].clone() for k in keys]
@@ -191,7 +290,7 @@ class Neumann:
         growing = norms[-1] > 2 * norms[0] and (len(norms) < 4 or norms[-3] < norms[-2] < norms[-1])
         if not growing:
             return
-        lam = largest_eigenvalue(op, v, iters=50)  # op is already damped
+        lam = power_iteration(op, v, iters=50)  # op is already damped
         suggested = 1.0 / lam if lam > 0 else None
         msg = (
             f"Neumann series diverges: term norm grew from {norms[0]:.3g} to {norms[-1]:.3g} "
@@ -208,11 +307,17 @@ class AutoNeumann:
     """:class:`Neumann` whose step ``alpha`` is chosen by power iteration and refreshed when the series grows.
 
     The first call sets ``alpha = 1 / lambda_max(J + eps I)`` (``iters`` products of
-    :func:`largest_eigenvalue`), capped at ``max_alpha`` (``1.0`` suits an update map ``u``, which
+    :func:`power_iteration`), capped at ``max_alpha`` (``1.0`` suits an update map ``u``, which
     already carries the learning rate: Clarke et al.'s ``alpha = 1`` whenever that converges). When
     the terms start to grow (a :class:`NeumannDivergenceError` or a non-finite term, e.g. because
     the curvature rose during training) ``alpha`` is re-estimated, halved for safety, and the
     series is summed again. Its state (``alpha``) is part of a tuner's checkpoint.
+
+    Args:
+        steps: i, the Neumann steps (>= 0; ``steps + 1`` terms).
+        damping: Vicol et al. (2021)'s eps.
+        max_alpha: the cap of the chosen step (``None``: no cap).
+        iters: power-iteration products per estimate.
     """
 
     def __init__(self, steps: int, damping: float = 0.0, max_alpha: float | None = 1.0, iters: int = 20) -> None:
@@ -222,11 +327,20 @@ class AutoNeumann:
         self.refreshes = 0
 
     def _estimate(self, op: LinearOperator, v: Tree, safety: float) -> float:
-        lam = largest_eigenvalue(damped(op, self.damping), v, iters=self.iters)
+        lam = power_iteration(damped(op, self.damping), v, iters=self.iters)
         alpha = safety / lam if lam > 0 and math.isfinite(lam) else 1.0
         return min(alpha, self.max_alpha) if self.max_alpha is not None else alpha
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        """Solve ``x^T (J + eps I) = v^T`` by the Neumann series, its step chosen (and refreshed) by power iteration.
+
+        Args:
+            op: the Jacobian J, seen through products (:class:`LinearOperator`).
+            v: the right-hand side, keys and shapes of the weights.
+
+        Returns:
+            x, with the keys and shapes of ``v``.
+        """
         if self.alpha is None:
             self.alpha = self._estimate(op, v, 1.0)
         try:
@@ -237,9 +351,19 @@ class AutoNeumann:
             return Neumann(self.steps, self.alpha, self.damping, divergence="ignore")(op, v)
 
     def state_dict(self) -> dict[str, float | int | None]:
+        """The chosen step and how often it was re-estimated (plain data, for a checkpoint).
+
+        Returns:
+            ``{"alpha": float or None, "refreshes": int}``.
+        """
         return {"alpha": self.alpha, "refreshes": self.refreshes}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`'s values.
+
+        Args:
+            sd: a :meth:`state_dict`.
+        """
         self.alpha, self.refreshes = sd["alpha"], sd["refreshes"]
 
 
@@ -250,11 +374,23 @@ class Identity:
     Equal to ``Neumann(steps=0, alpha=1)`` without damping. With damping it takes
     J ~ I inside (J + eps I)^{-1}, giving (1 + eps)^{-1} v, whereas
     ``Neumann(steps=0)`` returns alpha * v whatever eps (its first term).
+
+    Args:
+        damping: eps; the answer is v / (1 + eps).
     """
 
     damping: float = 0.0
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        """Solve ``x^T (J + eps I) = v^T`` with J ~ I: ``x = v / (1 + eps)``.
+
+        Args:
+            op: the Jacobian J, seen through products (:class:`LinearOperator`).
+            v: the right-hand side, keys and shapes of the weights.
+
+        Returns:
+            x, with the keys and shapes of ``v``.
+        """
         return T.scale(v, 1.0 / (1.0 + self.damping)) if self.damping else dict(v)
 
 
@@ -273,7 +409,18 @@ class ConjugateGradient:
     (at the cost of a forward product per step and a squared condition number).
     Stops after ``steps`` iterations or when ||residual|| <= tol * ||v||. If a
     direction of non-positive curvature is met (an indefinite Hessian), it stops
-    there and warns, returning the iterate so far.
+    there and warns (``RuntimeWarning``), returning the iterate so far.
+
+    Args:
+        steps: the most iterations (each one product with J).
+        tol: stop when ||residual|| <= tol * ||v||.
+        damping: Vicol et al. (2021)'s eps: solves with J + eps I.
+        normal_equations: solve the normal equations (any invertible J) instead of requiring symmetry.
+        check_symmetry: check that J is symmetric before solving (two products).
+
+    Raises:
+        NotSymmetricError: (when called) J is not symmetric and ``normal_equations`` is off.
+        NonFiniteError: (when called) a non-finite product.
     """
 
     steps: int
@@ -283,6 +430,19 @@ class ConjugateGradient:
     check_symmetry: bool = True
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        """Solve ``x^T (J + eps I) = v^T`` by conjugate gradient.
+
+        Args:
+            op: the Jacobian J, seen through products (:class:`LinearOperator`).
+            v: the right-hand side, keys and shapes of the weights.
+
+        Returns:
+            x, with the keys and shapes of ``v``.
+
+        Raises:
+            NotSymmetricError: J is not symmetric (and ``normal_equations`` is off).
+            NonFiniteError: a non-finite product.
+        """
         op = damped(op, self.damping)
         if self.normal_equations:
             apply = lambda x: op.matvec(op.rmatvec(x))  # noqa: E731  (J + eps I)(J + eps I)^T x
@@ -389,6 +549,14 @@ class Exact:
     x = (J + eps I)^{+T} v, i.e. the min-norm response Jacobian of Vicol et al.
     (2021, App. E.2); a singular matrix is detected by LU pivots below
     ``rcond`` times the largest (default: n times the dtype's machine epsilon).
+
+    Args:
+        damping: Vicol et al. (2021)'s eps: solves with J + eps I.
+        max_size: the most weights it accepts.
+        rcond: the relative pivot size below which J + eps I counts as singular.
+
+    Raises:
+        ValueError: (when called) more than ``max_size`` weights.
     """
 
     damping: float = 0.0
@@ -398,6 +566,18 @@ class Exact:
     compile_whole: ClassVar[bool] = False
 
     def __call__(self, op: LinearOperator, v: Tree) -> Tree:
+        """Solve ``x^T (J + eps I) = v^T`` by a dense LU solve (the pseudoinverse when J + eps I is singular).
+
+        Args:
+            op: the Jacobian J, seen through products (:class:`LinearOperator`).
+            v: the right-hand side, keys and shapes of the weights.
+
+        Returns:
+            x, with the keys and shapes of ``v``.
+
+        Raises:
+            ValueError: more than ``max_size`` weights.
+        """
         n = T.numel(v)
         check_size(self, n)
         jac = dense_jacobian(damped(op, self.damping), v)  # J + eps I
@@ -415,7 +595,16 @@ class Exact:
 
 
 def dense_jacobian(op: LinearOperator, like: Tree) -> Tensor:
-    """J as a dense (n, n) matrix, row i = e_i^T J, from n vector-Jacobian products."""
+    """J as a dense matrix, from n vector-Jacobian products.
+
+    Args:
+        op: the operator J.
+        like: a tree with the keys and shapes of the weights (n numbers in all, flattened in key order,
+            :func:`bilevel.tree.flatten`).
+
+    Returns:
+        The (n, n) matrix whose row i is ``e_i^T J``.
+    """
     n = T.numel(like)
     ref = T.flatten(like)
     eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
@@ -423,6 +612,7 @@ def dense_jacobian(op: LinearOperator, like: Tree) -> Tensor:
     return torch.stack(rows)
 
 
+#: the solver names of :func:`make_solver` (and of the studies' ``--solver``)
 SOLVERS = ("neumann", "cg", "identity", "exact")
 
 
@@ -440,6 +630,20 @@ def make_solver(
     ``cg``: conjugate gradient (their Table 1 comparison); ``identity``: the T1-T2
     approximation (Luketina et al. 2016); ``exact``: a dense solve (``max_size`` weights at most,
     default :class:`Exact`'s). ``damping`` is Vicol et al. (2021)'s eps for every one.
+
+    Args:
+        name: one of :data:`SOLVERS`.
+        steps: Neumann steps / CG iterations (ignored by ``identity`` and ``exact``).
+        alpha: the Neumann step size (``None``: 1).
+        damping: eps.
+        divergence: the Neumann series' policy for growing terms.
+        max_size: the exact solver's weight limit (``None``: its default).
+
+    Returns:
+        The solver.
+
+    Raises:
+        ValueError: an unknown name or ``steps < 0``.
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
@@ -455,7 +659,15 @@ def make_solver(
 
 
 def check_size(solver: Solver, n_weights: int) -> None:
-    """Raise before any training when ``solver`` cannot handle ``n_weights`` (an :class:`Exact` above its size)."""
+    """Refuse, before any training, a solver that cannot handle the model.
+
+    Args:
+        solver: the solver.
+        n_weights: the number of weights it will solve for.
+
+    Raises:
+        ValueError: ``solver`` is an :class:`Exact` and ``n_weights`` exceeds its ``max_size``.
+    """
     if isinstance(solver, Exact) and n_weights > solver.max_size:
         raise ValueError(
             f"the exact solver refuses {n_weights} weights (max_size={solver.max_size}): "

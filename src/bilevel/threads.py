@@ -29,7 +29,11 @@ ThreadSpec = int | Literal["auto"]
 
 
 def cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    """CPU cores this process may run on.
+
+    Returns:
+        The size of its affinity mask where the OS has one, else ``os.cpu_count()`` (at least 1).
+    """
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -49,11 +53,18 @@ def _proc_stat_busy() -> tuple[float, float] | None:
 
 
 def busy_elsewhere(sample: float = 0.15) -> float:
-    """Cores kept busy by *other* processes over the next ``sample`` seconds, in cores (0.0 where unknown).
+    """Cores kept busy by *other* processes over the next ``sample`` seconds (0.0 where unknown).
 
-    (busy jiffies of the machine - this process's CPU time) over the window. The window is spent
-    computing, not sleeping: two runs that start together measure at the same moment, and each must
-    see the other busy (a sleeping twin would look like an idle machine)."""
+    (busy jiffies of the machine - this process's CPU time) over the window, from ``/proc/stat``. The window
+    is spent computing, not sleeping: two runs that start together measure at the same moment, and each must
+    see the other busy (a sleeping twin would look like an idle machine).
+
+    Args:
+        sample: the length of the measurement, in seconds.
+
+    Returns:
+        The average number of cores busy with other processes, >= 0.
+    """
     first, own0, t0 = _proc_stat_busy(), time.process_time(), time.monotonic()
     if first is None:
         return 0.0
@@ -71,15 +82,31 @@ def busy_elsewhere(sample: float = 0.15) -> float:
 def auto_threads(*, limit: int = 4, n_cores: int | None = None, busy: float | None = None) -> int:
     """The ``"auto"`` policy: the cores other processes leave idle, in [1, ``limit``].
 
-    ``n_cores`` and ``busy`` default to :func:`cores` and :func:`busy_elsewhere` (pass them to
-    decide without measuring)."""
+    Args:
+        limit: the most threads (small CPU problems gain nothing beyond a few).
+        n_cores: the cores available (default: :func:`cores`; tests pass it to decide without measuring).
+        busy: the cores busy elsewhere (default: :func:`busy_elsewhere`, measured now).
+
+    Returns:
+        ``clamp(round(n_cores - busy), 1, limit)``.
+    """
     n = cores() if n_cores is None else n_cores
     others = busy_elsewhere() if busy is None else busy
     return max(1, min(limit, n - round(others)))
 
 
 def resolve_threads(spec: ThreadSpec | None) -> int:
-    """A number of threads from ``spec``: a positive int as it is, ``"auto"`` (or ``None``) by :func:`auto_threads`."""
+    """A number of threads from a ``--threads`` value.
+
+    Args:
+        spec: a positive int (used as it is), or ``"auto"`` / ``None`` (:func:`auto_threads`).
+
+    Returns:
+        The number of threads, >= 1.
+
+    Raises:
+        ValueError: anything else (zero, a negative number, another string).
+    """
     if spec is None or spec == "auto":
         return auto_threads()
     if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
@@ -88,7 +115,14 @@ def resolve_threads(spec: ThreadSpec | None) -> int:
 
 
 def set_threads(spec: ThreadSpec | None = "auto") -> int:
-    """``torch.set_num_threads(resolve_threads(spec))``; returns the number set."""
+    """Set torch's intra-op threads from a ``--threads`` value.
+
+    Args:
+        spec: as :func:`resolve_threads`.
+
+    Returns:
+        The number of threads set (``torch.set_num_threads``).
+    """
     n = resolve_threads(spec)
     torch.set_num_threads(n)
     return n

@@ -45,17 +45,18 @@ the same one (:class:`SharedGradient`: full-batch training, update-form tuning),
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from . import _tree as _T
 from . import population as pop
+from . import tree as _T
 from .callbacks import default_callbacks
 from .errors import NonFiniteError
 from .hparams import HyperParameterSpace
@@ -94,11 +95,20 @@ class TunerConfig:
     # dL_T/dw = 0 with J the Hessian of training loss + penalty (Lorraine et al. 2020 Alg. 2-3), whatever
     # rule steps the weights (e.g. Adam); "loss" needs every tuned hyperparameter to be loss-form
     implicit: Literal["update", "loss"] = "update"
-    on_divergence: Literal["record", "raise"] = "record"
-    # reuse a hyperparameter step's training gradient in the next weight step when it is provably the same
-    # (same weights, the same batch tensors, a loss that neither depends on the tuned hyperparameters nor
-    # draws random numbers: full-batch update-form tuning, Clarke et al.'s UCI protocol): SharedGradient
-    share_gradient: bool = True
+    # "record": diverged members are recorded (``History.events``) and frozen at their initial weights;
+    # "raise": the first non-finite value raises NonFiniteError naming it, with the weights, optimiser state and
+    # hyperparameters left at their last finite values; "rollback": a member whose weight step goes non-finite
+    # is put back to its state before that step and its learning rate is multiplied by ``rollback_factor``
+    # (a non-finite hypergradient: the hyperparameter step is skipped and that member's hyperparameter steps
+    # are scaled by ``rollback_factor``), recorded in ``History.events``; after ``max_rollbacks`` a member is
+    # recorded and frozen as in "record" (one model: raises)
+    on_divergence: Literal["record", "raise", "rollback"] = "record"
+    rollback_factor: float = 0.5
+    max_rollbacks: int = 30
+    # opt-in speed-up: reuse a hyperparameter step's training gradient in the next weight step when the checks
+    # of SharedGradient pass (exact only when the training loss is a pure function of the weights and the
+    # batch tensors: see SharedGradient for the conditions the checks cannot see)
+    share_gradient: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -106,8 +116,12 @@ class TunerConfig:
             raise ValueError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
         if self.implicit not in ("update", "loss"):
             raise ValueError(f"implicit must be 'update' or 'loss', got {self.implicit!r}")
-        if self.on_divergence not in ("record", "raise"):
-            raise ValueError(f"on_divergence must be 'record' or 'raise', got {self.on_divergence!r}")
+        if self.on_divergence not in ("record", "raise", "rollback"):
+            raise ValueError(f"on_divergence must be 'record', 'raise' or 'rollback', got {self.on_divergence!r}")
+        if not 0 < self.rollback_factor < 1:
+            raise ValueError(f"rollback_factor must lie in (0, 1), got {self.rollback_factor}")
+        if int(self.max_rollbacks) < 1:
+            raise ValueError(f"max_rollbacks must be >= 1, got {self.max_rollbacks}")
         for name in ("interval", "record_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -125,7 +139,14 @@ class TunerConfig:
 
 @dataclass
 class History:
-    """Trajectories, one list per member; ``diverged_at[i]`` is the step member i went non-finite."""
+    """Trajectories, one list per member; ``diverged_at[i]`` is the step member i went non-finite.
+
+    ``events`` lists every divergence the loop handled, in order, as plain dicts
+    ``{"step": t, "member": i, "what": "training loss" | "weights" | "data" | "hypergradient" | ...,
+    "action": "frozen" | "rollback"}`` (a rollback also gives ``"factor"``, the learning rate's or the
+    hyperparameter step's new multiplier). :meth:`as_dict` / :meth:`from_dict` convert to and from plain
+    containers (a checkpoint that loads with ``torch.load(..., weights_only=True)``).
+    """
 
     step: list[int] = field(default_factory=list)
     train_loss: list[list[float | None]] = field(default_factory=list)
@@ -134,6 +155,18 @@ class History:
     hparams: dict[str, list[list[float | None]]] = field(default_factory=dict)
     diverged_at: list[int | None] = field(default_factory=list)
     seconds: float = 0.0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The history as plain lists, dicts, numbers and strings (a deep copy)."""
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | History) -> History:
+        """Inverse of :meth:`as_dict` (a :class:`History` is copied as it is, for old checkpoints)."""
+        if isinstance(d, History):
+            return copy.deepcopy(d)
+        return cls(**copy.deepcopy(dict(d)))
 
 
 def clip_grad_norm(grads: Sequence[Tensor], max_norm: float | None, population: int | None = None) -> list[Tensor]:
@@ -171,8 +204,24 @@ class SharedGradient:
       hyperparameters that were not tuned are unchanged.
 
     Then the weight step reuses ``g`` and its losses: one training gradient fewer every T steps (of about
-    ``T + 2 i + 1`` gradient-equivalents per T steps in Clarke et al.'s full-batch UCI protocol), with the
-    same result bit for bit. Anything else and the weight step computes its gradient as usual.
+    ``T + 2 i + 1`` gradient-equivalents per T steps in Clarke et al.'s full-batch UCI protocol). Anything
+    else and the weight step computes its gradient as usual.
+
+    **Opt-in** (``TunerConfig(share_gradient=True)``, ``bilevel.Tuner(share_gradient=True)``), because the
+    checks above cannot see everything that makes two evaluations of the training loss differ. The result
+    is the same bit for bit only when, in addition:
+
+    * the loss is a pure function of the weights and the batch tensors: it draws no random numbers from a
+      generator of its own (a module's ``torch.Generator``, numpy's or Python's RNG; torch's global RNG is
+      checked), reads no state that changes between calls (closure counters, a module that counts its
+      calls, buffers such as BatchNorm's running statistics updated by the forward pass);
+    * nothing edits the weights behind autograd's back (``.data`` writes in a projection callback);
+    * the gradient with ``create_graph=True`` equals the one without it to the last bit: true for the
+      element-wise and matrix-multiply networks of the studies, not guaranteed for fused kernels (an LSTM's
+      full-batch float32 gradient differs in the last bits).
+
+    Batch tensors are compared by identity, version counter *and* value (a copy is kept), so a batch
+    refilled in place (``.data.copy_``, a numpy staging buffer) is recomputed.
     """
 
     t: int
@@ -181,6 +230,7 @@ class SharedGradient:
     fixed: list[Tensor]
     batch: list[Any]  # the context's leaves (kept alive, so that identity means the same tensor)
     batch_versions: tuple[int, ...]
+    batch_values: list[Tensor]  # copies: a batch refilled in place without a version bump is caught by value
     grads: list[Tensor]
     losses: Tensor
 
@@ -218,6 +268,7 @@ class SharedGradient:
             fixed=fixed,
             batch=leaves,
             batch_versions=tuple(x._version for x in leaves),
+            batch_values=[x.detach().clone() for x in leaves],
             grads=[g.detach() for g in grads],
             losses=losses.detach(),
         )
@@ -242,9 +293,34 @@ class SharedGradient:
             and len(leaves) == len(self.batch)
             and all(a is b for a, b in zip(leaves, self.batch))
             and tuple(x._version for x in leaves) == self.batch_versions
+            and all(torch.equal(a, b) for a, b in zip(leaves, self.batch_values))
             and _versions(tuner.params, self.fixed) == self.versions
         )
         return (self.grads, self.losses) if same else None
+
+
+def scale_lr(rule: Any, factor: float) -> Any:
+    """``rule`` with its learning rate(s) multiplied by ``factor`` (a torch.optim optimiser: every group's, in place).
+
+    Used by ``on_divergence="rollback"`` when the learning rate is not in the hyperparameter space. Raises
+    ``ValueError`` for a rule without a learning rate it can reach."""
+    optimizer = getattr(rule, "optimizer", None)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * factor
+        return rule
+    inner = getattr(rule, "rule", None)  # a wrapper holding fixed per-parameter values (updates.WithDefaults)
+    values = getattr(rule, "values", None)
+    if inner is not None and isinstance(values, Mapping):
+        lr = values.get("lr")
+        scaled = {**values, "lr": {k: v * factor for k, v in lr.items()}} if isinstance(lr, Mapping) else values
+        return replace(rule, rule=scale_lr(inner, factor), values=scaled)
+    if is_dataclass(rule) and hasattr(rule, "lr"):
+        return replace(rule, lr=rule.lr * factor)  # type: ignore[type-var]
+    raise ValueError(
+        f"on_divergence='rollback' cannot shrink the learning rate of {type(rule).__name__}: put 'lr' in the "
+        "hyperparameter space (tuned or not)"
+    )
 
 
 def _versions(params: Tree, fixed: list[Tensor]) -> tuple[int, ...]:
@@ -369,6 +445,11 @@ class OnlineTuner:
         self.last_losses: Tensor | None = None  # training losses of the last weight step (for callbacks)
         self.solver = cfg.solver if cfg.solver is not None else Neumann(cfg.lookback, alpha=1.0, divergence="ignore")
         self._shared: SharedGradient | None = None  # the last hyperparameter step's gradient, for the next step
+        self.rolled_back: Tensor | None = None  # (P,) members whose last weight step was rolled back, else None
+        self._rollbacks = [0] * self.P  # rollbacks per member (on_divergence="rollback")
+        # per-member multiplier of the hyperparameter step (rollback shrinks it after a non-finite hypergradient)
+        self._hyper_scale = torch.ones(self.P, dtype=torch.float64)
+        self._good: tuple[Tree, Any] = (self.params, self.state)  # rollback's target: see weight_step
 
     # ------------------------------------------------------------------ the update map u(lambda, w)
 
@@ -427,21 +508,143 @@ class OnlineTuner:
     def weight_step(self, batch: Any) -> Tensor:
         """One step ``w <- w - u(lambda, w; batch)`` with the current hyperparameters; returns the training losses.
 
-        Right after a hyperparameter step the gradient may be that step's (:class:`SharedGradient`)."""
+        Right after a hyperparameter step the gradient may be that step's (:class:`SharedGradient`, opt-in).
+        A member whose loss or step is non-finite is handled by ``on_divergence`` (see :class:`TunerConfig`):
+        ``"raise"`` keeps the weights and optimiser state from before the step; ``"rollback"`` puts the member
+        back to its last good state (the last weights at which its training loss was finite, with their
+        optimiser state)."""
         w = {k: v.detach().requires_grad_() for k, v in self.params.items()}
         raw = {k: v.detach() for k, v in self.raw.items()}
         shared, self._shared = self._shared, None
+        guarded = self.cfg.on_divergence != "record"
+        self.rolled_back = None
+        refused = None
         with torch.enable_grad():
             reused = shared.take(self, batch) if shared is not None else None
             grads, losses = reused if reused is not None else self._gradient(w, raw, batch, create_graph=False)
-            u, state = self._apply_rule(w, grads, raw, self.state)
+            losses = losses.detach()
+            if guarded and not getattr(self.rule, "differentiable", True):
+                # a torch.optim optimiser updates its own state in place: never step it on a non-finite gradient
+                refused = self._nonfinite(losses, dict(zip(w, grads)))
+            if refused is not None and bool(refused.any()):
+                new, state = dict(self.params), self.state
+            else:
+                refused = None
+                u, state = self._apply_rule(w, grads, raw, self.state)
+                stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
+                new = dict(stepped) if stepped is not None else {k: (w[k] - u[k]).detach() for k in w}
+        if guarded:
+            ok = torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
+            bad = self._nonfinite(losses, new) if refused is None else refused
+            if self.cfg.on_divergence == "rollback":  # the last weights whose training loss was finite
+                gp, gs = self._good
+                self._good = (
+                    {k: torch.where(self._per_member(ok, v), v, gp[k]) for k, v in self.params.items()},
+                    self._where_state(ok, self.state, gs),
+                )
+            if bool(bad.any()):
+                cause = self._cause(batch, losses, "weights" if refused is None else "training gradient")
+                if self.cfg.on_divergence == "raise":
+                    self._raise(cause)
+                gp, gs = self._good
+                new = {k: torch.where(self._per_member(bad, v), gp[k], v) for k, v in new.items()}
+                state = self._where_state(bad, gs, state)
+                self._rollback(bad, cause)
         if self.cfg.mode == "unroll":
             self._window = (self._window + [(_T.detach(self.params), self.state, batch)])[-self.cfg.lookback :]
-        stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
-        self.params = dict(stepped) if stepped is not None else {k: (w[k] - u[k]).detach() for k in w}
+        self.params = new
         self.state = detach_state(state)
-        self._mark_diverged(losses.detach(), "training loss")
-        return losses.detach()
+        if not guarded:
+            self._mark_diverged(losses, "training loss or weights")
+        return losses
+
+    # ------------------------------------------------------------------ divergence
+
+    def _nonfinite(self, losses: Tensor, tree: Mapping[str, Tensor]) -> Tensor:
+        """Shape (P,): whether a member's losses or any of its tensors in ``tree`` hold NaN or inf."""
+        bad = ~torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
+        for v in tree.values():
+            bad |= ~torch.isfinite(v.reshape(self.P, -1)).all(dim=1)
+        return bad
+
+    @staticmethod
+    def _cause(batch: Any, losses: Tensor, otherwise: str, which: str = "training") -> str:
+        """What became non-finite first: the data, the loss, or ``otherwise`` (weights, gradient, ...)."""
+        for x in torch.utils._pytree.tree_leaves(batch):
+            if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                return f"data (the {which} batch holds NaN or inf)"
+        if not bool(torch.isfinite(losses).all()):
+            return f"{which} loss"
+        return otherwise
+
+    def _raise(self, cause: str) -> None:
+        """Raise :class:`NonFiniteError` for a weight step that was not taken, naming ``cause`` and the step."""
+        advice = (
+            "a training batch holds NaN or inf: check the data pipeline"
+            if cause.startswith("data")
+            else "the training loss is non-finite at finite weights and data: check the loss (log of 0, division "
+            "by 0) or lower the learning rate"
+            if cause == "training loss"
+            else "the weight step overflowed: try a smaller learning rate"
+        )
+        raise NonFiniteError(
+            f"{cause} at weight step {self.t + 1}",
+            advice + "; the weights, optimiser state and hyperparameters are those before this step",
+            step=self.t + 1,
+        )
+
+    def _where_state(self, bad: Tensor, old: Any, new: Any) -> Any:
+        """The optimiser state with ``old`` for the members in ``bad`` and ``new`` for the others."""
+        if isinstance(new, Tensor) and isinstance(old, Tensor):
+            if not self.stacked:
+                return old if bool(bad.reshape(())) else new
+            if new.dim() == 0 or new.shape[0] != self.P:
+                return new
+            return torch.where(pop.per_member(bad, new), old, new)
+        if isinstance(new, Mapping) and isinstance(old, Mapping):
+            return {k: self._where_state(bad, old[k], v) if k in old else v for k, v in new.items()}
+        return new
+
+    def _event(self, member: int, what: str, action: str, **extra: Any) -> None:
+        self._history.events.append({"step": self.t, "member": member, "what": what, "action": action, **extra})
+
+    def _rollback(self, bad: Tensor, cause: str) -> None:
+        """Members in ``bad`` keep their last finite state (done by the caller); shrink the step that caused it.
+
+        A weight-step divergence multiplies the member's learning rate by ``rollback_factor`` (unless the data
+        were non-finite: then the batch is only skipped); after ``max_rollbacks`` the member is frozen."""
+        self.rolled_back = bad
+        members = torch.nonzero(bad).flatten().tolist()
+        data = cause.startswith("data")
+        for i in members:
+            self._rollbacks[i] += 1
+        if not data:
+            self._shrink_lr(bad, self.cfg.rollback_factor)
+        for i in members:
+            factor = None if data else self.cfg.rollback_factor ** self._lr_shrinks(i)
+            self._event(i, cause, "rollback", lr_factor=factor)
+        spent = [i for i in members if self._rollbacks[i] > self.cfg.max_rollbacks]
+        if spent:
+            if not self.stacked:
+                raise NonFiniteError(
+                    f"{cause} at weight step {self.t + 1}",
+                    f"still non-finite after {self.cfg.max_rollbacks} rollbacks; "
+                    "the weights and optimiser state are those before this step",
+                    step=self.t + 1,
+                )
+            dead = torch.zeros_like(bad)
+            dead[spent] = True
+            self._mark(dead, f"{cause} (after {self.cfg.max_rollbacks} rollbacks)")
+
+    def _lr_shrinks(self, member: int) -> int:
+        return sum(1 for e in self._history.events if e["member"] == member and e.get("lr_factor") is not None) + 1
+
+    def _shrink_lr(self, bad: Tensor, factor: float) -> None:
+        """Multiply the learning rate of the members in ``bad`` by ``factor`` (the others' stays bit for bit)."""
+        if self.space is not None and "lr" in self.space:
+            self.rescale("lr", torch.where(bad.cpu(), factor, 1.0).to(torch.float64))
+            return
+        self.rule = scale_lr(self.rule, factor)
 
     # ------------------------------------------------------------------ hypergradients
 
@@ -482,10 +685,26 @@ class OnlineTuner:
         return hypergradient(outer, self.params, tuned, update=update, solver=self.solver, check=check)
 
     def hyper_step(self, train_batch: Any, val_batch: Any) -> Tree | None:
-        """One hyperparameter step along :meth:`hypergradient` (``None`` when nothing is tuned)."""
+        """One hyperparameter step along :meth:`hypergradient` (``None`` when nothing is tuned).
+
+        With ``on_divergence="raise"`` a non-finite quantity raises :class:`NonFiniteError` naming it (the
+        validation data, the validation loss, a product, the hypergradient) and the weight step it followed,
+        before anything is changed."""
         if self.hyper_opt is None:
             return None
-        hg = self.hypergradient(train_batch, val_batch)
+        try:
+            hg = self.hypergradient(train_batch, val_batch)
+        except NonFiniteError as e:
+            where = f"at the hyperparameter step after weight step {self.t}"
+            cause = self._cause(val_batch, torch.zeros(()), e.quantity, which="validation")
+            if cause == e.quantity:
+                cause = self._cause(train_batch, torch.zeros(()), e.quantity)
+            raise NonFiniteError(
+                f"{cause} {where}",
+                "try a smaller hyper_lr, or a solver with fewer steps or damping; the weights and "
+                "hyperparameters are those before this step",
+                step=self.t,
+            ) from e
         self.apply_hypergradient(hg)
         return hg
 
@@ -504,13 +723,38 @@ class OnlineTuner:
         self.apply_hypergradient(hg)
 
     def apply_hypergradient(self, hg: Mapping[str, Tensor]) -> None:
-        """One step of the hyperparameter optimiser along ``hg`` (non-finite members are marked diverged)."""
+        """One step of the hyperparameter optimiser along ``hg``.
+
+        Members with a non-finite hypergradient are marked diverged, or (``on_divergence="rollback"``) skip
+        this step and have their later hyperparameter steps scaled by ``rollback_factor`` (the raw change
+        ``lambda_new - lambda_old`` is multiplied by the member's scale: for Adam or SGD, the same as a
+        smaller hyper learning rate)."""
+        rollback = self.cfg.on_divergence == "rollback"
+        skip = torch.zeros(self.P, dtype=torch.bool, device=self.device)
+        for g in hg.values():
+            skip |= ~torch.isfinite(g).reshape(self.P, -1).all(dim=1)
+        if rollback:
+            if bool(skip.any()):
+                members = torch.nonzero(skip).flatten().tolist()
+                self._hyper_scale[members] *= self.cfg.rollback_factor
+                for i in members:
+                    self._event(i, "hypergradient", "rollback", hyper_factor=float(self._hyper_scale[i]))
+        else:
+            self._mark(skip, "hypergradient")
+        go = self.alive & ~skip
         for k, g in hg.items():
-            bad = ~torch.isfinite(g).reshape(self.P, -1).all(dim=1)
-            self._mark(bad, "hypergradient")
-            self.raw[k].grad = torch.where(self._per_member(self.alive, g), g, torch.zeros_like(g))
+            self.raw[k].grad = torch.where(self._per_member(go, g), g, torch.zeros_like(g))
+        scaled = rollback and bool((self._hyper_scale != 1).any())
+        before = {k: self.raw[k].detach().clone() for k in hg} if scaled else {}
         self.hyper_opt.step()  # type: ignore[union-attr]
         self.hyper_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        if scaled:
+            s = self._hyper_scale.to(self.device)
+            with torch.no_grad():
+                for k, old in before.items():
+                    r = self.raw[k]
+                    sm = self._per_member(s, r).to(r.dtype)
+                    r.copy_(torch.where(sm == 1, r, old + sm * (r - old)))
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -528,6 +772,7 @@ class OnlineTuner:
             for i, t in enumerate(self._diverged_t.tolist()):
                 if t >= 0 and h.diverged_at[i] is None:
                     h.diverged_at[i] = t
+                    h.events.append({"step": t, "member": i, "what": "non-finite value", "action": "frozen"})
         return h
 
     @history.setter
@@ -551,6 +796,7 @@ class OnlineTuner:
                 )
             for i in torch.nonzero(new).flatten().tolist():
                 self._history.diverged_at[i] = self.t
+                self._event(i, what, "frozen")
         else:
             self._diverged_t = torch.where(new, torch.full_like(self._diverged_t, self.t), self._diverged_t)
         self.alive = self.alive & ~new
@@ -579,6 +825,7 @@ class OnlineTuner:
     def _cold_restart(self, batches: Callable[[], Any]) -> None:
         self.params = {k: v.clone() for k, v in self.initial_params.items()}
         self.state = self.rule.init_state(self.params)
+        self._good = (self.params, self.state)
         for _ in range(self.cfg.cold_steps):
             self.weight_step(batches())
 
@@ -689,8 +936,9 @@ class OnlineTuner:
         with torch.no_grad():
             for k in [k for k in self.raw if k.split("/", 1)[0] == name]:
                 r = self.raw[k]
-                nat = h.transform.forward(r.double()) * self._per_member(f.to(r.device), r)
-                self.raw[k].copy_(h.to_raw(nat).to(r.dtype))
+                fm = self._per_member(f.to(r.device), r)
+                nat = h.transform.forward(r.double()) * fm
+                self.raw[k].copy_(torch.where(fm == 1, r, h.to_raw(nat).to(r.dtype)))  # factor 1: bit for bit
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -704,7 +952,9 @@ class OnlineTuner:
             "state": self.state,
             "alive": self.alive,
             "t": self.t,
-            "history": self.history,
+            "history": self.history.as_dict(),
+            "rollbacks": list(self._rollbacks),
+            "hyper_scale": self._hyper_scale.clone(),
             "window": self._window,
             "prev": self._prev,
             "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt else None,
@@ -719,7 +969,10 @@ class OnlineTuner:
         with torch.no_grad():
             for k, v in sd["raw"].items():
                 self.raw[k].copy_(v)
-        self.alive, self.t, self.history = sd["alive"], sd["t"], sd["history"]
+        self.alive, self.t, self.history = sd["alive"], sd["t"], History.from_dict(sd["history"])
+        self._rollbacks = list(sd.get("rollbacks", [0] * self.P))
+        self._hyper_scale = sd.get("hyper_scale", torch.ones(self.P, dtype=torch.float64)).clone()
+        self._good = (self.params, self.state)
         at = [-1 if d is None else d for d in self._history.diverged_at]
         self._diverged_t = torch.tensor(at, dtype=torch.long, device=self.device)
         self._window, self._prev = list(sd.get("window", [])), sd.get("prev")

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _tree as T
+from . import tree as T
 from .errors import check_finite
-from .hypergradient import Loss, _validate
+from .hypergradient import Loss, check_inputs
 
 __all__ = ["Tree", "StatefulUpdate", "unrolled_hypergradient", "replay_hypergradient"]
 
@@ -65,9 +65,15 @@ def unrolled_hypergradient(
         check: raise :class:`NonFiniteError` on a non-finite loss or result
             (``False`` for populations that mark non-finite members themselves).
 
-    Returns the hypergradient with the keys and shapes of ``hparams`` (detached).
+    Returns:
+        The hypergradient dL_V(w_K)/dlambda with the keys and shapes of ``hparams`` (detached).
+
+    Raises:
+        ValueError: not exactly one of ``inner``/``update``, ``inner`` without ``lr``, or a ``truncate``
+            outside ``0 .. steps``.
+        NonFiniteError: (with ``check``) a non-finite loss or hypergradient.
     """
-    _validate(params, hparams)
+    check_inputs(params, hparams)
     if (inner is None) == (update is None):
         raise ValueError("pass exactly one of inner= (with lr=) or update=")
     if inner is not None and lr is None:
@@ -129,6 +135,21 @@ def replay_hypergradient(
     differentiated w.r.t. ``tuned`` (the untuned raw hyperparameters ``fixed`` are
     constants): Clarke et al.'s Diff-through-Opt over the look-back window, with the
     optimiser state differentiated through as well.
+
+    Args:
+        outer: the validation loss ``outer(params, tuned)``.
+        step_map: ``step_map(params, raw, ctx, state, create_graph) -> (u, new_state, loss)``, one weight
+            step ``w <- w - u`` of the loop.
+        window: the recorded ``(w_k, state_k, ctx_k)`` of the last L steps, oldest first.
+        tuned: the raw hyperparameters to differentiate with respect to.
+        fixed: the other raw hyperparameters (constants).
+        check: raise :class:`~bilevel.errors.NonFiniteError` on a non-finite loss or result.
+
+    Returns:
+        The hypergradient with the keys and shapes of ``tuned`` (detached).
+
+    Raises:
+        ValueError: an empty ``window``.
     """
     if not window:
         raise ValueError("replay_hypergradient needs at least one recorded weight step")

@@ -43,6 +43,15 @@ given to ``__call__`` override them by name, and each value may be
   or a tensor of the parameter's shape (one value per weight: Clarke et al.'s
   "HDLR" high-dimensional learning rates, Section 4).
 
+``torch.optim`` parameter groups and state
+------------------------------------------
+:func:`twin` turns a ``torch.optim`` optimiser with parameter groups (e.g. a backbone and a head
+learning rate, no decay on biases) into its twin: the hyperparameters that differ across groups become
+per-parameter mappings, which :class:`WithDefaults` applies wherever the caller does not tune them.
+:func:`state_from_torch` and :func:`state_to_torch` carry the optimiser's momentum buffers, moments and
+step counts into the twin's state and back, so that a plain ``torch.optim`` loop continues where the
+twin stopped (and vice versa), step for step.
+
 Structural options (``nesterov``, ``centered``) are Python booleans, not
 hyperparameters. Whether a momentum buffer is used is also decided
 structurally: it is used when the field ``momentum`` is non-zero *or* when
@@ -75,6 +84,11 @@ __all__ = [
     "detach_state",
     "TorchOptimizer",
     "from_torch",
+    "WithDefaults",
+    "TorchTwin",
+    "twin",
+    "state_from_torch",
+    "state_to_torch",
 ]
 
 State = dict[str, Any]
@@ -210,7 +224,10 @@ class UpdateRule(Protocol):
     ``hyperparameters`` lists the names ``__call__`` accepts in ``hparams``.
     """
 
-    hyperparameters: ClassVar[tuple[str, ...]]
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        """The names ``__call__`` accepts in ``hparams`` (a class variable of the rules)."""
+        ...
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
         """Fresh optimiser state for ``params`` (step counter 0, zero buffers)."""
@@ -644,30 +661,550 @@ class TorchOptimizer:
         self.optimizer.load_state_dict(sd)
 
 
-def from_torch(optimizer: torch.optim.Optimizer) -> SGD | Adam | AdamW | RMSprop:
-    """The differentiable twin of a ``torch.optim`` SGD / Adam / AdamW / RMSprop, with its hyperparameters.
+TwinRule = SGD | Adam | AdamW | RMSprop
+"""The differentiable twins of ``torch.optim``'s SGD, Adam, AdamW and RMSprop."""
 
-    Raises ``ValueError`` for other optimisers, for options the twin lacks (``maximize``) and for
-    parameter groups with different hyperparameters.
-    """
-    kinds: dict[type, tuple[type, tuple[str, ...]]] = {
-        torch.optim.SGD: (SGD, ("lr", "momentum", "dampening", "weight_decay", "nesterov")),
-        torch.optim.AdamW: (AdamW, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-        torch.optim.Adam: (Adam, ("lr", "betas", "eps", "weight_decay", "amsgrad")),
-        torch.optim.RMSprop: (RMSprop, ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")),
-    }
-    if type(optimizer) not in kinds:
+_TORCH_KINDS: dict[type, str] = {
+    torch.optim.SGD: "SGD",
+    torch.optim.Adam: "Adam",
+    torch.optim.AdamW: "AdamW",
+    torch.optim.RMSprop: "RMSprop",
+}
+
+
+def _torch_kind(optimizer: torch.optim.Optimizer) -> str:
+    kind = _TORCH_KINDS.get(type(optimizer))
+    if kind is None:
         raise ValueError(
             f"cannot tune the hyperparameters of torch.optim.{type(optimizer).__name__}: its "
             "differentiable twin exists for SGD, Adam, AdamW and RMSprop (or pass bilevel.optim.SGD(...))"
         )
-    cls, fields = kinds[type(optimizer)]
+    return kind
+
+
+def _float(v: Any) -> float:
+    return float(v.detach()) if isinstance(v, Tensor) else float(v)
+
+
+def _group_hparams(kind: str, group: Mapping[str, Any]) -> dict[str, float]:
+    """One parameter group's hyperparameters in the twin's names (``betas`` -> ``beta1, beta2``), as floats."""
+    if kind == "SGD":
+        names: tuple[str, ...] = ("lr", "momentum", "dampening", "weight_decay")
+    elif kind == "RMSprop":
+        names = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    else:
+        b1, b2 = group["betas"]
+        return {
+            "lr": _float(group["lr"]),
+            "beta1": _float(b1),
+            "beta2": _float(b2),
+            "eps": _float(group["eps"]),
+            "weight_decay": _float(group["weight_decay"]),
+        }
+    return {h: _float(group[h]) for h in names}
+
+
+def _group_structure(kind: str, group: Mapping[str, Any]) -> dict[str, bool]:
+    """One parameter group's structural options (those the twin fixes at construction)."""
+    if kind == "SGD":
+        return {"nesterov": bool(group["nesterov"])}
+    if kind == "RMSprop":
+        return {"centered": bool(group["centered"])}
+    return {
+        "amsgrad": bool(group["amsgrad"]),
+        "decoupled_weight_decay": kind == "AdamW" or bool(group.get("decoupled_weight_decay", False)),
+    }
+
+
+def _structure(optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, bool]]:
+    """``(kind, structural options)`` of ``optimizer``; refuses ``maximize`` and groups differing structurally."""
+    kind = _torch_kind(optimizer)
     groups = optimizer.param_groups
-    values = {f: groups[0][f] for f in fields}
-    differ = [f for f in fields if any(g[f] != values[f] for g in groups[1:])]
+    for i, g in enumerate(groups):
+        if g.get("maximize"):
+            raise ValueError(
+                f"maximize=True (parameter group {i}) is not supported by the differentiable twin; "
+                "minimise the negated objective instead"
+            )
+    structs = [_group_structure(kind, g) for g in groups]
+    for opt in structs[0]:
+        vals = [st[opt] for st in structs]
+        if len(set(vals)) > 1:
+            raise ValueError(
+                f"the {type(optimizer).__name__} optimiser's parameter groups differ in the structural option "
+                f"{opt!r} ({vals} by group): the differentiable twin needs one value for all groups"
+            )
+    return kind, structs[0]
+
+
+def _make_rule(kind: str, struct: Mapping[str, bool], f: Mapping[str, float]) -> TwinRule:
+    if kind == "SGD":
+        return SGD(
+            lr=f["lr"],
+            momentum=f["momentum"],
+            dampening=f["dampening"],
+            weight_decay=f["weight_decay"],
+            nesterov=struct["nesterov"],
+        )
+    if kind == "RMSprop":
+        return RMSprop(
+            lr=f["lr"],
+            alpha=f["alpha"],
+            eps=f["eps"],
+            weight_decay=f["weight_decay"],
+            momentum=f["momentum"],
+            centered=struct["centered"],
+        )
+    cls = AdamW if struct["decoupled_weight_decay"] else Adam
+    return cls(
+        lr=f["lr"],
+        beta1=f["beta1"],
+        beta2=f["beta2"],
+        eps=f["eps"],
+        weight_decay=f["weight_decay"],
+        amsgrad=struct["amsgrad"],
+    )
+
+
+def from_torch(optimizer: torch.optim.Optimizer) -> SGD | Adam | AdamW | RMSprop:
+    """The differentiable twin of a ``torch.optim`` SGD / Adam / AdamW / RMSprop, with its hyperparameters.
+
+    ``torch.optim.Adam(..., decoupled_weight_decay=True)`` gives :class:`AdamW`. For parameter groups
+    with different hyperparameters, and to carry the optimiser's state, use :func:`twin`.
+
+    Args:
+        optimizer: the ``torch.optim`` optimiser; all its parameter groups must share every hyperparameter.
+
+    Returns:
+        The rule whose fields are the optimiser's hyperparameters.
+
+    Raises:
+        ValueError: for other optimisers, for options the twin lacks (``maximize``) and for parameter
+            groups with different hyperparameters.
+    """
+    kind, struct = _structure(optimizer)
+    per_group = [_group_hparams(kind, g) for g in optimizer.param_groups]
+    differ = [h for h in per_group[0] if any(g[h] != per_group[0][h] for g in per_group[1:])]
     if differ:
-        raise ValueError(f"the optimiser's parameter groups differ in {differ}; tuning needs one value to start from")
-    if groups[0].get("maximize"):
-        raise ValueError("maximize=True is not supported; minimise the negated objective")
-    values = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in values.items()}
-    return cls(**values)
+        raise ValueError(
+            f"the optimiser's parameter groups differ in {differ}; tuning needs one value to start from "
+            "(bilevel.updates.twin keeps one value per group)"
+        )
+    return _make_rule(kind, struct, per_group[0])
+
+
+# --------------------------------------------------------------------------- parameter groups and state
+
+
+class WithDefaults:
+    """An update rule whose hyperparameters missing from ``hparams`` take fixed (e.g. per-group) values.
+
+    ``WithDefaults(rule, values)(params, grads, hparams, state)`` calls
+    ``rule(params, grads, hparams', state)`` with
+
+    .. math::  \\text{hparams}'_h = \\text{hparams}_h \\text{ if given, else } \\text{values}_h,
+
+    and, where both ``hparams[h]`` and ``values[h]`` are per-parameter mappings, parameters missing from
+    ``hparams[h]`` take ``values[h][name]``. So a ``torch.optim`` optimiser's parameter groups keep their own
+    learning rate, weight decay, ... (:attr:`TorchTwin.per_param`) for every hyperparameter that is not
+    tuned, while a tuned one (a tensor or mapping, possibly requiring grad) replaces them; the update
+    ``u`` and its graph to the tuned tensors, the weights and the gradients are the wrapped rule's.
+
+    Fixed Python numbers become 0-d tensors of each parameter's dtype and device (made once and cached,
+    no ``.item()`` at call time); tensors in ``values`` are passed as they are. Everything else
+    (``hyperparameters``, :meth:`init_state`, fields such as ``lr`` or ``nesterov``, ``differentiable``,
+    and ``state_dict`` where the wrapped rule has one) is the wrapped rule's.
+
+    Args:
+        rule: the wrapped update rule.
+        values: ``{hyperparameter: value}``, each a number or tensor (every parameter) or a mapping
+            ``{param_name: number or tensor}``; names must be hyperparameters of ``rule``.
+    """
+
+    def __init__(self, rule: UpdateRule, values: Mapping[str, float | Tensor | Mapping[str, float | Tensor]]) -> None:
+        unknown = [h for h in values if h not in rule.hyperparameters]
+        if unknown:
+            raise ValueError(
+                f"WithDefaults: {unknown} are not hyperparameters of {type(rule).__name__} "
+                f"(it has {list(rule.hyperparameters)})"
+            )
+        self.rule = rule
+        self.values: dict[str, float | Tensor | dict[str, float | Tensor]] = {
+            h: dict(v) if isinstance(v, Mapping) else v for h, v in values.items()
+        }
+        self._cache: dict[tuple[str, str, torch.dtype, torch.device], Tensor] = {}
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        """The wrapped rule's hyperparameter names."""
+        return self.rule.hyperparameters
+
+    def init_state(self, params: Mapping[str, Tensor]) -> State:
+        """The wrapped rule's fresh state for ``params``."""
+        return self.rule.init_state(params)
+
+    def _const(self, h: str, name: str, value: float | Tensor, like: Tensor) -> Tensor:
+        if isinstance(value, Tensor):
+            return value
+        dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        key = (h, name, dtype, like.device)
+        out = self._cache.get(key)
+        if out is None:
+            out = self._cache[key] = torch.tensor(float(value), dtype=dtype, device=like.device)
+        return out
+
+    def fill(self, params: Mapping[str, Tensor], hparams: Mapping[str, HValue] | None = None) -> dict[str, HValue]:
+        """``hparams`` completed with the fixed values (see the class docstring).
+
+        Args:
+            params: the parameters the rule is called on (names, dtypes and devices).
+            hparams: the given (tuned) hyperparameters, or ``None``.
+
+        Returns:
+            A new dict: ``hparams`` plus, for every hyperparameter in ``values`` that it lacks, the fixed
+            value as a per-parameter mapping of tensors (only the parameters in ``params``); mappings in
+            ``hparams`` lacking some parameters get those parameters' fixed values.
+        """
+        out: dict[str, HValue] = dict(hparams or {})
+        for h, v in self.values.items():
+            given = out.get(h)
+            if given is None:
+                if isinstance(v, Mapping):
+                    out[h] = {k: self._const(h, k, v[k], p) for k, p in params.items() if k in v}
+                elif isinstance(v, Tensor):
+                    out[h] = v
+                else:
+                    out[h] = {k: self._const(h, "", v, p) for k, p in params.items()}
+            elif isinstance(given, Mapping) and isinstance(v, Mapping):
+                fixed = {k: self._const(h, k, v[k], p) for k, p in params.items() if k not in given and k in v}
+                if fixed:
+                    out[h] = {**fixed, **given}
+        return out
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue] | None = None,
+        state: State | None = None,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Return the wrapped rule's ``(u, new_state)`` with ``hparams`` completed by :meth:`fill`."""
+        return self.rule(params, grads, self.fill(params, hparams), self.init_state(params) if state is None else state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("rule", "values", "_cache"):
+            raise AttributeError(name)
+        return getattr(self.rule, name)
+
+    def __repr__(self) -> str:
+        return f"WithDefaults({self.rule!r}, {self.values!r})"
+
+
+@dataclass(frozen=True)
+class TorchTwin:
+    """The differentiable twin of a ``torch.optim`` optimiser with parameter groups (:func:`twin`).
+
+    Attributes:
+        rule: the twin (:class:`SGD`, :class:`Adam`, :class:`AdamW` or :class:`RMSprop`). Its fields hold every
+            hyperparameter that is equal across the (non-empty) groups; for one that differs, the field holds
+            the first group's value (for ``momentum`` the first non-zero one, so that :meth:`SGD.init_state`
+            allocates the buffer) and :attr:`per_param` the values that apply.
+        groups: the parameter names of each of ``optimizer.param_groups``, in group and parameter order.
+        per_param: ``{hyperparameter: {param_name: value}}`` for every hyperparameter that differs across
+            groups (empty when none does).
+        group_values: ``{hyperparameter: (value of group 0, value of group 1, ...)}`` for every hyperparameter
+            of the rule, as the optimiser's groups hold them (e.g. to initialise a ``"group"``-granularity
+            :class:`bilevel.hparams.HyperParameter`, or to write tuned values back into the groups).
+    """
+
+    rule: SGD | Adam | AdamW | RMSprop
+    groups: tuple[tuple[str, ...], ...]
+    per_param: dict[str, dict[str, float]]
+    group_values: dict[str, tuple[float, ...]]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """All the optimiser's parameter names, in group order."""
+        return tuple(k for g in self.groups for k in g)
+
+    def with_defaults(self) -> WithDefaults:
+        """The rule to step with: :attr:`rule` filling untuned hyperparameters from :attr:`per_param`.
+
+        Returns:
+            ``WithDefaults(self.rule, self.per_param)``: the optimiser's update, group by group, with
+            ``u = rule(params, grads, hparams + per-group values, state)``.
+        """
+        return WithDefaults(self.rule, self.per_param)
+
+
+def _group_names(optimizer: torch.optim.Optimizer, named: Mapping[str, Tensor]) -> tuple[tuple[str, ...], ...]:
+    """The names (keys of ``named``) of each parameter group's parameters; refuses parameters ``named`` lacks."""
+    by_id: dict[int, str] = {}
+    for k, t in named.items():
+        by_id.setdefault(id(t), k)
+    missing: list[str] = []
+    groups: list[tuple[str, ...]] = []
+    for i, g in enumerate(optimizer.param_groups):
+        names: list[str] = []
+        for j, p in enumerate(g["params"]):
+            name = by_id.get(id(p))
+            if name is None:
+                missing.append(f"group {i}, parameter {j} (shape {tuple(p.shape)})")
+            else:
+                names.append(name)
+        groups.append(tuple(names))
+    if missing:
+        raise ValueError(
+            f"the {type(optimizer).__name__} optimiser holds parameters that `named` lacks: {missing}; pass "
+            "dict(model.named_parameters()) of the model the optimiser was built on"
+        )
+    return tuple(groups)
+
+
+def twin(optimizer: torch.optim.Optimizer, named: Mapping[str, Tensor]) -> TorchTwin:
+    """The differentiable twin of a ``torch.optim`` SGD / Adam / AdamW / RMSprop with parameter groups.
+
+    Parameter group ``i`` of the optimiser applies its hyperparameters ``lambda_i`` to its parameters;
+    the twin reproduces
+
+    .. math::  w \\leftarrow w - u(\\lambda_{i(w)}, w)
+
+    with one rule whose differing hyperparameters are per-parameter mappings
+    ``{param_name: lambda_{i(param)}}`` (:attr:`TorchTwin.per_param`, applied by
+    :meth:`TorchTwin.with_defaults`). Tensor-valued ``lr`` (and ``betas``) are turned into floats,
+    ``betas`` into ``beta1, beta2``, and ``torch.optim.Adam(decoupled_weight_decay=True)`` gives
+    :class:`AdamW`. For SGD whose groups differ in momentum, a group with momentum 0 (which torch steps
+    without a buffer, ignoring its dampening) gets dampening 0: the twin's buffer is then ``d`` and its
+    update ``eta d``, torch's exactly.
+
+    Args:
+        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``.
+        named: the caller's parameter names to tensors, e.g. ``dict(model.named_parameters())``; every
+            parameter of the optimiser must be one of them (by identity). Tensors the optimiser does not
+            hold are left out of the groups.
+
+    Returns:
+        The :class:`TorchTwin`: the rule, the names per group, the per-parameter values of the
+        hyperparameters that differ across groups and every hyperparameter's value per group.
+
+    Raises:
+        ValueError: for other optimisers, ``maximize=True``, groups that differ in a structural option
+            (``nesterov``, ``amsgrad``, ``decoupled_weight_decay``, ``centered``), Nesterov momentum with
+            non-zero dampening, and optimiser parameters missing from ``named``.
+    """
+    kind, struct = _structure(optimizer)
+    groups = _group_names(optimizer, named)
+    raw = [_group_hparams(kind, g) for g in optimizer.param_groups]
+    used = [i for i, g in enumerate(groups) if g] or list(range(len(groups)))  # groups holding parameters
+
+    def differs(h: str) -> bool:
+        return len({eff[i][h] for i in used}) > 1
+
+    eff = [dict(v) for v in raw]
+    if kind == "SGD" and differs("momentum"):
+        for v in eff:
+            if v["momentum"] == 0:
+                v["dampening"] = 0.0  # torch ignores it without momentum; mu = 0, tau = 0 gives u = eta d
+    if kind == "SGD" and struct["nesterov"]:
+        bad = [i for i in used if eff[i]["momentum"] != 0 and eff[i]["dampening"] != 0]
+        if bad:
+            raise ValueError(f"SGD: Nesterov momentum requires zero dampening (parameter groups {bad})")
+    fields: dict[str, float] = {}
+    per_param: dict[str, dict[str, float]] = {}
+    for h in raw[0]:
+        vals = [eff[i][h] for i in used]
+        fields[h] = vals[0]
+        if differs(h):
+            if h == "momentum":
+                fields[h] = next(v for v in vals if v != 0)
+            per_param[h] = {k: eff[i][h] for i in used for k in groups[i]}
+    return TorchTwin(
+        rule=_make_rule(kind, struct, fields),
+        groups=groups,
+        per_param=per_param,
+        group_values={h: tuple(v[h] for v in raw) for h in raw[0]},
+    )
+
+
+def _base_rule(rule: UpdateRule, optimizer: torch.optim.Optimizer) -> TwinRule:
+    """The twin inside ``rule`` (unwrapping :class:`WithDefaults`), checked against ``optimizer``'s kind."""
+    base = rule.rule if isinstance(rule, WithDefaults) else rule
+    kind, struct = _structure(optimizer)
+    expected: dict[str, type] = {"SGD": SGD, "Adam": Adam, "AdamW": Adam, "RMSprop": RMSprop}
+    if not isinstance(base, expected[kind]):
+        raise ValueError(
+            f"the rule {type(base).__name__} is not the twin of torch.optim.{type(optimizer).__name__}; "
+            "build it with bilevel.updates.twin(optimizer, named)"
+        )
+    assert isinstance(base, (SGD, Adam, RMSprop))
+    for opt in ("nesterov", "amsgrad", "centered"):
+        if opt in struct and bool(getattr(base, opt)) != struct[opt]:
+            raise ValueError(
+                f"the rule has {opt}={getattr(base, opt)} but the {type(optimizer).__name__} optimiser "
+                f"{opt}={struct[opt]}; build the rule with bilevel.updates.twin(optimizer, named)"
+            )
+    return base
+
+
+def _count(steps: Mapping[str, float], optimizer: torch.optim.Optimizer, what: str) -> int:
+    """The one step count of all parameters; ``ValueError`` when they differ."""
+    counts = sorted(set(steps.values()))
+    if len(counts) > 1:
+        by = {c: [k for k, v in steps.items() if v == c] for c in counts}
+        raise ValueError(
+            f"the {type(optimizer).__name__} optimiser's parameters have taken different numbers of steps "
+            f"({what}: {by}); torch.optim skips a parameter without a gradient, but the twin keeps one step "
+            "count for all: give every parameter a gradient (zeros where it has none) at every step"
+        )
+    c = counts[0] if counts else 0.0
+    if c != int(c) or c < 0:
+        raise ValueError(f"the {type(optimizer).__name__} optimiser's step count {c} is not a whole number")
+    return int(c)
+
+
+def _buffers(base: TwinRule) -> tuple[str, ...]:
+    """Buffer names of the twin's state, which are also ``torch.optim``'s per-parameter state keys."""
+    if isinstance(base, SGD):
+        return ("momentum_buffer",)
+    if isinstance(base, Adam):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if base.amsgrad else ())
+    return ("square_avg",) + (("grad_avg",) if base.centered else ()) + ("momentum_buffer",)
+
+
+def state_from_torch(optimizer: torch.optim.Optimizer, named: Mapping[str, Tensor], rule: UpdateRule) -> State:
+    """The twin's state equal to a ``torch.optim`` optimiser's per-parameter state.
+
+    ``optimizer.state[p]`` holds, per parameter, torch's buffers under the twin's buffer names (SGD
+    ``momentum_buffer``; Adam/AdamW ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` with AMSGrad;
+    RMSprop ``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg`` when centred). The result is
+    ``{"step": t, buffer: {param_name: copy of torch's buffer}}`` with ``t`` the (common) number of steps
+    taken, so the twin's next step ``rule(params, grads, hparams, state)`` is the optimiser's next
+    ``step()``. torch keeps no step count for SGD: its first step sets ``b = d`` when the momentum buffer
+    is ``None``, which the twin does when ``step == 0``; so SGD gives ``t = 0`` before the first momentum
+    step and ``t = 1`` after it. Buffers torch lacks (e.g. a group without momentum) are zeros. An
+    optimiser that never stepped gives ``rule.init_state``.
+
+    Args:
+        optimizer: the ``torch.optim`` optimiser.
+        named: the caller's parameter names to tensors (as for :func:`twin`).
+        rule: the twin (:attr:`TorchTwin.rule` or :meth:`TorchTwin.with_defaults`).
+
+    Returns:
+        The state for the optimiser's parameters (the names of :attr:`TorchTwin.groups`): detached copies
+        with each parameter's dtype and device; ``step`` is a 0-d int64 tensor.
+
+    Raises:
+        ValueError: when the rule does not match the optimiser, or the parameters have taken different
+            numbers of steps (torch skips a parameter without a gradient).
+    """
+    base = _base_rule(rule, optimizer)
+    groups = _group_names(optimizer, named)
+    params = {k: named[k].detach() for g in groups for k in g}
+    fresh = base.init_state(params)
+    st = {k: optimizer.state.get(named[k], {}) for k in params}
+    if isinstance(base, SGD):
+        moving = [k for g, names in zip(optimizer.param_groups, groups) if g["momentum"] != 0 for k in names]
+        steps = {k: float(st[k].get("momentum_buffer") is not None) for k in moving}
+        count = _count(steps, optimizer, "1: a momentum buffer, 0: none yet")
+    else:
+        steps = {k: _float(st[k]["step"]) if "step" in st[k] else 0.0 for k in params}
+        count = _count(steps, optimizer, "steps")
+    if count == 0:
+        return fresh
+    state: State = {**fresh, "step": torch.full_like(fresh["step"], count)}
+    required = _buffers(base)
+    for key in required:
+        if isinstance(base, (SGD, RMSprop)) and key == "momentum_buffer":
+            if key not in fresh and not any(st[k].get(key) is not None for k in params):
+                continue  # no momentum anywhere: the twin allocates the buffer when momentum is tuned
+        out: dict[str, Tensor] = {}
+        for k, p in params.items():
+            t = st[k].get(key)
+            if t is None:
+                if key not in ("momentum_buffer", "grad_avg"):
+                    raise ValueError(f"the optimiser's state of parameter {k!r} lacks {key!r}")
+                out[k] = torch.zeros_like(p)
+                continue
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"the optimiser's {key!r} of parameter {k!r} has shape {tuple(t.shape)}, not {p.shape}"
+                )
+            out[k] = t.detach().to(dtype=p.dtype, device=p.device, copy=True)
+        state[key] = out
+    return state
+
+
+def _torch_step(kind: str, group: Mapping[str, Any], p: Tensor, count: int) -> Tensor:
+    """A per-parameter ``step`` tensor as ``torch.optim`` makes it (dtype, device) for ``count`` steps."""
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    if group.get("fused"):
+        return torch.tensor(float(count), dtype=torch.float32, device=p.device)
+    if group.get("capturable"):
+        return torch.tensor(float(count), dtype=dtype, device=p.device)
+    if kind == "RMSprop":
+        return torch.tensor(float(count), dtype=dtype)  # torch: the default device
+    return torch.tensor(float(count), dtype=dtype, device="cpu")
+
+
+def state_to_torch(
+    state: State, optimizer: torch.optim.Optimizer, named: Mapping[str, Tensor], rule: UpdateRule
+) -> None:
+    """Write the twin's state into a ``torch.optim`` optimiser, so that its next ``step()`` is the twin's.
+
+    The inverse of :func:`state_from_torch`: for each parameter ``p`` of the optimiser,
+    ``optimizer.state[p]`` is replaced by copies of the twin's buffers (``state[buffer][name]``, as
+    ``torch.empty_like(p)``) and, for Adam/AdamW/RMSprop, ``step = t`` (``t = state["step"]``) as torch
+    makes it: a float tensor (float32, float64 under a float64 default dtype) on the CPU, or on ``p``'s
+    device when ``capturable``/``fused``; one tensor per parameter, as torch increments them in place.
+    ``t == 0`` (the twin never stepped) empties ``optimizer.state[p]``, torch's state before its first
+    step; for SGD ``t > 0`` writes the momentum buffers (torch's "not the first step"). Every buffer
+    the twin's state holds is written, also for a group whose options do not read it (momentum 0: torch
+    then ignores it), so a tuned value written into ``optimizer.param_groups`` before or after this call
+    continues from the twin's buffer. The weights and the groups' hyperparameters are not written.
+
+    Args:
+        state: the twin's state (one member: ``step`` is 0-d).
+        optimizer: the ``torch.optim`` optimiser to write into.
+        named: the caller's parameter names to tensors (as for :func:`twin`).
+        rule: the twin (:attr:`TorchTwin.rule` or :meth:`TorchTwin.with_defaults`).
+
+    Raises:
+        ValueError: when the rule does not match the optimiser, the state lacks a buffer the optimiser
+            needs (e.g. momentum in a group the twin ran without it) or a buffer has the wrong shape.
+    """
+    base = _base_rule(rule, optimizer)
+    kind = _torch_kind(optimizer)
+    groups = _group_names(optimizer, named)
+    step = state["step"]
+    if isinstance(step, Tensor) and step.dim() != 0:
+        raise ValueError(f"state_to_torch takes one member's state; its step has shape {tuple(step.shape)}")
+    count = int(step)
+    for g, names in zip(optimizer.param_groups, groups):
+        needed = {
+            "momentum_buffer": (g["momentum"] != 0) if isinstance(base, (SGD, RMSprop)) else False,
+            "grad_avg": bool(g.get("centered", False)),
+        }
+        for k in names:
+            p = named[k]
+            if count == 0:
+                optimizer.state.pop(p, None)
+                continue
+            new: dict[str, Any] = {} if isinstance(base, SGD) else {"step": _torch_step(kind, g, p, count)}
+            for key in _buffers(base):
+                buf = state.get(key)
+                if buf is None or k not in buf:
+                    if needed.get(key, True):
+                        raise ValueError(
+                            f"the twin's state lacks {key!r} for parameter {k!r}, which the "
+                            f"{type(optimizer).__name__} optimiser needs"
+                        )
+                    continue
+                v = buf[k]
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"the twin's {key!r} of parameter {k!r} has shape {tuple(v.shape)}, not {p.shape}")
+                with torch.no_grad():
+                    new[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(v)
+            if new:
+                optimizer.state[p] = new
+            else:
+                optimizer.state.pop(p, None)

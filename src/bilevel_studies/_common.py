@@ -6,7 +6,7 @@
   :func:`float_list`, :func:`existing_dir`, :func:`device`, so that a bad value is refused at parse time
   with one line, e.g. ``bilevel run clarke: error: argument --steps: must be an integer >= 1, got 0``;
 * the per-initialisation seeds (:func:`derived_seed`, :data:`SEED_STRIDE`);
-* the solver choice on the command line (``--solver neumann|cg|identity|exact --steps K``) of the
+* the solver choice on the command line (``--solver neumann|cg|identity|exact --lookback K``) of the
   Lorraine et al. (2020) studies (inverse-study, overfit-validation, distill, val-split);
 * accuracies, rich tables and results files.
 """
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._io import atomic_write_json
 from bilevel.population import SEED_STRIDE, derived_seed
+from bilevel.rundir import atomic_write_json
 from bilevel.solvers import SOLVERS, Solver, make_solver
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "derived_seed",
     "SEED_HELP",
     "add_solver_arguments",
+    "add_deprecated_alias",
     "solver_from_args",
     "accuracy",
     "batched_logits",
@@ -220,10 +221,41 @@ def device(text: str) -> str:
     return text
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old option name: stores into the new option's ``dest`` and says once, in one line, to use the new one."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import sys
+
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """Keep ``old`` working as a hidden, deprecated spelling of the option ``new`` (already added to ``p``).
+
+    ``old`` takes the same values (``type=``, ``nargs``: pass them in ``kwargs`` as for ``new``) into ``new``'s
+    ``dest``, is left out of ``--help`` and prints one line ``PROG: warning: OLD is deprecated; use NEW`` to
+    stderr when used, so that recorded commands still run.
+    """
+    dest = next(a.dest for a in p._actions if new in a.option_strings)
+    p.add_argument(
+        old, dest=dest, action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs
+    )
+
+
 def add_solver_arguments(
-    p: argparse.ArgumentParser, solver: str = "neumann", steps: int = 20, alpha: float | None = None
+    p: argparse.ArgumentParser, solver: str = "neumann", lookback: int = 20, alpha: float | None = None
 ) -> None:
-    """``--solver``, ``--steps``, ``--alpha`` and ``--damping`` (the inverse-Hessian approximation)."""
+    """``--solver``, ``--lookback``, ``--alpha`` and ``--damping`` (the inverse-Hessian approximation).
+
+    ``--lookback`` is the Neumann step count (or CG iterations) as in every study; ``--steps``, its old name in
+    these commands (which have no weight-update ``--steps``), is kept as a deprecated alias.
+    """
     p.add_argument(
         "--solver",
         choices=SOLVERS,
@@ -231,12 +263,13 @@ def add_solver_arguments(
         help=f"inverse-Hessian approximation in the IFT hypergradient (default {solver})",
     )
     p.add_argument(
-        "--steps",
+        "--lookback",
         type=nonnegative_int,
-        default=steps,
-        help=f"Neumann steps (steps + 1 terms of the series; 0 = one term, alpha * I) / CG iterations "
-        f"(default {steps})",
+        default=lookback,
+        help=f"Neumann steps (lookback + 1 terms of the series; 0 = one term, alpha * I) / CG iterations "
+        f"(default {lookback})",
     )
+    add_deprecated_alias(p, "--steps", "--lookback", type=nonnegative_int)
     p.add_argument(
         "--alpha",
         type=positive_float,
@@ -255,9 +288,9 @@ def add_solver_arguments(
 
 def check_solver_arguments(args: argparse.Namespace) -> None:
     """``ValueError`` for a solver setting that cannot work: CG with 0 iterations returns zero."""
-    if args.solver == "cg" and args.steps < 1:
+    if args.solver == "cg" and args.lookback < 1:
         raise ValueError(
-            f"--solver cg needs --steps >= 1 (CG iterations; 0 would return a zero solve), got {args.steps}"
+            f"--solver cg needs --lookback >= 1 (CG iterations; 0 would return a zero solve), got {args.lookback}"
         )
 
 
@@ -276,9 +309,9 @@ def names(text: str) -> list[str]:
 
 
 def solver_from_args(args: argparse.Namespace, alpha: float | None = None, divergence: str = "raise") -> Solver:
-    """:func:`make_solver` from ``--solver/--steps/--alpha/--damping``; ``alpha`` is the fallback for ``--alpha``."""
+    """:func:`make_solver` from ``--solver/--lookback/--alpha/--damping``; ``alpha`` is the fallback for ``--alpha``."""
     a = args.alpha if args.alpha is not None else alpha
-    return make_solver(args.solver, args.steps, a, args.damping, divergence)
+    return make_solver(args.solver, args.lookback, a, args.damping, divergence)
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:

@@ -1,7 +1,7 @@
 """Resumable experiment parts: one JSON file per finished sub-run, keyed by the settings that produced it.
 
 A study writes each finished part (a task, a method, a setting) with :func:`save_part`
-(atomically, :func:`bilevel._io.atomic_write_json`); re-running the same command finds it
+(atomically, :func:`bilevel.rundir.atomic_write_json`); re-running the same command finds it
 with :func:`load_part` and skips the work. A part whose stored key differs from the
 current settings (another ``--steps``, seed, ...) is recomputed, so changing an option never
 silently reuses a stale result. A damaged part file (not JSON, e.g. truncated by hand or by a disk
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bilevel._io import atomic_write_json, read_json_state
+from bilevel.rundir import atomic_write_json, read_json_state
 
 __all__ = ["RUN_ONLY", "cached_part", "load_part", "save_part", "say_resumed", "settings_key"]
 
@@ -25,7 +25,7 @@ def _normalise(key: Any) -> Any:
 
 def load_part(path: Path, key: Any) -> dict[str, Any] | None:
     """The result stored at ``path`` if it was saved under ``key``, else ``None`` (a damaged file is set aside
-    with a warning, :func:`bilevel._io.read_json_state`)."""
+    with a warning, :func:`bilevel.rundir.read_json_state`)."""
     doc = read_json_state(
         path,
         "the part is recomputed",

@@ -90,7 +90,7 @@ def _command_line(prog: str) -> str:
 
 
 def _run_experiment(module, a: argparse.Namespace, prog: str) -> int:
-    from bilevel._io import run_directory
+    from bilevel.rundir import run_directory
 
     if hasattr(module, "check_arguments"):
         module.check_arguments(a)  # checks across options: ValueError before anything is written
@@ -116,7 +116,7 @@ def _apply_threads(spec: int | str | None, out: Path) -> int:
     computes with the same threads (the last bits of a result can depend on them)."""
     import torch
 
-    from bilevel._io import atomic_write_json, read_json_state
+    from bilevel.rundir import atomic_write_json, read_json_state
     from bilevel.threads import set_threads
 
     if spec in (None, "auto"):
@@ -173,7 +173,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from bilevel._io import run_directory
+    from bilevel.rundir import run_directory
 
     from .clarke import demo
 
@@ -199,11 +199,11 @@ def cmd_datasets(a: argparse.Namespace) -> int:
 
     from bilevel.data import DATASETS
 
-    t = Table(title="data sets")
-    for c in ("name", "kind", "description"):
-        t.add_column(c)
+    t = Table(title="data sets (load one with bilevel.data.load(NAME) or the loader shown)")
+    for c in ("name", "kind", "loader", "description"):
+        t.add_column(c, overflow="fold")
     for info in DATASETS.values():
-        t.add_row(info.name, info.kind, info.description)
+        t.add_row(info.name, info.kind, info.loader_call, info.description)
     console.print(t)
     return 0
 
@@ -281,7 +281,7 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bilevel._io import DamagedFileWarning
+    from bilevel.rundir import DamagedFileWarning
 
     args = build_parser().parse_args(argv)
     _COMMAND[:] = list(sys.argv[1:] if argv is None else argv)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, debug: bool) -> int:
-    from bilevel._io import RunLocked
+    from bilevel.rundir import RunLocked
 
     try:
         return args.func(args)

@@ -247,7 +247,7 @@ def _overfit_args(**overrides) -> argparse.Namespace:
         overfit_max_decay=10.0,
         overfit_hyper_lr=0.1,
         overfit_interval=1,
-        overfit_terms=0,
+        overfit_lookback=0,
         overfit_record_every=20,
         overfit_signed=False,
     )

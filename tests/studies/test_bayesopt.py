@@ -10,8 +10,10 @@ pytest.importorskip("optuna", reason="Optuna not installed (pip install 'bilevel
 
 from bilevel.search import bayesopt as B  # noqa: E402
 from bilevel_studies import cli  # noqa: E402
-from bilevel_studies.clarke import clarke  # noqa: E402
 from bilevel_studies.clarke import search as S  # noqa: E402
+from bilevel_studies.clarke.config import ClarkeConfig, Method  # noqa: E402
+from bilevel_studies.clarke.methods import method_results, start_method  # noqa: E402
+from bilevel_studies.clarke.problem import load_problem  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -57,23 +59,23 @@ def test_first_samples_are_random_then_the_sampler_is_used():
 
 
 def test_bo_samples_equal_standalone_trainings_and_resume(data_dir):
-    cfg = clarke.ClarkeConfig(dataset="energy", inits=2, steps=15, dtype="float64", data_dir=str(data_dir))
-    problem = clarke.load_problem(cfg)
+    cfg = ClarkeConfig(dataset="energy", inits=2, steps=15, dtype="float64", data_dir=str(data_dir))
+    problem = load_problem(cfg)
     saved = []
     res = S.run_bayesopt(
         cfg, problem, repeats=2, samples=3, startup=2, save=lambda s: saved.append(json.loads(json.dumps(s)))
     )
     assert len(res["records"]) == 2 and all(len(r) == 3 for r in res["records"])
-    method = clarke.Method(mode="none", tuned=(), merge_train_val=False)
-    one = clarke.ClarkeConfig(**{**cfg.__dict__, "inits": 1})
+    method = Method(mode="none", tuned=(), merge_train_val=False)
+    one = ClarkeConfig(**{**cfg.__dict__, "inits": 1})
     for r in range(2):
         for k, rec in enumerate(res["records"][r]):
             # each BO sample = member k * repeats + r trained alone with the proposed hyperparameters
-            run = clarke.start_method(
+            run = start_method(
                 one, problem, method, first=k * 2 + r, hparams={n: [v] for n, v in rec["natural"].items()}
             )
             run.advance(cfg.steps)
-            alone = clarke.method_results(one, problem, run)
+            alone = method_results(one, problem, run)
             assert rec["val"] == pytest.approx(alone["final_val_loss"][0], rel=1e-9)
             assert rec["test"] == pytest.approx(alone["final_test_loss"][0], rel=1e-9)
         best = min((x for x in res["records"][r] if x["val"] is not None), key=lambda x: x["val"])
@@ -120,7 +122,7 @@ def test_bayesopt_cli_smoke(tmp_path, data_dir):
     )
     assert all(len(r) == 4 for r in m["records"])
     assert (out / "incumbent.png").exists() and (out / "table.md").exists()
-    # a re-run in the same --out with another configuration is refused (shared check, ray_tune.check_run_config)
+    # a re-run in the same --out with another configuration is refused (shared check, rundir.check_run_config)
     assert (
         cli.main(
             [

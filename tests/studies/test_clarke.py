@@ -10,6 +10,11 @@ import torch
 from bilevel.nets import mlp_forward
 from bilevel_studies import cli
 from bilevel_studies.clarke import clarke
+from bilevel_studies.clarke.config import METHODS, ClarkeConfig
+from bilevel_studies.clarke.methods import AUTHORS_BAYDIN, BaydinAsAuthors, build_tuner, start_method, three_batched
+from bilevel_studies.clarke.problem import LM_SIZES, load_problem
+from bilevel_studies.clarke.reporting import perplexity_rows
+from bilevel_studies.clarke.running import _migrate_baydin, run_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -46,7 +51,7 @@ def energy_run(tmp_path_factory, data_dir):
 def test_results_schema_and_all_methods(energy_run):
     out, doc = energy_run
     assert doc["experiment"] == "clarke" and doc["dataset"] == "energy"
-    assert list(doc["methods"]) == list(clarke.METHODS)
+    assert list(doc["methods"]) == list(METHODS)
     for name, m in doc["methods"].items():
         n = 1 if name == "random-3batched" else 3
         for key in ("final_test_loss", "final_val_loss", "seconds"):
@@ -62,17 +67,17 @@ def test_random_3batched_picks_best_validation():
         "final_val_loss": [0.5, 0.9, 0.1, None, 0.3, 0.2, 0.0],
         "seconds": [1.0] * 7,
     }
-    out = clarke.three_batched(random)
+    out = three_batched(random)
     assert out["final_test_loss"] == [3.0, 9.0]
     assert out["final_val_loss"] == [0.1, 0.2]
     assert out["seconds"] == [3.0, 3.0]
 
 
 def test_same_initialisations_across_methods(data_dir):
-    cfg = clarke.ClarkeConfig(dataset="energy", inits=2, steps=1, data_dir=str(data_dir))
-    problem = clarke.load_problem(cfg)
-    a = clarke.build_tuner(cfg, problem, clarke.METHODS["random"])
-    b = clarke.build_tuner(cfg, problem, clarke.METHODS["ours-wd-hdlr-m"])
+    cfg = ClarkeConfig(dataset="energy", inits=2, steps=1, data_dir=str(data_dir))
+    problem = load_problem(cfg)
+    a = build_tuner(cfg, problem, METHODS["random"])
+    b = build_tuner(cfg, problem, METHODS["ours-wd-hdlr-m"])
     for k in a.params:
         assert torch.equal(a.params[k], b.params[k])
     da, db = a.describe(), b.describe()
@@ -83,7 +88,7 @@ def test_same_initialisations_across_methods(data_dir):
 
 
 def test_interrupt_and_resume_gives_the_same_results(tmp_path, data_dir):
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="energy",
         methods=["ours-wd-lr-m"],
         inits=2,
@@ -93,7 +98,7 @@ def test_interrupt_and_resume_gives_the_same_results(tmp_path, data_dir):
         checkpoint_every=10,
         data_dir=str(data_dir),
     )
-    full = clarke.run(cfg, tmp_path / "full")
+    full = run_experiment(cfg, tmp_path / "full")
 
     count = {"n": 0}
 
@@ -106,18 +111,18 @@ def test_interrupt_and_resume_gives_the_same_results(tmp_path, data_dir):
         return advance
 
     with pytest.raises(KeyboardInterrupt):
-        clarke.run(cfg, tmp_path / "cut", progress_factory=interrupting)
+        run_experiment(cfg, tmp_path / "cut", progress_factory=interrupting)
     assert (tmp_path / "cut" / "checkpoints" / "ours-wd-lr-m.pt").exists()
-    resumed = clarke.run(cfg, tmp_path / "cut")
+    resumed = run_experiment(cfg, tmp_path / "cut")
     assert resumed["methods"]["ours-wd-lr-m"]["final_test_loss"] == full["methods"]["ours-wd-lr-m"]["final_test_loss"]
 
 
 def test_changed_config_in_same_dir_is_refused(tmp_path, data_dir):
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=1, steps=2, data_dir=str(data_dir))
-    clarke.run(cfg, tmp_path)
+    cfg = ClarkeConfig(dataset="energy", methods=["random"], inits=1, steps=2, data_dir=str(data_dir))
+    run_experiment(cfg, tmp_path)
     cfg.steps = 3
     with pytest.raises(ValueError, match="different configuration"):
-        clarke.run(cfg, tmp_path)
+        run_experiment(cfg, tmp_path)
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
@@ -142,7 +147,7 @@ def test_report_rerenders(energy_run, tmp_path):
 def test_sensitivity_grid(tmp_path, data_dir):
     from bilevel_studies.clarke import sensitivity
 
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["ours-wd-lr-m"], inits=2, steps=6, data_dir=str(data_dir))
+    cfg = ClarkeConfig(dataset="energy", methods=["ours-wd-lr-m"], inits=2, steps=6, data_dir=str(data_dir))
     doc = sensitivity.run(cfg, [2, 3], [0, 1], tmp_path)
     grid = doc["median_final_test_loss"]["ours-wd-lr-m"]
     assert len(grid) == 2 and all(len(r) == 2 for r in grid)
@@ -156,7 +161,7 @@ def test_sensitivity_grid(tmp_path, data_dir):
 def test_sensitivity_updates_scale_steps_and_random_is_shared(tmp_path, data_dir):
     from bilevel_studies.clarke import sensitivity
 
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random"], inits=2, steps=999, data_dir=str(data_dir))
+    cfg = ClarkeConfig(dataset="energy", methods=["random"], inits=2, steps=999, data_dir=str(data_dir))
     doc = sensitivity.run(cfg, [2, 3], [0, 4], tmp_path, updates=2)
     assert sorted(p.name for p in (tmp_path / "random").iterdir()) == ["T2", "T3"]  # one run per T, not per i
     for T in (2, 3):
@@ -169,7 +174,7 @@ def test_sensitivity_updates_scale_steps_and_random_is_shared(tmp_path, data_dir
 def test_language_model_config_runs(tmp_path, data_dir):
     if not (data_dir / "ptb").is_dir():
         pytest.skip("no Penn Treebank data")
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="ptb",
         methods=["ours-wd-lr-m"],
         inits=2,
@@ -180,15 +185,15 @@ def test_language_model_config_runs(tmp_path, data_dir):
         record_rows=700,
         eval_rows=1400,
     )
-    doc = clarke.run(cfg, tmp_path)
+    doc = run_experiment(cfg, tmp_path)
     losses = doc["methods"]["ours-wd-lr-m"]["final_test_loss"]
     # an untrained LM predicts nearly uniformly over the 10,000 words: cross-entropy ~ log(10000)
     assert all(abs(v - 9.2103) < 0.05 for v in losses)
 
 
 def test_image_inputs_are_standardised_with_training_statistics():
-    raw = clarke.load_problem(clarke.ClarkeConfig(dataset="digits", image_scaling="unit", dtype="float64"))
-    std = clarke.load_problem(clarke.ClarkeConfig(dataset="digits", dtype="float64"))
+    raw = load_problem(ClarkeConfig(dataset="digits", image_scaling="unit", dtype="float64"))
+    std = load_problem(ClarkeConfig(dataset="digits", dtype="float64"))
     Xtr = raw.train[0].numpy()
     mu, sd = Xtr.mean(0), Xtr.std(0, ddof=1)
     sd = np.where(sd > 1e-10, sd, 1.0)
@@ -196,7 +201,7 @@ def test_image_inputs_are_standardised_with_training_statistics():
         np.testing.assert_allclose(b[0].numpy(), (a[0].numpy() - mu) / sd, atol=1e-12)
         assert torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="image_scaling"):
-        clarke.load_problem(clarke.ClarkeConfig(dataset="digits", image_scaling="minmax"))
+        load_problem(ClarkeConfig(dataset="digits", image_scaling="minmax"))
 
 
 def test_cli_model_lm_size_test_fraction_and_batch_defaults(tmp_path, data_dir):
@@ -213,21 +218,21 @@ def test_cli_model_lm_size_test_fraction_and_batch_defaults(tmp_path, data_dir):
         == 50
     )
     # a UCI test share of 20% instead of Clarke's split files: 768 Energy rows -> 154 test rows
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="energy", methods=["random"], inits=1, steps=1, test_fraction=0.2, data_dir=str(data_dir)
     )
-    prob = clarke.load_problem(cfg)
+    prob = load_problem(cfg)
     assert len(prob.test[0]) == 154 and len(prob.train[0]) + len(prob.val[0]) == 768 - 154
     with pytest.raises(ValueError, match="does not fit"):
-        clarke.load_problem(clarke.ClarkeConfig(dataset="energy", model="lstm", data_dir=str(data_dir)))
+        load_problem(ClarkeConfig(dataset="energy", model="lstm", data_dir=str(data_dir)))
     with pytest.raises(ValueError, match="test-fraction applies to the UCI sets"):
-        clarke.load_problem(clarke.ClarkeConfig(dataset="digits", test_fraction=0.2))
+        load_problem(ClarkeConfig(dataset="digits", test_fraction=0.2))
 
 
 def test_random_3batched_needs_three_inits(tmp_path, data_dir):
-    cfg = clarke.ClarkeConfig(dataset="energy", methods=["random-3batched"], inits=2, steps=1, data_dir=str(data_dir))
+    cfg = ClarkeConfig(dataset="energy", methods=["random-3batched"], inits=2, steps=1, data_dir=str(data_dir))
     with pytest.raises(ValueError, match="needs --inits >= 3"):
-        clarke.run(cfg, tmp_path)
+        run_experiment(cfg, tmp_path)
 
 
 def test_tensorboard_option_writes_live_curves_of_every_loop(tmp_path, data_dir):
@@ -281,11 +286,11 @@ def _mse_grad(w, X, y):
 def test_authors_baydin_is_sgd_on_log10_lr_along_minus_gradient_dot_product(data_dir):
     """One step of ``baydin`` against a hand computation per member (plain torch, no vmap): the SGD step with
     momentum and weight decay on train+validation, then log10 lr += 0.001 * g_1 . g_0, momentum and decay fixed."""
-    cfg = clarke.ClarkeConfig(dataset="energy", inits=3, steps=1, dtype="float64", data_dir=str(data_dir))
-    problem = clarke.load_problem(cfg)
-    run = clarke.start_method(cfg, problem, "baydin")
+    cfg = ClarkeConfig(dataset="energy", inits=3, steps=1, dtype="float64", data_dir=str(data_dir))
+    problem = load_problem(cfg)
+    run = start_method(cfg, problem, "baydin")
     tuner = run.tuner
-    assert isinstance(tuner, clarke.BaydinAsAuthors) and isinstance(tuner.hyper_opt, torch.optim.SGD)
+    assert isinstance(tuner, BaydinAsAuthors) and isinstance(tuner.hyper_opt, torch.optim.SGD)
     assert tuner.hyper_opt.param_groups[0]["lr"] == 0.001 and tuner.tuned_keys == ["lr"]
     X, y = problem.merge(problem.train, problem.val)  # Baydin trains on train + validation, full batch
     assert len(X) == len(run.train_batches()[0]) == len(problem.train[0]) + len(problem.val[0])
@@ -309,9 +314,9 @@ def test_authors_baydin_is_sgd_on_log10_lr_along_minus_gradient_dot_product(data
 
 def test_authors_baydin_hypergradient_is_the_lr_derivative_of_a_plain_sgd_step(data_dir):
     """-g_1 . g_0 is d L(w_0 - lr g_0) / d lr (central finite difference): the quantity Baydin et al. follow."""
-    cfg = clarke.ClarkeConfig(dataset="energy", inits=1, steps=1, dtype="float64", data_dir=str(data_dir))
-    problem = clarke.load_problem(cfg)
-    run = clarke.start_method(cfg, problem, "baydin")
+    cfg = ClarkeConfig(dataset="energy", inits=1, steps=1, dtype="float64", data_dir=str(data_dir))
+    problem = load_problem(cfg)
+    run = start_method(cfg, problem, "baydin")
     X, y = problem.merge(problem.train, problem.val)
     w0 = _member(run.tuner.params, 0)
     g0, _ = _mse_grad(w0, X, y)
@@ -328,10 +333,8 @@ def test_authors_baydin_hypergradient_is_the_lr_derivative_of_a_plain_sgd_step(d
 
 
 def test_authors_baydin_clamps_raw_lr_into_clarkes_box(data_dir):
-    cfg = clarke.ClarkeConfig(
-        dataset="energy", inits=2, steps=1, dtype="float64", baydin_hyper_lr=1e6, data_dir=str(data_dir)
-    )
-    run = clarke.start_method(cfg, clarke.load_problem(cfg), "baydin")
+    cfg = ClarkeConfig(dataset="energy", inits=2, steps=1, dtype="float64", baydin_hyper_lr=1e6, data_dir=str(data_dir))
+    run = start_method(cfg, load_problem(cfg), "baydin")
     run.advance(1)
     raw = run.tuner.raw["lr"]
     assert bool(((raw >= -10) & (raw <= 0)).all()) and bool((raw == 0).any())  # pushed up to lr = 1, no further
@@ -344,26 +347,26 @@ def test_earlier_baydin_files_become_baydin_ours(tmp_path):
     (tmp_path / "methods" / "baydin.json").write_text(json.dumps(old))
     torch.save({"tuner": {}}, tmp_path / "checkpoints" / "baydin.pt")
     with pytest.warns(UserWarning, match="baydin-ours"):
-        clarke._migrate_baydin(tmp_path)
+        _migrate_baydin(tmp_path)
     assert json.loads((tmp_path / "methods" / "baydin-ours.json").read_text()) == old
     assert (tmp_path / "checkpoints" / "baydin-ours.pt").exists()
     assert not (tmp_path / "methods" / "baydin.json").exists()
-    new = {**old, "variant": clarke.AUTHORS_BAYDIN}
+    new = {**old, "variant": AUTHORS_BAYDIN}
     (tmp_path / "methods" / "baydin.json").write_text(json.dumps(new))
-    clarke._migrate_baydin(tmp_path)  # the authors' variant's own files stay
+    _migrate_baydin(tmp_path)  # the authors' variant's own files stay
     assert json.loads((tmp_path / "methods" / "baydin.json").read_text()) == new
 
 
 def test_baydin_variants_and_records_in_a_run(energy_run):
     _, doc = energy_run
-    assert doc["methods"]["baydin"]["variant"] == clarke.AUTHORS_BAYDIN
+    assert doc["methods"]["baydin"]["variant"] == AUTHORS_BAYDIN
     assert "variant" not in doc["methods"]["baydin-ours"]
     assert doc["config"]["baydin_hyper_lr"] == 0.001
 
 
 def test_perplexity_rows_are_statistics_of_exp_cross_entropy():
     doc = {"methods": {"a": {"final_test_loss": [1.0, 2.0, None, 3.0]}}}
-    (row,) = clarke.perplexity_rows(doc, n_resamples=50)
+    (row,) = perplexity_rows(doc, n_resamples=50)
     assert row["median"] == pytest.approx(math.exp(2.0))
     assert row["best"] == pytest.approx(math.e) and row["diverged"] == 1 and row["n"] == 4
     assert row["mean"] == pytest.approx((math.e + math.exp(2) + math.exp(3)) / 3)
@@ -379,7 +382,7 @@ def test_paper_protocol_is_one_option_away_and_explicit_options_win(tmp_path, ca
 
     c = cfg("--dataset", "ptb", "--paper-protocol")
     assert (c.inits, c.steps, c.lm_size, c.batch_size) == (50, 2391 * 10, "paper", None)
-    assert clarke.LM_SIZES[c.lm_size] == dict(embed=650, hidden=650, layers=2, bptt=70, batch=40)
+    assert LM_SIZES[c.lm_size] == dict(embed=650, hidden=650, layers=2, bptt=70, batch=40)
     # 72 passes over the 929,589 training tokens in bptt-70 windows of 40 sequences: 72 * 929589 / 2800 steps
     assert abs(c.steps - 72 * 929589 / (40 * 70)) < 10
     c = cfg("--dataset", "ptb", "--paper-protocol", "--inits", "3", "--lm-size", "cpu")

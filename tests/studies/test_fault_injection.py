@@ -3,7 +3,7 @@ processes on one output directory.
 
 A killed run is resumed by re-running the same command; its results.json must equal an uninterrupted
 run's number for number (timing keys aside). Kills land at chosen points through the atomic writer's
-test hook (``BILEVEL_FAULT_INJECT``, :mod:`bilevel._io`: ``kill-in-write:N:GLOB`` truncates the N-th
+test hook (``BILEVEL_FAULT_INJECT``, :mod:`bilevel.rundir`: ``kill-in-write:N:GLOB`` truncates the N-th
 matching temporary file to half and SIGKILLs the process mid-write) and at a seeded random time from
 outside.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilevel._io import OWNER_NAME, TMP_SUFFIX, atomic_savefig
+from bilevel.rundir import OWNER_NAME, TMP_SUFFIX, atomic_savefig
 from bilevel_studies import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -143,7 +143,7 @@ def _wait_for_lock(out: Path, proc: subprocess.Popen, timeout: float = 60) -> No
 
 
 def _step(checkpoint: Path) -> int:
-    return torch.load(checkpoint, weights_only=False)["tuner"]["t"]
+    return torch.load(checkpoint, weights_only=True)["tuner"]["t"]
 
 
 def test_killed_clarke_run_resumes_exactly(tmp_path, data_dir, one_thread, capsys):
@@ -271,6 +271,37 @@ def test_damaged_state_files_are_set_aside_and_recomputed(tmp_path, data_dir, on
     assert _differences(ref, _results(out)) == []
 
 
+class _RunsCode:
+    """Unpickling this runs code: it writes a marker file (a tampered checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_set_aside_and_recomputed(tmp_path, data_dir, one_thread, capsys):
+    """A tampered ``checkpoints/METHOD.pt`` whose unpickling would run code: ``torch.load(weights_only=True)``
+    refuses it (the code does not run), one warning line names it, it is moved aside, the method is trained
+    from step 0, and the numbers are those of a clean run."""
+    base = ["run", "clarke", "--dataset", "energy", "--methods", "random", "--inits", "2", "--steps", "20"]
+    base += ["--checkpoint-every", "7", "--threads", "1", "--data-dir", str(data_dir)]
+    assert cli.main([*base, "--out", str(tmp_path / "ref")]) == 0
+    out, marker = tmp_path / "cut", tmp_path / "marker"
+    (out / "checkpoints").mkdir(parents=True)
+    ckpt = out / "checkpoints" / "random.pt"
+    torch.save({"tuner": _RunsCode(marker)}, ckpt)
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(out)]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]
+    assert not marker.exists()
+    assert len(said) == 1 and str(ckpt) in said[0] and "weights_only=True" in said[0], said
+    assert "random starts again from step 0" in said[0]
+    assert len(list(ckpt.parent.glob("random.pt.corrupt-*"))) == 1 and not ckpt.exists()
+    assert _differences(_results(tmp_path / "ref"), _results(out)) == []
+
+
 @pytest.mark.parametrize(
     "method,cold", [("random-xlr", False), ("ours-wd-lr-m", True), ("diff-through-opt", True), ("baydin", False)]
 )
@@ -280,14 +311,16 @@ def test_checkpoint_holds_every_piece_of_loop_state(method, cold, one_thread):
     state disturbed in between, a run ends exactly where an uninterrupted one does."""
     import io
 
-    from bilevel_studies.clarke import clarke
+    from bilevel_studies.clarke.config import ClarkeConfig
+    from bilevel_studies.clarke.methods import method_results, start_method
+    from bilevel_studies.clarke.problem import load_problem
 
     torch.set_num_threads(1)
-    cfg = clarke.ClarkeConfig(dataset="digits", inits=2, steps=30, interval=5, lookback=3, batch_size=32)
-    problem = clarke.load_problem(cfg)
+    cfg = ClarkeConfig(dataset="digits", inits=2, steps=30, interval=5, lookback=3, batch_size=32)
+    problem = load_problem(cfg)
 
     def start():
-        run = clarke.start_method(cfg, problem, method)
+        run = start_method(cfg, problem, method)
         if cold:
             run.tuner.cfg.warm_start, run.tuner.cfg.cold_steps = False, 3
         return run
@@ -303,8 +336,8 @@ def test_checkpoint_holds_every_piece_of_loop_state(method, cold, one_thread):
         buf.seek(0)
         torch.manual_seed(t)
         run = start()
-        run.load_state_dict(torch.load(buf, weights_only=False))
-    a, b = clarke.method_results(cfg, problem, full), clarke.method_results(cfg, problem, run)
+        run.load_state_dict(torch.load(buf, weights_only=True))  # plain data: no pickled object
+    a, b = method_results(cfg, problem, full), method_results(cfg, problem, run)
     assert _differences(_numbers(a), _numbers(b)) == []
     assert all(torch.equal(full.tuner.params[k], run.tuner.params[k]) for k in full.tuner.params)
 

@@ -76,13 +76,13 @@ def test_inverse_study_cli(tmp_path, data_dir):
         "5",
         "--compare-every",
         "1",
-        "--max-steps",
+        "--max-lookback",
         "15",
         "--train-steps",
         "30",
         "--hidden",
         "3",
-        "--neumann-terms",
+        "--lookbacks",
         "1,5",
     )
     cos, l2 = doc["metrics"]["cosine"], doc["metrics"]["l2"]
@@ -112,13 +112,13 @@ def test_inverse_study_warns_when_the_hessian_is_not_positive_definite(tmp_path,
         "2",
         "--compare-every",
         "1",
-        "--max-steps",
+        "--max-lookback",
         "2",
         "--train-steps",
         "30",
         "--hidden",
         "3",
-        "--neumann-terms",
+        "--lookbacks",
         "1",
     )
     m = doc["metrics"]
@@ -138,11 +138,11 @@ def test_inverse_study_warns_when_the_hessian_is_not_positive_definite(tmp_path,
         "2",
         "--compare-every",
         "1",
-        "--max-steps",
+        "--max-lookback",
         "2",
         "--hidden",
         "3",
-        "--neumann-terms",
+        "--lookbacks",
         "1",
     )
     assert doc["metrics"]["hessian_positive_definite"] is True and doc["metrics"]["hessian_min_eigenvalue"] > 0
@@ -165,7 +165,7 @@ def test_distill_cli(tmp_path, data_dir):
         "30",
         "--solver",
         "cg",
-        "--steps",
+        "--lookback",
         "5",
     )
     m = doc["metrics"]
@@ -188,7 +188,7 @@ def test_overfit_validation_cli(tmp_path, data_dir):
         "10",
         "--test-size",
         "200",
-        "--steps",
+        "--lookback",
         "3",
     )
     final = doc["metrics"]["linear"]
@@ -211,7 +211,7 @@ def test_val_split_cli(tmp_path, data_dir):
         "20",
         "--test-size",
         "200",
-        "--steps",
+        "--lookback",
         "2",
     )
     for regime in ("global", "per-weight"):
@@ -384,7 +384,7 @@ def test_overfit_validation_stop_at_perfect_preset_and_layer_summary(tmp_path, d
         "10",
         "--n-val",
         "10",
-        "--steps",
+        "--lookback",
         "2",
         "--stop-at-perfect",
     )
@@ -437,9 +437,9 @@ def test_authors_inverse_comparison_solvers_match_their_definitions():
 
 def test_inverse_study_net_and_authors_options(tmp_path, data_dir):
     common = ["--data-dir", str(data_dir), "--hyper-steps", "1", "--interval", "2", "--compare-every", "1"]
-    common += ["--max-steps", "3", "--train-steps", "20", "--hidden", "2", "--neumann-terms", "1"]
+    common += ["--max-lookback", "3", "--train-steps", "20", "--hidden", "2", "--lookbacks", "1"]
     # (cg: 2 SGD steps leave the net far from a minimum, where a Neumann hyper step diverges)
-    net = ["--fig3-model", "net", "--fig3-hidden", "3", "--solver", "cg", "--steps", "3"]
+    net = ["--fig3-model", "net", "--fig3-hidden", "3", "--solver", "cg", "--lookback", "3"]
     doc = _run(tmp_path / "net", "inverse-study", *common, *net)
     assert doc["fig3_model"] == {"kind": "net", "weights": 13 * 3 + 3 + 3 + 1, "approximations": "hessian"}
     assert set(doc["metrics"]["cosine"]["cg"]) == {"0", "1", "2", "3"}

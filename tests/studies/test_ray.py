@@ -13,8 +13,11 @@ pytest.importorskip("ray.tune", reason="Ray Tune not installed (pip install 'bil
 from bilevel.hparams import NATURAL_INIT_EPS  # noqa: E402
 from bilevel.search import ray_tune as R  # noqa: E402
 from bilevel_studies import cli  # noqa: E402
-from bilevel_studies.clarke import clarke  # noqa: E402
 from bilevel_studies.clarke import search as S  # noqa: E402
+from bilevel_studies.clarke.config import ClarkeConfig, Method  # noqa: E402
+from bilevel_studies.clarke.methods import start_method  # noqa: E402
+from bilevel_studies.clarke.problem import load_problem  # noqa: E402
+from bilevel_studies.clarke.running import run_experiment  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -35,12 +38,12 @@ def ray_local():
 
 def test_pbt_ratio_mutation_scales_the_tuners_current_values(data_dir):
     """B.8.2: PBT's new/old ratio multiplies the hyperparameters our tuner has moved to, not PBT's values."""
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="energy", inits=2, steps=20, interval=5, lookback=2, dtype="float64", data_dir=str(data_dir)
     )
-    problem = clarke.load_problem(cfg)
+    problem = load_problem(cfg)
     start = {"lr": [1e-2, 3e-3], "weight_decay": [1e-4, 1e-6], "momentum": [0.3, 0.7]}
-    run = clarke.start_method(cfg, problem, "ours-wd-lr-m", hparams=start)
+    run = start_method(cfg, problem, "ours-wd-lr-m", hparams=start)
     torch.testing.assert_close(run.tuner.describe()["lr"], torch.tensor([1e-2, 3e-3], dtype=torch.float64))
     run.advance(20)
     before = run.tuner.describe()
@@ -164,7 +167,7 @@ def test_ray_backend_equals_local_per_initialisation_adds_methods_and_restores(t
     ray_doc = json.loads((out / "results.json").read_text())
     assert list(ray_doc["methods"]) == ["random", "ours-wd-lr-m"]
     assert ray_doc["methods"]["random"] == first["methods"]["random"]  # the first method is unchanged
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="energy",
         methods=["random", "ours-wd-lr-m"],
         inits=3,
@@ -175,7 +178,7 @@ def test_ray_backend_equals_local_per_initialisation_adds_methods_and_restores(t
         checkpoint_every=10,
         data_dir=str(data_dir),
     )
-    local = clarke.run(cfg, tmp_path / "local")
+    local = run_experiment(cfg, tmp_path / "local")
     for m in ("random", "ours-wd-lr-m"):
         a, b = local["methods"][m], ray_doc["methods"][m]
         assert len(b["final_test_loss"]) == 3
@@ -191,7 +194,7 @@ def test_ray_backend_equals_local_per_initialisation_adds_methods_and_restores(t
     # lose everything but the Ray Tune experiments: re-running restores each (Tuner.restore), same results
     shutil.rmtree(out / "methods")
     (out / "results.json").unlink()
-    again = clarke.run(cfg, out, backend="ray", block_size=2)
+    again = run_experiment(cfg, out, backend="ray", block_size=2)
     for m in ("random", "ours-wd-lr-m"):
         assert again["methods"][m]["final_test_loss"] == ray_doc["methods"][m]["final_test_loss"]
     assert (out / "table.md").exists()
@@ -203,7 +206,7 @@ def test_ctrl_c_during_a_ray_run_is_an_interrupt_and_the_rerun_resumes(tmp_path,
     import os
     import signal
 
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="energy",
         methods=["random"],
         inits=3,
@@ -229,7 +232,7 @@ def test_ctrl_c_during_a_ray_run_is_an_interrupt_and_the_rerun_resumes(tmp_path,
         S.run_clarke(cfg, ["random"], out, block_size=1, progress_factory=factory)
     assert sent
     res = S.run_clarke(cfg, ["random"], out, block_size=1)
-    local = clarke.run(cfg, tmp_path / "local")
+    local = run_experiment(cfg, tmp_path / "local")
     assert res["random"]["final_test_loss"] == pytest.approx(local["methods"]["random"]["final_test_loss"], rel=1e-9)
 
 
@@ -286,7 +289,7 @@ def test_pbt_exploit_applies_the_ratio_to_the_donors_tuned_values(tmp_path, data
     worse path surely clones the better; 15 steps, so no perturbation at the end), no resampling (each ratio
     is a 1.2 / 0.8 factor, or less where the explored value was clipped into the domain). The mutation starts
     from the donor's *tuned* values after 10 steps (recomputed here) and sets the tuner to those x the ratio."""
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="energy", inits=2, steps=15, interval=5, lookback=2, dtype="float64", data_dir=str(data_dir)
     )
     out = tmp_path / "pbt"
@@ -307,12 +310,12 @@ def test_pbt_exploit_applies_the_ratio_to_the_donors_tuned_values(tmp_path, data
     assert m["step"] == 10 and m["donor"] != m["trial"] and m["ratios"]
     assert res["applied_ratios"] == [{"trial": m["trial"], "step": 10, "ratios": m["ratios"]}]
     # the donor's tuned values after 10 steps, trained here alone from its PBT (Table 5) values
-    problem = clarke.load_problem(cfg)
-    one = clarke.ClarkeConfig(**{**cfg.__dict__, "inits": 1})
-    donor = clarke.start_method(
+    problem = load_problem(cfg)
+    one = ClarkeConfig(**{**cfg.__dict__, "inits": 1})
+    donor = start_method(
         one,
         problem,
-        clarke.Method(merge_train_val=False),
+        Method(merge_train_val=False),
         first=m["donor_member"],
         hparams={n: [m["pbt_old"][n]] for n in S.HPARAM_NAMES},
     )

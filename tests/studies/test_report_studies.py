@@ -27,10 +27,21 @@ def test_write_report_prints_metrics_of_other_experiments(tmp_path, data_dir):
             "2",
             "--test-size",
             "50",
-            "--steps",
+            "--lookback",
             "1",
         ],
-        "val-split": ["--pool", "100", "--fractions", "0.5", "--iterations", "4", "--test-size", "50", "--steps", "1"],
+        "val-split": [
+            "--pool",
+            "100",
+            "--fractions",
+            "0.5",
+            "--iterations",
+            "4",
+            "--test-size",
+            "50",
+            "--lookback",
+            "1",
+        ],
     }
     for exp, argv in runs.items():
         out = tmp_path / exp

@@ -13,7 +13,9 @@ import torch
 from bilevel import population as pop
 from bilevel_studies import _common as C
 from bilevel_studies import cli
-from bilevel_studies.clarke import clarke
+from bilevel_studies.clarke.config import METHODS, ClarkeConfig
+from bilevel_studies.clarke.methods import build_tuner
+from bilevel_studies.clarke.problem import load_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -55,7 +57,7 @@ BAD = [
     ("run asha-pbt", "--report-every", "0", "argument --report-every: must be an integer >= 1, got 0"),
     ("run bayesopt", "--samples", "0", "argument --samples: must be an integer >= 1, got 0"),
     ("run inverse-study", "--hyper-steps", "0", "argument --hyper-steps: must be an integer >= 1, got 0"),
-    ("run overfit-validation", "--steps", "-1", "argument --steps: must be an integer >= 0, got -1"),
+    ("run overfit-validation", "--lookback", "-1", "argument --lookback: must be an integer >= 0, got -1"),
     ("run distill", "--hyper-lr", "-0.1", "argument --hyper-lr: must be a number > 0, got -0.1"),
     (
         "run val-split",
@@ -235,20 +237,20 @@ def test_seeds_give_disjoint_initialisations(data_dir):
     assert pop.derived_seed(1, 0) == pop.SEED_STRIDE and pop.derived_seed(2, 5) == 2 * pop.SEED_STRIDE + 5
     with pytest.raises(ValueError):
         pop.derived_seed(0, pop.SEED_STRIDE)
-    cfg = clarke.ClarkeConfig(dataset="energy", inits=6, steps=1, data_dir=str(data_dir))
-    problem = clarke.load_problem(cfg)
-    method = clarke.METHODS["ours-wd-lr-m"]
-    zero = clarke.build_tuner(cfg, problem, method)
+    cfg = ClarkeConfig(dataset="energy", inits=6, steps=1, data_dir=str(data_dir))
+    problem = load_problem(cfg)
+    method = METHODS["ours-wd-lr-m"]
+    zero = build_tuner(cfg, problem, method)
     params, _ = pop.init_population(problem.init, 6, 0)
     for k in params:
         assert torch.equal(zero.params[k], params[k])  # seed 0: member i on seed i, as before
-    one = clarke.build_tuner(clarke.ClarkeConfig(**{**cfg.__dict__, "seed": 1}), problem, method)
+    one = build_tuner(ClarkeConfig(**{**cfg.__dict__, "seed": 1}), problem, method)
     a, b = zero.describe()["lr"].tolist(), one.describe()["lr"].tolist()
     assert not set(a) & set(b)
     w0, w1 = zero.params["W0"].flatten(1), one.params["W0"].flatten(1)
     assert not any(torch.equal(x, y) for x in w0 for y in w1)
     # the same seed gives the same numbers; a block of members equals the same members of the whole population
-    again = clarke.build_tuner(clarke.ClarkeConfig(**{**cfg.__dict__, "seed": 1, "inits": 2}), problem, method, first=3)
+    again = build_tuner(ClarkeConfig(**{**cfg.__dict__, "seed": 1, "inits": 2}), problem, method, first=3)
     assert torch.equal(again.params["W0"], one.params["W0"][3:5])
     assert "S * 1_000_003 + i" in C.SEED_HELP
 
@@ -316,3 +318,59 @@ def test_a_failed_run_leaves_no_threads_file(tmp_path, capsys):
     assert cli.main(["run", "clarke", "--dataset", "no-such-set", "--out", str(out)]) != 0
     assert not out.exists()
     capsys.readouterr()
+
+
+# one name per idea: --lookback is the Neumann/unrolled step count, --steps weight updates, --damping the eps
+# of (J + eps I); the old spellings still parse (recorded commands run), hidden from --help, with one warning line
+@pytest.mark.parametrize(
+    "command,new,old,value,dest,expected",
+    [
+        ("lstm", "--lookback", "--terms", "2", "lookback", 2),
+        ("lstm", "--overfit-lookback", "--overfit-terms", "4", "overfit_lookback", 4),
+        ("augment", "--lookback", "--terms", "2", "lookback", 2),
+        ("overfit-validation", "--lookback", "--steps", "7", "lookback", 7),
+        ("val-split", "--lookback", "--steps", "7", "lookback", 7),
+        ("distill", "--lookback", "--steps", "7", "lookback", 7),
+        ("inverse-study", "--lookback", "--steps", "7", "lookback", 7),
+        ("inverse-study", "--max-lookback", "--max-steps", "9", "max_lookback", 9),
+        ("inverse-study", "--lookbacks", "--neumann-terms", "1,3", "lookbacks", [1, 3]),
+        ("anti-distill", "--damping", "--eps", "0.5,2", "damping", [0.5, 2.0]),
+    ],
+)
+def test_old_option_names_are_deprecated_aliases(capsys, command, new, old, value, dest, expected):
+    parser = cli.build_parser()
+    base = ["run", command, "--out", "x"]
+    a = parser.parse_args([*base, new, value])
+    assert getattr(a, dest) == expected and capsys.readouterr().err == ""
+    a = parser.parse_args([*base, old, value])
+    assert getattr(a, dest) == expected
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bilevel run {command}: warning: {old} is deprecated; use {new}"]
+    default = getattr(parser.parse_args(base), dest)  # the alias leaves the default alone
+    assert default is None or default != expected
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--help"])
+    shown = capsys.readouterr().out
+    assert new in shown and f"{old} " not in shown.replace(f"{new} ", "")
+
+
+def test_clarke_steps_are_weight_updates_and_lookback_the_neumann_steps():
+    a = cli.build_parser().parse_args(["run", "clarke", "--out", "x", "--steps", "30", "--lookback", "2"])
+    assert (a.steps, a.lookback) == (30, 2)
+
+
+def test_datasets_names_the_loader_of_every_data_set(capsys, monkeypatch):
+    """``bilevel datasets`` shows, for every data set it lists, the public loader call that loads it (a new
+    user needs no IDX or pickle parsing of their own), and that call is the one ``bilevel.data.load`` makes."""
+    import bilevel.data as D
+
+    monkeypatch.setattr(cli, "console", cli.Console(width=400))
+    assert cli.main(["datasets"]) == 0
+    shown = capsys.readouterr().out
+    for info in D.DATASETS.values():
+        call = info.loader_call
+        name = call.removeprefix("bilevel.data.").split("(")[0]
+        assert callable(getattr(D, name)) and name in D.__all__, call
+        row = next(line for line in shown.splitlines() if f" {info.name} " in line)
+        assert call in row, (info.name, row)
+    assert "bilevel.data.load_mnist_splits(fashion=True)" in D.DATASETS["fashion-mnist"].loader_call

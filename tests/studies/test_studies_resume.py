@@ -46,7 +46,7 @@ OVERFIT = [
     "5",
     "--test-size",
     "100",
-    "--steps",
+    "--lookback",
     "2",
 ]
 
@@ -82,7 +82,7 @@ def test_val_split_resumes_per_regime_and_fraction(tmp_path, data_dir, monkeypat
         "10",
         "--test-size",
         "100",
-        "--steps",
+        "--lookback",
         "2",
     ]
     label = lambda a: (a[1], a[2])  # noqa: E731  (regime, fraction)

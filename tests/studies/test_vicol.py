@@ -48,7 +48,7 @@ def test_response_matrix_matches_explicit_series_and_inverse():
 
 def test_library_bilevel_loop_lands_on_the_closed_form_fixed_point():
     """Cold start + Neumann, and warm start + proximal (Alg. 3), on the 1/n Fourier problem."""
-    cfg = AD.Config(amplitudes=["inv"], neumann_ks=[3], unroll_ks=[2], eps=[1.0], outer_steps=40, mlp=False)
+    cfg = AD.Config(amplitudes=["inv"], neumann_ks=[3], unroll_ks=[2], damping=[1.0], outer_steps=40, mlp=False)
     res = AD.run_linear(cfg, "inv")
     for r in res["runs"]:
         assert r["status"] == "ok"
@@ -132,7 +132,7 @@ def test_cli_anti_distill(tmp_path, monkeypatch):
         "2",
         "--unroll-ks",
         "2",
-        "--eps",
+        "--damping",
         "1",
         "--mlp-neumann-ks",
         "2",
@@ -185,7 +185,7 @@ def test_cli_anti_distill_outer_lr_points_and_validation_point(tmp_path):
         "3",
         "--unroll-ks",
         "",
-        "--eps",
+        "--damping",
         "1",
         "--no-mlp",
         "--outer-steps",

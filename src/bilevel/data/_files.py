@@ -40,7 +40,14 @@ _VERIFIED: set[tuple[str, int, int, str]] = set()
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The data directory: ``path`` if given, else ``$BILEVEL_DATA``, else ``~/.cache/bilevel``."""
+    """The data directory.
+
+    Args:
+        path: an explicit directory.
+
+    Returns:
+        ``path`` if given, else ``$BILEVEL_DATA``, else ``~/.cache/bilevel`` (user-expanded).
+    """
     if path is None:
         path = os.environ.get(ENV_DATA) or DEFAULT_DATA_DIR
     return Path(path).expanduser()
@@ -51,7 +58,15 @@ def _download_default() -> bool:
 
 
 def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
-    """Hex digest of the file at ``path`` (:func:`pooch.file_hash`)."""
+    """Hex digest of a file (:func:`pooch.file_hash`).
+
+    Args:
+        path: the file.
+        algo: ``"sha256"`` or ``"md5"``.
+
+    Returns:
+        The digest in hexadecimal.
+    """
     return str(pooch.file_hash(str(path), alg=algo))
 
 
@@ -61,14 +76,22 @@ def _state(path: Path) -> tuple[str, int, int]:
 
 
 def verify(path: str | os.PathLike, key: str | None = None, accepted: Sequence[str] | None = None) -> bool:
-    """Check ``path`` against its known digest(s); raise ``ValueError`` naming the file on mismatch.
+    """Check a data file against its known digest(s).
 
-    ``key`` is the path relative to the data directory used to look up
-    :data:`CHECKSUMS`; ``accepted`` overrides the table (``"sha256:<hex>"`` /
-    ``"md5:<hex>"`` entries).  Returns False when no digest is known (nothing
-    checked), True when one matched (hashed with :func:`pooch.file_hash`).  Results are cached
-    per process, keyed on the file's resolved path, size and modification time, so
+    Results are cached per process, keyed on the file's resolved path, size and modification time, so
     repeated loads are cheap.
+
+    Args:
+        path: the file.
+        key: its path relative to the data directory, to look up :data:`CHECKSUMS` (``None``: no lookup).
+        accepted: digests that override the table (``"sha256:<hex>"`` / ``"md5:<hex>"`` entries).
+
+    Returns:
+        ``True`` when a digest matched (hashed with :func:`pooch.file_hash`), ``False`` when none is known
+        (nothing checked).
+
+    Raises:
+        ValueError: a mismatch, naming the file, the expected hash and what to do.
     """
     path = Path(path)
     if accepted is None:
@@ -94,6 +117,7 @@ def verify(path: str | os.PathLike, key: str | None = None, accepted: Sequence[s
 
 
 def clear_verification_cache() -> None:
+    """Forget which files were verified in this process (the next load hashes them again)."""
     _VERIFIED.clear()
 
 
@@ -107,13 +131,23 @@ def _copy_file_url(url: str, output_file: str, pooch_: object = None, check_only
 
 
 def download(url: str, dest: str | os.PathLike, known_hash: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` with :func:`pooch.retrieve` and return ``dest``.
+    """Download ``url`` to ``dest`` with :func:`pooch.retrieve`.
 
     ``http(s)://`` and ``ftp://`` go through pooch's downloaders with a progress bar;
-    ``file://`` URLs are copied.  pooch writes to a temporary file in the destination
-    folder and checks it against ``known_hash`` (``"sha256:<hex>"`` / ``"md5:<hex>"``;
-    ``ValueError`` on mismatch, nothing left behind) before moving it into place.  A
-    failed download also removes the folders it created.
+    ``file://`` URLs are copied. pooch writes to a temporary file in the destination
+    folder and checks it before moving it into place. A failed download also removes the
+    folders it created.
+
+    Args:
+        url: where the file is served.
+        dest: the file to write.
+        known_hash: ``"sha256:<hex>"`` / ``"md5:<hex>"`` the download must match (``None``: unchecked).
+
+    Returns:
+        ``dest`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: the download does not match ``known_hash`` (nothing is left behind).
     """
     dest = Path(dest)
     created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # innermost first
@@ -139,14 +173,25 @@ def fetch(
     download_if_missing: bool | None = None,
     check: bool = True,
 ) -> Path:
-    """Path of data file ``key`` (relative to the data directory), verified.
+    """Path of a data file, verified (and downloaded if missing and allowed).
 
-    A file present in the data directory is used as it is (checked against
-    :data:`CHECKSUMS`).  When it is absent and downloading is allowed
-    (``download_if_missing``, default ``$BILEVEL_DOWNLOAD`` which defaults to on)
-    each of ``urls`` is tried in turn with :func:`download`, checked against the
-    file's :data:`REGISTRY` hash.  Otherwise ``FileNotFoundError`` names the path
-    and how to provide it.
+    A file present in the data directory is used as it is (checked against :data:`CHECKSUMS`). When it
+    is absent and downloading is allowed, each of ``urls`` is tried in turn with :func:`download`,
+    checked against the file's :data:`REGISTRY` hash.
+
+    Args:
+        key: the file's path relative to the data directory.
+        root: the data directory (:func:`data_dir`).
+        urls: official sources of the file, tried in order.
+        download_if_missing: allow downloading (default ``$BILEVEL_DOWNLOAD``, which defaults to on).
+        check: verify the file (:func:`verify`).
+
+    Returns:
+        The file's path.
+
+    Raises:
+        FileNotFoundError: the file is absent and cannot be downloaded (naming the path and how to provide it).
+        ValueError: the file does not match its digest.
     """
     root = data_dir(root)
     path = root / key

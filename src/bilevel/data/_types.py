@@ -33,13 +33,17 @@ class SplitData:
 
     @property
     def y_trainval(self) -> Tensor:
+        """Training and validation targets merged (train rows first)."""
         return torch.cat([self.y_train, self.y_val])
 
     def merged(self) -> Self:
         """A copy whose training set is train+validation and whose validation set is empty.
 
-        Clarke et al. (2022) train their "Random" baselines on train+validation.
-        Normalisation statistics are left as they were.
+        Clarke et al. (2022) train their "Random" baselines on train+validation. Normalisation statistics
+        are left as they were.
+
+        Returns:
+            The merged copy (same type).
         """
         empty_X = self.X_val[:0]
         empty_y = self.y_val[:0]
@@ -55,10 +59,19 @@ class SplitData:
 
     @property
     def sizes(self) -> tuple[int, int, int]:
+        """``(n_train, n_val, n_test)`` rows."""
         return len(self.X_train), len(self.X_val), len(self.X_test)
 
     def to(self, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None) -> Self:
-        """A copy on ``device``; floating tensors are also cast to ``dtype`` when given."""
+        """A copy on another device and, for floating tensors, dtype.
+
+        Args:
+            device: the device (``None``: unchanged).
+            dtype: the dtype of the floating tensors (``None``: unchanged); labels keep theirs.
+
+        Returns:
+            The copy (same type, same metadata).
+        """
         kw = {k: getattr(self, k) for k in self.__dataclass_fields__}
         for k, v in kw.items():
             if isinstance(v, Tensor):
@@ -81,6 +94,14 @@ class RegressionData(SplitData):
     y_std: Tensor | None = None
 
     def unnormalise_y(self, y: Tensor) -> Tensor:
+        """Map standardised targets or predictions back to the original target scale.
+
+        Args:
+            y: values in standardised units.
+
+        Returns:
+            ``y * y_std + y_mean`` (``y`` itself when the targets were not normalised).
+        """
         if self.y_mean is None:
             return y
         assert self.y_std is not None  # set together with y_mean

@@ -113,7 +113,18 @@ def load_cifar10(
     data_dir: str | os.PathLike | None = None,
     download: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(X_train, y_train, X_test, y_test)``: uint8 (N, 3, 32, 32) images, int64 labels (50000 / 10000)."""
+    """The official CIFAR-10 train and test sets.
+
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: uint8 (N, 3, 32, 32) images, int64 labels (50000 / 10000).
+
+    Raises:
+        FileNotFoundError: the python batches are absent and cannot be downloaded.
+    """
     return _load(_CIFAR10, CIFAR10_URL, data_dir, download)
 
 
@@ -121,8 +132,18 @@ def load_cifar100(
     data_dir: str | os.PathLike | None = None,
     download: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """CIFAR-100 ``(X_train, y_train, X_test, y_test)``: uint8 (N, 3, 32, 32), int64 fine labels 0..99
-    (50000 / 10000)."""
+    """The official CIFAR-100 train and test sets, fine labels.
+
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: uint8 (N, 3, 32, 32), int64 fine labels 0..99 (50000 / 10000).
+
+    Raises:
+        FileNotFoundError: the python batches are absent and cannot be downloaded.
+    """
     return _load(_CIFAR100, CIFAR100_URL, data_dir, download)
 
 
@@ -134,6 +155,14 @@ def load_cifar10_splits(
     Default: the official 10000-image test set is kept and a seeded 20% of the 50000
     training images is the validation set (``fractions=None``); pass ``fractions``
     to pool and re-split instead.
+
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+        **kw: passed to :func:`~bilevel.data.mnist.image_splits` (``fractions``, ``seed``, ``flatten``, ...).
+
+    Returns:
+        The :class:`~bilevel.data.ClassificationData` (10 classes).
     """
     return _splits(load_cifar10(data_dir, download=download), "cifar10", kw)
 
@@ -141,7 +170,16 @@ def load_cifar10_splits(
 def load_cifar100_splits(
     data_dir: str | os.PathLike | None = None, download: bool | None = None, **kw: Any
 ) -> ClassificationData:
-    """:func:`load_cifar100` then :func:`~bilevel.data.mnist.image_splits` (same defaults as CIFAR-10)."""
+    """:func:`load_cifar100` then :func:`~bilevel.data.mnist.image_splits` (same defaults as CIFAR-10).
+
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+        **kw: passed to :func:`~bilevel.data.mnist.image_splits`.
+
+    Returns:
+        The :class:`~bilevel.data.ClassificationData` (100 classes).
+    """
     return _splits(load_cifar100(data_dir, download=download), "cifar100", kw)
 
 

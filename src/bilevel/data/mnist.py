@@ -56,7 +56,17 @@ _IDX_DTYPES: dict[int, npt.DTypeLike] = {
 
 
 def parse_idx(raw: bytes) -> np.ndarray:
-    """Parse idx-format bytes (LeCun's format: 2 zero bytes, type code, ndim, big-endian dims)."""
+    """Parse idx-format bytes (LeCun's format: 2 zero bytes, type code, ndim, big-endian dims).
+
+    Args:
+        raw: the file's content (already gunzipped).
+
+    Returns:
+        The array, with the dtype and shape the header gives.
+
+    Raises:
+        ValueError: not an idx header, or a size that does not match it.
+    """
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError("not an idx file (bad magic number)")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
@@ -70,7 +80,14 @@ def parse_idx(raw: bytes) -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file, gunzipping it when its name ends in ``.gz``."""
+    """Read an idx file, gunzipping it when its name ends in ``.gz``.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The array (:func:`parse_idx`).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -82,9 +99,15 @@ def load_mnist(
     fashion: bool = False,
     download: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(X_train, y_train, X_test, y_test)``: uint8 images (N, 28, 28) and int64 labels.
+    """The official MNIST (or Fashion-MNIST) train and test sets, checksum-verified.
 
-    MNIST: 60000 / 10000; Fashion-MNIST the same.  Files are checksum-verified.
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        fashion: Fashion-MNIST instead of MNIST.
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: uint8 images (N, 28, 28) and int64 labels, 60000 / 10000.
     """
     folder, urls = ("fashion-mnist", FASHION_URLS) if fashion else ("mnist", MNIST_URLS)
     arrays = []
@@ -107,6 +130,15 @@ def load_mnist(
 def load_fashion_mnist(
     data_dir: str | os.PathLike | None = None, download: bool | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The official Fashion-MNIST train and test sets: :func:`load_mnist` with ``fashion=True``.
+
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: uint8 images (N, 28, 28) and int64 labels, 60000 / 10000.
+    """
     return load_mnist(data_dir, fashion=True, download=download)
 
 
@@ -124,13 +156,23 @@ def image_splits(
 ) -> ClassificationData:
     """Train / validation / test split of an image classification set, as floats in [0, 1].
 
-    ``fractions`` (default 60/20/20, Clarke et al. 2022): the official train and test
-    sets are pooled (70000 images for MNIST) and shuffled with ``seed`` before
-    splitting.  ``fractions=None`` keeps the official test set and carves a seeded
-    ``val_fraction`` of the training set off as validation.
+    Args:
+        X_train: the official training images, (N, H, W) or (N, C, H, W).
+        y_train: their labels.
+        X_test: the official test images.
+        y_test: their labels.
+        fractions: (default 60/20/20, Clarke et al. 2022) the official train and test sets are pooled
+            (70000 images for MNIST) and shuffled with ``seed`` before splitting; ``None`` keeps the official
+            test set and carves a seeded ``val_fraction`` of the training set off as validation.
+        seed: the shuffle's seed.
+        flatten: flatten the images to (N, C*H*W); else shape them (N, C, H, W) (a channel axis is added to
+            (N, H, W) images).
+        dtype: the images' floating dtype.
+        val_fraction: the validation share of the training set when ``fractions`` is ``None``.
+        scale: the images are divided by it (``None``: left as they are).
 
-    Images are divided by ``scale`` (``None``: left as they are) and either flattened to
-    (N, C*H*W) or shaped (N, C, H, W) (a channel axis is added to (N, H, W) images).
+    Returns:
+        The :class:`~bilevel.data.ClassificationData`.
     """
 
     def prep(X: Tensor) -> Tensor:
@@ -167,7 +209,18 @@ def image_splits(
 def load_mnist_splits(
     data_dir: str | os.PathLike | None = None, fashion: bool = False, download: bool | None = None, **kw: Any
 ) -> ClassificationData:
-    """:func:`load_mnist` followed by :func:`image_splits` (keyword arguments go to the latter)."""
+    """:func:`load_mnist` followed by :func:`image_splits` (what ``bilevel.data.load("mnist")`` and
+    ``load("fashion-mnist")`` call).
+
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        fashion: Fashion-MNIST instead of MNIST.
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+        **kw: passed to :func:`image_splits`.
+
+    Returns:
+        The :class:`~bilevel.data.ClassificationData` (10 classes).
+    """
     data = image_splits(*load_mnist(data_dir, fashion=fashion, download=download), **kw)
     data.metadata["name"] = "fashion-mnist" if fashion else "mnist"
     return data

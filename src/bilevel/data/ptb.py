@@ -29,6 +29,14 @@ class Dictionary:
     idx2word: list[str] = field(default_factory=list)
 
     def add_word(self, word: str) -> int:
+        """The id of ``word``, added with the next id if it is new.
+
+        Args:
+            word: a token.
+
+        Returns:
+            Its id.
+        """
         if word not in self.word2idx:
             self.word2idx[word] = len(self.idx2word)
             self.idx2word.append(word)
@@ -49,13 +57,23 @@ class Corpus:
 
     @property
     def vocab(self) -> dict[str, int]:
+        """Token -> id."""
         return self.dictionary.word2idx
 
     @property
     def ntokens(self) -> int:
+        """The vocabulary size."""
         return len(self.dictionary)
 
     def decode(self, ids: Iterable[int | Tensor]) -> list[str]:
+        """The tokens of a sequence of ids.
+
+        Args:
+            ids: token ids (ints or 0-d tensors).
+
+        Returns:
+            The words.
+        """
         return [self.dictionary.idx2word[int(i)] for i in ids]
 
 
@@ -69,7 +87,15 @@ def _words(path: str | os.PathLike[str]) -> list[str]:
 
 
 def load_ptb(data_dir: str | os.PathLike | None = None, download: bool | None = None) -> Corpus:
-    """Tokenise the three PTB files into a :class:`Corpus` (files checksum-verified)."""
+    """Tokenise the three PTB files into a :class:`Corpus` (files checksum-verified).
+
+    Args:
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+
+    Returns:
+        The corpus: one dictionary (10k words and ``<eos>``) and the train / valid / test token streams.
+    """
     d = Dictionary()
     ids = []
     for part in ("train", "valid", "test"):
@@ -86,6 +112,14 @@ def batchify(data: Tensor, batch_size: int, device: torch.device | str | None = 
     """Trim ``data`` to a multiple of ``batch_size`` and lay it out as (nbatch, batch_size).
 
     Column ``j`` is the ``j``-th contiguous chunk of the stream (AWD-LSTM's ``batchify``).
+
+    Args:
+        data: a token stream, shape (N,).
+        batch_size: the number of parallel streams.
+        device: where to put the result.
+
+    Returns:
+        The (N // batch_size, batch_size) matrix.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -100,8 +134,15 @@ def get_batch(
 ) -> tuple[Tensor, Tensor]:
     """Input rows ``i : i+L`` of a batchified ``source`` and the next-token targets.
 
-    ``L = min(seq_len or bptt, len(source) - 1 - i)``.  The target is rows
-    ``i+1 : i+1+L``, flattened to (L*batch,) as in AWD-LSTM unless ``flatten_target=False``.
+    Args:
+        source: a :func:`batchify`-ed stream.
+        i: the first row.
+        bptt: the window length.
+        seq_len: overrides ``bptt``; ``L = min(seq_len or bptt, len(source) - 1 - i)``.
+        flatten_target: flatten the targets to (L*batch,) as AWD-LSTM does.
+
+    Returns:
+        ``(inputs, targets)``: rows ``i : i+L`` and rows ``i+1 : i+1+L``.
     """
     seq_len = min(seq_len if seq_len else bptt, len(source) - 1 - i)
     if seq_len < 1:

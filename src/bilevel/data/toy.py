@@ -22,10 +22,20 @@ def load_sklearn(
 ) -> RegressionData | ClassificationData:
     """Seeded train / validation / test split of a scikit-learn toy data set.
 
-    ``"diabetes"`` (442 x 10 regression): :class:`RegressionData`, inputs and target
-    standardised with training statistics when ``normalise``.  ``"digits"``
-    (1797 8x8 images, 10 classes): :class:`ClassificationData`, pixels scaled from
-    0..16 to [0, 1] when ``normalise``, flattened to 64 features.
+    Args:
+        name: ``"diabetes"`` (442 x 10 regression; inputs and target standardised with training statistics
+            when ``normalise``) or ``"digits"`` (1797 8x8 images, 10 classes; pixels scaled from 0..16 to
+            [0, 1] when ``normalise``, flattened to 64 features).
+        fractions: train / validation / test shares.
+        seed: the split's seed.
+        dtype: the inputs' floating dtype.
+        normalise: as above.
+
+    Returns:
+        :class:`~bilevel.data.RegressionData` (diabetes) or :class:`~bilevel.data.ClassificationData` (digits).
+
+    Raises:
+        ValueError: an unknown name.
     """
     key = str(name).strip().lower()
     if key not in SKLEARN_DATASETS:

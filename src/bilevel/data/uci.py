@@ -91,7 +91,17 @@ UCI_ALIASES = _aliases()
 
 
 def uci_name(name: str) -> str:
-    """Canonical UCI name for ``name`` (case-insensitive; folder and Clarke names accepted)."""
+    """Canonical UCI name (case-insensitive; folder and Clarke names accepted).
+
+    Args:
+        name: a name or alias.
+
+    Returns:
+        One of :data:`UCI_DATASETS`.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     try:
         return UCI_ALIASES[str(name).strip().lower()]
     except KeyError:
@@ -120,7 +130,16 @@ def _perm_file(clarke: str, data_dir: str | os.PathLike | None, download: bool |
 
 
 def load_uci_raw(name: str, data_dir: str | os.PathLike | None = None, download: bool | None = None) -> np.ndarray:
-    """The whole ``data.txt`` of a UCI set as a float64 array (rows x columns)."""
+    """The whole ``data.txt`` of a UCI set.
+
+    Args:
+        name: a UCI name (:func:`uci_name`).
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``; :func:`data_dir`).
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+
+    Returns:
+        A float64 array, rows x columns (the target is the last column).
+    """
     folder = UCI_DATASETS[uci_name(name)][0]
     return np.loadtxt(_uci_file(folder, "data.txt", data_dir, download), dtype=np.float64, ndmin=2)
 
@@ -149,6 +168,16 @@ def load_uci(
             (``None``: Clarke's fixed N, about 10%).
         normalise: ``True``/``"train"``: statistics from training rows;
             ``"train_val"``: from train+validation rows (Clarke's code); ``False``: raw.
+        data_dir: the data directory (default: ``$BILEVEL_DATA``, else ``~/.cache/bilevel``).
+        dtype: the tensors' floating dtype.
+        download: fetch missing files from their official sources (default: ``$BILEVEL_DOWNLOAD``, on).
+
+    Returns:
+        The :class:`~bilevel.data.RegressionData`, targets of shape (n, 1), with the normalisation
+        statistics (``y_std`` turns a standardised MSE back into target units).
+
+    Raises:
+        ValueError: an unknown name, split or ``normalise``, or fractions that leave no training rows.
     """
     canon = uci_name(name)
     folder, clarke, n_rows, n_trainval_clarke = UCI_DATASETS[canon]

@@ -54,6 +54,17 @@ AWD_HPARAMS = ("dropoute", "dropouti", "dropouth", "dropouto", "wdrop", "alpha",
 
 
 def num_layers(params: Mapping[str, Tensor]) -> int:
+    """The number of LSTM layers of a parameter dict.
+
+    Args:
+        params: an LSTM language model's parameters (:func:`~bilevel.nets.lstm.lstm_lm_init`).
+
+    Returns:
+        The number of ``W_ih<l>`` keys.
+
+    Raises:
+        ValueError: not an LSTM LM parameter dict.
+    """
     n = sum(1 for k in params if k.startswith("W_ih"))
     if n < 1 or any(f"W_hh{i}" not in params for i in range(n)):
         raise ValueError(f"not an LSTM LM parameter dict (need W_ih0.., W_hh0..): keys {list(params)}")
@@ -61,8 +72,15 @@ def num_layers(params: Mapping[str, Tensor]) -> int:
 
 
 def awd_sites(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Shape templates of the dropout sites: ``emb`` (V,), ``input`` (E,), ``hidden<l>`` (H,) between layers
-    l and l+1, ``output`` (H,), and ``W_hh<l>`` (4H, H). Used as the ``params`` of the hyperparameter space."""
+    """Shape templates of the dropout sites, used as the ``params`` of the hyperparameter space.
+
+    Args:
+        params: the LSTM language model's parameters.
+
+    Returns:
+        ``emb`` (V,), ``input`` (E,), ``hidden<l>`` (H,) between layers l and l+1, ``output`` (H,), and
+        ``W_hh<l>`` (4H, H) (uninitialised tensors: only their shapes count).
+    """
     L = num_layers(params)
     V, E = params["emb"].shape
     like = params["emb"]
@@ -85,9 +103,19 @@ def awd_space(
 ) -> tuple[HyperParameterSpace, dict[str, Tensor]]:
     """The 7 AWD-LSTM hyperparameters (scalar or per unit/weight) and their initial raw values.
 
-    Every rate starts at ``rate`` (Lorraine et al. initialise at 0.5) unless ``rates`` names it;
-    ``alpha``/``beta`` are AWD-LSTM's AR/TAR defaults. Returns ``(space, raw)``; pass
-    ``awd_sites(params)`` as ``params`` to the space's methods.
+    Args:
+        params: the LSTM language model's parameters.
+        granularity: ``"scalar"`` or ``"element"`` (one rate per unit/word/weight).
+        rate: the initial rate of every dropout (Lorraine et al. initialise at 0.5).
+        alpha: the initial AR coefficient (AWD-LSTM's default).
+        beta: the initial TAR coefficient (AWD-LSTM's default).
+        rates: initial rates of named dropouts (``dropoute``, ``dropouti``, ``dropouth``, ``dropouto``, ``wdrop``).
+
+    Returns:
+        ``(space, raw)``; pass ``awd_sites(params)`` as ``params`` to the space's methods.
+
+    Raises:
+        ValueError: ``"tensor"`` granularity or an unknown rate name.
     """
     g = Granularity(granularity)
     if g is Granularity.TENSOR:
@@ -114,7 +142,13 @@ def awd_noise(
 ) -> dict[str, Tensor]:
     """One draw of the uniform noise of every dropout site for a mini-batch of ``batch_size`` sequences.
 
-    Shapes: ``emb`` (V,), ``input`` (B, E), ``hidden<l>`` and ``output`` (B, H), ``W_hh<l>`` (4H, H).
+    Args:
+        params: the LSTM language model's parameters (dtype and device of the noise).
+        batch_size: B, the sequences of the mini-batch.
+        generator: the random generator.
+
+    Returns:
+        ``emb`` (V,), ``input`` (B, E), ``hidden<l>`` and ``output`` (B, H), ``W_hh<l>`` (4H, H).
     """
     like = params["emb"]
     out = {}
@@ -136,11 +170,24 @@ def awd_lstm_forward(
     noise: Mapping[str, Tensor] | None = None,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logits (T*B, V), raw last-layer outputs, dropped last-layer outputs)`` for int64 ``tokens`` (T, B).
+    """The AWD-LSTM forward pass, with (training) or without (evaluation) the regularisers.
 
-    ``nat``: natural hyperparameters (``space.natural(raw)``); ``None`` (with ``noise=None``) runs without
-    dropout (evaluation). Embedding dropout -> input dropout -> per layer DropConnect on ``W_hh`` and the
-    recurrence, hidden dropout between layers -> output dropout -> decoder.
+    Embedding dropout -> input dropout -> per layer DropConnect on ``W_hh`` and the recurrence, hidden
+    dropout between layers -> output dropout -> decoder.
+
+    Args:
+        params: the LSTM language model's parameters.
+        tokens: int64 token ids, shape (T, B).
+        nat: natural hyperparameters (``space.natural(raw)``); ``None`` (with ``noise=None``) runs without
+            dropout (evaluation).
+        noise: :func:`awd_noise`'s draw for this mini-batch.
+        temperature: the concrete-dropout temperature.
+
+    Returns:
+        ``(logits (T*B, V), raw last-layer outputs, dropped last-layer outputs)``.
+
+    Raises:
+        ValueError: only one of ``nat``/``noise``, or ``tokens`` not 2-d.
     """
     if (nat is None) != (noise is None):
         raise ValueError("pass both nat= and noise= for a training pass, or neither for evaluation")
@@ -181,8 +228,19 @@ def awd_lstm_loss(
     noise: Mapping[str, Tensor] | None = None,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> Tensor:
-    """AWD-LSTM training loss ``CE + alpha * AR(dropped output) + beta * TAR(raw output)``; plain CE without
-    ``nat``/``noise`` (evaluation). ``targets`` are the next tokens flattened to (T*B,)."""
+    """AWD-LSTM training loss ``CE + alpha * AR(dropped output) + beta * TAR(raw output)``.
+
+    Args:
+        params: the LSTM language model's parameters.
+        tokens: int64 token ids, shape (T, B).
+        targets: the next tokens, flattened to (T*B,).
+        nat: natural hyperparameters; ``None`` (with ``noise=None``): plain cross-entropy (evaluation).
+        noise: :func:`awd_noise`'s draw.
+        temperature: the concrete-dropout temperature.
+
+    Returns:
+        The scalar loss.
+    """
     logits, raw_out, dropped = awd_lstm_forward(params, tokens, nat, noise, temperature)
     loss = F.cross_entropy(logits, targets.reshape(-1))
     if nat is not None:

@@ -39,13 +39,29 @@ class LeNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of a batch of images.
+
+        Args:
+            x: images, shape (N, C, H, W) or (N, H, W) (a channel axis is added).
+
+        Returns:
+            Logits, shape (N, num_classes).
+        """
         if x.dim() == 3:
             x = x.unsqueeze(-3)
         return self.classifier(self.features(x))
 
 
 def module_init(module: nn.Module, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Fresh parameters for ``module`` (reset with torch's default initialisation, seeded by ``generator``)."""
+    """Fresh parameters for ``module`` (reset with torch's default initialisation, seeded by ``generator``).
+
+    Args:
+        module: the model (its parameters are reset in place).
+        generator: the random generator (``None``: torch's global state).
+
+    Returns:
+        Copies of the new parameters by name.
+    """
     seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator is not None else None
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -90,6 +106,14 @@ class AlexNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of a batch of images.
+
+        Args:
+            x: images, shape (N, C, H, W).
+
+        Returns:
+            Logits, shape (N, num_classes).
+        """
         if x.dim() == 3:
             x = x.unsqueeze(-3)
         return self.classifier(self.features(x))
@@ -125,11 +149,28 @@ class CifarResNet(nn.Module):
         self.head = nn.Linear(c_in, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of a batch of images.
+
+        Args:
+            x: images, shape (N, C, H, W).
+
+        Returns:
+            Logits, shape (N, num_classes).
+        """
         if x.dim() == 3:
             x = x.unsqueeze(-3)
         return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
 
 def resnet44(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> CifarResNet:
-    """ResNet-44 (``n = 7``) of He et al. (2016), used by Lorraine et al. (2020) Fig. 5 / Fig. 10."""
+    """ResNet-44 (``n = 7``) of He et al. (2016), used by Lorraine et al. (2020) Fig. 5 / Fig. 10.
+
+    Args:
+        in_channels: image channels.
+        num_classes: the number of classes.
+        width: the stem's channels.
+
+    Returns:
+        The :class:`CifarResNet`.
+    """
     return CifarResNet(7, in_channels, num_classes, width)

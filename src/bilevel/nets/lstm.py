@@ -23,8 +23,21 @@ def lstm_lm_init(
     dtype: torch.dtype = torch.float32,
     init_range: float = 0.1,
 ) -> dict[str, Tensor]:
-    """Embedding ``emb`` (vocab, embed); per layer ``W_ih{l}`` (4h, in), ``W_hh{l}`` (4h, h), ``b{l}`` (4h);
-    decoder ``dec_W`` (vocab, h), ``dec_b``. Uniform(-init_range, init_range) as in Zaremba et al. (2014)."""
+    """Parameters of a word-level LSTM language model, Uniform(-init_range, init_range) as in Zaremba et al. (2014).
+
+    Args:
+        vocab: the vocabulary size V.
+        embed: the embedding size E.
+        hidden: the units per layer h.
+        layers: the number of layers.
+        generator: the random generator.
+        dtype: the parameters' dtype (drawn in float64 first, so seeded draws agree across dtypes).
+        init_range: the uniform range.
+
+    Returns:
+        Embedding ``emb`` (V, E); per layer ``W_ih{l}`` (4h, in), ``W_hh{l}`` (4h, h), ``b{l}`` (4h, zeros);
+        decoder ``dec_W`` (V, h), ``dec_b`` (zeros).
+    """
 
     def u(*shape: int) -> Tensor:
         return ((torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1) * init_range).to(dtype)
@@ -41,7 +54,15 @@ def lstm_lm_init(
 
 
 def lstm_lm_forward(params: dict[str, Tensor], tokens: Tensor) -> Tensor:
-    """Logits of shape (T * B, vocab) for int64 ``tokens`` of shape (T, B), from a zero state."""
+    """Next-token logits of the LSTM language model, from a zero state.
+
+    Args:
+        params: :func:`lstm_lm_init`'s parameters.
+        tokens: int64 token ids, shape (T, B).
+
+    Returns:
+        Logits of shape (T * B, vocab).
+    """
     layers = sum(1 for k in params if k.startswith("W_ih"))
     x = params["emb"][tokens]  # (T, B, E)
     T, B = tokens.shape
@@ -51,10 +72,19 @@ def lstm_lm_forward(params: dict[str, Tensor], tokens: Tensor) -> Tensor:
 
 
 def lstm_layer(x: Tensor, W_ih: Tensor, W_hh: Tensor, b: Tensor) -> Tensor:
-    """One LSTM layer over a (T, B, in) sequence from a zero state; returns the hidden states (T, B, h).
+    """One LSTM layer over a sequence from a zero state.
 
     Gates ``i, f, g, o = chunk(x_t W_ih^T + h_{t-1} W_hh^T + b, 4)``,
     ``c_t = s(f) c_{t-1} + s(i) tanh(g)``, ``h_t = s(o) tanh(c_t)`` (Hochreiter & Schmidhuber 1997).
+
+    Args:
+        x: the inputs, shape (T, B, in).
+        W_ih: input weights (4h, in).
+        W_hh: recurrent weights (4h, h).
+        b: biases (4h,).
+
+    Returns:
+        The hidden states, shape (T, B, h).
     """
     T, B = x.shape[0], x.shape[1]
     H = W_hh.shape[1]

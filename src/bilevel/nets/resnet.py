@@ -50,13 +50,31 @@ class ResNet18(nn.Module):
         self.head = nn.Linear(c_in, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of a batch of images.
+
+        Args:
+            x: images, shape (N, 3, 32, 32).
+
+        Returns:
+            Logits, shape (N, num_classes).
+        """
         return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
 
 def resnet18_init(
     num_classes: int = 10, generator: torch.Generator | None = None, width: int = 64, dtype: torch.dtype = torch.float32
 ) -> dict[str, Tensor]:
-    """Parameters of a freshly initialised :class:`ResNet18` (seeded through ``generator``)."""
+    """Parameters of a freshly initialised :class:`ResNet18` (seeded through ``generator``).
+
+    Args:
+        num_classes: the number of classes.
+        generator: the random generator (``None``: torch's global state).
+        width: the stem's channels (64: the paper's ResNet-18).
+        dtype: the parameters' dtype.
+
+    Returns:
+        The parameters by name (detached).
+    """
     seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator is not None else None
     with torch.random.fork_rng():
         if seed is not None:
@@ -71,7 +89,15 @@ _TEMPLATES: dict[tuple[int, int], ResNet18] = {}
 
 
 def resnet18_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """Logits for images ``x`` (N, 3, 32, 32) with the given parameters."""
+    """Logits for images with the given parameters (``torch.func.functional_call``; vmap-able).
+
+    Args:
+        params: :func:`resnet18_init`'s parameters.
+        x: images, shape (N, 3, 32, 32).
+
+    Returns:
+        Logits, shape (N, num_classes).
+    """
     num_classes, width = params["head.weight"].shape[0], params["stem.0.weight"].shape[0]
     key = (num_classes, width)
     if key not in _TEMPLATES:  # random initialisation of a throw-away template: not allowed inside vmap

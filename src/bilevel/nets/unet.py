@@ -73,6 +73,18 @@ class UNet(nn.Module):
             nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, noise: Tensor) -> Tensor:
+        """The augmented images ``x + g([x, noise])``.
+
+        Args:
+            x: images (N, channels, H, W), sides divisible by ``2 ** (depth - 1)``.
+            noise: (N, noise_channels, H, W).
+
+        Returns:
+            The augmented images, shape of ``x``.
+
+        Raises:
+            ValueError: shapes that do not fit.
+        """
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"UNet expects images of shape (N, {self.channels}, H, W), got {tuple(x.shape)}")
         want = (x.shape[0], self.noise_channels, *x.shape[2:])
@@ -96,7 +108,15 @@ class UNet(nn.Module):
 
 
 def unet_init(module: UNet, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Fresh, seeded parameters for ``module`` (torch's default convolution initialisation, zero output layer)."""
+    """Fresh, seeded parameters for ``module`` (torch's default convolution initialisation, zero output layer).
+
+    Args:
+        module: the U-Net (its output layer is zeroed too, so it starts as the identity map).
+        generator: the random generator.
+
+    Returns:
+        The parameters by name.
+    """
     from .convnets import module_init
 
     params = module_init(module, generator)  # this also re-initialises the output convolution ...
@@ -107,15 +127,29 @@ def unet_init(module: UNet, generator: torch.Generator | None = None) -> dict[st
 
 
 def augment(module: UNet, params: Mapping[str, Tensor], x: Tensor, noise: Tensor) -> Tensor:
-    """``f_lambda(x, eps)`` with the U-Net weights ``params`` (a pure function of them)."""
+    """``f_lambda(x, eps)`` with the U-Net weights ``params`` (a pure function of them).
+
+    Args:
+        module: the U-Net (its own weights are not used).
+        params: the weights lambda.
+        x: images.
+        noise: eps.
+
+    Returns:
+        The augmented images.
+    """
     return torch.func.functional_call(module, dict(params), (x, noise))
 
 
 def augmenter_space(params: Mapping[str, Tensor]) -> tuple[HyperParameterSpace, dict[str, Tensor]]:
     """The augmenter's weights as one per-element hyperparameter (``identity`` transform), and its raw dict.
 
-    Returns ``(space, raw)`` with ``raw["augment/<param>"] = params[<param>]`` (copies); recover the
-    U-Net weights with ``space.natural(raw)["augment"]``.
+    Args:
+        params: the U-Net weights.
+
+    Returns:
+        ``(space, raw)`` with ``raw["augment/<param>"] = params[<param>]`` (copies); recover the U-Net
+        weights with ``space.natural(raw)["augment"]``.
     """
     hp = HyperParameter(AUGMENT_HPARAM, IDENTITY, 0.0, 0.0, granularity=Granularity.ELEMENT)
     space = HyperParameterSpace([hp])

@@ -8,6 +8,11 @@ from .report import write_report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m bilevel.report RESULTS [OUT_DIR]``: :func:`~bilevel.report.write_report`, printing the paths.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
     ap = argparse.ArgumentParser(prog="python -m bilevel.report", description=__doc__)
     ap.add_argument("results", type=Path, help="results.json written by the experiment")
     ap.add_argument("out_dir", type=Path, nargs="?", help="default: alongside results.json")

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .._io import atomic_savefig
+from ..rundir import atomic_savefig
 from .stats import as_array, bootstrap_curve, split_diverged
 
 if TYPE_CHECKING:
@@ -96,8 +96,19 @@ def _log_if_positive(ax: Axes, axis: str, values: npt.ArrayLike) -> None:
 def plot_median_curves(
     results: dict, path: str | os.PathLike[str], key: str = "test_loss", n_resamples: int = 1000, seed: int = 0
 ) -> Path | None:
-    """Bootstrapped median ``key`` (default test loss) against training step, one line per
-    method with a ±1 s.e. band; log y-scale.  Diverged entries are ignored at each step."""
+    """Bootstrapped median ``key`` (default test loss) against training step, one line per method with a
+    ±1 s.e. band; log y-scale. Diverged entries are ignored at each step.
+
+    Args:
+        results: a Clarke-style results dict (``results["methods"][NAME]``).
+        path: the PNG to write (atomically).
+        key: the recorded curve, ``curves[key]`` of each method.
+        n_resamples: bootstrap resamples.
+        seed: the bootstrap's seed.
+
+    Returns:
+        ``path``, or ``None`` when no method recorded curves.
+    """
     fig, ax = _new_figure()
     drawn = []
     for name, m in _methods(results).items():
@@ -124,8 +135,14 @@ def plot_median_curves(
 
 # --------------------------------------------------------------------------- Fig. 9
 def ecdf(values: Iterable[float | None] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical CDF of the finite values, scaled by the fraction of runs that did
-    not diverge: returns sorted ``x`` and ``y = i / n_total`` (max ``< 1`` if any diverged)."""
+    """Empirical CDF of the finite values, scaled by the fraction of runs that did not diverge.
+
+    Args:
+        values: final losses, ``None``/NaN/inf for diverged runs.
+
+    Returns:
+        Sorted ``x`` and ``y = i / n_total`` (its maximum is ``< 1`` if any run diverged).
+    """
     finite, diverged = split_diverged(values)
     x = np.sort(finite)
     total = finite.size + diverged
@@ -133,9 +150,17 @@ def ecdf(values: Iterable[float | None] | np.ndarray | None) -> tuple[np.ndarray
 
 
 def plot_cdf(results: dict, path: str | os.PathLike[str], key: str = "final_test_loss") -> Path | None:
-    """Empirical CDFs of final test loss per method (log x); each CDF tops out at the
-    fraction of non-diverged runs (Clarke et al. Fig. 9, App. B.4).  Methods whose runs all
-    diverged are listed in the legend with no curve."""
+    """Empirical CDFs of final test loss per method (log x); each CDF tops out at the fraction of non-diverged
+    runs (Clarke et al. Fig. 9, App. B.4). Methods whose runs all diverged are listed in the legend with no curve.
+
+    Args:
+        results: a Clarke-style results dict (``results["methods"][NAME]``).
+        path: the PNG to write.
+        key: the per-run values of each method.
+
+    Returns:
+        ``path``, or ``None`` when no method has values.
+    """
     present = {name: m[key] for name, m in _methods(results).items() if m.get(key) is not None}
     if not present:
         return None
@@ -161,7 +186,15 @@ def plot_cdf(results: dict, path: str | os.PathLike[str], key: str = "final_test
 
 # --------------------------------------------------------------------------- Fig. 10
 def trajectories(method: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, matrix[init, step])`` of hyperparameter ``name`` (NaN where missing)."""
+    """The trajectories of one hyperparameter of a method over its initialisations.
+
+    Args:
+        method: one method's results (``hparams[name]``, one list per initialisation, and ``hparams["step"]``).
+        name: the hyperparameter.
+
+    Returns:
+        ``(steps, matrix[init, step])`` (NaN where missing).
+    """
     block = method.get("hparams") or {}
     data = _matrix(block.get(name))
     return _steps(block, data.shape[1] if data.ndim == 2 else 0), data
@@ -170,8 +203,19 @@ def trajectories(method: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
 def plot_lr_trajectories(
     results: dict, path: str | os.PathLike[str], n: int = 5, seed: int = 0, name: str = "lr"
 ) -> Path | None:
-    """``n`` randomly chosen learning-rate trajectories per method (log y), one colour per
-    method (Clarke et al. Fig. 10).  Prefers initialisations whose trajectory is finite."""
+    """``n`` randomly chosen learning-rate trajectories per method (log y), one colour per method (Clarke et al.
+    Fig. 10). Prefers initialisations whose trajectory is finite.
+
+    Args:
+        results: a Clarke-style results dict (``results["methods"][NAME]``).
+        path: the PNG to write.
+        n: trajectories per method.
+        seed: the choice's seed.
+        name: the hyperparameter drawn.
+
+    Returns:
+        ``path``, or ``None`` when no method recorded that hyperparameter.
+    """
     fig, ax = _new_figure()
     rng = np.random.default_rng(seed)
     drawn = []
@@ -203,8 +247,18 @@ def plot_lr_trajectories(
 def initial_hparams(
     method: dict, x: str = "lr", y: str = "weight_decay", key: str = "final_test_loss"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(x0, y0, loss)`` over initialisations: the first entry of each hyperparameter
-    trajectory and the final loss (NaN where diverged)."""
+    """The initial hyperparameters and final loss of every initialisation of a method.
+
+    Args:
+        method: one method's results.
+        x: the first hyperparameter.
+        y: the second hyperparameter.
+        key: the per-run final loss.
+
+    Returns:
+        ``(x0, y0, loss)``: the first entry of each hyperparameter trajectory and the final loss (NaN where
+        diverged).
+    """
     _, X = trajectories(method, x)
     _, Y = trajectories(method, y)
     loss = as_array(method.get(key))
@@ -217,11 +271,22 @@ def initial_hparams(
 def fit_landscape(
     x0: npt.ArrayLike, y0: npt.ArrayLike, loss: npt.ArrayLike, nan_fill: float = 150.0, seed: int = 0
 ) -> GaussianProcessRegressor | None:
-    """Gaussian process on ``(log10 x0, log10 y0) -> log10 loss`` (Clarke et al. App. B:
-    RBF + white-noise kernel, sklearn's automatic kernel-hyperparameter fit, diverged runs
-    replaced by the large loss ``nan_fill``).  Points with non-positive or non-finite
-    hyperparameters are dropped.  Returns the fitted ``GaussianProcessRegressor``, whose
-    ``predict`` takes log10 inputs and returns log10 loss; ``None`` if < 2 usable points."""
+    """Gaussian process on ``(log10 x0, log10 y0) -> log10 loss`` (Clarke et al. App. B: RBF + white-noise
+    kernel, sklearn's automatic kernel-hyperparameter fit).
+
+    Points with non-positive or non-finite hyperparameters are dropped.
+
+    Args:
+        x0: initial values of the first hyperparameter.
+        y0: initial values of the second.
+        loss: final losses (NaN: diverged).
+        nan_fill: the large loss that replaces a diverged run's.
+        seed: the optimiser restarts' seed.
+
+    Returns:
+        The fitted ``GaussianProcessRegressor``, whose ``predict`` takes log10 inputs and returns log10 loss;
+        ``None`` with fewer than 2 usable points.
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
@@ -259,10 +324,25 @@ def plot_landscape(
     nan_fill: float = 150.0,
     seed: int = 0,
 ) -> Path | None:
-    """Clarke et al. Fig. 3: GP-interpolated final test loss of the fixed-hyperparameter
-    ``baseline`` runs, indexed by their initial ``(x, y)``, as log-log background shading,
-    overlaid with (up to ``n_traj``) hyperparameter trajectories of ``method``
-    (circle = start, cross = end).  ``None`` if the baseline lacks usable hparams."""
+    """Clarke et al. Fig. 3: GP-interpolated final test loss of the fixed-hyperparameter ``baseline`` runs,
+    indexed by their initial ``(x, y)``, as log-log background shading, overlaid with (up to ``n_traj``)
+    hyperparameter trajectories of ``method`` (circle = start, cross = end).
+
+    Args:
+        results: a Clarke-style results dict (``results["methods"][NAME]``).
+        path: the PNG to write.
+        baseline: the method whose final losses make the landscape.
+        method: the method whose trajectories are drawn over it.
+        x: the hyperparameter on the x axis.
+        y: the hyperparameter on the y axis.
+        n_traj: trajectories drawn (``None``: all).
+        grid: the landscape's resolution per axis.
+        nan_fill: the loss of a diverged run in the fit (:func:`fit_landscape`).
+        seed: the fit's and the trajectories' seed.
+
+    Returns:
+        ``path``, or ``None`` if the baseline lacks usable hyperparameters.
+    """
     methods = _methods(results)
     if baseline not in methods:
         return None

@@ -29,8 +29,18 @@ def _is_leaf(v: Any) -> bool:
 
 
 def flatten_metrics(metrics: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    """``[(path, value)]`` for every leaf of a nested mapping (numbers, booleans, strings, ``None``, lists of
-    them); lists of lists or mappings are expanded with their indices as keys."""
+    """Every leaf of a nested mapping with its path.
+
+    Leaves are numbers, booleans, strings, ``None`` and lists of them; lists of lists or mappings are
+    expanded with their indices as keys.
+
+    Args:
+        metrics: the nested mapping.
+        prefix: the path of ``metrics`` itself.
+
+    Returns:
+        ``[(path, value)]`` in depth-first order.
+    """
     rows: list[tuple[tuple[str, ...], Any]] = []
     for k, v in metrics.items():
         path = (*prefix, str(k))
@@ -44,7 +54,14 @@ def flatten_metrics(metrics: Mapping, prefix: tuple[str, ...] = ()) -> list[tupl
 
 
 def format_value(v: Any) -> str:
-    """Four significant figures for floats; ``-`` for ``None`` (a diverged run or an undefined value)."""
+    """One table cell.
+
+    Args:
+        v: a leaf value.
+
+    Returns:
+        Four significant figures for floats; ``-`` for ``None`` (a diverged run or an undefined value).
+    """
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -59,11 +76,19 @@ def format_value(v: Any) -> str:
 
 
 def metrics_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
-    """``(columns, rows)`` of formatted cells for ``metrics``.
+    """Formatted cells for ``metrics``.
 
     Wide layout when the leaves share few keys (at most :data:`MAX_COLUMNS` distinct ones): a row per
     path above the leaves, a column per leaf key. Otherwise a long layout, one ``(metric, value)`` row per leaf.
-    Raises ``ValueError`` when ``metrics`` is not a non-empty mapping.
+
+    Args:
+        metrics: an experiment's nested ``metrics``.
+
+    Returns:
+        ``(columns, rows)``.
+
+    Raises:
+        ValueError: ``metrics`` is not a non-empty mapping.
     """
     if not isinstance(metrics, Mapping):
         raise ValueError(f"'metrics' must be a mapping of names to numbers, got {type(metrics).__name__}")
@@ -85,6 +110,16 @@ def metrics_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
 
 
 def print_metrics(metrics: Mapping, title: str, console: Console | None = None) -> tuple[list[str], list[list[str]]]:
+    """Print ``metrics`` as a rich table (:func:`metrics_table`).
+
+    Args:
+        metrics: an experiment's nested ``metrics``.
+        title: the table's title.
+        console: where to print (default: a new rich console).
+
+    Returns:
+        ``(columns, rows)`` as printed.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -101,6 +136,17 @@ def print_metrics(metrics: Mapping, title: str, console: Console | None = None) 
 def markdown_metrics(
     columns: list[str], rows: list[list[str]], title: str | None = None, figures: list[Path] | None = None
 ) -> str:
+    """The table of :func:`print_metrics` in GitHub-flavoured markdown.
+
+    Args:
+        columns: the header.
+        rows: the formatted cells.
+        title: a bold line above the table.
+        figures: the figures of the run, listed below the table (``None``: no list; empty: "none").
+
+    Returns:
+        The markdown text, ending in a newline.
+    """
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

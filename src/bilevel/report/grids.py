@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from .._io import atomic_savefig, atomic_write
+from ..rundir import atomic_savefig, atomic_write
 
 __all__ = ["make_grid", "save_image_grid", "save_heatmaps"]
 
@@ -78,10 +78,17 @@ def make_grid(
 ) -> np.ndarray:
     """Tile images row by row into a ``(R*(H+p)+p, K*(W+p)+p, 3)`` array in ``[0, 1]``.
 
-    ``nrow`` images per row (default ``ceil(sqrt(N))``), ``padding`` pixels of
-    ``pad_value`` around every tile. ``normalize``: ``"per-image"`` min-max scales each
-    image to ``[0, 1]`` (a constant image becomes 0), ``"global"`` uses one min and max
-    for all, ``"none"`` clips to ``[0, 1]``. Grey images are repeated over 3 channels.
+    Args:
+        images: N images, (N, H, W), (N, C, H, W), (N, H, W, C) or flattened with ``shape``.
+        nrow: images per row (default ``ceil(sqrt(N))``).
+        padding: pixels of ``pad_value`` around every tile.
+        normalize: ``"per-image"`` min-max scales each image to ``[0, 1]`` (a constant image becomes 0),
+            ``"global"`` uses one min and max for all, ``"none"`` clips to ``[0, 1]``.
+        pad_value: the padding's grey level.
+        shape: the image shape of flattened images.
+
+    Returns:
+        The RGB grid (grey images are repeated over 3 channels).
     """
     x = _normalise(_as_images(images, shape), normalize)
     n, h, w, _ = x.shape
@@ -116,11 +123,25 @@ def save_image_grid(
     shape: Sequence[int] | None = None,
     tile_inches: float = 1.0,
 ) -> Path:
-    """Write ``images`` as a PNG grid at ``path``; returns the path.
+    """Write ``images`` as a PNG grid.
 
-    Without ``labels``/``title`` the PNG holds exactly :func:`make_grid`'s pixels
-    (8-bit); with a ``title`` only, a figure showing that grid under the title; with
-    ``labels``, a matplotlib figure with one captioned panel per image.
+    Without ``labels``/``title`` the PNG holds exactly :func:`make_grid`'s pixels (8-bit); with a ``title``
+    only, a figure showing that grid under the title; with ``labels``, a matplotlib figure with one
+    captioned panel per image.
+
+    Args:
+        images: as :func:`make_grid`.
+        path: the PNG to write (atomically).
+        nrow: images per row.
+        padding: pixels between tiles.
+        normalize: as :func:`make_grid`.
+        labels: one caption per image.
+        title: the figure's title.
+        shape: the image shape of flattened images.
+        tile_inches: the size of one panel in a figure.
+
+    Returns:
+        ``path``.
     """
     path = _png(path)
     if labels is None and title is None:
@@ -182,8 +203,18 @@ def save_heatmaps(
 ) -> Path:
     """Draw square matrices side by side with one symmetric colour scale and a colour bar.
 
-    ``transform`` (e.g. ``np.tanh``) is applied elementwise first, as Lorraine et al.
-    (2020) Fig. 4 does to show inverse Hessians whose entries span many magnitudes.
+    Args:
+        matrices: the matrices.
+        titles: one title per matrix.
+        path: the PNG to write (atomically).
+        transform: applied elementwise first (e.g. ``np.tanh``, as Lorraine et al. (2020) Fig. 4 does to
+            show inverse Hessians whose entries span many magnitudes).
+        cmap: the matplotlib colour map.
+        title: the figure's title.
+        panel_inches: the size of one panel.
+
+    Returns:
+        ``path``.
     """
     if len(matrices) != len(titles) or not matrices:
         raise ValueError(

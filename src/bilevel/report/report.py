@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text
+from ..rundir import atomic_write_text
 from .figures import initial_hparams, plot_cdf, plot_landscape, plot_lr_trajectories, plot_median_curves
 from .tables import _title, markdown_table, print_table
 
@@ -25,7 +25,14 @@ TABLE_KEY = {"sensitivity": "median_final_test_loss"}
 
 
 def load_results(results_or_path: dict | str | os.PathLike[str]) -> dict:
-    """A results dict, or one read from a ``results.json`` path (``NaN`` and ``null`` allowed)."""
+    """A results dict, or one read from a ``results.json`` path (``NaN`` and ``null`` allowed).
+
+    Args:
+        results_or_path: the dict itself, or the path of its JSON file.
+
+    Returns:
+        The results dict.
+    """
     if isinstance(results_or_path, dict):
         return results_or_path
     try:
@@ -111,16 +118,30 @@ def write_report(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> list[Path]:
-    """Print the summary table and write ``table.md``, ``median_curves.png``, ``cdf.png``,
-    ``lr_trajectories.png`` and ``landscape.png`` into ``out_dir`` (each figure only when
-    the data allow it: ``curves``/``hparams`` may be absent).  Returns the written paths.
-    For the landscape, ``method`` falls back to the first other method with lr/weight-decay
-    trajectories.
+    """Print the summary table of a run and write its table and figures.
 
-    That is for Clarke-style results (experiments in :data:`CLARKE_LAYOUT`). For any other experiment
-    its ``metrics`` are printed as a table (:mod:`bilevel.report.generic`), written to ``table.md``
-    together with the names of the figures already beside results.json (the experiment drew them);
-    the returned list is then ``[table.md]``. A file that is neither raises ``ValueError`` saying why."""
+    For Clarke-style results (experiments in :data:`CLARKE_LAYOUT`): ``table.md``, ``median_curves.png``,
+    ``cdf.png``, ``lr_trajectories.png`` and ``landscape.png`` (each figure only when the data allow it:
+    ``curves``/``hparams`` may be absent). For the landscape, ``method`` falls back to the first other
+    method with lr/weight-decay trajectories. For any other experiment its ``metrics`` are printed as a
+    table (:mod:`bilevel.report.generic`) and written to ``table.md`` together with the names of the figures
+    already beside results.json (the experiment drew them).
+
+    Args:
+        results_or_path: a results dict or the path of a ``results.json``.
+        out_dir: where to write.
+        console: where to print (default: a new rich console).
+        baseline: the landscape's fixed-hyperparameter method.
+        method: the method whose trajectories are drawn over the landscape.
+        n_resamples: bootstrap resamples of the table's error bars.
+        seed: the bootstrap's seed.
+
+    Returns:
+        The written paths (``[table.md]`` for a generic experiment).
+
+    Raises:
+        ValueError: a file that is neither kind, saying why.
+    """
     source = None if isinstance(results_or_path, dict) else Path(results_or_path)
     results = load_results(results_or_path)
     kind = _kind(results, str(source) if source is not None else "results")

@@ -18,14 +18,28 @@ __all__ = ["as_array", "split_diverged", "bootstrap", "bootstrap_curve"]
 
 
 def as_array(values: Iterable | None) -> np.ndarray:
-    """Floats from a JSON list: ``None`` becomes NaN (a diverged run)."""
+    """Floats from a JSON list.
+
+    Args:
+        values: numbers and ``None`` (``None`` itself: an empty list).
+
+    Returns:
+        A float64 array, ``None`` entries as NaN (a diverged run).
+    """
     if values is None:
         return np.empty(0)
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
 def split_diverged(values: Iterable[float | None] | np.ndarray | None) -> tuple[np.ndarray, int]:
-    """``(finite values, number diverged)``; None, NaN and +-inf count as diverged."""
+    """The finite values and how many diverged (``None``, NaN and +-inf count as diverged).
+
+    Args:
+        values: per-run values.
+
+    Returns:
+        ``(finite values, number diverged)``.
+    """
     arr = as_array(values) if not isinstance(values, np.ndarray) else values.astype(float).ravel()
     finite = np.isfinite(arr)
     return arr[finite], int((~finite).sum())
@@ -47,14 +61,19 @@ def bootstrap(
 ) -> tuple[float, float]:
     """Bootstrap estimate and standard error of ``stat`` over ``values``.
 
-    Returns ``(estimate, standard_error)``: ``estimate`` is ``stat`` of the
-    finite values themselves (so ``bootstrap(x, np.mean)[0] == np.mean(x)``);
-    ``standard_error`` is the standard deviation (``ddof=1``) of ``stat`` over
-    ``n_resamples`` resamples with replacement, each the size of the sample.
+    Diverged entries (None, NaN, inf) are excluded; count them with :func:`split_diverged`.
 
-    Diverged entries (None, NaN, inf) are excluded; count them with
-    :func:`split_diverged`.  With no finite value both are NaN; with one, the
-    standard error is 0.  ``seed`` makes the resampling deterministic.
+    Args:
+        values: per-run values.
+        stat: the statistic, e.g. ``np.mean`` or ``np.median``.
+        n_resamples: resamples with replacement, each the size of the sample.
+        seed: makes the resampling deterministic.
+
+    Returns:
+        ``(estimate, standard_error)``: ``estimate`` is ``stat`` of the finite values themselves (so
+        ``bootstrap(x, np.mean)[0] == np.mean(x)``); ``standard_error`` is the standard deviation
+        (``ddof=1``) of ``stat`` over the resamples. With no finite value both are NaN; with one, the
+        standard error is 0.
     """
     x, _ = split_diverged(values)
     n = x.size
@@ -77,11 +96,18 @@ def bootstrap_curve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-step bootstrap of ``stat`` over initialisations (Clarke et al. Fig. 8).
 
-    ``curves`` is a list (one per initialisation) of per-step losses, ``None``
-    where diverged; ragged lists are padded with NaN.  Initialisations are
-    resampled jointly (whole curves), and at each step the statistic ignores
-    non-finite entries.  Returns ``(estimate, standard_error)`` arrays over
-    steps; steps where every run has diverged give NaN.
+    Initialisations are resampled jointly (whole curves), and at each step the statistic ignores
+    non-finite entries.
+
+    Args:
+        curves: one list per initialisation of per-step losses, ``None`` where diverged; ragged lists are
+            padded with NaN.
+        stat: the statistic (NaN-aware, e.g. ``np.nanmedian``).
+        n_resamples: bootstrap resamples.
+        seed: makes the resampling deterministic.
+
+    Returns:
+        ``(estimate, standard_error)`` arrays over steps; steps where every run has diverged give NaN.
     """
     rows = [as_array(c) for c in curves]
     if not rows:

@@ -32,11 +32,16 @@ def _methods(results: dict) -> dict:
 def summary_table(results: dict, n_resamples: int = 1000, seed: int = 0) -> list[dict]:
     """One row per method of ``results["methods"]`` (in file order).
 
-    Keys: ``method``; ``n`` (all initialisations); ``diverged`` (final test loss
-    None/NaN/inf); ``mean``, ``mean_se``, ``median``, ``median_se`` (bootstrap,
-    :func:`~bilevel.report.stats.bootstrap`, over the ``n - diverged`` finite
-    runs only); ``best`` (lowest finite final test loss).  Statistics are NaN
-    when every run diverged.
+    Args:
+        results: a Clarke-style results dict (``results["methods"][NAME]``).
+        n_resamples: bootstrap resamples.
+        seed: the bootstrap's seed.
+
+    Returns:
+        Rows with keys ``method``; ``n`` (all initialisations); ``diverged`` (final test loss None/NaN/inf);
+        ``mean``, ``mean_se``, ``median``, ``median_se`` (bootstrap, :func:`~bilevel.report.stats.bootstrap`,
+        over the ``n - diverged`` finite runs only); ``best`` (lowest finite final test loss). Statistics are
+        NaN when every run diverged.
     """
     rows = []
     for name, m in _methods(results).items():
@@ -60,8 +65,16 @@ def summary_table(results: dict, n_resamples: int = 1000, seed: int = 0) -> list
 
 
 def format_pm(value: float, se: float) -> str:
-    """``"value ± se"`` with se to one significant figure and value to the same decimal place
-    (as in Clarke et al. Table 1: ``24 ± 2``, ``8.3 ± 0.7``, ``17.192 ± 0.004``)."""
+    """``"value ± se"`` with se to one significant figure and value to the same decimal place (as in Clarke et
+    al. Table 1: ``24 ± 2``, ``8.3 ± 0.7``, ``17.192 ± 0.004``).
+
+    Args:
+        value: the estimate.
+        se: its standard error.
+
+    Returns:
+        The text (``—`` for a non-finite value; the value alone for a non-finite or zero se).
+    """
     if not math.isfinite(value):
         return "—"
     if not math.isfinite(se) or se <= 0:
@@ -77,7 +90,14 @@ def format_pm(value: float, se: float) -> str:
 
 
 def format_best(value: float) -> str:
-    """Three significant figures, keeping trailing zeros (``5.70``, ``0.124``, ``15.4``)."""
+    """Three significant figures, keeping trailing zeros (``5.70``, ``0.124``, ``15.4``).
+
+    Args:
+        value: the number.
+
+    Returns:
+        The text.
+    """
     if not math.isfinite(value):
         return "—"
     s = f"{value:#.3g}"
@@ -85,8 +105,16 @@ def format_best(value: float) -> str:
 
 
 def best_in_error_bars(rows: Sequence[dict], key: str) -> set[str]:
-    """Methods whose ``key`` value lies within the error bars of the best (lowest) method
-    (Clarke et al. embolden these).  For ``best`` (no error bar) only the minimum."""
+    """Methods whose ``key`` value lies within the error bars of the best (lowest) method (Clarke et al.
+    embolden these). For ``best`` (no error bar) only the minimum.
+
+    Args:
+        rows: :func:`summary_table`'s rows.
+        key: ``"mean"``, ``"median"`` or ``"best"``.
+
+    Returns:
+        The methods' names.
+    """
     finite = [r for r in rows if math.isfinite(r[key])]
     if not finite:
         return set()
@@ -111,7 +139,15 @@ def _cells(rows: Sequence[dict]) -> Iterator[tuple[dict, dict[str, str], dict[st
 
 
 def format_table(rows: Sequence[dict], title: str | None = None) -> Table:
-    """A :class:`rich.table.Table`: Method, Mean, Median, Best, #NaN (best entries bold)."""
+    """A :class:`rich.table.Table`: Method, Mean, Median, Best, #NaN (best entries bold).
+
+    Args:
+        rows: :func:`summary_table`'s rows.
+        title: the table's title.
+
+    Returns:
+        The table.
+    """
     from rich.table import Table
 
     table = Table(title=title)
@@ -134,7 +170,16 @@ def _title(results: dict) -> str:
 
 
 def print_table(results: dict, console: Console | None = None, **kwargs: Any) -> list[dict]:
-    """Print the summary of ``results`` with rich; returns the rows."""
+    """Print the summary of ``results`` with rich.
+
+    Args:
+        results: a Clarke-style results dict (``results["methods"][NAME]``).
+        console: where to print (default: a new rich console).
+        **kwargs: passed to :func:`summary_table`.
+
+    Returns:
+        The rows.
+    """
     from rich.console import Console
 
     rows = summary_table(results, **kwargs)
@@ -143,7 +188,15 @@ def print_table(results: dict, console: Console | None = None, **kwargs: Any) ->
 
 
 def markdown_table(rows: Sequence[dict], title: str | None = None) -> str:
-    """GitHub-flavoured markdown version of :func:`format_table` (bold = within best's error bars)."""
+    """GitHub-flavoured markdown version of :func:`format_table` (bold = within best's error bars).
+
+    Args:
+        rows: :func:`summary_table`'s rows.
+        title: a bold line above the table.
+
+    Returns:
+        The markdown text.
+    """
     lines = [f"**{title}**", ""] if title else []
     lines += ["| Method | Mean | Median | Best | #NaN |", "|---|---:|---:|---:|---:|"]
     for r, cells, bold in _cells(rows):

@@ -17,7 +17,6 @@ nothing here imports them at import time, and every entry point that needs one r
 from .ray_tune import (
     Interrupted,
     blocks,
-    check_run_config,
     clip_to_domains,
     merge_blocks,
     pbt_ratios,
@@ -29,7 +28,6 @@ from .ray_tune import (
 __all__ = [
     "Interrupted",
     "blocks",
-    "check_run_config",
     "clip_to_domains",
     "merge_blocks",
     "pbt_ratios",

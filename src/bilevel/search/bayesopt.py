@@ -43,7 +43,14 @@ Evaluate = Callable[[int, Sequence[Mapping[str, float]]], Mapping[str, Any]]
 
 
 def distributions(space: Mapping[str, Any]) -> dict[str, Any]:
-    """Optuna distributions of ``space``: a ``(low, high)`` pair becomes a uniform ``FloatDistribution``."""
+    """Optuna distributions of a search space.
+
+    Args:
+        space: name -> an Optuna distribution, or a ``(low, high)`` pair (a uniform ``FloatDistribution``).
+
+    Returns:
+        name -> Optuna distribution.
+    """
     optuna = require("optuna")
     return {
         name: d
@@ -54,7 +61,19 @@ def distributions(space: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_study(seed: int, sampler: str = "gp", startup: int = 5) -> Study:
-    """A minimising in-memory Optuna study with the GP (or TPE) sampler, ``startup`` random samples first."""
+    """A minimising in-memory Optuna study with the GP (or TPE) sampler, ``startup`` random samples first.
+
+    Args:
+        seed: the sampler's seed.
+        sampler: ``"gp"`` or ``"tpe"``.
+        startup: random samples before the model proposes.
+
+    Returns:
+        The study.
+
+    Raises:
+        ValueError: an unknown sampler.
+    """
     optuna = require("optuna")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "greenlet unavailable"
     if sampler == "gp":
@@ -67,8 +86,13 @@ def make_study(seed: int, sampler: str = "gp", startup: int = 5) -> Study:
 
 
 def replay(study: Study, records: Sequence[Mapping[str, Any]], dists: Mapping[str, Any]) -> None:
-    """Tell a fresh study the samples of an interrupted run (``records`` as :func:`run` stores them,
-    ``dists`` the space's :func:`distributions`)."""
+    """Tell a fresh study the samples of an interrupted run.
+
+    Args:
+        study: the fresh study.
+        records: one repeat's samples, as :func:`run` stores them.
+        dists: the space's :func:`distributions`.
+    """
     optuna = require("optuna")
     for r in records:
         told = r.get("told", r["val"])
@@ -83,7 +107,16 @@ def replay(study: Study, records: Sequence[Mapping[str, Any]], dists: Mapping[st
 
 
 def objective(val: float | None, seen: Sequence[float | None]) -> float | None:
-    """What a study is told: the validation loss, or for a diverged sample the worst finite one seen (else None)."""
+    """What a study is told for one sample.
+
+    Args:
+        val: the sample's validation loss (``None``: diverged).
+        seen: the validation losses of the repeat's earlier samples.
+
+    Returns:
+        ``val``, or for a diverged sample the worst finite one seen (``None`` if there is none: the trial is
+        then told it failed).
+    """
     if val is not None:
         return val
     finite = [v for v in seen if v is not None]
@@ -91,7 +124,15 @@ def objective(val: float | None, seen: Sequence[float | None]) -> float | None:
 
 
 def incumbent(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float | None], list[float | None]]:
-    """After each sample: cumulative seconds, and the validation and test loss of the best-validation sample."""
+    """The incumbent of one repeat after each sample.
+
+    Args:
+        records: the repeat's samples, in order.
+
+    Returns:
+        ``(cumulative seconds, validation losses, test losses)`` of the best-validation sample so far,
+        one entry per sample (``None`` until a sample succeeded).
+    """
     times, vals, tests, t, best = [], [], [], 0.0, None
     for r in records:
         t += r["seconds"]
@@ -120,14 +161,31 @@ def run(
     """``repeats`` Bayesian optimisations of ``samples`` evaluations each over ``space``.
 
     Study r is seeded ``derived_seed(seed, r)`` (``seed * 1_000_003 + r``, :func:`bilevel.population.derived_seed`:
-    other base seeds give other studies). At sample k the ``repeats`` proposed points (each mapped by
-    ``transform``, default: as proposed) are scored by one call ``evaluate(k, points)``, which
-    returns their validation (``"val"``) and test (``"test"``) losses; the evaluation time (its
-    ``"seconds"``, else the call's) is shared equally by the repeats. ``state``/``save`` resume
-    after each sample (the studies are rebuilt by :func:`replay`). Returns per-repeat
-    ``final_test_loss``/``final_val_loss`` (of the best-validation sample), ``seconds`` (time
-    attributed to the repeat) and every sample (``records``: ``params`` as proposed, their
-    ``natural`` (transformed) values, ``val``, ``test``, what the study was ``told`` and ``seconds``).
+    other base seeds give other studies). At sample k the ``repeats`` proposed points are scored by one call
+    ``evaluate(k, points)``; the evaluation time (its ``"seconds"``, else the call's) is shared equally by the
+    repeats.
+
+    Args:
+        evaluate: ``evaluate(k, points) -> {"val": [...], "test": [...][, "seconds": s]}`` (:data:`Evaluate`).
+        space: name -> ``(low, high)`` or an Optuna distribution (:func:`distributions`).
+        repeats: independent optimisations, evaluated together.
+        samples: evaluations per optimisation.
+        startup: random samples before the model proposes.
+        sampler: ``"gp"`` or ``"tpe"``.
+        seed: the base seed.
+        transform: maps a proposed point to what ``evaluate`` receives (default: as proposed).
+        state: a saved state to resume from (the studies are rebuilt by :func:`replay`).
+        save: called with the state after each sample.
+        progress: called with the number of samples done.
+
+    Returns:
+        Per-repeat ``final_test_loss``/``final_val_loss`` (of the best-validation sample), ``seconds`` (time
+        attributed to the repeat), ``wall_seconds``, the ``incumbent`` curves, ``diverged_samples`` and every
+        sample (``records``: ``params`` as proposed, their ``natural`` (transformed) values, ``val``, ``test``,
+        what the study was ``told`` and ``seconds``).
+
+    Raises:
+        ValueError: ``samples < 1``, ``repeats < 1`` or ``startup`` outside ``0 .. samples``.
     """
     if samples < 1 or repeats < 1 or not 0 <= startup <= samples:
         raise ValueError(

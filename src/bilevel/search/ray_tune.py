@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .._io import atomic_savefig, check_run_config  # noqa: F401  (re-exported: the shared resume check)
+from ..rundir import atomic_save, atomic_savefig, load_torch_state
 
 if TYPE_CHECKING:
     from ray.tune import Result, ResultGrid
@@ -61,7 +61,17 @@ DIVERGED = 1e30
 
 
 def require(module: str = "ray.tune") -> Any:
-    """Import an optional dependency or raise an ``ImportError`` that names the extra to install."""
+    """Import an optional dependency or raise an ``ImportError`` that names the extra to install.
+
+    Args:
+        module: the module, e.g. ``"ray.tune"`` or ``"optuna"``.
+
+    Returns:
+        The module.
+
+    Raises:
+        ImportError: it is not installed (``pip install 'bilevel[ray]'``).
+    """
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -77,7 +87,13 @@ def require(module: str = "ray.tune") -> Any:
 class Rescalable(Protocol):
     """Anything whose hyperparameters PBT's ratio mutation rescales (:func:`apply_pbt_mutation`)."""
 
-    def rescale(self, name: str, factor: float) -> None: ...
+    def rescale(self, name: str, factor: float) -> None:
+        """Multiply the current value of hyperparameter ``name`` by ``factor``.
+
+        Args:
+            name: the hyperparameter.
+            factor: the ratio.
+        """
 
 
 class BlockRun(Protocol):
@@ -88,48 +104,102 @@ class BlockRun(Protocol):
         """Training steps done."""
 
     def advance(self, steps: int) -> None:
-        """Train ``steps`` more steps."""
+        """Train ``steps`` more steps.
+
+        Args:
+            steps: how many.
+        """
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume (saved with ``torch.save``)."""
+        """Everything needed to resume, saved with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+        Returns:
+            Plain data only (:func:`bilevel.rundir.check_plain`).
+        """
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from a :meth:`state_dict`.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
 
     def result(self) -> dict[str, Any]:
-        """The block's results once trained (JSON-serialisable; per-member lists, see :func:`merge_blocks`)."""
+        """The block's results once trained.
+
+        Returns:
+            JSON-serialisable results, per-member lists (see :func:`merge_blocks`).
+        """
 
 
 class ScheduledRun(Protocol):
     """One trial's run under ASHA or PBT, as :func:`run_scheduled` drives it."""
 
     @property
-    def step(self) -> int: ...
+    def step(self) -> int:
+        """Training steps done."""
 
     @property
     def alive(self) -> bool:
         """False once the run diverged (its losses are then reported as :data:`DIVERGED`)."""
 
-    def advance(self, steps: int) -> None: ...
+    def advance(self, steps: int) -> None:
+        """Train ``steps`` more steps.
+
+        Args:
+            steps: how many.
+        """
 
     def losses(self) -> dict[str, float]:
-        """The losses to report, by metric name (e.g. ``val_loss`` and ``test_loss``)."""
+        """The losses to report.
+
+        Returns:
+            Metric name -> value (e.g. ``val_loss`` and ``test_loss``).
+        """
 
     def hparams(self) -> dict[str, float]:
-        """The run's current (natural) hyperparameter values, by name."""
+        """The run's current hyperparameters.
+
+        Returns:
+            Name -> natural value.
+        """
 
     def rescale(self, name: str, factor: float) -> None:
-        """Multiply the current value of hyperparameter ``name`` by ``factor`` (PBT's ratio mutation)."""
+        """Multiply the current value of hyperparameter ``name`` by ``factor`` (PBT's ratio mutation).
 
-    def state_dict(self) -> dict[str, Any]: ...
+        Args:
+            name: the hyperparameter.
+            factor: the ratio new / old.
+        """
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume (plain data, as :meth:`BlockRun.state_dict`).
+
+        Returns:
+            The state.
+        """
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from a :meth:`state_dict`.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
 
 
 _WORKER_CACHE: dict[str, Any] = {}
 
 
 def worker_cached(key: str, make: Callable[[], Any]) -> Any:
-    """``make()`` once per process for each ``key`` (Ray Tune reuses worker processes across trials)."""
+    """``make()`` once per process for each ``key`` (Ray Tune reuses worker processes across trials).
+
+    Args:
+        key: what identifies the value (e.g. the data set and its options).
+        make: builds it.
+
+    Returns:
+        The cached value.
+    """
     if key not in _WORKER_CACHE:
         _WORKER_CACHE[key] = make()
     return _WORKER_CACHE[key]
@@ -139,14 +209,33 @@ def worker_cached(key: str, make: Callable[[], Any]) -> Any:
 
 
 def blocks(n: int, size: int) -> list[tuple[int, int]]:
-    """``(first, count)`` of consecutive blocks of at most ``size`` members covering ``0 .. n - 1``."""
+    """Consecutive blocks of at most ``size`` members covering ``0 .. n - 1``.
+
+    Args:
+        n: the population size.
+        size: the largest block.
+
+    Returns:
+        ``[(first, count), ...]`` in member order.
+    """
     if n < 1 or size < 1:
         raise ValueError(f"need at least one member and a block size >= 1, got n={n}, size={size}")
     return [(i, min(size, n - i)) for i in range(0, n, size)]
 
 
 def member_blocks(jobs: Sequence[Mapping[str, Any]], n: int) -> list[tuple[int, int]]:
-    """The ``(first, count)`` of ``jobs`` in member order, checked to cover members ``0 .. n - 1`` once."""
+    """The blocks of ``jobs`` in member order, checked to cover members ``0 .. n - 1`` once.
+
+    Args:
+        jobs: the trials' ``job`` configs (``first``, ``count``).
+        n: the population size.
+
+    Returns:
+        ``[(first, count), ...]`` sorted by ``first``.
+
+    Raises:
+        ValueError: the blocks do not cover the population exactly once.
+    """
     spans = sorted((int(j["first"]), int(j["count"])) for j in jobs)
     covered = [m for f, c in spans for m in range(f, f + c)]
     if covered != list(range(n)):
@@ -162,6 +251,16 @@ def merge_blocks(parts: Sequence[Mapping[str, Any]], axis: str = "step") -> dict
     tables whose ``axis`` entry (e.g. the recorded steps) is shared -- taken from the first block --
     and whose other entries (one row per member) are concatenated; anything else must be the same
     in every block.
+
+    Args:
+        parts: the blocks' results, in member order.
+        axis: the shared key of the tables.
+
+    Returns:
+        The merged results.
+
+    Raises:
+        ValueError: blocks that disagree on a shared entry.
     """
     if not parts:
         raise ValueError("no block results to merge")
@@ -186,11 +285,17 @@ def merge_blocks(parts: Sequence[Mapping[str, Any]], axis: str = "step") -> dict
 def pbt_ratios(
     new: Mapping[str, float], old: Mapping[str, float], names: Sequence[str] | None = None, rtol: float = 1e-12
 ) -> dict[str, float]:
-    """The PBT mutation ``new / old`` of each hyperparameter (of ``names``, default all of ``new``) that
-    PBT changed (the ratio mutation of Clarke et al. 2022, B.8.2).
+    """The PBT mutation ``new / old`` of each hyperparameter that PBT changed (the ratio mutation of Clarke et
+    al. 2022, B.8.2).
 
-    ``old`` are the values PBT associated with the checkpoint, ``new`` those it now assigns the
-    trial; names whose values agree (within ``rtol``) are left out.
+    Args:
+        new: the values PBT now assigns the trial.
+        old: the values PBT associated with the checkpoint.
+        names: the hyperparameters considered (default: all of ``new``).
+        rtol: values that agree within it count as unchanged (left out).
+
+    Returns:
+        Name -> ratio, for the changed names only.
     """
     out = {}
     for n in new if names is None else names:
@@ -205,8 +310,17 @@ def pbt_ratios(
 def apply_pbt_mutation(
     run: Rescalable, new: Mapping[str, float], old: Mapping[str, float], names: Sequence[str] | None = None
 ) -> dict[str, float]:
-    """Multiply ``run``'s current hyperparameters by PBT's ``new / old`` (``run.rescale(name, ratio)``,
-    e.g. a :class:`ScheduledRun` or a :class:`bilevel.tuner.OnlineTuner`); return the ratios."""
+    """Multiply ``run``'s current hyperparameters by PBT's ``new / old`` (``run.rescale(name, ratio)``).
+
+    Args:
+        run: e.g. a :class:`ScheduledRun` or a :class:`bilevel.tuner.OnlineTuner`.
+        new: the values PBT now assigns.
+        old: the values PBT associated with the checkpoint.
+        names: the hyperparameters considered (default: all of ``new``).
+
+    Returns:
+        The ratios applied (:func:`pbt_ratios`).
+    """
     ratios = pbt_ratios(new, old, names)
     for n, r in ratios.items():
         run.rescale(n, r)
@@ -214,7 +328,14 @@ def apply_pbt_mutation(
 
 
 def incumbent(rows: Sequence[tuple[float, float | None]]) -> tuple[list[float], list[float]]:
-    """Best (lowest) finite loss seen by each time: ``rows`` of ``(seconds, loss)`` -> (times, best)."""
+    """Best (lowest) finite loss seen by each time.
+
+    Args:
+        rows: ``(seconds, loss)`` pairs (``loss`` ``None``: diverged).
+
+    Returns:
+        ``(times, best)``, sorted by time.
+    """
     times, best, cur = [], [], math.inf
     for t, v in sorted((t, v) for t, v in rows if v is not None and math.isfinite(v) and v < DIVERGED):
         if v < cur:
@@ -236,11 +357,28 @@ def mutation_record(
     donor_member: int | None = None,
     names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """One applied PBT ratio mutation: at ``step`` trial ``trial`` started from ``donor``'s checkpoint
-    (written by the trial of member ``donor_member``) whose PBT values were ``old``; PBT assigned
-    ``new``; the run's current values of ``names`` (default: those of ``new``) went from ``before``
-    (the donor's at its checkpoint) to ``after`` = ``before x ratios`` (then moved into the domain
-    by the run's ``rescale``, e.g. a momentum pushed past 1)."""
+    """One applied PBT ratio mutation, as recorded in the trials' lineage.
+
+    At ``step`` trial ``trial`` started from ``donor``'s checkpoint (written by the trial of member
+    ``donor_member``) whose PBT values were ``old``; PBT assigned ``new``; the run's current values of
+    ``names`` went from ``before`` (the donor's at its checkpoint) to ``after`` = ``before x ratios`` (then
+    moved into the domain by the run's ``rescale``, e.g. a momentum pushed past 1).
+
+    Args:
+        step: the step of the checkpoint.
+        trial: the trial restarting.
+        donor: the trial that wrote the checkpoint.
+        old: the PBT values of the checkpoint.
+        new: the PBT values assigned now.
+        ratios: :func:`pbt_ratios` of the two.
+        before: the run's values at the checkpoint.
+        after: the run's values after the mutation.
+        donor_member: the member the donor trial trains.
+        names: the hyperparameters recorded (default: those of ``new``).
+
+    Returns:
+        A JSON-ready dict of the above.
+    """
     names = tuple(new) if names is None else tuple(names)
     return {
         "step": int(step),
@@ -258,12 +396,18 @@ def mutation_record(
 def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """PBT's ``custom_explore_fn`` (with ``bounds`` bound): explored values moved into their domains.
 
-    ``bounds[name]`` holds the open ``domain`` ``(low, high)`` of the hyperparameter and its
-    ``clip`` (``(low, high)`` or ``None``). A value on or past a finite end of the open domain is
-    moved :data:`~bilevel.hparams.NATURAL_INIT_EPS` inside it (a momentum x 1.2 above 1 becomes
-    ``1 - 1e-6``, as :meth:`~bilevel.tuner.OnlineTuner.rescale` does), then clipped into ``clip``
-    (a learning rate x 1.2 above 1 becomes 1). Values inside are unchanged (so the ratio new / old
-    is PBT's factor unless a value was moved); names not in ``config`` are skipped.
+    A value on or past a finite end of the open domain is moved :data:`~bilevel.hparams.NATURAL_INIT_EPS`
+    inside it (a momentum x 1.2 above 1 becomes ``1 - 1e-6``, as :meth:`~bilevel.tuner.OnlineTuner.rescale`
+    does), then clipped into ``clip`` (a learning rate x 1.2 above 1 becomes 1). Values inside are unchanged
+    (so the ratio new / old is PBT's factor unless a value was moved); names not in ``config`` are skipped.
+
+    Args:
+        config: the trial's explored config (changed in place).
+        bounds: ``bounds[name]`` holds the open ``domain`` ``(low, high)`` of the hyperparameter and its
+            ``clip`` (``(low, high)`` or ``None``).
+
+    Returns:
+        ``config``.
     """
     from ..hparams import NATURAL_INIT_EPS
 
@@ -286,7 +430,16 @@ def clip_to_domains(config: dict[str, Any], bounds: Mapping[str, Mapping[str, An
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
-    """A Ray instance: joined at ``address``, else a local one with ``num_cpus`` CPUs (stopped after)."""
+    """A Ray instance for the block: joined at ``address``, else a local one with ``num_cpus`` CPUs (stopped
+    after). A context manager.
+
+    Args:
+        address: a cluster address (``"auto"``, ``"ray://host:10001"``) or ``None``.
+        num_cpus: CPUs of the local instance (default: all).
+
+    Returns:
+        The context manager; it yields the ``ray`` module.
+    """
     # Tune warns on every frequent checkpoint snapshot; our trials checkpoint on purpose
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray = require("ray")
@@ -321,8 +474,26 @@ def fit(
 ) -> ResultGrid:
     """Run (or, if ``path`` holds an interrupted run, restore and finish) a Ray Tune experiment.
 
-    Returns the ``ResultGrid``; raises ``RuntimeError`` naming the trials that failed (re-running
-    the same call resumes them from their last checkpoint).
+    Args:
+        trainable: the function trainable.
+        param_space: the trials' configs (Ray Tune's ``param_space``).
+        path: the experiment's folder.
+        scheduler: a Ray Tune scheduler (ASHA, PBT) or ``None``.
+        metric: the metric the scheduler ranks by.
+        mode: ``"min"`` or ``"max"``.
+        cpus_per_trial: CPUs reserved per trial.
+        keep_checkpoints: checkpoints kept per trial (``None``: all).
+        on_complete: called when a trial completes (progress bars).
+        on_result: called with every reported result.
+        reuse_actors: let Ray Tune reuse trial actors.
+
+    Returns:
+        The ``ResultGrid``.
+
+    Raises:
+        Interrupted: Ray Tune stopped with unfinished trials (Ctrl-C).
+        RuntimeError: naming the trials that failed (re-running the same call resumes them from their last
+            checkpoint).
     """
     tune = require("ray.tune")
     path = Path(path).resolve()
@@ -404,8 +575,14 @@ def trial_statuses(grid: ResultGrid, path: Path | str | None = None) -> list[tup
 
     After a SIGINT, ``Tuner.fit`` saves the experiment state (unfinished trials PENDING, RUNNING or
     PAUSED) and only then stops the trials, so the *returned* grid shows every trial TERMINATED;
-    the saved state is the record of what was left. Without ``path`` (or if it cannot be read) the
-    statuses of the grid's trials are used.
+    the saved state is the record of what was left.
+
+    Args:
+        grid: what ``fit`` returned.
+        path: the experiment's folder (without it, or if it cannot be read, the grid's statuses are used).
+
+    Returns:
+        The statuses.
     """
     import logging
 
@@ -445,7 +622,14 @@ def _keep_signal_handlers() -> Iterator[None]:
 
 
 def unfinished(statuses: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The trials that neither terminated nor errored (pending, running or paused when ``fit`` returned)."""
+    """The trials that neither terminated nor errored (pending, running or paused when ``fit`` returned).
+
+    Args:
+        statuses: :func:`trial_statuses`.
+
+    Returns:
+        The unfinished ones.
+    """
     return [(t, s) for t, s in statuses if s not in FINISHED_STATES]
 
 
@@ -454,6 +638,13 @@ def check_finished(statuses: Sequence[tuple[str, str]], path: Path | str | None 
 
     ``Tuner.fit`` returns normally after a SIGINT (it saves the experiment state and stops the
     trials); reading the results of its unfinished trials would then fail.
+
+    Args:
+        statuses: :func:`trial_statuses`.
+        path: the experiment's folder, named in the message.
+
+    Raises:
+        Interrupted: some trial is unfinished.
     """
     left = unfinished(statuses)
     if left:
@@ -466,31 +657,54 @@ def check_finished(statuses: Sequence[tuple[str, str]], path: Path | str | None 
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> None:
-    """``tune.report`` with, optionally, a checkpoint holding ``state`` (torch) and ``result`` (JSON)."""
+    """``tune.report`` with, optionally, a checkpoint holding ``state`` (torch) and ``result`` (JSON).
+
+    Args:
+        metrics: the metrics reported.
+        state: the run's state (plain data, :func:`bilevel.rundir.atomic_save`).
+        result: the run's final results.
+
+    Raises:
+        TypeError: ``state`` holds something that is not plain data.
+    """
     tune = require("ray.tune")
     if state is None and result is None:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
         if state is not None:
-            torch.save(state, Path(d) / "state.pt")
+            atomic_save(state, Path(d) / "state.pt")  # plain data only: read back with weights_only=True
         if result is not None:
             (Path(d) / "result.json").write_text(json.dumps(result))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def restored_state() -> dict[str, Any] | None:
-    """The ``state`` of the checkpoint this trial (re)starts from, or ``None`` on a fresh start."""
+    """The ``state`` of the checkpoint this trial (re)starts from.
+
+    Returns:
+        The state (read with ``torch.load(weights_only=True)``; a damaged or refused file is set aside and the
+        trial starts again), or ``None`` on a fresh start.
+    """
     ckpt = require("ray.tune").get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        f = Path(d) / "state.pt"
-        return torch.load(f, weights_only=False) if f.exists() else None
+        return load_torch_state(Path(d) / "state.pt", "the trial starts again from step 0")
 
 
 def checkpoint_result(result: Result) -> dict[str, Any]:
-    """The ``result.json`` stored in a finished trial's last checkpoint."""
+    """The ``result.json`` stored in a finished trial's last checkpoint.
+
+    Args:
+        result: the trial's Ray Tune ``Result``.
+
+    Returns:
+        The block's results.
+
+    Raises:
+        RuntimeError: the trial has no checkpoint or did not finish.
+    """
     if result.checkpoint is None:
         raise RuntimeError(f"trial {result.path} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -534,7 +748,16 @@ def population_trainable(
     factory: Callable[[dict[str, Any]], BlockRun], steps: int, checkpoint_every: int
 ) -> Callable[[dict[str, Any]], None]:
     """Ray Tune trainable: the block run ``factory(config)`` trained to ``steps``, checkpointed every
-    ``checkpoint_every`` steps; its last checkpoint holds ``run.result()`` (:func:`checkpoint_result`)."""
+    ``checkpoint_every`` steps; its last checkpoint holds ``run.result()`` (:func:`checkpoint_result`).
+
+    Args:
+        factory: builds the block's :class:`BlockRun` from the trial's config (a module-level function).
+        steps: the training steps.
+        checkpoint_every: steps between checkpoints.
+
+    Returns:
+        The trainable (named after ``factory``).
+    """
 
     def population_trial(config: dict[str, Any]) -> None:
         torch.set_num_threads(int(config.get("threads", 1)))
@@ -574,12 +797,28 @@ def run_population(
     Each trial's config is ``{"job": {**tag, "first": f, "count": c}, **config, "threads": threads}``
     (members ``f .. f + c - 1``); ``factory(config)`` builds its :class:`BlockRun`, which must give
     those members exactly what they would get in one population (e.g. seeds by member index). The
-    results (``run.result()`` of each block) come back in member order, ready for
-    :func:`merge_blocks`. ``block_size`` members per trial (default: the population split evenly
-    over the cluster's CPUs, ``threads`` per trial). The experiment lives at ``path`` and is
-    restored on re-run (only trials whose job matches ``tag`` are read from it). Raises
-    :class:`Interrupted` (a ``KeyboardInterrupt``) if Ray Tune stopped with unfinished trials
-    (Ctrl-C).
+    experiment is restored on re-run (only trials whose job matches ``tag`` are read from it).
+
+    Args:
+        factory: builds a block's run (a module-level function, pickled by reference).
+        n: the population size.
+        path: the experiment's folder.
+        steps: training steps per member.
+        checkpoint_every: steps between checkpoints.
+        config: added to every trial's config.
+        tag: added to every trial's job (e.g. the method), selecting its trials on restore.
+        block_size: members per trial (default: the population split evenly over the cluster's CPUs).
+        threads: torch threads per trial.
+        address: a Ray cluster to join (default: a local instance).
+        num_cpus: CPUs of the local instance.
+        progress_factory: ``(label, total) -> advance``, a progress bar over the trials.
+        label: the progress bar's label.
+
+    Returns:
+        The results (``run.result()`` of each block) in member order, ready for :func:`merge_blocks`.
+
+    Raises:
+        Interrupted: a ``KeyboardInterrupt``, if Ray Tune stopped with unfinished trials (Ctrl-C).
     """
     tune = require("ray.tune")
     tag = dict(tag or {})
@@ -611,15 +850,23 @@ def run_population(
 def scheduled_trainable(
     factory: Callable[[dict[str, Any]], ScheduledRun], names: Sequence[str], steps: int
 ) -> Callable[[dict[str, Any]], None]:
-    """Ray Tune trainable: the run ``factory(config)`` (one member; its hyperparameters ``names`` at the
-    values ``config[name]``) trained to ``steps``, reporting ``run.losses()`` (a diverged run's, or a
-    non-finite one, as :data:`DIVERGED`) every ``config["report_every"]`` steps. On a restart from a
-    PBT checkpoint, PBT's mutation is applied to the run's current hyperparameters as the ratio
-    new / old (:func:`apply_pbt_mutation`), and recorded.
+    """Ray Tune trainable of :func:`run_scheduled`: one member trained to ``steps`` under ASHA or PBT.
 
-    A checkpoint holds the run, the PBT values it was trained under (``pbt_values``), the trial
-    that wrote it and the mutations applied along this path so far (``mutations``: inherited from
-    the donor on an exploit, one entry appended per applied mutation; see :func:`mutation_record`).
+    The run ``factory(config)`` (one member; its hyperparameters ``names`` at the values ``config[name]``)
+    reports ``run.losses()`` (a diverged run's, or a non-finite one, as :data:`DIVERGED`) every
+    ``config["report_every"]`` steps. On a restart from a PBT checkpoint, PBT's mutation is applied to
+    the run's current hyperparameters as the ratio new / old (:func:`apply_pbt_mutation`), and recorded.
+    A checkpoint holds the run, the PBT values it was trained under (``pbt_values``), the trial that wrote
+    it and the mutations applied along this path so far (``mutations``: inherited from the donor on an
+    exploit, one entry appended per applied mutation; see :func:`mutation_record`).
+
+    Args:
+        factory: builds the trial's :class:`ScheduledRun` (a module-level function).
+        names: the hyperparameters the scheduler assigns.
+        steps: the training steps.
+
+    Returns:
+        The trainable (named after ``factory``).
     """
     names = tuple(names)
 
@@ -723,24 +970,49 @@ def run_scheduled(
 ) -> dict[str, Any]:
     """One member per trial, trained to ``steps`` under ASHA or PBT, ranked by the final ``metric`` (minimised).
 
-    ``initial[name][i]`` is member i's initial value of hyperparameter ``name`` (so there are
-    ``len(initial[name])`` trials); trial i's config is ``{"member": i, name: value, ..., **config,
-    "report_every", "checkpoint_every", "threads", "t0"}`` and ``factory(config)`` builds its
-    :class:`ScheduledRun` (:func:`scheduled_trainable`).
+    Trial i's config is ``{"member": i, name: value, ..., **config, "report_every", "checkpoint_every",
+    "threads", "t0"}`` and ``factory(config)`` builds its :class:`ScheduledRun` (:func:`scheduled_trainable`).
+    ASHA (Ray Tune's ``ASHAScheduler``): ``time_attr="step"``, ``max_t = steps``, one bracket (a step counted
+    per report). PBT (``PopulationBasedTraining``): factors (1.2, 0.8); Python's ``random`` (PBT's
+    explore/exploit draws in the driver) is seeded with ``seed``.
 
-    ASHA (Ray Tune's ``ASHAScheduler``): ``time_attr="step"``, ``max_t = steps``, grace period
-    ``grace_period`` (default ``report_every``), ``reduction_factor``, one bracket (a step counted
-    per report). PBT (``PopulationBasedTraining``): perturbation interval ``perturbation_interval``
-    steps, ``quantile_fraction``, ``resample_probability``, factors (1.2, 0.8) and asynchronous mode
-    (``synch``), resampling from ``mutations`` (Ray Tune domains by name); explored values are
-    clipped into ``bounds`` (:func:`clip_to_domains`); Python's ``random`` (PBT's explore/exploit
-    draws in the driver) is seeded with ``seed``.
+    Args:
+        factory: builds a trial's run (a module-level function).
+        initial: ``initial[name][i]`` is member i's initial value of hyperparameter ``name`` (so there are
+            ``len(initial[name])`` trials).
+        path: the experiment's folder.
+        steps: training steps per trial.
+        scheduler: ``"asha"`` or ``"pbt"``.
+        config: added to every trial's config.
+        metric: the reported loss the schedulers rank by.
+        score: the reported loss of the final results (e.g. the test loss).
+        report_every: steps between reports.
+        grace_period: ASHA's grace period (default ``report_every``).
+        reduction_factor: ASHA's reduction factor.
+        perturbation_interval: PBT's perturbation interval, in steps.
+        checkpoint_every: steps between checkpoints.
+        mutations: PBT's resampling distributions (Ray Tune domains by name).
+        bounds: the hyperparameters' domains; PBT's explored values are clipped into them (:func:`clip_to_domains`).
+        seed: the seed of PBT's draws.
+        quantile_fraction: PBT's quantile fraction.
+        resample_probability: PBT's resample probability.
+        synch: synchronous PBT.
+        address: a Ray cluster to join (default: a local instance).
+        num_cpus: CPUs of the local instance.
+        threads: torch threads per trial.
+        progress_factory: ``(label, total) -> advance``, a progress bar over the trials.
+        label: the progress bar's label.
 
-    Returns ``{"final_<score>", "final_<metric>", "seconds", "trials", "incumbent", ...}`` where
-    the finals are of the trials trained to ``steps`` (ASHA's survivors; all PBT paths; ``None``
-    for a diverged one); ``incumbent`` is the best ``score`` reported so far against wall time;
-    ``mutations`` holds, per final trial, the PBT mutations applied along its path
-    (:func:`mutation_record`), ``exploits`` their total number.
+    Returns:
+        ``{"final_<score>", "final_<metric>", "seconds", "trials", "incumbent", ...}`` where the finals are of
+        the trials trained to ``steps`` (ASHA's survivors; all PBT paths; ``None`` for a diverged one);
+        ``incumbent`` is the best ``score`` reported so far against wall time; ``mutations`` holds, per final
+        trial, the PBT mutations applied along its path (:func:`mutation_record`), ``exploits`` their total
+        number.
+
+    Raises:
+        ValueError: an unknown scheduler.
+        Interrupted: Ray Tune stopped with unfinished trials (Ctrl-C).
     """
     tune = require("ray.tune")
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
@@ -861,7 +1133,16 @@ def run_scheduled(
 
 
 def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
-    """ASHA's milestones ``grace * rf^k < max_t`` and ``max_t`` (one bracket)."""
+    """ASHA's milestones (one bracket).
+
+    Args:
+        max_t: the last milestone.
+        grace_period: the first.
+        reduction_factor: the factor between milestones.
+
+    Returns:
+        ``grace * rf^k < max_t`` for k = 0, 1, ..., then ``max_t``.
+    """
     if grace_period < 1 or max_t < grace_period or reduction_factor <= 1:
         raise ValueError(
             f"need 1 <= grace_period <= max_t and reduction_factor > 1; got grace_period={grace_period}, "
@@ -880,6 +1161,15 @@ def asha_trials_for_budget(paths: int, steps: int, grace_period: int, reduction_
     Non-parallel Hyperband spends the same effort on every rung, so ``n * grace`` steps per rung
     over ``len(rungs)`` rungs: ``n = paths * steps / (len(rungs) * grace)`` (their 4000 x 200 /
     (7 x 1) = 114 286 with grace 1, factor 4, 4000 steps).
+
+    Args:
+        paths: full-length runs whose budget to match.
+        steps: their length.
+        grace_period: ASHA's grace period.
+        reduction_factor: ASHA's reduction factor.
+
+    Returns:
+        The number of ASHA trials.
     """
     rungs = asha_rungs(steps, grace_period, reduction_factor)
     return max(1, round(paths * steps / (len(rungs) * grace_period)))
@@ -891,8 +1181,18 @@ def plot_incumbent(
     title: str,
     ylabel: str = "incumbent best test loss",
 ) -> Path | None:
-    """Best loss found so far against wall time (log axes), one step curve per search (e.g. Clarke et al. 2022,
-    Figs. 11 and 19)."""
+    """Best loss found so far against wall time (log axes), one step curve per search (e.g. Clarke et al.
+    2022, Figs. 11 and 19).
+
+    Args:
+        series: search name -> ``(seconds, best loss)``.
+        path: the PNG to write (atomically).
+        title: the figure's title.
+        ylabel: the y axis' label.
+
+    Returns:
+        ``path``, or ``None`` when every series is empty.
+    """
     series = {k: v for k, v in series.items() if len(v[0])}
     if not series:
         return None

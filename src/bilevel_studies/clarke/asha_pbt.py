@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from bilevel import data as D
-from bilevel._io import atomic_write_json, read_json_state
+from bilevel.rundir import atomic_write_json, check_run_config, read_json_state
 
 from .. import _common as C
 from . import clarke
+from .config import ClarkeConfig, parse_methods, validate_config
+from .running import nan_to_none
 
 NAME = "asha-pbt"
 HELP = "Clarke et al. 2022 B.8.2: ASHA and PBT (Ray Tune) over random and ours-wd-lr-m initialisations"
@@ -75,12 +77,12 @@ def _schedulers(a: argparse.Namespace) -> list[str]:
 
 def check_arguments(a: argparse.Namespace) -> None:
     cfg = clarke.config_from_args(a)
-    clarke.validate_config(cfg)
+    validate_config(cfg)
     _check(cfg, _schedulers(a), a.report_every, a.reduction_factor)
 
 
-def _check(cfg: clarke.ClarkeConfig, schedulers, report_every: int, reduction_factor: float) -> list[str]:
-    methods = clarke.parse_methods(cfg.methods)
+def _check(cfg: ClarkeConfig, schedulers, report_every: int, reduction_factor: float) -> list[str]:
+    methods = parse_methods(cfg.methods)
     bad = [m for m in methods if m not in METHODS] + [s for s in schedulers if s not in SCHEDULERS]
     if bad or not schedulers:
         raise ValueError(f"asha-pbt runs methods {METHODS} under schedulers {SCHEDULERS}; got {bad or 'none'}")
@@ -92,7 +94,7 @@ def _check(cfg: clarke.ClarkeConfig, schedulers, report_every: int, reduction_fa
 
 
 def run(
-    cfg: clarke.ClarkeConfig,
+    cfg: ClarkeConfig,
     out: Path,
     *,
     schedulers=SCHEDULERS,
@@ -107,7 +109,7 @@ def run(
 ) -> dict[str, Any]:
     from bilevel.search import ray_tune as R
 
-    clarke.validate_config(cfg)
+    validate_config(cfg)
     methods = _check(cfg, list(schedulers), report_every, reduction_factor)
     grace = grace_period or report_every
     n_asha = asha_trials or R.asha_trials_for_budget(cfg.inits, cfg.steps, grace, reduction_factor)
@@ -124,11 +126,11 @@ def run(
     # a re-run resumes from methods/*.json and the Ray experiments: only with the same configuration
     # (methods and schedulers may be added; each search is cached on its own). The checkpoint interval is not
     # free here: PBT's exploits copy a better trial's last checkpoint, so the interval changes the results.
-    R.check_run_config(
+    check_run_config(
         out,
         {**asdict(cfg), "methods": methods, **settings},
         free=("methods", "schedulers", "device", "data_dir"),
-        defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)),
+        defaults=asdict(ClarkeConfig(dataset=cfg.dataset)),
     )
     (out / "methods").mkdir(exist_ok=True)
     results: dict[str, Any] = {}
@@ -155,7 +157,7 @@ def run(
         "test_loss": "MSE in original target units",
         "methods": results,
     }
-    atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=clarke._nan_to_none)
+    atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=nan_to_none)
     R.plot_incumbent(
         {k: (v["incumbent"]["seconds"], v["incumbent"]["test_loss"]) for k, v in results.items()},
         out / "incumbent.png",
@@ -206,7 +208,7 @@ def _run_all(
                 num_cpus=ray_cpus,
                 progress_factory=progress_factory,
             )
-            atomic_write_json(done, res, default=clarke._nan_to_none)
+            atomic_write_json(done, res, default=nan_to_none)
             results[name] = res
 
 

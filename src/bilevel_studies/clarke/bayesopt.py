@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from bilevel import data as D
-from bilevel._io import atomic_write_json, read_json_state, save_run_config
+from bilevel.rundir import atomic_write_json, read_json_state, save_run_config
 
 from .. import _common as C
-from . import clarke
+from .config import ClarkeConfig, validate_config
+from .problem import load_problem
+from .running import nan_to_none
 
 NAME = "bayesopt"
 HELP = "Clarke et al. 2022 B.5: repeated 30-sample Bayesian optimisation (Optuna GP) of SGD's lr, wd, momentum"
@@ -51,13 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(a: argparse.Namespace) -> None:
-    clarke.validate_config(config_from_args(a))
+    validate_config(config_from_args(a))
     if a.startup > a.samples:
         raise ValueError(f"--startup {a.startup} must be <= --samples {a.samples}")
 
 
 def run(
-    cfg: clarke.ClarkeConfig,
+    cfg: ClarkeConfig,
     out: Path,
     *,
     repeats: int,
@@ -66,7 +68,7 @@ def run(
     sampler: str,
     progress_factory=None,
 ) -> dict[str, Any]:
-    from bilevel._io import check_run_config
+    from bilevel.rundir import check_run_config
     from bilevel.search.ray_tune import plot_incumbent
 
     from . import search as S
@@ -74,15 +76,15 @@ def run(
     settings = {"repeats": repeats, "samples": samples, "startup": startup, "sampler": sampler, "library": "optuna"}
     cfg_dict = {**asdict(cfg), **settings}
     ckpt = out / "bayesopt_state.json"
-    clarke.validate_config(cfg)
+    validate_config(cfg)
     check_run_config(
         out,
         cfg_dict,
         free=("device", "data_dir", "checkpoint_every"),
-        defaults=asdict(clarke.ClarkeConfig(dataset=cfg.dataset)),
+        defaults=asdict(ClarkeConfig(dataset=cfg.dataset)),
         save=False,
     )
-    problem = clarke.load_problem(cfg)
+    problem = load_problem(cfg)
     save_run_config(out, cfg_dict)
     state = read_json_state(
         ckpt, "the optimisations start again from the first sample", check=lambda d: isinstance(d, dict)
@@ -106,7 +108,7 @@ def run(
         "test_loss": "MSE in original target units" if problem.kind == "regression" else "cross-entropy",
         "methods": {"bayesopt": res},
     }
-    atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=clarke._nan_to_none)
+    atomic_write_json(out / "results.json", doc, indent=None, allow_nan=False, default=nan_to_none)
     times = res["incumbent"]["seconds"]
     med_t = [statistics.median(ts[k] for ts in times) for k in range(samples)]
     med_v = [
@@ -122,14 +124,14 @@ def run(
     return doc
 
 
-def config_from_args(a: argparse.Namespace) -> clarke.ClarkeConfig:
+def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
     name = D.dataset_name(a.dataset)
     bs = (
         a.batch_size
         if a.batch_size is not None
         else (50 if D.DATASETS[name].kind == "classification" and name != "digits" else None)
     )
-    return clarke.ClarkeConfig(
+    return ClarkeConfig(
         dataset=name,
         methods=["random"],
         inits=a.repeats,

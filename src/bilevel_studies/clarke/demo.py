@@ -12,11 +12,13 @@ from pathlib import Path
 
 from bilevel.report import write_report
 
-from . import clarke
+from .config import ClarkeConfig
+from .reporting import divergence_notes
+from .running import run_experiment
 
 
 def run(out: Path, inits: int = 16, steps: int = 1500, seed: int = 0, progress_factory=None, console=None) -> dict:
-    cfg = clarke.ClarkeConfig(
+    cfg = ClarkeConfig(
         dataset="diabetes",
         methods=["random", "ours-wd-lr-m"],
         inits=inits,
@@ -24,9 +26,9 @@ def run(out: Path, inits: int = 16, steps: int = 1500, seed: int = 0, progress_f
         seed=seed,
         checkpoint_every=min(steps, 250),
     )
-    doc = clarke.run(cfg, Path(out), progress_factory=progress_factory)
+    doc = run_experiment(cfg, Path(out), progress_factory=progress_factory)
     write_report(doc, Path(out), console=console)
     if console is not None:
-        for line in clarke.divergence_notes(doc):
+        for line in divergence_notes(doc):
             console.print(f"note: {line}", soft_wrap=True, markup=False)
     return doc

@@ -1,7 +1,7 @@
 """Clarke et al. (2022)'s problem plugged into the generic population search of :mod:`bilevel.search`.
 
-The ``clarke`` experiment's pieces (:func:`~bilevel_studies.clarke.clarke.start_method`,
-:func:`~bilevel_studies.clarke.clarke.method_results`) as the runs that
+The ``clarke`` experiment's pieces (:func:`~bilevel_studies.clarke.methods.start_method`,
+:func:`~bilevel_studies.clarke.methods.method_results`) as the runs that
 :mod:`bilevel.search.ray_tune` trains in Ray Tune trials and as the evaluation that
 :mod:`bilevel.search.bayesopt` scores:
 
@@ -44,7 +44,9 @@ import torch
 from bilevel.search import bayesopt as B
 from bilevel.search import ray_tune as R
 
-from . import clarke
+from .config import METHODS, ClarkeConfig, Method, space_for
+from .methods import MethodRun, build_tuner, member_losses, method_results, start_method
+from .problem import Problem, load_problem
 
 #: The hyperparameters PBT assigns and mutates (Clarke et al. 2022, Table 5).
 HPARAM_NAMES = ("lr", "weight_decay", "momentum")
@@ -60,7 +62,7 @@ SPACE: tuple[tuple[str, float, float, str], ...] = (
 # ---------------------------------------------------------------------------- the problem in a worker
 
 
-def _problem(cfg: clarke.ClarkeConfig) -> clarke.Problem:
+def _problem(cfg: ClarkeConfig) -> Problem:
     """Load the data once per worker process (workers are reused across trials)."""
     key = json.dumps(
         [
@@ -75,14 +77,14 @@ def _problem(cfg: clarke.ClarkeConfig) -> clarke.Problem:
             cfg.batch_size,
         ]
     )
-    return R.worker_cached(f"{__name__}:{key}", lambda: clarke.load_problem(cfg))
+    return R.worker_cached(f"{__name__}:{key}", lambda: load_problem(cfg))
 
 
-def _config(d: Mapping[str, Any]) -> clarke.ClarkeConfig:
-    return clarke.ClarkeConfig(**d)
+def _config(d: Mapping[str, Any]) -> ClarkeConfig:
+    return ClarkeConfig(**d)
 
 
-def _portable(cfg: clarke.ClarkeConfig) -> dict[str, Any]:
+def _portable(cfg: ClarkeConfig) -> dict[str, Any]:
     """The config as a dict for the trials: data directory absolute (trials run in their own folder)."""
     d = asdict(cfg)
     d["methods"] = list(d["methods"]) if not isinstance(d["methods"], str) else d["methods"]
@@ -100,9 +102,9 @@ def _natural(tuner) -> dict[str, float]:
 class BlockRun:
     """A block of a ``clarke`` method's population as :func:`bilevel.search.ray_tune.run_population` drives it."""
 
-    run: clarke.MethodRun
-    cfg: clarke.ClarkeConfig
-    problem: clarke.Problem
+    run: MethodRun
+    cfg: ClarkeConfig
+    problem: Problem
 
     @property
     def step(self) -> int:
@@ -118,7 +120,7 @@ class BlockRun:
         self.run.load_state_dict(state)
 
     def result(self) -> dict[str, Any]:
-        return clarke.method_results(self.cfg, self.problem, self.run)
+        return method_results(self.cfg, self.problem, self.run)
 
 
 @dataclass
@@ -126,9 +128,9 @@ class ScheduledRun:
     """One initialisation as :func:`bilevel.search.ray_tune.run_scheduled` drives it: losses on the whole
     validation and test sets (in the problem's test units), member 0's natural hyperparameters."""
 
-    run: clarke.MethodRun
-    cfg: clarke.ClarkeConfig
-    problem: clarke.Problem
+    run: MethodRun
+    cfg: ClarkeConfig
+    problem: Problem
 
     @property
     def step(self) -> int:
@@ -143,7 +145,7 @@ class ScheduledRun:
 
     def losses(self) -> dict[str, float]:
         return {
-            name: float(clarke.evaluate(self.run.tuner, self.problem, data, self.cfg.record_rows)[0])
+            name: float(member_losses(self.run.tuner, self.problem, data, self.cfg.record_rows)[0])
             * self.problem.test_scale
             for name, data in (("val_loss", self.problem.val), ("test_loss", self.problem.test))
         }
@@ -170,7 +172,7 @@ def clarke_trial(config: dict[str, Any]) -> BlockRun:
     job = config["job"]
     cfg = replace(_config(config["cfg"]), inits=int(job["count"]))
     problem = _problem(cfg)
-    return BlockRun(clarke.start_method(cfg, problem, job["method"], first=int(job["first"])), cfg, problem)
+    return BlockRun(start_method(cfg, problem, job["method"], first=int(job["first"])), cfg, problem)
 
 
 def clarke_experiment(out: Path, method: str) -> Path:
@@ -184,7 +186,7 @@ def clarke_experiment(out: Path, method: str) -> Path:
 
 
 def run_clarke(
-    cfg: clarke.ClarkeConfig,
+    cfg: ClarkeConfig,
     methods: Sequence[str],
     out: Path,
     *,
@@ -204,7 +206,7 @@ def run_clarke(
     """
     if not methods:
         return {}
-    xlr = [m for m in methods if clarke.METHODS[m].lr_multiplier is not None]
+    xlr = [m for m in methods if METHODS[m].lr_multiplier is not None]
     if xlr:
         warnings.warn(
             f"{xlr}: the learning-rate multipliers are drawn from one generator per population, so on "
@@ -242,11 +244,9 @@ def scheduled_trial(config: dict[str, Any]) -> ScheduledRun:
     ``config["method"]`` from the hyperparameters ``config[name]`` the scheduler assigned."""
     cfg = replace(_config(config["cfg"]), inits=1)
     problem = _problem(cfg)
-    method = clarke.Method(**config["method"])
+    method = Method(**config["method"])
     values = {n: float(config[n]) for n in HPARAM_NAMES}
-    run = clarke.start_method(
-        cfg, problem, method, first=int(config["member"]), hparams={n: [v] for n, v in values.items()}
-    )
+    run = start_method(cfg, problem, method, first=int(config["member"]), hparams={n: [v] for n, v in values.items()})
     return ScheduledRun(run, cfg, problem)
 
 
@@ -256,7 +256,7 @@ def hparam_bounds() -> dict[str, dict[str, Any]]:
     From the ``clarke`` space (Clarke et al. Table 5): learning rate ``(0, inf)`` clipped to
     ``[1e-10, 1]``, weight decay ``(0, inf)``, momentum ``(0, 1)``.
     """
-    space = clarke.space_for(clarke.METHODS["ours-wd-lr-m"])
+    space = space_for(METHODS["ours-wd-lr-m"])
     return {
         n: {
             "domain": tuple(float(x) for x in space[n].transform.domain),
@@ -283,7 +283,7 @@ def pbt_mutations() -> dict[str, Any]:
 
 
 def run_scheduled(
-    cfg: clarke.ClarkeConfig,
+    cfg: ClarkeConfig,
     method: str,
     scheduler: str,
     trials: int,
@@ -319,9 +319,9 @@ def run_scheduled(
         raise ValueError(f"ASHA/PBT run 'random' or 'ours-wd-lr-m', got {method!r}")
     if scheduler not in ("asha", "pbt"):
         raise ValueError(f"unknown scheduler {scheduler!r}: use 'asha' or 'pbt'")
-    m = replace(clarke.METHODS[method], merge_train_val=False)  # B.8.2: the validation set ranks the trials
+    m = replace(METHODS[method], merge_train_val=False)  # B.8.2: the validation set ranks the trials
     problem = _problem(cfg)
-    init = clarke.build_tuner(replace(cfg, inits=trials), problem, clarke.METHODS["random"]).describe()
+    init = build_tuner(replace(cfg, inits=trials), problem, METHODS["random"]).describe()
     table5 = {n: [float(x) for x in init[n]] for n in HPARAM_NAMES}
     return R.run_scheduled(
         scheduled_trial,
@@ -369,8 +369,8 @@ def distributions() -> dict[str, Any]:
 
 
 def run_bayesopt(
-    cfg: clarke.ClarkeConfig,
-    problem: clarke.Problem,
+    cfg: ClarkeConfig,
+    problem: Problem,
     *,
     repeats: int = 32,
     samples: int = 30,
@@ -389,16 +389,16 @@ def run_bayesopt(
     ``final_test_loss``/``final_val_loss`` (of the best-validation sample), ``seconds`` (training
     time attributed to the repeat) and every sample (``records``).
     """
-    method = replace(clarke.METHODS["random"], merge_train_val=False)  # B.5: a separate validation set
+    method = replace(METHODS["random"], merge_train_val=False)  # B.5: a separate validation set
     pop_cfg = replace(cfg, inits=repeats)
 
     def evaluate(k: int, hp: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-        run_ = clarke.start_method(
+        run_ = start_method(
             pop_cfg, problem, method, first=k * repeats, hparams={n: [h[n] for h in hp] for n in HPARAM_NAMES}
         )
         start = time.perf_counter()
         run_.advance(cfg.steps)
-        res = clarke.method_results(pop_cfg, problem, run_)
+        res = method_results(pop_cfg, problem, run_)
         return {"val": res["final_val_loss"], "test": res["final_test_loss"], "seconds": time.perf_counter() - start}
 
     return B.run(

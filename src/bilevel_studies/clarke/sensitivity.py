@@ -12,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.report.stats import split_diverged
+from bilevel.rundir import atomic_savefig, atomic_write_json
 
 from .. import _common as C
 from . import clarke
+from .config import METHODS, ClarkeConfig, parse_methods, validate_config
+from .running import run_experiment
 
 
 def run(
-    cfg: clarke.ClarkeConfig,
+    cfg: ClarkeConfig,
     intervals: list[int],
     lookbacks: list[int],
     out: Path,
@@ -34,18 +36,18 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     grid: dict[str, list[list[float | None]]] = {}
-    for method in clarke.parse_methods(cfg.methods):
+    for method in parse_methods(cfg.methods):
         cells = []
         for T in intervals:
             row = []
             for i in lookbacks:
-                uses_lookback = clarke.METHODS[method].mode != "none"
+                uses_lookback = METHODS[method].mode != "none"
                 cell_dir = out / f"{method}" / (f"T{T}_i{i}" if uses_lookback else f"T{T}")
                 steps = updates * T if updates else cfg.steps
                 sub = replace(
                     cfg, methods=[method], interval=T, lookback=i if uses_lookback else cfg.lookback, steps=steps
                 )
-                doc = clarke.run(
+                doc = run_experiment(
                     sub,
                     cell_dir,
                     progress_factory=(
@@ -138,10 +140,10 @@ def add_arguments(p) -> None:
     )
 
 
-def cells(cfg: clarke.ClarkeConfig, intervals: list[int], lookbacks: list[int], updates: int | None = None):
+def cells(cfg: ClarkeConfig, intervals: list[int], lookbacks: list[int], updates: int | None = None):
     """``(method, T, i, cell config)`` of every cell of the grid."""
-    for method in clarke.parse_methods(cfg.methods):
-        uses_lookback = clarke.METHODS[method].mode != "none"
+    for method in parse_methods(cfg.methods):
+        uses_lookback = METHODS[method].mode != "none"
         for T in intervals:
             for i in lookbacks:
                 yield (
@@ -160,7 +162,7 @@ def cells(cfg: clarke.ClarkeConfig, intervals: list[int], lookbacks: list[int], 
 
 def check_arguments(a) -> None:
     cfg = clarke.config_from_args(a)
-    unrolled = [m for m in clarke.parse_methods(cfg.methods) if clarke.METHODS[m].mode == "unroll"]
+    unrolled = [m for m in parse_methods(cfg.methods) if METHODS[m].mode == "unroll"]
     if unrolled and min(a.lookbacks) < 1:
         raise ValueError(
             f"--lookbacks {','.join(map(str, a.lookbacks))}: {', '.join(unrolled)} differentiates "
@@ -168,7 +170,7 @@ def check_arguments(a) -> None:
             "the IFT methods: one Neumann term)"
         )
     for *_, sub in cells(cfg, a.intervals, a.lookbacks, a.updates):
-        clarke.validate_config(sub)
+        validate_config(sub)
 
 
 def main(a, progress_factory=None, console=None) -> dict:

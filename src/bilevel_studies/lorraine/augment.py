@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel import _tree as T
-from bilevel._io import atomic_save, atomic_savefig, atomic_write_json, load_torch_state
+from bilevel import tree as T
 from bilevel.errors import NonFiniteError
 from bilevel.population import derived_seed
+from bilevel.rundir import atomic_save, atomic_savefig, atomic_write_json, load_torch_state
 from bilevel.solvers import Identity, Neumann
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
@@ -200,7 +200,7 @@ def run_one(a, method: str, seed: int, data, progress=None) -> dict:
         return out
 
     rule = SGD(lr=a.lr, momentum=a.momentum)
-    alg = algorithm1(params, raw, space, rule, loss, method, a.terms, a.hyper_lr, a.interval)
+    alg = algorithm1(params, raw, space, rule, loss, method, a.lookback, a.hyper_lr, a.interval)
     start, diverged, losses = time.perf_counter(), None, []
     for t in range(a.steps):
         idx = torch.randint(0, len(Xtr), (a.batch_size,), generator=g).to(device)
@@ -325,12 +325,13 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=C.positive_int, default=1000, help="classifier SGD steps")
     p.add_argument("--interval", type=C.positive_int, default=5, help="weight steps between hyperparameter steps (T)")
     p.add_argument(
-        "--terms",
+        "--lookback",
         type=C.nonnegative_int,
         default=3,
         help="K: Neumann steps (Neumann(steps=K) sums K + 1 terms of the series; 0 allowed) / unrolled "
         "steps (unroll needs K >= 1)",
     )
+    C.add_deprecated_alias(p, "--terms", "--lookback", type=C.nonnegative_int)
     p.add_argument("--batch-size", type=C.positive_int, default=64, help="classifier mini-batch size")
     p.add_argument("--lr", type=C.positive_float, default=0.05, help="classifier SGD learning rate")
     p.add_argument("--momentum", type=C.unit_interval, default=0.9, help="classifier SGD momentum")
@@ -366,9 +367,9 @@ def add_arguments(p) -> None:
 
 def check_arguments(a) -> None:
     methods = C.check_names("--methods", C.names(a.methods), METHODS)
-    if "unroll" in methods and a.terms < 1:
+    if "unroll" in methods and a.lookback < 1:
         raise ValueError(
-            f"--terms {a.terms}: unroll differentiates through --terms weight steps, so it needs "
+            f"--lookback {a.lookback}: unroll differentiates through --lookback weight steps, so it needs "
             "--terms >= 1 (0 is fine for neumann: one term)"
         )
 
@@ -469,8 +470,8 @@ def main(a, progress_factory=None, console=None) -> dict:
             ("train_acc", "train acc % (plain)"),
             ("augmentation_std", "aug. std x100"),
         ],
-        f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.terms} Neumann "
-        f"steps ({a.terms + 1} terms), unroll = {a.terms} unrolled steps)",
+        f"Learned augmentation, {a.dataset} ({a.seeds} seeds, {a.steps} steps; neumann = {a.lookback} Neumann "
+        f"steps ({a.lookback + 1} terms), unroll = {a.lookback} unrolled steps)",
         console,
         scale=100.0,
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bilevel import _tree as T
+from bilevel import tree as T
 from bilevel.distill import DistilledData
 from bilevel.errors import NonFiniteError
 from bilevel.hypergradient import largest_eigenvalue

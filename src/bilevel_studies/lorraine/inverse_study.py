@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bilevel import _tree as T
-from bilevel._io import atomic_savefig
+from bilevel import tree as T
 from bilevel.hparams import HyperParameterSpace, per_weight_decay
 from bilevel.hypergradient import hypergradient, largest_eigenvalue, linearise
 from bilevel.regularizers import PerWeightL2, l2_penalty
+from bilevel.rundir import atomic_savefig
 from bilevel.solvers import ConjugateGradient, Exact, Identity, Neumann, dense_jacobian
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import TorchOptimizer
@@ -90,8 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "alpha = --lr, stopped when a term stops shrinking, and CG (x0 = v) on v v^T, v the validation gradient",
     )
     p.add_argument(
-        "--max-steps", type=C.nonnegative_int, default=30, help="largest Neumann/CG step count compared (0..N)"
+        "--max-lookback", type=C.nonnegative_int, default=30, help="largest Neumann/CG step count compared (0..N)"
     )
+    C.add_deprecated_alias(p, "--max-steps", "--max-lookback", type=C.nonnegative_int)
     p.add_argument("--hidden", type=C.positive_int, default=8, help="hidden units of the Fig. 4 network (default 8)")
     p.add_argument(
         "--net-decay",
@@ -101,12 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--train-steps", type=C.nonnegative_int, default=3000, help="Adam steps to train the Fig. 4 network")
     p.add_argument(
-        "--neumann-terms",
+        "--lookbacks",
         type=C.int_list(0),
         default=[1, 5, 20],
-        help="comma-separated Neumann step counts k of the Fig. 4 heat maps (k steps = k + 1 terms of "
-        "the series; the option keeps its old name)",
+        help="comma-separated Neumann step counts k of the Fig. 4 heat maps (k steps = k + 1 terms of the series)",
     )
+    C.add_deprecated_alias(p, "--neumann-terms", "--lookbacks", type=C.int_list(0))
 
 
 def check_arguments(args) -> None:
@@ -307,7 +308,13 @@ def main(args, progress_factory=None, console=None) -> dict:
         val_curve.append(float(outer(wd, hd)))
         if s % args.compare_every == 0 or s == args.hyper_steps:
             c = compare(
-                outer, inner, wd, hd, args.max_steps, args.alpha, args.lr if args.approximations == "authors" else None
+                outer,
+                inner,
+                wd,
+                hd,
+                args.max_lookback,
+                args.alpha,
+                args.lr if args.approximations == "authors" else None,
             )
             c["hyper_step"] = s
             checkpoints.append(c)
@@ -324,7 +331,7 @@ def main(args, progress_factory=None, console=None) -> dict:
         if args.fig3_model == "linear"
         else f"1-hidden-layer tanh net ({args.fig3_hidden} units, {n_weights} weights)"
     )
-    ks = list(range(args.max_steps + 1))
+    ks = list(range(args.max_lookback + 1))
     cosine = {
         meth: {str(k): _mean([c[meth]["cosine"][k] for c in checkpoints]) for k in ks} for meth in ("neumann", "cg")
     }
@@ -355,7 +362,7 @@ def main(args, progress_factory=None, console=None) -> dict:
     eig = torch.linalg.eigvalsh(H)
     inv = torch.linalg.inv(H)
     a = 1.0 / float(eig.max())
-    steps = list(args.neumann_terms)
+    steps = list(args.lookbacks)
     mats = {"exact": inv, "identity": solver_matrix(Identity(), op, nw)}
     for k in steps:  # key "neumann-<k steps>" (k + 1 terms), as in earlier results files
         mats[f"neumann-{k}"] = solver_matrix(Neumann(k, alpha=a, divergence="ignore"), op, nw)
@@ -418,7 +425,7 @@ def main(args, progress_factory=None, console=None) -> dict:
         },
     }
     C.write_results(out, doc)
-    show = sorted({0, 1, 2, 5, 10, 20, args.max_steps} & set(ks))
+    show = sorted({0, 1, 2, 5, 10, 20, args.max_lookback} & set(ks))
     which = " (the inversions of the authors' inverse_comparison.py)" if args.approximations == "authors" else ""
     C.print_table(
         f"IFT hypergradient approximations vs exact{which}, "

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from bilevel import population as pop
-from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.errors import NonFiniteError
+from bilevel.rundir import atomic_savefig, atomic_write_json
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
 
@@ -114,7 +114,7 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
     cfg = TunerConfig(
         tuned=space.names,
         mode="none" if setting == "none" else "ift",
-        lookback=a.terms,
+        lookback=a.lookback,
         hyper_lr=a.hyper_lr,
         grad_clip=a.clip,
         interval=a.interval,
@@ -234,7 +234,7 @@ def run_overfit(a, corpus, progress=None) -> dict:
     space = HyperParameterSpace([spec])
     raw = space.from_natural(p, {"weight_decay": a.overfit_wd})
     loss = pop.vmap_loss(forward, F.cross_entropy)
-    solver = Identity() if a.overfit_terms == 0 else Neumann(a.overfit_terms, alpha=1.0, divergence="ignore")
+    solver = Identity() if a.overfit_lookback == 0 else Neumann(a.overfit_lookback, alpha=1.0, divergence="ignore")
     out: dict = {
         "setting": "overfit",
         "style": "authors" if authors else ("signed" if a.overfit_signed else "ours"),
@@ -414,11 +414,12 @@ def add_arguments(p) -> None:
     p.add_argument("--clip", type=C.positive_float, default=0.25, help="gradient-norm clipping (AWD-LSTM)")
     p.add_argument("--interval", type=C.positive_int, default=10, help="weight steps between hyperparameter steps")
     p.add_argument(
-        "--terms",
+        "--lookback",
         type=C.nonnegative_int,
         default=3,
         help="K: Neumann steps of the IFT hypergradient (Neumann(steps=K) sums K + 1 terms)",
     )
+    C.add_deprecated_alias(p, "--terms", "--lookback", type=C.nonnegative_int)
     p.add_argument(
         "--hyper-lr",
         type=C.positive_float,
@@ -462,12 +463,13 @@ def add_arguments(p) -> None:
         "--overfit-interval", type=C.positive_int, default=1, help="weight steps between hyperparameter steps"
     )
     p.add_argument(
-        "--overfit-terms",
+        "--overfit-lookback",
         type=C.nonnegative_int,
         default=0,
         help="K: Neumann steps (K + 1 terms of the series) of the Fig. 8 hypergradient; 0 = the identity "
         "approximation J^-1 ~ I",
     )
+    C.add_deprecated_alias(p, "--overfit-terms", "--overfit-lookback", type=C.nonnegative_int)
     p.add_argument(
         "--overfit-signed",
         action="store_true",

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bilevel import _tree as T
 from bilevel import population as pop
+from bilevel import tree as T
 from bilevel.solvers import ConjugateGradient, Exact
 
 
@@ -51,7 +51,7 @@ def _loop_args(
     hyperparameter step (interval 10**9; the hyper learning rate is unused)."""
     return argparse.Namespace(
         solver=solver,
-        steps=steps,
+        lookback=steps,
         alpha=alpha,
         damping=0.0,
         implicit=implicit,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bilevel import weight_decay as WD
-from bilevel._io import atomic_savefig
+from bilevel.rundir import atomic_savefig
 
 from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key
@@ -402,11 +402,11 @@ def main(args, progress_factory=None, console=None) -> dict:
 
 
 def solver_label(args) -> str:
-    """``--solver``/``--steps`` in words: Neumann k *steps* sum k + 1 terms of the series."""
+    """``--solver``/``--lookback`` in words: Neumann k *steps* sum k + 1 terms of the series."""
     if args.solver == "neumann":
-        return f"neumann, {args.steps} steps ({args.steps + 1} terms)"
+        return f"neumann, {args.lookback} steps ({args.lookback + 1} terms)"
     if args.solver == "cg":
-        return f"cg, {args.steps} iterations"
+        return f"cg, {args.lookback} iterations"
     return args.solver
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bilevel import weight_decay as WD
-from bilevel._io import atomic_savefig
+from bilevel.rundir import atomic_savefig
 
 from .. import _common as C
 from .._parts import cached_part, say_resumed, settings_key

@@ -47,11 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel import _tree as T
 from bilevel import concepts as C
-from bilevel._io import atomic_savefig, atomic_write_json
+from bilevel import tree as T
 from bilevel.hparams import IDENTITY, Granularity, HyperParameter, HyperParameterSpace
 from bilevel.nets import mlp_forward, mlp_init
+from bilevel.rundir import atomic_savefig, atomic_write_json
 
 from .. import _common as V
 from .._parts import load_part, save_part
@@ -124,7 +124,7 @@ class Config:
     n_freq: int = 10
     neumann_ks: list[int] = field(default_factory=lambda: [1, 10, 100])
     unroll_ks: list[int] = field(default_factory=lambda: [1, 10, 100])
-    eps: list[float] | None = None  # None: EPS_DEFAULT of the basis
+    damping: list[float] | None = None  # proximal eps; None: damping_default of the basis
     outer_steps: int = 60
     mlp: bool = True
     mlp_neumann_ks: list[int] = field(default_factory=lambda: [0, 10, 100, 1000])
@@ -140,8 +140,8 @@ class Config:
 
     #: inner learning rate (the Neumann alpha and the unrolled step) per basis, App. D.2
     inner_lr = {"exp": 1e-8, "inv": 1e-3}
-    #: proximal eps per basis, spanning H's spectrum (lambda_max(H) = 1.8e6 for exp, 13 for inv)
-    eps_default = {"exp": [1e6, 1e4, 1e2, 1.0], "inv": [10.0, 1.0, 0.1, 0.01]}
+    #: proximal damping eps per basis, spanning H's spectrum (lambda_max(H) = 1.8e6 for exp, 13 for inv)
+    damping_default = {"exp": [1e6, 1e4, 1e2, 1.0], "inv": [10.0, 1.0, 0.1, 0.01]}
 
 
 def _problem(cfg: Config, amplitudes: str) -> dict[str, Any]:
@@ -213,7 +213,7 @@ def run_linear(cfg: Config, amplitudes: str, progress=None, parts: Path | None =
     settings = (
         [("neumann", k) for k in cfg.neumann_ks]
         + [("unroll", k) for k in cfg.unroll_ks]
-        + [("proximal", e) for e in (cfg.eps or cfg.eps_default[amplitudes])]
+        + [("proximal", e) for e in (cfg.damping or cfg.damping_default[amplitudes])]
     )
     lam_max = float(torch.linalg.eigvalsh(H)[-1])
     for kind, value in settings:
@@ -494,11 +494,12 @@ def add_arguments(p) -> None:
         help=f"unrolled steps K, = Neumann K-1 (K terms) (cold-start runs; default {c.unroll_ks})",
     )
     p.add_argument(
-        "--eps",
+        "--damping",
         type=V.float_list(0, open_low=True, empty=True),
         default=None,
-        help=f"proximal eps (warm-start, Alg. 3); default per basis {c.eps_default}",
+        help=f"proximal damping eps (warm-start, Alg. 3); default per basis {c.damping_default}",
     )
+    V.add_deprecated_alias(p, "--eps", "--damping", type=V.float_list(0, open_low=True, empty=True))
     p.add_argument(
         "--outer-steps",
         type=V.positive_int,
@@ -611,7 +612,7 @@ def main(a, progress_factory=None, console=None) -> dict:
         raise ValueError(f"--outer-lr must be > 0, got {a.outer_lr}")
     cfg = Config(
         amplitudes=[s for s in a.amplitudes.split(",") if s],
-        eps=a.eps,
+        damping=a.damping,
         mlp=not a.no_mlp,
         mlp_outer_lr=a.mlp_outer_lr,
         seed=a.seed,
@@ -633,7 +634,7 @@ def run(cfg: Config, out: Path, progress_factory=None, console=None) -> dict:
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"experiment": NAME, "config": asdict(cfg), "metrics": {}}
     for amp in cfg.amplitudes:
-        n_lin = len(cfg.neumann_ks) + len(cfg.unroll_ks) + len(cfg.eps or cfg.eps_default[amp])
+        n_lin = len(cfg.neumann_ks) + len(cfg.unroll_ks) + len(cfg.damping or cfg.damping_default[amp])
         prog = progress_factory(f"fourier {amp}", n_lin) if progress_factory else None
         doc["metrics"][amp] = run_linear(cfg, amp, prog, parts=out / "parts")
     if cfg.mlp:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from bilevel import concepts as C
-from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.hparams import IDENTITY, HyperParameter, HyperParameterSpace
+from bilevel.rundir import atomic_savefig, atomic_write_json
 
 from .. import _common as V
 

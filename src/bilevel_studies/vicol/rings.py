@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel import concepts as C
-from bilevel._io import atomic_savefig, atomic_write_json
 from bilevel.distill import DistilledData
 from bilevel.nets import mlp_forward, mlp_init
 from bilevel.population import derived_seed
+from bilevel.rundir import atomic_savefig, atomic_write_json
 
 from .. import _common as V
 from .._parts import load_part, save_part
