@@ -14,8 +14,8 @@ such a population four ways, on the same data, weights and hyperparameters:
 
 And the one-pass overhead: ``ours-wd-lr-m``'s time per weight step (T = 10, i = 5: an IFT
 hypergradient with 5 Neumann steps every 10 weight steps) over ``random``'s, with the hyperparameter
-step's training gradient reused by the next weight step (:class:`bilevel.tuner.SharedGradient`, the
-default) and without it (``share_gradient=False``).
+step's training gradient reused by the next weight step (:class:`bilevel.tuner.SharedGradient`, opt-in
+``share_gradient=True``) and without it (the default).
 
     python benchmarks/population_step.py --inits 200 --threads 1
 """

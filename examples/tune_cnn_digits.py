@@ -2,10 +2,12 @@
 
 The same model, start and batches trained twice: hyperparameters tuned online by IFT hypergradients
 (Clarke et al. 2022; every 10 weight steps one Adam(0.05) step on log10 lr, logit momentum, log10 decay),
-and left fixed (``mode="none"``). Run ``python examples/tune_cnn_digits.py [--small]``.
+and left fixed (``mode="none"``). Run ``python examples/tune_cnn_digits.py [--small] [--bf16]``
+(``--bf16``: the same runs with the forward passes under ``torch.autocast`` in bfloat16, beside float32).
 """
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ def accuracy(model, x, y):
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def main(epochs=10, n_train=1000, seed=0, progress=False):
+def main(epochs=10, n_train=1000, seed=0, progress=False, autocast=None):
     X, y = load_digits(return_X_y=True)
     X, y = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, torch.tensor(y)
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
@@ -43,9 +45,12 @@ def main(epochs=10, n_train=1000, seed=0, progress=False):
             tune=("lr", "momentum", "weight_decay"),
             mode=mode,
             progress=progress,
+            autocast=autocast,
         )
+        start = time.perf_counter()
         tuner.fit(train, val, epochs=epochs)
         results[mode] = {
+            "seconds": time.perf_counter() - start,
             "test_acc": accuracy(model, X[te], y[te]),
             "val_loss": tuner.history[-1]["val_loss"],
             "hparams": tuner.hparams,
@@ -57,9 +62,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--small", action="store_true", help="2 epochs on 300 training digits (a few seconds)")
     parser.add_argument("--threads", default="auto", help="CPU threads for torch: N or auto (bilevel.threads)")
+    parser.add_argument("--bf16", action="store_true", help="also run with bfloat16 autocast and compare")
     args = parser.parse_args()
     bilevel.threads.set_threads(args.threads if args.threads == "auto" else int(args.threads))
-    out = main(epochs=2, n_train=300) if args.small else main()
-    for name, r in out.items():
-        hp = ", ".join(f"{k} {v:.3g}" for k, v in r["hparams"].items())
-        print(f"{name:5s}  test accuracy {r['test_acc']:.4f}  val loss {r['val_loss']:.4f}  ({hp})")
+    size = dict(epochs=2, n_train=300) if args.small else {}
+    for dtype in (None, torch.bfloat16) if args.bf16 else (None,):
+        out = main(**size, autocast=dtype)
+        for name, r in out.items():
+            hp = ", ".join(f"{k} {v:.3g}" for k, v in r["hparams"].items())
+            tag = f"{name:5s}" + (" bf16" if dtype is not None else "")
+            acc, loss = r["test_acc"], r["val_loss"]
+            print(f"{tag}  test accuracy {acc:.4f}  val loss {loss:.4f}  {r['seconds']:.1f} s  ({hp})")

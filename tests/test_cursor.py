@@ -243,3 +243,30 @@ def test_workers_resume_exactly(shuffle: bool) -> None:
     torch.set_rng_state(at_split)
     fresh.bind(loader())
     assert same(walk(fresh, 3), ref)
+
+
+def test_a_distributed_sampler_is_told_each_pass_like_a_plain_loop() -> None:
+    """DistributedSampler shuffles with seed + epoch: the cursor calls set_epoch(k) before pass k, as a plain
+    loop ``for epoch: sampler.set_epoch(epoch); for batch in loader`` does, and a resumed pass is rebuilt the same."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(torch.arange(20.0))
+
+    def make() -> DataLoader:
+        return DataLoader(data, batch_size=3, sampler=DistributedSampler(data, num_replicas=2, rank=1, seed=7))
+
+    plain = []
+    loader = make()
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        plain += [b[0].clone() for b in loader]
+    cursor = LoaderCursor("train_loader", isolate_rng=False)
+    cursor.bind(make())
+    got = [cursor.next()[0] for _ in range(5)]
+    sd = cursor.state_dict()
+    fresh = LoaderCursor("train_loader", isolate_rng=False)
+    fresh.load_state_dict(sd)
+    fresh.bind(make())
+    got += [fresh.next()[0] for _ in range(len(plain) - 5)]
+    assert len(got) == len(plain) and all(torch.equal(a, b) for a, b in zip(got, plain))
+    assert not torch.equal(plain[0], plain[4])  # the passes are shuffled differently

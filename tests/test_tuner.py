@@ -644,7 +644,7 @@ def test_rollback_restores_the_member_and_halves_its_learning_rate():
 
     a, b = make("rollback"), make("record")
     for t in (a, b):
-        t.run(30, lambda: (Xs, Y), lambda: (Xv, Yv))
+        t.run(120, lambda: (Xs, Y), lambda: (Xv, Yv))
     ev = a.history.events
     assert len(ev) >= 2 and all(e["member"] == 1 and e["action"] == "rollback" for e in ev)
     assert [e["lr_factor"] for e in ev] == [0.5 ** (i + 1) for i in range(len(ev))]
@@ -655,8 +655,8 @@ def test_rollback_restores_the_member_and_halves_its_learning_rate():
         assert torch.equal(a.params[k][[0, 2]], b.params[k][[0, 2]]), k
     for k in a.raw:
         assert torch.equal(a.raw[k][[0, 2]], b.raw[k][[0, 2]]), k
-    # once its lr was small enough member 1 stopped diverging: the last 10 of its 30 steps needed no rollback
-    assert ev[-1]["step"] <= 20 and torch.isfinite(vloss(a.params, (Xs, Y))).all()
+    # once its lr was small enough member 1 stopped diverging: its last 40 steps needed no rollback
+    assert ev[-1]["step"] <= 80 and torch.isfinite(vloss(a.params, (Xs, Y))).all()
 
 
 def test_per_weight_decay_of_adam_hypergradient_matches_finite_differences():

@@ -49,10 +49,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LoaderCursor", "isolated_rng", "loader_generators"]
+__all__ = ["LoaderCursor", "isolated_rng", "loader_generators", "set_epoch"]
 
 #: Where a loader keeps the generators it draws from (``DataLoader`` and its samplers).
 _GENERATOR_PATHS = ("generator", "sampler.generator", "batch_sampler.sampler.generator", "batch_sampler.generator")
+
+
+def set_epoch(loader: object, epoch: int) -> None:
+    """Tell a sampler with ``set_epoch`` (``DistributedSampler``) which pass is starting, as a plain loop must.
+
+    ``DistributedSampler`` shuffles with ``seed + epoch``; a training loop calls ``sampler.set_epoch(epoch)``
+    before each pass. The cursor does it before every ``iter()`` (pass ``k`` gets epoch ``k``, counted from 0),
+    so passes differ and a resumed pass is rebuilt with the same order.
+
+    Args:
+        loader: a loader; its ``sampler`` or ``batch_sampler.sampler`` is told if it has ``set_epoch``.
+        epoch: the pass index, from 0.
+    """
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
 
 
 def loader_generators(loader: object) -> dict[str, torch.Generator]:
@@ -185,6 +202,7 @@ class LoaderCursor:
             for path, state in self._pass_generators.items():
                 if path in generators:
                     generators[path].set_state(state)
+            set_epoch(loader, self._passes - 1)
             it = iter(loader)
             for i in range(self._taken):
                 try:
@@ -224,6 +242,7 @@ class LoaderCursor:
             self._pass_generators = {path: g.get_state() for path, g in loader_generators(loader).items()}
             self._passes += 1
             self._taken = 0
+            set_epoch(loader, self._passes - 1)
             self._it = iter(loader)
             try:
                 batch = next(self._it)

@@ -923,18 +923,8 @@ def for_rule(
         return momentum(granularity, params=params, groups=groups)
     if name in ("weight_decay", "eps"):
         return weight_decay(granularity, params=params, name=name, groups=groups)
-    if name in ("dampening", "beta1", "beta2", "alpha"):
-        return HyperParameter(
-            name,
-            LOGIT,
-            0.0,
-            1.0,
-            "natural",
-            Granularity(granularity),
-            None,
-            tuple(params) if params is not None else None,
-            _groups_arg(name, groups),
-        )
+    if name in ("dampening", "beta1", "beta2", "alpha"):  # in (0, 1) like a momentum: logit, U[0, 1] init
+        return momentum(granularity, params=params, name=name, groups=groups)
     raise ValueError(
         f"no default parametrisation for an optimiser hyperparameter called {name!r}; "
         "known: lr, momentum, weight_decay, eps, dampening, beta1, beta2, alpha"

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from . import functional as Fn
 from . import population as pop
 from .callbacks import EveryStep
@@ -187,6 +188,10 @@ class Tuner:
         share_gradient: opt-in speed-up: reuse a hyperparameter step's training gradient for the next weight
             step (exact only under the conditions of :class:`bilevel.tuner.SharedGradient`: full-batch training
             with a loss that is a pure function of the weights and the batch).
+        autocast: e.g. ``torch.bfloat16``: every forward pass of the training and validation losses (weight
+            steps, hypergradients, evaluation) runs under ``torch.autocast(device_type, dtype=autocast)``, so
+            matrix products run in that precision; the weights, the hyperparameters, the weight update and the
+            hypergradient's linear solve stay in the weights' dtype (float32). Default ``None``: no autocast.
         callbacks: extra callbacks of the loop (:mod:`bilevel.callbacks`).
     """
 
@@ -217,10 +222,20 @@ class Tuner:
         progress: bool = True,
         on_divergence: str | None = None,
         share_gradient: bool = False,
+        autocast: torch.dtype | None = None,
         callbacks: Iterable[Any] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self._dp = distributed.is_data_parallel()
+        if self._dp:  # torchrun: the tuner averages every derivative over the ranks (bilevel.distributed)
+            distributed.refuse_fsdp(model)
+            if population > 1:
+                raise ValueError(
+                    "population > 1 is not supported under torch.distributed: train the members data-parallel "
+                    "one at a time, or a population on one process"
+                )
+            model = distributed.unwrap(model)  # DDP's own hooks are bypassed: the collectives do its job
         if train_loss is None and loss_fn is None:
             raise ValueError("pass loss_fn= (e.g. F.cross_entropy) or train_loss=(model, batch) -> scalar")
         if optimizer is None:
@@ -233,6 +248,9 @@ class Tuner:
         if divergence not in ("raise", "record", "warn", "rollback"):
             raise ValueError(f"on_divergence must be 'raise', 'record', 'warn' or 'rollback', got {on_divergence!r}")
         self.on_divergence = divergence
+        if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):
+            raise ValueError(f"autocast must be a floating torch.dtype such as torch.bfloat16, got {autocast!r}")
+        self.autocast = autocast
         if device is not None:
             model.to(device)
         trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
@@ -241,6 +259,7 @@ class Tuner:
         torch_opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
         named = self._optimised(model, trainable, torch_opt)
         self.model, self.device = model, next(iter(named.values())).device
+        self._dtype = next(iter(named.values())).dtype
         self._train = train_loss or _supervised(loss_fn)  # type: ignore[arg-type]
         self._val = val_loss or (_supervised(loss_fn) if loss_fn is not None and train_loss is None else self._train)
         self.penalty = penalty
@@ -310,6 +329,14 @@ class Tuner:
         self._good_buffers = self._buffers
         self._pending: dict[str, Tensor] | None = None
         self._pending_loss: Tensor | None = None
+        if share_gradient and self._dp:
+            warnings.warn(
+                "share_gradient=True under torch.distributed: each rank would decide from its own batch whether to "
+                "reuse the gradient, and ranks that disagree would stall in the all-reduce; it is turned off",
+                UserWarning,
+                stacklevel=2,
+            )
+            share_gradient = False
         if share_gradient and buffers0:
             warnings.warn(
                 "share_gradient=True with a model that has buffers (BatchNorm statistics): the training loss then "
@@ -342,14 +369,17 @@ class Tuner:
             raw,
             self.space,
             rule,
-            self._train_loss,
-            self._val_loss,
+            distributed.data_parallel_loss(self._train_loss),  # the losses themselves on one process
+            distributed.data_parallel_loss(self._val_loss),
             update_form=update_form,
             penalty=self._penalty if penalty is not None else None,
             config=cfg,
             stacked=population > 1,
             callbacks=[EveryStep(self._after_weight_step), *callbacks],
         )
+        if self._dp:
+            self.loop.any_rank = distributed.any_rank
+            distributed.check_replicas({**self.loop.params, **self.loop.raw}, "initial weights and hyperparameters")
         if self._twin is not None:  # the optimiser's momentum buffers / moments carry over
             self.loop.state = state_from_torch(torch_opt, named, rule)  # type: ignore[arg-type]
             self.loop._good = (self.loop.params, self.loop.state)
@@ -515,9 +545,11 @@ class Tuner:
                 )
             return value.reshape(())
 
-        if self.P == 1:
-            return one(params, buffers)
-        return torch.vmap(one, in_dims=(0, 0), randomness="different")(params, buffers)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            if self.P == 1:
+                return one(params, buffers).to(self._dtype) if self.autocast is not None else one(params, buffers)
+            out = torch.vmap(one, in_dims=(0, 0), randomness="different")(params, buffers)
+            return out.to(self._dtype) if self.autocast is not None else out
 
     def _train_loss(self, params: Mapping[str, Tensor], nat: Any, batch: Any) -> Tensor:
         buffers = {k: v.clone() for k, v in self._buffers.items()}
@@ -542,9 +574,8 @@ class Tuner:
     def _after_weight_step(self, loop: OnlineTuner) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:  # the weight step's BatchNorm statistics become the model's
-            if loop.cfg.on_divergence == "rollback":
-                ok = torch.isfinite(loop.last_losses.reshape(self.P, -1)).all(dim=1)  # type: ignore[union-attr]
-                self._good_buffers = self._where(ok, self._buffers, self._good_buffers)
+            if loop.cfg.on_divergence == "rollback" and loop.snapshot is not None:  # as the loop's last good state
+                self._good_buffers = self._where(loop.snapshot, self._buffers, self._good_buffers)
                 if loop.rolled_back is not None:  # back to the buffers of the state the member returned to
                     pending = self._where(loop.rolled_back, self._good_buffers, pending)
             self._buffers = pending
@@ -625,6 +656,9 @@ class Tuner:
                 )
                 if self.loop.sync_free and not bool(self.loop.alive.any()):
                     self._all_diverged()
+                if self._dp:
+                    self._sync_buffers()
+                    distributed.check_replicas({**self.loop.params, **self.loop.raw}, "weights and hyperparameters")
                 self._record(val_loader, len(self.loop.history.events) - events)
                 if bar:
                     bar[0].update(bar[1], description=self._describe())
@@ -637,8 +671,17 @@ class Tuner:
             self.model.train(was_training)
         return self
 
+    def _sync_buffers(self) -> None:
+        """Data-parallel BatchNorm: each rank normalised with its own batch statistics (as under DDP); the
+        running statistics become their mean over the ranks (the same on every rank)."""
+        n = distributed.world_size()
+        for v in self._buffers.values():
+            if v.is_floating_point():
+                torch.distributed.all_reduce(v)
+                v.div_(n)
+
     def _progress(self, total: int) -> tuple[Any, Any] | None:
-        if not self.progress:
+        if not self.progress or (self._dp and torch.distributed.get_rank() != 0):
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -672,6 +715,10 @@ class Tuner:
             self.model.train(was_training)
         if total is None:
             raise ValueError("the validation loader yielded no batches")
+        if self._dp:  # every rank's shard: the mean over all of them, the same on every rank
+            both = torch.cat([total, torch.tensor([float(count)], dtype=total.dtype, device=total.device)])
+            torch.distributed.all_reduce(both)
+            return both[:-1] / both[-1]
         return total / count
 
     def _record(self, val_loader: Iterable[Any], events: int) -> None:
@@ -684,6 +731,9 @@ class Tuner:
             if self._epoch_losses
             else torch.full((self.P,), math.nan, dtype=torch.float64)
         )
+        if self._dp:  # the mean over the ranks' shards, as for the validation loss
+            torch.distributed.all_reduce(train)
+            train = train / distributed.world_size()
         self.history.append(
             {
                 "epoch": len(self.history) + 1,

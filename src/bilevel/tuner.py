@@ -98,12 +98,14 @@ class TunerConfig:
     # "record": diverged members are recorded (``History.events``) and frozen at their initial weights;
     # "raise": the first non-finite value raises NonFiniteError naming it, with the weights, optimiser state and
     # hyperparameters left at their last finite values; "rollback": a member whose weight step goes non-finite
-    # is put back to its state before that step and its learning rate is multiplied by ``rollback_factor``
+    # is put back to its last good state (the last weights whose training loss was finite and at most
+    # ``rollback_spike`` times the lowest it has seen) and its learning rate is multiplied by ``rollback_factor``
     # (a non-finite hypergradient: the hyperparameter step is skipped and that member's hyperparameter steps
     # are scaled by ``rollback_factor``), recorded in ``History.events``; after ``max_rollbacks`` a member is
     # recorded and frozen as in "record" (one model: raises)
     on_divergence: Literal["record", "raise", "rollback"] = "record"
     rollback_factor: float = 0.5
+    rollback_spike: float = 10.0
     max_rollbacks: int = 30
     # opt-in speed-up: reuse a hyperparameter step's training gradient in the next weight step when the checks
     # of SharedGradient pass (exact only when the training loss is a pure function of the weights and the
@@ -120,6 +122,8 @@ class TunerConfig:
             raise ValueError(f"on_divergence must be 'record', 'raise' or 'rollback', got {self.on_divergence!r}")
         if not 0 < self.rollback_factor < 1:
             raise ValueError(f"rollback_factor must lie in (0, 1), got {self.rollback_factor}")
+        if not self.rollback_spike >= 1:
+            raise ValueError(f"rollback_spike must be >= 1, got {self.rollback_spike}")
         if int(self.max_rollbacks) < 1:
             raise ValueError(f"max_rollbacks must be >= 1, got {self.max_rollbacks}")
         for name in ("interval", "record_every"):
@@ -323,6 +327,15 @@ def scale_lr(rule: Any, factor: float) -> Any:
     )
 
 
+def _zeros_as(x: Any) -> Any:
+    """Zeros shaped like the tensors of a (nested) state entry."""
+    if isinstance(x, Tensor):
+        return torch.zeros_like(x)
+    if isinstance(x, Mapping):
+        return {k: _zeros_as(v) for k, v in x.items()}
+    return x
+
+
 def _versions(params: Tree, fixed: list[Tensor]) -> tuple[int, ...]:
     """In-place modification counters of the weights, then of the hyperparameters that were not tuned."""
     return tuple(v._version for v in [*params.values(), *fixed])
@@ -450,6 +463,11 @@ class OnlineTuner:
         # per-member multiplier of the hyperparameter step (rollback shrinks it after a non-finite hypergradient)
         self._hyper_scale = torch.ones(self.P, dtype=torch.float64)
         self._good: tuple[Tree, Any] = (self.params, self.state)  # rollback's target: see weight_step
+        #: whether a flag computed on this process's data holds on any process (data-parallel training sets an
+        #: all-reduce here, so that every rank takes the same branch; one process: the flag itself)
+        self.any_rank: Callable[[bool], bool] = lambda flag: flag
+        self._best_loss = torch.full((self.P,), math.inf, dtype=torch.float64)  # lowest training loss seen
+        self.snapshot: Tensor | None = None
 
     # ------------------------------------------------------------------ the update map u(lambda, w)
 
@@ -536,12 +554,16 @@ class OnlineTuner:
         if guarded:
             ok = torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
             bad = self._nonfinite(losses, new) if refused is None else refused
-            if self.cfg.on_divergence == "rollback":  # the last weights whose training loss was finite
+            if self.cfg.on_divergence == "rollback":  # the last good weights: see TunerConfig.on_divergence
+                mean = torch.where(ok, losses.reshape(self.P, -1).double().mean(dim=1), math.inf)
+                self._best_loss = torch.minimum(self._best_loss.to(mean.device), mean)
+                ok = ok & (mean <= self.cfg.rollback_spike * self._best_loss)
                 gp, gs = self._good
                 self._good = (
                     {k: torch.where(self._per_member(ok, v), v, gp[k]) for k, v in self.params.items()},
                     self._where_state(ok, self.state, gs),
                 )
+            self.snapshot = ok  # (P,) members whose state before this step is now their last good one
             if bool(bad.any()):
                 cause = self._cause(batch, losses, "weights" if refused is None else "training gradient")
                 if self.cfg.on_divergence == "raise":
@@ -567,12 +589,14 @@ class OnlineTuner:
             bad |= ~torch.isfinite(v.reshape(self.P, -1)).all(dim=1)
         return bad
 
-    @staticmethod
-    def _cause(batch: Any, losses: Tensor, otherwise: str, which: str = "training") -> str:
+    def _cause(self, batch: Any, losses: Tensor, otherwise: str, which: str = "training") -> str:
         """What became non-finite first: the data, the loss, or ``otherwise`` (weights, gradient, ...)."""
-        for x in torch.utils._pytree.tree_leaves(batch):
-            if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                return f"data (the {which} batch holds NaN or inf)"
+        bad_data = any(
+            isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all())
+            for x in torch.utils._pytree.tree_leaves(batch)
+        )
+        if self.any_rank(bad_data):
+            return f"data (the {which} batch holds NaN or inf)"
         if not bool(torch.isfinite(losses).all()):
             return f"{which} loss"
         return otherwise
@@ -594,15 +618,24 @@ class OnlineTuner:
         )
 
     def _where_state(self, bad: Tensor, old: Any, new: Any) -> Any:
-        """The optimiser state with ``old`` for the members in ``bad`` and ``new`` for the others."""
+        """The optimiser state with ``old`` for the members in ``bad`` and ``new`` for the others.
+
+        A buffer present on one side only (a momentum buffer a rule creates on its first step) counts as zeros
+        on the other, as the rules read a missing buffer."""
+        if isinstance(new, Mapping) or isinstance(old, Mapping):
+            old = old if isinstance(old, Mapping) else {}
+            new = new if isinstance(new, Mapping) else {}
+            out = {}
+            for k in [*new, *(k for k in old if k not in new)]:
+                a, b = old.get(k), new.get(k)
+                out[k] = self._where_state(bad, _zeros_as(b) if a is None else a, _zeros_as(a) if b is None else b)
+            return out
         if isinstance(new, Tensor) and isinstance(old, Tensor):
             if not self.stacked:
                 return old if bool(bad.reshape(())) else new
             if new.dim() == 0 or new.shape[0] != self.P:
                 return new
             return torch.where(pop.per_member(bad, new), old, new)
-        if isinstance(new, Mapping) and isinstance(old, Mapping):
-            return {k: self._where_state(bad, old[k], v) if k in old else v for k, v in new.items()}
         return new
 
     def _event(self, member: int, what: str, action: str, **extra: Any) -> None:
@@ -955,6 +988,8 @@ class OnlineTuner:
             "history": self.history.as_dict(),
             "rollbacks": list(self._rollbacks),
             "hyper_scale": self._hyper_scale.clone(),
+            "best_loss": self._best_loss.clone(),
+            "good": (self._good[0], self._good[1]) if self.cfg.on_divergence == "rollback" else None,
             "window": self._window,
             "prev": self._prev,
             "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt else None,
@@ -972,7 +1007,9 @@ class OnlineTuner:
         self.alive, self.t, self.history = sd["alive"], sd["t"], History.from_dict(sd["history"])
         self._rollbacks = list(sd.get("rollbacks", [0] * self.P))
         self._hyper_scale = sd.get("hyper_scale", torch.ones(self.P, dtype=torch.float64)).clone()
-        self._good = (self.params, self.state)
+        self._best_loss = sd.get("best_loss", torch.full((self.P,), math.inf, dtype=torch.float64)).clone()
+        good = sd.get("good")
+        self._good = (dict(good[0]), good[1]) if good is not None else (self.params, self.state)
         at = [-1 if d is None else d for d in self._history.diverged_at]
         self._diverged_t = torch.tensor(at, dtype=torch.long, device=self.device)
         self._window, self._prev = list(sd.get("window", [])), sd.get("prev")

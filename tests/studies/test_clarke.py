@@ -394,3 +394,26 @@ def test_paper_protocol_is_one_option_away_and_explicit_options_win(tmp_path, ca
     assert cli.main(["run", "clarke", "--dataset", "digits", "--paper-protocol", "--out", str(tmp_path / "d")]) == 2
     out = capsys.readouterr().out
     assert "no paper protocol for 'digits'" in out and len(out.strip().splitlines()) == 1
+
+
+def test_widened_lr_range_and_rollback(tmp_path, data_dir):
+    """--lr-max 1.0 draws initial learning rates from [1e-6, 1]; seed 0's first member (lr 0.71) overflows within
+    5 steps. With --on-divergence record it is frozen and counted; with rollback it returns to its last good
+    state with a halved learning rate and finishes, and the members that never diverged are bit-identical."""
+    cfg = ClarkeConfig(dataset="energy", inits=3, steps=1, data_dir=str(data_dir), lr_max=1.0)
+    lr = build_tuner(cfg, load_problem(cfg), METHODS["random"]).describe()["lr"]
+    assert bool(((lr >= 1e-6) & (lr <= 1.0)).all()) and float(lr.max()) > 0.1
+    docs = {}
+    for mode in ("record", "rollback"):
+        out = tmp_path / mode
+        args = ["run", "clarke", "--dataset", "energy", "--methods", "random", "--inits", "3", "--steps", "40"]
+        args += ["--lr-max", "1.0", "--on-divergence", mode, "--out", str(out), "--data-dir", str(data_dir)]
+        assert cli.main(args) == 0
+        docs[mode] = json.loads((out / "methods" / "random.json").read_text())
+    record, rollback = docs["record"], docs["rollback"]
+    assert record["diverged_at"][0] is not None and rollback["diverged_at"] == [None, None, None]
+    assert rollback["rollbacks"][0] >= 1 and rollback["rollbacks"][1:] == [0, 0]
+    assert math.isfinite(rollback["final_test_loss"][0])
+    assert rollback["final_test_loss"][1:] == record["final_test_loss"][1:]
+    with pytest.raises(ValueError, match="--lr-max must be"):
+        clarke.validate_config(ClarkeConfig(dataset="energy", lr_max=2.0))

@@ -257,9 +257,19 @@ def method_results(cfg: ClarkeConfig, problem: Problem, run: MethodRun) -> dict[
         "seconds": [h.seconds / tuner.P] * tuner.P,
         "wall_seconds": h.seconds,
         "diverged_at": h.diverged_at,
+        **({"rollbacks": _rollbacks(h.events, tuner.P)} if cfg.on_divergence == "rollback" else {}),
         "curves": {"step": h.step, "test_loss": h.test_loss, "val_loss": h.val_loss, "train_loss": h.train_loss},
         "hparams": {"step": h.step, **h.hparams},
     }
+
+
+def _rollbacks(events: list[dict[str, Any]], members: int) -> list[int]:
+    """How many times each member was rolled back (``on_divergence="rollback"``)."""
+    counts = [0] * members
+    for e in events:
+        if e["action"] == "rollback":
+            counts[e["member"]] += 1
+    return counts
 
 
 def _head(problem: Problem, data: tuple[torch.Tensor, torch.Tensor], rows: int | None):
