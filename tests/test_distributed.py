@@ -8,6 +8,7 @@ Each rank takes its half of every global batch, as ``DistributedSampler`` gives 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -356,9 +357,13 @@ def _checks_worker(rank: int) -> None:
     fully_shard(model[0], mesh=init_device_mesh("cpu", (RANKS,)))
     with pytest.raises(ValueError, match="submodule '0' is FSDP-sharded.*second-order gradients are not supported"):
         bd.unwrap(model)
-    # SyncBatchNorm: refused, naming the submodule (its backward is not differentiable)
-    with pytest.raises(ValueError, match="SyncBatchNorm"):
-        bd.unwrap(nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4)))
+    # SyncBatchNorm (no double backward): converted in place to GlobalBatchNorm, inside DDP too
+    seq = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4)).double()
+    assert bd.unwrap(seq) is seq and type(seq[1]) is bd.GlobalBatchNorm
+    inner = nn.Sequential(nn.Linear(3, 4)).double()
+    ddp = nn.parallel.DistributedDataParallel(inner)
+    inner.append(nn.SyncBatchNorm(4).double())  # added after wrapping: DDP refuses SyncBatchNorm on a CPU
+    assert bd.unwrap(ddp) is inner and type(inner[1]) is bd.GlobalBatchNorm
     # wrapping twice is wrapping once
     wrapped = bd.data_parallel_loss(mse)
     assert bd.data_parallel_loss(wrapped) is wrapped
@@ -366,8 +371,8 @@ def _checks_worker(rank: int) -> None:
 
 def test_check_replicas_unwrap_and_refusals_on_two_ranks() -> None:
     """check_replicas passes on identical tensors and raises on every rank, naming what and which tensor, for one
-    differing ulp, a permutation, or different numbers of tensors; DDP is unwrapped, FSDP2 and SyncBatchNorm
-    refused."""
+    differing ulp, a permutation, or different numbers of tensors; DDP is unwrapped, FSDP2 refused, SyncBatchNorm
+    converted to GlobalBatchNorm."""
     spawn(_checks_worker)
 
 
@@ -418,3 +423,164 @@ def test_collectives_are_a_conjugate_pair_in_one_process() -> None:
         assert bd.data_parallel_loss(mse) is mse  # one rank: the identity
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- 4. GlobalBatchNorm
+
+
+def bn_nets(seed: int = 0) -> tuple[nn.Sequential, nn.Sequential]:
+    """A small conv net with plain BatchNorm (4-d, 3-d and 2-d inputs; momentum 0.3, None and 0.1; non-trivial affine
+    parameters and running statistics), and a copy of it with SyncBatchNorm layers (separate tensors)."""
+    torch.manual_seed(seed)
+    plain = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3, momentum=0.3),  # (N, 3, 4, 4)
+        nn.Tanh(),
+        nn.Flatten(2),
+        nn.BatchNorm1d(3, momentum=None),  # (N, 3, 16): the cumulative average
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(48, 5),
+        nn.BatchNorm1d(5),  # (N, 5)
+        nn.Tanh(),
+        nn.Linear(5, 1),
+    ).to(D)
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return plain, nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+
+
+def bn_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = 3.0 + 2.0 * torch.randn(n, 2, 4, 4, generator=g, dtype=D)  # a mean far from 0: the statistics matter
+    return x, torch.randn(n, 1, generator=g, dtype=D)
+
+
+def _bn_derivatives(model: nn.Module, batch: Any, wrap: bool, counter: AllReduceCounter | None) -> dict[str, Any]:
+    """Value, gradient and Hessian-vector product of the training-mode loss of ``model`` through ``functional_call``
+    (parameters and copies of the buffers swapped in), the buffers after that one forward, all-reduce sizes."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def loss(p: dict[str, torch.Tensor], h: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return ((torch.func.functional_call(model, {**p, **buffers}, (x,)) - y) ** 2).mean()
+
+    fn = bd.data_parallel_loss(loss) if wrap else loss
+    p = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(7)
+    v = {k: torch.randn(t.shape, generator=gen, dtype=D) for k, t in p.items()}
+    sizes: dict[str, list[int]] = {}
+
+    def mark(name: str) -> None:
+        if counter is not None:
+            sizes[name] = sorted(counter.take())
+
+    value = fn(p, None, batch)
+    mark("forward")
+    after = {k: b.clone() for k, b in buffers.items()}
+    g = torch.autograd.grad(value, list(p.values()), create_graph=True)
+    mark("gradient")
+    hvp = torch.autograd.grad(sum((gi * v[k]).sum() for gi, k in zip(g, p)), list(p.values()))
+    mark("hessian-vector product")
+    return {"value": value.detach(), "gradient": [x.detach() for x in g], "hvp": list(hvp), "buffers": after} | {
+        "sizes": sizes
+    }
+
+
+def _batchnorm_worker(rank: int) -> None:
+    plain, sync = bn_nets()
+    model = bd.convert_sync_batchnorm(sync)
+    assert sum(type(m) is bd.GlobalBatchNorm for m in model.modules()) == 3
+    batch = bn_data(16, seed=1)
+    ref = _bn_derivatives(plain, batch, wrap=False, counter=None)  # one process, the whole batch, plain BatchNorm
+    with AllReduceCounter() as counter:
+        got = _bn_derivatives(model, shard(batch, rank), wrap=True, counter=counter)
+    for key in ("value", "gradient", "hvp", "buffers"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10, msg=lambda m, k=key: f"{k}: {m}")
+    assert float(ref["hvp"][0].abs().max()) > 1e-3  # a non-trivial second derivative
+    # one all-reduce of 2C + 1 per layer per forward (C = 3, 3, 5) and per backward pass (two in a double backward)
+    n_weights = sum(t.numel() for t in plain.parameters())
+    assert got["sizes"] == {
+        "forward": [1, 7, 7, 11],
+        "gradient": [7, 7, 11, n_weights],
+        "hessian-vector product": [7, 7, 7, 7, 11, 11, n_weights],
+    }, got["sizes"]
+    # the layers' own buffers, two training-mode forwards (the cumulative average counts them); unequal shards
+    x = bn_data(20, seed=2)[0]
+    mine = x[:8] if rank == 0 else x[8:]
+    for step in range(2):
+        with AllReduceCounter() as counter:
+            out = model(mine[: 7 + step] if rank == 0 else mine)  # 7 + 13 examples, then 8 + 12
+        assert sorted(counter.take()) == [7, 7, 11]
+        expect = plain(x if step else torch.cat([x[:7], x[8:]]))
+        torch.testing.assert_close(out, expect[: 7 + step] if rank == 0 else expect[7 + step :], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dict(model.named_buffers()), dict(plain.named_buffers()), rtol=1e-10, atol=1e-10)
+    assert int(model[4].num_batches_tracked) == 2
+    bd.check_replicas(dict(model.named_buffers()), "GlobalBatchNorm running statistics")  # bitwise the same
+    # eval mode: plain batch norm with the running statistics, no collective
+    plain.load_state_dict(model.state_dict())
+    model.eval()
+    plain.eval()
+    with AllReduceCounter() as counter:
+        out = model(mine)
+    assert counter.take() == [] and torch.equal(out, plain(mine))
+
+
+def test_global_batchnorm_on_two_ranks_equals_one_process() -> None:
+    """SyncBatchNorm converted to GlobalBatchNorm, 2 ranks with half a 16-example batch each, against plain BatchNorm on
+    the whole batch in one process (float64; 4-d, 3-d and 2-d inputs; momentum 0.3, None, 0.1): the wrapped loss,
+    gradient, Hessian-vector product (double backward) and the running statistics after the forward agree to 1e-10;
+    one all-reduce of 2C + 1 numbers per layer per forward and per backward pass; unequal shards (7 + 13) and the
+    layers' own buffers over two forwards (cumulative average); eval mode is plain BatchNorm, with no collective."""
+    spawn(_batchnorm_worker)
+
+
+def test_convert_sync_batchnorm_takes_over_parameters_and_buffers() -> None:
+    """convert_sync_batchnorm replaces every SyncBatchNorm in place by a GlobalBatchNorm holding the same Parameter and
+    buffer objects (an optimiser keeps them), the same state_dict keys and train/eval mode; a shared layer becomes one;
+    a SyncBatchNorm model is replaced; without a process group it is plain BatchNorm, bit for bit."""
+    plain, model = bn_nets()
+    model[8].eval()
+    model.add_module("again", model[4])  # one layer under two names
+    tensors = {k: id(v) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    keys = list(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert bd.convert_sync_batchnorm(model) is model
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert [type(model[i]) for i in (1, 4, 8)] == [bd.GlobalBatchNorm] * 3 and model.again is model[4]
+    assert {k: id(v) for k, v in [*model.named_parameters(), *model.named_buffers()]} == tensors
+    assert list(model.state_dict()) == keys
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], model.parameters()))
+    assert model[1].training and not model[8].training and model[4].momentum is None and model[1].momentum == 0.3
+    assert bd.convert_sync_batchnorm(model) is model and model[1] is model[1]  # converting twice: once
+    plain.add_module("again", plain[4])
+    model.load_state_dict(plain.state_dict())  # strict: the same keys as plain BatchNorm
+    # a SyncBatchNorm model; affine=False, bias=False, track_running_stats=False layers
+    for layer in (
+        nn.SyncBatchNorm(4),
+        nn.SyncBatchNorm(4, affine=False),
+        nn.SyncBatchNorm(4, bias=False),
+        nn.SyncBatchNorm(4, track_running_stats=False),
+    ):
+        before = [(k, id(v)) for k, v in [*layer.named_parameters(), *layer.named_buffers()]]
+        new = bd.convert_sync_batchnorm(layer)
+        assert type(new) is bd.GlobalBatchNorm
+        assert [(k, id(v)) for k, v in [*new.named_parameters(), *new.named_buffers()]] == before
+        assert (new.bias is None) == (layer.bias is None) and new.extra_repr() == layer.extra_repr()
+    # one process: nn.BatchNorm exactly, in train mode (running statistics too) and in eval mode
+    plain, model = bn_nets()
+    bd.convert_sync_batchnorm(model)
+    x = bn_data(8, seed=4)[0]
+    for mode in (True, False):
+        plain.train(mode)
+        model.train(mode)
+        assert torch.equal(model(x), plain(x))
+        for (k, a), b in zip(model.named_buffers(), plain.buffers()):
+            assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        model[1](torch.ones(2, 4, 3, 3, dtype=D))

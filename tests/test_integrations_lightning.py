@@ -31,6 +31,12 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these tiny models gain nothing from two, and on a shared 2-core machine two thrash."""
+    torch.set_num_threads(1)  # conftest's fixture puts the count back afterwards
+
+
 class EpochShuffle(Sampler[int]):
     """A shuffle drawn from ``seed + epoch`` (Lightning calls ``set_epoch``), so a resumed run draws the same order."""
 

@@ -30,6 +30,12 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 VOCAB, LENGTH = 64, 16
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these tiny models gain nothing from two, and on a shared 2-core machine two thrash."""
+    torch.set_num_threads(1)  # conftest's fixture puts the count back afterwards
+
+
 def task(n, seed):
     """Synthetic token classification: is the token id a multiple of 3?"""
     g = torch.Generator().manual_seed(seed)

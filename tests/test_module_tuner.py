@@ -862,3 +862,20 @@ def test_bf16_autocast_hypergradient_agrees_with_float32():
     assert float(F.cosine_similarity(out[None][1], out[torch.bfloat16][1], dim=0)) >= 0.99
     with pytest.raises(ValueError, match="autocast must be a floating torch.dtype"):
         bilevel.Tuner(make(), F.cross_entropy, bilevel.optim.SGD(lr=0.05), autocast="bf16", progress=False)
+
+
+def test_rollback_of_an_untuned_learning_rate_halves_each_group_and_writes_it_back():
+    """lr not tuned (tune=("momentum",)) on a torch.optim SGD with two groups: a rollback halves both groups'
+    learning rates in the twin, and fit writes the halved values back into param_groups."""
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 3, dtype=D) * 40, torch.randn(48, 1, dtype=D)
+    model = linear()
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.9}, {"params": [model.bias], "lr": 0.5}], momentum=0.5)
+    tuner = bilevel.Tuner(
+        model, F.mse_loss, opt, tune=("momentum",), on_divergence="rollback", interval=5, progress=False
+    )
+    tuner.fit(DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(x[:8], y[:8])), epochs=10)
+    n = sum(e.get("lr_factor") is not None for e in tuner.divergences)
+    assert n >= 1
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.9 * 0.5**n, 0.5 * 0.5**n], rel=1e-12)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

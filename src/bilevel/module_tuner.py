@@ -300,7 +300,7 @@ class Tuner:
             )
         if torch_opt is not None and population > 1:
             raise ValueError("population > 1 needs a bilevel.optim optimiser (a torch.optim one steps one model)")
-        self.rule, self._torch_opt = rule, torch_opt
+        self._rule, self._torch_opt = rule, torch_opt
         if penalty is not None:
             self._warn_double_decay(optimizer, granularity)
         specs, init = self._specs(granularity, penalty, penalty_h, list(named))
@@ -454,7 +454,7 @@ class Tuner:
             specs.append(h)
             decay = name == "weight_decay"
             if self._twin is None:
-                init[name] = _start(h, float(getattr(self.rule, name)), decay)
+                init[name] = _start(h, float(getattr(self._rule, name)), decay)
                 continue
             values = self._twin.group_values[name]
             filled = [v for v, grp in zip(values, groups or ()) if grp]
@@ -598,6 +598,12 @@ class Tuner:
         raise NonFiniteError(what, msg, step=max(steps, default=None))
 
     @property
+    def rule(self) -> Any:
+        """The weight update the loop steps with: a ``bilevel.optim`` rule, the twin of a ``torch.optim``
+        optimiser (``bilevel.optim.WithDefaults``), or ``bilevel.optim.TorchOptimizer``."""
+        return self.loop.rule if hasattr(self, "loop") else self._rule
+
+    @property
     def divergences(self) -> list[dict[str, Any]]:
         """Every divergence the loop handled, in order: ``{"step", "member", "what", "action"}`` with ``action``
         ``"frozen"`` (the member stops at its initial weights) or ``"rollback"`` (with ``lr_factor``, the
@@ -675,8 +681,14 @@ class Tuner:
         """Data-parallel BatchNorm: each rank normalised with its own batch statistics (as under DDP); the
         running statistics become their mean over the ranks (the same on every rank)."""
         n = distributed.world_size()
-        for v in self._buffers.values():
-            if v.is_floating_point():
+        synced = {  # SyncBatchNorm layers (GlobalBatchNorm) keep the same statistics on every rank already
+            f"{name}.{b}" if name else b
+            for name, m in self.model.named_modules()
+            if isinstance(m, distributed.GlobalBatchNorm)
+            for b, _ in m.named_buffers(recurse=False)
+        }
+        for k, v in self._buffers.items():
+            if v.is_floating_point() and k not in synced:
                 torch.distributed.all_reduce(v)
                 v.div_(n)
 
@@ -809,6 +821,11 @@ class Tuner:
                     g["betas"] = (value, b2) if name == "beta1" else (b1, value)
                 elif name in g and not math.isnan(value):
                     g[name] = value
+        if "lr" not in self.space and self.rule is not self._rule:  # rollbacks shrank the untuned learning rate
+            lr = getattr(self.rule, "values", {}).get("lr")
+            for g, names in zip(self._torch_opt.param_groups, self._twin.groups):
+                if names:
+                    g["lr"] = float(lr[names[0]]) if isinstance(lr, Mapping) else float(self.rule.lr)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: the loop's state, the module's buffers, the history, the positions in

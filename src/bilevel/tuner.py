@@ -318,7 +318,7 @@ def scale_lr(rule: Any, factor: float) -> Any:
     if inner is not None and isinstance(values, Mapping):
         lr = values.get("lr")
         scaled = {**values, "lr": {k: v * factor for k, v in lr.items()}} if isinstance(lr, Mapping) else values
-        return replace(rule, rule=scale_lr(inner, factor), values=scaled)
+        return type(rule)(scale_lr(inner, factor), scaled)
     if is_dataclass(rule) and hasattr(rule, "lr"):
         return replace(rule, lr=rule.lr * factor)  # type: ignore[type-var]
     raise ValueError(

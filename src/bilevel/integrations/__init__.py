@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         items = {k: _to(v, device) for k, v in batch.items()}
         try:
-            return type(batch)(items)  # dict, OrderedDict, transformers' BatchEncoding, ...
+            return cast(Any, type(batch))(items)  # dict, OrderedDict, transformers' BatchEncoding, ...
         except TypeError:
             return items
     return batch
@@ -153,7 +153,9 @@ def parse_tune(tune: str | Sequence[str] | Mapping[str, str], who: str) -> dict[
         ValueError: for an unknown granularity, or ``"tensor"`` / ``"element"``, which ``param_groups`` cannot hold.
     """
     items = (
-        list(tune.items()) if isinstance(tune, Mapping) else [(n, "scalar") for n in ((tune,) if isinstance(tune, str) else tune)]
+        list(tune.items())
+        if isinstance(tune, Mapping)
+        else [(n, "scalar") for n in ((tune,) if isinstance(tune, str) else tune)]
     )
     out: dict[str, str] = {}
     for name, g in items:
@@ -238,11 +240,12 @@ class OptimizerHyperStep:
         tw = twin(self.optimizer, self.named)
         unknown = [n for n in kinds if n not in tw.rule.hyperparameters and n not in penalty_h]
         if unknown:
-            hint = " (Adam's momentum is 'beta1')" if "momentum" in unknown and "beta1" in tw.rule.hyperparameters else ""
+            hint = (
+                " (Adam's momentum is 'beta1')" if "momentum" in unknown and "beta1" in tw.rule.hyperparameters else ""
+            )
             raise ValueError(
                 f"{who}: cannot tune {unknown}: torch.optim.{type(self.optimizer).__name__} has "
-                f"{list(tw.rule.hyperparameters)}{hint}"
-                + (f", the penalty has {list(penalty_h)}" if penalty_h else "")
+                f"{list(tw.rule.hyperparameters)}{hint}" + (f", the penalty has {list(penalty_h)}" if penalty_h else "")
             )
         self.groups: tuple[tuple[str, ...], ...] = tw.groups
         self.update_form = [n for n in kinds if n not in penalty_h]
@@ -336,7 +339,7 @@ class OptimizerHyperStep:
                 "module's trainable parameters: build it on module.parameters()"
             )
         held_ids = {id(p) for p in held}
-        named = {k: v for k, v in trainable.items() if id(v) in held_ids}
+        named: dict[str, Tensor] = {k: v for k, v in trainable.items() if id(v) in held_ids}
         if not named:
             raise ValueError("the optimiser holds none of the module's trainable parameters")
         return named
@@ -353,7 +356,8 @@ class OptimizerHyperStep:
         return self._scalar(Fn.call(self.module, params, self._val_fn, batch), "validation")
 
     def _penalty(self, params: Mapping[str, Tensor], nat: Mapping[str, Any]) -> Tensor:
-        return self.penalty(params, nat)  # type: ignore[no-any-return]
+        value: Tensor = self.penalty(params, nat)
+        return value
 
     def _scalar(self, value: Any, what: str) -> Tensor:
         if not isinstance(value, Tensor) or value.numel() != 1:
@@ -376,7 +380,11 @@ class OptimizerHyperStep:
                 self._rng = torch.get_rng_state()
 
     def sync(self, t: int) -> None:
-        """Take the module's weights (detached), the optimiser's state and the trainer's step count ``t``."""
+        """Point the tuner at the module's weights (detached, not copied) and the optimiser's state.
+
+        Args:
+            t: the trainer's optimiser steps so far (the tuner's ``t``, at least 1).
+        """
         self.tuner.params = {k: v.detach() for k, v in self.named.items()}
         self.tuner.state = state_from_torch(self.optimizer, self.named, self.rule)
         self.tuner.t = max(int(t), 1)
@@ -404,7 +412,13 @@ class OptimizerHyperStep:
     # ------------------------------------------------------------------ values
 
     def values(self) -> dict[str, list[float | None]]:
-        """The natural value of each tuned optimiser hyperparameter per parameter group (``None``: not tuned there)."""
+        """The natural value of each tuned optimiser hyperparameter, per parameter group.
+
+        Returns:
+            ``{name: [value of group 0, value of group 1, ...]}`` with ``value = T(raw)`` (``10 ** raw`` for a
+            learning rate or decay, ``sigmoid(raw)`` for a momentum), ``None`` for a group where ``name`` is not
+            tuned (frozen or empty).
+        """
         out: dict[str, list[float | None]] = {}
         n = len(self.optimizer.param_groups)
         with torch.no_grad():
@@ -421,10 +435,16 @@ class OptimizerHyperStep:
         return out
 
     def set_values(self, name: str, values: Sequence[float | None]) -> None:
-        """Set the raw value of ``name`` to the natural ``values`` (one per group; ``None`` skips a group).
+        """Set the raw value of ``name`` to ``T^{-1}`` of the natural ``values``, keeping the hyper-optimiser's state.
 
-        The hyperparameter optimiser's state is kept (e.g. the HF callback re-anchors the learning rate on the
-        schedule's current value before each step)."""
+        The Hugging Face callback re-anchors the learning rate on the schedule's current value this way before
+        each hyperparameter step (the Adam moments of ``log10 lr`` are those of ``log10 m``).
+
+        Args:
+            name: a tuned optimiser hyperparameter.
+            values: one natural value per parameter group (a scalar hyperparameter takes the first given);
+                ``None`` leaves a group's value as it is.
+        """
         h = self.space[name]
         with torch.no_grad():
             if self.granularity[name] == "scalar":
@@ -445,13 +465,24 @@ class OptimizerHyperStep:
                     _set_group_value(group, name, v)
 
     def write(self, names: Sequence[str] | None = None) -> None:
-        """Write the tuned natural values into ``optimizer.param_groups`` (all tuned names, or ``names``)."""
+        """Write the tuned natural values into ``optimizer.param_groups`` (``betas`` for ``beta1`` / ``beta2``).
+
+        Args:
+            names: the hyperparameters to write (default: every tuned one); frozen groups are left alone.
+        """
         vals = self.values()
         self._write_values({k: v for k, v in vals.items() if names is None or k in names})
 
     def metrics(self, prefix: str = "hp/") -> dict[str, float]:
-        """``{"hp/lr": ..., "hp/lr_group1": ..., "hp/l2": ...}``: scalar values by name, group values by group
-        (only tuned groups; one tuned group is named plainly), a penalty's mean natural value."""
+        """The tuned values as flat metrics, for a logger.
+
+        Args:
+            prefix: put before every name.
+
+        Returns:
+            ``{"hp/lr": ..., "hp/lr_group1": ..., "hp/l2": ...}``: a scalar value by its name, a per-group value by
+            group (tuned groups only; a single tuned group by its name), a penalty's mean natural value.
+        """
         out: dict[str, float] = {}
         for name, per_group in self.values().items():
             tuned = [(i, v) for i, v in enumerate(per_group) if v is not None]
@@ -466,7 +497,12 @@ class OptimizerHyperStep:
         return out
 
     def penalty_grads(self) -> dict[str, Tensor]:
-        """``dR(w; lambda)/dw`` of the penalty at the module's weights and the tuned values (to add to ``.grad``)."""
+        """The penalty's gradient at the module's weights and the tuned values, to add to the trainer's ``.grad``.
+
+        Returns:
+            ``{param_name: dR(w; lambda)/dw}`` (``lambda * w`` for :class:`bilevel.PerWeightDecay`, Lorraine et al.
+            2020 sec. 5.2); empty without a penalty.
+        """
         if self.penalty is None:
             return {}
         w = {k: v.detach().requires_grad_() for k, v in self.named.items()}
@@ -479,17 +515,25 @@ class OptimizerHyperStep:
     # ------------------------------------------------------------------ checkpointing
 
     #: the tuner's state that is re-synchronised from the module and optimiser before every step (not saved)
-    _LIVE = ("params", "initial_params", "state", "window", "prev", "history")
+    _LIVE = ("params", "initial_params", "state", "window", "prev", "history", "good")
 
     def state_dict(self) -> dict[str, Any]:
-        """The raw hyperparameters, the hyperparameter optimiser's and the solver's state, the step's random
-        stream: tensors, numbers and plain containers (loads with ``torch.load(..., weights_only=True)``).
-        The weights and the optimiser state are the trainer's and are not saved twice."""
+        """The tuning state, for a checkpoint (the weights and the optimiser state are the trainer's: not saved).
+
+        Returns:
+            ``{"tuner": the OnlineTuner's state without its weights, optimiser state and history (raw
+            hyperparameters, hyper-optimiser and solver state, step count), "rng": this step's random stream}``:
+            tensors, numbers and plain containers (loads with ``torch.load(..., weights_only=True)``).
+        """
         sd = {k: v for k, v in self.tuner.state_dict().items() if k not in self._LIVE}
         return {"tuner": sd, "rng": self._rng.clone()}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (the weights and optimiser state come from the trainer)."""
+        """Continue from :meth:`state_dict` (the weights and optimiser state come from the trainer at each step).
+
+        Args:
+            sd: a :meth:`state_dict` of a step built the same way.
+        """
         full = {**self.tuner.state_dict(), **dict(sd["tuner"])}
         self.tuner.load_state_dict(full)
         self._rng = sd["rng"].clone()

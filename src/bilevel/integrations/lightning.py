@@ -214,8 +214,19 @@ class HyperTuner(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Build the hyperparameter step on the optimiser ``configure_optimizers`` returned (after a checkpoint
-        was restored, whose state it continues from)."""
+        """Build the hyperparameter step on the optimiser ``configure_optimizers`` returned.
+
+        Lightning calls this after restoring a checkpoint (model, optimiser and this callback's state), so the
+        tuning continues from it; a second ``fit`` with a new optimiser continues the tuning too.
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule being trained.
+
+        Raises:
+            ValueError: for manual optimisation, several optimisers, a scheduler while ``lr`` is tuned, clipping by
+                value, or hyperparameters the optimiser lacks.
+        """
         if not pl_module.automatic_optimization:
             raise ValueError("HyperTuner needs automatic optimisation (the optimiser step is Lightning's)")
         if len(trainer.optimizers) != 1:
@@ -228,7 +239,9 @@ class HyperTuner(Callback):
         clip = trainer.gradient_clip_val
         algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
         if clip and algorithm != "norm":
-            raise ValueError("HyperTuner: gradient clipping by value is not supported (clip by norm: it is in the twin)")
+            raise ValueError(
+                "HyperTuner: gradient clipping by value is not supported (clip by norm: it is in the twin)"
+            )
         optimizer = trainer.optimizers[0]
         if self._engine is not None and self._engine.optimizer is not optimizer and self._pending is None:
             self._pending = self.state_dict()  # a new fit with a new optimiser: continue the tuning
@@ -260,7 +273,13 @@ class HyperTuner(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Add the tuned penalty's gradient ``dR(w; lambda)/dw`` to ``.grad`` (nothing without a penalty)."""
+        """Add the tuned penalty's gradient ``dR(w; lambda)/dw`` to ``.grad`` (nothing without a penalty).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule being trained.
+            optimizer: the optimiser about to step.
+        """
         if self.penalty is None or self._engine is None:
             return
         with torch.no_grad():
@@ -274,7 +293,15 @@ class HyperTuner(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """After the optimiser step: every ``interval`` steps one hyperparameter step; log the values."""
+        """After the optimiser step: every ``interval`` steps one hyperparameter step; log the values.
+
+        Args:
+            trainer: the Lightning trainer (``global_step`` counts the optimiser steps).
+            pl_module: the LightningModule being trained.
+            outputs: ``training_step``'s output (unused).
+            batch: the training batch the optimiser just stepped on: the update map's context.
+            batch_idx: its index in the epoch.
+        """
         engine = self.engine
         step = trainer.global_step
         if step > 0 and step != self._last_step and step % self.interval == 0:
@@ -291,7 +318,7 @@ class HyperTuner(Callback):
     def _muted(self, pl_module: pl.LightningModule) -> Iterator[None]:
         """``self.log`` / ``self.log_dict`` are no-ops inside the user's steps run for a hypergradient."""
         d = pl_module.__dict__
-        saved = {k: d[k] for k in ("log", "log_dict") if k in d}
+        saved: dict[str, Any] = {k: d[k] for k in ("log", "log_dict") if k in d}
         d["log"] = d["log_dict"] = _noop
         try:
             yield
@@ -303,8 +330,14 @@ class HyperTuner(Callback):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """The tuning state: ``{"engine": raw hyperparameters, hyper-optimiser, solver and random stream,
-        "val_cursor": the validation loader's position, "last_step": int}`` (tensors and plain containers)."""
+        """The tuning state; Lightning stores it in every checkpoint.
+
+        Returns:
+            ``{"engine": raw hyperparameters, hyper-optimiser, solver and random stream
+            (:meth:`bilevel.integrations.OptimizerHyperStep.state_dict`), "val_cursor": the validation loader's
+            position, "last_step": the optimiser step of the last hyperparameter step}``: tensors, numbers and
+            plain containers (loads with ``torch.load(..., weights_only=True)``).
+        """
         if self._engine is None:
             return dict(self._pending) if self._pending is not None else {}
         return {
@@ -314,7 +347,10 @@ class HyperTuner(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (applied when training starts, after the optimiser exists)."""
+        """Continue from :meth:`state_dict` (applied when training starts, once the optimiser exists).
+
+        Args:
+            state_dict: a :meth:`state_dict` of a callback built the same way.
+        """
         if state_dict:
             self._pending = dict(state_dict)
-

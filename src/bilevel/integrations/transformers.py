@@ -247,7 +247,9 @@ class HyperCallback(TrainerCallback):
             seed=self.seed,
             who="HyperCallback",
         )
-        self._train_cursor.bind(self.train_dataloader if self.train_dataloader is not None else self._own_train(args, train))
+        self._train_cursor.bind(
+            self.train_dataloader if self.train_dataloader is not None else self._own_train(args, train)
+        )
         self._val_cursor.bind(self._own_val(args, train))
 
     def _own_train(self, args: TrainingArguments, train: Any) -> DataLoader[Any]:
@@ -278,11 +280,25 @@ class HyperCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Build the hyperparameter step on the Trainer's optimiser and schedule (continuing a loaded state, or
-        the tuning of an earlier ``train()`` call)."""
+        """Build the hyperparameter step on the Trainer's optimiser and schedule.
+
+        A state given to :meth:`load_state_dict`, or the tuning of an earlier ``train()`` call, is continued.
+
+        Args:
+            args: the Trainer's arguments (batch sizes, ``max_grad_norm``).
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            **kwargs: ``model``, ``optimizer``, ``lr_scheduler``, ``train_dataloader``, ... (as the Trainer gives).
+
+        Raises:
+            ValueError: for a schedule that is not a ``LambdaLR`` while ``lr`` is tuned, no decaying group while
+                ``weight_decay`` is tuned, or an optimiser without a differentiable twin.
+        """
         if self._engine is not None and self._pending is None:
             self._pending = self.state_dict()
-        self._build(args, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"), kwargs.get("train_dataloader"))
+        self._build(
+            args, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"), kwargs.get("train_dataloader")
+        )
         if self._pending is not None:
             sd, self._pending = self._pending, None
             self.engine.load_state_dict(sd["engine"])
@@ -299,10 +315,15 @@ class HyperCallback(TrainerCallback):
             self.engine.write([n for n in self.engine.update_form if n != "lr"])
             self._compose()
 
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        """After the optimiser and scheduler steps: every ``interval`` steps one hyperparameter step."""
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """After the optimiser and scheduler steps: every ``interval`` steps one hyperparameter step.
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state (``global_step`` counts the optimiser steps).
+            control: the Trainer's control flags.
+            **kwargs: as the Trainer passes them (unused: the engine holds the model and optimiser).
+        """
         engine = self.engine
         t = int(state.global_step)
         if t > 0 and t != self._last_step and t % self.interval == 0 and self._schedule_positive():
@@ -334,7 +355,15 @@ class HyperCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Add the latest values (``hp/lr_scale``, ``hp/lr``, ``hp/weight_decay``, ...) to the Trainer's logs."""
+        """Add the latest values (``hp/lr_scale``, ``hp/lr``, ``hp/weight_decay``, ...) to the Trainer's logs.
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state; its last ``log_history`` entry gets the values too.
+            control: the Trainer's control flags.
+            logs: the dict being logged (updated in place).
+            **kwargs: as the Trainer passes them.
+        """
         if logs is None or self._engine is None:
             return
         metrics = self.engine.metrics()
@@ -378,8 +407,13 @@ class HyperCallback(TrainerCallback):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """The tuning state: the hyperparameter step's (raw values, hyper-optimiser, solver, random stream), both
-        loaders' positions, the multipliers and the schedule's own ``base_lrs`` (tensors and plain containers)."""
+        """The tuning state (the Trainer does not save it: save it next to its checkpoint).
+
+        Returns:
+            ``{"engine": raw values, hyper-optimiser, solver and random stream, "train_cursor", "val_cursor": the
+            loaders' positions, "base0": the schedule's own base_lrs, "scale": the multipliers m, "last_step"}``:
+            tensors, numbers and plain containers (loads with ``torch.load(..., weights_only=True)``).
+        """
         if self._engine is None:
             return dict(self._pending) if self._pending is not None else {}
         return {
@@ -392,7 +426,11 @@ class HyperCallback(TrainerCallback):
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (applied when the next training begins)."""
+        """Continue from :meth:`state_dict` (applied when the next training begins).
+
+        Args:
+            state_dict: a :meth:`state_dict` of a callback built the same way.
+        """
         if state_dict:
             self._pending = dict(state_dict)
 
