@@ -6,6 +6,8 @@ import csv
 import importlib.util
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,15 @@ def test_example_runs_at_a_tiny_size():
     assert tuned["hparams"]["lr"] > 3e-3
     assert tuned["val_loss"] < untuned["val_loss"]
     assert tuned["steps"] == untuned["steps"] == 20
+
+
+def test_without_lightning_the_module_imports_and_the_callback_names_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['lightning'] = sys.modules['lightning.pytorch'] = None  # as if not installed\n"
+        "import bilevel, bilevel.integrations.lightning as m\n"
+        "assert 'lightning' not in [k for k in sys.modules if sys.modules[k] is not None]\n"
+        "try:\n    m.HyperTuner([])\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "bilevel[lightning]"' in out

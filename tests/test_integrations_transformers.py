@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,14 @@ def test_example_runs_at_a_tiny_size():
     assert untuned["lr_scale"] == 1.0 and untuned["weight_decay"] == pytest.approx(0.01)
     assert tuned["lr_scale"] > 1.0
     assert tuned["eval_loss"] < untuned["eval_loss"]
+
+
+def test_without_transformers_the_module_imports_and_the_callback_names_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # as if not installed\n"
+        "import bilevel, bilevel.integrations.transformers as m\n"
+        "try:\n    m.HyperCallback([])\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "bilevel[transformers]"' in out

@@ -429,16 +429,16 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     rank computes its local count n_r, sum s_r and sum of squares q_r (from its shard's centred moments, in float64:
     the 2C + 1 numbers are few), one all-reduce sums them (``_Copy(_Reduce(.))``: the forward all-reduce, and in
     backward one all-reduce of their cotangents, every order), and every rank normalises its own shard with the
-    global mean m = s / n and biased variance v = q / n - m^2:
+    global mean ``m = s / n`` and biased variance ``v = q / n - m^2``:
 
-        y = (x - m) / sqrt(v + eps) * weight + bias.
+        ``y = (x - m) / sqrt(v + eps) * weight + bias``.
 
     The running statistics are updated as torch's BatchNorm updates them, with the global mean and the unbiased
-    global variance v * n / (n - 1) (``momentum``, or the cumulative average when ``momentum=None``, counted by
+    global variance ``v * n / (n - 1)`` (``momentum``, or the cumulative average when ``momentum=None``, counted by
     ``num_batches_tracked``), so they are the same on every rank. In eval mode, and without data parallelism
     (:func:`is_data_parallel` of ``process_group`` false: one process), the forward is ``F.batch_norm`` exactly as
     in ``nn.BatchNorm``: no collective (as torch's SyncBatchNorm, statistics are not synchronised in eval mode, so
-    an evaluation may run on one rank only). Inputs are (N, C) or (N, C, *) (1-d, 2-d, 3-d batch norm alike); the
+    an evaluation may run on one rank only). Inputs are ``(N, C)`` or ``(N, C, *)`` (1-d, 2-d, 3-d batch norm alike); the
     shards may have different sizes. Works under ``torch.func.functional_call`` with parameters and buffers
     swapped in (the running statistics are updated in place in the tensors passed).
 
@@ -481,7 +481,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         """Normalise ``input`` with the global batch statistics (training mode) or the running ones (eval mode).
 
         Args:
-            input: this rank's shard, shape (N, C) or (N, C, *).
+            input: this rank's shard, shape ``(N, C)`` or ``(N, C, *)``.
 
         Returns:
             The normalised shard, the shape and dtype of ``input``.

@@ -529,8 +529,8 @@ class OnlineTuner:
         Right after a hyperparameter step the gradient may be that step's (:class:`SharedGradient`, opt-in).
         A member whose loss or step is non-finite is handled by ``on_divergence`` (see :class:`TunerConfig`):
         ``"raise"`` keeps the weights and optimiser state from before the step; ``"rollback"`` puts the member
-        back to its last good state (the last weights at which its training loss was finite, with their
-        optimiser state)."""
+        back to its last good state (the last weights at which its training loss was finite and at most
+        ``rollback_spike`` times the lowest it has seen, with their optimiser state)."""
         w = {k: v.detach().requires_grad_() for k, v in self.params.items()}
         raw = {k: v.detach() for k, v in self.raw.items()}
         shared, self._shared = self._shared, None
