@@ -438,8 +438,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     ``num_batches_tracked``), so they are the same on every rank. In eval mode, and without data parallelism
     (:func:`is_data_parallel` of ``process_group`` false: one process), the forward is ``F.batch_norm`` exactly as
     in ``nn.BatchNorm``: no collective (as torch's SyncBatchNorm, statistics are not synchronised in eval mode, so
-    an evaluation may run on one rank only). Inputs are ``(N, C)`` or ``(N, C, *)`` (1-d, 2-d, 3-d batch norm alike); the
-    shards may have different sizes. Works under ``torch.func.functional_call`` with parameters and buffers
+    an evaluation may run on one rank only). Inputs are ``(N, C)`` or ``(N, C, *)`` (1-d, 2-d, 3-d batch norm
+    alike); the shards may have different sizes. Works under ``torch.func.functional_call`` with parameters and buffers
     swapped in (the running statistics are updated in place in the tensors passed).
 
     Args:
