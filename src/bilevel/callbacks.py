@@ -25,6 +25,15 @@ class RandomLRMultiplier:
 
     The factors are drawn in float64 from a generator seeded with ``seed`` and applied by
     :meth:`bilevel.tuner.OnlineTuner.rescale`.
+
+    Args:
+        low: the smallest factor (> 0).
+        high: the largest factor (>= ``low``).
+        seed: the seed of the generator the factors are drawn from.
+        name: the hyperparameter to rescale (default the learning rate ``"lr"``).
+
+    Raises:
+        ValueError: unless ``0 < low <= high``.
     """
 
     def __init__(self, low: float, high: float, seed: int = 0, name: str = "lr") -> None:
@@ -34,23 +43,47 @@ class RandomLRMultiplier:
         self.generator = torch.Generator().manual_seed(seed)
 
     def on_interval(self, tuner: Any) -> None:
+        """Draw one factor per member and rescale the hyperparameter ``name`` by it.
+
+        Args:
+            tuner: the :class:`~bilevel.tuner.OnlineTuner` at a T-step boundary.
+        """
         f = self.low + (self.high - self.low) * torch.rand(tuner.P, generator=self.generator, dtype=torch.float64)
         tuner.rescale(self.name, f)
 
     def state_dict(self) -> dict[str, Any]:
+        """The generator's state, so a resumed run draws the same factors.
+
+        Returns:
+            ``{"generator": <the generator's state>}``.
+        """
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore the generator's state.
+
+        Args:
+            sd: a dictionary from :meth:`state_dict`.
+        """
         self.generator.set_state(sd["generator"])
 
 
 class EveryStep:
-    """Call ``fn(tuner)`` after every weight step (a progress bar, a logger, committing module buffers)."""
+    """Call ``fn(tuner)`` after every weight step (a progress bar, a logger, committing module buffers).
+
+    Args:
+        fn: called with the tuner after every weight step.
+    """
 
     def __init__(self, fn: Callable[[Any], None]) -> None:
         self.fn = fn
 
     def on_weight_step(self, tuner: Any) -> None:
+        """Call ``fn(tuner)``.
+
+        Args:
+            tuner: the :class:`~bilevel.tuner.OnlineTuner` that has just taken a weight step.
+        """
         self.fn(tuner)
 
 
@@ -65,6 +98,15 @@ class TensorBoardLogger:
     written as its median and its 25 % / 75 % quantiles over the members that have not diverged,
     plus the values of the first ``members`` members. Needs the optional ``tensorboard`` package
     (``pip install "bilevel[tensorboard]"``); view with ``tensorboard --logdir LOG_DIR``.
+
+    Args:
+        log_dir: the folder the event files are written to.
+        every: write the step's training loss every ``every`` weight steps (>= 1).
+        members: how many members (the first ones) are also written one by one (>= 0).
+
+    Raises:
+        ImportError: when the ``tensorboard`` package is not installed.
+        ValueError: when ``every < 1`` or ``members < 0``.
     """
 
     def __init__(self, log_dir: str, every: int = 10, members: int = 3) -> None:
@@ -94,10 +136,20 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"{tag}/member_{i}", float(vals[i]), step)
 
     def on_weight_step(self, tuner: Any) -> None:
+        """Write the training loss of the step just taken, every ``every`` steps.
+
+        Args:
+            tuner: the :class:`~bilevel.tuner.OnlineTuner` that has just taken a weight step.
+        """
         if tuner.t % self.every == 0 and getattr(tuner, "last_losses", None) is not None:
             self._scalars("loss/train_step", tuner.last_losses.detach().cpu(), tuner.alive.cpu(), tuner.t)
 
     def on_record(self, tuner: Any) -> None:
+        """Write the losses of the record just made and each hyperparameter's mean natural value.
+
+        Args:
+            tuner: the :class:`~bilevel.tuner.OnlineTuner` that has just recorded its history.
+        """
         h = tuner.history
         for name, store in (("train", h.train_loss), ("val", h.val_loss), ("test", h.test_loss)):
             if store and store[0] and len(h.step) == len(store[0]):
@@ -108,7 +160,12 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def on_epoch(self, tuner: Any, losses: dict[str, Any]) -> None:
-        """Per-epoch losses of every member (from :class:`bilevel.Tuner`: mean training loss, whole validation set)."""
+        """Per-epoch losses of every member (from :class:`bilevel.Tuner`: mean training loss, whole validation set).
+
+        Args:
+            tuner: the online loop of the :class:`bilevel.Tuner` at the end of an epoch.
+            losses: the epoch's losses by name (``"train"``, ``"val"``), each a tensor of shape ``(P,)``.
+        """
         for name, values in losses.items():
             self._scalars(f"loss/{name}_epoch", values.detach().cpu(), tuner.alive.cpu(), tuner.t)
         for name, v in tuner.describe().items():
@@ -116,6 +173,7 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event files."""
         self.writer.close()
 
 
@@ -137,6 +195,14 @@ def autolog(log_dir: str | os.PathLike, every: int = 10, members: int = 3) -> It
 
     Loop k (in creation order) writes to ``log_dir/loop-k`` through a :class:`TensorBoardLogger`;
     ``bilevel run STUDY --tensorboard DIR`` runs the study inside ``autolog(DIR)``.
+
+    Args:
+        log_dir: the folder that receives one ``loop-k`` subfolder per online loop.
+        every: as :class:`TensorBoardLogger`'s ``every``: weight steps between two training-loss points.
+        members: as :class:`TensorBoardLogger`'s ``members``: members also written one by one.
+
+    Yields:
+        Nothing; the loggers are closed when the block ends.
     """
     entry = _Autolog(os.fspath(log_dir), every, members)
     _AUTOLOG.append(entry)

@@ -157,7 +157,17 @@ def _normalise(name: Any) -> str:
 
 def canonical_method(name: str) -> str:
     """The canonical method name (``unroll``, ``neumann``, ``proximal``) of ``name`` or one of its aliases
-    (:data:`METHOD_ALIASES`; ``implicit``/``ift`` -> ``proximal``, with eps = 0 fixed by :func:`method`)."""
+    (:data:`METHOD_ALIASES`; ``implicit``/``ift`` -> ``proximal``, with eps = 0 fixed by :func:`method`).
+
+    Args:
+        name: a method name or alias (case-insensitive; ``_`` or spaces for ``-``).
+
+    Returns:
+        ``"unroll"``, ``"neumann"`` or ``"proximal"``.
+
+    Raises:
+        ValueError: when ``name`` is neither a method nor an alias.
+    """
     key = _normalise(name)
     if key not in METHOD_ALIASES:
         raise ValueError(
@@ -169,7 +179,17 @@ def canonical_method(name: str) -> str:
 
 def canonical_concept(name: str) -> str:
     """The canonical concept name (``cold``, ``warm-full``, ``warm-partial``) of ``name`` or an alias
-    (:data:`CONCEPT_ALIASES`; ``warm-start`` is ``warm-partial``, the online setting)."""
+    (:data:`CONCEPT_ALIASES`; ``warm-start`` is ``warm-partial``, the online setting).
+
+    Args:
+        name: a concept name or alias (case-insensitive; ``_`` or spaces for ``-``).
+
+    Returns:
+        ``"cold"``, ``"warm-full"`` or ``"warm-partial"``.
+
+    Raises:
+        ValueError: when ``name`` is neither a concept nor an alias.
+    """
     key = _normalise(name)
     if key not in CONCEPT_ALIASES:
         raise ValueError(
@@ -200,6 +220,7 @@ class HypergradientMethod:
         cg_steps: ``proximal`` only: ``None`` solves (H + eps I) densely
             (:class:`bilevel.Exact`, at most ``max_size`` weights), otherwise conjugate
             gradient with this many steps.
+        max_size: the most weights the dense solve of ``proximal`` accepts.
     """
 
     name: str  # MethodName or an alias
@@ -267,7 +288,19 @@ class HypergradientMethod:
 
 def method(name: str, **kwargs: Any) -> HypergradientMethod:
     """``method("unroll", steps=1, lr=1e-3)``, ``method("neumann", steps=K, lr=a)``, ``method("proximal", eps=e)``,
-    ``method("implicit")`` (the exact min-norm IFT); aliases as in :func:`canonical_method`."""
+    ``method("implicit")`` (the exact min-norm IFT); aliases as in :func:`canonical_method`.
+
+    Args:
+        name: the method's name or alias.
+        **kwargs: the other fields of :class:`HypergradientMethod` (``steps``, ``lr``, ``eps``,
+            ``cg_steps``, ``max_size``).
+
+    Returns:
+        The :class:`HypergradientMethod`.
+
+    Raises:
+        ValueError: for an unknown name or invalid fields (see :class:`HypergradientMethod`).
+    """
     return HypergradientMethod(name, **kwargs)
 
 
@@ -280,6 +313,16 @@ def response_jacobian(
     ``params``, then of ``hparams``), since dF/dx = e_i^T dy*/dx: e.g. for
     ``proximal``, -e_i^T (H + eps I)^{-1} d2f/dydx (Vicol et al. eq. 4). For tests
     and small problems: one hypergradient per weight.
+
+    Args:
+        m: the hypergradient method.
+        inner: the inner objective f(y, x), ``(params, hparams) -> scalar``.
+        params: the inner parameters y.
+        hparams: the outer parameters x.
+
+    Returns:
+        The dense dy*/dx, shape ``(n_params, n_hparams)`` (total numbers of elements, flattened in the
+        order of the dicts).
     """
     _validate(params, hparams)
     n = T.numel(params)
@@ -314,6 +357,23 @@ def inner_solve(
     y_start converges (on least squares) to the solution nearest y_start, the
     projection of Table 1; ``prox_eps > 0`` minimises eq. (3)'s proximal objective.
     ``hparams`` are held fixed (detached).
+
+    Args:
+        inner: the inner objective f(y, x), ``(params, hparams) -> scalar``.
+        params: the starting weights y_start.
+        hparams: the outer parameters x (detached, held fixed).
+        lr: the gradient-descent step size (> 0).
+        steps: the most steps taken (>= 0).
+        tol: stop once the gradient norm is <= ``tol``; ``None`` always takes ``steps`` steps.
+        prox_eps: the weight of the proximal term eps/2 ||y - y_start||^2 (0: none).
+        check: raise when the training loss is not finite.
+
+    Returns:
+        ``(weights, steps_taken)``: the detached weights and the number of steps taken.
+
+    Raises:
+        ValueError: when ``steps < 0`` or ``lr <= 0``.
+        NonFiniteError: when ``check`` and the training loss is not finite.
     """
     if steps < 0 or not lr > 0:
         raise ValueError(f"inner_solve needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
@@ -389,6 +449,17 @@ class Concept:
         -(H + eps I)^{-1} d2f/dydx (eq. 4) with eps = 1 / (K lr). ``prox_eps > 0``: proximal with that eps.
         ``cg_steps`` solves by conjugate gradient (needs eps > 0); the default is the dense solve
         (at most ``max_size`` weights).
+
+        Args:
+            cg_steps: conjugate-gradient steps, or ``None`` for the dense solve.
+            max_size: the most weights the dense solve accepts.
+
+        Returns:
+            The :class:`HypergradientMethod` of this concept's response Jacobian.
+
+        Raises:
+            ValueError: when ``cg_steps`` is given and eps = 0 (the min-norm IFT needs the dense solve), or
+                for ``warm-partial`` with ``inner_steps = 0``.
         """
         eps = self.response_eps
         if eps == 0:
@@ -403,7 +474,17 @@ class Concept:
     def respond(
         self, inner: Loss, current: Mapping[str, Tensor], initial: Mapping[str, Tensor], hparams: Mapping[str, Tensor]
     ) -> tuple[Tree, int]:
-        """y_{t+1} for x_{t+1} = ``hparams``: from ``initial`` (cold) or ``current`` (warm)."""
+        """y_{t+1} for x_{t+1} = ``hparams``: from ``initial`` (cold) or ``current`` (warm).
+
+        Args:
+            inner: the inner objective f(y, x), ``(params, hparams) -> scalar``.
+            current: the current weights y_t.
+            initial: the initial weights y_0.
+            hparams: the new outer parameters x_{t+1}.
+
+        Returns:
+            ``(weights, steps_taken)``; ``steps_taken`` is 0 with ``closed_form``.
+        """
         start = initial if self.name == "cold" else current
         if self.closed_form is not None:
             return {k: v.detach() for k, v in self.closed_form(T.detach(start), T.detach(hparams)).items()}, 0
@@ -415,7 +496,18 @@ class Concept:
 
 def concept(name: str, **kwargs: Any) -> Concept:
     """``concept("cold", inner_lr=.., inner_steps=5000)``, ``concept("warm-partial", inner_lr=.., inner_steps=1)``;
-    aliases as in :func:`canonical_concept` (``"warm-start"`` is ``warm-partial``)."""
+    aliases as in :func:`canonical_concept` (``"warm-start"`` is ``warm-partial``).
+
+    Args:
+        name: the concept's name or alias.
+        **kwargs: the other fields of :class:`Concept` (``inner_lr`` is required).
+
+    Returns:
+        The :class:`Concept`.
+
+    Raises:
+        ValueError: for an unknown name or invalid fields (see :class:`Concept`).
+    """
     return Concept(name, **kwargs)
 
 
@@ -439,6 +531,16 @@ class BilevelOptimizer:
     ``outer`` is F(y, x), ``inner`` f(y, x), both ``(params, hparams) -> scalar``; ``hparams``
     are the raw outer parameters (any keys, e.g. a :class:`bilevel.distill.DistilledData`'s raw
     dict), updated by ``outer_optimizer(list(hparams.values()), lr=outer_lr)``.
+
+    Args:
+        inner: the inner objective f(y, x), ``(params, hparams) -> scalar``.
+        outer: the outer objective F(y, x), ``(params, hparams) -> scalar``.
+        params: the initial inner parameters y_0.
+        hparams: the initial raw outer parameters x_0.
+        concept: how the weights respond to each outer step.
+        method: the hypergradient approximation.
+        outer_lr: the outer optimiser's learning rate.
+        outer_optimizer: the outer optimiser's class, called as ``outer_optimizer(params, lr=outer_lr)``.
     """
 
     def __init__(
@@ -496,6 +598,11 @@ class BilevelOptimizer:
 
     @opt.setter
     def opt(self, value: torch.optim.Optimizer) -> None:
+        """Replace the outer optimiser.
+
+        Args:
+            value: an optimiser over the raw outer parameters :attr:`hparams`.
+        """
         self.loop.hyper_opt = value
 
     def _respond(self) -> None:
@@ -533,6 +640,15 @@ class BilevelOptimizer:
 
         ``callback(self)`` is called at each record (e.g. to log a trajectory). The first
         record is the state before any step.
+
+        Args:
+            steps: the number of outer steps.
+            record_every: outer steps between two records.
+            callback: called with this optimiser at each record after the first, or ``None``.
+            progress: called with 1 after every outer step (e.g. a progress bar's ``update``), or ``None``.
+
+        Returns:
+            The records, the first one before any step.
         """
         history = [self._record()]
         for _ in range(steps):

@@ -126,22 +126,49 @@ class Transform:
     ``forward(raw)`` gives the natural value, ``inverse(natural)`` the raw
     (optimisation-space) value; both are differentiable torch functions.
     ``domain`` is the (open, where finite) natural interval that ``forward`` maps onto.
+
+    Args:
+        name: the transform's name (the key of :data:`TRANSFORMS` for the predefined ones).
+        domain: ``(lo, hi)``, the natural interval ``forward`` maps onto (ends may be infinite).
     """
 
     name: str
     domain: tuple[float, float]
 
     def forward(self, raw: Tensor) -> Tensor:  # pragma: no cover - overridden
+        """The natural value ``T(raw)`` (differentiable).
+
+        Args:
+            raw: raw (optimisation-space) values, any shape.
+
+        Returns:
+            The natural values, same shape, inside :attr:`domain`.
+        """
         raise NotImplementedError
 
     def inverse(self, natural: float | Tensor) -> Tensor:  # pragma: no cover - overridden
+        """The raw value ``T^{-1}(natural)`` (differentiable).
+
+        Args:
+            natural: natural values inside :attr:`domain`, a number or a tensor of any shape.
+
+        Returns:
+            The raw values, same shape (float64 for a number).
+        """
         raise NotImplementedError
 
     def __call__(self, raw: Tensor) -> Tensor:
         return self.forward(raw)
 
     def inverse_float(self, natural: float) -> float:
-        """``inverse`` of a Python float (computed in float64); may be ``+-inf`` at the domain's ends."""
+        """``inverse`` of a Python float (computed in float64); may be ``+-inf`` at the domain's ends.
+
+        Args:
+            natural: a natural value.
+
+        Returns:
+            Its raw value as a float.
+        """
         return float(self.inverse(torch.tensor(float(natural), dtype=torch.float64)))
 
     def clamp_into_domain(self, natural: Tensor, eps: float = NATURAL_INIT_EPS) -> Tensor:
@@ -150,6 +177,13 @@ class Transform:
         Values strictly inside the domain are returned unchanged (so e.g. a weight
         decay of ``1e-9`` is kept, while ``0`` becomes ``eps`` and a momentum of ``1``
         becomes ``1 - eps``), keeping ``inverse`` finite.
+
+        Args:
+            natural: natural values, any shape.
+            eps: how far inside a finite end the values at or beyond it are moved.
+
+        Returns:
+            The values, same shape, inside the open domain.
         """
         lo, hi = self.domain
         if math.isfinite(lo):
@@ -219,19 +253,50 @@ class ScaledTanh(Transform):
 
     Keeps a value inside a box while steps near the origin are those of the identity
     (e.g. learned datapoints kept inside the data's range, :class:`bilevel.distill.DistilledData`).
+
+    Args:
+        name: the transform's name.
+        domain: ``(-bound, bound)``.
+        bound: the half-width of the natural interval (> 0); :func:`scaled_tanh` fills all three fields.
     """
 
     bound: float = 1.0
 
     def forward(self, raw: Tensor) -> Tensor:
+        """``bound * tanh(raw / bound)``.
+
+        Args:
+            raw: raw values, any shape.
+
+        Returns:
+            The natural values, same shape, in ``(-bound, bound)``.
+        """
         return self.bound * torch.tanh(raw / self.bound)
 
     def inverse(self, natural: float | Tensor) -> Tensor:
+        """``bound * atanh(natural / bound)``.
+
+        Args:
+            natural: natural values in ``(-bound, bound)``, a number or a tensor of any shape.
+
+        Returns:
+            The raw values, same shape.
+        """
         return self.bound * torch.atanh(_as_tensor(natural) / self.bound)
 
 
 def scaled_tanh(bound: float) -> ScaledTanh:
-    """The :class:`ScaledTanh` transform onto ``(-bound, bound)`` (``bound`` finite and > 0)."""
+    """The :class:`ScaledTanh` transform onto ``(-bound, bound)`` (``bound`` finite and > 0).
+
+    Args:
+        bound: the half-width of the natural interval.
+
+    Returns:
+        The transform, named ``"tanh(<bound>)"``.
+
+    Raises:
+        ValueError: unless ``bound`` is finite and > 0.
+    """
     bound = float(bound)
     if not (math.isfinite(bound) and bound > 0):
         raise ValueError(f"scaled_tanh: bound must be finite and > 0, got {bound}")
@@ -252,6 +317,15 @@ def get_transform(name: str | Transform) -> Transform:
 
     A :class:`Transform` is returned unchanged. Unknown names raise ``ValueError``
     listing the known ones.
+
+    Args:
+        name: a transform's name (case-insensitive) or a :class:`Transform`.
+
+    Returns:
+        The transform.
+
+    Raises:
+        ValueError: for an unknown name.
     """
     if isinstance(name, Transform):
         return name
@@ -467,7 +541,14 @@ class HyperParameter:
         return (lo if math.isfinite(lo) else None), (hi if math.isfinite(hi) else None)
 
     def to_natural(self, raw: Tensor) -> Tensor:
-        """``T(clamp(raw, T^{-1}(lo), T^{-1}(hi)))`` -- differentiable, vmap-safe."""
+        """``T(clamp(raw, T^{-1}(lo), T^{-1}(hi)))`` -- differentiable, vmap-safe.
+
+        Args:
+            raw: raw values, any shape.
+
+        Returns:
+            The clipped natural values, same shape.
+        """
         lo, hi = self.raw_clip
         if lo is not None or hi is not None:
             raw = torch.clamp(raw, min=lo, max=hi)
@@ -475,14 +556,31 @@ class HyperParameter:
 
     def to_raw(self, natural: float | Tensor) -> Tensor:
         """``T^{-1}(natural)``; values on/outside a finite domain end are first moved
-        :data:`NATURAL_INIT_EPS` inside it (see :meth:`Transform.clamp_into_domain`)."""
+        :data:`NATURAL_INIT_EPS` inside it (see :meth:`Transform.clamp_into_domain`).
+
+        Args:
+            natural: natural values, a number or a tensor of any shape.
+
+        Returns:
+            The raw values, same shape (float64 for a number).
+        """
         return self.transform.inverse(self.transform.clamp_into_domain(_as_tensor(natural)))
 
     # ------------------------------------------------------------------ layout
 
     def param_names(self, params: Mapping[str, Tensor]) -> list[str]:
         """Parameter names this hyperparameter covers (empty for scalar granularity; the groups' names in
-        group order for group granularity)."""
+        group order for group granularity).
+
+        Args:
+            params: the model's parameters by name.
+
+        Returns:
+            The names, in ``params`` order when ``params``/``groups`` are not set.
+
+        Raises:
+            ValueError: when :attr:`params` or :attr:`groups` names a parameter not in ``params``.
+        """
         if self.granularity is Granularity.SCALAR:
             return []
         if self.params is None and self.groups is None:
@@ -496,7 +594,14 @@ class HyperParameter:
         return names
 
     def key(self, param_name: str | None = None) -> str:
-        """The raw-dict key of this hyperparameter (``param_name=None``) or of its entry for ``param_name``."""
+        """The raw-dict key of this hyperparameter (``param_name=None``) or of its entry for ``param_name``.
+
+        Args:
+            param_name: a parameter name, or ``None``.
+
+        Returns:
+            ``"<name>"`` or ``"<name>/<param_name>"``.
+        """
         return self.name if param_name is None else f"{self.name}/{param_name}"
 
     def group_key(self, index: int) -> str:
@@ -515,7 +620,18 @@ class HyperParameter:
         return [self.group_key(i) for i in range(len(self.groups or ()))]
 
     def shapes(self, params: Mapping[str, Tensor]) -> dict[str, torch.Size]:
-        """Raw-dict keys of this hyperparameter and their shapes."""
+        """Raw-dict keys of this hyperparameter and their shapes.
+
+        Args:
+            params: the model's parameters by name (names and shapes).
+
+        Returns:
+            ``{key: shape}``: ``()`` for scalar, group and tensor granularity, the parameter's shape for
+            element granularity.
+
+        Raises:
+            ValueError: when the hyperparameter names a parameter not in ``params``.
+        """
         if self.granularity is Granularity.SCALAR:
             return {self.name: torch.Size()}
         if self.granularity is Granularity.GROUP:
@@ -526,7 +642,15 @@ class HyperParameter:
         return {self.key(p): params[p].shape for p in self.param_names(params)}
 
     def sample_raw(self, shape: Sequence[int] = (), generator: torch.Generator | None = None) -> Tensor:
-        """One float64 draw of the raw initial value (see ``init_space``), on the generator's device."""
+        """One float64 draw of the raw initial value (see ``init_space``), on the generator's device.
+
+        Args:
+            shape: the shape of the draw (one independent value per element).
+            generator: the random generator, or ``None`` for the global one (on the CPU).
+
+        Returns:
+            A float64 tensor of shape ``shape``.
+        """
         dev = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64, device=dev)
         x = self.init_low + (self.init_high - self.init_low) * u
@@ -537,6 +661,15 @@ class HyperParameter:
 
         For group granularity every parameter of group ``i`` maps to the raw tensor
         ``raw["<name>/group<i>"]`` itself (one object per group).
+
+        Args:
+            raw: the flat raw dict (at least this hyperparameter's keys).
+
+        Returns:
+            The raw tensor (scalar granularity) or ``{param_name: raw tensor}``.
+
+        Raises:
+            ValueError: when a key of this hyperparameter is missing or unexpected.
         """
         if self.granularity is Granularity.SCALAR:
             if self.name not in raw:
@@ -594,6 +727,13 @@ class HyperParameterSpace:
     Converts between a flat raw dict (optimised by ``torch.optim``) and natural
     values grouped by hyperparameter name; see the module docstring for the key
     convention.
+
+    Args:
+        hparams: the hyperparameters, in the order of the raw dict's keys.
+
+    Raises:
+        TypeError: when an element is not a :class:`HyperParameter`.
+        ValueError: when two hyperparameters share a name.
     """
 
     def __init__(self, hparams: Iterable[HyperParameter]) -> None:
@@ -630,13 +770,28 @@ class HyperParameterSpace:
         return [h.name for h in self._hparams]
 
     def shapes(self, params: Mapping[str, Tensor]) -> dict[str, torch.Size]:
-        """All raw keys and their shapes, in space order."""
+        """All raw keys and their shapes, in space order.
+
+        Args:
+            params: the model's parameters by name (names and shapes).
+
+        Returns:
+            ``{key: shape}`` (see :meth:`HyperParameter.shapes`).
+        """
         out: dict[str, torch.Size] = {}
         for h in self._hparams:
             out.update(h.shapes(params))
         return out
 
     def keys(self, params: Mapping[str, Tensor]) -> list[str]:
+        """All raw keys, in space order.
+
+        Args:
+            params: the model's parameters by name.
+
+        Returns:
+            The keys of :meth:`shapes`.
+        """
         return list(self.shapes(params))
 
     # ------------------------------------------------------------------ construction
@@ -659,6 +814,17 @@ class HyperParameterSpace:
         learning rate); otherwise every key/element is drawn independently.
         ``dtype``/``device`` default to those of the first floating parameter.
         The returned tensors are fresh (not views), optionally ``requires_grad``.
+
+        Args:
+            params: the parameters (names and shapes; dtype/device defaults).
+            generator: the random generator, or ``None`` for the global one.
+            dtype: raw dtype (default: the first floating parameter's).
+            device: raw device (default: the first floating parameter's).
+            shared_init: one draw per hyperparameter (``True``) or one per key and element.
+            requires_grad: make the returned tensors leaves requiring grad.
+
+        Returns:
+            ``{key: raw initial value}`` for every raw key of the space.
         """
         dtype, device = _default_dtype_device(params, dtype, device)
         out: dict[str, Tensor] = {}
@@ -739,7 +905,15 @@ class HyperParameterSpace:
     # ------------------------------------------------------------------ maps
 
     def check(self, raw: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> None:
-        """Raise ``ValueError`` naming missing / unexpected raw keys (and, given ``params``, bad shapes)."""
+        """Raise ``ValueError`` naming missing / unexpected raw keys (and, given ``params``, bad shapes).
+
+        Args:
+            raw: the flat raw dict.
+            params: the model's parameters, or ``None`` to check the keys without the shapes.
+
+        Raises:
+            ValueError: on a missing or unexpected key, or a wrong shape.
+        """
         missing: list[str] = []
         extra: list[str] = []
         for k in raw:
@@ -783,12 +957,29 @@ class HyperParameterSpace:
         :meth:`HyperParameter.natural`). Missing or unexpected keys raise ``ValueError``
         naming them; passing ``params`` additionally checks key coverage and shapes.
         Pure tensor ops, so usable under :func:`torch.func.vmap`.
+
+        Args:
+            raw: the flat raw dict.
+            params: the model's parameters, or ``None`` (no shape check).
+
+        Returns:
+            ``{hp_name: natural value}`` (see :meth:`HyperParameter.natural`).
+
+        Raises:
+            ValueError: on a missing or unexpected key, or (given ``params``) a wrong shape.
         """
         self.check(raw, params)
         return {h.name: h.natural(raw) for h in self._hparams}
 
     def describe(self, raw: Mapping[str, Tensor]) -> dict[str, float]:
-        """Mean natural value per hyperparameter (over all its keys and elements), for logging."""
+        """Mean natural value per hyperparameter (over all its keys and elements), for logging.
+
+        Args:
+            raw: the flat raw dict.
+
+        Returns:
+            ``{hp_name: mean natural value}`` (a group hyperparameter: the mean over its groups).
+        """
         with torch.no_grad():
             nat = self.natural(raw)
         out: dict[str, float] = {}
@@ -825,7 +1016,18 @@ def learning_rate(
     """Learning rate, Clarke et al. (2022) Table 5: optimised as ``log10 lr``, init
     ``log10 lr ~ U[-6, -1]``; clipped to ``[1e-10, 1]`` (their Section 4).
     ``granularity="element"`` gives their high-dimensional learning rates (HDLR);
-    ``granularity="group"`` with ``groups=`` one learning rate per parameter group."""
+    ``granularity="group"`` with ``groups=`` one learning rate per parameter group.
+
+    Args:
+        granularity: ``"scalar"``, ``"group"``, ``"tensor"`` or ``"element"``.
+        clip: ``(lo, hi)`` in natural units, or ``None`` for no clipping.
+        params: parameter names for tensor/element granularity (``None``: all).
+        name: the hyperparameter's name (the raw-dict key prefix).
+        groups: parameter names per group for group granularity.
+
+    Returns:
+        The :class:`HyperParameter`.
+    """
     return HyperParameter(
         name,
         LOG10,
@@ -847,7 +1049,18 @@ def weight_decay(
     groups: Groups | None = None,
 ) -> HyperParameter:
     """Weight decay, Clarke et al. (2022) Table 5: optimised as ``log10 wd``, init
-    ``log10 wd ~ U[-7, -2]``; ``groups=`` for ``granularity="group"``."""
+    ``log10 wd ~ U[-7, -2]``; ``groups=`` for ``granularity="group"``.
+
+    Args:
+        granularity: ``"scalar"``, ``"group"``, ``"tensor"`` or ``"element"``.
+        clip: ``(lo, hi)`` in natural units, or ``None`` for no clipping.
+        params: parameter names for tensor/element granularity (``None``: all).
+        name: the hyperparameter's name (the raw-dict key prefix).
+        groups: parameter names per group for group granularity.
+
+    Returns:
+        The :class:`HyperParameter`.
+    """
     return HyperParameter(
         name,
         LOG10,
@@ -870,7 +1083,18 @@ def momentum(
 ) -> HyperParameter:
     """Momentum, Clarke et al. (2022) Table 5: optimised as ``logit mu`` (inverse
     sigmoid), initialised uniformly in *natural* space ``mu ~ U[0, 1]``; ``groups=`` for
-    ``granularity="group"``."""
+    ``granularity="group"``.
+
+    Args:
+        granularity: ``"scalar"``, ``"group"``, ``"tensor"`` or ``"element"``.
+        clip: ``(lo, hi)`` in natural units (inside ``(0, 1)``), or ``None`` for no clipping.
+        params: parameter names for tensor/element granularity (``None``: all).
+        name: the hyperparameter's name (the raw-dict key prefix).
+        groups: parameter names per group for group granularity.
+
+    Returns:
+        The :class:`HyperParameter`.
+    """
     return HyperParameter(
         name,
         LOGIT,
@@ -886,7 +1110,15 @@ def momentum(
 
 def per_weight_decay(params: Sequence[str] | None = None, name: str = "weight_decay") -> HyperParameter:
     """One weight-decay value per weight element (Lorraine et al. 2020, Sec. 5.1 per-weight
-    L2; Clarke et al. 2022 Table 5 ranges): ``weight_decay(granularity="element")``."""
+    L2; Clarke et al. 2022 Table 5 ranges): ``weight_decay(granularity="element")``.
+
+    Args:
+        params: the names of the parameters it applies to (``None``: all).
+        name: the hyperparameter's name (the raw-dict key prefix).
+
+    Returns:
+        The :class:`HyperParameter`.
+    """
     return weight_decay(granularity="element", params=params, name=name)
 
 

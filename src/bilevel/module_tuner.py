@@ -176,6 +176,8 @@ class Tuner:
             (different ``seed`` values give disjoint populations).
         sample_hparams: start each member's hyperparameters from Clarke et al. Table 5 ranges instead of the
             optimiser's values.
+        seed: the seed the members' initialisations and sampled hyperparameters are derived from
+            (``population > 1`` only).
         device: where to train (default: the model's device).
         progress: draw a progress bar.
         on_divergence: ``"raise"`` (default for one model): the first non-finite value raises
@@ -626,6 +628,22 @@ class Tuner:
         validation loss over the whole ``val_loader`` is recorded in :attr:`history`. At the end (also after an
         error) the model holds the trained weights and BatchNorm statistics (the last finite ones), and a
         ``torch.optim`` optimiser the twin's state and the tuned scalar / per-group values.
+
+        Args:
+            train_loader: the training batches, re-iterable (one weight step per batch).
+            val_loader: the validation batches, re-iterable.
+            epochs: the number of passes over ``train_loader`` (>= 1; ignored when ``steps`` is given).
+            steps: the number of weight steps to take instead of whole epochs (>= 1), or ``None``.
+
+        Returns:
+            This tuner.
+
+        Raises:
+            ValueError: for ``epochs`` or ``steps`` that is not an integer >= 1, an empty loader, a
+                ``train_loader`` without ``len()`` and no ``steps``, or a one-shot iterator.
+            TypeError: when a loader is not iterable.
+            NonFiniteError: when every member diverged (unless ``on_divergence="warn"``), or with
+                ``on_divergence="raise"`` at the first non-finite value.
         """
         if steps is None:
             if not (isinstance(epochs, int) and epochs >= 1):
@@ -713,7 +731,17 @@ class Tuner:
         """Mean validation loss over ``loader`` (batches weighted by size), one value per member (shape (P,)).
 
         The model's train/eval mode is restored afterwards, and torch's global RNG (and the loader's own
-        generator) are left as they were: evaluating never changes what training draws next."""
+        generator) are left as they were: evaluating never changes what training draws next.
+
+        Args:
+            loader: the validation batches.
+
+        Returns:
+            The mean loss of each member, float64, shape ``(P,)``.
+
+        Raises:
+            ValueError: when ``loader`` yields no batches.
+        """
         total, count = None, 0
         was_training = self.model.training
         try:
@@ -848,7 +876,11 @@ class Tuner:
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict` (in this or a fresh process, with the same construction); the next
-        :meth:`fit` picks the loaders up where the saved run left them."""
+        :meth:`fit` picks the loaders up where the saved run left them.
+
+        Args:
+            sd: a dictionary from :meth:`state_dict`.
+        """
         self.loop.load_state_dict(sd["loop"])
         self._buffers, self.history = dict(sd["buffers"]), copy.deepcopy(list(sd["history"]))
         self._good_buffers = dict(sd.get("good_buffers", self._buffers))

@@ -53,6 +53,18 @@ def l2_penalty(
     mapping (so e.g. biases can be left out). Raises ``ValueError`` naming the
     parameter on unknown names, missing values or shape mismatches.
     Differentiable in both ``params`` and ``weight_decay``; vmap-safe.
+
+    Args:
+        params: the weights by name.
+        weight_decay: one value for every weight, or ``{param_name: value}`` with 0-d or
+            parameter-shaped values.
+        names: the parameters to penalise (default: see above).
+
+    Returns:
+        The penalty, a 0-d tensor (zero when no parameter is selected).
+
+    Raises:
+        ValueError: on an unknown parameter name, a missing value or a shape mismatch.
     """
     if isinstance(weight_decay, Mapping):
         unknown = [k for k in weight_decay if k not in params]
@@ -95,18 +107,41 @@ class PerWeightL2:
     raw dict (see :class:`bilevel.hparams.HyperParameterSpace`), maps them to
     natural values (``10 ** raw`` for :func:`~bilevel.hparams.per_weight_decay`)
     and returns :func:`l2_penalty`. Default: Lorraine et al. (2020) per-weight decay.
+
+    Args:
+        hparam: the decay hyperparameter whose natural values are the coefficients.
     """
 
     hparam: HyperParameter = per_weight_decay()
 
     @classmethod
     def from_space(cls, space: HyperParameterSpace, name: str = "weight_decay") -> PerWeightL2:
-        """Bind the hyperparameter called ``name`` in ``space``."""
+        """Bind the hyperparameter called ``name`` in ``space``.
+
+        Args:
+            space: the hyperparameter space holding the decay.
+            name: the decay hyperparameter's name in ``space``.
+
+        Returns:
+            The penalty on that hyperparameter.
+
+        Raises:
+            ValueError: when ``space`` has no hyperparameter ``name``.
+        """
         if name not in space:
             raise ValueError(f"space has no hyperparameter {name!r}; known: {space.names}")
         return cls(space[name])
 
     def penalty(self, params: Mapping[str, Tensor], raw_hparams: Mapping[str, Tensor]) -> Tensor:
+        """The L2 penalty with the natural values of this hyperparameter's raw entries.
+
+        Args:
+            params: the weights by name.
+            raw_hparams: the flat raw dict (at least this hyperparameter's keys).
+
+        Returns:
+            :func:`l2_penalty` of ``params``, a 0-d tensor.
+        """
         return l2_penalty(params, self.hparam.natural(raw_hparams))
 
     __call__ = penalty
@@ -123,6 +158,16 @@ class PerWeightDecay:
     to :class:`bilevel.Tuner`: the weights may then be stepped by any ``torch.optim`` optimiser, the
     hypergradient being the IFT on the penalised training loss's stationarity. Called as
     ``penalty(params, natural_hparams)``.
+
+    Args:
+        model: the module (its parameters that require grad) or a dict of parameters by name.
+        init: the initial natural decay (finite, >= 0).
+        granularity: ``"element"``, ``"tensor"`` or ``"scalar"``.
+        params: the names of the parameters to penalise (``None``: all).
+        name: the hyperparameter's name (the raw-dict key prefix).
+
+    Raises:
+        ValueError: on an unknown parameter name, or an ``init`` that is negative or not finite.
     """
 
     def __init__(

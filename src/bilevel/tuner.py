@@ -77,7 +77,30 @@ MODES = ("ift", "unroll", "baydin", "none")
 
 @dataclass
 class TunerConfig:
-    """Meta-hyperparameters of the online loop (defaults: Clarke et al. 2022, sec. 4: T = 10, i = 5, Adam 0.05)."""
+    """Meta-hyperparameters of the online loop (defaults: Clarke et al. 2022, sec. 4: T = 10, i = 5, Adam 0.05).
+
+    Args:
+        tuned: the names of the tuned hyperparameters (the others stay fixed).
+        interval: T, weight steps between hyperparameter steps.
+        lookback: i, Neumann steps of the default solver (IFT) or unrolled steps (Diff-through-Opt).
+        mode: ``"ift"``, ``"unroll"``, ``"baydin"`` or ``"none"`` (see the module docstring).
+        solver: the IFT solver; ``None``: ``Neumann(lookback, alpha=1)``.
+        hyper_lr: the learning rate of the hyperparameter optimiser (> 0).
+        hyper_optimizer: the hyperparameter optimiser's class, called as ``hyper_optimizer(raw, lr=hyper_lr)``.
+        warm_start: continue from the current weights (``True``) or re-train from the initial ones before each
+            hypergradient (Vicol et al.'s cold start).
+        cold_steps: weight steps of each cold-start re-training.
+        record_every: weight steps between two records of :meth:`OnlineTuner.run`'s ``record_batches``.
+        grad_clip: clip each member's training-gradient norm to this, or ``None``.
+        seed: the loop's seed.
+        implicit: the fixed point the IFT differentiates: ``"update"`` or ``"loss"`` (see the comment below).
+        on_divergence: ``"record"``, ``"raise"`` or ``"rollback"`` (see the comment below).
+        rollback_factor: the multiplier of a rolled-back member's learning rate or hyperparameter step, in (0, 1).
+        rollback_spike: a training loss above this many times the lowest seen is not a good state (>= 1).
+        max_rollbacks: rollbacks of a member before it is frozen (>= 1).
+        share_gradient: reuse a hyperparameter step's training gradient in the next weight step
+            (:class:`SharedGradient`).
+    """
 
     tuned: Sequence[str] = ("lr", "weight_decay", "momentum")
     interval: int = 10  # T: weight steps between hyperparameter steps
@@ -150,6 +173,16 @@ class History:
     "action": "frozen" | "rollback"}`` (a rollback also gives ``"factor"``, the learning rate's or the
     hyperparameter step's new multiplier). :meth:`as_dict` / :meth:`from_dict` convert to and from plain
     containers (a checkpoint that loads with ``torch.load(..., weights_only=True)``).
+
+    Args:
+        step: the weight step of each record.
+        train_loss: per member, the training loss at each record (``None`` once diverged or non-finite).
+        val_loss: per member, the validation loss at each record.
+        test_loss: per member, the test loss at each record.
+        hparams: per hyperparameter, per member, the mean natural value at each record.
+        diverged_at: per member, the step it went non-finite, else ``None``.
+        seconds: the wall-clock time spent in :meth:`OnlineTuner.run`.
+        events: the divergences the loop handled (see above).
     """
 
     step: list[int] = field(default_factory=list)
@@ -167,7 +200,14 @@ class History:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | History) -> History:
-        """Inverse of :meth:`as_dict` (a :class:`History` is copied as it is, for old checkpoints)."""
+        """Inverse of :meth:`as_dict` (a :class:`History` is copied as it is, for old checkpoints).
+
+        Args:
+            d: a dictionary from :meth:`as_dict`, or a :class:`History`.
+
+        Returns:
+            A new :class:`History` (a deep copy).
+        """
         if isinstance(d, History):
             return copy.deepcopy(d)
         return cls(**copy.deepcopy(dict(d)))
@@ -178,6 +218,17 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: float | None, population: 
 
     ``g * min(1, max_norm / (||g|| + 1e-6))``, differentiably: ``torch.nn.utils.clip_grad_norm_``
     (AWD-LSTM's clipping, Merity et al. 2018; Clarke et al. on PTB). ``None`` returns them unchanged.
+
+    Args:
+        grads: the gradients, one per parameter tensor (each of shape ``(P, ...)`` with ``population``).
+        max_norm: the largest joint norm (> 0), or ``None`` for no clipping.
+        population: P, the size of the leading member axis, or ``None`` for one model (one joint norm).
+
+    Returns:
+        The clipped gradients, in the order of ``grads``.
+
+    Raises:
+        ValueError: when ``max_norm`` is not positive.
     """
     if max_norm is None:
         return list(grads)
@@ -226,6 +277,17 @@ class SharedGradient:
 
     Batch tensors are compared by identity, version counter *and* value (a copy is kept), so a batch
     refilled in place (``.data.copy_``, a numpy staging buffer) is recomputed.
+
+    Args:
+        t: the loop's step when the gradient was computed.
+        params: the weights dict the gradient was computed at (compared by identity).
+        versions: the version counters of the weights, then of the hyperparameters that were not tuned.
+        fixed: the hyperparameters that were not tuned.
+        batch: the training context's tensors.
+        batch_versions: their version counters.
+        batch_values: copies of them.
+        grads: the training gradient, one tensor per weight tensor (detached).
+        losses: the per-member training losses (detached).
     """
 
     t: int
@@ -240,7 +302,14 @@ class SharedGradient:
 
     @staticmethod
     def rng_state(device: torch.device) -> list[Tensor]:
-        """The random-number generators a loss on ``device`` may draw from (compared before and after)."""
+        """The random-number generators a loss on ``device`` may draw from (compared before and after).
+
+        Args:
+            device: the device of the weights.
+
+        Returns:
+            The CPU generator's state, and the device's for a CUDA device.
+        """
         states = [torch.random.get_rng_state()]
         if device.type == "cuda":
             states.append(torch.cuda.get_rng_state(device))
@@ -256,7 +325,20 @@ class SharedGradient:
         tuned: Mapping[str, Tensor],
         rng_before: list[Tensor],
     ) -> SharedGradient | None:
-        """The entry for the gradient just computed at ``tuner.params`` (``None`` if it can never be reused)."""
+        """The entry for the gradient just computed at ``tuner.params`` (``None`` if it can never be reused).
+
+        Args:
+            tuner: the loop whose weights the gradient was computed at.
+            batch: the training context the gradient was computed on.
+            grads: the training gradient, one tensor per weight tensor.
+            losses: the per-member training losses computed with it.
+            tuned: the tuned raw hyperparameters the gradient was computed with.
+            rng_before: :meth:`rng_state` taken before the gradient was computed.
+
+        Returns:
+            The entry, or ``None`` when the batch holds non-tensors, the loss drew random numbers, or the
+            gradient depends on the tuned hyperparameters.
+        """
         leaves = torch.utils._pytree.tree_leaves(batch)
         if not all(isinstance(x, Tensor) for x in leaves):
             return None
@@ -283,13 +365,29 @@ class SharedGradient:
         On the sync-free path (:meth:`OnlineTuner._mark`) every marking rebuilds the weights with
         ``where(alive, w, w_0)``: the live members' weights are unchanged, and the dead members are put back
         at ``w_0`` after every weight step, so the gradient stays the next step's for every member that matters.
+
+        Args:
+            tuner: the loop whose weights were rebuilt.
+            old: the weights dict before the rebuild.
+
+        Returns:
+            The entry bound to ``tuner.params``, or ``None`` when it no longer describes ``old``.
         """
         if self.params is not old or _versions(old, self.fixed) != self.versions:
             return None
         return replace(self, params=tuner.params, versions=_versions(tuner.params, self.fixed))
 
     def take(self, tuner: OnlineTuner, batch: Any) -> tuple[list[Tensor], Tensor] | None:
-        """(gradient, losses) if this entry is the gradient of the step ``tuner`` is about to take on ``batch``."""
+        """(gradient, losses) if this entry is the gradient of the step ``tuner`` is about to take on ``batch``.
+
+        Args:
+            tuner: the loop about to take a weight step.
+            batch: the training context of that step.
+
+        Returns:
+            ``(grads, losses)`` (detached), or ``None`` when the step, weights, batch or fixed
+            hyperparameters differ.
+        """
         leaves = torch.utils._pytree.tree_leaves(batch)
         same = (
             tuner.t == self.t
@@ -307,7 +405,19 @@ def scale_lr(rule: Any, factor: float) -> Any:
     """``rule`` with its learning rate(s) multiplied by ``factor`` (a torch.optim optimiser: every group's, in place).
 
     Used by ``on_divergence="rollback"`` when the learning rate is not in the hyperparameter space. Raises
-    ``ValueError`` for a rule without a learning rate it can reach."""
+    ``ValueError`` for a rule without a learning rate it can reach.
+
+    Args:
+        rule: an update rule: a dataclass with an ``lr`` field, a wrapper with fixed per-parameter values, or a
+            rule holding a ``torch.optim`` optimiser.
+        factor: the multiplier of the learning rate(s).
+
+    Returns:
+        The rule with the scaled learning rate(s): a new one, or ``rule`` itself for a ``torch.optim`` optimiser.
+
+    Raises:
+        ValueError: when the rule's learning rate cannot be reached.
+    """
     optimizer = getattr(rule, "optimizer", None)
     if isinstance(optimizer, torch.optim.Optimizer):
         for g in optimizer.param_groups:
@@ -475,7 +585,14 @@ class OnlineTuner:
         return pop.per_member(value, like) if self.stacked else value.reshape(value.shape[1:] if value.dim() else ())
 
     def natural(self, raw: Mapping[str, Tensor]) -> dict[str, Any]:
-        """Natural hyperparameter values (``space.natural``; the raw tensors themselves without a space)."""
+        """Natural hyperparameter values (``space.natural``; the raw tensors themselves without a space).
+
+        Args:
+            raw: the flat raw dict.
+
+        Returns:
+            ``{hp_name: natural value}`` (see :meth:`bilevel.hparams.HyperParameterSpace.natural`).
+        """
         return self.space.natural(raw) if self.space is not None else dict(raw)
 
     def _rule_hparams(self, nat: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -492,7 +609,16 @@ class OnlineTuner:
         return out
 
     def training_objective(self, params: Tree, raw: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
-        """``(sum of training losses + penalty, per-member training losses)`` at raw hyperparameters ``raw``."""
+        """``(sum of training losses + penalty, per-member training losses)`` at raw hyperparameters ``raw``.
+
+        Args:
+            params: the weights (shape ``(P, ...)`` when stacked).
+            raw: the flat raw hyperparameters.
+            batch: the training context.
+
+        Returns:
+            ``(total, losses)``: a 0-d tensor, and the training losses, shape ``(P,)`` (stacked) or ``()``.
+        """
         nat = self.natural(raw)
         losses = self.train_loss(params, nat, batch)
         total = losses.sum()
@@ -530,7 +656,17 @@ class OnlineTuner:
         A member whose loss or step is non-finite is handled by ``on_divergence`` (see :class:`TunerConfig`):
         ``"raise"`` keeps the weights and optimiser state from before the step; ``"rollback"`` puts the member
         back to its last good state (the last weights at which its training loss was finite and at most
-        ``rollback_spike`` times the lowest it has seen, with their optimiser state)."""
+        ``rollback_spike`` times the lowest it has seen, with their optimiser state).
+
+        Args:
+            batch: the training context c_t (a batch, or a batch with noise).
+
+        Returns:
+            The training losses at the weights before the step (detached), shape ``(P,)`` or ``()``.
+
+        Raises:
+            NonFiniteError: with ``on_divergence="raise"``, when a loss or the step is non-finite.
+        """
         w = {k: v.detach().requires_grad_() for k, v in self.params.items()}
         raw = {k: v.detach() for k, v in self.raw.items()}
         shared, self._shared = self._shared, None
@@ -686,7 +822,19 @@ class OnlineTuner:
         return tuned, {k: v.detach() for k, v in self.raw.items() if k not in tuned}
 
     def hypergradient(self, train_batch: Any, val_batch: Any) -> Tree:
-        """dL_V/dlambda of the tuned raw hyperparameters at the current weights (mode ``ift`` or ``unroll``)."""
+        """dL_V/dlambda of the tuned raw hyperparameters at the current weights (mode ``ift`` or ``unroll``).
+
+        Args:
+            train_batch: the training context of the residual (the last weight step's).
+            val_batch: the validation context of L_V.
+
+        Returns:
+            ``{raw key: hypergradient}`` for every tuned raw key, shapes of the raw values.
+
+        Raises:
+            ValueError: before the first weight step, or in a mode other than ``ift`` and ``unroll``.
+            NonFiniteError: with ``on_divergence="raise"``, when a quantity is non-finite.
+        """
         if self.t == 0:
             raise ValueError("take at least one weight step before a hypergradient")
         tuned, fixed = self._split()
@@ -722,7 +870,18 @@ class OnlineTuner:
 
         With ``on_divergence="raise"`` a non-finite quantity raises :class:`NonFiniteError` naming it (the
         validation data, the validation loss, a product, the hypergradient) and the weight step it followed,
-        before anything is changed."""
+        before anything is changed.
+
+        Args:
+            train_batch: the training context of the residual (the last weight step's).
+            val_batch: the validation context of L_V.
+
+        Returns:
+            The hypergradient applied, or ``None`` when nothing is tuned.
+
+        Raises:
+            NonFiniteError: with ``on_divergence="raise"``, when a quantity is non-finite.
+        """
         if self.hyper_opt is None:
             return None
         try:
@@ -761,7 +920,14 @@ class OnlineTuner:
         Members with a non-finite hypergradient are marked diverged, or (``on_divergence="rollback"``) skip
         this step and have their later hyperparameter steps scaled by ``rollback_factor`` (the raw change
         ``lambda_new - lambda_old`` is multiplied by the member's scale: for Adam or SGD, the same as a
-        smaller hyper learning rate)."""
+        smaller hyper learning rate).
+
+        Args:
+            hg: ``{raw key: hypergradient}`` of the tuned raw hyperparameters.
+
+        Raises:
+            NonFiniteError: with ``on_divergence="raise"``, when the hypergradient is non-finite.
+        """
         rollback = self.cfg.on_divergence == "rollback"
         skip = torch.zeros(self.P, dtype=torch.bool, device=self.device)
         for g in hg.values():
@@ -810,6 +976,11 @@ class OnlineTuner:
 
     @history.setter
     def history(self, h: History) -> None:
+        """Replace the history.
+
+        Args:
+            h: the new history.
+        """
         self._history = h
 
     def _mark(self, bad: Tensor, what: str) -> None:
@@ -863,7 +1034,13 @@ class OnlineTuner:
             self.weight_step(batches())
 
     def record(self, train: Any, val: Any, test: Any | None) -> None:
-        """Append the losses at the given batches and the hyperparameters' mean natural values to the history."""
+        """Append the losses at the given batches and the hyperparameters' mean natural values to the history.
+
+        Args:
+            train: the training batch, or ``None`` to skip the training loss.
+            val: the validation batch, or ``None`` to skip the validation loss.
+            test: the test batch, or ``None`` to skip the test loss.
+        """
         h = self.history
         h.step.append(self.t)
         with torch.no_grad():
@@ -901,7 +1078,14 @@ class OnlineTuner:
     def step(self, batch: Any) -> Tensor:
         """One counted weight step (``t += 1``, callbacks' ``on_weight_step``); returns the training losses.
 
-        With :meth:`hyper_step` this lets a study write its own schedule around the same loop."""
+        With :meth:`hyper_step` this lets a study write its own schedule around the same loop.
+
+        Args:
+            batch: the training context c_t.
+
+        Returns:
+            The training losses (see :meth:`weight_step`).
+        """
         if self.cfg.mode == "baydin":
             self._prev = (_T.detach(self.params), self.state)
         losses = self.weight_step(batch)
@@ -922,6 +1106,20 @@ class OnlineTuner:
         """Take ``steps`` weight steps from the current step, with a hyperparameter step every T.
 
         ``train_batches()`` / ``val_batches()`` return the next context (a batch, or a batch with noise).
+
+        Args:
+            steps: the number of weight steps (>= 0).
+            train_batches: returns the next training context.
+            val_batches: returns the next validation context.
+            record_batches: ``(train, val, test)`` batches passed to :meth:`record` every ``record_every`` steps,
+                or ``None`` for no records.
+            progress: called with 1 after every weight step (e.g. a progress bar's ``update``), or ``None``.
+
+        Returns:
+            The :attr:`history`.
+
+        Raises:
+            ValueError: when ``steps < 0``.
         """
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
@@ -955,6 +1153,14 @@ class OnlineTuner:
         ratio new / old). A result on or past a finite end of the domain (a momentum pushed to 1 or
         beyond) is moved just inside it, so the raw value stays finite. The hyperparameter
         optimiser's state is kept.
+
+        Args:
+            name: the hyperparameter, a name in the space.
+            factor: a positive finite factor, or one per member (shape ``(P,)``).
+
+        Raises:
+            ValueError: when ``name`` is not in the space, or a factor is not positive and finite or
+                ``factor`` has neither 1 nor P values.
         """
         if self.space is None or name not in self.space:
             raise ValueError(f"cannot rescale {name!r}: not in the space {self.space.names if self.space else []}")
@@ -999,6 +1205,11 @@ class OnlineTuner:
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore the loop from :meth:`state_dict` (a loop built with the same arguments).
+
+        Args:
+            sd: a dictionary from :meth:`state_dict`.
+        """
         self._shared = None
         self.params, self.initial_params, self.state = dict(sd["params"]), dict(sd["initial_params"]), sd["state"]
         with torch.no_grad():

@@ -60,6 +60,7 @@ def unrolled_hypergradient(
             with ``state`` it is ``update(w, lambda, state) -> (u, new_state)``
             (momentum buffers, Adam moments), and the state is differentiated
             through as well, as in Clarke et al.'s Diff-through-Opt.
+        state: the initial optimiser state of a stateful ``update``, or ``None`` for a stateless one.
         truncate: differentiate only through the last ``truncate`` steps
             (``None``: all K).
         check: raise :class:`NonFiniteError` on a non-finite loss or result

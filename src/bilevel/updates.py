@@ -124,6 +124,19 @@ def resolve(
     Raises ``ValueError`` naming the parameter and the hyperparameter
     (``hparam``) when a mapping lacks ``name`` or the shape does not fit.
     The returned tensor is the stored one (no copy, graph preserved).
+
+    Args:
+        value: the hyperparameter's value: a tensor, a Python number, or ``{param_name: tensor}``.
+        name: the parameter tensor's name.
+        like: the parameter tensor (its shape is checked, its dtype and device used for a number), or ``None``.
+        hparam: the hyperparameter's name, for error messages.
+
+    Returns:
+        The value for ``name``, broadcastable to ``like.shape`` when ``like`` is given.
+
+    Raises:
+        ValueError: when a mapping lacks ``name``, the value has another type, or its shape does not
+            broadcast to ``like``'s without enlarging it.
     """
     if isinstance(value, Mapping):
         if name not in value:
@@ -157,7 +170,15 @@ def resolve(
 
 
 def apply(params: Mapping[str, Tensor], u: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The new weights ``w - u`` (Clarke et al. 2022, eq. 4), key by key."""
+    """The new weights ``w - u`` (Clarke et al. 2022, eq. 4), key by key.
+
+    Args:
+        params: the weights w by name.
+        u: the update u(lambda, w), the keys and shapes of ``params``.
+
+    Returns:
+        ``{name: w - u}``.
+    """
     return {k: params[k] - u[k] for k in params}
 
 
@@ -168,6 +189,12 @@ def detach_state(state: State) -> State:
     "the only extra care required is to detach these buffers from the
     computational graph". Call this between steps for that behaviour; keep the
     state as returned to differentiate through several steps instead.
+
+    Args:
+        state: an optimiser state (tensors, possibly in nested dicts).
+
+    Returns:
+        The same structure with every tensor detached (not copied).
     """
 
     def _detach(x: Any) -> Any:
@@ -230,7 +257,14 @@ class UpdateRule(Protocol):
         ...
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
-        """Fresh optimiser state for ``params`` (step counter 0, zero buffers)."""
+        """Fresh optimiser state for ``params`` (step counter 0, zero buffers).
+
+        Args:
+            params: the weights by name (shapes, dtypes and devices of the buffers).
+
+        Returns:
+            The state: ``{"step": 0-d int64 zero, buffer_name: {param_name: zeros}, ...}``.
+        """
         ...
 
     def __call__(
@@ -314,6 +348,16 @@ class SGD(_RuleMixin):
     State: ``{"step": int64 0-d tensor, "momentum_buffer": {name: Tensor}}``
     (the buffer only when ``momentum != 0`` at construction; it is created as
     zeros on demand otherwise).
+
+    Args:
+        lr: the default learning rate eta.
+        momentum: the default momentum mu (non-zero: a momentum buffer is kept).
+        dampening: the default dampening tau.
+        weight_decay: the default L2 weight decay xi (added to the gradient).
+        nesterov: Nesterov momentum (structural; needs ``dampening == 0``).
+
+    Raises:
+        ValueError: when ``nesterov`` is set with a non-zero ``dampening``.
     """
 
     lr: float = 0.01
@@ -329,6 +373,14 @@ class SGD(_RuleMixin):
             raise ValueError("SGD: Nesterov momentum requires zero dampening")
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
+        """Fresh SGD state: step 0, and a zero momentum buffer when ``momentum != 0``.
+
+        Args:
+            params: the weights by name (shapes, dtypes and devices of the buffers).
+
+        Returns:
+            The state: ``{"step": 0-d int64 zero, buffer_name: {param_name: zeros}, ...}``.
+        """
         state: State = {"step": _zero_step(params)}
         if self.momentum != 0:
             state["momentum_buffer"] = _zeros(params)
@@ -423,6 +475,15 @@ class Adam(_RuleMixin):
     State: ``{"step", "exp_avg": {name: m}, "exp_avg_sq": {name: v}}`` (plus
     ``"max_exp_avg_sq"`` with AMSGrad); the bias corrections use ``step + 1``
     and the returned state has ``step + 1``.
+
+    Args:
+        lr: the default learning rate eta.
+        beta1: the default decay rate of the first moment.
+        beta2: the default decay rate of the second moment.
+        eps: the default epsilon added to the denominator.
+        weight_decay: the default L2 weight decay xi (decoupled in :class:`AdamW`).
+        amsgrad: use AMSGrad (structural).
+        betas: ``(beta1, beta2)`` in torch's spelling, replacing ``beta1`` and ``beta2``; ``None`` keeps them.
     """
 
     lr: float = 1e-3
@@ -444,6 +505,14 @@ class Adam(_RuleMixin):
             object.__setattr__(self, "betas", None)
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
+        """Fresh Adam state: step 0, zero moments (and ``max_exp_avg_sq`` with ``amsgrad``).
+
+        Args:
+            params: the weights by name (shapes, dtypes and devices of the buffers).
+
+        Returns:
+            The state: ``{"step": 0-d int64 zero, buffer_name: {param_name: zeros}, ...}``.
+        """
         state = {"step": _zero_step(params), "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
         if self.amsgrad:
             state["max_exp_avg_sq"] = _zeros(params)
@@ -474,6 +543,9 @@ class AdamW(Adam):
     with ``m_t, v_t`` the Adam moments of the raw gradient ``g`` (see
     :class:`Adam`). Same state and hyperparameters as :class:`Adam`; the
     default weight decay is ``1e-2``.
+
+    Args:
+        weight_decay: the default decoupled weight decay xi; the other fields are :class:`Adam`'s.
     """
 
     weight_decay: float = 1e-2
@@ -539,6 +611,14 @@ class RMSprop(_RuleMixin):
     ``momentum != 0`` or ``"momentum"`` is in ``hparams``.
 
     State: ``{"step", "square_avg", ["grad_avg"], ["momentum_buffer"]}``.
+
+    Args:
+        lr: the default learning rate eta.
+        alpha: the default smoothing constant.
+        eps: the default epsilon added to the denominator.
+        weight_decay: the default L2 weight decay xi (added to the gradient).
+        momentum: the default momentum mu (non-zero: a momentum buffer is kept).
+        centered: the centred variant (structural).
     """
 
     lr: float = 1e-2
@@ -551,6 +631,14 @@ class RMSprop(_RuleMixin):
     hyperparameters: ClassVar[tuple[str, ...]] = ("lr", "alpha", "eps", "weight_decay", "momentum")
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
+        """Fresh RMSprop state: step 0, zero ``square_avg`` (and ``grad_avg``, ``momentum_buffer`` as configured).
+
+        Args:
+            params: the weights by name (shapes, dtypes and devices of the buffers).
+
+        Returns:
+            The state: ``{"step": 0-d int64 zero, buffer_name: {param_name: zeros}, ...}``.
+        """
         state: State = {"step": _zero_step(params), "square_avg": _zeros(params)}
         if self.centered:
             state["grad_avg"] = _zeros(params)
@@ -615,6 +703,13 @@ class TorchOptimizer:
     copies the weights in, sets ``.grad``, calls ``optimizer.step()`` and returns the change. The
     optimiser's own state (momenta, moments) is the state of this rule (:meth:`state_dict`). The
     weights it stepped to are kept as ``stepped``, so a loop takes them exactly (not ``w - u``).
+
+    Args:
+        optimizer: the ``torch.optim`` optimiser, built on the tensors of ``named``.
+        named: the loop's parameter names and the tensors the optimiser holds.
+
+    Raises:
+        ValueError: when the optimiser does not hold a tensor of ``named``.
     """
 
     hyperparameters: ClassVar[tuple[str, ...]] = ()
@@ -631,6 +726,14 @@ class TorchOptimizer:
         self.optimizer, self.named = optimizer, dict(named)
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
+        """No state of the loop's own: the optimiser keeps it (see :meth:`state_dict`).
+
+        Args:
+            params: the weights by name (not used).
+
+        Returns:
+            ``{}``.
+        """
         return {}
 
     def __call__(
@@ -655,9 +758,19 @@ class TorchOptimizer:
         return u, {}
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimiser's own state dict (momenta, moments, step counts).
+
+        Returns:
+            ``optimizer.state_dict()``.
+        """
         return self.optimizer.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore the optimiser's state.
+
+        Args:
+            sd: a dictionary from :meth:`state_dict`.
+        """
         self.optimizer.load_state_dict(sd)
 
 
@@ -840,7 +953,14 @@ class WithDefaults:
         return self.rule.hyperparameters
 
     def init_state(self, params: Mapping[str, Tensor]) -> State:
-        """The wrapped rule's fresh state for ``params``."""
+        """The wrapped rule's fresh state for ``params``.
+
+        Args:
+            params: the weights by name.
+
+        Returns:
+            ``rule.init_state(params)``.
+        """
         return self.rule.init_state(params)
 
     def _const(self, h: str, name: str, value: float | Tensor, like: Tensor) -> Tensor:

@@ -49,6 +49,14 @@ def decay_space(per_weight: bool, max_decay: float | None = None, signed: bool =
     ``signed=True`` optimises the decay itself (identity transform, either sign, clipped to
     ``[-max_decay, max_decay]``): a negative decay pushes its weight away from zero, which a log-space
     decay cannot do.
+
+    Args:
+        per_weight: one decay per weight element (``True``) or one global decay.
+        max_decay: the upper clip of the natural decay, or ``None`` for no clip.
+        signed: optimise the decay itself, of either sign, instead of ``log10`` of it.
+
+    Returns:
+        A space with the one hyperparameter :data:`DECAY`.
     """
     g = "element" if per_weight else "scalar"
     if not signed:
@@ -67,6 +75,13 @@ def weight_decay_penalty(params: Mapping[str, Tensor], nat: Mapping[str, Any]) -
     ``nat[DECAY]`` is the natural value from :func:`decay_space`: shape (P,) for one global
     decay, or ``{name: (P, ...)}`` for one decay per weight. Its gradient ``lambda * w`` is what
     ``torch.optim``'s (coupled) ``weight_decay`` adds to the training gradient.
+
+    Args:
+        params: the stacked weights, each of shape ``(P, ...)``.
+        nat: the natural hyperparameters by name (:data:`DECAY` among them).
+
+    Returns:
+        The penalty of each member, shape ``(P,)``.
     """
     wd = nat[DECAY]
     per = {k: (pop.per_member(wd, p) if isinstance(wd, Tensor) else wd[k]).expand_as(p) for k, p in params.items()}
@@ -123,6 +138,39 @@ def tune_weight_decay(
     minibatches (``None``: full batch). ``on_eval(t, params)`` is called every ``eval_every`` steps with
     member 0's weights. Returns the tuner (``tuner.raw`` holds the decays,
     ``tuner.history.diverged_at[0]`` the step a non-finite value appeared, else ``None``).
+
+    Args:
+        forward: ``forward(params, x) -> logits`` of one member.
+        params: the initial weights of one member.
+        train: the training set ``(X, y)`` (``y`` class indices).
+        val: the validation set ``(X, y)``.
+        per_weight: one decay per weight (``True``) or one global decay.
+        solver: the :mod:`bilevel.solvers` solver of the IFT.
+        steps: the number of weight steps.
+        interval: weight steps between two hyperparameter steps (T).
+        lr: the weights' learning rate.
+        optimizer: the weight optimiser, ``"sgd"`` or ``"adam"``.
+        implicit: the fixed point the IFT differentiates, ``"update"`` or ``"loss"`` (``None``: see above).
+        hyper_lr: RMSprop's learning rate on ``log10 lambda``.
+        hyper_eps: RMSprop's ``eps``.
+        init_decay: the initial natural decay of every weight.
+        max_decay: the upper clip of the decays (``None``: ``1/lr`` for SGD, none for Adam).
+        signed: tune decays of either sign.
+        raw: one member's raw decays to start from instead of ``init_decay``, or ``None``.
+        batch_size: the minibatch size, or ``None`` for full batches.
+        tune: ``False`` keeps the decays fixed.
+        seed: the seed of the loop and of the minibatch draws.
+        eval_every: weight steps between two calls of ``on_eval`` (``None``: only at the start and the end).
+        on_eval: ``on_eval(t, params)`` with member 0's weights, or ``None``.
+        progress: called with the number of weight steps just taken (e.g. a progress bar's ``update``), or
+            ``None``.
+
+    Returns:
+        The :class:`~bilevel.tuner.OnlineTuner` after ``steps`` weight steps.
+
+    Raises:
+        ValueError: for an unknown ``optimizer``, or an :class:`~bilevel.solvers.Exact` solver too small for
+            the model.
     """
     check_size(solver, sum(v.numel() for v in params.values()))
     if optimizer not in OPTIMIZERS:
@@ -176,12 +224,26 @@ def tune_weight_decay(
 
 
 def tuned_raw(tuner: OnlineTuner) -> dict[str, Tensor]:
-    """Member 0's raw hyperparameters (detached)."""
+    """Member 0's raw hyperparameters (detached).
+
+    Args:
+        tuner: a tuner from :func:`tune_weight_decay`.
+
+    Returns:
+        ``{key: raw value}`` of member 0, fresh tensors without the population axis.
+    """
     return {k: v.detach()[0].clone() for k, v in tuner.raw.items()}
 
 
 def decay_summary(tuner: OnlineTuner) -> dict[str, float]:
-    """Median, min and max of the tuned natural weight decays (member 0)."""
+    """Median, min and max of the tuned natural weight decays (member 0).
+
+    Args:
+        tuner: a tuner from :func:`tune_weight_decay`.
+
+    Returns:
+        ``{"median", "min", "max", "count"}``: statistics over every decay of member 0 and their number.
+    """
     nat = tuner.natural({k: v.detach() for k, v in tuner.raw.items()})[DECAY]
     vals = [nat] if isinstance(nat, Tensor) else list(nat.values())
     flat = torch.cat([v[0].reshape(-1).to(torch.float64) for v in vals])
