@@ -22,8 +22,9 @@ per-pair ratios, beside the load average (``os.getloadavg``) of the machine:
     changed), for several model widths and look-backs, and the overhead these predict for each T.
 ``clarke``
     Clarke et al.'s population (``bilevel run clarke``'s own ``run_method``, in this process) for
-    ``random`` and ``ours-wd-lr-m`` alternating, one pair per variant: median final test loss and
-    ``ours-wd-lr-m``'s CPU time and loop wall time over ``random``'s.
+    ``random`` and ``ours-wd-lr-m`` alternating, one pair per variant and repeat: median final test loss and
+    ``ours-wd-lr-m``'s CPU time and loop wall time over ``random``'s; with ``--same-data`` also over the
+    plain population on the training split alone (``random`` trains on training + validation rows).
 
 Usage::
 
@@ -31,13 +32,14 @@ Usage::
     python benchmarks/overhead.py --interval 40 --hyper-lr 0.2      # one variant
     python benchmarks/overhead.py --none --frontier --repeats 5 --json benchmarks/results/overhead-digits.json
     python benchmarks/overhead.py --breakdown --widths 1,4 --lookbacks 1,5,10
-    python benchmarks/overhead.py --problem clarke --dataset energy --inits 20 --steps 4000 --frontier
+    python benchmarks/overhead.py --problem clarke --dataset energy --inits 20 --steps 4000 --frontier --same-data
+    python benchmarks/overhead.py --plot-only --figure docs/img/overhead-frontier.png --figure-from A.json ...
 
-A variant is ``--variant "T=40,i=2,hlr=0.2,vb=50,solver=neumann|identity|cg,mode=ift|none,opt=bilevel|torch"``
-(repeatable; unnamed keys keep the front door's defaults), or the single one given by ``--interval``,
-``--lookback``, ``--solver``, ``--val-batch``, ``--hyper-lr``; ``--none`` adds the Tuner with
-``mode="none"`` (with the user's ``torch.optim.SGD``, and with the differentiable twin that a tuned run
-steps); ``--frontier`` adds the issue's grid.
+A variant is ``--variant "T=40,i=2,hlr=0.2,vb=50,solver=S,mode=ift|none,opt=bilevel|torch"`` with S one of
+neumann, neumann-alpha1, identity, cg (repeatable; unnamed keys keep the front door's defaults), or the
+single one given by ``--interval``, ``--lookback``, ``--solver``, ``--val-batch``, ``--hyper-lr``;
+``--none`` adds the Tuner with ``mode="none"`` (with the user's ``torch.optim.SGD``, and with the
+differentiable twin that a tuned run steps); ``--frontier`` adds the issue's grid.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import bilevel
 DEFAULT_HYPER_LR = 0.05  # bilevel.Tuner's default (Clarke et al.)
 DEFAULT_INTERVAL = 10
 DEFAULT_LOOKBACK = 5
+SOLVERS = ("neumann", "neumann-alpha1", "identity", "cg")
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -75,7 +78,10 @@ class Variant:
     mode: str = "ift"  # "ift" (tuned) or "none" (the adapter alone)
     interval: int = DEFAULT_INTERVAL  # T
     lookback: int = DEFAULT_LOOKBACK  # i: Neumann steps (CG iterations for solver="cg")
-    solver: str = "neumann"  # "neumann": the Tuner's default AutoNeumann(i); "identity": J^-1 ~ I; "cg"
+    # "neumann": the Tuner's default AutoNeumann(i) (alpha by 20 power-iteration products on the first call, capped
+    # at 1); "neumann-alpha1": Neumann(i, alpha=1) (Clarke et al.'s, OnlineTuner's default: no power iteration);
+    # "identity": J^-1 ~ I; "cg": ConjugateGradient(i)
+    solver: str = "neumann"
     hyper_lr: float = DEFAULT_HYPER_LR
     val_batch: int = 200  # validation examples per hyperparameter step (the val loader's batch size)
     optimizer: str = "bilevel"  # "bilevel": bilevel.optim.SGD; "torch": torch.optim.SGD (mode "none": steps it)
@@ -84,8 +90,8 @@ class Variant:
     def __post_init__(self) -> None:
         if self.mode not in ("ift", "none"):
             raise ValueError(f"mode must be 'ift' or 'none', got {self.mode!r}")
-        if self.solver not in ("neumann", "identity", "cg"):
-            raise ValueError(f"solver must be neumann, identity or cg, got {self.solver!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.optimizer not in ("bilevel", "torch"):
             raise ValueError(f"optimizer must be 'bilevel' or 'torch', got {self.optimizer!r}")
         if self.interval < 1 or self.lookback < 0 or self.val_batch < 1 or not self.hyper_lr > 0:
@@ -97,7 +103,12 @@ class Variant:
             return self.name
         if self.mode == "none":
             return "none (torch.optim.SGD)" if self.optimizer == "torch" else "none (bilevel.optim.SGD twin)"
-        solver = {"neumann": f"i={self.lookback}", "identity": "identity", "cg": f"cg{self.lookback}"}[self.solver]
+        solver = {
+            "neumann": f"i={self.lookback}",
+            "neumann-alpha1": f"i={self.lookback} alpha=1",
+            "identity": "identity",
+            "cg": f"cg{self.lookback}",
+        }[self.solver]
         return f"T={self.interval} {solver} hlr={self.hyper_lr:.3g} vb={self.val_batch}"
 
     def solver_object(self) -> Any:
@@ -106,6 +117,8 @@ class Variant:
             return bilevel.Identity()
         if self.solver == "cg":
             return bilevel.ConjugateGradient(self.lookback)
+        if self.solver == "neumann-alpha1":
+            return bilevel.Neumann(self.lookback, alpha=1.0, divergence="ignore")
         return None
 
     def tuner_kwargs(self) -> dict[str, Any]:
@@ -121,7 +134,7 @@ class Variant:
         )
 
     def cli_flags(self) -> str:
-        """The ``bilevel run clarke`` flags of this variant (Neumann or identity only: lookback 0 is one term)."""
+        """The ``bilevel run clarke`` flags (its solver is Neumann(i, alpha=1), i = 0 the identity)."""
         i = 0 if self.solver == "identity" else self.lookback
         return f"--interval {self.interval} --lookback {i} --hyper-lr {self.hyper_lr:g}"
 
@@ -643,9 +656,26 @@ def clarke_config(dataset: str, inits: int, steps: int, v: Variant, data_dir: st
     return C.config_from_args(a)
 
 
-def compare_clarke(variants: list[Variant], dataset: str, inits: int, steps: int, data_dir: str | None) -> dict:
-    """One alternating pair (random, ours-wd-lr-m) per variant, through the command's ``run_method``."""
+#: the plain loop of Clarke's problem on the *same* data as ours-wd-lr-m: ``random``'s fixed hyperparameters,
+#: trained on the training split alone (``random`` trains on training + validation, as the paper's Random does)
+SAME_DATA = "random on the training split"
+
+
+def compare_clarke(
+    variants: list[Variant],
+    dataset: str,
+    inits: int,
+    steps: int,
+    data_dir: str | None,
+    same_data: bool = False,
+    repeats: int = 1,
+) -> dict:
+    """Alternating pairs (random, ours-wd-lr-m), one per variant and repeat, through the command's ``run_method``;
+    with ``same_data`` triples, the third run ``random``'s population on the training split alone (the plain loop
+    on the data ours-wd-lr-m trains on). The order rotates from one variant to the next and reverses every other
+    time. Test losses come from the first repeat (the runs are deterministic)."""
     from bilevel.allocator import keep_freed_memory
+    from bilevel_studies.clarke.config import Method
     from bilevel_studies.clarke.problem import load_problem
     from bilevel_studies.clarke.running import run_method
 
@@ -653,97 +683,167 @@ def compare_clarke(variants: list[Variant], dataset: str, inits: int, steps: int
     for v in variants:
         if v.solver == "cg" or v.val_batch != 200 or v.mode != "ift":
             raise ValueError(f"{v.label}: the clarke command has no such option (solver cg, val batch, mode none)")
+    methods: dict[str, Any] = {"random": "random", "ours-wd-lr-m": "ours-wd-lr-m"}
+    if same_data:
+        methods[SAME_DATA] = Method(mode="none", tuned=(), merge_train_val=False)
     problem = load_problem(clarke_config(dataset, inits, steps, variants[0], data_dir))
     warm = clarke_config(dataset, inits, 2 * variants[0].interval, variants[0], data_dir)
-    for name in ("random", "ours-wd-lr-m"):  # first calls (autograd's double backward, allocator) not timed
-        run_method(warm, problem, name)
-    rows = []
-    random_losses = None
+    for m in methods.values():  # first calls (autograd's double backward, allocator) not timed
+        run_method(warm, problem, m)
     print(f"load average at start {load()}", flush=True)
-    for k, v in enumerate(variants):
-        cfg = clarke_config(dataset, inits, steps, v, data_dir)
-        res: dict[str, Any] = {}
-        la = load()
-        for name in ("random", "ours-wd-lr-m") if k % 2 == 0 else ("ours-wd-lr-m", "random"):
-            c0, w0 = clocks()
-            r = run_method(cfg, problem, name)
-            c1, w1 = clocks()
-            res[name] = {"cpu": c1 - c0, "wall": w1 - w0, "loop_wall": r["wall_seconds"], "result": r}
-        ours, rnd = res["ours-wd-lr-m"], res["random"]
-        fin = [x for x in ours["result"]["final_test_loss"] if x is not None]
-        rfin = [x for x in rnd["result"]["final_test_loss"] if x is not None]
-        if random_losses is None:
-            random_losses = rfin
+    names = list(methods)
+    pairs: dict[str, list[dict]] = {v.label: [] for v in variants}
+    results: dict[str, dict] = {}
+    n = 0
+    for r in range(repeats):
+        for v in variants:
+            cfg = clarke_config(dataset, inits, steps, v, data_dir)
+            res: dict[str, Any] = {}
+            la = load()
+            order = names[n % len(names) :] + names[: n % len(names)]
+            order = order if n % 2 == 0 else order[::-1]
+            n += 1
+            for name in order:
+                c0, w0 = clocks()
+                out = run_method(cfg, problem, methods[name])
+                c1, w1 = clocks()
+                res[name] = {"cpu": c1 - c0, "wall": w1 - w0, "loop_wall": out["wall_seconds"]}
+                results.setdefault(v.label, {}).setdefault(name, out)
+            ours, rnd = res["ours-wd-lr-m"], res["random"]
+            pair = {
+                "repeat": r,
+                "order": order,
+                "ratio_cpu": ours["cpu"] / rnd["cpu"],
+                "ratio_loop_wall": ours["loop_wall"] / rnd["loop_wall"],
+                "seconds": res,
+                "load_before": la,
+                "load_after": load(),
+            }
+            same = ""
+            if same_data:
+                sd = res[SAME_DATA]
+                pair["ratio_cpu_same_data"] = ours["cpu"] / sd["cpu"]
+                pair["ratio_loop_wall_same_data"] = ours["loop_wall"] / sd["loop_wall"]
+                same = f"; x {SAME_DATA}: CPU {pair['ratio_cpu_same_data']:.2f}"
+            pairs[v.label].append(pair)
+            print(
+                f"repeat {r} {v.label:30s} x random: CPU {pair['ratio_cpu']:.2f}, loop wall "
+                f"{pair['ratio_loop_wall']:.2f}{same}  load {la[0]:.2f} -> {pair['load_after'][0]:.2f}",
+                flush=True,
+            )
+    rows = []
+    for v in variants:
+        ps, res = pairs[v.label], results[v.label]
+        fin = [x for x in res["ours-wd-lr-m"]["final_test_loss"] if x is not None]
+        rfin = [x for x in res["random"]["final_test_loss"] if x is not None]
         row = {
             "variant": asdict(v),
             "label": v.label,
             "command": f"bilevel run clarke --dataset {dataset} --methods random,ours-wd-lr-m --inits {inits} "
             f"--steps {steps} {v.cli_flags()} --threads 1 --out OUT",
             "median_test_loss": statistics.median(fin) if fin else math.nan,
-            "test_loss_quartiles": summary(fin) if fin else None,
+            "test_loss_summary": summary(fin) if fin else None,
             "diverged": inits - len(fin),
             "random_median_test_loss": statistics.median(rfin) if rfin else math.nan,
-            "ratio_cpu": ours["cpu"] / rnd["cpu"],
-            "ratio_loop_wall": ours["loop_wall"] / rnd["loop_wall"],
-            "ours_cpu_s": ours["cpu"],
-            "random_cpu_s": rnd["cpu"],
-            "ours_loop_wall_s": ours["loop_wall"],
-            "random_loop_wall_s": rnd["loop_wall"],
-            "load_before": la,
-            "load_after": load(),
-            "final_test_loss": ours["result"]["final_test_loss"],
-            "final_val_loss": ours["result"]["final_val_loss"],
+            "ratio_cpu": statistics.median(p["ratio_cpu"] for p in ps),
+            "ratio_cpu_all": [p["ratio_cpu"] for p in ps],
+            "ratio_loop_wall": statistics.median(p["ratio_loop_wall"] for p in ps),
+            "final_test_loss": res["ours-wd-lr-m"]["final_test_loss"],
+            "final_val_loss": res["ours-wd-lr-m"]["final_val_loss"],
+            "pairs": ps,
         }
+        if same_data:
+            row["ratio_cpu_same_data"] = statistics.median(p["ratio_cpu_same_data"] for p in ps)
+            row["ratio_cpu_same_data_all"] = [p["ratio_cpu_same_data"] for p in ps]
+            row["ratio_loop_wall_same_data"] = statistics.median(p["ratio_loop_wall_same_data"] for p in ps)
+            sfin = [x for x in res[SAME_DATA]["final_test_loss"] if x is not None]
+            row["same_data_median_test_loss"] = statistics.median(sfin) if sfin else math.nan
         rows.append(row)
+    print(f"\n{dataset}, {inits} initialisations, {steps} steps; ratios: medians over {repeats} alternating run(s)")
+    for row in rows:
+        same = f"  x {SAME_DATA}: {row['ratio_cpu_same_data']:.2f}" if same_data else ""
         print(
-            f"{v.label:30s} median test loss {row['median_test_loss']:.4g} "
-            f"(random {row['random_median_test_loss']:.4g})"
-            f"  diverged {row['diverged']}/{inits}  x random: CPU {row['ratio_cpu']:.2f}, loop wall "
-            f"{row['ratio_loop_wall']:.2f}  load {la[0]:.2f} -> {row['load_after'][0]:.2f}",
-            flush=True,
+            f"{row['label']:30s} median test loss {row['median_test_loss']:.4g} (random "
+            f"{row['random_median_test_loss']:.4g}), diverged {row['diverged']}/{inits};  x random: CPU "
+            f"{row['ratio_cpu']:.2f}, loop wall {row['ratio_loop_wall']:.2f}{same}"
         )
-    return {"problem": f"clarke {dataset}", "inits": inits, "steps": steps, "rows": rows}
+    return {
+        "problem": f"clarke {dataset}",
+        "inits": inits,
+        "steps": steps,
+        "same_data": same_data,
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------------------------- figure
 
 
 def figure(docs: list[dict], path: str) -> None:
+    """Overhead against result, one panel per problem. A variant measured in several documents (same label)
+    pools its pairs; a Clarke problem's results come from its longest run (the runs are deterministic) and its
+    times from the runs with the same-data baseline (``--same-data``; others only when no such run exists)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [d for d in docs if d.get("rows") and ("ratio_cpu" in d["rows"][0])]
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, doc in zip(axes[0], panels):
+    problems: dict[str, dict[str, dict]] = {}
+    plain: dict[str, float] = {}
+    floor: dict[str, list[float]] = {}  # mode="none" (the adapter alone)
+    longest = {d["problem"]: max(x.get("steps", 0) for x in docs if x.get("problem") == d["problem"]) for d in docs}
+    timed = {d["problem"] for d in docs if d.get("same_data")}
+    for doc in docs:
+        if not doc.get("rows") or "ratio_cpu" not in doc["rows"][0]:
+            continue
+        rows = problems.setdefault(doc["problem"], {})
         for row in doc["rows"]:
             if row["variant"]["mode"] != "ift":
+                if doc["problem"] == "digits-cnn":
+                    floor.setdefault(doc["problem"], []).extend(x["ratio_cpu"] for x in doc["pairs"][row["label"]])
                 continue
+            e = rows.setdefault(row["label"], {"ratios": [], "ys": None, "diverged": 0})
             if doc["problem"] == "digits-cnn":
-                x = row["ratio_cpu"]["median"]
-                xerr = [[x - row["ratio_cpu"]["q1"]], [row["ratio_cpu"]["q3"] - x]]
-                ys = list(row["test_acc"].values())
-                y = statistics.mean(ys)
-                yerr = [[y - min(ys)], [max(ys) - y]]
-                ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=2)
-            else:
-                x, y, xerr, yerr = row["ratio_cpu"], row["median_test_loss"], None, None
-                ax.plot(x, y, "o")
-            ax.annotate(row["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if doc["problem"] == "digits-cnn":
-            ys = [doc["plain"][s]["test_acc"] for s in doc["plain"]]
-            ax.axhline(statistics.mean(ys), color="grey", ls=":", label="plain loop (mean over seeds)")
-            ax.set_ylabel("test accuracy (mean, bars: min-max over seeds)")
-            ax.set_xlabel("time / plain loop (CPU, median of pairs)")
-        else:
-            ax.set_ylabel("median final test loss")
-            ax.set_xlabel("ours-wd-lr-m CPU time / random's")
-            ax.set_yscale("log")
+                e["ratios"] += [x["ratio_cpu"] for x in doc["pairs"][row["label"]]]
+                e["ys"] = list(row["val_loss"].values())
+                plain[doc["problem"]] = statistics.mean(doc["plain"][k]["val_loss"] for k in doc["plain"])
+                continue
+            if doc.get("steps") == longest[doc["problem"]] and e["ys"] is None:
+                e["ys"], e["diverged"] = [row["median_test_loss"]], row["diverged"]
+            if doc.get("same_data"):
+                e["ratios"] += row.get("ratio_cpu_same_data_all", [row.get("ratio_cpu_same_data")])
+            elif doc["problem"] not in timed:
+                e["ratios"] += row.get("ratio_cpu_all", [row["ratio_cpu"]])
+    if not problems:
+        return
+    fig, axes = plt.subplots(1, len(problems), figsize=(6.4 * len(problems), 5.0), squeeze=False)
+    for ax, (problem, rows) in zip(axes[0], problems.items()):
+        for k, (label, r) in enumerate(sorted(rows.items())):
+            if not r["ratios"] or r["ys"] is None:
+                continue
+            x = statistics.median(r["ratios"])
+            y = statistics.mean(r["ys"])
+            xerr = None
+            if len(r["ratios"]) > 1:
+                q = statistics.quantiles(r["ratios"], n=4, method="inclusive")
+                xerr = [[x - q[0]], [q[2] - x]]
+            ax.errorbar(x, y, xerr=xerr, fmt="o", capsize=2, ms=4, elinewidth=0.8)
+            text = label + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+            ax.annotate(text, (x, y), fontsize=6, xytext=(4, (-1) ** k * (3 + 4 * (k % 3))), textcoords="offset points")
         ax.axvline(1.3, color="red", ls="--", lw=0.8, label="1.3x")
-        ax.set_title(doc["problem"])
+        if problem == "digits-cnn":
+            ax.axhline(plain[problem], color="grey", ls=":", label="plain loop (mean over seeds)")
+            if floor.get(problem):
+                ax.axvline(statistics.median(floor[problem]), color="grey", ls="-.", lw=0.8, label="mode='none'")
+            ax.set_ylabel("final validation loss (mean over seeds 0-2)")
+            ax.set_xlabel("time / plain PyTorch loop (CPU; median and IQR of pairs)")
+        else:
+            ax.set_ylabel("median final test loss (finite members)")
+            what = "the plain loop on the same data" if problem in timed else "random's"
+            ax.set_xlabel(f"ours-wd-lr-m CPU time / {what} (median, IQR)")
+            ax.set_yscale("log")
+        ax.set_title(problem)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -759,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--breakdown", action="store_true", help="(digits) where the time goes, instead of the ratios")
     ap.add_argument("--interval", type=int, default=None, help="T of the single variant")
     ap.add_argument("--lookback", type=int, default=None, help="i of the single variant")
-    ap.add_argument("--solver", choices=["neumann", "identity", "cg"], default=None)
+    ap.add_argument("--solver", choices=SOLVERS, default=None, help="neumann: the Tuner's AutoNeumann (default)")
     ap.add_argument("--val-batch", type=int, default=None, help="validation examples per hyperparameter step")
     ap.add_argument("--hyper-lr", type=float, default=None)
     ap.add_argument("--variant", action="append", default=[], help="T=..,i=..,hlr=..,vb=..,solver=..,mode=..,opt=..")
@@ -767,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--frontier", action="store_true", help="the issue's grid of variants")
     ap.add_argument("--no-default", action="store_true", help="leave out the single (default) variant")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating pairs per seed and variant")
+    ap.add_argument("--repeats", type=int, default=None, help="alternating pairs per seed and variant (3; clarke 1)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--widths", default="1", help="(breakdown) channel multipliers of the CNN")
     ap.add_argument("--lookbacks", default="5", help="(breakdown) look-backs")
@@ -775,11 +875,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--inits", type=int, default=20, help="(clarke) initialisations")
     ap.add_argument("--steps", type=int, default=4000, help="(clarke) weight steps")
     ap.add_argument("--data-dir", default=None, help="(clarke) data directory (default $BILEVEL_DATA)")
+    ap.add_argument(
+        "--same-data", action="store_true", help=f"(clarke) also time {SAME_DATA!r}: the plain loop on ours' data"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write every measurement here")
     ap.add_argument("--figure", default=None, help="write a PNG of overhead against result (needs --json docs)")
     ap.add_argument("--figure-from", action="append", default=[], help="more JSON files to draw beside this run's")
+    ap.add_argument("--plot-only", action="store_true", help="only draw --figure from the --figure-from files")
     a = ap.parse_args(argv)
+    if a.plot_only:
+        if not a.figure:
+            ap.error("--plot-only needs --figure")
+        figure([json.load(open(p)) for p in a.figure_from], a.figure)
+        return {}
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     cfg = DigitsConfig(epochs=a.epochs)
@@ -814,16 +923,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {meta['load_start']}")
+    repeats = a.repeats if a.repeats is not None else (1 if a.problem == "clarke" else 3)
     if a.problem == "clarke":
-        doc = compare_clarke(variants, a.dataset, a.inits, a.steps, a.data_dir)
+        doc = compare_clarke(variants, a.dataset, a.inits, a.steps, a.data_dir, a.same_data, repeats)
     elif a.breakdown:
         widths = [int(w) for w in a.widths.split(",")]
         lookbacks = [int(i) for i in a.lookbacks.split(",")]
-        doc = breakdown(widths, lookbacks, seeds[0], a.repeats, cfg)
+        doc = breakdown(widths, lookbacks, seeds[0], repeats, cfg)
     else:
         for v in variants:
             print(f"variant {v.label}: {v}")
-        doc = compare_digits(variants, seeds, a.repeats, cfg)
+        doc = compare_digits(variants, seeds, repeats, cfg)
         print_digits(doc)
     meta["load_end"] = load()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")

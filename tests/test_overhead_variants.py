@@ -95,6 +95,9 @@ def test_variant_keywords_are_the_front_doors():
     assert O.Variant().tuner_kwargs()["solver"] is None  # the Tuner's own default, AutoNeumann(lookback)
     assert O.Variant(solver="identity").tuner_kwargs()["solver"] == bilevel.Identity()
     assert O.Variant(solver="cg", lookback=7).tuner_kwargs()["solver"] == bilevel.ConjugateGradient(7)
+    assert O.Variant(solver="neumann-alpha1", lookback=2).tuner_kwargs()["solver"] == bilevel.Neumann(
+        2, alpha=1.0, divergence="ignore"
+    )
     kw = O.parse_variant("T=40,i=2,hlr=0.2,vb=50").tuner_kwargs()
     assert (kw["interval"], kw["lookback"], kw["hyper_lr"], kw["mode"]) == (40, 2, 0.2, "ift")
     assert O.parse_variant("mode=none").tuner_kwargs()["tune"] is None
@@ -134,6 +137,45 @@ def test_neumann_lookback_is_the_truncated_series(lookback, lr):
     torch.testing.assert_close(got, truncated(v, J, B, lookback, alpha), rtol=1e-9, atol=1e-12)
     if lookback == 0 and alpha == 1.0:  # one term: the identity solver's answer
         torch.testing.assert_close(got, -v @ B, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("lookback", [1, 3])
+def test_neumann_with_alpha_one_is_the_series_without_power_iteration(lookback, monkeypatch):
+    train, val = ridge()
+    tuner = trained(O.Variant(solver="neumann-alpha1", lookback=lookback), 0.3, train, val)
+    v, J, B = dense(tuner, train, val)
+    module = sys.modules["bilevel.hypergradient"]
+    linearise, products = module.linearise, []
+
+    def counting(*a, **k):  # count the products the solver asks for
+        op, p, h = linearise(*a, **k)
+        rmatvec = op.rmatvec
+        op.rmatvec = lambda x: products.append(1) or rmatvec(x)
+        return op, p, h
+
+    monkeypatch.setattr(module, "linearise", counting)
+    got = as_vector(tuner.loop.hypergradient(train, val))
+    assert len(products) == lookback  # no power iteration: i products, i + 1 terms
+    torch.testing.assert_close(got, truncated(v, J, B, lookback, 1.0), rtol=1e-9, atol=1e-12)
+
+
+def test_the_default_solver_pays_a_power_iteration_on_its_first_call_only(monkeypatch):
+    train, val = ridge()
+    tuner = trained(O.Variant(lookback=5), 0.05, train, val)
+    module = sys.modules["bilevel.hypergradient"]
+    linearise, products = module.linearise, []
+
+    def counting(*a, **k):
+        op, p, h = linearise(*a, **k)
+        rmatvec = op.rmatvec
+        op.rmatvec = lambda x: products.append(1) or rmatvec(x)
+        return op, p, h
+
+    monkeypatch.setattr(module, "linearise", counting)
+    tuner.loop.hypergradient(train, val)
+    first = len(products)
+    tuner.loop.hypergradient(train, val)
+    assert (first, len(products) - first) == (tuner.loop.solver.iters + 5, 5)  # 20 + i, then i
 
 
 def test_neumann_tends_to_the_exact_hypergradient_and_cg_reaches_it():
