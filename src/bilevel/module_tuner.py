@@ -63,12 +63,12 @@ from . import population as pop
 from .callbacks import EveryStep
 from .cursor import LoaderCursor, isolated_rng
 from .errors import NonFiniteError
-from .hparams import Granularity, HyperParameter, HyperParameterSpace, for_rule
+from .hparams import ZERO_DECAY_START, Granularity, HyperParameter, HyperParameterSpace, for_rule, start_value
 from .solvers import AutoNeumann, Solver
 from .tuner import OnlineTuner, TunerConfig
 from .updates import TorchOptimizer, TorchTwin, UpdateRule, state_from_torch, state_to_torch, twin
 
-__all__ = ["Tuner", "ModuleLoss"]
+__all__ = ["Tuner", "ModuleLoss", "ZERO_DECAY_START"]
 
 #: ``loss(model, batch) -> scalar``: any function of the module (called as ``model(x)``) and a batch
 ModuleLoss = Callable[[nn.Module, Any], Tensor]
@@ -108,42 +108,6 @@ def _size(batch: Any) -> int:
         else batch
     )
     return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
-
-
-#: Where a decay named at 0 starts (an optimiser's ``weight_decay`` or a penalty's ``init``): a log10-space
-#: hyperparameter cannot move from 0 (its raw value is -inf), and from much smaller values the hypergradient in
-#: raw space, ``lambda * dL_V/dlambda``, is too small to move it against its noise.
-ZERO_DECAY_START = 1e-4
-
-
-def _start(h: HyperParameter, value: float, decay: bool) -> float:
-    """Where hyperparameter ``h`` starts from the value ``value`` the user gave (warns if it moves it).
-
-    A value the transform can move is kept. A decay (``decay``) at 0 starts at :data:`ZERO_DECAY_START`; a
-    learning rate (or another log-space value) at 0 is refused; a value on a finite edge of its domain (a
-    momentum of 0 or 1) moves 1 % of the domain inside."""
-    lo, hi = h.transform.domain
-    if not math.isfinite(value):
-        raise ValueError(f"initial {h.name}={value} is not finite")
-    moved = value
-    if lo == 0 and math.isinf(hi) and value <= 0:
-        if not decay:
-            what = "a learning rate" if h.name == "lr" else f"{h.name} (tuned in {h.transform.name} space)"
-            raise ValueError(f"initial {h.name}={value}: {what} must be > 0 to be tuned")
-        moved = ZERO_DECAY_START
-    elif math.isfinite(lo) and math.isfinite(hi) and not lo < value < hi:
-        margin = 1e-2 * (hi - lo)
-        moved = lo + margin if value <= lo else hi - margin
-    if h.clip is not None and not h.clip[0] <= moved <= h.clip[1]:
-        raise ValueError(f"initial {h.name}={value} lies outside its range {h.clip}")
-    if moved != value:
-        warnings.warn(
-            f"initial {h.name}={value} lies on the edge of its {h.transform.name} domain {h.transform.domain}, "
-            f"where a tuned value cannot move; starting it at {moved:g} instead (pass another start to choose it)",
-            UserWarning,
-            stacklevel=4,
-        )
-    return moved
 
 
 class Tuner:
@@ -442,7 +406,7 @@ class Tuner:
                         f"{name!r} is the penalty's own hyperparameter: set its granularity on the penalty"
                     )
                 specs.append(h)
-                init[name] = _start(h, float(penalty.initial()[name]), decay=True)
+                init[name] = start_value(h, float(penalty.initial()[name]), decay=True)
                 continue
             groups = self._twin.groups if self._twin is not None else None
             if g == "group":
@@ -456,7 +420,7 @@ class Tuner:
             specs.append(h)
             decay = name == "weight_decay"
             if self._twin is None:
-                init[name] = _start(h, float(getattr(self._rule, name)), decay)
+                init[name] = start_value(h, float(getattr(self._rule, name)), decay=decay)
                 continue
             values = self._twin.group_values[name]
             filled = [v for v, grp in zip(values, groups or ()) if grp]
@@ -465,9 +429,9 @@ class Tuner:
                     f"the optimiser's parameter groups differ in {name} ({list(values)}): tune it per group "
                     f"(tune={{{name!r}: 'group'}}) or per tensor ('tensor')"
                 )
-            starts = [_start(h, float(v), decay) for v in values]
+            starts = [start_value(h, float(v), decay=decay) for v in values]
             if g == "scalar":
-                init[name] = starts[0] if not filled else _start(h, float(filled[0]), decay)
+                init[name] = starts[0] if not filled else start_value(h, float(filled[0]), decay=decay)
             elif g == "group":
                 init[name] = starts
             else:

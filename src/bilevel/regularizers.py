@@ -153,7 +153,7 @@ class PerWeightDecay:
     ``PerWeightDecay(model, init=1e-3)`` gives one decay per weight (``granularity="element"``;
     ``"tensor"``: one per parameter tensor, ``"scalar"``: one for all), optimised in log10 space
     (so a decay stays positive), starting from ``init``; ``init=0`` starts at
-    :data:`bilevel.module_tuner.ZERO_DECAY_START` with a warning, as an optimiser's zero weight decay does.
+    :data:`bilevel.hparams.ZERO_DECAY_START` with a warning, as an optimiser's zero weight decay does.
     ``params`` restricts it to some parameter names (e.g. weights but not biases). Pass it as ``penalty=``
     to :class:`bilevel.Tuner`: the weights may then be stepped by any ``torch.optim`` optimiser, the
     hypergradient being the IFT on the penalised training loss's stationarity. Called as

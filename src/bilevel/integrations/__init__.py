@@ -32,8 +32,6 @@ constructing a callback without the trainer installed raises an ``ImportError`` 
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, cast
@@ -43,7 +41,7 @@ from torch import Tensor, nn
 
 from .. import functional as Fn
 from ..cursor import isolated_rng
-from ..hparams import Granularity, HyperParameter, HyperParameterSpace, for_rule
+from ..hparams import Granularity, HyperParameter, HyperParameterSpace, for_rule, start_value
 from ..solvers import AutoNeumann
 from ..tuner import OnlineTuner, TunerConfig
 from ..updates import UpdateRule, WithDefaults, state_from_torch, twin
@@ -54,7 +52,6 @@ __all__ = ["OptimizerHyperStep", "parse_tune", "ModuleLoss"]
 ModuleLoss = Callable[[nn.Module, Any], Tensor]
 
 #: where a decay tuned from 0 starts: log10 space cannot move 0 (as ``bilevel.Tuner`` does)
-_ZERO_DECAY_START = 1e-4
 #: the optimisers whose differentiable twin exists (:func:`bilevel.updates.twin`)
 _TWINNED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 
@@ -88,32 +85,8 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def _start(h: HyperParameter, value: float, what: str, decay: bool) -> float:
-    """Where hyperparameter ``h`` starts from the optimiser's ``value`` (warns when it has to move it).
-
-    A decay at 0 starts at 1e-4 (a log10-space value cannot leave 0); a learning rate <= 0 is refused; a
-    value on a finite edge of its domain (momentum 0) moves 1 % of the domain inside, as ``bilevel.Tuner``."""
-    lo, hi = h.transform.domain
-    if not math.isfinite(value):
-        raise ValueError(f"{what}: initial {h.name}={value} is not finite")
-    moved = value
-    if lo == 0 and math.isinf(hi) and value <= 0:
-        if not decay:
-            raise ValueError(f"{what}: initial {h.name}={value} must be > 0 to be tuned (in log space)")
-        moved = _ZERO_DECAY_START
-    elif math.isfinite(lo) and math.isfinite(hi) and not lo < value < hi:
-        margin = 1e-2 * (hi - lo)
-        moved = lo + margin if value <= lo else hi - margin
-    if h.clip is not None and not h.clip[0] <= moved <= h.clip[1]:
-        raise ValueError(f"{what}: initial {h.name}={value} lies outside its range {h.clip}")
-    if moved != value:
-        warnings.warn(
-            f"{what}: initial {h.name}={value} lies on the edge of its {h.transform.name} domain "
-            f"{h.transform.domain}, where a tuned value cannot move; starting it at {moved:g} (written into the "
-            "optimiser's parameter groups)",
-            UserWarning,
-            stacklevel=4,
-        )
-    return moved
+    """:func:`bilevel.hparams.start_value` with the callback's name in its messages (as ``bilevel.Tuner``)."""
+    return start_value(h, value, decay=decay, who=f"{what}: ")
 
 
 def _group_value(group: Mapping[str, Any], name: str) -> float:
