@@ -688,9 +688,9 @@ class OnlineTuner:
                 stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
                 new = dict(stepped) if stepped is not None else {k: (w[k] - u[k]).detach() for k in w}
         if guarded:
-            ok = torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
             bad = self._nonfinite(losses, new) if refused is None else refused
             if self.cfg.on_divergence == "rollback":  # the last good weights: see TunerConfig.on_divergence
+                ok = torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
                 mean = torch.where(ok, losses.reshape(self.P, -1).double().mean(dim=1), math.inf)
                 self._best_loss = torch.minimum(self._best_loss.to(mean.device), mean)
                 ok = ok & (mean <= self.cfg.rollback_spike * self._best_loss)
@@ -699,7 +699,7 @@ class OnlineTuner:
                     {k: torch.where(self._per_member(ok, v), v, gp[k]) for k, v in self.params.items()},
                     self._where_state(ok, self.state, gs),
                 )
-            self.snapshot = ok  # (P,) members whose state before this step is now their last good one
+                self.snapshot = ok  # (P,) members whose state before this step is now their last good one
             if bool(bad.any()):
                 cause = self._cause(batch, losses, "weights" if refused is None else "training gradient")
                 if self.cfg.on_divergence == "raise":

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cursor import LoaderCursor
-from . import ModuleLoss, OptimizerHyperStep, parse_tune
+from .engine import ModuleLoss, OptimizerHyperStep, parse_tune
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

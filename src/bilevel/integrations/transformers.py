@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..cursor import LoaderCursor
-from . import ModuleLoss, OptimizerHyperStep, _to, parse_tune
+from .engine import ModuleLoss, OptimizerHyperStep, _to, parse_tune
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
