@@ -66,7 +66,18 @@ from .errors import NonFiniteError
 from .hparams import ZERO_DECAY_START, Granularity, HyperParameter, HyperParameterSpace, for_rule, start_value
 from .solvers import AutoNeumann, Solver
 from .tuner import OnlineTuner, TunerConfig
-from .updates import TorchOptimizer, TorchTwin, UpdateRule, state_from_torch, state_to_torch, twin
+from .updates import (
+    SGD,
+    Adam,
+    AdamW,
+    RMSprop,
+    TorchOptimizer,
+    TorchTwin,
+    UpdateRule,
+    state_from_torch,
+    state_to_torch,
+    twin,
+)
 
 __all__ = ["Tuner", "ModuleLoss", "ZERO_DECAY_START"]
 
@@ -863,10 +874,11 @@ class _StopFit(Exception):
 
 def _rule_names(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
     """The hyperparameter names of a ``torch.optim`` optimiser's twin (those ``tune=`` may name)."""
-    kinds = {
-        torch.optim.SGD: ("lr", "momentum", "dampening", "weight_decay"),
-        torch.optim.Adam: ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        torch.optim.AdamW: ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        torch.optim.RMSprop: ("lr", "alpha", "eps", "weight_decay", "momentum"),
+    twins: dict[type, type[SGD | Adam | RMSprop]] = {
+        torch.optim.SGD: SGD,
+        torch.optim.Adam: Adam,
+        torch.optim.AdamW: AdamW,
+        torch.optim.RMSprop: RMSprop,
     }
-    return kinds.get(type(optimizer), ())
+    rule = twins.get(type(optimizer))
+    return rule.hyperparameters if rule is not None else ()
