@@ -482,7 +482,7 @@ def instrument(tuner: bilevel.Tuner, timers: Timers) -> None:
         "_gradient",
         lambda a, k: "hs: training gradient, create_graph" if ctx["hyper"] else "ws: forward + backward",
     )
-    orig_rule = loop._apply_rule
+    orig_rule = loop.apply_rule
 
     def apply_rule(*a: Any, **k: Any) -> Any:
         t0 = tt()
@@ -493,7 +493,7 @@ def instrument(tuner: bilevel.Tuner, timers: Timers) -> None:
             ctx["residual_end"] = t1
         return out
 
-    loop._apply_rule = apply_rule
+    loop.apply_rule = apply_rule
     wrap(loop, "apply_hypergradient", lambda a, k: "hs: hyper-optimiser step (Adam)")
     wrap(tuner, "evaluate", lambda a, k: "end-of-epoch validation (history)")
     wrap(tuner._train_cursor, "next", lambda a, k: "ws: next training batch")

@@ -17,7 +17,7 @@ and of the current tree (the installed console script), then compare::
     python benchmarks/studies_before_after.py compare /tmp/before_runs /tmp/after_runs [--markdown table.md]
 
 ``--cli`` (alias ``--python-cmd``) takes any command prefix, split like a shell would; ``--src DIR`` is short for
-``--cli "env PYTHONPATH=DIR PYTHON -c 'import sys; from bilevel.cli import main; sys.exit(main())'" --cwd DIR/..``
+``--cli "env PYTHONPATH=DIR PYTHON -c 'from bilevel_studies.cli import main; ...'" --cwd DIR/..``
 and also checks that ``bilevel`` then resolves under DIR (an editable install of another tree must not win).
 Ray Tune's workers (asha-pbt) inherit PYTHONPATH, so they import the same tree.
 
@@ -96,7 +96,7 @@ STUDIES: dict[str, list[str]] = {
 NO_THREADS_OPTION = {"demo"}
 SEED = 0
 TIMING_WORDS = ("seconds", "time", "elapsed", "wall")
-CLI_MAIN = "import sys; from bilevel.cli import main; sys.exit(main())"
+CLI_MAIN = "import sys; from bilevel_studies.cli import main; sys.exit(main())"
 
 
 def study_argv(name: str) -> list[str]:

@@ -35,7 +35,7 @@ def main(epochs=100, n_train=100, seed=0, progress=False):
             optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
             penalty=bilevel.PerWeightDecay(model, init=1e-3),
             hyper_lr=0.1,
-            mode=mode,
+            strategy=mode,
             progress=progress,
         )
         tuner.fit(train, val, epochs=epochs)

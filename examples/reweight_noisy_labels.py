@@ -1,9 +1,11 @@
-"""One weight per training example, learned with ``bilevel.hypergradient`` (data reweighting).
+"""One weight per training example, learned by ``bilevel.OnlineTuner`` (data reweighting).
 
 Softmax regression on 300 digits, 30 % of whose labels are replaced by another class; hyperparameters:
 a logit a_i per example (weight sigmoid(a_i)); inner: weighted training loss + 1/2 c ||W||^2; outer:
-loss on 200 clean validation digits. Lorraine et al. (2020) Alg. 1, warm start: 20 weight steps, one
-IFT hypergradient (eq. 2-3, conjugate gradient), one Adam step. ``python examples/reweight_noisy_labels.py [--small]``
+loss on 200 clean validation digits. Lorraine et al. (2020) Alg. 1, warm start, run by the tuner's loop:
+20 weight steps (SGD with momentum 0.9, its buffer kept across hyperparameter steps), one IFT hypergradient
+on the training loss (eq. 2-3, conjugate gradient), one Adam step. ``python examples/reweight_noisy_labels.py
+[--small]``
 """
 
 import argparse
@@ -37,7 +39,7 @@ def main(hyper_steps=100, n_train=300, noise=0.3, c=1e-3, seed=0):
     def outer(p, h):  # clean validation loss
         return F.cross_entropy(logits(p, Xv), yv)
 
-    def train(p, a, steps):
+    def train(p, a, steps):  # a fresh model on fixed example weights (the final comparison)
         p = {k: v.clone().requires_grad_() for k, v in p.items()}
         opt = torch.optim.SGD(p.values(), lr=0.5, momentum=0.9)
         for _ in range(steps):
@@ -47,17 +49,30 @@ def main(hyper_steps=100, n_train=300, noise=0.3, c=1e-3, seed=0):
         return {k: v.detach() for k, v in p.items()}
 
     p0 = {"W": torch.zeros(64, 10, dtype=torch.float64), "b": torch.zeros(10, dtype=torch.float64)}
-    a = torch.zeros(n_train, dtype=torch.float64, requires_grad=True)
-    hyper_opt, p = torch.optim.Adam([a], lr=0.1), p0
-    for _ in range(hyper_steps):
-        p = train(p, a.detach(), 20)
-        a.grad = bilevel.hypergradient(outer, p, {"a": a.detach()}, inner=inner, solver=bilevel.ConjugateGradient(20))[
-            "a"
-        ]
-        hyper_opt.step()
-    w = torch.sigmoid(a.detach())
+    # Algorithm 1 on one model: the raw tensor "a" is the (loss-form) hyperparameter, no space; full batches
+    interval = 20
+    tuner = bilevel.OnlineTuner(
+        p0,
+        {"a": torch.zeros(n_train, dtype=torch.float64)},
+        None,
+        bilevel.optim.SGD(lr=0.5, momentum=0.9),
+        lambda p, h, batch: inner(p, h),
+        lambda p, h, batch: outer(p, h),
+        config=bilevel.TunerConfig(
+            tuned=("a",),
+            implicit="loss",
+            solver=bilevel.ConjugateGradient(20),
+            interval=interval,
+            hyper_lr=0.1,
+            on_divergence="raise",
+        ),
+        stacked=False,
+    )
+    tuner.run(hyper_steps * interval, lambda: None, lambda: None)
+    a = tuner.raw["a"].detach()
+    w = torch.sigmoid(a)
     acc = lambda p, x, y: (logits(p, x).argmax(1) == y).double().mean().item()  # noqa: E731
-    uniform, reweighted = train(p0, torch.zeros(n_train, dtype=torch.float64), 1000), train(p0, a.detach(), 1000)
+    uniform, reweighted = train(p0, torch.zeros(n_train, dtype=torch.float64), 1000), train(p0, a, 1000)
     return {
         "weight_flipped": w[flipped].mean().item(),
         "weight_clean": w[~flipped].mean().item(),
@@ -69,7 +84,7 @@ def main(hyper_steps=100, n_train=300, noise=0.3, c=1e-3, seed=0):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--small", action="store_true", help="30 hyperparameter steps (under a second)")
+    parser.add_argument("--small", action="store_true", help="30 hyperparameter steps (seconds)")
     parser.add_argument("--threads", default="auto", help="CPU threads for torch: N or auto (bilevel.threads)")
     args = parser.parse_args()
     bilevel.threads.set_threads(args.threads if args.threads == "auto" else int(args.threads))

@@ -43,7 +43,7 @@ def main(epochs=10, n_train=1000, seed=0, progress=False, autocast=None):
             loss_fn=F.cross_entropy,
             optimizer=bilevel.optim.SGD(lr=3e-3, momentum=0.5, weight_decay=1e-4),
             tune=("lr", "momentum", "weight_decay"),
-            mode=mode,
+            strategy=mode,
             progress=progress,
             autocast=autocast,
         )

@@ -17,7 +17,7 @@ LOSS = pop.vmap_loss(lambda p, x: x @ p["w"], lambda o, y: ((o - y) ** 2).mean()
 SPACE = H.HyperParameterSpace([H.learning_rate(), H.momentum()])
 
 
-def _tuner(n, callbacks):
+def _tuner(n, callbacks, mode="ift"):
     params, raw = pop.init_population(
         lambda g: {"w": torch.randn(3, 1, generator=g, dtype=D)}, n, 0, lambda p, g: SPACE.init(p, g)
     )
@@ -29,15 +29,14 @@ def _tuner(n, callbacks):
         LOSS,
         LOSS,
         update_form=SPACE.names,
-        config=TunerConfig(tuned=SPACE.names, interval=4, record_every=4),
+        config=TunerConfig(tuned=SPACE.names, interval=4, record_every=4, mode=mode),
         callbacks=callbacks,
     )
 
 
 def test_random_lr_multiplier_draws_factors_in_range_and_resumes():
     cb = RandomLRMultiplier(0.5, 0.6, seed=3)
-    t = _tuner(4, [cb])
-    t.cfg.mode = "none"
+    t = _tuner(4, [cb], mode="none")
     lr0 = t.describe()["lr"].clone()
     t.run(4, lambda: (X, Y), lambda: (Xv, Yv))
     ratio = t.describe()["lr"] / lr0

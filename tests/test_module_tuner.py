@@ -227,7 +227,7 @@ def test_per_weight_decay_with_torch_adam():
     tuner = bilevel.Tuner(
         model, F.mse_loss, torch.optim.Adam(model.parameters(), lr=0.01), penalty=penalty, mode="none", progress=False
     ).fit(train, val, epochs=2)
-    assert tuner.loop.cfg.implicit == "loss"
+    assert tuner.loop.strategy.name == "none" and tuner.loop.hyper_opt is None
     ref = mlp()
     l2 = lambda m: 0.5 * sum((1e-3 * p**2).sum() for p in m.parameters())  # noqa: E731
     means = []
@@ -488,7 +488,7 @@ def test_lr_zero_is_refused():
         (dict(tune={"lr": "per-weight"}), r"unknown granularity 'per-weight'"),
         (dict(tune=()), "tune is empty"),
         (dict(population=0), "population must be an integer >= 1"),
-        (dict(mode="hyper"), "unknown mode 'hyper'"),
+        (dict(strategy="hyper"), "unknown strategy 'hyper'"),
     ],
 )
 def test_bad_construction_raises(kwargs, match):

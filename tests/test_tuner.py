@@ -8,6 +8,7 @@ import torch
 from bilevel import hparams as H
 from bilevel import population as pop
 from bilevel import updates
+from bilevel.strategies import SharedGradient
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
 
@@ -186,7 +187,7 @@ def test_ift_hypergradient_matches_dense_neumann_formula(which):
     w = w0.clone().requires_grad_(True)
     lam = lam0.clone().requires_grad_(True)
     raw = {**fixed, **T.unflatten(lam, {k: t.raw[k] for k in keys})}
-    out = T.flatten(t._step_map(T.unflatten(w, t.params), raw, (X, Y), t.state, True)[0])
+    out = T.flatten(t.step_map(T.unflatten(w, t.params), raw, (X, Y), t.state, True)[0])
     rows = [torch.autograd.grad(out[j], (w, lam), retain_graph=True) for j in range(len(out))]
     J = torch.stack([r[0] for r in rows])
     dudl = torch.stack([r[1] for r in rows])
@@ -313,7 +314,8 @@ def _shared_and_not(steps, batches, make=lambda: make_tuner(3, 0, interval=5), n
     for share in (True, False):
         calls: list[int] = []
         t = make()
-        t.cfg.share_gradient = share
+        if share:  # the opt-in wrapper around the IFT strategy
+            t.strategy = SharedGradient(t.strategy)
         t.train_loss = _counted(t.train_loss, calls, noise)
         t.run(steps, batches, lambda: (Xv, Yv))
         out.append((t, len(calls)))
@@ -347,7 +349,7 @@ def test_shared_gradient_is_not_reused_when_it_would_differ():
     calls: list[int] = []
     t.train_loss = _counted(t.train_loss, calls)
     t.run(5, lambda: (X, Y), lambda: (Xv, Yv))
-    assert t._shared is not None
+    assert t.strategy.entry is not None
     t.load_state_dict(t.state_dict())
     t.run(1, lambda: (X, Y), lambda: (Xv, Yv))
     assert len(calls) == 5 + 1 + 1

@@ -28,7 +28,7 @@ N initialisations at once (``vmap``), keeping the best by validation loss.
 What the Tuner does to your model and optimiser (each promise is tested, ``tests/test_module_tuner.py``
 and ``tests/test_tuner_properties.py``):
 
-* **Tuning off is PyTorch.** ``mode="none"`` (with no ``tune=``) steps your own ``torch.optim`` optimiser on
+* **Tuning off is PyTorch.** ``strategy="none"`` (with no ``tune=``) steps your own ``torch.optim`` optimiser on
   the gradient of your loss, batch by batch, exactly like ``opt.zero_grad(); loss.backward(); opt.step()``;
   validation batches are drawn on a random stream of their own, so torch's global RNG (shuffling, dropout)
   sees exactly the draws of the plain loop.
@@ -48,7 +48,6 @@ and ``tests/test_tuner_properties.py``):
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import SimpleNamespace
@@ -58,70 +57,32 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from . import functional as Fn
 from . import population as pop
 from .callbacks import EveryStep
-from .cursor import LoaderCursor, isolated_rng
+from .cursor import LoaderCursor
 from .errors import NonFiniteError
-from .hparams import ZERO_DECAY_START, Granularity, HyperParameter, HyperParameterSpace, for_rule, start_value
-from .solvers import AutoNeumann, Solver
-from .tuner import OnlineTuner, TunerConfig
-from .updates import (
-    SGD,
-    Adam,
-    AdamW,
-    RMSprop,
-    TorchOptimizer,
-    TorchTwin,
-    UpdateRule,
-    state_from_torch,
-    state_to_torch,
-    twin,
+from .hparams import ZERO_DECAY_START, HyperParameterSpace
+from .loop import Schedule
+from .module_bridge import ModuleBridge
+from .module_spec import (
+    ModuleLoss,
+    hyperparameter_specs,
+    optimised_weights,
+    parse_tune,
+    rule_names,
+    strategy_and_schedule,
+    supervised,
+    to_device,
+    warn_double_decay,
 )
+from .strategies import SharedGradient, Strategy
+from .tuner import OnlineTuner, TunerConfig
+from .updates import TorchOptimizer, TorchTwin, UpdateRule, state_from_torch, twin
 
 __all__ = ["Tuner", "ModuleLoss", "ZERO_DECAY_START"]
 
-#: ``loss(model, batch) -> scalar``: any function of the module (called as ``model(x)``) and a batch
-ModuleLoss = Callable[[nn.Module, Any], Tensor]
-DEFAULT_TUNED = ("lr", "momentum", "weight_decay")
 
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _supervised(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> ModuleLoss:
-    """``loss_fn(model(*inputs), target)`` for a batch ``(inputs..., target)``."""
-
-    def loss(model: nn.Module, batch: Any) -> Tensor:
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise ValueError(
-                "with loss_fn=, each batch must be (inputs, target); pass train_loss=/val_loss= "
-                "callables (model, batch) -> scalar for other batches"
-            )
-        return loss_fn(model(*batch[:-1]), batch[-1])
-
-    return loss
-
-
-def _size(batch: Any) -> int:
-    first = (
-        batch[0]
-        if isinstance(batch, (list, tuple))
-        else next(iter(batch.values()))
-        if isinstance(batch, Mapping)
-        else batch
-    )
-    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
-
-
-class Tuner:
+class Tuner(ModuleBridge):
     """Online hyperparameter tuning of an ``nn.Module`` (see the module docstring).
 
     Args:
@@ -134,17 +95,18 @@ class Tuner:
         tune: names of the hyperparameters to tune, or ``{name: granularity}`` with granularity
             ``"scalar"``, ``"group"`` (one value per parameter group of a ``torch.optim`` optimiser, each starting
             from its group's value), ``"tensor"`` or ``"element"``. Default: the penalty's hyperparameters if a
-            penalty is given; with ``mode="none"`` nothing; else the optimiser's lr and those of its momentum and
-            weight_decay that are non-zero.
+            penalty is given; with ``strategy="none"`` nothing; else the optimiser's lr and those of its momentum
+            and weight_decay that are non-zero.
         penalty: a loss-form penalty such as :class:`bilevel.PerWeightDecay`.
-        interval, lookback: T weight steps per hyperparameter step; Neumann steps / unrolled steps (i).
-        mode: ``"ift"``, ``"unroll"`` (Diff-through-Opt), ``"baydin"`` or ``"none"``.
-        solver: the IFT solver; default :class:`bilevel.solvers.AutoNeumann` (``lookback`` steps, alpha by power
-            iteration, refreshed when the series grows).
-        implicit: ``"update"`` (IFT on the update map) or ``"loss"`` (on the training loss); default ``"update"``
-            when an optimiser hyperparameter is tuned, else ``"loss"``.
+        strategy: *how* a hyperparameter step is computed: ``"ift"`` (default: the IFT with
+            :class:`bilevel.solvers.AutoNeumann`, ``lookback`` steps, on the update map when an optimiser
+            hyperparameter is tuned, else on the training loss), ``"unroll"`` (Diff-through-Opt), ``"baydin"``,
+            ``"none"``, or a :mod:`bilevel.strategies` object (e.g. ``IFT(ConjugateGradient(20))``,
+            ``SharedGradient(IFT())``).
+        schedule: *when*: T, a hyperparameter step every T weight steps (default 10), or a :mod:`bilevel.loop`
+            schedule (e.g. ``Every(10, cold_steps=100)``: Vicol et al.'s cold start).
+        lookback: i, the default solver's Neumann steps or the unrolled steps (default 5).
         hyper_lr, hyper_optimizer: the optimiser of the raw hyperparameters (Clarke et al.: Adam, 0.05).
-        warm_start, cold_steps: Vicol et al.'s warm start (default) or cold start.
         grad_clip: clip the training gradient's norm.
         population: train this many initialisations at once; member 0 starts from the model's weights,
             the others from ``reset_parameters()`` under seeds ``population.derived_seed(seed, i)``
@@ -162,14 +124,16 @@ class Tuner:
             that last case warns and ends :meth:`fit`; ``"rollback"``: a member whose step goes non-finite is put
             back to its last good state and its learning rate halved (a non-finite hypergradient: its
             hyperparameter steps halved), each event listed in :attr:`divergences`.
-        share_gradient: opt-in speed-up: reuse a hyperparameter step's training gradient for the next weight
-            step (exact only under the conditions of :class:`bilevel.tuner.SharedGradient`: full-batch training
-            with a loss that is a pure function of the weights and the batch).
         autocast: e.g. ``torch.bfloat16``: every forward pass of the training and validation losses (weight
             steps, hypergradients, evaluation) runs under ``torch.autocast(device_type, dtype=autocast)``, so
             matrix products run in that precision; the weights, the hyperparameters, the weight update and the
             hypergradient's linear solve stay in the weights' dtype (float32). Default ``None``: no autocast.
         callbacks: extra callbacks of the loop (:mod:`bilevel.callbacks`).
+        **older: the keywords of earlier versions, still accepted with a ``DeprecationWarning``: ``mode``
+            (``strategy``), ``interval`` (``schedule``), ``solver`` and ``implicit`` (``strategy=IFT(...)``),
+            ``warm_start`` and ``cold_steps`` (``schedule=Every(T, cold_steps=N)``), ``share_gradient``
+            (``strategy=SharedGradient(IFT())``: reuse a hyperparameter step's training gradient, exact only under
+            the conditions :class:`bilevel.strategies.SharedGradient` states).
     """
 
     def __init__(
@@ -182,25 +146,21 @@ class Tuner:
         penalty: Any = None,
         train_loss: ModuleLoss | None = None,
         val_loss: ModuleLoss | None = None,
-        interval: int = 10,
+        strategy: str | Strategy = "ift",
+        schedule: int | Schedule = 10,
         lookback: int = 5,
-        mode: str = "ift",
-        solver: Solver | None = None,
-        implicit: str | None = None,
         hyper_lr: float = 0.05,
         hyper_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-        warm_start: bool = True,
-        cold_steps: int = 100,
+        on_divergence: str | None = None,
         grad_clip: float | None = None,
         population: int = 1,
         sample_hparams: bool = False,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = True,
-        on_divergence: str | None = None,
-        share_gradient: bool = False,
         autocast: torch.dtype | None = None,
         callbacks: Iterable[Any] = (),
+        **older: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -234,25 +194,27 @@ class Tuner:
         if not trainable:
             raise ValueError("the model has no trainable parameters")
         torch_opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-        named = self._optimised(model, trainable, torch_opt)
+        named = optimised_weights(model, trainable, torch_opt)
         self.model, self.device = model, next(iter(named.values())).device
         self._dtype = next(iter(named.values())).dtype
-        self._train = train_loss or _supervised(loss_fn)  # type: ignore[arg-type]
-        self._val = val_loss or (_supervised(loss_fn) if loss_fn is not None and train_loss is None else self._train)
+        self._train = train_loss or supervised(loss_fn)  # type: ignore[arg-type]
+        self._val = val_loss or (supervised(loss_fn) if loss_fn is not None and train_loss is None else self._train)
         self.penalty = penalty
         penalty_h = {h.name: h for h in (penalty.hyperparameters if penalty is not None else [])}
 
         # ---- what is tuned, and by which rule
+        named_strategy = older.get("mode", strategy)
+        fixed = tune is None and (named_strategy == "none" or getattr(named_strategy, "tunes", True) is False)
         self._twin: TorchTwin | None = None
         if torch_opt is not None:
-            if mode == "none" and tune is None:  # nothing tuned; a penalty still needs its values
+            if fixed:
                 granularity: dict[str, str] = {n: h.granularity.value for n, h in penalty_h.items()}
             else:
                 largest = {  # what the default tune= looks at: is a momentum / decay in use in any group
                     n: max(abs(float(g.get(n, 0.0) or 0.0)) for g in torch_opt.param_groups)
                     for n in ("momentum", "weight_decay")
                 }
-                granularity = self._parse_tune(tune, _rule_names(torch_opt), penalty_h, SimpleNamespace(**largest))
+                granularity = parse_tune(tune, rule_names(torch_opt), penalty_h, SimpleNamespace(**largest))
             if any(n not in penalty_h for n in granularity):  # an optimiser hyperparameter: its twin steps
                 self._twin = twin(torch_opt, named)
                 rule: Any = self._twin.with_defaults()
@@ -262,8 +224,8 @@ class Tuner:
             rule = optimizer
             granularity = (
                 {n: h.granularity.value for n, h in penalty_h.items()}
-                if mode == "none" and tune is None
-                else self._parse_tune(tune, rule.hyperparameters, penalty_h, rule)
+                if fixed
+                else parse_tune(tune, rule.hyperparameters, penalty_h, rule)
             )
         else:
             raise TypeError(
@@ -279,11 +241,11 @@ class Tuner:
             raise ValueError("population > 1 needs a bilevel.optim optimiser (a torch.optim one steps one model)")
         self._rule, self._torch_opt = rule, torch_opt
         if penalty is not None:
-            self._warn_double_decay(optimizer, granularity)
-        specs, init = self._specs(granularity, penalty, penalty_h, list(named))
+            warn_double_decay(optimizer, granularity)
+        specs, init = hyperparameter_specs(granularity, penalty, penalty_h, list(named), rule, self._twin)
         self.space = HyperParameterSpace(specs)
         update_form = [n for n in granularity if n not in penalty_h]
-        implicit = implicit or ("update" if update_form else "loss")
+        how, when = strategy_and_schedule(strategy, schedule, lookback, "update" if update_form else "loss", older)
 
         # ---- members
         self.P = population
@@ -306,38 +268,25 @@ class Tuner:
         self._good_buffers = self._buffers
         self._pending: dict[str, Tensor] | None = None
         self._pending_loss: Tensor | None = None
-        if share_gradient and self._dp:
-            warnings.warn(
-                "share_gradient=True under torch.distributed: each rank would decide from its own batch whether to "
-                "reuse the gradient, and ranks that disagree would stall in the all-reduce; it is turned off",
-                UserWarning,
-                stacklevel=2,
+        if isinstance(how, SharedGradient) and (self._dp or buffers0):
+            why = (
+                "under torch.distributed: each rank would decide from its own batch whether to reuse the gradient, "
+                "and ranks that disagree would stall in the all-reduce"
+                if self._dp
+                else "with a model that has buffers (BatchNorm statistics): the training loss then depends on state "
+                "that changes between calls, so sharing is not exact"
             )
-            share_gradient = False
-        if share_gradient and buffers0:
-            warnings.warn(
-                "share_gradient=True with a model that has buffers (BatchNorm statistics): the training loss then "
-                "depends on state that changes between calls, so sharing is not exact; it is turned off",
-                UserWarning,
-                stacklevel=2,
-            )
-            share_gradient = False
+            warnings.warn(f"SharedGradient (share_gradient=True) {why}; it is turned off", UserWarning, stacklevel=2)
+            how = how.inner
 
-        cfg = TunerConfig(
+        cfg = TunerConfig(  # the loop's remaining settings (strategy and schedule are passed as they are)
             tuned=tuple(granularity),
-            interval=interval,
             lookback=lookback,
-            mode=mode,  # type: ignore[arg-type]
-            solver=solver or AutoNeumann(lookback, max_alpha=1.0 if implicit == "update" else None),
             hyper_lr=hyper_lr,
             hyper_optimizer=hyper_optimizer,
-            warm_start=warm_start,
-            cold_steps=cold_steps,
             record_every=10**9,
             grad_clip=grad_clip,
-            implicit=implicit,  # type: ignore[arg-type]
             on_divergence="record" if divergence == "warn" else divergence,  # type: ignore[arg-type]
-            share_gradient=share_gradient,
         )
         self.progress = progress
         self._epoch_losses: list[Tensor] = []
@@ -353,13 +302,15 @@ class Tuner:
             config=cfg,
             stacked=population > 1,
             callbacks=[EveryStep(self._after_weight_step), *callbacks],
+            strategy=how,
+            schedule=when,
         )
         if self._dp:
             self.loop.any_rank = distributed.any_rank
             distributed.check_replicas({**self.loop.params, **self.loop.raw}, "initial weights and hyperparameters")
         if self._twin is not None:  # the optimiser's momentum buffers / moments carry over
             self.loop.state = state_from_torch(torch_opt, named, rule)  # type: ignore[arg-type]
-            self.loop._good = (self.loop.params, self.loop.state)
+            self.loop.reset_good_state()
         self._train_cursor = LoaderCursor("train_loader", isolate_rng=False)
         self._val_cursor = LoaderCursor("val_loader", isolate_rng=True)
         #: one record per epoch: ``{"epoch", "step", "train_loss", "val_loss", "hparams", "events"}`` (best
@@ -367,200 +318,6 @@ class Tuner:
         #: steps, each at the weights before its step; ``val_loss`` is :meth:`evaluate` on the whole
         #: ``val_loader`` after it; ``events`` counts the epoch's divergence events (see :attr:`divergences`)
         self.history: list[dict[str, Any]] = []
-
-    # ------------------------------------------------------------------ construction helpers
-
-    @staticmethod
-    def _optimised(
-        model: nn.Module, trainable: Mapping[str, Tensor], torch_opt: torch.optim.Optimizer | None
-    ) -> dict[str, Tensor]:
-        """The weights to train: the model's trainable parameters that the optimiser holds (all of them for a
-        ``bilevel.optim`` rule). Refuses an optimiser holding tensors that are not the model's trainable
-        parameters."""
-        if torch_opt is None:
-            return dict(trainable)
-        held = [p for g in torch_opt.param_groups for p in g["params"]]
-        ids = {id(p) for p in trainable.values()}
-        foreign = [tuple(p.shape) for p in held if id(p) not in ids]
-        if foreign:
-            frozen = {id(p) for p in model.parameters() if not p.requires_grad}
-            why = (
-                "some have requires_grad=False"
-                if any(id(p) in frozen for p in held)
-                else "they are not the model's parameters"
-            )
-            raise ValueError(
-                f"the {type(torch_opt).__name__} optimiser holds tensors of shapes {foreign} that the Tuner cannot "
-                f"train ({why}): build it on the model's trainable parameters"
-            )
-        held_ids = {id(p) for p in held}
-        named = {k: v for k, v in trainable.items() if id(v) in held_ids}
-        if not named:
-            raise ValueError("the optimiser holds none of the model's trainable parameters")
-        return named
-
-    def _specs(
-        self,
-        granularity: Mapping[str, str],
-        penalty: Any,
-        penalty_h: Mapping[str, HyperParameter],
-        names: list[str],
-    ) -> tuple[list[HyperParameter], dict[str, Any]]:
-        """The hyperparameter specifications and their natural initial values (from the optimiser's groups)."""
-        specs: list[HyperParameter] = []
-        init: dict[str, Any] = {}
-        for name, g in granularity.items():
-            if name in penalty_h:
-                h = penalty_h[name]
-                if g != h.granularity.value:
-                    raise ValueError(
-                        f"{name!r} is the penalty's own hyperparameter: set its granularity on the penalty"
-                    )
-                specs.append(h)
-                init[name] = start_value(h, float(penalty.initial()[name]), decay=True)
-                continue
-            groups = self._twin.groups if self._twin is not None else None
-            if g == "group":
-                if groups is None:
-                    raise ValueError(
-                        f"tune[{name!r}]='group' needs a torch.optim optimiser (one value per parameter group)"
-                    )
-                h = for_rule(name, g, groups=groups)
-            else:
-                h = for_rule(name, g, params=None if g == "scalar" else names)
-            specs.append(h)
-            decay = name == "weight_decay"
-            if self._twin is None:
-                init[name] = start_value(h, float(getattr(self._rule, name)), decay=decay)
-                continue
-            values = self._twin.group_values[name]
-            filled = [v for v, grp in zip(values, groups or ()) if grp]
-            if g == "scalar" and len(set(filled)) > 1:
-                raise ValueError(
-                    f"the optimiser's parameter groups differ in {name} ({list(values)}): tune it per group "
-                    f"(tune={{{name!r}: 'group'}}) or per tensor ('tensor')"
-                )
-            starts = [start_value(h, float(v), decay=decay) for v in values]
-            if g == "scalar":
-                init[name] = starts[0] if not filled else start_value(h, float(filled[0]), decay=decay)
-            elif g == "group":
-                init[name] = starts
-            else:
-                init[name] = {k: starts[i] for i, grp in enumerate(groups or ()) for k in grp}
-        return specs, init
-
-    def _warn_double_decay(self, optimizer: Any, granularity: Mapping[str, str]) -> None:
-        """A penalty on top of an optimiser that decays the weights too: say so (not an error)."""
-        if "weight_decay" in granularity:
-            return
-        if isinstance(optimizer, torch.optim.Optimizer):
-            decays = sorted({float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups} - {0.0})
-        else:
-            decays = [float(getattr(optimizer, "weight_decay", 0.0))] if getattr(optimizer, "weight_decay", 0) else []
-        if decays:
-            warnings.warn(
-                f"the {type(optimizer).__name__} optimiser also decays the weights (weight_decay="
-                f"{decays[0] if len(decays) == 1 else decays}); the tuned penalty comes on top of it. Build the "
-                "optimiser with weight_decay=0 to have only the penalty",
-                UserWarning,
-                stacklevel=3,
-            )
-
-    @staticmethod
-    def _parse_tune(
-        tune: Any, hyperparameters: Sequence[str], penalty_h: Mapping[str, HyperParameter], rule: Any
-    ) -> dict[str, str]:
-        if tune is None:
-            names = list(penalty_h) or [
-                n for n in DEFAULT_TUNED if n in hyperparameters and (n == "lr" or float(getattr(rule, n, 0.0)) != 0.0)
-            ]
-            if not names:
-                raise ValueError("nothing to tune: pass tune=(...) or a penalty")
-            return {n: penalty_h[n].granularity.value if n in penalty_h else "scalar" for n in names}
-        if isinstance(tune, str):
-            tune = (tune,)
-        items = (
-            tune.items()
-            if isinstance(tune, Mapping)
-            else [(n, penalty_h[n].granularity.value if n in penalty_h else "scalar") for n in tune]
-        )
-        out = {}
-        for n, g in items:
-            try:
-                out[n] = Granularity(g).value
-            except ValueError:
-                raise ValueError(
-                    f"tune[{n!r}]: unknown granularity {g!r}; use 'scalar', 'group', 'tensor' or 'element'"
-                ) from None
-        if not out:
-            raise ValueError("tune is empty: name at least one hyperparameter")
-        return out
-
-    def _reinitialised(self, seed: int) -> dict[str, Tensor]:
-        """The model's parameters after ``reset_parameters()`` of every submodule under ``seed``."""
-        clone = copy.deepcopy(self.model)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for m in clone.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()  # type: ignore[operator]
-        return {k: v.detach().clone() for k, v in clone.named_parameters() if v.requires_grad}
-
-    # ------------------------------------------------------------------ the losses, as functions of the weights
-
-    def _evaluate(
-        self, fn: ModuleLoss, params: Mapping[str, Tensor], batch: Any, buffers: Mapping[str, Tensor], train: bool
-    ) -> Tensor:
-        self.model.train(train)
-
-        def one(p: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-            value = Fn.call(self.model, p, fn, batch, buffers=b)
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                raise ValueError(
-                    "the training/validation loss must return a scalar tensor, got "
-                    f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
-                )
-            return value.reshape(())
-
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            if self.P == 1:
-                return one(params, buffers).to(self._dtype) if self.autocast is not None else one(params, buffers)
-            out = torch.vmap(one, in_dims=(0, 0), randomness="different")(params, buffers)
-            return out.to(self._dtype) if self.autocast is not None else out
-
-    def _train_loss(self, params: Mapping[str, Tensor], nat: Any, batch: Any) -> Tensor:
-        buffers = {k: v.clone() for k, v in self._buffers.items()}
-        value = self._evaluate(self._train, params, batch, buffers, train=True)
-        self._pending, self._pending_loss = buffers, value.detach()
-        return value
-
-    def _val_loss(self, params: Mapping[str, Tensor], nat: Any, batch: Any) -> Tensor:
-        return self._evaluate(self._val, params, batch, self._buffers, train=False)
-
-    def _penalty(self, params: Mapping[str, Tensor], nat: Any) -> Tensor:
-        if self.P == 1:
-            return self.penalty(params, nat)
-        return torch.vmap(self.penalty)(params, nat)
-
-    def _where(self, mask: Tensor, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``a`` for the members in ``mask`` (shape (P,)), ``b`` for the others."""
-        if self.P == 1:
-            return dict(a) if bool(mask.reshape(())) else dict(b)
-        return {k: torch.where(pop.per_member(mask, v), a[k], v) for k, v in b.items()}
-
-    def _after_weight_step(self, loop: OnlineTuner) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:  # the weight step's BatchNorm statistics become the model's
-            if loop.cfg.on_divergence == "rollback" and loop.snapshot is not None:  # as the loop's last good state
-                self._good_buffers = self._where(loop.snapshot, self._buffers, self._good_buffers)
-                if loop.rolled_back is not None:  # back to the buffers of the state the member returned to
-                    pending = self._where(loop.rolled_back, self._good_buffers, pending)
-            self._buffers = pending
-        if self._pending_loss is not None:  # and its training loss counts towards the epoch's mean
-            self._epoch_losses.append(self._pending_loss)
-            self._pending_loss = None
-        if not loop.sync_free and not bool(loop.alive.any()):
-            self._all_diverged()
 
     def _all_diverged(self) -> None:
         steps = sorted({e["step"] for e in self.divergences if e["action"] == "frozen"})
@@ -649,8 +406,8 @@ class Tuner:
                 events = len(self.loop.history.events)
                 self.loop.run(
                     n,
-                    lambda: _to(self._train_cursor.next(), self.device),
-                    lambda: _to(self._val_cursor.next(), self.device),
+                    lambda: to_device(self._train_cursor.next(), self.device),
+                    lambda: to_device(self._val_cursor.next(), self.device),
                     progress=(lambda k: bar[0].advance(bar[1], k)) if bar else None,
                 )
                 if self.loop.sync_free and not bool(self.loop.alive.any()):
@@ -670,21 +427,6 @@ class Tuner:
             self.model.train(was_training)
         return self
 
-    def _sync_buffers(self) -> None:
-        """Data-parallel BatchNorm: each rank normalised with its own batch statistics (as under DDP); the
-        running statistics become their mean over the ranks (the same on every rank)."""
-        n = distributed.world_size()
-        synced = {  # SyncBatchNorm layers (GlobalBatchNorm) keep the same statistics on every rank already
-            f"{name}.{b}" if name else b
-            for name, m in self.model.named_modules()
-            if isinstance(m, distributed.GlobalBatchNorm)
-            for b, _ in m.named_buffers(recurse=False)
-        }
-        for k, v in self._buffers.items():
-            if v.is_floating_point() and k not in synced:
-                torch.distributed.all_reduce(v)
-                v.div_(n)
-
     def _progress(self, total: int) -> tuple[Any, Any] | None:
         if not self.progress or (self._dp and torch.distributed.get_rank() != 0):
             return None
@@ -700,135 +442,6 @@ class Tuner:
         last = self.history[-1]
         hp = ", ".join(f"{k} {v:.3g}" for k, v in last["hparams"].items())
         return f"val {last['val_loss']:.4g} | {hp}"
-
-    @torch.no_grad()
-    def evaluate(self, loader: Iterable[Any]) -> Tensor:
-        """Mean validation loss over ``loader`` (batches weighted by size), one value per member (shape (P,)).
-
-        The model's train/eval mode is restored afterwards, and torch's global RNG (and the loader's own
-        generator) are left as they were: evaluating never changes what training draws next.
-
-        Args:
-            loader: the validation batches.
-
-        Returns:
-            The mean loss of each member, float64, shape ``(P,)``.
-
-        Raises:
-            ValueError: when ``loader`` yields no batches.
-        """
-        total, count = None, 0
-        was_training = self.model.training
-        try:
-            with isolated_rng(loader):
-                for batch in loader:
-                    batch = _to(batch, self.device)
-                    n = _size(batch)
-                    value = self._val_loss(self.loop.params, None, batch).reshape(self.P).double() * n
-                    total, count = (value if total is None else total + value), count + n
-        finally:
-            self.model.train(was_training)
-        if total is None:
-            raise ValueError("the validation loader yielded no batches")
-        if self._dp:  # every rank's shard: the mean over all of them, the same on every rank
-            both = torch.cat([total, torch.tensor([float(count)], dtype=total.dtype, device=total.device)])
-            torch.distributed.all_reduce(both)
-            return both[:-1] / both[-1]
-        return total / count
-
-    def _record(self, val_loader: Iterable[Any], events: int) -> None:
-        val = self.evaluate(val_loader)
-        val = torch.where(self.loop.alive, val, torch.full_like(val, math.inf))
-        self._val_last = val
-        best = self.best
-        train = (
-            torch.stack(self._epoch_losses).double().mean(0).reshape(self.P)
-            if self._epoch_losses
-            else torch.full((self.P,), math.nan, dtype=torch.float64)
-        )
-        if self._dp:  # the mean over the ranks' shards, as for the validation loss
-            torch.distributed.all_reduce(train)
-            train = train / distributed.world_size()
-        self.history.append(
-            {
-                "epoch": len(self.history) + 1,
-                "step": self.loop.t,
-                "train_loss": float(train[best]),
-                "val_loss": float(val[best]),
-                "hparams": self._means(best),
-                "events": events,
-            }
-        )
-        for cb in self.loop.callbacks:  # e.g. bilevel.callbacks.TensorBoardLogger: per-epoch curves of every member
-            if hasattr(cb, "on_epoch"):
-                cb.on_epoch(self.loop, {"train": train, "val": val})
-
-    # ------------------------------------------------------------------ results
-
-    @property
-    def best(self) -> int:
-        """Index of the member with the lowest validation loss at the last record (0 before any)."""
-        val = getattr(self, "_val_last", None)
-        if val is None or self.P == 1:
-            return 0
-        val = torch.where(self.loop.alive.to(val.device), val, torch.full_like(val, math.inf))
-        return int(torch.argmin(val)) if bool(torch.isfinite(val).any()) else 0
-
-    def _means(self, member: int) -> dict[str, float]:
-        return {k: float(v[member]) for k, v in self.loop.describe().items()}
-
-    @property
-    def hparams(self) -> dict[str, Any]:
-        """The tuned hyperparameters in natural units (of the best member): a float for a scalar one, a list
-        of floats (one per parameter group) for a ``"group"`` one, else ``{param_name: tensor}``."""
-        with torch.no_grad():
-            nat = self.space.natural({k: v.detach() for k, v in self.loop.raw.items()})
-        out: dict[str, Any] = {}
-        i = self.best
-        for name, v in nat.items():
-            if isinstance(v, Tensor):
-                out[name] = float(v if self.P == 1 else v[i])
-            elif self.space[name].granularity is Granularity.GROUP and self._twin is not None:
-                out[name] = [float(v[grp[0]]) if grp else math.nan for grp in self._twin.groups]
-            else:
-                out[name] = {k: (t if self.P == 1 else t[i]).clone() for k, t in v.items()}
-        return out
-
-    def _write_back(self) -> None:
-        """Copy the (best member's) weights and buffers into the model; the twin's state and the tuned scalar /
-        per-group values into a ``torch.optim`` optimiser."""
-        i = self.best
-        with torch.no_grad():
-            for k, p in self.model.named_parameters():
-                if k in self.loop.params:
-                    p.copy_(self.loop.params[k] if self.P == 1 else self.loop.params[k][i])
-            for k, b in self.model.named_buffers():
-                if k in self._buffers:
-                    b.copy_(self._buffers[k] if self.P == 1 else self._buffers[k][i])
-        if self._twin is None or self._torch_opt is None:
-            return
-        named = dict(self.model.named_parameters())
-        state_to_torch(self.loop.state, self._torch_opt, {k: named[k] for k in self.loop.params}, self.rule)
-        for name, v in self.hparams.items():
-            if name not in self.rule.hyperparameters:
-                continue
-            if isinstance(v, float):
-                values = [v] * len(self._torch_opt.param_groups)
-            elif isinstance(v, list):
-                values = v
-            else:
-                continue  # one value per tensor / weight: torch's groups cannot hold it (see Tuner.hparams)
-            for g, value in zip(self._torch_opt.param_groups, values):
-                if name in ("beta1", "beta2"):
-                    b1, b2 = g["betas"]
-                    g["betas"] = (value, b2) if name == "beta1" else (b1, value)
-                elif name in g and not math.isnan(value):
-                    g[name] = value
-        if "lr" not in self.space and self.rule is not self._rule:  # rollbacks shrank the untuned learning rate
-            lr = getattr(self.rule, "values", {}).get("lr")
-            for g, names in zip(self._torch_opt.param_groups, self._twin.groups):
-                if names:
-                    g["lr"] = float(lr[names[0]]) if isinstance(lr, Mapping) else float(self.rule.lr)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: the loop's state, the module's buffers, the history, the positions in
@@ -870,15 +483,3 @@ class Tuner:
 
 class _StopFit(Exception):
     """Ends :meth:`Tuner.fit` early (every member diverged, ``on_divergence="warn"``)."""
-
-
-def _rule_names(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
-    """The hyperparameter names of a ``torch.optim`` optimiser's twin (those ``tune=`` may name)."""
-    twins: dict[type, type[SGD | Adam | RMSprop]] = {
-        torch.optim.SGD: SGD,
-        torch.optim.Adam: Adam,
-        torch.optim.AdamW: AdamW,
-        torch.optim.RMSprop: RMSprop,
-    }
-    rule = twins.get(type(optimizer))
-    return rule.hyperparameters if rule is not None else ()

@@ -192,7 +192,6 @@ def tune_weight_decay(
         hyper_lr=hyper_lr,
         hyper_optimizer=functools.partial(torch.optim.RMSprop, eps=hyper_eps),
         record_every=10**9,
-        seed=seed,
         implicit=implicit,
     )
     rule = SGD(lr=lr) if optimizer == "sgd" else Adam(lr=lr)

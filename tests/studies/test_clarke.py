@@ -11,7 +11,7 @@ from bilevel.nets import mlp_forward
 from bilevel_studies import cli
 from bilevel_studies.clarke import clarke
 from bilevel_studies.clarke.config import METHODS, ClarkeConfig
-from bilevel_studies.clarke.methods import AUTHORS_BAYDIN, BaydinAsAuthors, build_tuner, start_method, three_batched
+from bilevel_studies.clarke.methods import AUTHORS_BAYDIN, build_tuner, is_authors_baydin, start_method, three_batched
 from bilevel_studies.clarke.problem import LM_SIZES, load_problem
 from bilevel_studies.clarke.reporting import perplexity_rows
 from bilevel_studies.clarke.running import _migrate_baydin, run_experiment
@@ -290,7 +290,7 @@ def test_authors_baydin_is_sgd_on_log10_lr_along_minus_gradient_dot_product(data
     problem = load_problem(cfg)
     run = start_method(cfg, problem, "baydin")
     tuner = run.tuner
-    assert isinstance(tuner, BaydinAsAuthors) and isinstance(tuner.hyper_opt, torch.optim.SGD)
+    assert is_authors_baydin(tuner) and isinstance(tuner.hyper_opt, torch.optim.SGD)
     assert tuner.hyper_opt.param_groups[0]["lr"] == 0.001 and tuner.tuned_keys == ["lr"]
     X, y = problem.merge(problem.train, problem.val)  # Baydin trains on train + validation, full batch
     assert len(X) == len(run.train_batches()[0]) == len(problem.train[0]) + len(problem.val[0])
@@ -326,9 +326,9 @@ def test_authors_baydin_hypergradient_is_the_lr_derivative_of_a_plain_sgd_step(d
         return _mse_grad({k: v - a * g0[k] for k, v in w0.items()}, X, y)[1]
 
     fd = (loss_at(lr + eps) - loss_at(lr - eps)) / (2 * eps)
-    run.tuner._prev = (run.tuner.params, None)
+    run.tuner.strategy.prev = (run.tuner.params, None)
     run.tuner.params = {k: (v - lr * g0[k]).unsqueeze(0) for k, v in w0.items()}  # population axis of one
-    h = run.tuner.baydin_hypergradient((X, y), (X, y))["lr"]
+    h = run.tuner.strategy.hypergradient(run.tuner, (X, y), (X, y))["lr"]
     assert float(h[0]) == pytest.approx(fd, rel=1e-6)
 
 

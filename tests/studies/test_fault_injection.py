@@ -311,6 +311,7 @@ def test_checkpoint_holds_every_piece_of_loop_state(method, cold, one_thread):
     state disturbed in between, a run ends exactly where an uninterrupted one does."""
     import io
 
+    from bilevel.loop import Every
     from bilevel_studies.clarke.config import ClarkeConfig
     from bilevel_studies.clarke.methods import method_results, start_method
     from bilevel_studies.clarke.problem import load_problem
@@ -322,7 +323,7 @@ def test_checkpoint_holds_every_piece_of_loop_state(method, cold, one_thread):
     def start():
         run = start_method(cfg, problem, method)
         if cold:
-            run.tuner.cfg.warm_start, run.tuner.cfg.cold_steps = False, 3
+            run.tuner.schedule = Every(5, cold_steps=3)  # Vicol et al.'s cold start
         return run
 
     full = start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,32 +17,15 @@ from torch import Tensor, nn
 from .. import functional as Fn
 from ..cursor import isolated_rng
 from ..hparams import Granularity, HyperParameter, HyperParameterSpace, for_rule, start_value
-from ..solvers import AutoNeumann
+from ..module_spec import ModuleLoss
 from ..tuner import OnlineTuner, TunerConfig
 from ..updates import UpdateRule, WithDefaults, state_from_torch, twin
 
 __all__ = ["OptimizerHyperStep", "parse_tune", "ModuleLoss"]
 
-#: ``loss(module, batch) -> scalar``: code written on the module, run at the weights being differentiated
-ModuleLoss = Callable[[nn.Module, Any], Tensor]
 
 #: the optimisers whose differentiable twin exists (:func:`bilevel.updates.twin`)
 _TWINNED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (lists, tuples, dicts) moved to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        items = {k: _to(v, device) for k, v in batch.items()}
-        try:
-            return cast(Any, type(batch))(items)  # dict, OrderedDict, transformers' BatchEncoding, ...
-        except TypeError:
-            return items
-    return batch
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -260,10 +243,7 @@ class OptimizerHyperStep:
                 interval=interval,
                 lookback=lookback,
                 hyper_lr=hyper_lr,
-                solver=AutoNeumann(lookback, max_alpha=1.0),
-                on_divergence="raise",
                 grad_clip=grad_clip,
-                seed=seed,
             ),
             stacked=False,
         )

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..cursor import LoaderCursor
-from .engine import ModuleLoss, OptimizerHyperStep, _to, parse_tune
+from ..module_spec import to_device
+from .engine import ModuleLoss, OptimizerHyperStep, parse_tune
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -328,8 +329,8 @@ class HyperCallback(TrainerCallback):
         t = int(state.global_step)
         if t > 0 and t != self._last_step and t % self.interval == 0 and self._schedule_positive():
             device = next(iter(engine.named.values())).device
-            train = _to(self._train_cursor.next(), device)
-            val = _to(self._val_cursor.next(), device)
+            train = to_device(self._train_cursor.next(), device)
+            val = to_device(self._val_cursor.next(), device)
             groups = engine.optimizer.param_groups
             if "lr" in self.tune:
                 current: list[float | None] = [float(g["lr"]) for g in groups]

@@ -10,7 +10,7 @@ hyperparameters drawn from seed ``S * 1_000_003 + i`` for initialisation i of ``
 ``random-3batched`` best of every three ``random`` runs by validation loss
 ``lorraine``       IFT hypergradient on the weight decay only
 ``baydin``         hypergradient descent on the learning rate, every step, as Clarke et al.'s code
-                   (``methods.BaydinAsAuthors``: SGD 0.001 on log10 lr along -g_t . g_{t-1})
+                   (``bilevel.strategies.AuthorsBaydin``: SGD 0.001 on log10 lr along -g_t . g_{t-1})
 ``baydin-ours``    our earlier reading: Adam 0.05 on log10 lr through the step just taken
 ``ours-wd-lr``     IFT on weight decay and learning rate
 ``ours-wd-lr-m``   IFT on weight decay, learning rate and momentum

@@ -24,7 +24,7 @@ class Method:
     merge_train_val: bool = False
     lr_multiplier: tuple[float, float] | None = None
     per_weight_lr: bool = False
-    # Baydin et al.'s hypergradient descent as Clarke et al.'s code runs it (``methods.BaydinAsAuthors``)
+    # Baydin et al.'s hypergradient descent as Clarke et al.'s code runs it (``bilevel.strategies.AuthorsBaydin``)
     authors_baydin: bool = False
 
 

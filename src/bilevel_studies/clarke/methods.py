@@ -3,7 +3,8 @@
 :func:`start_method` builds a method's :class:`MethodRun` (the :class:`~bilevel.tuner.OnlineTuner` of
 :func:`build_tuner`, its batch samplers and the recording subsets) for members ``first ...``;
 :func:`method_results` turns a trained run into the results a method records. The authors' Baydin
-baseline is :class:`BaydinAsAuthors`. Nothing here writes files (:mod:`~bilevel_studies.clarke.running` does).
+baseline is the library's :class:`bilevel.strategies.AuthorsBaydin` (:func:`is_authors_baydin`). Nothing here
+writes files (:mod:`~bilevel_studies.clarke.running` does).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from bilevel import hparams as H
 from bilevel import population as pop
 from bilevel.callbacks import RandomLRMultiplier
+from bilevel.strategies import AuthorsBaydin
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
 
@@ -29,60 +31,23 @@ from .problem import Batches, Problem
 AUTHORS_BAYDIN = "authors"
 
 
-class BaydinAsAuthors(OnlineTuner):
-    """Baydin et al.'s (2018) hypergradient descent as Clarke et al.'s code runs it (their *Baydin* baseline).
+def is_authors_baydin(tuner: OnlineTuner) -> bool:
+    """Whether ``tuner`` runs Clarke et al.'s Baydin baseline (:class:`bilevel.strategies.AuthorsBaydin`).
 
     From ``configs/Baydin.yaml`` and ``optimisers.BaydinHypergradientDescent`` of
     rmclarke/OptimisingWeightUpdateHyperparameters: after every weight step (``force_single_network_weight_step``)
     the raw hyperparameter ``log10 lr`` (only the learning rate is tuned; momentum and weight decay stay at their
-    initial values) receives the gradient
+    initial values) gets ``-(dL(w_t; B') . dL(w_{t-1}; B))``, applied by plain SGD 0.001 and clamped into
+    ``[-10, 0]``; B' comes from a second sampler over the same (training + validation) data. The library's
+    ``mode="baydin"`` (method ``baydin-ours``) differentiates the training loss through the whole step instead.
 
-        h = -(dL(w_t; B') . dL(w_{t-1}; B))
+    Args:
+        tuner: a method's tuner.
 
-    the dot product of the plain loss gradients (no weight decay, no momentum, no gradient clipping) at the weights
-    after and before the step, on the step's batch B and on another batch B' drawn by a second sampler over the
-    same data (their "validation" loader is the training loader when ``validation_proportion`` is 0, as it is for
-    Baydin: it trains on training + validation data, like Random). ``h`` is dL/d lr of plain SGD, applied to
-    ``log10 lr`` as it is (no chain-rule factor), by plain SGD with step ``hyper_lr`` (0.001); afterwards the raw
-    value is clamped into ``[-10, 0]`` (their ``hyperparameter_clipping: lr: [-10, 0]``, applied in place to
-    the raw tensor after each hyperparameter step).
-
-    The library's ``mode="baydin"`` (kept as method ``baydin-ours``) instead differentiates the training loss
-    at the new weights through the whole step (momentum buffer and weight decay included) with respect to
-    ``log10 lr`` (chain-rule factor ``lr ln 10`` included) and feeds it to Adam 0.05.
-
-    ``next_batches`` is the sampler of B' (``None``: B itself, as for full-batch data, where B' = B).
+    Returns:
+        ``True`` for method ``baydin``.
     """
-
-    #: the raw (log10) learning-rate box of Clarke et al.'s code, applied in place after every step
-    RAW_CLIP = (-10.0, 0.0)
-
-    def __init__(self, *args: Any, next_batches: Callable[[], Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.next_batches = next_batches
-
-    def _loss_gradients(self, params: Mapping[str, torch.Tensor], nat: Mapping[str, Any], batch: Any):
-        w = {k: v.detach().requires_grad_() for k, v in params.items()}
-        with torch.enable_grad():
-            loss = self.train_loss(w, dict(nat), batch).sum()  # members are independent: the stack of their own
-            return torch.autograd.grad(loss, list(w.values()))
-
-    def baydin_hypergradient(self, batch: Any, new_batch: Any) -> dict[str, torch.Tensor]:
-        """``{key: -(g_new . g_prev)}`` for every tuned raw key, shape of that key (one value per member)."""
-        w_prev, _ = self._prev  # type: ignore[misc]
-        with torch.no_grad():
-            nat = self.natural({k: v.detach() for k, v in self.raw.items()})
-        g_prev = self._loss_gradients(w_prev, nat, batch)
-        g_new = self._loss_gradients(self.params, nat, new_batch)
-        dot = sum((a * b).reshape(self.P, -1).sum(1) for a, b in zip(g_new, g_prev))
-        return {k: (-dot).reshape(self.raw[k].shape).to(self.raw[k].dtype) for k in self.tuned_keys}
-
-    def _baydin_step(self, batch: Any) -> None:
-        new_batch = self.next_batches() if self.next_batches is not None else batch
-        self.apply_hypergradient(self.baydin_hypergradient(batch, new_batch))
-        with torch.no_grad():
-            for k in self.tuned_keys:
-                self.raw[k].clamp_(*self.RAW_CLIP)
+    return isinstance(tuner.strategy, AuthorsBaydin)
 
 
 def build_tuner(
@@ -122,12 +87,11 @@ def build_tuner(
         hyper_lr=cfg.baydin_hyper_lr if method.authors_baydin else cfg.hyper_lr,
         hyper_optimizer=torch.optim.SGD if method.authors_baydin else torch.optim.Adam,
         record_every=_record_every(cfg),
-        seed=cfg.seed,
         grad_clip=cfg.grad_clip if cfg.grad_clip is not None else (0.25 if problem.kind == "language-model" else None),
         on_divergence=cfg.on_divergence,  # type: ignore[arg-type]
     )
     callbacks = [RandomLRMultiplier(*method.lr_multiplier, seed=cfg.seed)] if method.lr_multiplier else []
-    return (BaydinAsAuthors if method.authors_baydin else OnlineTuner)(
+    return OnlineTuner(
         params,
         raw,
         space,
@@ -138,6 +102,7 @@ def build_tuner(
         config=tcfg,
         test_loss=test,
         callbacks=callbacks,
+        strategy=AuthorsBaydin(raw_clip=(-10.0, 0.0)) if method.authors_baydin else None,
     )
 
 
@@ -188,7 +153,7 @@ class MethodRun:
             "train_batches": self.train_batches.state_dict(),
             "val_batches": self.val_batches.state_dict(),
         }
-        if isinstance(self.tuner, BaydinAsAuthors):
+        if is_authors_baydin(self.tuner):
             sd["variant"] = AUTHORS_BAYDIN  # tells it from a checkpoint of the earlier "baydin" (now baydin-ours)
         return sd
 
@@ -222,8 +187,8 @@ def start_method(
         sampler(train_data if method.authors_baydin else problem.val, pop.derived_seed(cfg.seed, 1)),
         record,
     )
-    if isinstance(tuner, BaydinAsAuthors):
-        tuner.next_batches = run.val_batches  # its state is checkpointed with the run's
+    if is_authors_baydin(tuner):
+        tuner.strategy.next_batches = run.val_batches  # type: ignore[attr-defined]  # checkpointed with the run's
     return run
 
 
@@ -248,7 +213,7 @@ def method_results(cfg: ClarkeConfig, problem: Problem, run: MethodRun) -> dict[
     def final(values: torch.Tensor) -> list[float | None]:
         return [float(v) if good else None for v, good in zip(values.tolist(), ok)]
 
-    variant = {"variant": AUTHORS_BAYDIN} if isinstance(tuner, BaydinAsAuthors) else {}
+    variant = {"variant": AUTHORS_BAYDIN} if is_authors_baydin(tuner) else {}
     return {
         **variant,
         "final_test_loss": final(finals["test"]),

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bilevel import loop
 from bilevel import tree as T
 from bilevel.errors import NonFiniteError
 from bilevel.population import derived_seed
@@ -59,9 +60,11 @@ METHODS = ("none", "neumann", "unroll", "identity")
 Tree = T.Tree
 
 
-def algorithm1(params, raw, space, rule, loss, method: str, terms: int, hyper_lr: float, interval: int) -> OnlineTuner:
+def algorithm1(
+    params, raw, space, rule, loss, method: str, terms: int, hyper_lr: float, interval: int, callbacks=()
+) -> OnlineTuner:
     """Algorithm 1 (:class:`bilevel.tuner.OnlineTuner` on one model) for a method of Table 3
-    (``none``, ``neumann``, ``unroll``, ``identity``)."""
+    (``none``, ``neumann``, ``unroll``, ``identity``), with ``callbacks`` (:mod:`bilevel.callbacks`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
     mode = {"none": "none", "unroll": "unroll"}.get(method, "ift")
@@ -79,7 +82,7 @@ def algorithm1(params, raw, space, rule, loss, method: str, terms: int, hyper_lr
         interval=interval,
         on_divergence="raise",
     )
-    return OnlineTuner(params, raw, space, rule, loss, loss, config=cfg, stacked=False)
+    return OnlineTuner(params, raw, space, rule, loss, loss, config=cfg, stacked=False, callbacks=callbacks)
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -199,30 +202,41 @@ def run_one(a, method: str, seed: int, data, progress=None) -> dict:
             out = out + reg_weight * augment_regulariser(unet, nat["augment"], x, ctx[3])
         return out
 
-    rule = SGD(lr=a.lr, momentum=a.momentum)
-    alg = algorithm1(params, raw, space, rule, loss, method, a.lookback, a.hyper_lr, a.interval)
-    start, diverged, losses = time.perf_counter(), None, []
-    for t in range(a.steps):
+    losses: list[float] = []
+
+    def train_batch():  # a random mini-batch and its augmentation noise, reused by the hypergradient
         idx = torch.randint(0, len(Xtr), (a.batch_size,), generator=g).to(device)
         x = Xtr[idx]
         eps = torch.randn((len(x), 1, *x.shape[2:]), generator=g, dtype=torch.float64).to(x)
-        try:
-            ctx = (x, Ytr[idx], eps)
-            losses.append(float(alg.step(ctx)))
-            if (t + 1) % a.interval == 0:
-                vi = torch.randint(0, len(Xva), (a.batch_size,), generator=g).to(device)
-                xv = Xva[vi]
-                reg_eps = (
-                    torch.randn((reg_samples, len(xv), 1, *xv.shape[2:]), generator=g, dtype=torch.float64).to(xv)
-                    if reg_weight > 0 and method != "none"
-                    else None
-                )
-                alg.hyper_step(ctx, (xv, Yva[vi], None, reg_eps))
-        except NonFiniteError:
-            diverged = t
-            break
-        if progress is not None:
-            progress(1)
+        return x, Ytr[idx], eps
+
+    def val_batch():  # a random validation mini-batch, not augmented (with --aug-reg: the regulariser's noise)
+        vi = torch.randint(0, len(Xva), (a.batch_size,), generator=g).to(device)
+        xv = Xva[vi]
+        reg_eps = (
+            torch.randn((reg_samples, len(xv), 1, *xv.shape[2:]), generator=g, dtype=torch.float64).to(xv)
+            if reg_weight > 0 and method != "none"
+            else None
+        )
+        return xv, Yva[vi], None, reg_eps
+
+    class Watch:
+        """The training losses."""
+
+        def on_weight_step(self, tuner):
+            losses.append(float(tuner.last_losses))
+
+        def on_interval(self, tuner):
+            if not tuner.tunes:  # "none" takes no hyperparameter step but draws (and drops) its validation
+                val_batch()  # batch, so that every method draws the same training batches and noise
+
+    rule = SGD(lr=a.lr, momentum=a.momentum)
+    alg = algorithm1(params, raw, space, rule, loss, method, a.lookback, a.hyper_lr, a.interval, [Watch()])
+    start, diverged = time.perf_counter(), None
+    try:
+        loop.run(alg, a.steps, train_batch, val_batch, schedule=loop.Every(a.interval), progress=progress)
+    except NonFiniteError as e:
+        diverged = e.step - 1  # the 0-based weight step that failed (or that a failing hyperparameter step followed)
     seconds = time.perf_counter() - start
     aug_params = space.natural(T.detach(alg.raw))["augment"]
     eg = torch.Generator().manual_seed(10_000 + seed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,10 @@ from bilevel import tree as T
 from bilevel.distill import DistilledData
 from bilevel.errors import NonFiniteError
 from bilevel.hypergradient import largest_eigenvalue
+from bilevel.loop import Every
 from bilevel.population import derived_seed
 from bilevel.solvers import check_size
+from bilevel.strategies import IFT
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import TorchOptimizer
 
@@ -143,6 +146,27 @@ def main(args, progress_factory=None, console=None) -> dict:
     def val_loss(p, nat, batch):
         return F.cross_entropy(_forward(p, batch[0]), batch[1])
 
+    val_curve, diverged_at = [], None
+    adv = progress_factory(f"distill {args.dataset}", args.hyper_steps) if progress_factory else None
+    last_val: list = []  # the validation batch of the hyperparameter step being taken
+
+    def val_batches():
+        idx = torch.randint(0, len(Xv), (min(args.val_batch, len(Xv)),), generator=gen).to(dev)
+        last_val[:] = [(Xv[idx], yv[idx])]
+        return last_val[0]
+
+    def solver_at(tuner):  # Neumann's alpha = 1/lambda_max(H) at the current weights (Lorraine et al. Alg. 3)
+        alpha = args.alpha
+        if args.solver == "neumann" and alpha is None:
+            wd, hd = T.detach(tuner.params), T.detach(tuner.raw)
+            alpha = 1.0 / max(largest_eigenvalue(wd, hd, inner=inner, iters=20), 1e-12)
+        return C.solver_from_args(args, alpha=alpha, divergence="warn")
+
+    def after_hyper_step(tuner):  # the validation loss of the weights the step was taken at, on its batch
+        val_curve.append(float(val_loss(T.detach(tuner.params), None, last_val[0])))
+        if adv:
+            adv(1)
+
     loop = OnlineTuner(
         T.detach(w),
         h,
@@ -151,34 +175,17 @@ def main(args, progress_factory=None, console=None) -> dict:
         train_loss,
         val_loss,
         stacked=False,
-        config=TunerConfig(
-            tuned=distilled.space.names,
-            implicit="loss",
-            hyper_lr=args.hyper_lr,
-            interval=args.interval,
-            on_divergence="raise",
-        ),
+        config=TunerConfig(tuned=distilled.space.names, hyper_lr=args.hyper_lr, on_divergence="raise"),
+        callbacks=[SimpleNamespace(on_hyper_step=after_hyper_step)],
+        strategy=IFT(implicit="loss", solver_at=solver_at),
+        schedule=Every(args.interval),
     )
-    val_curve, diverged_at = [], None
-    adv = progress_factory(f"distill {args.dataset}", args.hyper_steps) if progress_factory else None
-    for s in range(args.hyper_steps):
-        for _ in range(args.interval):
-            loop.step(None)
-        idx = torch.randint(0, len(Xv), (min(args.val_batch, len(Xv)),), generator=gen).to(dev)
-        xb, yb = Xv[idx], yv[idx]
-        wd, hd = T.detach(loop.params), T.detach(loop.raw)
-        alpha = args.alpha
-        if args.solver == "neumann" and alpha is None:
-            alpha = 1.0 / max(largest_eigenvalue(wd, hd, inner=inner, iters=20), 1e-12)
-        loop.solver = C.solver_from_args(args, alpha=alpha, divergence="warn")
-        try:
-            loop.hyper_step(None, (xb, yb))
-        except NonFiniteError:  # a non-finite hypergradient: record the run as diverged, keep the last pixels
-            diverged_at = s
-            break
-        val_curve.append(float(val_loss(wd, None, (xb, yb))))
-        if adv:
-            adv(1)
+    try:
+        loop.run(args.interval * args.hyper_steps, lambda: None, val_batches)
+    except NonFiniteError as e:  # a non-finite hypergradient: record the run as diverged, keep the last pixels
+        if e.step != loop.t:  # a weight step's (step = the one not taken): not a hyperparameter step's
+            raise
+        diverged_at = loop.hyper_steps  # the index of the hyperparameter step that failed
     h = T.detach(loop.raw)
 
     # evaluation: from scratch on the distilled images alone, and on random real images (baseline)

@@ -35,6 +35,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,9 +43,11 @@ import torch
 from bilevel import tree as T
 from bilevel.hparams import HyperParameterSpace, per_weight_decay
 from bilevel.hypergradient import hypergradient, largest_eigenvalue, linearise
+from bilevel.loop import Every
 from bilevel.regularizers import PerWeightL2, l2_penalty
 from bilevel.rundir import atomic_savefig
 from bilevel.solvers import ConjugateGradient, Exact, Identity, Neumann, dense_jacobian
+from bilevel.strategies import IFT
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import TorchOptimizer
 
@@ -277,10 +280,32 @@ def main(args, progress_factory=None, console=None) -> dict:
     def outer(p, h):
         return ((predict(p, Xva) - yva) ** 2).mean()
 
-    # Algorithm 1 (bilevel.tuner.OnlineTuner on one model): torch.optim.SGD steps the weights, Adam the decays
+    # Algorithm 1 (bilevel.tuner.OnlineTuner on one model): torch.optim.SGD steps the weights, Adam the decays;
+    # --hyper-steps blocks of --interval SGD steps, each followed by the comparisons (on_interval) and one
+    # hyperparameter step, then one last block with the comparisons but no hyperparameter step
     w = {k: v.clone().requires_grad_() for k, v in params.items()}
     mse = lambda p, nat, batch: ((predict(p, Xtr) - ytr) ** 2).mean()  # noqa: E731
     val = lambda p, nat, batch: ((predict(p, Xva) - yva) ** 2).mean()  # noqa: E731
+    checkpoints: list[dict] = []
+    val_curve: list[float] = []
+    adv = progress_factory("inverse-study: Algorithm 1 + comparisons", args.hyper_steps) if progress_factory else None
+
+    def measure(tuner) -> None:  # at the end of each block, before its hyperparameter step (s of them taken)
+        s = tuner.hyper_steps
+        wd, hd = T.detach(tuner.params), T.detach(tuner.raw)
+        val_curve.append(float(outer(wd, hd)))
+        if s % args.compare_every == 0 or s == args.hyper_steps:
+            lr = args.lr if args.approximations == "authors" else None
+            c = compare(outer, inner, wd, hd, args.max_lookback, args.alpha, lr)
+            c["hyper_step"] = s
+            checkpoints.append(c)
+
+    def solver_at(tuner):  # Neumann's alpha = 1/lambda_max(H) at the current weights (Lorraine et al. Alg. 3)
+        if args.alpha is not None:
+            return C.solver_from_args(args, alpha=args.alpha)
+        wd, hd = T.detach(tuner.params), T.detach(tuner.raw)
+        return C.solver_from_args(args, alpha=1.0 / largest_eigenvalue(wd, hd, inner=inner, iters=50))
+
     loop = OnlineTuner(
         params,
         raw,
@@ -289,42 +314,14 @@ def main(args, progress_factory=None, console=None) -> dict:
         mse,
         val,
         penalty=lambda p, nat: l2_penalty(p, nat["weight_decay"]),
-        config=TunerConfig(
-            tuned=("weight_decay",),
-            implicit="loss",
-            hyper_lr=args.hyper_lr,
-            interval=args.interval,
-            on_divergence="raise",
-        ),
+        config=TunerConfig(tuned=("weight_decay",), hyper_lr=args.hyper_lr, on_divergence="raise"),
+        callbacks=[SimpleNamespace(on_interval=measure, on_hyper_step=lambda tuner: adv(1) if adv else None)],
         stacked=False,
+        strategy=IFT(implicit="loss", solver_at=solver_at),
+        schedule=Every(args.interval, limit=args.hyper_steps),
     )
-    checkpoints: list[dict] = []
-    val_curve: list[float] = []
-    adv = progress_factory("inverse-study: Algorithm 1 + comparisons", args.hyper_steps) if progress_factory else None
-    for s in range(args.hyper_steps + 1):
-        for _ in range(args.interval):
-            loop.step(None)
-        wd, hd = T.detach(loop.params), T.detach(loop.raw)
-        val_curve.append(float(outer(wd, hd)))
-        if s % args.compare_every == 0 or s == args.hyper_steps:
-            c = compare(
-                outer,
-                inner,
-                wd,
-                hd,
-                args.max_lookback,
-                args.alpha,
-                args.lr if args.approximations == "authors" else None,
-            )
-            c["hyper_step"] = s
-            checkpoints.append(c)
-        if s == args.hyper_steps:
-            break
-        a = args.alpha if args.alpha is not None else 1.0 / largest_eigenvalue(wd, hd, inner=inner, iters=50)
-        loop.solver = C.solver_from_args(args, alpha=a)
-        loop.hyper_step(None, None)
-        if adv:
-            adv(1)
+    loop.run(args.interval * (args.hyper_steps + 1), lambda: None, lambda: None)
+    measure(loop)  # the last block: no hyperparameter step follows it, so the schedule fires no on_interval
     n_weights = sum(v.numel() for v in params.values())
     fig3_label = (
         f"linear model ({n_weights} weights)"

@@ -36,9 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bilevel import loop
 from bilevel import population as pop
 from bilevel.errors import NonFiniteError
 from bilevel.rundir import atomic_savefig, atomic_write_json
+from bilevel.solvers import Neumann
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
 
@@ -115,37 +117,57 @@ def run_setting(a, setting: str, corpus, progress=None) -> dict:
         tuned=space.names,
         mode="none" if setting == "none" else "ift",
         lookback=a.lookback,
+        solver=Neumann(a.lookback, alpha=1.0, divergence="ignore"),  # i Neumann steps at alpha 1, as recorded
         hyper_lr=a.hyper_lr,
         grad_clip=a.clip,
         interval=a.interval,
         on_divergence="raise",
     )
-    alg = OnlineTuner(params, raw, space, SGD(lr=a.lr), loss, loss, config=cfg, stacked=False)
-    start, diverged, curve = time.perf_counter(), None, []
-    hg_stats: dict[str, list] = {}  # raw key -> [sum, sum of squares, count] of the hypergradients
-    for t in range(a.steps):
-        x, y = train[t % len(train)]
-        noise = awd_noise(alg.params, x.shape[1], g)
-        try:
-            ctx = (x, y, noise)
-            loss_t = float(alg.step(ctx))
-            if (t + 1) % a.interval == 0:
-                xv, yv = val[int(torch.randint(0, len(val), (), generator=g))]
-                hg = alg.hyper_step(ctx, (xv, yv, None))
-                for k, v in (hg or {}).items():
-                    zero = torch.zeros_like(v, dtype=torch.float64)
-                    st = hg_stats.setdefault(k, [zero, zero.clone(), 0, zero.clone()])
-                    st[0] += v.double()
-                    st[1] += v.double() ** 2
-                    st[2] += 1
-                    st[3] += v.double().sign()
-        except NonFiniteError:
-            diverged = t
-            break
-        if (t + 1) % a.record_every == 0:
-            curve.append({"step": t + 1, "train_loss": loss_t, **space.describe(alg.raw)})
-        if progress is not None:
-            progress(1)
+    curve: list[dict] = []
+    hg_stats: dict[str, list] = {}  # raw key -> [sum, sum of squares, count, sum of signs] of the hypergradients
+
+    def train_batch():  # window t (cycling) and one concrete-dropout noise draw, reused by the hypergradient
+        x, y = train[alg.t % len(train)]
+        return x, y, awd_noise(alg.params, x.shape[1], g)
+
+    def val_batch():  # a random validation window, no dropout
+        xv, yv = val[int(torch.randint(0, len(val), (), generator=g))]
+        return xv, yv, None
+
+    class Watch:
+        """The hypergradient statistics and the training curve."""
+
+        def on_interval(self, tuner):
+            if not tuner.tunes:  # "none" takes no hyperparameter step but draws (and drops) its validation
+                val_batch()  # window, so that every setting draws the same dropout noise
+
+        def on_hyper_step(self, tuner):
+            for k, v in tuner.last_hypergradient.items():
+                zero = torch.zeros_like(v, dtype=torch.float64)
+                st = hg_stats.setdefault(k, [zero, zero.clone(), 0, zero.clone()])
+                st[0] += v.double()
+                st[1] += v.double() ** 2
+                st[2] += 1
+                st[3] += v.double().sign()
+
+        def on_record(self, tuner):  # after the step's hyperparameter step
+            curve.append({"step": tuner.t, "train_loss": float(tuner.last_losses), **space.describe(tuner.raw)})
+
+    alg = OnlineTuner(params, raw, space, SGD(lr=a.lr), loss, loss, config=cfg, stacked=False, callbacks=[Watch()])
+    start, diverged = time.perf_counter(), None
+    try:
+        loop.run(
+            alg,
+            a.steps,
+            train_batch,
+            val_batch,
+            schedule=loop.Every(a.interval),
+            record_batches=(None, None, None),  # records of no losses: the curve, by Watch.on_record
+            record_every=a.record_every,
+            progress=progress,
+        )
+    except NonFiniteError as e:
+        diverged = e.step - 1  # the 0-based weight step that failed (or that a failing hyperparameter step followed)
     seconds = time.perf_counter() - start
     n_h = sum(v.numel() for v in raw.values())
     res = {
@@ -251,7 +273,6 @@ def run_overfit(a, corpus, progress=None) -> dict:
             solver=solver,
             hyper_lr=a.overfit_hyper_lr,
             record_every=a.overfit_record_every,
-            seed=a.seed,
             implicit=implicit,
         )
         tuner = OnlineTuner(

@@ -229,7 +229,6 @@ def tune(args, forward, params, train, val, on_eval=None, progress=None):
         hyper_lr=args.hyper_lr,
         hyper_optimizer=functools.partial(torch.optim.RMSprop, eps=args.hyper_eps),
         record_every=10**9,
-        seed=args.seed,
         implicit=implicit,
     )
     rule = SGD(lr=args.lr) if args.optimizer == "sgd" else Adam(lr=args.lr)

@@ -114,7 +114,7 @@ def run_concept(cfg: Config, prob: dict[str, Any], name: str, progress=None) -> 
     try:
         hist = opt.run(cfg.outer_steps, callback=log, progress=progress)
     except FloatingPointError as e:
-        status, hist = f"diverged: {e}", [opt._record()]
+        status, hist = f"diverged: {e}", [opt.record()]
     x = float(opt.hparams["x"].detach())
     w = opt.params["w"]
     return {
