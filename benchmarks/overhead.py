@@ -112,7 +112,7 @@ class Variant:
         return f"T={self.interval} {solver} hlr={self.hyper_lr:.3g} vb={self.val_batch}"
 
     def solver_object(self) -> Any:
-        """What ``bilevel.Tuner(solver=...)`` receives: ``None`` for its default ``AutoNeumann(lookback)``."""
+        """The solver of ``bilevel.Tuner(strategy=IFT(...))``: ``None`` for its default ``AutoNeumann(lookback)``."""
         if self.solver == "identity":
             return bilevel.Identity()
         if self.solver == "cg":
@@ -123,12 +123,12 @@ class Variant:
 
     def tuner_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``bilevel.Tuner`` for this variant (besides model, loss and optimiser)."""
+        solver = self.solver_object()
         return dict(
             tune=("lr", "momentum", "weight_decay") if self.mode == "ift" else None,
-            interval=self.interval,
+            schedule=self.interval,
             lookback=self.lookback,
-            mode=self.mode,
-            solver=self.solver_object(),
+            strategy=bilevel.strategies.IFT(solver) if self.mode == "ift" and solver is not None else self.mode,
             hyper_lr=self.hyper_lr,
             progress=False,
         )

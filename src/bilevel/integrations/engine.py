@@ -332,6 +332,7 @@ class OptimizerHyperStep:
         try:
             with self._context(), self._own_rng():
                 self.tuner.hyper_step(train_batch, val_batch)
+            self.tuner.hyper_steps += 1
         finally:
             self.module.train(was_training)
         self.write()

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cursor import LoaderCursor
+from ..loop import Every
 from .engine import ModuleLoss, OptimizerHyperStep, parse_tune
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ class HyperTuner(Callback):
         self.val_dataloader = val_dataloader
         self.tune = parse_tune(tune, "HyperTuner")
         self.interval, self.lookback, self.hyper_lr = interval, lookback, hyper_lr
+        self.schedule = Every(interval)  # when: the one loop's schedule (bilevel.loop)
         self.penalty, self.val_loss, self.seed, self.log_values = penalty, val_loss, seed, log
         self._cursor = LoaderCursor("val_dataloader", isolate_rng=True)
         self._cursor.bind(val_dataloader)  # refuses a one-shot iterator now, before training
@@ -304,7 +306,7 @@ class HyperTuner(Callback):
         """
         engine = self.engine
         step = trainer.global_step
-        if step > 0 and step != self._last_step and step % self.interval == 0:
+        if step > 0 and step != self._last_step and self.schedule.due(step, engine.tuner.hyper_steps):
             self._batch_idx = batch_idx
             val = self._cursor.next()
             val = pl_module.transfer_batch_to_device(val, pl_module.device, 0)

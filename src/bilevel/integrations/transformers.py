@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..cursor import LoaderCursor
+from ..loop import Every
 from ..module_spec import to_device
 from .engine import ModuleLoss, OptimizerHyperStep, parse_tune
 
@@ -165,6 +166,7 @@ class HyperCallback(TrainerCallback):
         self.eval_dataset, self.val_dataloader, self.train_dataloader = eval_dataset, val_dataloader, train_dataloader
         self.tune = parse_tune(tune, "HyperCallback")
         self.interval, self.lookback, self.hyper_lr, self.seed = interval, lookback, hyper_lr, seed
+        self.schedule = Every(interval)  # when: the one loop's schedule (bilevel.loop)
         self.decay_groups = None if decay_groups is None else [int(i) for i in decay_groups]
         self.loss = loss or model_loss
         self._train_cursor = LoaderCursor("train_dataloader", isolate_rng=True)
@@ -327,7 +329,12 @@ class HyperCallback(TrainerCallback):
         """
         engine = self.engine
         t = int(state.global_step)
-        if t > 0 and t != self._last_step and t % self.interval == 0 and self._schedule_positive():
+        if (
+            t > 0
+            and t != self._last_step
+            and self.schedule.due(t, engine.tuner.hyper_steps)
+            and self._schedule_positive()
+        ):
             device = next(iter(engine.named.values())).device
             train = to_device(self._train_cursor.next(), device)
             val = to_device(self._val_cursor.next(), device)
