@@ -21,9 +21,8 @@ def test_scale_lr_on_a_rule_a_wrapper_and_a_torch_optimiser():
     assert scale_lr(Adam(lr=1e-3), 0.25).lr == pytest.approx(2.5e-4)
     wrapped = WithDefaults(SGD(), {"lr": {"a": torch.tensor(0.4), "b": torch.tensor(0.2)}})
     scaled = scale_lr(wrapped, 0.5)
-    assert float(scaled.values["lr"]["a"]) == pytest.approx(0.2) and float(scaled.values["lr"]["b"]) == pytest.approx(
-        0.1
-    )
+    lr = scaled.values["lr"]
+    assert float(lr["a"]) == pytest.approx(0.2) and float(lr["b"]) == pytest.approx(0.1)
     w = {"w": torch.zeros(2, requires_grad=True)}
     opt = torch.optim.SGD([{"params": [w["w"]], "lr": 0.3}])
     rule = TorchOptimizer(opt, w)
