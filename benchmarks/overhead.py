@@ -35,7 +35,9 @@ Usage::
     python benchmarks/overhead.py --problem clarke --dataset energy --inits 20 --steps 4000 --frontier --same-data
     python benchmarks/overhead.py --plot-only --figure docs/img/overhead-frontier.png --figure-from A.json ...
 
-A variant is ``--variant "T=40,i=2,hlr=0.2,vb=50,solver=S,mode=ift|none,opt=bilevel|torch"`` with S one of
+A variant is ``--variant "T=40,i=2,hlr=0.2,vb=50,solver=S,mode=ift|none,opt=bilevel|torch,adaptive=M"`` (M > 0:
+``bilevel.loop.Adaptive(T, max_interval=M)``, a step every T weight steps while the hyperparameters move, up to M
+apart once they settle) with S one of
 neumann, neumann-alpha1, identity, cg (repeatable; unnamed keys keep the front door's defaults), or the
 single one given by ``--interval``, ``--lookback``, ``--solver``, ``--val-batch``, ``--hyper-lr``;
 ``--none`` adds the Tuner with ``mode="none"`` (with the user's ``torch.optim.SGD``, and with the
@@ -85,6 +87,7 @@ class Variant:
     hyper_lr: float = DEFAULT_HYPER_LR
     val_batch: int = 200  # validation examples per hyperparameter step (the val loader's batch size)
     optimizer: str = "bilevel"  # "bilevel": bilevel.optim.SGD; "torch": torch.optim.SGD (mode "none": steps it)
+    adaptive: int = 0  # > 0: bilevel.loop.Adaptive(T, max_interval=adaptive) instead of Every(T)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -109,7 +112,8 @@ class Variant:
             "identity": "identity",
             "cg": f"cg{self.lookback}",
         }[self.solver]
-        return f"T={self.interval} {solver} hlr={self.hyper_lr:.3g} vb={self.val_batch}"
+        when = f"T={self.interval}..{self.adaptive}" if self.adaptive else f"T={self.interval}"
+        return f"{when} {solver} hlr={self.hyper_lr:.3g} vb={self.val_batch}"
 
     def solver_object(self) -> Any:
         """The solver of ``bilevel.Tuner(strategy=IFT(...))``: ``None`` for its default ``AutoNeumann(lookback)``."""
@@ -124,11 +128,13 @@ class Variant:
     def tuner_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``bilevel.Tuner`` for this variant (besides model, loss and optimiser)."""
         solver = self.solver_object()
+        when = bilevel.loop.Adaptive(self.interval, max_interval=self.adaptive) if self.adaptive else self.interval
+        how = bilevel.strategies.IFT(solver) if self.mode == "ift" and solver is not None else self.mode
         return dict(
             tune=("lr", "momentum", "weight_decay") if self.mode == "ift" else None,
-            schedule=self.interval,
+            schedule=when,
             lookback=self.lookback,
-            strategy=bilevel.strategies.IFT(solver) if self.mode == "ift" and solver is not None else self.mode,
+            strategy=how,
             hyper_lr=self.hyper_lr,
             progress=False,
         )
@@ -153,6 +159,7 @@ def parse_variant(spec: str) -> Variant:
         "solver": ("solver", str),
         "mode": ("mode", str),
         "opt": ("optimizer", str),
+        "adaptive": ("adaptive", int),
         "name": ("name", str),
     }
     kw: dict[str, Any] = {}

@@ -92,14 +92,18 @@ def trained(variant: O.Variant, lr: float, train, val, steps: int = 3) -> bileve
 
 
 def test_variant_keywords_are_the_front_doors():
-    assert O.Variant().tuner_kwargs()["solver"] is None  # the Tuner's own default, AutoNeumann(lookback)
-    assert O.Variant(solver="identity").tuner_kwargs()["solver"] == bilevel.Identity()
-    assert O.Variant(solver="cg", lookback=7).tuner_kwargs()["solver"] == bilevel.ConjugateGradient(7)
-    assert O.Variant(solver="neumann-alpha1", lookback=2).tuner_kwargs()["solver"] == bilevel.Neumann(
-        2, alpha=1.0, divergence="ignore"
-    )
+    def solver(v):
+        how = v.tuner_kwargs()["strategy"]
+        return None if isinstance(how, str) else how.solver
+
+    assert O.Variant().tuner_kwargs()["strategy"] == "ift"  # the Tuner's own default solver, AutoNeumann(lookback)
+    assert solver(O.Variant(solver="identity")) == bilevel.Identity()
+    assert solver(O.Variant(solver="cg", lookback=7)) == bilevel.ConjugateGradient(7)
+    assert solver(O.Variant(solver="neumann-alpha1", lookback=2)) == bilevel.Neumann(2, alpha=1.0, divergence="ignore")
     kw = O.parse_variant("T=40,i=2,hlr=0.2,vb=50").tuner_kwargs()
-    assert (kw["interval"], kw["lookback"], kw["hyper_lr"], kw["mode"]) == (40, 2, 0.2, "ift")
+    assert (kw["schedule"], kw["lookback"], kw["hyper_lr"], kw["strategy"]) == (40, 2, 0.2, "ift")
+    adaptive = O.parse_variant("T=10,adaptive=80").tuner_kwargs()["schedule"]
+    assert adaptive == bilevel.loop.Adaptive(10, max_interval=80)
     assert O.parse_variant("mode=none").tuner_kwargs()["tune"] is None
     assert O.parse_variant("vb=50").val_batch == 50
     grid = {v.name: v for v in O.frontier()}

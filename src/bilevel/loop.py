@@ -5,10 +5,11 @@ Lorraine, Vicol & Duvenaud (2020), Algorithm 1, and Clarke, Oldewage & Hernánde
     repeat:  T times  w <- w - u(lambda, w; c_t)           (weight steps, context c_t)
              lambda <- HyperOpt(lambda, dL_V/dlambda)       (one hyperparameter step)
 
-*When* is a value, a schedule: :class:`Every` (every T weight steps, optionally re-training from the
-initial weights first: Vicol et al.'s cold start, and at most ``limit`` hyperparameter steps) or
-:class:`HyperFirst` (the hyperparameter step before the T weight steps: Vicol et al.'s outer-step-first
-bilevel optimiser). *How* a hyperparameter step is computed is the tuner's strategy
+*When* is a value, a schedule (:mod:`bilevel.schedules`, re-exported here): :class:`Every` (every T
+weight steps, optionally re-training from the initial weights first: Vicol et al.'s cold start, and at most
+``limit`` hyperparameter steps), :class:`HyperFirst` (the hyperparameter step before the T weight steps:
+Vicol et al.'s outer-step-first bilevel optimiser) or :class:`Adaptive` (every T while the hyperparameters
+move, rarer once they settle). *How* a hyperparameter step is computed is the tuner's strategy
 (:mod:`bilevel.strategies`: IFT, unrolled, Baydin, none). :func:`run` drives a
 :class:`bilevel.tuner.OnlineTuner` (or anything with its ``step``/``callback``/``record`` methods) through
 ``steps`` weight steps and fires the callbacks (:mod:`bilevel.callbacks`) on every path:
@@ -21,81 +22,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-__all__ = ["Schedule", "Every", "HyperFirst", "run"]
+from .schedules import Adaptive, Every, HyperFirst, Schedule
 
-
-class Schedule(Protocol):
-    """When the hyperparameter steps happen, as a function of the weight-step count t (>= 1)."""
-
-    @property
-    def first(self) -> bool:
-        """Whether the hyperparameter step comes before the weight steps of its period."""
-        ...
-
-    @property
-    def cold_steps(self) -> int | None:
-        """Weight steps of a re-training from the initial weights before each hyperparameter step, or ``None``."""
-        ...
-
-    def due(self, t: int, taken: int) -> bool:
-        """Whether a hyperparameter step belongs to weight step ``t`` (after it; before it when ``first``).
-
-        Args:
-            t: the weight step, counted from 1.
-            taken: the hyperparameter steps taken so far.
-
-        Returns:
-            ``True`` when the step is due.
-        """
-        ...
-
-
-@dataclass(frozen=True)
-class Every:
-    """A hyperparameter step after every ``interval`` weight steps (Lorraine et al. 2020, Alg. 1; T = ``interval``).
-
-    Args:
-        interval: T, weight steps per hyperparameter step (>= 1).
-        cold_steps: ``None`` (warm start: go on from the current weights) or, for Vicol et al.'s (2021)
-            cold start, the weight steps of a re-training from the initial weights before each
-            hyperparameter step.
-        limit: at most this many hyperparameter steps (then weight steps only), or ``None``.
-    """
-
-    interval: int = 10
-    cold_steps: int | None = None
-    limit: int | None = None
-    first = False
-
-    def __post_init__(self) -> None:
-        if int(self.interval) < 1:
-            raise ValueError(f"interval must be >= 1, got {self.interval}")
-        if self.cold_steps is not None and self.cold_steps < 0:
-            raise ValueError(f"cold_steps must be >= 0, got {self.cold_steps}")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError(f"limit must be >= 0, got {self.limit}")
-
-    def due(self, t: int, taken: int) -> bool:
-        """``t % interval == 0`` while fewer than ``limit`` steps were taken (see :class:`Schedule`)."""
-        return t % self.interval == 0 and (self.limit is None or taken < self.limit)
-
-
-@dataclass(frozen=True)
-class HyperFirst(Every):
-    """A hyperparameter step *before* every ``interval`` weight steps (Vicol et al. 2021's bilevel optimiser).
-
-    Weight steps t = k T + 1, ..., (k + 1) T follow the k-th hyperparameter step; the first one is taken at
-    the initial weights. Arguments as :class:`Every`.
-    """
-
-    first = True
-
-    def due(self, t: int, taken: int) -> bool:
-        """``(t - 1) % interval == 0`` while fewer than ``limit`` steps were taken (see :class:`Schedule`)."""
-        return (t - 1) % self.interval == 0 and (self.limit is None or taken < self.limit)
+__all__ = ["Schedule", "Every", "HyperFirst", "Adaptive", "run"]
 
 
 def run(
@@ -169,6 +100,10 @@ def _hyper(
         tuner.reset_good_state()
         for _ in range(schedule.cold_steps):  # not counted (t stays), no callbacks
             tuner.weight_step(train_batches())
+    observe = getattr(schedule, "observe", None)  # a schedule that adapts to how far the step moved
+    before = tuner.describe() if observe is not None else None
     tuner.last_hypergradient = tuner.strategy.hyper_step(tuner, batch, val)
     tuner.hyper_steps += 1
+    if observe is not None:
+        observe(tuner, before)
     tuner.callback("on_hyper_step")

@@ -458,6 +458,7 @@ class OnlineTuner(DivergencePolicy, Recording):
             "best_loss": self._best_loss.clone(),
             "good": (self._good[0], self._good[1]) if self.cfg.on_divergence == "rollback" else None,
             "hyper_steps": self.hyper_steps,
+            "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
             "strategy": self.strategy.state_dict(),
             "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt else None,
             "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
@@ -483,6 +484,8 @@ class OnlineTuner(DivergencePolicy, Recording):
         at = [-1 if d is None else d for d in self._history.diverged_at]
         self._diverged_t = torch.tensor(at, dtype=torch.long, device=self.device)
         self.hyper_steps = int(sd.get("hyper_steps", 0))
+        if sd.get("schedule") is not None:
+            self.schedule.load_state_dict(sd["schedule"])  # type: ignore[attr-defined]
         # a checkpoint from before the strategies kept the window, Baydin's previous step and the solver itself
         old = {"window": sd.get("window", []), "prev": sd.get("prev"), "solver": sd.get("solver")}
         self.strategy.load_state_dict(dict(sd["strategy"]) if "strategy" in sd else old)
