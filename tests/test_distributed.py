@@ -233,7 +233,8 @@ def _batches(full: tuple[torch.Tensor, ...], size: int, rank: int | None) -> Cal
 def _tuner(form: str, solver: str, distributed: bool) -> OnlineTuner:
     params = make_params(0)
     train_loss = val_loss = bd.data_parallel_loss(mse) if distributed else mse
-    sol = bilevel.AutoNeumann(3) if solver == "auto" else None
+    # "alpha1": Clarke et al.'s Neumann(3, alpha=1) (no power iteration); "auto": AutoNeumann(3), one model's default
+    sol = bilevel.AutoNeumann(3) if solver == "auto" else bilevel.Neumann(3, alpha=1.0, divergence="ignore")
     if form == "update":
         space = H.HyperParameterSpace([H.learning_rate(), H.weight_decay(), H.momentum()])
         raw = space.from_natural(params, {"lr": 0.05, "weight_decay": 1e-3, "momentum": 0.5})
@@ -263,7 +264,7 @@ def _tuner(form: str, solver: str, distributed: bool) -> OnlineTuner:
 def _loop_worker(rank: int, form: str, out: str) -> None:
     report: dict[str, Any] = {}
     n_weights = 8 * 3 + 8 + 8
-    for solver in ("default", "auto"):
+    for solver in ("alpha1", "auto"):
         ref = _tuner(form, solver, distributed=False)
         ref.run(100, _batches(TRAIN, 16, None), _batches(VAL, 16, None))
         dp = _tuner(form, solver, distributed=True)
@@ -289,7 +290,7 @@ def _loop_worker(rank: int, form: str, out: str) -> None:
         # IFT with Neumann(3): training gradient + validation gradient + 3 products, each one bucket of the weights,
         # and the two loss values; AutoNeumann adds its power iteration (20 products) when it estimates its step
         steady = [1, n_weights, 1, n_weights, n_weights, n_weights, n_weights]
-        if solver == "default":
+        if solver == "alpha1":
             assert all(v == steady for v in hyper), hyper[:2]
         else:
             assert hyper[0] == [1, n_weights, 1, n_weights] + [n_weights] * (20 + 3), hyper[0]
@@ -324,7 +325,7 @@ def test_online_loop_on_two_ranks_follows_one_process(form: str, tmp_path: Path)
     ``form="loss"``: a per-weight L2 penalty (``penalty=``, implicit="loss", Lorraine et al.)."""
     spawn(_loop_worker, form, str(tmp_path / "counts.json"))
     report = json.loads((tmp_path / "counts.json").read_text())
-    assert report["default"]["weight step"] == [1, 40]
+    assert report["alpha1"]["weight step"] == [1, 40]
 
 
 # ---------------------------------------------------------------------------------------------- 3. checks, refusals
