@@ -71,7 +71,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def supervised(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> ModuleLoss:
-    """``loss_fn(model(*inputs), target)`` for a batch ``(inputs..., target)``."""
+    """``loss_fn(model(*inputs), target)`` for a batch ``(inputs..., target)``.
+
+    Args:
+        loss_fn: e.g. ``F.cross_entropy``.
+
+    Returns:
+        ``loss(model, batch) -> scalar``, refusing a batch that is not ``(inputs..., target)`` with one line.
+    """
 
     def loss(model: nn.Module, batch: Any) -> Tensor:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
@@ -85,6 +92,14 @@ def supervised(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> ModuleLoss:
 
 
 def batch_size(batch: Any) -> int:
+    """The number of examples in ``batch`` (the leading size of its first tensor; 1 for anything else).
+
+    Args:
+        batch: a tensor, or a sequence / mapping whose first entry is one.
+
+    Returns:
+        The batch size, for size-weighted means.
+    """
     first = (
         batch[0]
         if isinstance(batch, (list, tuple))
@@ -268,7 +283,14 @@ def parse_tune(
 
 
 def rule_names(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
-    """The hyperparameter names of a ``torch.optim`` optimiser's twin (those ``tune=`` may name)."""
+    """The hyperparameter names of a ``torch.optim`` optimiser's twin (those ``tune=`` may name).
+
+    Args:
+        optimizer: a ``torch.optim`` optimiser.
+
+    Returns:
+        Its twin's hyperparameter names, or ``()`` for an optimiser without a twin.
+    """
     twins: dict[type, type[SGD | Adam | RMSprop]] = {
         torch.optim.SGD: SGD,
         torch.optim.Adam: Adam,

@@ -69,7 +69,15 @@ class Every:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
 
     def due(self, t: int, taken: int) -> bool:
-        """``t % interval == 0`` while fewer than ``limit`` steps were taken (see :class:`Schedule`)."""
+        """``t % interval == 0`` while fewer than ``limit`` steps were taken.
+
+        Args:
+            t: the weight step, counted from 1.
+            taken: the hyperparameter steps taken so far.
+
+        Returns:
+            Whether a hyperparameter step follows weight step ``t``.
+        """
         return t % self.interval == 0 and (self.limit is None or taken < self.limit)
 
 
@@ -84,7 +92,15 @@ class HyperFirst(Every):
     first = True
 
     def due(self, t: int, taken: int) -> bool:
-        """``(t - 1) % interval == 0`` while fewer than ``limit`` steps were taken (see :class:`Schedule`)."""
+        """``(t - 1) % interval == 0`` while fewer than ``limit`` steps were taken.
+
+        Args:
+            t: the weight step about to be taken, counted from 1.
+            taken: the hyperparameter steps taken so far.
+
+        Returns:
+            Whether a hyperparameter step comes before weight step ``t``.
+        """
         return (t - 1) % self.interval == 0 and (self.limit is None or taken < self.limit)
 
 
@@ -120,7 +136,15 @@ class Adaptive:
         self.gap, self.next = self.interval, self.interval
 
     def due(self, t: int, taken: int) -> bool:
-        """Whether weight step ``t`` has reached the next step (see :class:`Schedule`)."""
+        """Whether weight step ``t`` has reached the next hyperparameter step.
+
+        Args:
+            t: the weight step, counted from 1.
+            taken: the hyperparameter steps taken so far (unused: the gap decides).
+
+        Returns:
+            ``t >= next``.
+        """
         return t >= self.next
 
     def observe(self, tuner: Any, before: dict[str, Tensor]) -> None:
@@ -142,5 +166,9 @@ class Adaptive:
         return {"gap": self.gap, "next": self.next}
 
     def load_state_dict(self, sd: dict[str, int]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`.
+
+        Args:
+            sd: a dictionary from :meth:`state_dict`.
+        """
         self.gap, self.next = int(sd["gap"]), int(sd["next"])
