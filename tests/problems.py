@@ -66,3 +66,33 @@ def logistic(n=60, nv=40, d=4, seed=1):
         return outer({"w": solve(lam)}, {"lam": lam})
 
     return dict(inner=inner, outer=outer, solve=solve, val=val_at_optimum, d=d)
+
+
+def linear_population(seed=1, shift=0.1):
+    """A linear least-squares population (2 members, 3 weights) with lr and momentum tuned: the loop's tests.
+
+    Returns ``(build, train, val)``: ``build(**kwargs)`` makes an :class:`bilevel.tuner.OnlineTuner` (keyword
+    arguments of :class:`bilevel.tuner.TunerConfig` plus ``callbacks``, ``strategy``, ``schedule``).
+    """
+    from bilevel import hparams as H
+    from bilevel import population as pop
+    from bilevel import updates
+    from bilevel.tuner import OnlineTuner, TunerConfig
+
+    g = torch.Generator().manual_seed(seed)
+    X, Xv = torch.randn(32, 3, generator=g, dtype=D), torch.randn(16, 3, generator=g, dtype=D)
+    train, val = (X, X.sum(1, keepdim=True)), (Xv, Xv.sum(1, keepdim=True) + shift)
+    loss = pop.vmap_loss(lambda p, x: x @ p["w"], lambda o, y: ((o - y) ** 2).mean())
+    space = H.HyperParameterSpace([H.learning_rate(), H.momentum()])
+
+    def build(callbacks=(), strategy=None, schedule=None, **cfg):
+        params, raw = pop.init_population(
+            lambda g: {"w": torch.randn(3, 1, generator=g, dtype=D)}, 2, 0, lambda p, g: space.init(p, g)
+        )
+        config = TunerConfig(tuned=space.names, **cfg)
+        return OnlineTuner(
+            params, raw, space, updates.SGD(), loss, loss, update_form=space.names, config=config,
+            callbacks=callbacks, strategy=strategy, schedule=schedule,
+        )  # fmt: skip
+
+    return build, train, val

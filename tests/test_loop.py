@@ -4,20 +4,13 @@ import io
 
 import pytest
 import torch
+from problems import linear_population
 
-from bilevel import hparams as H
-from bilevel import loop, updates
-from bilevel import population as pop
+from bilevel import loop
 from bilevel.solvers import Neumann
 from bilevel.strategies import IFT, Baydin, NoTuning
-from bilevel.tuner import OnlineTuner, TunerConfig
 
-D = torch.float64
-g0 = torch.Generator().manual_seed(1)
-X, Xv = torch.randn(32, 3, generator=g0, dtype=D), torch.randn(16, 3, generator=g0, dtype=D)
-Y, Yv = X.sum(1, keepdim=True), Xv.sum(1, keepdim=True) + 0.1
-LOSS = pop.vmap_loss(lambda p, x: x @ p["w"], lambda o, y: ((o - y) ** 2).mean())
-SPACE = H.HyperParameterSpace([H.learning_rate(), H.momentum()])
+BUILD, (X, Y), (Xv, Yv) = linear_population(seed=1, shift=0.1)
 
 
 class Log:
@@ -41,14 +34,7 @@ class Log:
 
 
 def tuner(callbacks=(), strategy=None, schedule=None, **cfg):
-    params, raw = pop.init_population(
-        lambda g: {"w": torch.randn(3, 1, generator=g, dtype=D)}, 2, 0, lambda p, g: SPACE.init(p, g)
-    )
-    config = TunerConfig(tuned=SPACE.names, **cfg)
-    return OnlineTuner(
-        params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=SPACE.names, config=config,
-        callbacks=callbacks, strategy=strategy, schedule=schedule,
-    )  # fmt: skip
+    return BUILD(callbacks=callbacks, strategy=strategy, schedule=schedule, **cfg)
 
 
 def test_every_fires_interval_then_hyper_step_at_each_boundary():

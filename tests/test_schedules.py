@@ -4,19 +4,11 @@ import io
 
 import pytest
 import torch
+from problems import linear_population
 
-from bilevel import hparams as H
-from bilevel import population as pop
-from bilevel import updates
 from bilevel.schedules import Adaptive, Every, HyperFirst
-from bilevel.tuner import OnlineTuner, TunerConfig
 
-D = torch.float64
-g0 = torch.Generator().manual_seed(5)
-X, Xv = torch.randn(32, 3, generator=g0, dtype=D), torch.randn(16, 3, generator=g0, dtype=D)
-Y, Yv = X.sum(1, keepdim=True), Xv.sum(1, keepdim=True) + 0.2
-LOSS = pop.vmap_loss(lambda p, x: x @ p["w"], lambda o, y: ((o - y) ** 2).mean())
-SPACE = H.HyperParameterSpace([H.learning_rate(), H.momentum()])
+BUILD, (X, Y), (Xv, Yv) = linear_population(seed=5, shift=0.2)
 
 
 class Steps:
@@ -28,14 +20,7 @@ class Steps:
 
 
 def tuner(schedule, hyper_lr=0.05, callbacks=()):
-    params, raw = pop.init_population(
-        lambda g: {"w": torch.randn(3, 1, generator=g, dtype=D)}, 2, 0, lambda p, g: SPACE.init(p, g)
-    )
-    cfg = TunerConfig(tuned=SPACE.names, hyper_lr=hyper_lr)
-    return OnlineTuner(
-        params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=SPACE.names, config=cfg,
-        schedule=schedule, callbacks=callbacks,
-    )  # fmt: skip
+    return BUILD(callbacks=callbacks, schedule=schedule, hyper_lr=hyper_lr)
 
 
 def test_due_steps_of_every_and_hyper_first():
