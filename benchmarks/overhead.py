@@ -142,7 +142,8 @@ class Variant:
     def cli_flags(self) -> str:
         """The ``bilevel run clarke`` flags (its solver is Neumann(i, alpha=1), i = 0 the identity)."""
         i = 0 if self.solver == "identity" else self.lookback
-        return f"--interval {self.interval} --lookback {i} --hyper-lr {self.hyper_lr:g}"
+        adaptive = f" --max-interval {self.adaptive}" if self.adaptive else ""
+        return f"--interval {self.interval} --lookback {i} --hyper-lr {self.hyper_lr:g}{adaptive}"
 
 
 def parse_variant(spec: str) -> Variant:

@@ -417,3 +417,16 @@ def test_widened_lr_range_and_rollback(tmp_path, data_dir):
     assert rollback["final_test_loss"][1:] == record["final_test_loss"][1:]
     with pytest.raises(ValueError, match="--lr-max must be"):
         clarke.validate_config(ClarkeConfig(dataset="energy", lr_max=2.0))
+
+
+def test_max_interval_gives_the_tuned_methods_an_adaptive_schedule(data_dir):
+    from bilevel.schedules import Adaptive, Every
+    from bilevel_studies.clarke.config import validate_config
+
+    cfg = ClarkeConfig(dataset="energy", inits=2, steps=30, interval=5, max_interval=40, data_dir=str(data_dir))
+    problem = load_problem(cfg)
+    assert build_tuner(cfg, problem, METHODS["ours-wd-lr-m"]).schedule == Adaptive(5, max_interval=40)
+    assert build_tuner(cfg, problem, METHODS["random"]).schedule == Every(5)  # nothing tuned: no schedule to adapt
+    assert build_tuner(cfg, problem, METHODS["baydin"]).schedule == Every(1)  # every step, as the authors'
+    with pytest.raises(ValueError, match="--max-interval 4 must be >= --interval 5"):
+        validate_config(ClarkeConfig(interval=5, max_interval=4))

@@ -91,6 +91,13 @@ def add_arguments(
     p.set_defaults(clarke_default_inits=inits, clarke_default_steps=steps)
     p.add_argument("--interval", type=C.positive_int, default=10, help="T: weight steps between hyperparameter steps")
     p.add_argument(
+        "--max-interval",
+        type=C.positive_int,
+        default=None,
+        help="an adaptive schedule (bilevel.schedules.Adaptive) for the IFT and unrolled methods: a hyperparameter "
+        "step every --interval weight steps while the hyperparameters move, up to this many apart once they settle",
+    )
+    p.add_argument(
         "--lookback",
         type=C.nonnegative_int,
         default=5,
@@ -258,6 +265,7 @@ def config_from_args(a: argparse.Namespace) -> ClarkeConfig:
         steps=scale["steps"],
         seed=a.seed,
         interval=a.interval,
+        max_interval=getattr(a, "max_interval", None),
         lookback=a.lookback,
         hyper_lr=a.hyper_lr,
         baydin_hyper_lr=getattr(a, "baydin_hyper_lr", 0.001),

@@ -52,6 +52,8 @@ class ClarkeConfig:
     steps: int = 4000
     seed: int = 0
     interval: int = 10
+    # None: a hyperparameter step every `interval` steps; M: bilevel.schedules.Adaptive(interval, max_interval=M)
+    max_interval: int | None = None
     lookback: int = 5
     hyper_lr: float = 0.05
     baydin_hyper_lr: float = 0.001  # plain SGD step on log10 lr of the authors' Baydin (configs/Baydin.yaml)
@@ -127,6 +129,8 @@ def validate_config(cfg: ClarkeConfig) -> list[str]:
     for name in ("batch_size", "record_every", "eval_rows"):
         at_least(name, 1, optional=True)
     at_least("lookback", 0)
+    if cfg.max_interval is not None and cfg.max_interval < cfg.interval:
+        raise ValueError(f"--max-interval {cfg.max_interval} must be >= --interval {cfg.interval}")
     if cfg.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
     for name in ("hyper_lr", "baydin_hyper_lr"):

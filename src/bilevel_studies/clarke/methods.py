@@ -19,6 +19,7 @@ import torch
 from bilevel import hparams as H
 from bilevel import population as pop
 from bilevel.callbacks import RandomLRMultiplier
+from bilevel.schedules import Adaptive
 from bilevel.strategies import AuthorsBaydin
 from bilevel.tuner import OnlineTuner, TunerConfig
 from bilevel.updates import SGD
@@ -103,6 +104,9 @@ def build_tuner(
         test_loss=test,
         callbacks=callbacks,
         strategy=AuthorsBaydin(raw_clip=(-10.0, 0.0)) if method.authors_baydin else None,
+        schedule=Adaptive(cfg.interval, max_interval=cfg.max_interval)
+        if cfg.max_interval is not None and tcfg.mode in ("ift", "unroll")
+        else None,
     )
 
 
