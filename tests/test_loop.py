@@ -78,7 +78,7 @@ def test_hyper_first_steps_before_each_block():
     t = tuner([log], strategy=BeforeAny(), schedule=loop.HyperFirst(3))
     t.run(6, lambda: (X, Y), lambda: (Xv, Yv))
     assert [e for e in log.events if e[0] in "ih"] == [("i", 0), ("h", 0), ("i", 3), ("h", 3)]
-    assert t.strategy.batches == [None, (X, Y)]  # the first step has no weight step before it
+    assert t.strategy.batches == [(X, Y), (X, Y)]  # each on the batch of the weight step that follows it
 
 
 class BeforeAny(IFT):

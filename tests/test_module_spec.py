@@ -1,5 +1,6 @@
 """The front door's settings (bilevel.module_spec): strategy= and schedule= as values, older keywords mapped once."""
 
+import math
 import warnings
 
 import pytest
@@ -69,3 +70,28 @@ def test_share_gradient_keyword_maps_to_the_wrapper_and_unknown_keywords_are_ref
         make(intervall=5)
     with pytest.raises(TypeError, match="schedule must be"):
         make(schedule="often")
+
+
+def test_every_schedule_runs_through_the_front_door_and_fires_the_callbacks():
+    """HyperFirst takes its step at w_t on the batch of the weight step that follows; Adaptive and cold starts."""
+
+    class Order:
+        def __init__(self):
+            self.events = []
+
+        def on_weight_step(self, t):
+            self.events.append("w")
+
+        def on_hyper_step(self, t):
+            self.events.append("h")
+
+    train, val = data(), data(seed=1)
+    for schedule, head in (
+        (loop.HyperFirst(3), ["h", "w", "w", "w", "h"]),
+        (loop.Every(3, cold_steps=2), ["w", "w", "w", "h", "w"]),
+        (loop.Adaptive(3, max_interval=12), ["w", "w", "w", "h", "w"]),
+    ):
+        order = Order()
+        tuner = make(schedule=schedule, callbacks=[order]).fit(train, val, epochs=2)
+        assert order.events[:5] == head and order.events.count("w") == 12
+        assert all(math.isfinite(v) for v in tuner.hparams.values())

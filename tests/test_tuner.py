@@ -735,9 +735,14 @@ def test_config_errors_name_the_problem():
     ):
         with pytest.raises(ValueError, match=match):
             OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(**bad))
-    t = OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE)
-    with pytest.raises(ValueError, match="weight step"):
-        t.hypergradient((X, Y), (Xv, Yv))
+    for mode in ("unroll", "baydin"):  # both differentiate through weight steps: none taken yet
+        t = OnlineTuner(
+            params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(mode=mode)
+        )
+        with pytest.raises(ValueError, match="weight step"):
+            t.hypergradient((X, Y), (Xv, Yv))
+    t = OnlineTuner(params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE)  # the IFT at w_0 (HyperFirst)
+    assert all(bool(torch.isfinite(v).all()) for v in t.hypergradient((X, Y), (Xv, Yv)).values())
     assert (
         OnlineTuner(
             params, raw, SPACE, updates.SGD(), LOSS, LOSS, update_form=UPDATE, config=TunerConfig(mode="none")

@@ -47,7 +47,7 @@ def run(
     (``tuner.strategy.hyper_step(tuner, batch, val_batches)``: IFT and unrolled draw one validation
     context, Baydin's uses the step's training batch), then fires ``on_hyper_step``. The training context
     of a weight step is drawn just before it; a hyperparameter step after weight step t is computed on
-    t's context.
+    t's context, one before it (``HyperFirst``) on the context of the weight step that follows.
 
     Args:
         tuner: a :class:`bilevel.tuner.OnlineTuner`.
@@ -71,11 +71,10 @@ def run(
     schedule = schedule if schedule is not None else tuner.schedule
     every = record_every if record_every is not None else tuner.cfg.record_every
     start = time.perf_counter()
-    batch = None
     for _ in range(steps):
-        if schedule.first and schedule.due(tuner.t + 1, tuner.hyper_steps):
-            _hyper(tuner, schedule, batch, train_batches, val_batches)
         batch = train_batches()
+        if schedule.first and schedule.due(tuner.t + 1, tuner.hyper_steps):  # at w_t, on the batch about to be used
+            _hyper(tuner, schedule, batch, train_batches, val_batches)
         tuner.step(batch)
         if not schedule.first and schedule.due(tuner.t, tuner.hyper_steps):
             _hyper(tuner, schedule, batch, train_batches, val_batches)

@@ -86,7 +86,8 @@ class HyperFirst(Every):
     """A hyperparameter step *before* every ``interval`` weight steps (Vicol et al. 2021's bilevel optimiser).
 
     Weight steps t = k T + 1, ..., (k + 1) T follow the k-th hyperparameter step; the first one is taken at
-    the initial weights. Arguments as :class:`Every`.
+    the initial weights, each on the training context of the weight step that follows it. Arguments as
+    :class:`Every`.
     """
 
     first = True

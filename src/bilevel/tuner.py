@@ -323,11 +323,10 @@ class OnlineTuner(DivergencePolicy, Recording):
             ``{raw key: hypergradient}`` for every tuned raw key, shapes of the raw values.
 
         Raises:
-            ValueError: before the first weight step, or for a strategy without a hypergradient.
+            ValueError: for a strategy without a hypergradient, or one that needs a weight step first (unrolled,
+                Baydin) before any.
             NonFiniteError: with ``on_divergence="raise"``, when a quantity is non-finite.
         """
-        if self.t == 0:
-            raise ValueError("take at least one weight step before a hypergradient")
         return self.strategy.hypergradient(self, train_batch, val_batch)
 
     def hyper_step(self, train_batch: Any, val_batch: Any) -> Tree | None:

@@ -57,8 +57,10 @@ class Baydin(Strategy):
 
     def hypergradient(self, tuner: OnlineTuner, train_batch: Any, val_batch: Any) -> Tree:
         """``d L_T(w_{t+1}; c_t) / d lambda`` through the last step on ``train_batch`` (``val_batch`` unused)."""
+        if self.prev is None:
+            raise ValueError("Baydin's hypergradient goes through the last weight step: take one first")
         tuned, fixed = tuner.split()
-        w_prev, state = self.prev  # type: ignore[misc]
+        w_prev, state = self.prev
 
         def outer(p: Tree, h: Mapping[str, Tensor]) -> Tensor:
             return tuner.train_loss(p, tuner.natural({**fixed, **h}), train_batch).sum()
@@ -110,7 +112,9 @@ class AuthorsBaydin(Baydin):
 
     def hypergradient(self, tuner: OnlineTuner, train_batch: Any, val_batch: Any) -> Tree:
         """``{key: -(g_new . g_prev)}`` for every tuned raw key (``val_batch``: B', or ``None`` for B)."""
-        w_prev, _ = self.prev  # type: ignore[misc]
+        if self.prev is None:
+            raise ValueError("Baydin's hypergradient goes through the last weight step: take one first")
+        w_prev, _ = self.prev
         new_batch = val_batch if val_batch is not None else train_batch
         with torch.no_grad():
             nat = tuner.natural({k: v.detach() for k, v in tuner.raw.items()})
