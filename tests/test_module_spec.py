@@ -95,3 +95,15 @@ def test_every_schedule_runs_through_the_front_door_and_fires_the_callbacks():
         tuner = make(schedule=schedule, callbacks=[order]).fit(train, val, epochs=2)
         assert order.events[:5] == head and order.events.count("w") == 12
         assert all(math.isfinite(v) for v in tuner.hparams.values())
+
+
+def test_older_keywords_never_override_the_new_ones_silently():
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="contradicts strategy= / schedule="):
+        make(strategy="unroll", mode="baydin")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="interval="):
+        make(schedule=4, interval=5)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="warm_start="):
+        make(schedule=loop.Every(4), warm_start=False)
+    with pytest.warns(UserWarning, match=r"Tuner\(solver=\.\.\.\) has no effect"):
+        t = make(mode="unroll", solver=ConjugateGradient(3))
+    assert isinstance(t.loop.strategy, strategies.Unrolled)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -98,11 +98,8 @@ class Recording:
     val_loss: Any
     test_loss: Any
 
-    def natural(self, raw: Mapping[str, Tensor]) -> dict[str, Any]:  # the tuner's
-        raise NotImplementedError
-
-    def callback(self, event: str, *args: Any) -> None:  # the tuner's
-        raise NotImplementedError
+    natural: Callable[[Mapping[str, Tensor]], dict[str, Any]]  # the tuner's methods
+    callback: Callable[..., None]
 
     @property
     def history(self) -> History:

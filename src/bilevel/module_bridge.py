@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -54,12 +54,8 @@ class ModuleBridge:
     _val_last: Tensor
     history: list[dict[str, Any]]
 
-    @property
-    def rule(self) -> Any:  # the Tuner's
-        raise NotImplementedError
-
-    def _all_diverged(self) -> None:  # the Tuner's
-        raise NotImplementedError
+    rule: Any  # the Tuner's
+    _all_diverged: Callable[[], None]
 
     # ------------------------------------------------------------------ construction helpers
 

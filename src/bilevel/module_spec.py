@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import strategies as S
+from .config import TunerConfig
 from .hparams import Granularity, HyperParameter, for_rule, start_value
 from .loop import Every, Schedule
 from .updates import SGD, Adam, AdamW, RMSprop, TorchTwin
@@ -44,6 +45,16 @@ ModuleLoss = Callable[[nn.Module, Any], Tensor]
 DEFAULT_TUNED = ("lr", "momentum", "weight_decay")
 #: the strategies ``strategy=`` may name
 STRATEGIES = S.MODES
+#: the keywords of earlier versions and what replaces each
+_OLDER = {
+    "mode": "strategy=",
+    "interval": "schedule=",
+    "solver": "strategy=IFT(solver)",
+    "implicit": "strategy=IFT(implicit=...)",
+    "warm_start": "schedule=Every(T, cold_steps=N)",
+    "cold_steps": "schedule=Every(T, cold_steps=N)",
+    "share_gradient": "strategy=SharedGradient(IFT())",
+}
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -333,21 +344,25 @@ def strategy_and_schedule(
         TypeError: for an unknown keyword.
         ValueError: for an unknown strategy name, or an older keyword that contradicts a new one.
     """
-    known = ("mode", "interval", "solver", "implicit", "warm_start", "cold_steps", "share_gradient")
-    unknown = [k for k in old if k not in known]
+    unknown = [k for k in old if k not in _OLDER]
     if unknown:
         raise TypeError(f"Tuner() got unexpected keyword arguments {unknown}")
     for k in old:
-        new = {"mode": "strategy=", "interval": "schedule=", "warm_start": "schedule=Every(T, cold_steps=N)"}.get(
-            k, "strategy=IFT(...)" if k in ("solver", "implicit") else "schedule=Every(T, cold_steps=N)"
-        )
-        if k == "share_gradient":
-            new = "strategy=SharedGradient(IFT())"
-        warnings.warn(f"Tuner({k}=...) is deprecated: pass {new}", DeprecationWarning, stacklevel=3)
+        warnings.warn(f"Tuner({k}=...) is deprecated: pass {_OLDER[k]}", DeprecationWarning, stacklevel=3)
+    # an older keyword may only fill in what the new ones left at their defaults: never override silently
+    clash = [k for k in old if k in ("mode", "solver", "implicit", "share_gradient") and strategy != "ift"]
+    clash += [k for k in old if k == "interval" and schedule != TunerConfig.interval]
+    clash += [k for k in old if k in ("warm_start", "cold_steps") and not isinstance(schedule, int)]
+    if clash:
+        raise ValueError(f"Tuner({', '.join(f'{k}=' for k in clash)}...) contradicts strategy= / schedule=: pass one")
     if "mode" in old:
         strategy = old["mode"]
     if "interval" in old:
         schedule = int(old["interval"])
+    unused = [k for k in ("solver", "implicit", "share_gradient") if k in old and strategy != "ift"]
+    unused += ["cold_steps"] if "cold_steps" in old and old.get("warm_start") is not False else []
+    if unused:
+        warnings.warn(f"Tuner({', '.join(f'{k}=' for k in unused)}...) has no effect here", UserWarning, stacklevel=3)
     implicit = old.get("implicit") or implicit
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
@@ -362,7 +377,7 @@ def strategy_and_schedule(
         raise TypeError(
             f"strategy must be a name in {list(STRATEGIES)} or a bilevel.strategies object, got {strategy!r}"
         )
-    if isinstance(schedule, bool) or not isinstance(schedule, (int, Every)) and not hasattr(schedule, "due"):
+    if isinstance(schedule, bool) or not (isinstance(schedule, int) or hasattr(schedule, "due")):
         raise TypeError(f"schedule must be an integer T or a bilevel.loop schedule, got {schedule!r}")
     if isinstance(schedule, int):
         cold = old.get("cold_steps", 100) if old.get("warm_start") is False else None

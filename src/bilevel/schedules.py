@@ -112,7 +112,7 @@ class Adaptive:
     After each hyperparameter step the gap to the next one doubles (up to ``max_interval``) when no tuned
     hyperparameter's mean natural value (of any member) moved by more than ``settle`` times its size, and falls
     back to ``interval`` when one did. With ``max_interval == interval`` it is :class:`Every` (``interval``).
-    Its state (the gap, the next step, the last values) is part of the tuner's checkpoint.
+    Its state (the gap and the next step) is part of the tuner's checkpoint, so give each tuner its own.
 
     Args:
         interval: T, the shortest gap (>= 1).

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .hyperparameter import Granularity, HyperParameter, _check_groups
+from .hyperparameter import Granularity, HyperParameter, InitSpace, _check_groups
 from .space import HyperParameterSpace
-from .transforms import LOG10, LOGIT
+from .transforms import LOG10, LOGIT, Transform
 
 __all__ = [
     "Groups",
@@ -31,8 +31,29 @@ Groups = Sequence[Sequence[str]]
 """Parameter names per group (group granularity), e.g. ``[["w1", "w2"], ["b1", "b2"]]``."""
 
 
-def _groups_arg(name: str, groups: Groups | None) -> tuple[tuple[str, ...], ...] | None:
-    return None if groups is None else _check_groups(name, groups)
+def _table5(
+    name: str,
+    transform: Transform,
+    low: float,
+    high: float,
+    init_space: InitSpace,
+    granularity: Granularity | str,
+    clip: tuple[float, float] | None,
+    params: Sequence[str] | None,
+    groups: Groups | None,
+) -> HyperParameter:
+    """A Table 5 hyperparameter: initial range ``[low, high]`` in ``init_space``, at the given granularity."""
+    return HyperParameter(
+        name,
+        transform,
+        low,
+        high,
+        init_space,
+        Granularity(granularity),
+        clip,
+        tuple(params) if params is not None else None,
+        None if groups is None else _check_groups(name, groups),
+    )
 
 
 def learning_rate(
@@ -57,17 +78,7 @@ def learning_rate(
     Returns:
         The :class:`HyperParameter`.
     """
-    return HyperParameter(
-        name,
-        LOG10,
-        -6.0,
-        -1.0,
-        "raw",
-        Granularity(granularity),
-        clip,
-        tuple(params) if params is not None else None,
-        _groups_arg(name, groups),
-    )
+    return _table5(name, LOG10, -6.0, -1.0, "raw", granularity, clip, params, groups)
 
 
 def weight_decay(
@@ -90,17 +101,7 @@ def weight_decay(
     Returns:
         The :class:`HyperParameter`.
     """
-    return HyperParameter(
-        name,
-        LOG10,
-        -7.0,
-        -2.0,
-        "raw",
-        Granularity(granularity),
-        clip,
-        tuple(params) if params is not None else None,
-        _groups_arg(name, groups),
-    )
+    return _table5(name, LOG10, -7.0, -2.0, "raw", granularity, clip, params, groups)
 
 
 def momentum(
@@ -124,17 +125,7 @@ def momentum(
     Returns:
         The :class:`HyperParameter`.
     """
-    return HyperParameter(
-        name,
-        LOGIT,
-        0.0,
-        1.0,
-        "natural",
-        Granularity(granularity),
-        clip,
-        tuple(params) if params is not None else None,
-        _groups_arg(name, groups),
-    )
+    return _table5(name, LOGIT, 0.0, 1.0, "natural", granularity, clip, params, groups)
 
 
 def per_weight_decay(params: Sequence[str] | None = None, name: str = "weight_decay") -> HyperParameter:
