@@ -69,3 +69,31 @@ def test_rollback_scales_a_members_hyperparameter_step_and_leaves_the_others_bit
     after, full = t.raw["lr"].detach(), ref.raw["lr"].detach()
     assert after[0] == full[0]  # scale 1: the optimiser's own step
     assert float(after[1] - before[1]) == pytest.approx(0.5 * float(full[1] - before[1]), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_fused_finiteness_check_of_one_model_is_torch_isfinite(seed):
+    """One model's check is one fused call (max |x| per tensor); drawn tensors, dtypes, empty tensors and
+    NaN / inf / -inf at drawn places give exactly what ``torch.isfinite`` on every tensor gives."""
+    from types import SimpleNamespace
+
+    from bilevel.divergence import DivergencePolicy
+
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16]
+    tree = {}
+    for i in range(int(torch.randint(1, 6, (), generator=g))):
+        shape = tuple(int(s) for s in torch.randint(0, 5, (int(torch.randint(0, 3, (), generator=g)),), generator=g))
+        dtype = dtypes[int(torch.randint(0, 3, (), generator=g))]
+        tree[f"t{i}"] = torch.randn(shape, generator=g).to(dtype) * 1e30
+    losses = torch.randn((), generator=g)
+    if torch.rand((), generator=g) < 0.7:  # plant a non-finite value somewhere (or nowhere)
+        k = list(tree)[int(torch.randint(0, len(tree), (), generator=g))]
+        bad = [math.nan, math.inf, -math.inf][int(torch.randint(0, 3, (), generator=g))]
+        if tree[k].numel():
+            tree[k].view(-1)[int(torch.randint(0, tree[k].numel(), (), generator=g))] = bad
+        else:
+            losses = torch.tensor(bad)
+    expected = not all(bool(torch.isfinite(v).all()) for v in (losses, *tree.values()))
+    got = DivergencePolicy._nonfinite(SimpleNamespace(P=1, stacked=False), losses, tree)  # type: ignore[arg-type]
+    assert got.shape == (1,) and bool(got[0]) == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.func import grad as fgrad
@@ -72,13 +74,15 @@ def run_torch(opt_cls, groups_of, steps=STEPS, seed=0):
     return traj
 
 
-def run_rule(rule: UpdateRule, hparams, steps=STEPS, seed=0):
+def run_rule(rule: UpdateRule, hparams, steps=STEPS, seed=0, graph=True):
+    """The rule's trajectory; ``graph=False`` calls it under ``no_grad`` (as the tuner's weight step does)."""
     params, x, y = make_problem(seed)
     state = rule.init_state(params)
     traj = []
     for _ in range(steps):
         grads = grads_of(params, x, y)
-        u, state = rule(params, grads, hparams, state)
+        with torch.set_grad_enabled(graph):
+            u, state = rule(params, grads, hparams, state)
         params = {k: v.detach() for k, v in apply(params, u).items()}
         state = detach_state(state)
         traj.append(params)
@@ -832,3 +836,125 @@ def test_group_granularity_drives_the_twin():
         params = apply(params, u)
     # momentum 0 is moved 1e-6 inside logit's domain
     _assert_weights({k: v.detach() for k, v in params.items()}, _weights(leaves), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the fused (no-graph) path
+
+
+def _hparam_forms(seed: int) -> list[dict]:
+    """Hyperparameters as the tuner passes them: none, 0-d tensors, per-tensor mappings, per-element values."""
+    params, _, _ = make_problem(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    return [
+        {},
+        {"lr": torch.tensor(0.07, dtype=DT), "momentum": torch.tensor(0.6, dtype=DT)},
+        {"lr": {k: torch.tensor(0.01 * (i + 1), dtype=DT) for i, k in enumerate(params)}},
+        {"weight_decay": {k: torch.rand(v.shape, generator=g, dtype=DT) * 0.1 for k, v in params.items()}},
+        {"dampening": torch.tensor(0.2, dtype=DT), "lr": torch.tensor(0.03, dtype=DT)},
+    ]
+
+
+@pytest.mark.parametrize("opts", SGD_CASES, ids=str)
+@pytest.mark.parametrize("form", range(5))
+def test_sgd_fused_path_is_the_per_tensor_loop_bit_for_bit(opts, form, monkeypatch):
+    """Under ``no_grad`` on a CPU, SGD takes one ``torch._foreach_*`` call per operation: the same trajectory,
+    bit for bit, as the differentiable per-tensor loop, for every option and hyperparameter form."""
+    hp = _hparam_forms(0)[form]
+    if opts.get("nesterov") and "dampening" in hp:
+        hp = {k: v for k, v in hp.items() if k != "dampening"}
+    rule = SGD(**opts)
+    loop = run_rule(rule, hp)
+    calls = []
+    fused_step = SGD._fused
+    monkeypatch.setattr(SGD, "_fused", lambda self, *a: calls.append(1) or fused_step(self, *a))
+    fused = run_rule(rule, hp, graph=False)
+    assert len(calls) == STEPS  # the fused path ran at every step
+    for a, b in zip(loop, fused):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_sgd_fused_path_matches_torch_optim():
+    opts = dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=0.05)
+    ref = run_torch(lambda ps: torch.optim.SGD(ps, **opts), lambda leaves: list(leaves.values()))
+    assert_traj_close(run_rule(SGD(**opts), {}, graph=False), ref)
+
+
+def test_sgd_keeps_the_loop_where_a_graph_is_recorded():
+    """With grad enabled the result stays differentiable in the hyperparameters (the fused path is never taken)."""
+    params, x, y = make_problem(0)
+    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    u, _ = SGD(momentum=0.9)(params, grads_of(params, x, y), {"lr": lr}, None)
+    assert all(v.requires_grad for v in u.values())
+
+
+ADAM_FORMS = [
+    {},
+    {"lr": torch.tensor(0.02, dtype=DT), "beta1": torch.tensor(0.7, dtype=DT), "eps": torch.tensor(1e-3, dtype=DT)},
+    {"beta2": {k: torch.tensor(0.9 + 0.01 * i, dtype=DT) for i, k in enumerate(("w1", "b1", "w2", "b2"))}},
+    {
+        "weight_decay": torch.tensor(0.03, dtype=DT),
+        "lr": {k: torch.tensor(0.005, dtype=DT) for k in ("w1", "b1", "w2", "b2")},
+    },
+]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("opts", ADAM_CASES, ids=str)
+@pytest.mark.parametrize("form", range(len(ADAM_FORMS)))
+def test_adam_fused_path_is_the_per_tensor_loop_bit_for_bit(name, opts, form, monkeypatch):
+    """Adam and AdamW (AMSGrad too) under ``no_grad`` on a CPU: the same trajectory as the per-tensor loop, bit for
+    bit, for scalar, per-tensor and mapped hyperparameters."""
+    from bilevel.updates import adam as adam_module
+
+    rule = {"Adam": Adam, "AdamW": AdamW}[name](**opts)
+    loop = run_rule(rule, ADAM_FORMS[form])
+    calls = []
+    fused_step = adam_module._adam_fused
+    monkeypatch.setattr(adam_module, "_adam_fused", lambda *a: calls.append(1) or fused_step(*a))
+    fused = run_rule(rule, ADAM_FORMS[form], graph=False)
+    assert len(calls) == STEPS
+    for a, b in zip(loop, fused):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_adam_fused_path_matches_torch_optim_and_keeps_safe_sqrt_at_zero():
+    opts = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True)
+    ref = run_torch(lambda ps: torch.optim.Adam(ps, **opts), lambda leaves: list(leaves.values()))
+    assert_traj_close(run_rule(Adam(**opts), {}, graph=False), ref)
+    # zero, NaN and inf gradient entries: the fused _safe_sqrt gives the loop's values (0 for NaN, not NaN)
+    w = {"w": torch.ones(4, dtype=DT)}
+    g = {"w": torch.tensor([0.0, math.nan, math.inf, 2.0], dtype=DT)}
+    u_loop, s_loop = Adam(amsgrad=True)(w, g, {}, None)
+    with torch.no_grad():
+        u_fused, s_fused = Adam(amsgrad=True)(w, g, {}, None)
+    torch.testing.assert_close(u_fused, u_loop, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(s_fused, s_loop, rtol=0, atol=0, equal_nan=True)
+    assert float(u_fused["w"][0]) == 0.0
+
+
+@pytest.mark.parametrize("rule", [SGD(momentum=0.9, weight_decay=0.1), Adam(weight_decay=0.01, amsgrad=True)])
+def test_a_rule_under_vmap_without_a_graph_keeps_the_loop(rule):
+    """``vmap`` over members with grad disabled: the rule sees batched tensors, never takes the fused path, and
+    gives each member's own trajectory."""
+    inits = [make_problem(seed)[0] for seed in range(3)]
+    _, x, y = make_problem()
+    lrs = torch.tensor([0.01, 0.05, 0.1], dtype=DT)
+
+    def run(params, lr):
+        state = rule.init_state(params)
+        for _ in range(3):
+            with torch.enable_grad():
+                grads = fgrad(loss_fn)(params, x, y)
+            u, state = rule(params, grads, {"lr": lr}, state)
+            params = apply(params, u)
+        return params
+
+    stacked = {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
+    with torch.no_grad():
+        batched = vmap(run)(stacked, lrs)
+        for i in range(3):
+            single = run(inits[i], lrs[i])
+            for k in single:
+                torch.testing.assert_close(batched[k][i], single[k], atol=1e-12, rtol=0)

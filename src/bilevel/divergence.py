@@ -222,6 +222,10 @@ class DivergencePolicy:
 
     def _nonfinite(self, losses: Tensor, tree: Mapping[str, Tensor]) -> Tensor:
         """Shape (P,): whether a member's losses or any of its tensors in ``tree`` hold NaN or inf."""
+        leaves = [v for v in (losses, *tree.values()) if v.numel()]
+        if not self.stacked and leaves and all(v.is_floating_point() for v in leaves):
+            # one fused call: max |x| of each tensor is finite exactly when all its entries are (NaN propagates)
+            return ~torch.isfinite(torch.stack(torch._foreach_norm(leaves, math.inf))).all().reshape(1)
         bad = ~torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
         for v in tree.values():
             bad |= ~torch.isfinite(v.reshape(self.P, -1)).all(dim=1)

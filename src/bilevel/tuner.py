@@ -46,7 +46,7 @@ from .history import History, Recording
 from .hparams import HyperParameterSpace
 from .solvers import Solver
 from .strategies import SharedGradient, Strategy
-from .updates import UpdateRule, detach_state
+from .updates import UpdateRule, apply, detach_state
 from .updates.clip import clip_grad_norm
 
 __all__ = ["TunerConfig", "History", "OnlineTuner", "SharedGradient", "clip_grad_norm", "scale_lr", "Loss", "Penalty"]
@@ -277,9 +277,10 @@ class OnlineTuner(DivergencePolicy, Recording):
                 new, state = dict(self.params), self.state
             else:
                 refused = None
-                u, state = self.apply_rule(w, grads, raw, self.state)
-                stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
-                new = dict(stepped) if stepped is not None else {k: (w[k] - u[k]).detach() for k in w}
+                with torch.no_grad():  # the step is not differentiated: a rule may take its fused path
+                    u, state = self.apply_rule(w, grads, raw, self.state)
+                    stepped = getattr(self.rule, "stepped", None)  # a torch.optim step's own result, bit for bit
+                    new = dict(stepped) if stepped is not None else apply(w, u)
         if guarded:
             new, state = self._guard(batch, losses, new, state, refused)
         self.strategy.remember(self, batch)

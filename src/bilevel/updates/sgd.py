@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import HValue, State, _prev, _RuleMixin, _zero_step, _zeros
+from .base import HValue, State, _fmul, _fusable, _prev, _RuleMixin, _zero_step, _zeros
 
 __all__ = [
     "SGD",
@@ -99,6 +99,8 @@ class SGD(_RuleMixin):
         use_momentum = self.momentum != 0 or "momentum" in hparams
         step = state["step"]
         first = step == 0
+        if _fusable(params, grads, hparams):
+            return self._fused(params, grads, hparams, state, use_wd, use_momentum)
         u: dict[str, Tensor] = {}
         bufs: dict[str, Tensor] = {}
         for k, w in params.items():
@@ -117,3 +119,35 @@ class SGD(_RuleMixin):
         if use_momentum:
             new_state["momentum_buffer"] = bufs
         return u, new_state
+
+    def _fused(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue],
+        state: State,
+        use_wd: bool,
+        use_momentum: bool,
+    ) -> tuple[dict[str, Tensor], State]:
+        """:meth:`__call__` as one ``torch._foreach_*`` call per operation (no graph, CPU: see ``_fusable``)."""
+        keys = list(params)
+        w = [params[k] for k in keys]
+
+        def h(name: str) -> list[float | Tensor]:
+            return [self._h(hparams, name, k, params[k]) for k in keys]
+
+        d = [grads[k] for k in keys]
+        if use_wd:
+            d = list(torch._foreach_add(d, _fmul(w, h("weight_decay"))))
+        new_state: State = {**state, "step": state["step"] + 1}
+        if use_momentum:
+            mu = h("momentum")
+            if bool(state["step"] == 0):  # torch.optim.SGD sets the buffer to d on the first step
+                buf = [x.clone() for x in d]
+            else:
+                prev = [_prev(state, "momentum_buffer", k, params[k]) for k in keys]
+                damp = [1 - t for t in h("dampening")]
+                buf = list(torch._foreach_add(_fmul(prev, mu), _fmul(d, damp)))
+            new_state["momentum_buffer"] = dict(zip(keys, buf))
+            d = list(torch._foreach_add(d, _fmul(buf, mu))) if self.nesterov else buf
+        return dict(zip(keys, _fmul(d, h("lr")))), new_state
