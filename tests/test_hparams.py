@@ -343,3 +343,38 @@ def test_group_granularity_under_vmap():
         ref = space.natural(p)
         for name in ("w1", "w2", "b1"):
             torch.testing.assert_close(out["momentum"][name][i], ref["momentum"][name])
+
+
+def _same_natural(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        if isinstance(a[k], dict):
+            for n in a[k]:
+                assert torch.equal(a[k][n], b[k][n]), (k, n)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_natural_reused_is_natural_and_follows_every_change_of_the_raw_values():
+    """The natural values reused between two hyperparameter steps: equal to :meth:`natural` at every call,
+    recomputed after an in-place step (a new version) or a new tensor, never reused for a graph or under vmap."""
+    params = make_params()
+    space = HyperParameterSpace([learning_rate("element"), weight_decay("tensor", params=("w1", "w2")), momentum()])
+    raw = space.init(params, generator=torch.Generator().manual_seed(0))
+    first = space.natural_reused({k: v.detach() for k, v in raw.items()})
+    _same_natural(first, space.natural(raw))
+    again = space.natural_reused({k: v.detach() for k, v in raw.items()})  # new detached views: reused
+    assert again["momentum"] is first["momentum"]
+    with torch.no_grad():
+        raw["momentum"].add_(0.3)  # a hyperparameter step, in place
+    moved = space.natural_reused({k: v.detach() for k, v in raw.items()})
+    _same_natural(moved, space.natural(raw))
+    assert not torch.equal(moved["momentum"], first["momentum"])
+    raw = {k: v.clone() for k, v in raw.items()}  # new tensors (a loaded checkpoint)
+    raw["lr/w1"] = raw["lr/w1"] - 0.5
+    _same_natural(space.natural_reused(raw), space.natural(raw))
+    leaf = {k: v.clone().requires_grad_() for k, v in raw.items()}
+    out = space.natural_reused(leaf)  # a graph: mapped afresh, differentiable
+    assert out["momentum"].requires_grad
+    batched = torch.vmap(lambda m: space.natural_reused({**raw, "momentum": m})["momentum"])(torch.zeros(3, dtype=DT))
+    assert torch.equal(batched, space.natural({**raw, "momentum": torch.zeros((), dtype=DT)})["momentum"].expand(3))

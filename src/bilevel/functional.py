@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["parameters", "buffers", "call", "bind"]
+__all__ = ["parameters", "buffers", "tied", "call", "bind"]
 
 R = TypeVar("R")
 
@@ -55,12 +55,27 @@ def buffers(module: nn.Module) -> dict[str, Tensor]:
     return dict(module.named_buffers())
 
 
+def tied(module: nn.Module) -> bool:
+    """Whether the module holds one parameter or buffer under two names (tied weights, e.g. an embedding shared
+    with the output layer).
+
+    Args:
+        module: the model.
+
+    Returns:
+        ``True`` when some tensor has two names (then :func:`call` must swap every name of it).
+    """
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return len({id(t) for _, t in named}) != len(named)
+
+
 def call(
     module: nn.Module,
     params: Mapping[str, Tensor],
     fn: Callable[..., R],
     *args: Any,
     buffers: Mapping[str, Tensor] | None = None,
+    tie_weights: bool = True,
 ) -> R:
     """``fn(module, *args)`` with the module's parameters (and ``buffers``) replaced by the given tensors.
 
@@ -73,6 +88,10 @@ def call(
         fn: code written on the module, ``fn(module, *args)``.
         *args: passed to ``fn``.
         buffers: the buffers to use (``None``: the module's own).
+        tie_weights: a tensor given under one of its names replaces it under all of them (``torch.func``'s
+            default). A caller that knows the module has no tied tensors (:func:`tied` is ``False``) may pass
+            ``False``: the same result, without the search for tied names on every call (about 1 ms a call for
+            60 tensors on a CPU).
 
     Returns:
         What ``fn`` returns, differentiable with respect to ``params`` (``torch.func`` composes with it).
@@ -81,7 +100,7 @@ def call(
     tensors = {f"m.{k}": v for k, v in params.items()}
     if buffers:
         tensors.update({f"m.{k}": v for k, v in buffers.items()})
-    return torch.func.functional_call(bound, tensors, (fn, *args), strict=False)
+    return torch.func.functional_call(bound, tensors, (fn, *args), strict=False, tie_weights=tie_weights)
 
 
 def bind(fn: Callable[..., R], module: nn.Module) -> Callable[..., R]:

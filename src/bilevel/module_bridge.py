@@ -40,6 +40,7 @@ class ModuleBridge:
     space: HyperParameterSpace
     loop: OnlineTuner
     _dp: bool
+    _tied: bool  # the model holds a tensor under two names (bilevel.functional.tied), checked at construction
     _dtype: torch.dtype
     _train: ModuleLoss
     _val: ModuleLoss
@@ -77,7 +78,7 @@ class ModuleBridge:
         self.model.train(train)
 
         def one(p: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-            value = Fn.call(self.model, p, fn, batch, buffers=b)
+            value = Fn.call(self.model, p, fn, batch, buffers=b, tie_weights=self._tied)
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise ValueError(
                     "the training/validation loss must return a scalar tensor, got "

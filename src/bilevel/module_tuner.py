@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from . import functional as Fn
 from . import population as pop
 from .callbacks import EveryStep
 from .cursor import LoaderCursor
@@ -165,6 +166,7 @@ class Tuner(ModuleBridge):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self._dp = distributed.is_data_parallel()
+        self._tied = Fn.tied(model)
         if self._dp:  # torchrun: the tuner averages every derivative over the ranks (bilevel.distributed)
             distributed.refuse_fsdp(model)
             if population > 1:

@@ -5,23 +5,21 @@ Lorraine, Vicol & Duvenaud (2020), Algorithm 1, and Clarke, Oldewage & Hernánde
     repeat:  T times  w <- w - u(lambda, w; c_t)           (weight steps, context c_t: batch, noise)
              lambda <- HyperOpt(lambda, dL_V/dlambda)       (one hypergradient step)
 
-:class:`OnlineTuner` holds the state and takes one weight step (:meth:`~OnlineTuner.step`) or one
-hyperparameter step (:meth:`~OnlineTuner.hyper_step`) when asked; *when* is decided by the one loop
-(:func:`bilevel.loop.run`, with a schedule such as :class:`bilevel.loop.Every`), *how* by its strategy
-(:mod:`bilevel.strategies`: IFT with any solver on the update map or the training loss, unrolled, Baydin,
-none), and what happens on a non-finite value by :mod:`bilevel.divergence`. Every study and the
-:class:`bilevel.Tuner` front door run it.
+:class:`OnlineTuner` holds the state and takes one weight step (:meth:`~OnlineTuner.step`) or one hyperparameter step
+(:meth:`~OnlineTuner.hyper_step`) when asked; *when* is decided by the one loop (:func:`bilevel.loop.run`, with a
+schedule such as :class:`bilevel.loop.Every`), *how* by its strategy (:mod:`bilevel.strategies`: IFT with any solver
+on the update map or the training loss, unrolled, Baydin, none), and what happens on a non-finite value by
+:mod:`bilevel.divergence`. Every study and the :class:`bilevel.Tuner` front door run it.
 
 One model (``stacked=False``) or a population of P independent initialisations (``stacked=True``: a leading
 axis of size P, ``vmap``-ed losses of shape (P,), :mod:`bilevel.population`; Jacobians are block diagonal).
 
-Hyperparameters live in a :class:`~bilevel.hparams.HyperParameterSpace` (raw values optimised, natural values
-used). Each one is declared *update-form* (``update_form``: passed to the differentiable optimiser ``rule``,
-e.g. a learning rate, momentum or decoupled decay) or else *loss-form* (seen by the losses and the
-``penalty``: a per-weight L2 decay, dropout rates, augmentation weights). Both enter the one residual
-``u(lambda, w; c) = rule(w, dL_T/dw, lambda)``. Optimiser state is detached between steps and constant in
-the IFT hypergradient (Clarke et al. A.4). :meth:`OnlineTuner.state_dict` holds every piece of loop state,
-the strategy's and the callbacks' included.
+Hyperparameters live in a :class:`~bilevel.hparams.HyperParameterSpace` (raw values optimised, natural values used).
+Each one is declared *update-form* (``update_form``: passed to the differentiable optimiser ``rule``, e.g. a learning
+rate, momentum or decoupled decay) or else *loss-form* (seen by the losses and the ``penalty``: a per-weight L2 decay,
+dropout rates, augmentation weights). Both enter the one residual ``u(lambda, w; c) = rule(w, dL_T/dw, lambda)``.
+Optimiser state is detached between steps and constant in the IFT hypergradient (Clarke et al. A.4).
+:meth:`OnlineTuner.state_dict` holds every piece of loop state, the strategy's and the callbacks' included.
 """
 
 from __future__ import annotations
@@ -156,7 +154,7 @@ class OnlineTuner(DivergencePolicy, Recording):
         Returns:
             ``{hp_name: natural value}`` (see :meth:`bilevel.hparams.HyperParameterSpace.natural`).
         """
-        return self.space.natural(raw) if self.space is not None else dict(raw)
+        return self.space.natural_reused(raw) if self.space is not None else dict(raw)
 
     def _rule_hparams(self, nat: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Any]:
         """Natural update-form values, each viewed to broadcast against the (P, ...) parameters."""

@@ -329,6 +329,28 @@ class HyperParameterSpace:
         self.check(raw, params)
         return {h.name: h.natural(raw) for h in self._hparams}
 
+    def natural_reused(self, raw: Mapping[str, Tensor]) -> dict[str, NaturalValue]:
+        """:meth:`natural`, reusing the last call's values while the raw tensors are unchanged and need no graph.
+
+        A weight step reads the natural values twice (losses and update rule), and nothing between two
+        hyperparameter steps moves the raw values; their map (clipping, transforms) is recomputed only when a raw
+        tensor's storage or version changed (the tensors of the last call are held, so their storage is never
+        reused meanwhile). A raw tensor that requires grad, or one inside ``vmap``, is always mapped afresh.
+
+        Args:
+            raw: the flat raw dict.
+
+        Returns:
+            The values :meth:`natural` returns (the same tensors while ``raw`` is unchanged).
+        """
+        if any(v.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(v) for v in raw.values()):
+            return self.natural(raw)
+        key = [(k, v.data_ptr(), v._version) for k, v in raw.items()]
+        last = getattr(self, "_last_natural", None)
+        if last is None or last[0] != key:
+            last = self._last_natural = (key, list(raw.values()), self.natural(raw))
+        return dict(last[2])
+
     def describe(self, raw: Mapping[str, Tensor]) -> dict[str, float]:
         """Mean natural value per hyperparameter (over all its keys and elements), for logging.
 
