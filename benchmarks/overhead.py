@@ -452,7 +452,7 @@ class Timers:
 
 def instrument(tuner: bilevel.Tuner, timers: Timers) -> None:
     """Wrap the pieces of ``tuner.loop``'s weight and hyperparameter steps with thread-CPU timers (instance
-    attributes: the loop calls ``self.hyper_step``, ``self.solver``, ``self._gradient``, ...)."""
+    attributes: the loop calls ``self.hyper_step``, ``self.solver``, ``self.training_gradient``, ...)."""
     loop = tuner.loop
     tt = time.thread_time
     ctx: dict[str, Any] = {"hyper": False, "power": False, "residual_end": None}
@@ -487,7 +487,7 @@ def instrument(tuner: bilevel.Tuner, timers: Timers) -> None:
     wrap(loop, "_nonfinite", lambda a, k: None if ctx["hyper"] else "ws: finiteness checks")
     wrap(
         loop,
-        "_gradient",
+        "training_gradient",
         lambda a, k: "hs: training gradient, create_graph" if ctx["hyper"] else "ws: forward + backward",
     )
     orig_rule = loop.apply_rule

@@ -73,8 +73,9 @@ def test_rollback_scales_a_members_hyperparameter_step_and_leaves_the_others_bit
 
 @pytest.mark.parametrize("seed", range(40))
 def test_the_fused_finiteness_check_of_one_model_is_torch_isfinite(seed):
-    """One model's check is one fused call (max |x| per tensor); drawn tensors, dtypes, empty tensors and
-    NaN / inf / -inf at drawn places give exactly what ``torch.isfinite`` on every tensor gives."""
+    """One model's check sums each tensor (and looks entry by entry only when a sum is not finite); drawn tensors,
+    dtypes, empty tensors, entries whose sums overflow and NaN / inf / -inf at drawn places give exactly what
+    ``torch.isfinite`` on every tensor gives."""
     from types import SimpleNamespace
 
     from bilevel.divergence import DivergencePolicy
@@ -85,7 +86,8 @@ def test_the_fused_finiteness_check_of_one_model_is_torch_isfinite(seed):
     for i in range(int(torch.randint(1, 6, (), generator=g))):
         shape = tuple(int(s) for s in torch.randint(0, 5, (int(torch.randint(0, 3, (), generator=g)),), generator=g))
         dtype = dtypes[int(torch.randint(0, 3, (), generator=g))]
-        tree[f"t{i}"] = torch.randn(shape, generator=g).to(dtype) * 1e30
+        scale = [1.0, 1e30, 3e38][int(torch.randint(0, 3, (), generator=g))]  # 3e38: sums overflow, entries finite
+        tree[f"t{i}"] = (torch.randn(shape, generator=g).clamp(-1.1, 1.1) * scale).to(dtype)
     losses = torch.randn((), generator=g)
     if torch.rand((), generator=g) < 0.7:  # plant a non-finite value somewhere (or nowhere)
         k = list(tree)[int(torch.randint(0, len(tree), (), generator=g))]
@@ -97,3 +99,15 @@ def test_the_fused_finiteness_check_of_one_model_is_torch_isfinite(seed):
     expected = not all(bool(torch.isfinite(v).all()) for v in (losses, *tree.values()))
     got = DivergencePolicy._nonfinite(SimpleNamespace(P=1, stacked=False), losses, tree)  # type: ignore[arg-type]
     assert got.shape == (1,) and bool(got[0]) == expected
+
+
+def test_finite_entries_whose_sum_overflows_are_finite():
+    from types import SimpleNamespace
+
+    from bilevel.divergence import DivergencePolicy
+
+    one = SimpleNamespace(P=1, stacked=False)
+    big = {"a": torch.full((4,), 3e38), "b": torch.ones(2)}
+    assert not bool(DivergencePolicy._nonfinite(one, torch.tensor(0.5), big)[0])  # type: ignore[arg-type]
+    big["b"][1] = math.nan
+    assert bool(DivergencePolicy._nonfinite(one, torch.tensor(0.5), big)[0])  # type: ignore[arg-type]

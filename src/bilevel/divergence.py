@@ -224,8 +224,13 @@ class DivergencePolicy:
         """Shape (P,): whether a member's losses or any of its tensors in ``tree`` hold NaN or inf."""
         leaves = [v for v in (losses, *tree.values()) if v.numel()]
         if not self.stacked and leaves and all(v.is_floating_point() for v in leaves):
-            # one fused call: max |x| of each tensor is finite exactly when all its entries are (NaN propagates)
-            return ~torch.isfinite(torch.stack(torch._foreach_norm(leaves, math.inf))).all().reshape(1)
+            if all(v.device.type == "cpu" for v in leaves):
+                # a NaN or inf entry makes its tensor's sum non-finite (one vectorised pass each); a non-finite sum
+                # can also be an overflow of finite entries, so only that case looks entry by entry
+                if bool(torch.isfinite(torch.stack([v.sum() for v in leaves])).all()):
+                    return torch.zeros(1, dtype=torch.bool)
+            else:  # one fused kernel: max |x| of a tensor is finite exactly when all its entries are (NaN propagates)
+                return ~torch.isfinite(torch.stack(torch._foreach_norm(leaves, math.inf))).all().reshape(1)
         bad = ~torch.isfinite(losses.reshape(self.P, -1)).all(dim=1)
         for v in tree.values():
             bad |= ~torch.isfinite(v.reshape(self.P, -1)).all(dim=1)
