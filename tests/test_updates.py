@@ -958,3 +958,29 @@ def test_a_rule_under_vmap_without_a_graph_keeps_the_loop(rule):
             single = run(inits[i], lrs[i])
             for k in single:
                 torch.testing.assert_close(batched[k][i], single[k], atol=1e-12, rtol=0)
+
+
+RMS_FORMS = [
+    {},
+    {"lr": torch.tensor(0.02, dtype=DT), "alpha": torch.tensor(0.95, dtype=DT), "eps": torch.tensor(1e-3, dtype=DT)},
+    {"momentum": {k: torch.tensor(0.3 + 0.1 * i, dtype=DT) for i, k in enumerate(("w1", "b1", "w2", "b2"))}},
+    {"weight_decay": torch.tensor(0.03, dtype=DT)},
+]
+
+
+@pytest.mark.parametrize("opts", RMS_CASES, ids=str)
+@pytest.mark.parametrize("form", range(len(RMS_FORMS)))
+def test_rmsprop_fused_path_is_the_per_tensor_loop_bit_for_bit(opts, form, monkeypatch):
+    rule = RMSprop(**opts)
+    loop = run_rule(rule, RMS_FORMS[form])
+    calls = []
+    fused_step = RMSprop._fused
+    monkeypatch.setattr(RMSprop, "_fused", lambda self, *a: calls.append(1) or fused_step(self, *a))
+    fused = run_rule(rule, RMS_FORMS[form], graph=False)
+    assert len(calls) == STEPS
+    for a, b in zip(loop, fused):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    ref = run_torch(lambda ps: torch.optim.RMSprop(ps, **opts), lambda leaves: list(leaves.values()))
+    if not RMS_FORMS[form]:
+        assert_traj_close(fused, ref)

@@ -5,7 +5,6 @@ Defines :class:`~bilevel.updates.Adam` and :class:`~bilevel.updates.AdamW`, re-e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -13,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import HValue, State, _fadd, _fmul, _fusable, _RuleMixin, _safe_sqrt, _zero_step, _zeros
+from .base import HValue, State, _fadd, _fmul, _fsafe_sqrt, _fusable, _RuleMixin, _safe_sqrt, _zero_step, _zeros
 
 __all__ = [
     "Adam",
@@ -229,8 +228,7 @@ def _adam_fused(
     if "max_exp_avg_sq" in state:  # AMSGrad
         second = list(torch._foreach_maximum([state["max_exp_avg_sq"][k] for k in keys], v))
         new_state["max_exp_avg_sq"] = dict(zip(keys, second))
-    # _safe_sqrt's values: sqrt(x) for x > 0, else 0 (also for NaN)
-    root = [torch.nan_to_num(r, nan=0.0, posinf=math.inf) for r in torch._foreach_sqrt(second)]
+    root = _fsafe_sqrt(second)
     denom = _fadd(list(torch._foreach_div(root, bc2_sqrt)), eps)
     direction = torch._foreach_div(torch._foreach_div(m, denom), bc1)
     u = _fmul(list(direction), lr)

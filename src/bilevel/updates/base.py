@@ -10,6 +10,7 @@ helpers of the rules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -205,6 +206,12 @@ def _fmul(xs: list[Tensor], hs: list[_Scalar]) -> list[Tensor]:
     if all(isinstance(h, float) for h in hs) or all(isinstance(h, Tensor) for h in hs):
         return list(torch._foreach_mul(xs, hs))  # type: ignore[arg-type]
     return [h * x for x, h in zip(xs, hs)]
+
+
+def _fsafe_sqrt(xs: list[Tensor]) -> list[Tensor]:
+    """The values of :func:`_safe_sqrt` (``sqrt(x)`` for ``x > 0``, else 0, also for NaN), fused: one
+    ``torch._foreach_sqrt`` and a NaN (of a negative or NaN input) set to 0."""
+    return [torch.nan_to_num(r, nan=0.0, posinf=math.inf) for r in torch._foreach_sqrt(xs)]
 
 
 def _fadd(xs: list[Tensor], hs: list[_Scalar]) -> list[Tensor]:

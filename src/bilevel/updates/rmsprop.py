@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from .base import HValue, State, _prev, _RuleMixin, _safe_sqrt, _zero_step, _zeros
+from .base import HValue, State, _fadd, _fmul, _fsafe_sqrt, _fusable, _prev, _RuleMixin, _safe_sqrt, _zero_step, _zeros
 
 __all__ = [
     "RMSprop",
@@ -83,6 +84,8 @@ class RMSprop(_RuleMixin):
         """Return ``(u, new_state)`` for one RMSprop step; new weights are ``w - u``."""
         hparams, state, use_wd = self._begin(params, grads, hparams, state)
         use_momentum = self.momentum != 0 or "momentum" in hparams
+        if _fusable(params, grads, hparams):
+            return self._fused(params, grads, hparams, state, use_wd, use_momentum)
         u: dict[str, Tensor] = {}
         sq: dict[str, Tensor] = {}
         gavg: dict[str, Tensor] = {}
@@ -115,3 +118,44 @@ class RMSprop(_RuleMixin):
         if use_momentum:
             new_state["momentum_buffer"] = bufs
         return u, new_state
+
+    def _fused(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        hparams: Mapping[str, HValue],
+        state: State,
+        use_wd: bool,
+        use_momentum: bool,
+    ) -> tuple[dict[str, Tensor], State]:
+        """:meth:`__call__` as one ``torch._foreach_*`` call per operation, in the same order (no graph, CPU)."""
+        keys = list(params)
+        w = [params[k] for k in keys]
+
+        def h(name: str) -> list[float | Tensor]:
+            return [self._h(hparams, name, k, params[k]) for k in keys]
+
+        d = [grads[k] for k in keys]
+        if use_wd:
+            d = list(torch._foreach_add(d, _fmul(w, h("weight_decay"))))
+        alpha = h("alpha")
+        rest = [1 - a for a in alpha]
+        sq = list(
+            torch._foreach_add(
+                _fmul([state["square_avg"][k] for k in keys], alpha), torch._foreach_mul(_fmul(d, rest), d)
+            )
+        )
+        new_state: State = {**state, "step": state["step"] + 1, "square_avg": dict(zip(keys, sq))}
+        if self.centered:
+            prev = [_prev(state, "grad_avg", k, params[k]) for k in keys]
+            ga = list(torch._foreach_add(_fmul(prev, alpha), _fmul(d, rest)))
+            new_state["grad_avg"] = dict(zip(keys, ga))
+            avg = _fadd(_fsafe_sqrt(list(torch._foreach_sub(sq, torch._foreach_mul(ga, ga)))), h("eps"))
+        else:
+            avg = _fadd(_fsafe_sqrt(sq), h("eps"))
+        step = list(torch._foreach_div(d, avg))
+        if use_momentum:
+            prev = [_prev(state, "momentum_buffer", k, params[k]) for k in keys]
+            step = list(torch._foreach_add(_fmul(prev, h("momentum")), step))
+            new_state["momentum_buffer"] = dict(zip(keys, step))
+        return dict(zip(keys, _fmul(step, h("lr")))), new_state
