@@ -376,5 +376,12 @@ def test_natural_reused_is_natural_and_follows_every_change_of_the_raw_values():
     leaf = {k: v.clone().requires_grad_() for k, v in raw.items()}
     out = space.natural_reused(leaf)  # a graph: mapped afresh, differentiable
     assert out["momentum"].requires_grad
+    import copy
+    import pickle
+
+    space.natural_reused(raw)
+    for other in (copy.deepcopy(space), pickle.loads(pickle.dumps(space))):  # a copy never reuses another's values
+        fresh = {k: v + 0.25 for k, v in raw.items()}
+        _same_natural(other.natural_reused(fresh), space.natural(fresh))
     batched = torch.vmap(lambda m: space.natural_reused({**raw, "momentum": m})["momentum"])(torch.zeros(3, dtype=DT))
     assert torch.equal(batched, space.natural({**raw, "momentum": torch.zeros((), dtype=DT)})["momentum"].expand(3))

@@ -366,12 +366,15 @@ def test_detach_state():
 # --------------------------------------------------------------------------- 4. torch.func
 
 
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "no-grad"])
 @pytest.mark.parametrize(
     "rule",
     [SGD(momentum=0.9, nesterov=True), Adam(weight_decay=0.01), AdamW(), RMSprop(centered=True, momentum=0.5)],
     ids=lambda r: type(r).__name__,
 )
-def test_vmap_matches_loop(rule):
+def test_vmap_matches_loop(rule, graph):
+    """``vmap`` over members gives each member's own trajectory; with grad off (``graph=False``) the rules see
+    batched tensors and keep their per-tensor loop instead of the fused path."""
     inits = [make_problem(seed)[0] for seed in range(3)]
     _, x, y = make_problem()
     lrs = torch.tensor([0.01, 0.05, 0.1], dtype=DT)
@@ -379,17 +382,19 @@ def test_vmap_matches_loop(rule):
     def run(params, lr):
         state = rule.init_state(params)
         for _ in range(3):
-            grads = fgrad(loss_fn)(params, x, y)
+            with torch.enable_grad():
+                grads = fgrad(loss_fn)(params, x, y)
             u, state = rule(params, grads, {"lr": lr}, state)
             params = apply(params, u)
         return params
 
     stacked = {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
-    batched = vmap(run)(stacked, lrs)
-    for i in range(3):
-        single = run(inits[i], lrs[i])
-        for k in single:
-            torch.testing.assert_close(batched[k][i], single[k], atol=1e-12, rtol=0)
+    with torch.set_grad_enabled(graph):
+        batched = vmap(run)(stacked, lrs)
+        for i in range(3):
+            single = run(inits[i], lrs[i])
+            for k in single:
+                torch.testing.assert_close(batched[k][i], single[k], atol=1e-12, rtol=0)
 
 
 def test_func_grad_of_hyperparameter_matches_autograd():
@@ -880,12 +885,17 @@ def test_sgd_fused_path_matches_torch_optim():
     assert_traj_close(run_rule(SGD(**opts), {}, graph=False), ref)
 
 
-def test_sgd_keeps_the_loop_where_a_graph_is_recorded():
-    """With grad enabled the result stays differentiable in the hyperparameters (the fused path is never taken)."""
+def test_sgd_keeps_the_loop_where_a_graph_is_recorded(monkeypatch):
+    """With grad enabled the fused path is never taken, and the result is differentiable in the hyperparameters."""
     params, x, y = make_problem(0)
     lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    calls = []
+    fused_step = SGD._fused
+    monkeypatch.setattr(SGD, "_fused", lambda self, *a: calls.append(1) or fused_step(self, *a))
     u, _ = SGD(momentum=0.9)(params, grads_of(params, x, y), {"lr": lr}, None)
-    assert all(v.requires_grad for v in u.values())
+    assert calls == [] and all(v.requires_grad for v in u.values())
+    (g,) = torch.autograd.grad(sum(v.sum() for v in u.values()), lr)
+    assert float(g) == pytest.approx(float(sum(v.detach().sum() for v in u.values())) / 0.1, rel=1e-12)
 
 
 ADAM_FORMS = [
@@ -932,32 +942,6 @@ def test_adam_fused_path_matches_torch_optim_and_keeps_safe_sqrt_at_zero():
     torch.testing.assert_close(u_fused, u_loop, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(s_fused, s_loop, rtol=0, atol=0, equal_nan=True)
     assert float(u_fused["w"][0]) == 0.0
-
-
-@pytest.mark.parametrize("rule", [SGD(momentum=0.9, weight_decay=0.1), Adam(weight_decay=0.01, amsgrad=True)])
-def test_a_rule_under_vmap_without_a_graph_keeps_the_loop(rule):
-    """``vmap`` over members with grad disabled: the rule sees batched tensors, never takes the fused path, and
-    gives each member's own trajectory."""
-    inits = [make_problem(seed)[0] for seed in range(3)]
-    _, x, y = make_problem()
-    lrs = torch.tensor([0.01, 0.05, 0.1], dtype=DT)
-
-    def run(params, lr):
-        state = rule.init_state(params)
-        for _ in range(3):
-            with torch.enable_grad():
-                grads = fgrad(loss_fn)(params, x, y)
-            u, state = rule(params, grads, {"lr": lr}, state)
-            params = apply(params, u)
-        return params
-
-    stacked = {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
-    with torch.no_grad():
-        batched = vmap(run)(stacked, lrs)
-        for i in range(3):
-            single = run(inits[i], lrs[i])
-            for k in single:
-                torch.testing.assert_close(batched[k][i], single[k], atol=1e-12, rtol=0)
 
 
 RMS_FORMS = [

@@ -345,11 +345,12 @@ class HyperParameterSpace:
         """
         if any(v.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(v) for v in raw.values()):
             return self.natural(raw)
-        key = [(k, v.data_ptr(), v._version) for k, v in raw.items()]
         last = getattr(self, "_last_natural", None)
-        if last is None or last[0] != key:
-            last = self._last_natural = (key, list(raw.values()), self.natural(raw))
-        return dict(last[2])
+        if last is None or not _unchanged(last[0], raw):
+            # the tensors are held and their addresses read live (never stored as numbers), so a copy or pickle of
+            # this space can never match tensors that merely landed at an old address
+            last = self._last_natural = ({k: (v, v._version) for k, v in raw.items()}, self.natural(raw))
+        return dict(last[1])
 
     def describe(self, raw: Mapping[str, Tensor]) -> dict[str, float]:
         """Mean natural value per hyperparameter (over all its keys and elements), for logging.
@@ -373,3 +374,13 @@ class HyperParameterSpace:
                 flat = [t.detach().to(torch.float64).reshape(-1) for t in v.values()]
                 out[name] = float(torch.cat(flat).mean()) if flat else float("nan")
         return out
+
+
+def _unchanged(held: Mapping[str, tuple[Tensor, int]], raw: Mapping[str, Tensor]) -> bool:
+    """Whether every raw tensor is a held one (same storage, offset and shape) at the version it was mapped at."""
+    if list(held) != list(raw):
+        return False
+    return all(
+        h.data_ptr() == v.data_ptr() and h.shape == v.shape and version == v._version
+        for (h, version), v in zip(held.values(), raw.values())
+    )

@@ -202,7 +202,7 @@ def _adam_fused(
     w = [params[k] for k in keys]
 
     def h(name: str) -> list[float | Tensor]:
-        return [rule._h(hparams, name, k, params[k]) for k in keys]
+        return rule._hs(hparams, name, params)
 
     step = state["step"]
     b1, b2, eps, lr = h("beta1"), h("beta2"), h("eps"), h("lr")
@@ -216,10 +216,7 @@ def _adam_fused(
             corrections[key] = (1 - x**t, torch.sqrt(1 - y**t))
         bc1.append(corrections[key][0])
         bc2_sqrt.append(corrections[key][1])
-    g = [grads[k] for k in keys]
-    wd = h("weight_decay") if use_wd else []
-    if use_wd and not decoupled:
-        g = list(torch._foreach_add(g, _fmul(w, wd)))
+    g = rule._fused_gradients(params, grads, hparams, use_wd and not decoupled)
     m = list(torch._foreach_add(_fmul([state["exp_avg"][k] for k in keys], b1), _fmul(g, [1 - x for x in b1])))
     gg = torch._foreach_mul(_fmul(g, [1 - y for y in b2]), g)
     v = list(torch._foreach_add(_fmul([state["exp_avg_sq"][k] for k in keys], b2), gg))
@@ -233,5 +230,5 @@ def _adam_fused(
     direction = torch._foreach_div(torch._foreach_div(m, denom), bc1)
     u = _fmul(list(direction), lr)
     if use_wd and decoupled:
-        u = list(torch._foreach_add(_fmul(w, [a * b for a, b in zip(lr, wd)]), u))
+        u = list(torch._foreach_add(_fmul(w, [a * b for a, b in zip(lr, h("weight_decay"))]), u))
     return dict(zip(keys, u)), new_state

@@ -300,3 +300,16 @@ class _RuleMixin:
         if h in hparams:
             return resolve(hparams[h], name, like, hparam=h)
         return float(getattr(self, h))
+
+    def _hs(self, hparams: Mapping[str, Any], h: str, params: Mapping[str, Tensor]) -> list[_Scalar]:
+        """:meth:`_h` for every parameter, in order: the factors of a fused path."""
+        return [self._h(hparams, h, k, w) for k, w in params.items()]
+
+    def _fused_gradients(
+        self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], hparams: Mapping[str, Any], l2: bool
+    ) -> list[Tensor]:
+        """The gradients in ``params``' order, with the L2 decay ``g + xi w`` added when ``l2`` (fused)."""
+        d = [grads[k] for k in params]
+        if not l2:
+            return d
+        return list(torch._foreach_add(d, _fmul(list(params.values()), self._hs(hparams, "weight_decay", params))))

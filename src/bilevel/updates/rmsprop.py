@@ -130,14 +130,11 @@ class RMSprop(_RuleMixin):
     ) -> tuple[dict[str, Tensor], State]:
         """:meth:`__call__` as one ``torch._foreach_*`` call per operation, in the same order (no graph, CPU)."""
         keys = list(params)
-        w = [params[k] for k in keys]
+        d = self._fused_gradients(params, grads, hparams, use_wd)
 
         def h(name: str) -> list[float | Tensor]:
-            return [self._h(hparams, name, k, params[k]) for k in keys]
+            return self._hs(hparams, name, params)
 
-        d = [grads[k] for k in keys]
-        if use_wd:
-            d = list(torch._foreach_add(d, _fmul(w, h("weight_decay"))))
         alpha = h("alpha")
         rest = [1 - a for a in alpha]
         sq = list(

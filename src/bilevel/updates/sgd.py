@@ -131,23 +131,16 @@ class SGD(_RuleMixin):
     ) -> tuple[dict[str, Tensor], State]:
         """:meth:`__call__` as one ``torch._foreach_*`` call per operation (no graph, CPU: see ``_fusable``)."""
         keys = list(params)
-        w = [params[k] for k in keys]
-
-        def h(name: str) -> list[float | Tensor]:
-            return [self._h(hparams, name, k, params[k]) for k in keys]
-
-        d = [grads[k] for k in keys]
-        if use_wd:
-            d = list(torch._foreach_add(d, _fmul(w, h("weight_decay"))))
+        d = self._fused_gradients(params, grads, hparams, use_wd)
         new_state: State = {**state, "step": state["step"] + 1}
         if use_momentum:
-            mu = h("momentum")
+            mu = self._hs(hparams, "momentum", params)
             if bool(state["step"] == 0):  # torch.optim.SGD sets the buffer to d on the first step
                 buf = [x.clone() for x in d]
             else:
                 prev = [_prev(state, "momentum_buffer", k, params[k]) for k in keys]
-                damp = [1 - t for t in h("dampening")]
+                damp = [1 - t for t in self._hs(hparams, "dampening", params)]
                 buf = list(torch._foreach_add(_fmul(prev, mu), _fmul(d, damp)))
             new_state["momentum_buffer"] = dict(zip(keys, buf))
             d = list(torch._foreach_add(d, _fmul(buf, mu))) if self.nesterov else buf
-        return dict(zip(keys, _fmul(d, h("lr")))), new_state
+        return dict(zip(keys, _fmul(d, self._hs(hparams, "lr", params)))), new_state
